@@ -1,0 +1,1 @@
+"""Benchmarks shipped with Vespa: BENCHMARK=benchmarks.<name>:benchmark."""

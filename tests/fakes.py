@@ -1,0 +1,197 @@
+"""
+In-process fake backends (twisted.web resources) for tests through real sockets.
+
+``FakeBackend`` answers by path:
+
+- ``/status/<code>``: that status, a JSON body, and a few custom headers;
+- ``/sse?n=N&interval=S``: N server-sent events, S seconds apart (first at once);
+- ``/firehose?total=N``: N bytes as fast as the connection takes them, as a push producer
+  that records when it was paused (backpressure tests);
+- ``/slow?delay=S``: answers after S seconds (``cancelled`` fires if the proxy hangs up);
+- ``/reset``: drops the connection before any response;
+- ``/break``: sends headers and part of the body, then drops the connection;
+- ``/short``: announces a Content-Length larger than what it sends, then closes;
+- ``/health``: 200 (or ``health_code``);
+- anything else: echoes the request as JSON.
+
+Every request is recorded in ``seen`` as a :class:`SeenRequest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+
+@dataclass
+class SeenRequest:
+    method: bytes
+    uri: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+
+def _arg(request: Request, name: bytes, default: bytes) -> bytes:
+    args = request.args or {}
+    return args.get(name, [default])[0]
+
+
+@implementer(IPushProducer)
+class Firehose:
+    """Writes ``total`` bytes as fast as the client takes them; remembers being paused."""
+
+    CHUNK = b"x" * 65536
+
+    def __init__(self, reactor, request: Request, total: int) -> None:
+        self._reactor = reactor
+        self._request = request
+        self.remaining = total
+        self.sent = 0
+        self.paused = False
+        self.was_paused: Deferred[int] = Deferred()  # fires with bytes sent when first paused
+        self.stopped = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self._reactor.callLater(0, self._write)
+
+    def _write(self) -> None:
+        if self.paused or self.stopped:
+            return
+        while self.remaining > 0 and not self.paused and not self.stopped:
+            chunk = self.CHUNK[: self.remaining]
+            self.remaining -= len(chunk)
+            self.sent += len(chunk)
+            self._request.write(chunk)
+        if self.remaining == 0 and not self.stopped:
+            self.stopped = True
+            self._request.unregisterProducer()
+            self._request.finish()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if not self.was_paused.called:
+            self.was_paused.callback(self.sent)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._reactor.callLater(0, self._write)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class FakeBackend(Resource):
+    """A backend that records what reached it; see the module docstring for its paths."""
+
+    isLeaf = True
+
+    def __init__(self, reactor) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.seen: list[SeenRequest] = []
+        self.health_code = 200
+        self.firehoses: list[Firehose] = []
+        self.cancelled: list[Deferred[None]] = []  # one per /slow or /sse request
+
+    def render(self, request: Request) -> bytes | int:
+        assert request.content is not None
+        body = request.content.read()
+        self.seen.append(
+            SeenRequest(
+                request.method,
+                request.uri,
+                {k.lower(): list(v) for k, v in request.requestHeaders.getAllRawHeaders()},
+                body,
+            )
+        )
+        path = request.path
+        if path.startswith(b"/status/"):
+            request.setResponseCode(int(path.split(b"/")[2]))
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            request.setHeader(b"x-custom", b"kept")
+            request.setHeader(b"retry-after", b"7")
+            request.setHeader(b"set-cookie", b"a=1")
+            return json.dumps({"status": int(path.split(b"/")[2])}).encode()
+        if path == b"/health":
+            request.defaultContentType = None
+            request.setResponseCode(self.health_code)
+            return b"ok"
+        if path == b"/sse":
+            return self._sse(request)
+        if path == b"/firehose":
+            firehose = Firehose(self.reactor, request, int(_arg(request, b"total", b"1048576")))
+            self.firehoses.append(firehose)
+            request.setHeader(b"content-type", b"application/octet-stream")
+            firehose.start()
+            return NOT_DONE_YET
+        if path == b"/slow":
+            gone: Deferred[None] = Deferred()
+            self.cancelled.append(gone)
+            request.notifyFinish().addErrback(lambda _: gone.callback(None))
+            delay = float(_arg(request, b"delay", b"1"))
+            call = self.reactor.callLater(delay, self._finish_slow, request)
+            request.notifyFinish().addErrback(lambda _: call.cancel())
+            return NOT_DONE_YET
+        if path == b"/reset":
+            request.channel.transport.abortConnection()
+            return NOT_DONE_YET
+        if path == b"/break":
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: one\n\n")
+            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            return NOT_DONE_YET
+        if path == b"/short":
+            request.setHeader(b"content-length", b"1000")
+            request.write(b"only this")
+            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(
+            {
+                "method": request.method.decode(),
+                "uri": request.uri.decode(),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_length": len(body),
+            }
+        ).encode()
+
+    def _finish_slow(self, request: Request) -> None:
+        request.write(b"slow done")
+        request.finish()
+
+    def _sse(self, request: Request) -> int:
+        count = int(_arg(request, b"n", b"3"))
+        interval = float(_arg(request, b"interval", b"0"))
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.write(b"")
+        gone: Deferred[None] = Deferred()
+        self.cancelled.append(gone)
+        pending = []
+
+        def lost(_: object) -> None:
+            for call in pending:
+                if call.active():
+                    call.cancel()
+            gone.callback(None)
+
+        request.notifyFinish().addErrback(lost)
+
+        def send(index: int) -> None:
+            request.write(b"data: event %d\n\n" % index)
+            if index + 1 < count:
+                pending.append(self.reactor.callLater(interval, send, index + 1))
+            else:
+                request.write(b"data: [DONE]\n\n")
+                request.finish()
+
+        send(0)
+        return NOT_DONE_YET

@@ -1,0 +1,212 @@
+"""Test helpers: real servers on 127.0.0.1, clients, and raw-socket requests."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from vespa.settings import Settings
+from vespa.tap import build_worker
+from vespa.worker.service import WorkerService
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VECTORS = os.path.join(os.path.dirname(HERE), "..", "shared", "vectors")
+
+
+class TrackingFactory(WrappingFactory):
+    """Remembers open server connections so a test can close them all at cleanup."""
+
+    def __init__(self, wrapped: Factory) -> None:
+        super().__init__(wrapped)
+        self.gone: list[Deferred[None]] = []
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        d: Deferred[None] = Deferred()
+        self.gone.append(d)
+        p._vespa_gone = d
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        p._vespa_gone.callback(None)
+
+
+def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
+    """Serve on 127.0.0.1 (a free port) until the test ends; returns the base URL."""
+    factory = (
+        Site(factory_or_resource)
+        if isinstance(factory_or_resource, Resource)
+        else factory_or_resource
+    )
+    tracking = TrackingFactory(factory)
+    port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+
+    async def close() -> None:
+        await port.stopListening()
+        for proto in list(tracking.protocols):
+            proto.transport.abortConnection()
+        await gatherResults(tracking.gone)
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
+def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str, WorkerService]:
+    """A worker with the given settings in front of ``backend_url``; returns (url, service)."""
+    settings = dataclasses.replace(
+        Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
+    )
+    service = build_worker(settings, reactor)
+    service.startService()
+    url = listen(test, service.site)
+    test.addCleanup(service.stopService)
+    return url, service
+
+
+def http_client(test: TestCase) -> HTTPClient:
+    """A treq client whose connections are closed at the end of the test."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+class RawClient(Protocol):
+    """Sends raw bytes, collects everything the server sends until it closes."""
+
+    def __init__(self, payload: bytes, read: bool = True) -> None:
+        self.payload = payload
+        self.read = read
+        self.chunks: list[bytes] = []
+        self.count = 0  # bytes received so far
+        self.closed: Deferred[bytes] = Deferred()
+        self.got_data: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        if not self.read:
+            self.transport.pauseProducing()  # a client that does not read
+        self.transport.write(self.payload)
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.count += len(data)
+        if not self.got_data.called:
+            self.got_data.callback(None)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(self.received)
+
+
+async def raw_connect(url: str, client: RawClient) -> RawClient:
+    """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT)."""
+    port = int(url.rsplit(":", 1)[1])
+    factory = ClientFactory.forProtocol(lambda: client)
+    connected: Deferred[None] = Deferred()
+    original = client.connectionMade
+
+    def made() -> None:
+        original()
+        connected.callback(None)
+
+    client.connectionMade = made  # type: ignore[method-assign]
+    reactor.connectTCP("127.0.0.1", port, factory)
+    await connected
+    return client
+
+
+async def raw_request(url: str, payload: bytes) -> bytes:
+    """Send raw bytes, return everything the server answered until it closed."""
+    client = await raw_connect(url, RawClient(payload))
+    return await client.closed
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait, turn by turn of the reactor, until ``predicate()`` is true (for cross-process or
+    cross-connection effects that no Deferred announces)."""
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"condition not met after {timeout} s")
+        await deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+def twistd_command(*args: str) -> list[str]:
+    """The command line of the installed twistd, run with this interpreter."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
+
+
+class ProcessWatcher(ProcessProtocol):
+    """Collects a child's output; ``wait_for(regex)`` fires when a line matches it."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int] = Deferred()
+        self._waiters: list[tuple[re.Pattern[bytes], Deferred[re.Match[bytes]]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        for pattern, waiter in list(self._waiters):
+            match = pattern.search(self.output)
+            if match:
+                self._waiters.remove((pattern, waiter))
+                waiter.callback(match)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        for pattern, waiter in self._waiters:
+            waiter.errback(AssertionError(f"exited ({code}) before {pattern!r}:\n{self.output!r}"))
+        self._waiters = []
+        self.ended.callback(code or 0)
+
+    def wait_for(self, pattern: bytes, timeout: float = 30.0) -> Deferred[re.Match[bytes]]:
+        compiled = re.compile(pattern)
+        match = compiled.search(self.output)
+        if match:
+            return succeed(match)
+        waiter: Deferred[re.Match[bytes]] = Deferred()
+        self._waiters.append((compiled, waiter))
+        return waiter.addTimeout(timeout, reactor)
+
+
+def spawn(test: TestCase, args: list[str], env: dict[str, str] | None = None) -> ProcessWatcher:
+    """Run a child process in a fresh directory (so the installed package is what runs); it is
+    stopped with SIGTERM at the end of the test if still running."""
+    watcher = ProcessWatcher()
+    workdir = test.mktemp()
+    os.makedirs(workdir)
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ.update(env or {})
+    transport = reactor.spawnProcess(watcher, args[0], args, env=environ, path=workdir)
+
+    async def stop() -> None:
+        if not watcher.ended.called:
+            with contextlib.suppress(ProcessExitedAlready):
+                transport.signalProcess("TERM")
+        await watcher.ended
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+    watcher.transport_ = transport  # type: ignore[attr-defined]
+    return watcher

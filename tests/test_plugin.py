@@ -1,0 +1,95 @@
+"""The installed twistd plugin, end to end: a real twistd process in front of a real backend."""
+
+from __future__ import annotations
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.fakes import FakeBackend
+from tests.helpers import http_client, listen, spawn, twistd_command
+from vespa import tap
+
+
+class PluginDiscoveryTests(SynchronousTestCase):
+    def test_vespa_plugin_is_listed(self):
+        """twistd finds the vespa plugin, pointing at vespa.tap."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("vespa", makers)
+        self.assertEqual(makers["vespa"].module, "vespa.tap")
+
+    def test_options_flags(self):
+        """Flags become settings; --listen is repeatable."""
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--backend-url",
+                "http://127.0.0.1:9",
+                "--listen",
+                "tcp:1",
+                "--listen",
+                "tcp:2",
+                "--unsecured",
+                "true",
+            ]
+        )
+        self.assertEqual(options.settings.backend_url, "http://127.0.0.1:9")
+        self.assertEqual(options.settings.listen, ("tcp:1", "tcp:2"))
+        self.assertTrue(options.settings.unsecured)
+
+    def test_bad_flag_value_exits(self):
+        """A bad flag value exits with one line naming it."""
+        options = tap.Options()
+        with self.assertRaises(SystemExit) as caught:
+            options.parseOptions(["--max-wait-time", "soon"])
+        self.assertIn("--max-wait-time", str(caught.exception.code))
+
+    def test_unknown_flag(self):
+        """An unknown flag is a usage error."""
+        self.assertRaises(UsageError, tap.Options().parseOptions, ["--nope", "1"])
+
+
+class TwistdTests(TestCase):
+    timeout = 60
+
+    async def test_twistd_relays(self):
+        """`twistd -n vespa --backend-url URL` from the installed package relays requests."""
+        backend = FakeBackend(reactor)
+        backend_url = listen(self, backend)
+        process = spawn(
+            self,
+            twistd_command(
+                "-n",
+                "--pidfile=",
+                "vespa",
+                "--backend-url",
+                backend_url,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ),
+            {"UNSECURED": "true"},
+        )
+        match = await process.wait_for(rb"QuietSite starting on (\d+)")
+        url = f"http://127.0.0.1:{int(match.group(1))}"
+        http = http_client(self)
+        response = await http.post(url + "/v1/echo?q=1", json={"prompt": "hi"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["uri"], "/v1/echo?q=1")
+        response = await http.get(url + "/sse?n=2")
+        self.assertEqual(
+            await response.content(), b"data: event 0\n\ndata: event 1\n\ndata: [DONE]\n\n"
+        )
+        await process.wait_for(rb"POST /v1/echo 200 served")  # the access-log line
+
+    async def test_bad_setting_exits_before_listening(self):
+        """A bad environment value stops twistd with one clear line and a non-zero exit."""
+        process = spawn(self, twistd_command("-n", "--pidfile=", "vespa"), {"MAX_WAIT_TIME": "abc"})
+        code = await process.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            b"vespa: invalid MAX_WAIT_TIME='abc' (from environment variable MAX_WAIT_TIME)",
+            process.output,
+        )
+        self.assertNotIn(b"starting on", process.output)

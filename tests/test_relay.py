@@ -1,0 +1,211 @@
+"""The relay through real sockets: a worker in passthrough mode in front of a fake backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import FakeBackend
+from tests.helpers import (
+    RawClient,
+    http_client,
+    listen,
+    raw_connect,
+    raw_request,
+    start_worker,
+    until,
+)
+
+
+class RelayTests(TestCase):
+    def setUp(self):
+        self.backend = FakeBackend(reactor)
+        self.backend_url = listen(self, self.backend)
+        self.url, self.worker = start_worker(self, self.backend_url)
+        self.http = http_client(self)
+
+    async def test_every_method_path_and_query(self):
+        """Every method reaches the backend with the same path and query string."""
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            response = await self.http.request(method, self.url + "/a/b?x=1&x=2&y=%2F")
+            self.assertEqual(response.code, 200)
+            self.assertEqual((await response.json())["uri"], "/a/b?x=1&x=2&y=%2F")
+            self.assertEqual(self.backend.seen[-1].method, method.encode())
+            self.assertEqual(self.backend.seen[-1].uri, b"/a/b?x=1&x=2&y=%2F")
+
+    async def test_head_is_forwarded_as_head(self):
+        """HEAD goes out as HEAD, and the backend's Content-Length comes back without a body."""
+        response = await self.http.head(self.url + "/status/200")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.backend.seen[-1].method, b"HEAD")
+        self.assertEqual(await response.content(), b"")
+
+    async def test_bodies_byte_for_byte(self):
+        """JSON, multipart and binary bodies, small and large, reach the backend unchanged."""
+        bodies = [
+            (b"application/json", b'{"a": 1.50, "b": "\\u00e9"}'),
+            (
+                b"multipart/form-data; boundary=xx",
+                b"--xx\r\nContent-Disposition: form-data\r\n\r\nhi\r\n--xx--\r\n",
+            ),
+            (b"application/octet-stream", os.urandom(3 * 1024 * 1024)),
+        ]
+        for content_type, body in bodies:
+            response = await self.http.post(
+                self.url + "/upload", data=body, headers={b"content-type": [content_type]}
+            )
+            echoed = await response.json()
+            self.assertEqual(echoed["body_sha256"], hashlib.sha256(body).hexdigest())
+            seen = self.backend.seen[-1]
+            self.assertEqual(seen.headers[b"content-type"], [content_type])
+            self.assertEqual(seen.headers[b"content-length"], [b"%d" % len(body)])
+
+    async def test_get_without_body_has_no_content_length(self):
+        """A GET without a body goes out without a Content-Length header."""
+        await (await self.http.get(self.url + "/x")).content()
+        self.assertNotIn(b"content-length", self.backend.seen[-1].headers)
+
+    async def test_request_headers(self):
+        """End-to-end headers pass, hop-by-hop ones do not; Host is the backend's."""
+        headers = {
+            b"Authorization": [b"Bearer app"],
+            b"X-Trace": [b"t1"],
+            b"Connection": [b"X-Secret"],
+            b"X-Secret": [b"s"],
+            b"Proxy-Authorization": [b"p"],
+        }
+        await (await self.http.get(self.url + "/h", headers=headers)).content()
+        seen = self.backend.seen[-1].headers
+        self.assertEqual(seen[b"authorization"], [b"Bearer app"])
+        self.assertEqual(seen[b"x-trace"], [b"t1"])
+        self.assertNotIn(b"x-secret", seen)
+        self.assertNotIn(b"proxy-authorization", seen)
+        self.assertEqual(seen[b"host"], [self.backend_url.split("//")[1].encode()])
+        self.assertEqual(seen[b"x-forwarded-for"], [b"127.0.0.1"])
+        self.assertEqual(seen[b"x-forwarded-proto"], [b"http"])
+
+    async def test_status_and_response_headers_pass_through(self):
+        """Every status comes back with the backend's end-to-end headers and body."""
+        for code in (200, 201, 301, 404, 429, 500, 503):
+            response = await self.http.get(self.url + f"/status/{code}", allow_redirects=False)
+            self.assertEqual(response.code, code)
+            headers = response.headers
+            self.assertEqual(headers.getRawHeaders(b"x-custom"), [b"kept"])
+            self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"7"])
+            self.assertEqual(headers.getRawHeaders(b"set-cookie"), [b"a=1"])
+            self.assertEqual(
+                headers.getRawHeaders(b"content-type"), [b"application/json; charset=utf-8"]
+            )
+            self.assertEqual(await response.json(), {"status": code})
+
+    async def test_no_invented_content_type(self):
+        """A backend answer without Content-Type comes back without one."""
+        response = await self.http.get(self.url + "/health")
+        self.assertIsNone(response.headers.getRawHeaders(b"content-type"))
+        self.assertEqual(await response.content(), b"ok")
+
+    async def test_sse_events_arrive_as_sent(self):
+        """Each SSE event reaches the client while the stream is still open."""
+        response = await self.http.get(self.url + "/sse?n=3&interval=30", unbuffered=True)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        first: Deferred[bytes] = Deferred()
+        chunks: list[bytes] = []
+
+        def collect(data: bytes) -> None:
+            chunks.append(data)
+            if not first.called:
+                first.callback(data)
+
+        done = treq.collect(response, collect)
+        self.assertEqual(await first, b"data: event 0\n\n")
+        self.assertFalse(done.called)  # the next event is 30 s away
+        response.original._transport.stopProducing()  # hang up
+        await self.backend.cancelled[-1]  # the backend saw the disconnect
+        await done.addErrback(lambda _: None)
+
+    async def test_backpressure_pauses_the_backend(self):
+        """A client that does not read pauses the backend; reading resumes it, nothing is lost."""
+        total = 64 * 1024 * 1024
+        request = b"GET /firehose?total=%d HTTP/1.1\r\nHost: x\r\n\r\n" % total
+        client = await raw_connect(self.url, RawClient(request, read=False))
+        await until(lambda: self.backend.firehoses)
+        firehose = self.backend.firehoses[0]
+        sent_when_paused = await firehose.was_paused
+        self.assertLess(sent_when_paused, total // 2)
+        client.transport.resumeProducing()
+        await until(lambda: client.count > total)
+        self.assertEqual(firehose.sent, total)
+        client.transport.loseConnection()
+
+    async def test_disconnect_cancels_backend_call(self):
+        """A client that leaves before the answer makes the worker close the backend call."""
+        client = await raw_connect(
+            self.url, RawClient(b"GET /slow?delay=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await until(lambda: self.backend.cancelled)
+        client.transport.loseConnection()
+        await self.backend.cancelled[0]
+
+    async def test_backend_down_is_502(self):
+        """An unreachable backend gives a 502 with a JSON error."""
+        factory = Factory.forProtocol(Protocol)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        dead = f"http://127.0.0.1:{port.getHost().port}"
+        await port.stopListening()
+        url, _ = start_worker(self, dead)
+        response = await self.http.post(url + "/v1/x", data=b"{}")
+        self.assertEqual(response.code, 502)
+        body = await response.json()
+        self.assertEqual(body["error"], "backend unavailable")
+        self.assertIn("detail", body)
+
+    async def test_backend_reset_before_headers_is_502(self):
+        """A backend that drops the connection before answering gives a 502."""
+        response = await self.http.get(self.url + "/reset")
+        self.assertEqual(response.code, 502)
+        self.assertEqual((await response.json())["error"], "backend unavailable")
+
+    async def test_break_mid_body_truncates_the_client(self):
+        """A backend that breaks mid-stream makes the client connection end without a clean end."""
+        raw = await raw_request(self.url, b"GET /break HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"data: one", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)  # no terminating chunk
+
+    async def test_short_content_length_truncates_the_client(self):
+        """A backend sending less than its Content-Length makes the client see a short body."""
+        raw = await raw_request(self.url, b"GET /short HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: 1000", head)
+        self.assertEqual(body, b"only this")
+
+    async def test_worker_keeps_serving_after_faults(self):
+        """After resets and breaks, the next request is served normally (the pool is healthy)."""
+        await (await self.http.get(self.url + "/reset")).content()
+        await raw_request(self.url, b"GET /break HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await self.http.post(self.url + "/ok", json={"a": 1})
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["method"], "POST")
+
+    async def test_request_timeout_is_504(self):
+        """With REQUEST_TIMEOUT set, a backend that does not answer in time gives a 504."""
+        url, _ = start_worker(self, self.backend_url, request_timeout=0.2)
+        response = await self.http.get(url + "/slow?delay=30")
+        self.assertEqual(response.code, 504)
+        self.assertEqual((await response.json())["error"], "backend timeout")
+        await self.backend.cancelled[-1]
+
+    async def test_absolute_form_target_is_refused(self):
+        """An absolute-form target is a 400: the backend host is always BACKEND_URL."""
+        raw = await raw_request(
+            self.url, b"GET http://evil.example/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(raw.startswith(b"HTTP/1.1 400"), raw)
+        self.assertEqual(self.backend.seen, [])
+        self.assertEqual(json.loads(raw.partition(b"\r\n\r\n")[2])["error"], "bad request target")

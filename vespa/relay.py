@@ -1,0 +1,359 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The streaming relay: one backend call per client request, its answer copied back chunk by
+chunk with backpressure in both directions. The only producer/consumer code in Vespa; the
+worker and the client proxy both use it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
+
+# Bodies up to this size are read into memory and written in one go (no Cooperator round
+# trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
+SMALL_BODY = 256 * 1024
+JSON = b"application/json"
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per backend connection
+
+
+def backend_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent pool for backend connections: no new TCP connection per request."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    # Keep more idle connections than Twisted's default of 2, and drop them before typical
+    # server keep-alive timeouts (uvicorn closes idle connections after 5 s).
+    pool.maxPersistentPerHost = 256
+    pool.cachedConnectionTimeout = 4
+    # Never replay a request on a fresh connection by ourselves: a POST may have reached the
+    # backend already. (The pool retries only body-less idempotent requests anyway.)
+    pool.retryAutomatically = False
+    return pool
+
+
+class Outcome(enum.Enum):
+    """How a request ended; every request ends in exactly one."""
+
+    SERVED = "served"  # the backend answered (any status) and the answer was relayed whole
+    ERRORED = "errored"  # the backend failed: unreachable, timed out, or broke mid-answer
+    CANCELLED = "cancelled"  # the client went away first
+    REJECTED = "rejected"  # refused before reaching the backend (auth, admission, limits)
+
+
+@dataclass
+class RelayResult:
+    """What happened to one request: the outcome, the status sent and the bytes relayed."""
+
+    outcome: Outcome
+    status: int = 0
+    bytes_out: int = 0
+    started: float = 0.0
+    first_byte: float | None = None  # when the backend's response headers arrived
+    finished: float = 0.0
+    reason: str = ""
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written at once (cheaper than FileBodyProducer)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass  # everything was written in startProducing
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def body_producer(
+    content: IO[bytes], cooperator: Cooperator, required: bool
+) -> IBodyProducer | None:
+    """
+    A producer for a request body read from ``content`` (at its start), or None when the body
+    is empty and not ``required`` (GET without a body must go out without Content-Length).
+    """
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    if size == 0 and not required:
+        return None
+    if size <= SMALL_BODY:
+        return BytesProducer(content.read())
+    return FileBodyProducer(content, cooperator)
+
+
+def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
+    """The JSON error body every Vespa-made error response carries."""
+    return json.dumps({"error": error, "detail": detail, **extra}).encode("utf-8")
+
+
+def write_error(
+    request: Request,
+    code: int,
+    error: str,
+    detail: str = "",
+    headers: dict[bytes, bytes] | None = None,
+    **extra: Any,
+) -> None:
+    """Answer ``request`` with a JSON error (if the client is still there)."""
+    if request.finished or request.channel is None or request.startedWriting:
+        return
+    body = error_body(error, detail, **extra)
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+@implementer(IPushProducer)
+class BodyRelay(Protocol):
+    """
+    Copies a backend response body into a twisted.web request. Registered on the request as a
+    push producer: when the client reads slowly, twisted.web pauses us and we pause the
+    backend connection.
+    """
+
+    def __init__(self, request: Request, done: Deferred[None]) -> None:
+        self._request = request
+        self._done = done
+        self._backend: IPushProducer | None = None
+        self.client_lost = False
+        self.bytes_out = 0
+        self.failure: Failure | None = None  # why the backend body ended early, if it did
+
+    def connectionMade(self) -> None:
+        # Agent hands us a TransportProxyProducer: pause/resume/stopProducing only.
+        self._backend = cast(IPushProducer, self.transport)
+        self._request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.client_lost:
+            self.bytes_out += len(data)
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.client_lost:
+            # The channel is gone: no unregisterProducer/finish (they would raise).
+            self._done.callback(None)
+            return
+        self._request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._request.finish()
+            self._done.callback(None)
+        else:
+            # Truncated upstream: close without the final chunk so that the client sees a
+            # broken response, never a short clean one.
+            self.failure = reason
+            self._request.loseConnection()
+            self._done.callback(None)
+
+    def client_gone(self) -> None:
+        """The client disconnected: stop reading from the backend and close its connection."""
+        self.client_lost = True
+        self.stopProducing()
+
+    def pauseProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.stopProducing()
+
+
+class ProxiedRequest:
+    """
+    Owns one proxied call: sends it with ``agent``, relays the response into ``request``,
+    cancels the backend call when the client leaves, and reports a :class:`RelayResult`.
+    The Deferred from :meth:`start` never fails.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        request: Request,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        timeout: float = 0.0,
+    ) -> None:
+        self._agent = agent
+        self._clock = clock
+        self._request = request
+        self._method = method
+        self._url = url
+        self._headers = headers
+        self._body = body
+        self._timeout = timeout
+        self._pending: Deferred[IResponse] | None = None
+        self._relay: BodyRelay | None = None
+        self._timer: IDelayedCall | None = None
+        self._timed_out = False
+        self._client_gone = False
+        self._result = RelayResult(Outcome.SERVED, started=clock.seconds())
+        self._done: Deferred[RelayResult] = Deferred()
+
+    def start(self) -> Deferred[RelayResult]:
+        """Send the request; the Deferred fires once the request is over, one way or another."""
+        self._request.notifyFinish().addErrback(self._client_disconnected)
+        if self._timeout:
+            self._timer = self._clock.callLater(self._timeout, self._time_out)
+        self._pending = self._agent.request(self._method, self._url, self._headers, self._body)
+        self._pending.addCallbacks(self._got_response, self._no_response)
+        return self._done
+
+    def _client_disconnected(self, reason: Failure) -> None:
+        if self._client_gone:
+            return
+        self._client_gone = True
+        if self._pending is not None:
+            self._pending.cancel()  # aborts the backend connection
+        elif self._relay is not None:
+            self._relay.client_gone()
+
+    def _time_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay is not None:
+            # Headers already went out: the only thing left is to cut both connections.
+            self._relay.stopProducing()
+
+    def _got_response(self, response: IResponse) -> None:
+        self._pending = None
+        request = self._request
+        self._result.first_byte = self._clock.seconds()
+        if self._client_gone:
+            response.deliverBody(_Discard())
+            return
+        self._result.status = response.code
+        request.setResponseCode(response.code, response.phrase)
+        head = self._method == b"HEAD"
+        # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
+        dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
+        copied = request.responseHeaders
+        for name, values in end_to_end(response.headers, dropped):
+            copied.setRawHeaders(name, values)
+        if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
+            copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
+        request.write(b"")  # status and headers now: SSE clients see them before the 1st event
+        finished: Deferred[None] = Deferred()
+        self._relay = BodyRelay(request, finished)
+        finished.addCallback(self._body_done)
+        response.deliverBody(self._relay)
+
+    def _body_done(self, _: None) -> None:
+        relay = self._relay
+        assert relay is not None
+        self._result.bytes_out = relay.bytes_out
+        failure = relay.failure
+        if relay.client_lost:
+            self._finish(Outcome.CANCELLED, "client disconnected")
+        elif failure is not None:
+            why = "timed out" if self._timed_out else "backend broke mid-response"
+            self._log.warn(
+                "{method} {url}: {why}: {reason}",
+                method=self._method,
+                url=self._url,
+                why=why,
+                reason=failure.getErrorMessage(),
+            )
+            self._finish(Outcome.ERRORED, why)
+        else:
+            self._finish(Outcome.SERVED)
+
+    def _no_response(self, failure: Failure) -> None:
+        self._pending = None
+        if self._client_gone:
+            self._finish(Outcome.CANCELLED, "client disconnected")
+            return
+        if self._timed_out:
+            code, error = 504, "backend timeout"
+            detail = f"no response within {self._timeout:g} s"
+        else:
+            code, error = 502, "backend unavailable"
+            detail = _describe(failure)
+        self._log.warn(
+            "{method} {url}: {error}: {detail}",
+            method=self._method,
+            url=self._url,
+            error=error,
+            detail=detail,
+        )
+        self._result.status = code
+        write_error(self._request, code, error, detail)
+        self._finish(Outcome.ERRORED, error)
+
+    def _finish(self, outcome: Outcome, reason: str = "") -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._result.outcome = outcome
+        self._result.reason = reason
+        self._result.finished = self._clock.seconds()
+        self._done.callback(self._result)
+
+
+def _describe(failure: Failure) -> str:
+    """A short, user-facing description of why the backend call failed (no traceback)."""
+    value = failure.value
+    inner = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
+    if inner:
+        value = inner[0].value
+    if isinstance(value, CancelledError):
+        return "request cancelled"
+    text = str(value) or type(value).__name__
+    return text.strip()
+
+
+class _Discard(Protocol):
+    """Drains and drops a response nobody wants any more (so its connection is released)."""
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()

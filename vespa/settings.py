@@ -1,0 +1,580 @@
+# -*- test-case-name: tests.test_settings -*-
+"""
+Every worker option, once: its environment variable (the seed README's spelling, with the
+``PYWORKER_`` alias that Vast templates set), its twistd flag, type, default and help.
+
+Precedence is flag > ``PYWORKER_<NAME>`` > ``<NAME>`` > default. Nothing else in Vespa reads
+``os.environ``: the Vast variables (``MASTER_TOKEN``, ``REPORT_ADDR``, ``CONTAINER_ID``,
+``PUBLIC_IPADDR``, ``VAST_TCP_PORT_<port>``) are read here too. A bad value raises
+:class:`SettingsError` whose message names the option, where the value came from, and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "PYWORKER_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value Vespa cannot use; the message is meant for the user as is."""
+
+
+# Parsers: text -> value; raise ValueError with a short "expected ..." text.
+
+
+def parse_text(text: str) -> str:
+    return text.strip()
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on", "t"):
+        return True
+    if value in ("0", "false", "no", "n", "off", "f", ""):
+        return False
+    raise ValueError("expected true or false (also yes/no, on/off, 1/0)")
+
+
+def parse_seconds(text: str) -> float:
+    """A duration in seconds, >= 0 (0 usually means "off")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a finite number of seconds >= 0")
+    return value
+
+
+def parse_positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("expected a finite number > 0")
+    return value
+
+
+def parse_optional_positive_number(text: str) -> float | None:
+    """A number > 0, or empty for "not set"."""
+    return parse_positive_number(text) if text.strip() else None
+
+
+def parse_count(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value < 0:
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
+def parse_port(text: str) -> int:
+    value = parse_count(text)
+    if not 0 < value < 65536:
+        raise ValueError("expected a TCP port between 1 and 65535")
+    return value
+
+
+def parse_http_url(text: str) -> str:
+    """An absolute http(s) URL with a host, without a trailing slash."""
+    value = text.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an absolute URL such as http://localhost:8000")
+    if parts.query or parts.fragment:
+        raise ValueError("expected a URL without query or fragment")
+    return value.rstrip("/")
+
+
+def parse_url_list(text: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs (Vast sets REPORT_ADDR this way)."""
+    return tuple(parse_http_url(item) for item in text.split(",") if item.strip())
+
+
+def parse_words(text: str) -> tuple[str, ...]:
+    """Comma-separated words, whitespace trimmed, empty items dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_path(text: str) -> str:
+    value = text.strip()
+    if not value.startswith("/"):
+        raise ValueError("expected a path starting with /")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, ...]:
+    """
+    One or more Twisted server endpoint strings separated by whitespace
+    (``tcp:3000``, ``ssl:443:privateKey=...``, ``unix:/run/vespa.sock``, ``systemd:...``).
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    descriptions = tuple(text.split())
+    if not descriptions:
+        raise ValueError("expected an endpoint string such as tcp:3000")
+    for description in descriptions:
+        try:
+            serverFromString(MemoryReactor(), description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"expected a Twisted endpoint string such as tcp:3000 ({e})") from None
+    return descriptions
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse_choice(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+
+    return parse_choice
+
+
+SIGNATURE_SHAPES = ("url", "five-field")
+BACKEND_PRESETS = {
+    "openai": "benchmarks.openai:benchmark",
+    "vllm": "benchmarks.openai:benchmark",
+    "ollama": "benchmarks.openai:benchmark",
+    "llama.cpp": "benchmarks.openai:benchmark",
+    "sglang": "benchmarks.openai:benchmark",
+    "tgi": "benchmarks.tgi:benchmark",
+    "comfyui": "benchmarks.comfyui:benchmark",
+}
+
+
+def parse_signature_shapes(text: str) -> tuple[str, ...]:
+    shapes = parse_words(text.lower())
+    if not shapes or any(shape not in SIGNATURE_SHAPES for shape in shapes):
+        raise ValueError("expected a comma-separated list of: " + ", ".join(SIGNATURE_SHAPES))
+    return shapes
+
+
+def parse_benchmark_spec(text: str) -> str:
+    value = text.strip()
+    if value and not re.fullmatch(r"[\w.]+:[\w.]+", value):
+        raise ValueError("expected module.path:function, e.g. benchmarks.openai:benchmark")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it comes from and how its text becomes a value."""
+
+    name: str
+    env: str
+    flag: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    # Older spellings still read (after the main name), e.g. READY_TIMEOUT_INITIAL.
+    old_env: tuple[str, ...] = ()
+
+    def env_names(self) -> tuple[str, ...]:
+        """Environment variables to look at, first match wins."""
+        names: list[str] = []
+        for env in (self.env, *self.old_env):
+            names += [ENV_PREFIX + env, env]
+        return tuple(names)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # The relay
+    Option(
+        "backend_url",
+        "BACKEND_URL",
+        "backend-url",
+        parse_http_url,
+        "http://localhost:8000",
+        "Base URL of the inference server; requests go to this URL + their own path.",
+        old_env=("MODEL_SERVER_URL",),
+    ),
+    Option(
+        "worker_port",
+        "WORKER_PORT",
+        "worker-port",
+        parse_port,
+        "3000",
+        "Port to listen on when --listen is not given; also picks VAST_TCP_PORT_<port>.",
+    ),
+    Option(
+        "listen",
+        "LISTEN",
+        "listen",
+        parse_listen,
+        "",
+        "Twisted endpoint string(s) to listen on, e.g. tcp:3000 or "
+        "ssl:3000:privateKey=key.pem:certKey=cert.pem (default tcp:$WORKER_PORT).",
+    ),
+    Option(
+        "unsecured",
+        "UNSECURED",
+        "unsecured",
+        parse_bool,
+        "false",
+        "Accept requests without a Vast signature (local development only).",
+    ),
+    Option(
+        "use_ssl",
+        "USE_SSL",
+        "use-ssl",
+        parse_bool,
+        "false",
+        "Serve TLS with --ssl-cert/--ssl-key and advertise an https:// URL.",
+    ),
+    Option(
+        "ssl_cert",
+        "SSL_CERT",
+        "ssl-cert",
+        parse_text,
+        "/etc/instance.crt",
+        "Certificate (PEM) used when USE_SSL is true.",
+    ),
+    Option(
+        "ssl_key",
+        "SSL_KEY",
+        "ssl-key",
+        parse_text,
+        "/etc/instance.key",
+        "Private key (PEM) used when USE_SSL is true.",
+    ),
+    Option(
+        "request_timeout",
+        "REQUEST_TIMEOUT",
+        "request-timeout",
+        parse_seconds,
+        "0",
+        "Give up on a backend call after this many seconds (504); 0 = no limit.",
+    ),
+    Option(
+        "access_log", "ACCESS_LOG", "access-log", parse_bool, "true", "Log one line per request."
+    ),
+    # The serverless protocol
+    Option(
+        "signature_shapes",
+        "SIGNATURE_SHAPES",
+        "signature-shapes",
+        parse_signature_shapes,
+        "url,five-field",
+        "Signed message shapes accepted (url, five-field).",
+    ),
+    Option(
+        "default_cost",
+        "DEFAULT_COST",
+        "default-cost",
+        parse_optional_positive_number,
+        "",
+        "Workload used when a request's cost is <= 1.",
+    ),
+    Option(
+        "max_wait_time",
+        "MAX_WAIT_TIME",
+        "max-wait-time",
+        parse_seconds,
+        "10",
+        "Reject with 429 when the estimated queue wait exceeds this many seconds.",
+    ),
+    Option(
+        "allow_parallel",
+        "ALLOW_PARALLEL",
+        "allow-parallel",
+        parse_bool,
+        "true",
+        "Send several requests to the backend at once (false: one at a time, FIFO).",
+    ),
+    Option(
+        "max_concurrency",
+        "MAX_CONCURRENCY",
+        "max-concurrency",
+        parse_count,
+        "0",
+        "At most this many backend requests at once (0 = no limit).",
+    ),
+    Option(
+        "blocked_paths",
+        "BLOCKED_PATHS",
+        "blocked-paths",
+        parse_words,
+        "",
+        "Comma-separated fnmatch patterns of paths answered with 403.",
+    ),
+    Option(
+        "verify_url",
+        "VERIFY_URL",
+        "verify-url",
+        parse_bool,
+        "false",
+        "Reject signed requests whose url is not this worker's public URL.",
+    ),
+    Option(
+        "replay_window",
+        "REPLAY_WINDOW",
+        "replay-window",
+        parse_count,
+        "0",
+        "Reject a (reqnum, signature) seen among the last N requests (0 = off).",
+    ),
+    Option(
+        "delete_requests_format",
+        "DELETE_REQUESTS_FORMAT",
+        "delete-requests-format",
+        choice("batches", "list"),
+        "batches",
+        "Body of /delete_requests/: batches (one POST per success flag) or list.",
+    ),
+    Option(
+        "report_interval",
+        "METRICS_UPDATE_INTERVAL",
+        "report-interval",
+        parse_positive_number,
+        "1",
+        "Seconds between autoscaler report checks.",
+    ),
+    # Lifecycle
+    Option(
+        "backend",
+        "BACKEND",
+        "backend",
+        choice("", *BACKEND_PRESETS),
+        "",
+        "Kind of backend (" + ", ".join(BACKEND_PRESETS) + "): picks the shipped "
+        "benchmark when BENCHMARK is not set.",
+    ),
+    Option(
+        "benchmark",
+        "BENCHMARK",
+        "benchmark",
+        parse_benchmark_spec,
+        "",
+        "module.path:function measuring the backend's throughput.",
+    ),
+    Option(
+        "benchmark_session",
+        "BENCHMARK_SESSION",
+        "benchmark-session",
+        choice("treq", "aiohttp"),
+        "treq",
+        "Session handed to the benchmark: treq (built in) or aiohttp (vespa[aiohttp]).",
+    ),
+    Option(
+        "benchmark_cache",
+        "BENCHMARK_CACHE_FILE",
+        "benchmark-cache",
+        parse_text,
+        ".has_benchmark",
+        "File caching the benchmark result; delete it to re-benchmark.",
+    ),
+    Option(
+        "healthcheck_endpoint",
+        "HEALTHCHECK_ENDPOINT",
+        "healthcheck-endpoint",
+        parse_path,
+        "/health",
+        "Backend path answering 200 when the model is ready.",
+        old_env=("MODEL_HEALTH_ENDPOINT",),
+    ),
+    Option(
+        "ready_timeout",
+        "READY_TIMEOUT",
+        "ready-timeout",
+        parse_positive_number,
+        "1200",
+        "Seconds to wait for the backend to become healthy on a first start.",
+        old_env=("READY_TIMEOUT_INITIAL",),
+    ),
+    Option(
+        "ready_timeout_resume",
+        "READY_TIMEOUT_RESUME",
+        "ready-timeout-resume",
+        parse_positive_number,
+        "300",
+        "Seconds to wait for the backend when a cached benchmark exists.",
+    ),
+    Option(
+        "healthcheck_retry_interval",
+        "HEALTHCHECK_RETRY_INTERVAL",
+        "healthcheck-retry-interval",
+        parse_positive_number,
+        "5",
+        "Seconds between readiness probes while the backend loads.",
+    ),
+    Option(
+        "healthcheck_interval",
+        "HEALTHCHECK_INTERVAL",
+        "healthcheck-interval",
+        parse_positive_number,
+        "10",
+        "Seconds between health probes once loaded.",
+        old_env=("HEALTHCHECK_POLL_INTERVAL",),
+    ),
+    Option(
+        "healthcheck_timeout",
+        "HEALTHCHECK_TIMEOUT",
+        "healthcheck-timeout",
+        parse_positive_number,
+        "10",
+        "Timeout of one health probe, in seconds.",
+    ),
+    Option(
+        "healthcheck_failures",
+        "HEALTHCHECK_FAILURES",
+        "healthcheck-failures",
+        parse_count,
+        "3",
+        "Consecutive failed probes before the worker reports an error.",
+        old_env=("HEALTHCHECK_CONSECUTIVE_FAILURES",),
+    ),
+    Option(
+        "drain_timeout",
+        "DRAIN_TIMEOUT",
+        "drain-timeout",
+        parse_seconds,
+        "30",
+        "On shutdown, seconds to let in-flight requests finish.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class VastEnvironment:
+    """What the Vast platform tells the worker about itself (PROTOCOL.md section 1)."""
+
+    master_token: str = ""
+    report_addrs: tuple[str, ...] = ()
+    container_id: int | None = None
+    public_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's validated settings. Build with :func:`load_settings`."""
+
+    backend_url: str = "http://localhost:8000"
+    worker_port: int = 3000
+    listen: tuple[str, ...] = ("tcp:3000",)
+    unsecured: bool = False
+    use_ssl: bool = False
+    ssl_cert: str = "/etc/instance.crt"
+    ssl_key: str = "/etc/instance.key"
+    request_timeout: float = 0.0
+    access_log: bool = True
+    signature_shapes: tuple[str, ...] = SIGNATURE_SHAPES
+    default_cost: float | None = None
+    max_wait_time: float = 10.0
+    allow_parallel: bool = True
+    max_concurrency: int = 0
+    blocked_paths: tuple[str, ...] = ()
+    verify_url: bool = False
+    replay_window: int = 0
+    delete_requests_format: str = "batches"
+    report_interval: float = 1.0
+    backend: str = ""
+    benchmark: str = ""
+    benchmark_session: str = "treq"
+    benchmark_cache: str = ".has_benchmark"
+    healthcheck_endpoint: str = "/health"
+    ready_timeout: float = 1200.0
+    ready_timeout_resume: float = 300.0
+    healthcheck_retry_interval: float = 5.0
+    healthcheck_interval: float = 10.0
+    healthcheck_timeout: float = 10.0
+    healthcheck_failures: int = 3
+    drain_timeout: float = 30.0
+    vast: VastEnvironment = field(default_factory=VastEnvironment)
+
+    @property
+    def benchmark_spec(self) -> str:
+        """The benchmark to run: BENCHMARK, else the preset of BACKEND, else empty."""
+        return self.benchmark or BACKEND_PRESETS.get(self.backend, "")
+
+
+def _listen_port(listen: Sequence[str]) -> int | None:
+    """The TCP port of the first tcp:/ssl: listener, if any."""
+    for description in listen:
+        match = re.match(r"(?:tcp|ssl):(?:port=)?(\d+)", description)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _vast_environment(environ: Mapping[str, str], port: int, use_ssl: bool) -> VastEnvironment:
+    def get(name: str) -> str:
+        return environ.get(ENV_PREFIX + name, environ.get(name, "")).strip()
+
+    def fail(name: str, value: str, why: str) -> SettingsError:
+        return SettingsError(f"invalid {name}={value!r} (from the environment): {why}")
+
+    try:
+        report_addrs = parse_url_list(get("REPORT_ADDR"))
+    except ValueError as e:
+        raise fail("REPORT_ADDR", get("REPORT_ADDR"), str(e)) from None
+    container = get("CONTAINER_ID")
+    try:
+        container_id = int(container) if container else None
+    except ValueError:
+        raise fail("CONTAINER_ID", container, "expected a whole number") from None
+    public_url = None
+    address = get("PUBLIC_IPADDR")
+    external_port = get(f"VAST_TCP_PORT_{port}")
+    if address and external_port:
+        # PROTOCOL.md 1.2: byte-identical to what the router signs.
+        public_url = ("https" if use_ssl else "http") + "://" + address + ":" + external_port
+    # MASTER_TOKEN is a secret: kept verbatim (never stripped), never logged.
+    master_token = environ.get(ENV_PREFIX + "MASTER_TOKEN", environ.get("MASTER_TOKEN", ""))
+    return VastEnvironment(master_token, report_addrs, container_id, public_url)
+
+
+def load_settings(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """
+    Build :class:`Settings` from twistd flags (option name -> text or None) and the environment
+    (``os.environ`` unless given).
+
+    @raise SettingsError: for the first bad value, naming the option, its source and the value.
+    """
+    if environ is None:
+        environ = os.environ
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        text, source = option.default, "default"
+        for env in option.env_names():
+            if env in environ:
+                text, source = environ[env], f"environment variable {env}"
+                break
+        if flags.get(option.name) is not None:
+            text, source = str(flags[option.name]), f"flag --{option.flag}"
+        if option.name == "listen" and not text.strip():
+            continue  # derived from worker_port below
+        try:
+            values[option.name] = option.parse(text)
+        except ValueError as e:
+            raise SettingsError(f"invalid {option.env}={text!r} (from {source}): {e}") from None
+    if "listen" not in values:
+        values["listen"] = (f"tcp:{values['worker_port']}",)
+    elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
+        values["worker_port"] = _listen_port(values["listen"])
+    values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
+    return Settings(**values)
+
+
+def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> bool:
+    option = next(option for option in OPTIONS if option.name == name)
+    return flags.get(name) is not None or any(env in environ for env in option.env_names())
+
+
+def option_fields() -> set[str]:
+    """Names of the Settings fields that come from OPTIONS (for the consistency test)."""
+    return {f.name for f in fields(Settings)} - {"vast"}

@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_tap -*-
+"""twistd options and makeService for the worker: the one place its objects are wired."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.application import strports
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.python import usage
+from twisted.web.client import Agent
+
+from vespa.logs import log_access
+from vespa.relay import backend_pool
+from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
+from vespa.worker.service import WorkerService
+
+
+def _help(option: Any) -> str:
+    default = option.default or "unset"
+    return f"{option.help} [env {option.env}; default {default}]"
+
+
+class Options(usage.Options):
+    """``twistd vespa`` options: one flag per setting (see vespa.settings)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a Vespa worker in front of an HTTP inference backend. Every flag also reads an "
+        "environment variable (shown in brackets) and its PYWORKER_ alias; flags win."
+    )
+    optParameters = [[o.flag, None, None, _help(o)] for o in OPTIONS if o.name != "listen"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.settings = Settings()
+
+    def opt_listen(self, description: str) -> None:
+        """Listen here, e.g. tcp:3000; repeatable [env LISTEN; default tcp:WORKER_PORT]"""
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        flags = {o.name: self.get(o.flag) for o in OPTIONS}
+        flags["listen"] = " ".join(self["listen"]) or None
+        try:
+            self.settings = load_settings(flags)
+        except SettingsError as e:
+            # One clear line and a non-zero exit, before anything listens.
+            raise SystemExit(f"vespa: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point: the worker described by the parsed options."""
+    if reactor is None:
+        from twisted.internet import reactor as installed  # twistd has installed it by now
+
+        reactor = installed
+    return build_worker(options.settings, reactor)
+
+
+def build_worker(settings: Settings, reactor: Any) -> WorkerService:
+    """Wire the worker's objects from its settings (tests call this directly)."""
+    clock = cast(IReactorTime, reactor)
+    pool = backend_pool(reactor)
+    agent = Agent(reactor, pool=pool)
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    resource = WorkerResource(
+        PassthroughGate(cooperator),
+        agent,
+        clock,
+        settings.backend_url,
+        settings.request_timeout,
+        observers,
+    )
+    site = QuietSite(resource)
+    service = WorkerService(clock, pool, site)
+    for index, description in enumerate(settings.listen):
+        listener = strports.service(description, site, reactor=reactor)
+        listener.setName(f"listen-{index}")
+        listener.setServiceParent(service)
+    return service

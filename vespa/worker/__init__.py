@@ -1,0 +1,1 @@
+"""The worker: what runs on the GPU host in front of the backend."""

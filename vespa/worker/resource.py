@@ -1,0 +1,201 @@
+# -*- test-case-name: tests.test_worker_resource -*-
+"""
+The worker's one resource: any method on any path. Each request goes through a gate (the
+verdict: passthrough, or signature + admission) and then through the relay; observers see
+every outcome exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from vespa.headers import forwarded_request_headers
+from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
+
+
+@dataclass
+class Forward:
+    """An admitted request: what to send to the backend, and whom to tell when it is over."""
+
+    target: bytes  # path and query string, as sent to the backend
+    headers: Headers
+    body: IBodyProducer | None
+    workload: float = 0.0
+    on_done: Callable[[RelayResult], None] | None = None
+
+
+@dataclass
+class Rejection(Exception):
+    """A request refused before it reached the backend; rendered as a JSON error."""
+
+    code: int
+    error: str
+    detail: str = ""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
+    workload: float = 0.0
+
+
+class RequestGate(Protocol):
+    """Decides what happens to a request: a Forward (maybe later) or a Rejection."""
+
+    def admit(self, request: Request) -> Forward | Deferred[Forward]:
+        """Raise (or fail with) Rejection to refuse; a Deferred may wait for a slot."""
+
+
+Observer = Callable[[Request, RelayResult, "Forward | None"], None]
+
+
+def client_address(request: Request) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+def request_has_body(request: Request) -> bool:
+    headers = request.requestHeaders
+    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+
+
+class PassthroughGate:
+    """Unsecured mode: every request goes to the backend as it came (minus hop-by-hop headers)."""
+
+    def __init__(self, cooperator: Cooperator) -> None:
+        self._cooperator = cooperator
+
+    def admit(self, request: Request) -> Forward:
+        return passthrough(request, self._cooperator)
+
+
+def passthrough(request: Request, cooperator: Cooperator) -> Forward:
+    """The request as the client sent it: target, end-to-end headers and the body, byte for byte."""
+    scheme = b"https" if request.isSecure() else b"http"
+    headers = forwarded_request_headers(request.requestHeaders, client_address(request), scheme)
+    assert request.content is not None
+    body = body_producer(request.content, cooperator, request_has_body(request))
+    return Forward(request.uri, headers, body)
+
+
+class WorkerResource(Resource):
+    """Every method, every path: gate, then relay to the backend, then tell the observers."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        gate: RequestGate,
+        agent: IAgent,
+        clock: IReactorTime,
+        backend_url: str,
+        request_timeout: float = 0.0,
+        observers: tuple[Observer, ...] = (),
+    ) -> None:
+        super().__init__()
+        self._gate = gate
+        self._agent = agent
+        self._clock = clock
+        self._backend = backend_url.encode("ascii")
+        self._timeout = request_timeout
+        self._observers = observers
+
+    def render(self, request: Request) -> int:
+        request.defaultContentType = None  # never invent a Content-Type for the backend's body
+        started = self._clock.seconds()
+        if not request.uri.startswith(b"/"):
+            # Absolute-form or asterisk-form targets: the backend host is always BACKEND_URL.
+            self._refuse(request, Rejection(400, "bad request target", "expected a path"), started)
+            return NOT_DONE_YET
+        try:
+            verdict = self._gate.admit(request)
+        except Rejection as rejection:
+            self._refuse(request, rejection, started)
+            return NOT_DONE_YET
+        if isinstance(verdict, Deferred):
+            # Waiting for a slot: a client that leaves is taken out of the queue.
+            request.notifyFinish().addErrback(lambda _: verdict.cancel())
+            verdict.addCallbacks(
+                self._relay,
+                self._not_admitted,
+                callbackArgs=(request, started),
+                errbackArgs=(request, started),
+            )
+        else:
+            self._relay(verdict, request, started)
+        return NOT_DONE_YET
+
+    def _relay(self, forward: Forward, request: Request, started: float) -> None:
+        proxied = ProxiedRequest(
+            self._agent,
+            self._clock,
+            request,
+            request.method,
+            self._backend + forward.target,
+            forward.headers,
+            forward.body,
+            self._timeout,
+        )
+        proxied.start().addCallback(self._relayed, request, forward, started)
+
+    def _relayed(
+        self, result: RelayResult, request: Request, forward: Forward, started: float
+    ) -> None:
+        result.started = started
+        if forward.on_done is not None:
+            forward.on_done(result)
+        self._notify(request, result, forward)
+
+    def _not_admitted(self, failure: Failure, request: Request, started: float) -> None:
+        if failure.check(CancelledError):
+            result = RelayResult(Outcome.CANCELLED, 0, 0, started, None, self._clock.seconds())
+            self._notify(request, result, None)
+        elif isinstance(failure.value, Rejection):
+            self._refuse(request, failure.value, started)
+        else:
+            self._log.failure("request gate failed", failure)
+            self._refuse(request, Rejection(500, "internal error", "see the worker log"), started)
+
+    def _refuse(self, request: Request, rejection: Rejection, started: float) -> None:
+        write_error(
+            request,
+            rejection.code,
+            rejection.error,
+            rejection.detail,
+            rejection.headers,
+            **rejection.extra,
+        )
+        result = RelayResult(
+            Outcome.REJECTED,
+            rejection.code,
+            0,
+            started,
+            None,
+            self._clock.seconds(),
+            rejection.error,
+        )
+        self._notify(request, result, None)
+
+    def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
+        for observer in self._observers:
+            observer(request, result, forward)
+
+
+class QuietSite(Site):
+    """A Site without twisted.web's per-request access log (Vespa writes its own) and
+    without tracebacks in error pages."""
+
+    displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
