@@ -17,6 +17,7 @@ from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
+from vespa.worker.state import WorkerState
 
 
 def _help(option: Any) -> str:
@@ -78,7 +79,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         observers,
     )
     site = QuietSite(resource)
-    service = WorkerService(clock, pool, site)
+    service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
