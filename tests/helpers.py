@@ -27,7 +27,7 @@ from vespa.tap import build_worker
 from vespa.worker.service import WorkerService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VECTORS = os.path.join(os.path.dirname(HERE), "..", "shared", "vectors")
+VECTORS = os.path.join(HERE, "vectors")  # copied from shared/vectors (throw-away key)
 
 
 class TrackingFactory(WrappingFactory):

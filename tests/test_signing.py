@@ -1,0 +1,123 @@
+"""Signatures: every vector verifies, every near miss does not, sign/verify round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import VECTORS
+from vespa import signing
+
+
+def _read(name: str) -> bytes:
+    with open(os.path.join(VECTORS, name), "rb") as f:
+        return f.read()
+
+
+VECTOR_DATA = json.loads(_read("vectors.json"))
+PUBLIC = signing.load_public_key(_read("test_public_key.pem"))
+PRIVATE = signing.load_private_key(_read("test_private_key.pem"))
+SHAPE = {"url_only": "url"}
+
+
+class VectorTests(SynchronousTestCase):
+    def test_canonical_messages_match_vectors(self):
+        """The canonical message of each vector is byte-identical to the signed bytes."""
+        for vector in VECTOR_DATA["vectors"]:
+            shape = SHAPE.get(vector["name"], "five-field")
+            auth = vector["auth_data_as_sent_by_client"]
+            self.assertEqual(
+                signing.canonical_message(auth, shape),
+                _read(vector["name"] + ".msg"),
+                vector["name"],
+            )
+
+    def test_every_vector_verifies(self):
+        """Each vector verifies with both PEM forms of the key, in its own shape."""
+        pkcs1 = signing.load_public_key(_read("test_public_key_pkcs1.pem"))
+        for vector in VECTOR_DATA["vectors"]:
+            auth = vector["auth_data_as_sent_by_client"]
+            expected = SHAPE.get(vector["name"], "five-field")
+            for key in (PUBLIC, pkcs1):
+                self.assertEqual(signing.verify(key, auth, ("url", "five-field")), expected)
+
+    def test_shapes_are_configurable(self):
+        """A signature in a shape that is not accepted does not verify."""
+        for vector in VECTOR_DATA["vectors"]:
+            auth = vector["auth_data_as_sent_by_client"]
+            other = "five-field" if vector["name"] == "url_only" else "url"
+            self.assertIsNone(signing.verify(PUBLIC, auth, (other,)))
+
+    def test_near_misses_fail(self):
+        """The near misses of vectors/README: int vs float cost, string cost, other fields."""
+        legacy = next(v for v in VECTOR_DATA["vectors"] if v["name"] == "legacy_five_field")
+        auth = dict(legacy["auth_data_as_sent_by_client"])
+        for change in (
+            {"cost": 256},
+            {"cost": "256.0"},
+            {"reqnum": 1235},
+            {"endpoint": "x"},
+            {"url": "https://203.0.113.7:41235"},
+            {"request_idx": 1},
+        ):
+            self.assertIsNone(
+                signing.verify(PUBLIC, {**auth, **change}, ("five-field", "url")), change
+            )
+        # Other serialisations of the same fields do not verify either.
+        signature = auth["signature"]
+        fields = {k: auth[k] for k in signing.FIVE_FIELDS}
+        for text in (
+            json.dumps(fields, indent=4),  # unsorted insertion order is sorted here; compact:
+            json.dumps(fields, sort_keys=True, separators=(",", ":")),
+            json.dumps(fields, sort_keys=True, indent=2),
+            json.dumps({**fields, "__request_id": auth["__request_id"]}, sort_keys=True, indent=4),
+        ):
+            if text.encode() == signing.canonical_message(auth, "five-field"):
+                continue
+            import base64
+
+            from cryptography.exceptions import InvalidSignature
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import padding
+
+            with self.assertRaises(InvalidSignature):
+                PUBLIC.verify(
+                    base64.b64decode(signature), text.encode(), padding.PKCS1v15(), hashes.SHA256()
+                )
+
+    def test_garbage_signatures(self):
+        """Missing, empty, non-base64 or wrong-length signatures do not verify (no exception)."""
+        auth = dict(VECTOR_DATA["vectors"][0]["auth_data_as_sent_by_client"])
+        for signature in (None, "", "not base64!!", "QUJD", 42):
+            self.assertIsNone(
+                signing.verify(PUBLIC, {**auth, "signature": signature}, ("url", "five-field"))
+            )
+        del auth["url"]
+        self.assertIsNone(signing.verify(PUBLIC, auth, ("url", "five-field")))
+
+
+auth_values = st.fixed_dictionaries(
+    {
+        "cost": st.one_of(
+            st.integers(-(10**6), 10**6), st.floats(allow_nan=False, allow_infinity=False)
+        ),
+        "endpoint": st.text(max_size=30),
+        "reqnum": st.integers(0, 2**40),
+        "request_idx": st.integers(0, 2**40),
+        "url": st.text(max_size=40),
+    }
+)
+
+
+class RoundTripTests(SynchronousTestCase):
+    @given(auth_values, st.sampled_from(["url", "five-field"]))
+    def test_sign_then_verify(self, auth, shape):
+        """Whatever the field values, a signature made in a shape verifies in that shape only
+        when the signed fields are unchanged."""
+        signed = {**auth, "signature": signing.sign(PRIVATE, auth, shape)}
+        self.assertEqual(signing.verify(PUBLIC, signed, (shape,)), shape)
+        self.assertIsNone(signing.verify(PUBLIC, {**signed, "url": signed["url"] + "x"}, (shape,)))
