@@ -1,0 +1,392 @@
+"""
+Vespa's load benchmark (issue 8): the direct backend, nginx as a streaming reverse proxy and
+Vespa (one or two builds) measured side by side on 127.0.0.1, load points interleaved across
+targets so that machine noise spreads over all of them; every figure is also given as a ratio
+to the baselines measured in the same run. Run through ``perf/run.sh`` or ``tox -e perf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import Children, Probe
+from report import render, plot
+
+# twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SMALL_JSON = (
+    '{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
+    '"model": "llama-3-8b", "choices": [{"index": 0, "text": " Paris is the capital of France.", '
+    '"finish_reason": "stop"}], "usage": {"prompt_tokens": 12, "completion_tokens": 8, '
+    '"total_tokens": 20}}'
+)
+PROMPT = {"model": "llama-3-8b", "prompt": "What is the capital of France?", "max_tokens": 64}
+ENVELOPE = json.dumps(
+    {
+        "auth_data": {
+            "cost": "256",
+            "endpoint": "bench-endpoint",
+            "reqnum": "REQNUM",
+            "request_idx": "REQNUM",
+            "signature": "A" * 344,
+            "url": "http://127.0.0.1:3000",
+        },
+        "payload": PROMPT,
+    }
+).replace('"REQNUM"', "REQNUM")
+
+
+@dataclass
+class Target:
+    """Something that answers HTTP on ``port``: the backend itself or a proxy in front of it."""
+
+    name: str
+    port: int
+    argv: list[str] | None = None  # None: the backend itself (direct)
+    pid: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        self.args = args
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="vespa-perf-"))
+        self.children = Children(self.logs)
+        self.results: dict = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            },
+            "args": vars(args),
+            "targets": [],
+            "scenarios": {},
+        }
+        self.deadline = time.monotonic() + args.max_minutes * 60
+
+    # ---- processes -------------------------------------------------------------------
+
+    def nginx(self, name: str, body: str) -> int:
+        prefix = self.work / name
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            f"{user}worker_processes 1;\ndaemon off;\npid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/logs/error.log warn;\n"
+            "events { worker_connections 8192; }\n"
+            f"http {{\naccess_log off;\nsendfile on;\ntcp_nopush on;\n"
+            "keepalive_requests 10000000;\nclient_max_body_size 0;\n"
+            f"{body}\n}}\n"
+        )
+        proc = self.children.start(name, ["nginx", "-p", str(prefix), "-c", str(conf)])
+        return proc.pid
+
+    def start_backends(self) -> None:
+        files = self.work / "files"
+        files.mkdir()
+        for name in ("blob.bin", "blob.json"):
+            with open(files / name, "wb") as f:
+                f.truncate(self.args.big_mib << 20)  # sparse: served from the page cache
+        with open(self.work / "upload.json", "wb") as f:
+            f.truncate(self.args.upload_mib * 1000 * 1000)
+        a = self.args
+        self.backend_pid = self.nginx(
+            "nginx-backend",
+            "types { application/octet-stream bin; application/json json; }\n"
+            f"server {{ listen 127.0.0.1:{a.port_base}; "
+            f"location /files/ {{ alias {files}/; }}\n"
+            f"location / {{ default_type application/json; return 200 '{SMALL_JSON}'; }} }}",
+        )
+        sse = self.children.start(
+            "python-backend", [sys.executable, str(HERE / "backend.py"), str(a.port_base + 1)]
+        )
+        self.sse_backend_pid = sse.pid
+        self.wait_healthy(a.port_base, "nginx backend")
+        self.wait_healthy(a.port_base + 1, "python backend")
+
+    def wait_healthy(self, port: int, what: str) -> None:
+        stop = time.monotonic() + 30
+        while time.monotonic() < stop:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"perf: {what} on port {port} never became healthy (see {self.logs})")
+
+    def proxies(self) -> list[Target]:
+        """The proxy targets (not yet started); direct is added by ``start_targets``."""
+        base = self.args.port_base + 10
+        found = [Target("nginx", base, [])]
+        for index, (name, python) in enumerate(self.builds):
+            argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa", "--unsecured", "true"]
+            argv += ["--backend-url", "{backend_url}", "--listen", "tcp:{port}:interface=127.0.0.1"]
+            found.append(Target(name, base + 1 + index, argv))
+        for index, (name, command) in enumerate(self.args.target):
+            found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
+        return found
+
+    def start_targets(self, backend_port: int, backend_pid: int, tag: str) -> list[Target]:
+        backend_url = f"http://127.0.0.1:{backend_port}"
+        targets = [Target("direct", backend_port, None, backend_pid)]
+        for target in self.proxies():
+            if target.name == "nginx":
+                target.pid = self.nginx(
+                    f"nginx-proxy-{tag}",
+                    f"upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 512; }}\n"
+                    f"server {{ listen 127.0.0.1:{target.port};\nlocation / {{\n"
+                    "proxy_pass http://backend; proxy_http_version 1.1;\n"
+                    'proxy_set_header Connection ""; proxy_buffering off;\n'
+                    "proxy_request_buffering off; proxy_read_timeout 300s; } }",
+                )
+            else:
+                assert target.argv is not None
+                argv = [
+                    part.format(backend_url=backend_url, port=target.port) for part in target.argv
+                ]
+                env = {"VESPA_ACCESS_LOG": "true"}
+                proc = self.children.start(f"{target.name}-{tag}", argv, env)
+                target.pid = proc.pid
+            targets.append(target)
+        for target in targets:
+            self.wait_healthy(target.port, target.name)
+        time.sleep(0.5)
+        return targets
+
+    def stop_targets(self, targets: list[Target]) -> None:
+        for proc in list(self.children.running):
+            if proc.pid in {t.pid for t in targets if t.argv is not None}:
+                self.children.stop(proc)
+
+    # ---- load generators ---------------------------------------------------------------
+
+    def wrk(self, target: Target, conc: int, duration: float, body: str, unique: bool) -> dict:
+        body_file = self.work / ("envelope.json" if unique else "small.json")
+        body_file.write_text(body)
+        argv = ["wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--timeout", "10s"]
+        argv += ["-s", str(HERE / "post.lua"), f"http://127.0.0.1:{target.port}/v1/completions"]
+        env = {**os.environ, "PERF_BODY_FILE": str(body_file), "PERF_UNIQUE": "1" if unique else ""}
+        watched = {"proxy": target.pid}
+        if target.argv is not None:
+            watched["backend"] = self.backend_pid
+        with Probe(watched) as probe:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("PERF_JSON ")), None)
+        if line is None:
+            return {"error": done.stdout[-500:] + done.stderr[-500:]}
+        raw = json.loads(line[len("PERF_JSON ") :])
+        return {
+            "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+            "p50_ms": raw["p50_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000,
+            "errors": raw["socket_errors"] + raw["non2xx"],
+            **self.usage(probe, target),
+        }
+
+    def usage(self, probe: Probe, target: Target) -> dict:
+        return {
+            "proxy_cpu_pct": probe.cpu_pct["proxy"] if target.argv is not None else 0.0,
+            "backend_cpu_pct": probe.cpu_pct.get("backend", probe.cpu_pct["proxy"]),
+            "loadgen_cpu_pct": probe.loadgen_pct,
+            "other_cpu_pct": probe.other_pct,
+            "rss_before_mib": probe.before["proxy"],
+            "rss_peak_mib": probe.peak.get("proxy", probe.before["proxy"]),
+        }
+
+    def curl(self, target: Target, path: str, upload: Path | None = None) -> dict:
+        argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", "120", "-w"]
+        argv.append("%{http_code} %{size_download} %{size_upload} %{time_total}")
+        if upload is not None:
+            argv += ["-T", str(upload), "-X", "POST", "-H", "Expect:"]
+            argv += ["-H", "Content-Type: application/json"]
+        argv.append(f"http://127.0.0.1:{target.port}{path}")
+        with Probe({"proxy": target.pid}, interval=0.02) as probe:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        code, down, up, took = done.stdout.split()
+        moved = float(up if upload is not None else down)
+        return {
+            "status": int(code),
+            "bytes": moved,
+            "mb_per_s": moved / float(took) / 1e6,
+            "rss_growth_mib": probe.peak.get("proxy", 0) - probe.before["proxy"],
+            **self.usage(probe, target),
+        }
+
+    def sse(self, target: Target, mode: str, options: list[str], timeout: float) -> dict:
+        argv = [sys.executable, str(HERE / "sse_load.py"), mode, "--port", str(target.port)]
+        with Probe({"proxy": target.pid}, interval=0.2) as probe:
+            done = subprocess.run(argv + options, capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            return {"error": done.stderr[-500:]}
+        return {**json.loads(done.stdout), **self.usage(probe, target)}
+
+    # ---- scenarios ---------------------------------------------------------------------
+
+    def record(self, scenario: str, point: str, target: str, value: dict) -> None:
+        points = self.results["scenarios"].setdefault(scenario, {}).setdefault(point, {})
+        points.setdefault(target, []).append(value)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in value.items()}
+        print(f"  {scenario} {point} {target}: {shown}", flush=True)
+
+    def rounds(self, targets: list[Target], count: int):
+        """``count`` rounds over the targets, each round in a rotated order."""
+        for index in range(count):
+            if time.monotonic() > self.deadline:
+                print("perf: --max-minutes reached, skipping the rest", flush=True)
+                return
+            shift = index % len(targets)
+            yield targets[shift:] + targets[:shift]
+
+    def s1_s2(self, targets: list[Target]) -> None:
+        a = self.args
+        for target in targets:  # warm-up: connections, pools, code paths
+            self.wrk(target, 64, 2, SMALL_JSON, False)
+        if "S1" in a.scenarios:
+            for conc in a.s1_conc:
+                repeat = a.repeat if conc == 64 else 1
+                for order in self.rounds(targets, repeat):
+                    for target in order:
+                        self.record("S1", f"c={conc}", target.name,
+                                    self.wrk(target, conc, a.duration, SMALL_JSON, False))
+        if "S2" in a.scenarios:
+            for order in self.rounds(targets, a.repeat):
+                for target in order:
+                    self.record("S2", "c=64", target.name,
+                                self.wrk(target, 64, a.duration, ENVELOPE, True))
+
+    def s3(self, targets: list[Target]) -> None:
+        a = self.args
+        options = ["--path", f"/sse/{a.sse_events}/50", "--conc", "100", "--duration", str(a.duration)]
+        for order in self.rounds(targets, a.repeat):
+            for target in order:
+                self.record("S3", "100 streams", target.name,
+                            self.sse(target, "stream", options, a.duration + 60))
+
+    def s4(self, targets: list[Target], paths: list[tuple[str, str]], upload: bool) -> None:
+        for order in self.rounds(targets, self.args.s4_runs):
+            for point, path in paths:
+                for target in order:
+                    self.record("S4", point, target.name, self.curl(target, path))
+            if upload:
+                for target in order:
+                    self.record("S4", "upload", target.name,
+                                self.curl(target, "/upload", self.work / "upload.json"))
+
+    def s5(self, targets: list[Target]) -> None:
+        a = self.args
+        options = ["--path", f"/sse/{a.s5_events}/1000", "--count", str(a.s5_streams)]
+        options += ["--ramp", "2", "--deadline", str(a.s5_events + 12)]
+        for target in targets:
+            self.record("S5", f"{a.s5_streams} streams", target.name,
+                        self.sse(target, "hold", options, a.s5_events + 60))
+
+    def run(self) -> None:
+        a = self.args
+        self.builds = [("vespa", sys.executable)]
+        if a.compare:
+            self.builds.append((f"vespa@{a.compare}", self.build_ref(a.compare)))
+        self.results["targets"] = ["direct", "nginx"] + [n for n, _ in self.builds] + [
+            n for n, _ in a.target
+        ]
+        self.start_backends()
+        nginx_backend = (a.port_base, self.backend_pid)
+        python_backend = (a.port_base + 1, self.sse_backend_pid)
+        big = f"/files/blob.bin"
+        plan = [
+            ("S1/S2", {"S1", "S2"}, nginx_backend, self.s1_s2),
+            ("S3", {"S3"}, python_backend, self.s3),
+            ("S4", {"S4"}, nginx_backend,
+             lambda t: self.s4(t, [("octet-stream", big), ("json", "/files/blob.json")], True)),
+            ("S4c", {"S4"}, python_backend,
+             lambda t: self.s4(t, [("chunked", f"/chunked/{a.big_mib}")], False)),
+            ("S5", {"S5"}, python_backend, self.s5),
+        ]
+        for tag, wanted, (port, pid), scenario in plan:
+            if not wanted & set(a.scenarios):
+                continue
+            print(f"== {tag}", flush=True)
+            targets = self.start_targets(port, pid, tag.replace("/", ""))
+            try:
+                scenario(targets)
+            finally:
+                self.stop_targets(targets)
+
+    def build_ref(self, ref: str) -> str:
+        """Install ``ref`` of this repository into its own venv; its Python."""
+        source = self.work / f"src-{ref.replace('/', '_')}"
+        venv = self.work / f"venv-{ref.replace('/', '_')}"
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], check=True)
+        return str(venv / "bin" / "python")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a 2-3 minute run (fewer, shorter points)")
+    parser.add_argument("--compare", metavar="REF", help="also run this git ref, in its own venv")
+    parser.add_argument("--target", nargs=2, action="append", default=[], metavar=("NAME", "CMD"),
+                        help="an extra proxy: shell command with {backend_url} and {port}")
+    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    parser.add_argument("--s1-conc", default="1,16,64,256")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per load point")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the key points")
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--upload-mib", type=int, default=100, help="upload size in MB")
+    parser.add_argument("--s4-runs", type=int, default=2)
+    parser.add_argument("--sse-events", type=int, default=20)
+    parser.add_argument("--s5-streams", type=int, default=1000)
+    parser.add_argument("--s5-events", type=int, default=13)
+    parser.add_argument("--port-base", type=int, default=29080)
+    parser.add_argument("--max-minutes", type=float, default=30, help="stop starting new points after this")
+    parser.add_argument("--out", type=Path, help="default: perf-results/<timestamp>")
+    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="only re-render a results.json")
+    args = parser.parse_args()
+    if args.report:
+        results = json.loads(args.report.read_text())
+        print(render(results))
+        return
+    if args.quick:
+        args.s1_conc, args.duration, args.repeat = "16,64", 4, 2
+        args.big_mib, args.s4_runs, args.s5_events = 256, 1, 6
+    args.scenarios = [s.strip() for s in args.scenarios.split(",")]
+    args.s1_conc = [int(c) for c in args.s1_conc.split(",")]
+    out = args.out or Path("perf-results") / time.strftime("%Y%m%d-%H%M%S")
+    bench = Bench(args, out)
+    try:
+        bench.run()
+    finally:
+        bench.children.stop_all()
+    summary = render(bench.results)
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    plot(bench.results, out / "s1.png")
+    print(f"perf: results in {out}/ (results.json, summary.md, s1.png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Tables (markdown), the check against issue 8's targets, and the PNG plot."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def med(runs: list[dict], key: str) -> float:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratios(points: dict, target: str, base: str, key: str) -> list[float]:
+    """Per-round ratios ``target / base`` (runs at the same index were measured together)."""
+    mine, theirs = points.get(target, []), points.get(base, [])
+    return [
+        a[key] / b[key]
+        for a, b in zip(mine, theirs)
+        if key in a and key in b and b[key]
+    ]
+
+
+def ratio_text(values: list[float]) -> str:
+    if not values:
+        return "-"
+    text = f"{statistics.median(values):.3f}"
+    if len(values) > 1:
+        text += f" ({min(values):.3f}-{max(values):.3f})"
+    return text
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    out = [f"# Vespa perf: {m['date']}, {m['cpus']} CPUs, Python {m['python']}, kernel {m['kernel']}", ""]
+    scenarios = results["scenarios"]
+    targets = results["targets"]
+    for name in ("S1", "S2"):
+        if name not in scenarios:
+            continue
+        title = "S1 small JSON POST" if name == "S1" else (
+            "S2 signed-envelope body POST (unsecured mode: signed mode not on main yet)"
+        )
+        out += [f"## {title}", ""]
+        rows = []
+        for point, by_target in scenarios[name].items():
+            for target in targets:
+                runs = by_target.get(target)
+                if not runs:
+                    continue
+                rows.append([
+                    point, target, f"{med(runs, 'rps'):.0f}", f"{med(runs, 'p50_ms'):.2f}",
+                    f"{med(runs, 'p99_ms'):.2f}", f"{med(runs, 'proxy_cpu_pct'):.0f}",
+                    str(sum(r.get("errors", 0) for r in runs)),
+                    ratio_text(ratios(by_target, target, "direct", "rps")),
+                    ratio_text(ratios(by_target, target, "nginx", "rps")),
+                    f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
+                ])
+        out += table(["point", "target", "req/s", "p50 ms", "p99 ms", "proxy CPU %", "errors",
+                      "÷ direct", "÷ nginx", "other CPU % (max)"], rows)
+    if "S3" in scenarios:
+        out += ["## S3 100 concurrent SSE streams (20 events, 50 ms apart)", ""]
+        rows = []
+        for point, by_target in scenarios["S3"].items():
+            direct = by_target.get("direct", [])
+            for target in targets:
+                runs = by_target.get(target)
+                if not runs:
+                    continue
+                added = [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in zip(runs, direct)]
+                rows.append([
+                    target, str(sum(r.get("streams", 0) for r in runs)),
+                    str(sum(r.get("errors", 0) for r in runs)),
+                    f"{med(runs, 'ttfb_p50_ms'):.2f}", f"{med(runs, 'ttfb_p99_ms'):.2f}",
+                    f"{statistics.median(added):.2f}" if added else "-",
+                    f"{med(runs, 'proxy_cpu_pct'):.1f}",
+                    f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
+                ])
+        out += table(["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms",
+                      "added TTFB p50 ms", "proxy CPU %", "other CPU % (max)"], rows)
+    if "S4" in scenarios:
+        out += ["## S4 big bodies", ""]
+        rows = []
+        for point, by_target in scenarios["S4"].items():
+            for target in targets:
+                runs = by_target.get(target)
+                if not runs:
+                    continue
+                bad = sum(1 for r in runs if r.get("status") != 200)
+                rows.append([
+                    point, target, f"{med(runs, 'mb_per_s'):.0f}",
+                    f"{max(r['rss_growth_mib'] for r in runs):.1f}" if target != "direct" else "-",
+                    f"{med(runs, 'proxy_cpu_pct'):.0f}", str(bad),
+                    ratio_text(ratios(by_target, target, "direct", "mb_per_s")),
+                    ratio_text(ratios(by_target, target, "nginx", "mb_per_s")),
+                ])
+        out += table(["body", "target", "MB/s", "RSS growth MiB (max)", "proxy CPU %",
+                      "non-200", "÷ direct", "÷ nginx"], rows)
+    if "S5" in scenarios:
+        out += ["## S5 concurrent slow SSE streams (an event per second)", ""]
+        rows = []
+        for point, by_target in scenarios["S5"].items():
+            for target in targets:
+                for r in by_target.get(target, []):
+                    rows.append([
+                        target, f"{r.get('completed', 0)}/{r.get('opened', 0)}",
+                        str(r.get("first_event_within_1s", 0)), str(r.get("errors", 0)),
+                        f"{r['rss_peak_mib']:.1f}" if target != "direct" else "-",
+                        f"{r['proxy_cpu_pct']:.0f}" if target != "direct" else "-",
+                    ])
+        out += table(["target", "completed/opened", "first event < 1 s", "errors",
+                      "peak RSS MiB", "proxy CPU %"], rows)
+    out += check(results)
+    return "\n".join(out)
+
+
+def check(results: dict) -> list[str]:
+    """Every Vespa build against issue 8's targets."""
+    s = results["scenarios"]
+    rows = []
+    for target in [t for t in results["targets"] if t.startswith("vespa")]:
+
+        def add(what: str, value: float, goal: str, ok: bool, unit: str = "") -> None:
+            rows.append([target, what, f"{value:.3f}{unit}", goal, "yes" if ok else "NO"])
+
+        for scen, point, goal in (("S1", "c=64", 0.055), ("S2", "c=64", 0.045)):
+            values = ratios(s.get(scen, {}).get(point, {}), target, "nginx", "rps")
+            if values:
+                v = statistics.median(values)
+                add(f"{scen} {point} req/s ÷ nginx", v, f">= {goal}", v >= goal)
+        for by_target in s.get("S3", {}).values():
+            runs, direct = by_target.get(target, []), by_target.get("direct", [])
+            added = [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in zip(runs, direct)]
+            if added:
+                v = statistics.median(added)
+                add("S3 added TTFB p50", v, "<= 0.5 ms", v <= 0.5, " ms")
+                cpu = med(runs, "proxy_cpu_pct")
+                add("S3 proxy CPU", cpu, "<= 15 %", cpu <= 15, " %")
+        for point, by_target in s.get("S4", {}).items():
+            runs = by_target.get(target, [])
+            if not runs:
+                continue
+            speed = med(runs, "mb_per_s") / 1000
+            goal = 0.3 if point == "upload" else 1.0
+            add(f"S4 {point} GB/s", speed, f">= {goal}", speed >= goal and
+                all(r.get("status") == 200 for r in runs))
+            growth = max(r["rss_growth_mib"] for r in runs)
+            add(f"S4 {point} RSS growth", growth, "<= 32 MiB", growth <= 32, " MiB")
+        for by_target in s.get("S5", {}).values():
+            for r in by_target.get(target, []):
+                served = r.get("completed", 0) == r.get("opened", -1)
+                add("S5 streams completed", r.get("completed", 0), f"all {r.get('opened')}", served)
+                mb = r["rss_peak_mib"] * 1.048576
+                add("S5 total RSS", mb, "<= 100 MB", mb <= 100, " MB")
+    return ["## Issue 8 targets", ""] + table(["build", "figure", "value", "target", "met"], rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    """req/s and p99 latency by concurrency (S1), one line per target."""
+    points = results["scenarios"].get("S1")
+    if not points:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("perf: matplotlib is not installed, no plot")
+        return
+    concs = sorted(int(p.split("=")[1]) for p in points)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in results["targets"]:
+        xs, rps, p99 = [], [], []
+        for c in concs:
+            runs = points[f"c={c}"].get(target)
+            if runs:
+                xs.append(c)
+                rps.append(med(runs, "rps"))
+                p99.append(med(runs, "p99_ms"))
+        if xs:
+            left.plot(xs, rps, marker="o", label=target)
+            right.plot(xs, p99, marker="o", label=target)
+    for ax, label in ((left, "requests/s"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent connections")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend()
+    fig.suptitle(f"S1 small JSON POST, {results['machine']['date']}, {results['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""
+SSE load client (asyncio, stdlib): prints one JSON line with what it measured.
+
+    stream: CONC workers open a stream each, read it to the end, and open the next, until
+            DURATION s have passed; time to first event (TTFB) and total time per stream.
+    hold:   open COUNT streams over RAMP s and hold them until they end or DEADLINE s;
+            how many got their first event within 1 s and how many got "[DONE]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+
+async def one_stream(port: int, path: str) -> tuple[float, float, bool]:
+    """(ttfb, total, completed) for one stream over a fresh connection."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            b"Connection: close\r\n\r\n" % path.encode()
+        )
+        seen = b""
+        ttfb = -1.0
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            seen = (seen + data)[-256:]
+            if ttfb < 0 and b"data:" in seen:
+                ttfb = time.perf_counter() - start
+            if b"[DONE]" in seen:
+                break
+        return ttfb, time.perf_counter() - start, b"[DONE]" in seen
+    finally:
+        writer.close()
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return -1.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+async def stream_mode(args: argparse.Namespace) -> dict:
+    ttfbs: list[float] = []
+    totals: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + args.duration
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            try:
+                ttfb, total, done = await asyncio.wait_for(
+                    one_stream(args.port, args.path), args.duration + 10
+                )
+            except (OSError, asyncio.TimeoutError):
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            if done and ttfb >= 0:
+                ttfbs.append(ttfb)
+                totals.append(total)
+            else:
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(args.conc)))
+    return {
+        "streams": len(ttfbs),
+        "errors": errors,
+        "ttfb_p50_ms": pct(ttfbs, 50) * 1000,
+        "ttfb_p90_ms": pct(ttfbs, 90) * 1000,
+        "ttfb_p99_ms": pct(ttfbs, 99) * 1000,
+        "total_p50_ms": pct(totals, 50) * 1000,
+    }
+
+
+async def hold_mode(args: argparse.Namespace) -> dict:
+    results: list[tuple[float, float, bool]] = []
+    errors = 0
+
+    async def holder(delay: float) -> None:
+        nonlocal errors
+        await asyncio.sleep(delay)
+        try:
+            results.append(await one_stream(args.port, args.path))
+        except OSError:
+            errors += 1
+
+    tasks = [
+        asyncio.ensure_future(holder(args.ramp * i / args.count)) for i in range(args.count)
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=args.deadline)
+    for task in pending:
+        task.cancel()
+    return {
+        "opened": args.count,
+        "completed": sum(1 for _, _, ok in results if ok),
+        "first_event_within_1s": sum(1 for ttfb, _, _ in results if 0 <= ttfb < 1.0),
+        "errors": errors,
+        "unfinished_at_deadline": len(pending),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["stream", "hold"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--conc", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--ramp", type=float, default=2)
+    parser.add_argument("--deadline", type=float, default=25)
+    args = parser.parse_args()
+    run = stream_mode if args.mode == "stream" else hold_mode
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
