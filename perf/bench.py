@@ -365,14 +365,15 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=30, help="stop starting new points after this")
     parser.add_argument("--out", type=Path, help="default: perf-results/<timestamp>")
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="only re-render a results.json")
+    if "--quick" in sys.argv[1:]:
+        # Fewer, shorter points; explicit options still win.
+        parser.set_defaults(s1_conc="16,64", duration=4, repeat=2, big_mib=256, s4_runs=1)
+        parser.set_defaults(s5_events=6)
     args = parser.parse_args()
     if args.report:
         results = json.loads(args.report.read_text())
         print(render(results))
         return
-    if args.quick:
-        args.s1_conc, args.duration, args.repeat = "16,64", 4, 2
-        args.big_mib, args.s4_runs, args.s5_events = 256, 1, 6
     args.scenarios = [s.strip() for s in args.scenarios.split(",")]
     args.s1_conc = [int(c) for c in args.s1_conc.split(",")]
     out = args.out or Path("perf-results") / time.strftime("%Y%m%d-%H%M%S")
