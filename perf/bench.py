@@ -199,6 +199,7 @@ class Bench:
             "p50_ms": raw["p50_us"] / 1000,
             "p99_ms": raw["p99_us"] / 1000,
             "errors": raw["socket_errors"] + raw["non2xx"],
+            "requests": raw["requests"],
             **self.usage(probe, target),
         }
 
@@ -303,8 +304,8 @@ class Bench:
     def run(self) -> None:
         a = self.args
         self.builds = [("vespa", sys.executable)]
-        if a.compare:
-            self.builds.append((f"vespa@{a.compare}", self.build_ref(a.compare)))
+        for ref in a.compare:
+            self.builds.append((f"vespa@{ref}", self.build_ref(ref)))
         self.results["targets"] = ["direct", "nginx"] + [n for n, _ in self.builds] + [
             n for n, _ in a.target
         ]
@@ -348,7 +349,8 @@ class Bench:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a 2-3 minute run (fewer, shorter points)")
-    parser.add_argument("--compare", metavar="REF", help="also run this git ref, in its own venv")
+    parser.add_argument("--compare", metavar="REF", action="append", default=[],
+                        help="also run this git ref (e.g. main), in its own venv; repeatable")
     parser.add_argument("--target", nargs=2, action="append", default=[], metavar=("NAME", "CMD"),
                         help="an extra proxy: shell command with {backend_url} and {port}")
     parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")

@@ -21,6 +21,12 @@ def ratios(points: dict, target: str, base: str, key: str) -> list[float]:
     ]
 
 
+def cpu_per_request(runs: list[dict]) -> str:
+    """Proxy CPU time per request: far less sensitive to other tenants than req/s."""
+    values = [r["proxy_cpu_pct"] * 1e4 / r["rps"] for r in runs if r.get("rps") and r.get("proxy_cpu_pct")]
+    return f"{statistics.median(values):.0f}" if values else "-"
+
+
 def ratio_text(values: list[float]) -> str:
     if not values:
         return "-"
@@ -57,12 +63,12 @@ def render(results: dict) -> str:
                 rows.append([
                     point, target, f"{med(runs, 'rps'):.0f}", f"{med(runs, 'p50_ms'):.2f}",
                     f"{med(runs, 'p99_ms'):.2f}", f"{med(runs, 'proxy_cpu_pct'):.0f}",
-                    str(sum(r.get("errors", 0) for r in runs)),
+                    cpu_per_request(runs), str(sum(r.get("errors", 0) for r in runs)),
                     ratio_text(ratios(by_target, target, "direct", "rps")),
                     ratio_text(ratios(by_target, target, "nginx", "rps")),
                     f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
                 ])
-        out += table(["point", "target", "req/s", "p50 ms", "p99 ms", "proxy CPU %", "errors",
+        out += table(["point", "target", "req/s", "p50 ms", "p99 ms", "proxy CPU %", "CPU µs/req", "errors",
                       "÷ direct", "÷ nginx", "other CPU % (max)"], rows)
     if "S3" in scenarios:
         out += ["## S3 100 concurrent SSE streams (20 events, 50 ms apart)", ""]

@@ -12,7 +12,7 @@ from twisted.internet.task import Cooperator
 from twisted.python import usage
 from twisted.web.client import Agent
 
-from vespa.logs import log_access
+from vespa.logs import AccessLog
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
@@ -69,7 +69,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     pool = backend_pool(reactor)
     agent = Agent(reactor, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    access_log = AccessLog(clock) if settings.access_log else None
+    observers: tuple[Observer, ...] = (access_log,) if access_log is not None else ()
     resource = WorkerResource(
         PassthroughGate(cooperator),
         agent,
@@ -80,6 +81,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     )
     site = QuietSite(resource)
     service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
+    if access_log is not None:
+        access_log.setServiceParent(service)  # flushes the last lines on shutdown
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
