@@ -22,6 +22,7 @@ from tests.helpers import (
     start_worker,
     until,
 )
+from vespa.worker.resource import QuietSite
 
 
 class RelayTests(TestCase):
@@ -209,3 +210,21 @@ class RelayTests(TestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.1 400"), raw)
         self.assertEqual(self.backend.seen, [])
         self.assertEqual(json.loads(raw.partition(b"\r\n\r\n")[2])["error"], "bad request target")
+
+
+class FormBodyTests(TestCase):
+    def setUp(self):
+        self.backend = FakeBackend(reactor)
+        # The fake backend must not parse forms either (a default Site would answer 400).
+        self.url, self.worker = start_worker(self, listen(self, QuietSite(self.backend)))
+        self.http = http_client(self)
+
+    async def test_form_bodies_are_not_parsed(self):
+        """A form body Vespa could not parse still reaches the backend: forms are its business."""
+        response = await self.http.post(
+            self.url + "/upload",
+            data=b"not really multipart",
+            headers={b"content-type": [b"multipart/form-data"]},
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.backend.seen[-1].body, b"not really multipart")
