@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procs import Children, Probe
-from report import render, plot
+from report import plot, render
 
 # twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -189,7 +188,9 @@ class Bench:
         if target.argv is not None:
             watched["backend"] = self.backend_pid
         with Probe(watched) as probe:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60)
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=duration + 60
+            )
         line = next((x for x in done.stdout.splitlines() if x.startswith("PERF_JSON ")), None)
         if line is None:
             return {"error": done.stdout[-500:] + done.stderr[-500:]}
@@ -267,21 +268,37 @@ class Bench:
                 repeat = a.repeat if conc == 64 else 1
                 for order in self.rounds(targets, repeat):
                     for target in order:
-                        self.record("S1", f"c={conc}", target.name,
-                                    self.wrk(target, conc, a.duration, SMALL_JSON, False))
+                        self.record(
+                            "S1",
+                            f"c={conc}",
+                            target.name,
+                            self.wrk(target, conc, a.duration, SMALL_JSON, False),
+                        )
         if "S2" in a.scenarios:
             for order in self.rounds(targets, a.repeat):
                 for target in order:
-                    self.record("S2", "c=64", target.name,
-                                self.wrk(target, 64, a.duration, ENVELOPE, True))
+                    self.record(
+                        "S2", "c=64", target.name, self.wrk(target, 64, a.duration, ENVELOPE, True)
+                    )
 
     def s3(self, targets: list[Target]) -> None:
         a = self.args
-        options = ["--path", f"/sse/{a.sse_events}/50", "--conc", "100", "--duration", str(a.duration)]
+        options = [
+            "--path",
+            f"/sse/{a.sse_events}/50",
+            "--conc",
+            "100",
+            "--duration",
+            str(a.duration),
+        ]
         for order in self.rounds(targets, a.repeat):
             for target in order:
-                self.record("S3", "100 streams", target.name,
-                            self.sse(target, "stream", options, a.duration + 60))
+                self.record(
+                    "S3",
+                    "100 streams",
+                    target.name,
+                    self.sse(target, "stream", options, a.duration + 60),
+                )
 
     def s4(self, targets: list[Target], paths: list[tuple[str, str]], upload: bool) -> None:
         for order in self.rounds(targets, self.args.s4_runs):
@@ -290,36 +307,52 @@ class Bench:
                     self.record("S4", point, target.name, self.curl(target, path))
             if upload:
                 for target in order:
-                    self.record("S4", "upload", target.name,
-                                self.curl(target, "/upload", self.work / "upload.json"))
+                    self.record(
+                        "S4",
+                        "upload",
+                        target.name,
+                        self.curl(target, "/upload", self.work / "upload.json"),
+                    )
 
     def s5(self, targets: list[Target]) -> None:
         a = self.args
         options = ["--path", f"/sse/{a.s5_events}/1000", "--count", str(a.s5_streams)]
         options += ["--ramp", "2", "--deadline", str(a.s5_events + 12)]
         for target in targets:
-            self.record("S5", f"{a.s5_streams} streams", target.name,
-                        self.sse(target, "hold", options, a.s5_events + 60))
+            self.record(
+                "S5",
+                f"{a.s5_streams} streams",
+                target.name,
+                self.sse(target, "hold", options, a.s5_events + 60),
+            )
 
     def run(self) -> None:
         a = self.args
         self.builds = [("vespa", sys.executable)]
         for ref in a.compare:
             self.builds.append((f"vespa@{ref}", self.build_ref(ref)))
-        self.results["targets"] = ["direct", "nginx"] + [n for n, _ in self.builds] + [
-            n for n, _ in a.target
-        ]
+        self.results["targets"] = (
+            ["direct", "nginx"] + [n for n, _ in self.builds] + [n for n, _ in a.target]
+        )
         self.start_backends()
         nginx_backend = (a.port_base, self.backend_pid)
         python_backend = (a.port_base + 1, self.sse_backend_pid)
-        big = f"/files/blob.bin"
+        big = "/files/blob.bin"
         plan = [
             ("S1/S2", {"S1", "S2"}, nginx_backend, self.s1_s2),
             ("S3", {"S3"}, python_backend, self.s3),
-            ("S4", {"S4"}, nginx_backend,
-             lambda t: self.s4(t, [("octet-stream", big), ("json", "/files/blob.json")], True)),
-            ("S4c", {"S4"}, python_backend,
-             lambda t: self.s4(t, [("chunked", f"/chunked/{a.big_mib}")], False)),
+            (
+                "S4",
+                {"S4"},
+                nginx_backend,
+                lambda t: self.s4(t, [("octet-stream", big), ("json", "/files/blob.json")], True),
+            ),
+            (
+                "S4c",
+                {"S4"},
+                python_backend,
+                lambda t: self.s4(t, [("chunked", f"/chunked/{a.big_mib}")], False),
+            ),
             ("S5", {"S5"}, python_backend, self.s5),
         ]
         for tag, wanted, (port, pid), scenario in plan:
@@ -341,18 +374,33 @@ class Bench:
             ["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+        )
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], check=True)
         return str(venv / "bin" / "python")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a 2-3 minute run (fewer, shorter points)")
-    parser.add_argument("--compare", metavar="REF", action="append", default=[],
-                        help="also run this git ref (e.g. main), in its own venv; repeatable")
-    parser.add_argument("--target", nargs=2, action="append", default=[], metavar=("NAME", "CMD"),
-                        help="an extra proxy: shell command with {backend_url} and {port}")
+    parser.add_argument(
+        "--quick", action="store_true", help="a 2-3 minute run (fewer, shorter points)"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        action="append",
+        default=[],
+        help="also run this git ref (e.g. main), in its own venv; repeatable",
+    )
+    parser.add_argument(
+        "--target",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "CMD"),
+        help="an extra proxy: shell command with {backend_url} and {port}",
+    )
     parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
     parser.add_argument("--s1-conc", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=10, help="seconds per load point")
@@ -364,9 +412,13 @@ def main() -> None:
     parser.add_argument("--s5-streams", type=int, default=1000)
     parser.add_argument("--s5-events", type=int, default=13)
     parser.add_argument("--port-base", type=int, default=29080)
-    parser.add_argument("--max-minutes", type=float, default=30, help="stop starting new points after this")
+    parser.add_argument(
+        "--max-minutes", type=float, default=30, help="stop starting new points after this"
+    )
     parser.add_argument("--out", type=Path, help="default: perf-results/<timestamp>")
-    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="only re-render a results.json")
+    parser.add_argument(
+        "--report", type=Path, metavar="RESULTS_JSON", help="only re-render a results.json"
+    )
     if "--quick" in sys.argv[1:]:
         # Fewer, shorter points; explicit options still win.
         parser.set_defaults(s1_conc="16,64", duration=4, repeat=2, big_mib=256, s4_runs=1)

@@ -14,16 +14,21 @@ def med(runs: list[dict], key: str) -> float:
 def ratios(points: dict, target: str, base: str, key: str) -> list[float]:
     """Per-round ratios ``target / base`` (runs at the same index were measured together)."""
     mine, theirs = points.get(target, []), points.get(base, [])
-    return [
-        a[key] / b[key]
-        for a, b in zip(mine, theirs)
-        if key in a and key in b and b[key]
-    ]
+    pairs = zip(mine, theirs, strict=False)
+    return [a[key] / b[key] for a, b in pairs if key in a and key in b and b[key]]
+
+
+def added_ttfb(runs: list[dict], direct: list[dict]) -> list[float]:
+    """Per-round TTFB p50 minus the direct backend's (same round)."""
+    pairs = zip(runs, direct, strict=False)
+    return [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in pairs if "ttfb_p50_ms" in a]
 
 
 def cpu_per_request(runs: list[dict]) -> str:
     """Proxy CPU time per request: far less sensitive to other tenants than req/s."""
-    values = [r["proxy_cpu_pct"] * 1e4 / r["rps"] for r in runs if r.get("rps") and r.get("proxy_cpu_pct")]
+    values = [
+        r["proxy_cpu_pct"] * 1e4 / r["rps"] for r in runs if r.get("rps") and r.get("proxy_cpu_pct")
+    ]
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
@@ -39,19 +44,24 @@ def ratio_text(values: list[float]) -> str:
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def render(results: dict) -> str:
     m = results["machine"]
-    out = [f"# Vespa perf: {m['date']}, {m['cpus']} CPUs, Python {m['python']}, kernel {m['kernel']}", ""]
+    out = [
+        f"# Vespa perf: {m['date']}, {m['cpus']} CPUs, Python {m['python']}, kernel {m['kernel']}",
+        "",
+    ]
     scenarios = results["scenarios"]
     targets = results["targets"]
     for name in ("S1", "S2"):
         if name not in scenarios:
             continue
-        title = "S1 small JSON POST" if name == "S1" else (
-            "S2 signed-envelope body POST (unsecured mode: signed mode not on main yet)"
+        title = (
+            "S1 small JSON POST"
+            if name == "S1"
+            else ("S2 signed-envelope body POST (unsecured mode: signed mode not on main yet)")
         )
         out += [f"## {title}", ""]
         rows = []
@@ -60,36 +70,72 @@ def render(results: dict) -> str:
                 runs = by_target.get(target)
                 if not runs:
                     continue
-                rows.append([
-                    point, target, f"{med(runs, 'rps'):.0f}", f"{med(runs, 'p50_ms'):.2f}",
-                    f"{med(runs, 'p99_ms'):.2f}", f"{med(runs, 'proxy_cpu_pct'):.0f}",
-                    cpu_per_request(runs), str(sum(r.get("errors", 0) for r in runs)),
-                    ratio_text(ratios(by_target, target, "direct", "rps")),
-                    ratio_text(ratios(by_target, target, "nginx", "rps")),
-                    f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
-                ])
-        out += table(["point", "target", "req/s", "p50 ms", "p99 ms", "proxy CPU %", "CPU µs/req", "errors",
-                      "÷ direct", "÷ nginx", "other CPU % (max)"], rows)
+                rows.append(
+                    [
+                        point,
+                        target,
+                        f"{med(runs, 'rps'):.0f}",
+                        f"{med(runs, 'p50_ms'):.2f}",
+                        f"{med(runs, 'p99_ms'):.2f}",
+                        f"{med(runs, 'proxy_cpu_pct'):.0f}",
+                        cpu_per_request(runs),
+                        str(sum(r.get("errors", 0) for r in runs)),
+                        ratio_text(ratios(by_target, target, "direct", "rps")),
+                        ratio_text(ratios(by_target, target, "nginx", "rps")),
+                        f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
+                    ]
+                )
+        out += table(
+            [
+                "point",
+                "target",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "proxy CPU %",
+                "CPU µs/req",
+                "errors",
+                "÷ direct",
+                "÷ nginx",
+                "other CPU % (max)",
+            ],
+            rows,
+        )
     if "S3" in scenarios:
         out += ["## S3 100 concurrent SSE streams (20 events, 50 ms apart)", ""]
         rows = []
-        for point, by_target in scenarios["S3"].items():
+        for by_target in scenarios["S3"].values():
             direct = by_target.get("direct", [])
             for target in targets:
                 runs = by_target.get(target)
                 if not runs:
                     continue
-                added = [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in zip(runs, direct)]
-                rows.append([
-                    target, str(sum(r.get("streams", 0) for r in runs)),
-                    str(sum(r.get("errors", 0) for r in runs)),
-                    f"{med(runs, 'ttfb_p50_ms'):.2f}", f"{med(runs, 'ttfb_p99_ms'):.2f}",
-                    f"{statistics.median(added):.2f}" if added else "-",
-                    f"{med(runs, 'proxy_cpu_pct'):.1f}",
-                    f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
-                ])
-        out += table(["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms",
-                      "added TTFB p50 ms", "proxy CPU %", "other CPU % (max)"], rows)
+                added = added_ttfb(runs, direct)
+                rows.append(
+                    [
+                        target,
+                        str(sum(r.get("streams", 0) for r in runs)),
+                        str(sum(r.get("errors", 0) for r in runs)),
+                        f"{med(runs, 'ttfb_p50_ms'):.2f}",
+                        f"{med(runs, 'ttfb_p99_ms'):.2f}",
+                        f"{statistics.median(added):.2f}" if added else "-",
+                        f"{med(runs, 'proxy_cpu_pct'):.1f}",
+                        f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
+                    ]
+                )
+        out += table(
+            [
+                "target",
+                "streams",
+                "errors",
+                "TTFB p50 ms",
+                "TTFB p99 ms",
+                "added TTFB p50 ms",
+                "proxy CPU %",
+                "other CPU % (max)",
+            ],
+            rows,
+        )
     if "S4" in scenarios:
         out += ["## S4 big bodies", ""]
         rows = []
@@ -99,29 +145,60 @@ def render(results: dict) -> str:
                 if not runs:
                     continue
                 bad = sum(1 for r in runs if r.get("status") != 200)
-                rows.append([
-                    point, target, f"{med(runs, 'mb_per_s'):.0f}",
-                    f"{max(r['rss_growth_mib'] for r in runs):.1f}" if target != "direct" else "-",
-                    f"{med(runs, 'proxy_cpu_pct'):.0f}", str(bad),
-                    ratio_text(ratios(by_target, target, "direct", "mb_per_s")),
-                    ratio_text(ratios(by_target, target, "nginx", "mb_per_s")),
-                ])
-        out += table(["body", "target", "MB/s", "RSS growth MiB (max)", "proxy CPU %",
-                      "non-200", "÷ direct", "÷ nginx"], rows)
+                rows.append(
+                    [
+                        point,
+                        target,
+                        f"{med(runs, 'mb_per_s'):.0f}",
+                        f"{max(r['rss_growth_mib'] for r in runs):.1f}"
+                        if target != "direct"
+                        else "-",
+                        f"{med(runs, 'proxy_cpu_pct'):.0f}",
+                        str(bad),
+                        ratio_text(ratios(by_target, target, "direct", "mb_per_s")),
+                        ratio_text(ratios(by_target, target, "nginx", "mb_per_s")),
+                    ]
+                )
+        out += table(
+            [
+                "body",
+                "target",
+                "MB/s",
+                "RSS growth MiB (max)",
+                "proxy CPU %",
+                "non-200",
+                "÷ direct",
+                "÷ nginx",
+            ],
+            rows,
+        )
     if "S5" in scenarios:
         out += ["## S5 concurrent slow SSE streams (an event per second)", ""]
         rows = []
-        for point, by_target in scenarios["S5"].items():
+        for by_target in scenarios["S5"].values():
             for target in targets:
                 for r in by_target.get(target, []):
-                    rows.append([
-                        target, f"{r.get('completed', 0)}/{r.get('opened', 0)}",
-                        str(r.get("first_event_within_1s", 0)), str(r.get("errors", 0)),
-                        f"{r['rss_peak_mib']:.1f}" if target != "direct" else "-",
-                        f"{r['proxy_cpu_pct']:.0f}" if target != "direct" else "-",
-                    ])
-        out += table(["target", "completed/opened", "first event < 1 s", "errors",
-                      "peak RSS MiB", "proxy CPU %"], rows)
+                    rows.append(
+                        [
+                            target,
+                            f"{r.get('completed', 0)}/{r.get('opened', 0)}",
+                            str(r.get("first_event_within_1s", 0)),
+                            str(r.get("errors", 0)),
+                            f"{r['rss_peak_mib']:.1f}" if target != "direct" else "-",
+                            f"{r['proxy_cpu_pct']:.0f}" if target != "direct" else "-",
+                        ]
+                    )
+        out += table(
+            [
+                "target",
+                "completed/opened",
+                "first event < 1 s",
+                "errors",
+                "peak RSS MiB",
+                "proxy CPU %",
+            ],
+            rows,
+        )
     out += check(results)
     return "\n".join(out)
 
@@ -132,8 +209,10 @@ def check(results: dict) -> list[str]:
     rows = []
     for target in [t for t in results["targets"] if t.startswith("vespa")]:
 
-        def add(what: str, value: float, goal: str, ok: bool, unit: str = "") -> None:
-            rows.append([target, what, f"{value:.3f}{unit}", goal, "yes" if ok else "NO"])
+        def add(
+            what: str, value: float, goal: str, ok: bool, unit: str = "", build: str = target
+        ) -> None:
+            rows.append([build, what, f"{value:.3f}{unit}", goal, "yes" if ok else "NO"])
 
         for scen, point, goal in (("S1", "c=64", 0.055), ("S2", "c=64", 0.045)):
             values = ratios(s.get(scen, {}).get(point, {}), target, "nginx", "rps")
@@ -142,7 +221,7 @@ def check(results: dict) -> list[str]:
                 add(f"{scen} {point} req/s ÷ nginx", v, f">= {goal}", v >= goal)
         for by_target in s.get("S3", {}).values():
             runs, direct = by_target.get(target, []), by_target.get("direct", [])
-            added = [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in zip(runs, direct)]
+            added = added_ttfb(runs, direct)
             if added:
                 v = statistics.median(added)
                 add("S3 added TTFB p50", v, "<= 0.5 ms", v <= 0.5, " ms")
@@ -154,8 +233,12 @@ def check(results: dict) -> list[str]:
                 continue
             speed = med(runs, "mb_per_s") / 1000
             goal = 0.3 if point == "upload" else 1.0
-            add(f"S4 {point} GB/s", speed, f">= {goal}", speed >= goal and
-                all(r.get("status") == 200 for r in runs))
+            add(
+                f"S4 {point} GB/s",
+                speed,
+                f">= {goal}",
+                speed >= goal and all(r.get("status") == 200 for r in runs),
+            )
             growth = max(r["rss_growth_mib"] for r in runs)
             add(f"S4 {point} RSS growth", growth, "<= 32 MiB", growth <= 32, " MiB")
         for by_target in s.get("S5", {}).values():
@@ -164,7 +247,7 @@ def check(results: dict) -> list[str]:
                 add("S5 streams completed", r.get("completed", 0), f"all {r.get('opened')}", served)
                 mb = r["rss_peak_mib"] * 1.048576
                 add("S5 total RSS", mb, "<= 100 MB", mb <= 100, " MB")
-    return ["## Issue 8 targets", ""] + table(["build", "figure", "value", "target", "met"], rows)
+    return ["## Issue 8 targets", "", *table(["build", "figure", "value", "target", "met"], rows)]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -200,7 +283,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     left.legend()
-    fig.suptitle(f"S1 small JSON POST, {results['machine']['date']}, {results['machine']['cpus']} CPUs")
+    fig.suptitle(
+        f"S1 small JSON POST, {results['machine']['date']}, {results['machine']['cpus']} CPUs"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

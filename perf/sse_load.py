@@ -93,10 +93,8 @@ async def hold_mode(args: argparse.Namespace) -> dict:
         except OSError:
             errors += 1
 
-    tasks = [
-        asyncio.ensure_future(holder(args.ramp * i / args.count)) for i in range(args.count)
-    ]
-    done, pending = await asyncio.wait(tasks, timeout=args.deadline)
+    tasks = [asyncio.ensure_future(holder(args.ramp * i / args.count)) for i in range(args.count)]
+    _, pending = await asyncio.wait(tasks, timeout=args.deadline)
     for task in pending:
         task.cancel()
     return {
