@@ -68,12 +68,20 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     return f"http://127.0.0.1:{port.getHost().port}"
 
 
-def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str, WorkerService]:
-    """A worker with the given settings in front of ``backend_url``; returns (url, service)."""
+def start_worker(
+    test: TestCase, backend_url: str, loaded: bool = True, **changes: Any
+) -> tuple[str, WorkerService]:
+    """A worker with the given settings in front of ``backend_url``; returns (url, service).
+    With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
+    and serves at once; by default its drain at the end of the test does not wait."""
+    changes.setdefault("drain_timeout", 0.0)
     settings = dataclasses.replace(
         Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
     )
     service = build_worker(settings, reactor)
+    if loaded:
+        service.removeService(service.getServiceNamed("lifecycle"))
+        service.state.mark_loaded(reactor.seconds(), 0.0)
     service.startService()
     url = listen(test, service.site)
     test.addCleanup(service.stopService)

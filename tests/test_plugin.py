@@ -73,6 +73,7 @@ class TwistdTests(TestCase):
         )
         match = await process.wait_for(rb"QuietSite starting on (\d+)")
         url = f"http://127.0.0.1:{int(match.group(1))}"
+        await process.wait_for(rb"worker loaded")
         http = http_client(self)
         response = await http.post(url + "/v1/echo?q=1", json={"prompt": "hi"})
         self.assertEqual(response.code, 200)

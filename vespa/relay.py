@@ -318,7 +318,7 @@ class ProxiedRequest:
             detail = f"no response within {self._timeout:g} s"
         else:
             code, error = 502, "backend unavailable"
-            detail = _describe(failure)
+            detail = describe_failure(failure)
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
@@ -340,7 +340,7 @@ class ProxiedRequest:
         self._done.callback(self._result)
 
 
-def _describe(failure: Failure) -> str:
+def describe_failure(failure: Failure) -> str:
     """A short, user-facing description of why the backend call failed (no traceback)."""
     value = failure.value
     inner = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
