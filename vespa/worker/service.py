@@ -52,6 +52,7 @@ class WorkerService(MultiService):
         self.in_flight = in_flight or InFlight()
         self.drain_timeout = drain_timeout
         self._drain_hooks: list[DrainHook] = []
+        self._stopped: Deferred[None] | None = None
 
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Call ``hook()`` when the drain starts (after ``state.draining`` is set, before the
@@ -59,8 +60,14 @@ class WorkerService(MultiService):
         self._drain_hooks.append(hook)
 
     def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._drain())
+        """Drain (once; a second call waits for the same drain)."""
+        if self._stopped is None:
+            Service.stopService(self)
+            self._stopped = Deferred.fromCoroutine(self._drain())
+            self._stopped.addErrback(lambda f: self._log.failure("drain failed", f))
+        waiter: Deferred[None] = Deferred()
+        self._stopped.chainDeferred(waiter)
+        return waiter
 
     async def _drain(self) -> None:
         self.state.draining = True
