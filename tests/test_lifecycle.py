@@ -18,8 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_worker, until
+from vespa.benchmark import BackendSession
 from vespa.settings import Settings
-from vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle
+from vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle, ProbeResult
 from vespa.worker.state import WorkerState
 
 
@@ -375,3 +376,20 @@ class LifecycleEndToEndTests(TestCase):
         self.assertEqual(body["detail"], expected)
         self.assertEqual(service.state.error_msg, expected)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class HealthProbeTests(TestCase):
+    async def test_real_probe_outcomes(self) -> None:
+        """Through real sockets a probe says 200, another status, or that it timed out (and
+        the slow probe is cut at the backend)."""
+        backend = FakeBackend(reactor)
+        session = BackendSession(reactor, listen(self, backend))
+        self.addCleanup(session.close)
+        healthy = await HealthProbe(lambda: session.get("/health"), reactor, 1.0)()
+        self.assertEqual(healthy, ProbeResult(True, "HTTP 200"))
+        backend.health_code = 503
+        sick = await HealthProbe(lambda: session.get("/health"), reactor, 1.0)()
+        self.assertEqual(sick, ProbeResult(False, "HTTP 503"))
+        slow = await HealthProbe(lambda: session.get("/slow?delay=5"), reactor, 0.1)()
+        self.assertEqual(slow, ProbeResult(False, "no answer within 0.1 s"))
+        await backend.cancelled[0]

@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
+from twisted.web.client import Agent, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -232,7 +232,12 @@ class BackendSession:
         return sent
 
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
-        response = await self._http.request(method, url, unbuffered=True, **options)
+        try:
+            response = await self._http.request(method, url, unbuffered=True, **options)
+        except ResponseNeverReceived as e:
+            if any(reason.check(CancelledError) for reason in e.reasons):
+                raise CancelledError() from None  # so that addTimeout reports a TimeoutError
+            raise
         body = await read_body(response)
         return SessionResponse(response.code, response.headers, body)
 
