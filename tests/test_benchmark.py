@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import listen, spawn, twistd_command
+from tests.helpers import listen, spawn_worker
 from vespa import tap
 from vespa.benchmark import (
     BackendSession,
@@ -190,16 +190,13 @@ class AiohttpTests(TestCase):
         with open(os.path.join(self.directory, "aiobench.py"), "w") as f:
             f.write(AIOHTTP_BENCHMARK)
 
-    def twistd(self, *reactor_args: str) -> Any:
-        args = (*reactor_args, "-n", "--pidfile=", "vespa", "--backend-url", self.backend_url)
-        listen_args = ("--listen", "tcp:0:interface=127.0.0.1")
+    def twistd(self, *twistd: str) -> Any:
         env = {
-            "UNSECURED": "true",
             "BENCHMARK": "aiobench:benchmark",
             "BENCHMARK_SESSION": "aiohttp",
             "PYTHONPATH": self.directory,
         }
-        return spawn(self, twistd_command(*args, *listen_args), env)
+        return spawn_worker(self, self.backend_url, env=env, twistd=twistd)
 
     async def test_unchanged_pyworker_benchmark(self) -> None:
         """An aiohttp PyWorker benchmark runs unchanged on the asyncio reactor, with a real

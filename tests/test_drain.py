@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed
 
 from tests.fakes import FakeBackend
-from tests.helpers import http_client, listen, spawn, start_worker, twistd_command, until
+from tests.helpers import http_client, listen, spawn_worker, start_worker, until, worker_url
 
 
 class DrainTests(TestCase):
@@ -73,23 +73,8 @@ class TwistdDrainTests(TestCase):
         stream completes, and the process exits 0."""
         backend = FakeBackend(reactor)
         backend_url = listen(self, backend)
-        process = spawn(
-            self,
-            twistd_command(
-                "-n",
-                "--pidfile=",
-                "vespa",
-                "--backend-url",
-                backend_url,
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--healthcheck-retry-interval",
-                "0.1",
-            ),
-            {"UNSECURED": "true"},
-        )
-        match = await process.wait_for(rb"QuietSite starting on (\d+)")
-        url = f"http://127.0.0.1:{int(match.group(1))}"
+        process = spawn_worker(self, backend_url, "--healthcheck-retry-interval", "0.1")
+        url = await worker_url(process)
         await process.wait_for(rb"worker loaded")
         http = http_client(self)
         response = await http.get(url + "/sse?n=5&interval=0.3")

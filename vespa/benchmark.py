@@ -8,6 +8,7 @@ workload units per second, never a made-up 1.0).
 from __future__ import annotations
 
 import importlib
+import json as jsonlib  # `json` is a parameter name of the session's methods
 import math
 import traceback
 from collections.abc import Callable
@@ -22,13 +23,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from vespa.relay import backend_pool
+from vespa.relay import backend_pool, close_pool
 from vespa.settings import SettingsError
 
 Benchmark = Callable[[str, Any], Any]
-
-# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
-POOL_CLOSE_TIMEOUT = 5.0
 
 
 class BenchmarkError(Exception):
@@ -150,9 +148,7 @@ class SessionResponse:
         return succeed(self._body.decode(encoding, errors="replace"))
 
     def json(self) -> Deferred[Any]:
-        import json
-
-        return maybeDeferred(json.loads, self._body)
+        return maybeDeferred(jsonlib.loads, self._body)
 
 
 class _Collect(Protocol):
@@ -260,6 +256,4 @@ class BackendSession:
         """Refuse new requests; close the pool's connections (bounded: closing can hang,
         twisted#7738)."""
         self._closed = True
-        closed: Deferred[None] = self._pool.closeCachedConnections()
-        closed.addTimeout(POOL_CLOSE_TIMEOUT, self._clock).addErrback(lambda _: None)
-        return closed
+        return close_pool(self._pool, self._clock)

@@ -55,6 +55,17 @@ def backend_pool(reactor: Any) -> HTTPConnectionPool:
     return pool
 
 
+# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
+POOL_CLOSE_TIMEOUT = 5.0
+
+
+def close_pool(pool: HTTPConnectionPool, clock: IReactorTime) -> Deferred[None]:
+    """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
+    closed: Deferred[None] = pool.closeCachedConnections()
+    closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
+    return closed
+
+
 class Outcome(enum.Enum):
     """How a request ended; every request ends in exactly one."""
 

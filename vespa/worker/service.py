@@ -18,11 +18,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from vespa.relay import close_pool
 from vespa.worker.resource import InFlight
 from vespa.worker.state import WorkerState
 
-# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
-POOL_CLOSE_TIMEOUT = 5.0
 # A drain hook (e.g. the final report) may not hold up the shutdown longer than this.
 DRAIN_HOOK_TIMEOUT = 10.0
 LISTENER_PREFIX = "listen-"  # names of the children that accept connections
@@ -89,8 +88,7 @@ class WorkerService(MultiService):
                 count=self.in_flight.abort(),
             )
         await self._stop_children([child for child in reversed(list(self)) if child.running])
-        closed = self.pool.closeCachedConnections()
-        await closed.addTimeout(POOL_CLOSE_TIMEOUT, self._clock).addErrback(lambda _: None)
+        await close_pool(self.pool, self._clock)
         self._log.info("drained")
 
     def _run_hook(self, hook: DrainHook) -> Deferred[object]:
