@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
@@ -145,7 +146,8 @@ class HealthMonitor:
 
     def start(self) -> None:
         if self._failures:
-            self._loop.start(self._interval, now=False)
+            stopped = self._loop.start(self._interval, now=False)
+            stopped.addErrback(lambda f: log.failure("the health monitor stopped", f))
 
     def stop(self) -> None:
         if self._loop.running:
@@ -395,9 +397,9 @@ def build_lifecycle(settings: Settings, reactor: Any, state: WorkerState) -> Lif
         function = load_benchmark(spec)
         if settings.benchmark_session == "aiohttp":
             check_aiohttp(reactor)
-            benchmark = lambda: run_aiohttp_benchmark(function, spec, settings.backend_url)  # noqa: E731
+            benchmark = partial(run_aiohttp_benchmark, function, spec, settings.backend_url)
         else:
-            benchmark = lambda: run_benchmark(function, spec, settings.backend_url, session)  # noqa: E731
+            benchmark = partial(run_benchmark, function, spec, settings.backend_url, session)
     probe = HealthProbe(
         lambda: session.get(settings.healthcheck_endpoint), reactor, settings.healthcheck_timeout
     )
