@@ -8,3 +8,11 @@ vespa = ServiceMaker(
     "Serverless worker: a signed, streaming HTTP proxy in front of an inference backend.",
     "vespa",
 )
+
+vespa_autoscaler = ServiceMaker(
+    "Vespa autoscaler emulator",
+    "vespa.emulator.tap",
+    "Local emulator of the Vast.ai autoscaler: a development and test tool, never a "
+    "production router.",
+    "vespa-autoscaler",
+)
