@@ -110,7 +110,7 @@ class RateTests(SynchronousTestCase):
         clock.advance(0.05)
         self.assertEqual(len(request.written), 2)
         clock.pump([0.1] * 4)
-        self.assertEqual(len(request.written), 7)  # 5 tokens, finish chunk, [DONE]
+        self.assertEqual(len(request.written), 8)  # role, 5 tokens, finish, [DONE]
         self.assertEqual(request.finished, 1)
         self.assertEqual(backend.served, 1)
         self.assertEqual(clock.getDelayedCalls(), [])
