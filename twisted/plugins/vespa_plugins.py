@@ -16,3 +16,11 @@ vespa_autoscaler = ServiceMaker(
     "production router.",
     "vespa-autoscaler",
 )
+
+vespa_sandbox = ServiceMaker(
+    "Vespa sandbox",
+    "vespa.sandbox",
+    "The whole system locally in one process: sample backend, autoscaler emulator, signed "
+    "workers and the client proxy on 127.0.0.1:8010.",
+    "vespa-sandbox",
+)

@@ -156,9 +156,9 @@ class AutoscalerService(MultiService):
 
     def startService(self) -> None:
         self._log.info(
-            "Vespa autoscaler emulator ({warning}); signing {shape} shape; account key "
+            "Vespa autoscaler emulator ({caveat}); signing {shape} shape; account key "
             "{account_key}; endpoints: {endpoints}",
-            warning=WARNING,
+            caveat=WARNING,
             shape=self.config.shape,
             account_key=self.config.account_key,
             endpoints=", ".join(f"{e.name} (key {e.api_key})" for e in self.config.endpoints),
