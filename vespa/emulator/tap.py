@@ -17,12 +17,12 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from vespa import signing
 from vespa.emulator.registry import Endpoint, Registry
 from vespa.emulator.resource import AutoscalerResource
 from vespa.settings import SIGNATURE_SHAPES, parse_listen, parse_positive_number
+from vespa.worker.resource import QuietSite
 
 DEFAULT_ENDPOINT = Endpoint("my-endpoint", "local-endpoint-key", 1)
 DEFAULT_ACCOUNT_KEY = "local-account-key"
@@ -152,7 +152,7 @@ class AutoscalerService(MultiService):
         super().__init__()
         self.config = config
         self.registry = registry
-        self.site = Site(AutoscalerResource(registry))
+        self.site = QuietSite(AutoscalerResource(registry))  # routes and refusals are logged
 
     def startService(self) -> None:
         self._log.info(
