@@ -117,7 +117,7 @@ class AutoscalerResource(Resource):
             reply = self.registry.route(key, body)
         except RouteError as e:
             self._log.info("/route/ refused ({code}): {detail}", code=e.code, detail=e.detail)
-            return e.code, json.loads(error_body(e.error, e.detail))
+            return e.code, error_body(e.error, e.detail)
         if "url" in reply:
             self._log.info(
                 "routed request_idx {idx} (cost {cost}) to {url}",
@@ -171,7 +171,7 @@ class AutoscalerResource(Resource):
         self._account(request)
         job = next((j for j in self.registry.endpoint_jobs() if j["id"] == endpoint_id), None)
         if job is None:
-            return 404, json.loads(error_body("not found", f"no endpoint with id {endpoint_id}"))
+            return 404, error_body("not found", f"no endpoint with id {endpoint_id}")
         return 200, {"success": True, "result": job}
 
     def _endpoint_workers(self, request: Request) -> tuple[int, Any]:
