@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
 
-from tests.helpers import VECTORS
+from tests.helpers import VECTORS, listen
 from vespa import signing
+from vespa.emulator import tap
 from vespa.emulator.registry import Endpoint, Registry
 
 with open(os.path.join(VECTORS, "test_private_key.pem"), "rb") as _f:
@@ -55,3 +58,16 @@ def registry(shape: str = "url", clock: Clock | None = None, **kwargs: Any) -> R
         clock.seconds,
         **kwargs,
     )
+
+
+def start_emulator(test: TestCase, shape: str = "url") -> tuple[str, tap.AutoscalerService]:
+    """An emulator on 127.0.0.1 signing with the shared test key; returns (url, service)."""
+    config = tap.EmulatorConfig(
+        listen=(),
+        endpoints=(Endpoint("my-endpoint", ENDPOINT_KEY, 7),),
+        account_key=ACCOUNT_KEY,
+        shape=shape,
+        key=PRIVATE,
+    )
+    service = tap.build_autoscaler(config, reactor)
+    return listen(test, service.site), service

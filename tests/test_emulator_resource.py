@@ -7,30 +7,15 @@ import os
 
 import treq
 from twisted.application.service import IServiceMaker
-from twisted.internet import reactor
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.emulator_fixtures import ACCOUNT_KEY, ENDPOINT_KEY, PRIVATE, report
-from tests.helpers import http_client, listen, spawn, twistd_command
+from tests.emulator_fixtures import ACCOUNT_KEY, ENDPOINT_KEY, PRIVATE, report, start_emulator
+from tests.helpers import http_client, spawn, twistd_command
 from vespa import signing
 from vespa.emulator import tap
-from vespa.emulator.registry import Endpoint
 
 BEARER = {"Authorization": f"Bearer {ENDPOINT_KEY}"}
-
-
-def start_emulator(test: TestCase, shape: str = "url") -> tuple[str, tap.AutoscalerService]:
-    """An emulator on 127.0.0.1 signing with the shared test key; returns (url, service)."""
-    config = tap.EmulatorConfig(
-        listen=(),
-        endpoints=(Endpoint("my-endpoint", ENDPOINT_KEY, 7),),
-        account_key=ACCOUNT_KEY,
-        shape=shape,
-        key=PRIVATE,
-    )
-    service = tap.build_autoscaler(config, reactor)
-    return listen(test, service.site), service
 
 
 class ApiTests(TestCase):
