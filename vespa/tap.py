@@ -15,6 +15,7 @@ from twisted.web.client import Agent
 from vespa.logs import log_access
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 from vespa.worker.state import WorkerState
@@ -60,7 +61,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as installed  # twistd has installed it by now
 
         reactor = installed
-    return build_worker(options.settings, reactor)
+    try:
+        return build_worker(options.settings, reactor)
+    except SettingsError as e:
+        raise SystemExit(f"vespa: {e}") from None
 
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
@@ -70,8 +74,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     agent = Agent(reactor, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    state = WorkerState(started=clock.seconds())
     resource = WorkerResource(
-        PassthroughGate(cooperator),
+        ReadinessGate(PassthroughGate(cooperator), state),
         agent,
         clock,
         settings.backend_url,
@@ -79,7 +84,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         observers,
     )
     site = QuietSite(resource)
-    service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
+    service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
+    build_lifecycle(settings, reactor, state).setServiceParent(service)
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
