@@ -39,7 +39,7 @@ from vespa.settings import (
     parse_port,
     parse_positive_number,
 )
-from vespa.tap import build_worker
+from vespa.tap import build_worker, installed_reactor
 from vespa.worker.resource import QuietSite
 from vespa.worker.service import WorkerService
 
@@ -272,8 +272,4 @@ def parse_positive_count(text: str) -> int:
 
 def makeService(options: Options, reactor: Any = None) -> SandboxService:
     """twistd's entry point."""
-    if reactor is None:
-        from twisted.internet import reactor as installed  # twistd has installed it by now
-
-        reactor = installed
-    return build_sandbox(options.config, reactor)
+    return build_sandbox(options.config, installed_reactor(reactor))

@@ -22,6 +22,7 @@ from vespa import signing
 from vespa.emulator.registry import Endpoint, Registry
 from vespa.emulator.resource import AutoscalerResource
 from vespa.settings import SIGNATURE_SHAPES, parse_listen, parse_positive_number
+from vespa.tap import installed_reactor
 from vespa.worker.resource import QuietSite
 
 DEFAULT_ENDPOINT = Endpoint("my-endpoint", "local-endpoint-key", 1)
@@ -251,11 +252,7 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> AutoscalerService:
     """twistd's entry point."""
-    if reactor is None:
-        from twisted.internet import reactor as installed  # twistd has installed it by now
-
-        reactor = installed
     try:
-        return build_autoscaler(options.config, reactor)
+        return build_autoscaler(options.config, installed_reactor(reactor))
     except ConfigError as e:
         raise SystemExit(f"vespa-autoscaler: {e}") from None
