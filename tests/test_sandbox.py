@@ -71,6 +71,7 @@ class WiringTests(SynchronousTestCase):
             SandboxConfig(state_dir="/s"), 2, 3002, "http://127.0.0.1:8001", "http://127.0.0.1:8080"
         )
         self.assertFalse(settings.unsecured)
+        self.assertEqual(settings.signature_shapes, ("url",))
         self.assertEqual(settings.listen, ("tcp:3002:interface=127.0.0.1",))
         self.assertEqual(settings.benchmark_spec, "benchmarks.openai:benchmark")
         self.assertEqual(settings.benchmark_cache, "/s/worker-2.has_benchmark")
@@ -174,20 +175,25 @@ class SandboxEndToEndTests(TestCase):
         )
         return response.code, await treq.content(response)
 
-    async def test_plain_and_streaming_in_both_shapes(self):
-        """In each signature shape, a plain and a streamed chat completion come back through
-        the client, and the emulator sees both requests finish successfully."""
-        for shape in ("url", "five-field"):
-            service = await self.ready(shape)
-            code, body = await self.chat(service)
-            self.assertEqual(code, 200, body)
-            self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 5)
-            code, body = await self.chat(service, stream=True)
-            self.assertEqual(code, 200, body)
-            self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body)
-            status = service.autoscaler.registry.status
-            await until(lambda s=status: [r["state"] for r in s()["requests"]] == ["success"] * 2)
-            await service.stopService()
+    async def plain_and_streaming(self, shape: str) -> None:
+        service = await self.ready(shape)
+        code, body = await self.chat(service)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 5)
+        code, body = await self.chat(service, stream=True)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body)
+        status = service.autoscaler.registry.status
+        await until(lambda: [r["state"] for r in status()["requests"]] == ["success"] * 2)
+
+    async def test_plain_and_streaming_url_shape(self):
+        """Signed in the url shape (workers accept only that), a plain and a streamed chat
+        completion come back through the client; the emulator sees both finish successfully."""
+        await self.plain_and_streaming("url")
+
+    async def test_plain_and_streaming_five_field_shape(self):
+        """The same in the five-field shape."""
+        await self.plain_and_streaming("five-field")
 
     async def test_two_workers_share_load(self):
         """Concurrent requests are spread over both workers."""
@@ -198,14 +204,16 @@ class SandboxEndToEndTests(TestCase):
         self.assertTrue(all(count > 0 for count in routed), routed)
 
     async def test_stopped_worker_is_routed_around(self):
-        """After one worker stops, every request still succeeds on the other."""
+        """After one worker stops, every request still succeeds: the client re-routes the same
+        request_idx and the emulator avoids the worker it could not reach; once the stopped
+        worker's reports stop, it gets no more requests at all."""
         service = await self.ready()
         await service.workers[0].stopService()
         for _ in range(4):
             code, body = await self.chat(service)
             self.assertEqual(code, 200, body)
         registry = service.autoscaler.registry
-        await until(lambda: registry.workers[1].state(reactor.seconds(), 2) == "silent", timeout=10)
+        await until(lambda: registry.workers[1].state(reactor.seconds(), 2) != "ready", timeout=10)
         code, _ = await self.chat(service)
         self.assertEqual(code, 200)
         self.assertEqual(registry.status()["requests"][0]["worker_id"], 2)

@@ -93,6 +93,7 @@ def worker_settings(
         worker_port=port,
         listen=(_listen(port),),
         unsecured=False,
+        signature_shapes=(config.shape,),  # a signature in the other shape would be a 401
         backend="openai",
         benchmark=SANDBOX_BENCHMARK,
         benchmark_cache=benchmark_cache(config, index),
