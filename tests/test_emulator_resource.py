@@ -136,13 +136,15 @@ class ApiTests(TestCase):
         await treq.content(wrong)
 
     async def test_get_endpoint_workers(self):
-        """/get_endpoint_workers/ lists the endpoint's workers for the account key."""
+        """/get_endpoint_workers/ lists the endpoint's workers for the account key; refusals
+        are 200 with error_msg, as the SDK expects."""
         await self.post("/worker_status/", report())
         code, workers = await self.post("/get_endpoint_workers/", {"id": 7, "api_key": ACCOUNT_KEY})
         self.assertEqual((code, workers[0]["id"], workers[0]["status"]), (200, 4242, "ready"))
         code, error = await self.post("/get_endpoint_workers/", {"id": 7, "api_key": "x"})
-        self.assertEqual(code, 401)
-        self.assertIn("error_msg", error)
+        self.assertEqual((code, error), (200, {"error_msg": "api_key: expected the account key"}))
+        code, error = await self.post("/get_endpoint_workers/", {"id": 8, "api_key": ACCOUNT_KEY})
+        self.assertEqual((code, error), (200, {"error_msg": "id: no endpoint with id 8"}))
 
     async def test_status_json_and_page(self):
         """/status and / show the endpoint, the worker with its state, and recent requests."""

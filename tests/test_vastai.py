@@ -25,7 +25,8 @@ class VastaiClientTests(TestCase):
 
     async def test_sdk_routes_and_completes(self):
         """The SDK finds the endpoint with the account key, waits while no worker is ready,
-        then gets a signed route to the worker and a completed chat answer."""
+        then gets a signed route to the worker and a completed chat answer; it lists the
+        endpoint's workers."""
         emulator_url, emulator = start_emulator(self)
         backend_url = listen(self, SampleBackend(reactor, tokens_per_second=2000))
         worker_url, _ = start_worker(self, backend_url)
@@ -50,3 +51,4 @@ class VastaiClientTests(TestCase):
         self.assertEqual((result["ok"], result["status"], result["url"]), (True, 200, worker_url))
         self.assertEqual(result["response"]["usage"]["completion_tokens"], 16)  # the default
         self.assertEqual(registry.status()["requests"][0]["state"], "routed")
+        self.assertEqual(result["workers"], [[1, "ready", 100.0]])

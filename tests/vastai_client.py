@@ -20,7 +20,10 @@ async def main(autoscaler_url: str, account_key: str, endpoint_name: str) -> Non
         endpoint = await client.get_endpoint(endpoint_name)
         payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         result = await endpoint.request("/v1/chat/completions", payload, cost=10, timeout=30)
-    print("RESULT " + json.dumps({k: result.get(k) for k in ("ok", "status", "response", "url")}))
+        workers = await client.get_endpoint_workers(endpoint)
+    summary = {k: result.get(k) for k in ("ok", "status", "response", "url")}
+    summary["workers"] = [(w.id, w.status, w.perf) for w in workers]
+    print("RESULT " + json.dumps(summary))
     sys.stdout.flush()
 
 

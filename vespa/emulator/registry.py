@@ -440,7 +440,7 @@ class Registry:
                 "reliability": 1.0,
                 "reqs_working": w.num_requests_working,
                 "disk_usage": 0.0,
-                "loaded_at": w.loaded_at,
+                "loaded_at": w.loaded_at or 0.0,  # the SDK reads it with float()
                 "started_at": w.first_seen,
             }
             for w in self.workers_of(endpoint)

@@ -175,15 +175,17 @@ class AutoscalerResource(Resource):
         return 200, {"success": True, "result": job}
 
     def _endpoint_workers(self, request: Request) -> tuple[int, Any]:
+        # Refusals are 200 {"error_msg": ...}: the SDK raises on any other status and reads
+        # error_msg as "not ready or bad credentials" (vastai serverless client).
         body = _json_body(request)
         if not isinstance(body, dict) or not self.registry.is_account_key(body.get("api_key")):
-            return 401, {"error_msg": "api_key: expected the account key"}
+            return 200, {"error_msg": "api_key: expected the account key"}
         endpoint_id = body.get("id")
         workers = (
             self.registry.endpoint_workers(endpoint_id) if isinstance(endpoint_id, int) else None
         )
         if workers is None:
-            return 400, {"error_msg": f"id: no endpoint with id {endpoint_id!r}"}
+            return 200, {"error_msg": f"id: no endpoint with id {endpoint_id!r}"}
         return 200, workers
 
     # The status page
