@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -445,8 +445,3 @@ class Registry:
             }
             for w in self.workers_of(endpoint)
         ]
-
-
-def endpoints_from(pairs: Mapping[str, str], first_id: int = 1) -> list[Endpoint]:
-    """Endpoints from ``name -> api_key`` pairs, numbered in order."""
-    return [Endpoint(name, key, first_id + i) for i, (name, key) in enumerate(pairs.items())]
