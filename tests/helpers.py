@@ -70,6 +70,7 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
 
 def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str, WorkerService]:
     """A worker with the given settings in front of ``backend_url``; returns (url, service)."""
+    changes = {"admin_listen": "", **changes}  # tests that want /metrics ask for tcp:0
     settings = dataclasses.replace(
         Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
     )

@@ -69,7 +69,7 @@ class TwistdTests(TestCase):
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
             ),
-            {"UNSECURED": "true"},
+            {"UNSECURED": "true", "ADMIN_LISTEN": "none"},
         )
         match = await process.wait_for(rb"QuietSite starting on (\d+)")
         url = f"http://127.0.0.1:{int(match.group(1))}"

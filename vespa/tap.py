@@ -13,8 +13,10 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from vespa.logs import log_access
+from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.admin import AdminSite, WorkerMetrics
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 from vespa.worker.state import WorkerState
@@ -69,6 +71,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     pool = backend_pool(reactor)
     agent = Agent(reactor, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    state = WorkerState(started=clock.seconds())
+    metrics = WorkerMetrics(state, clock)
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     resource = WorkerResource(
         PassthroughGate(cooperator),
@@ -76,12 +80,23 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         clock,
         settings.backend_url,
         settings.request_timeout,
-        observers,
+        (*observers, metrics.observe),
     )
     site = QuietSite(resource)
-    service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
+    metrics.count_connections(site)
+    service = WorkerService(clock, pool, site, state)
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
+    metrics.lag_sampler().setServiceParent(service)
+    if settings.admin_listen:
+        admin = AdminSite(metrics, state)
+        listener = strports.service(settings.admin_listen, admin, reactor=reactor)
+        listener.setName("admin")
+        listener.setServiceParent(service)
+    notifier = SystemdNotifier(settings.systemd.notify_socket)
+    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec, ready_on_start=True)
+    systemd.setName("systemd")
+    systemd.setServiceParent(service)
     return service
