@@ -156,50 +156,42 @@ class WorkerMetrics:
         return generate_latest(self.registry)
 
 
-def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", JSON)
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8")
+Answer = Callable[[], "tuple[int, bytes, bytes]"]  # status, content type, body
+METRICS_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
 
 
-class _Metrics(Resource):
+class _Answer(Resource):
+    """GET (and HEAD) answered with a status, type and body computed at request time."""
+
     isLeaf = True
 
-    def __init__(self, metrics: WorkerMetrics) -> None:
+    def __init__(self, answer: Answer) -> None:
         super().__init__()
-        self._metrics = metrics
+        self._answer = answer
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self._metrics.render()
+        code, content_type, body = self._answer()
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    render_HEAD = render_GET
 
 
-class _Health(Resource):
+def _json(code: int, body: dict[str, Any]) -> tuple[int, bytes, bytes]:
+    return code, JSON, json.dumps(body).encode("utf-8")
+
+
+def health(metrics: WorkerMetrics) -> Answer:
     """Answered at all: the process runs and its reactor turns."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def render_GET(self, request: Request) -> bytes:
-        lag = self._metrics.reactor_lag
-        return _json(request, 200, {"status": "alive", "reactor_lag": lag})
+    return lambda: _json(200, {"status": "alive", "reactor_lag": metrics.reactor_lag})
 
 
-class _Ready(Resource):
+def readiness(state: WorkerState) -> Answer:
     """Ready to take requests: loaded, backend healthy, not draining (503 otherwise)."""
 
-    isLeaf = True
-
-    def __init__(self, state: WorkerState) -> None:
-        super().__init__()
-        self._state = state
-
-    def render_GET(self, request: Request) -> bytes:
-        state = self._state
+    def answer() -> tuple[int, bytes, bytes]:
         ready = state.loaded and state.backend_healthy and not state.draining
         body = {
             "ready": ready,
@@ -208,16 +200,9 @@ class _Ready(Resource):
             "draining": state.draining,
             "error": state.error_msg,
         }
-        return _json(request, 200 if ready else 503, body)
+        return _json(200 if ready else 503, body)
 
-
-class _NotFound(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        return _json(
-            request, 404, {"error": "not found", "detail": "try /metrics, /healthz or /readyz"}
-        )
+    return answer
 
 
 class AdminResource(Resource):
@@ -225,10 +210,14 @@ class AdminResource(Resource):
 
     def __init__(self, metrics: WorkerMetrics, state: WorkerState) -> None:
         super().__init__()
-        self.putChild(b"metrics", _Metrics(metrics))
-        self.putChild(b"healthz", _Health(metrics))
-        self.putChild(b"readyz", _Ready(state))
-        self._missing = _NotFound()
+        self.putChild(b"metrics", _Answer(lambda: (200, METRICS_TYPE, metrics.render())))
+        self.putChild(b"healthz", _Answer(health(metrics)))
+        self.putChild(b"readyz", _Answer(readiness(state)))
+        self._missing = _Answer(
+            lambda: _json(
+                404, {"error": "not found", "detail": "try /metrics, /healthz or /readyz"}
+            )
+        )
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self._missing
