@@ -173,7 +173,7 @@ endpoint_path() {
 
 run_vespa() {
     STEP="starting Vespa"
-    local listen="tcp:$WORKER_PORT" extra=() child status=0
+    local listen="tcp:$WORKER_PORT" extra=() child tee_pid status=0 errors last
     if [ "$USE_SSL" = true ]; then
         listen="ssl:$WORKER_PORT:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
     fi
@@ -181,16 +181,25 @@ run_vespa() {
     log "starting Vespa on $listen"
     trap - ERR
     # A child, not exec: its exit status decides the beacon. Signals are passed on so that
-    # Vespa drains in-flight requests on a container stop.
-    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa --listen "$listen" "${extra[@]}" &
+    # Vespa drains in-flight requests on a container stop. Its stderr (start-up errors, not
+    # the log) is kept too: the last line goes into the beacon.
+    errors=$(mktemp)
+    exec 3> >(tee "$errors" >&2)
+    tee_pid=$!
+    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa --listen "$listen" "${extra[@]}" 2>&3 &
     child=$!
+    exec 3>&-
     trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
-    while kill -0 "$child" 2>/dev/null; do
+    wait "$child" || status=$?
+    while kill -0 "$child" 2>/dev/null; do # a forwarded signal interrupted wait: wait again
         status=0
         wait "$child" || status=$?
     done
+    wait "$tee_pid" || true # the copy of stderr is complete
+    last=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1 | cut -c 1-500 || true)
+    rm -f "$errors"
     if [ "$status" -ne 0 ]; then
-        fail "Vespa exited with code $status (see the log above)" "$status"
+        fail "Vespa exited with code $status${last:+: $last}" "$status"
     fi
     log "Vespa stopped"
 }

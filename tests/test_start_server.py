@@ -38,6 +38,12 @@ FAKE_TWISTD = """#!/bin/sh
 # fake twistd: records its arguments, one per line, then exits as told
 printf '%s\\n' "$@" > "$FAKE_LOG.twistd"
 echo "twistd ran" >> "$FAKE_LOG"
+[ -n "$FAKE_TWISTD_ERROR" ] && echo "$FAKE_TWISTD_ERROR" >&2
+if [ -n "$FAKE_TWISTD_WAIT" ]; then
+    trap 'echo "twistd stopped" >> "$FAKE_LOG"; exit 0' TERM
+    echo "fake twistd waiting" >&2
+    while :; do sleep 0.05; done
+fi
 exit "${FAKE_TWISTD_STATUS:-0}"
 """
 
@@ -187,15 +193,28 @@ class StartServerTests(TestCase):
 
     async def test_vespa_error_beacon(self) -> None:
         """When Vespa exits with an error, EVERY report address gets a valid JSON beacon with
-        the worker's real url, id and token, and the script exits with Vespa's code."""
-        code, output = await self.start(FAKE_TWISTD_STATUS="3")
+        the worker's real url, id, token and Vespa's last error line, and the script exits
+        with Vespa's code."""
+        error = "vespa: invalid MAX_WAIT_TIME='abc' (from environment variable MAX_WAIT_TIME)"
+        code, output = await self.start(FAKE_TWISTD_STATUS="3", FAKE_TWISTD_ERROR=error)
         self.assertEqual(code, 3, output)
         for beacons in self.beacons():
             [beacon] = beacons
             self.assertEqual(beacon["url"], "http://203.0.113.7:43000")
             self.assertEqual(beacon["id"], 4242)
             self.assertEqual(beacon["mtoken"], "mtok-secret")
-            self.assertIn("exited with code 3", beacon["error_msg"])
+            self.assertIn("exited with code 3: " + error, beacon["error_msg"])
+
+    async def test_stop_is_passed_on(self) -> None:
+        """SIGTERM to the script (a container stop) reaches Vespa, which drains and exits
+        cleanly: the script exits 0 and sends no beacon."""
+        self.env["FAKE_TWISTD_WAIT"] = "1"
+        watcher = spawn(self, ["bash", SCRIPT], self.env)
+        await watcher.wait_for(rb"fake twistd waiting")
+        watcher.transport_.signalProcess("TERM")  # type: ignore[attr-defined]
+        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual(self.calls()[-2:], ["twistd ran", "twistd stopped"])
+        self.assertEqual(self.beacons(), [[], []])
 
     async def test_beacon_escapes_message(self) -> None:
         """Quotes and backslashes in the error message still give valid JSON beacons."""
