@@ -57,6 +57,18 @@ class TLSTests(TestCase):
         error = self.assertRaises(SettingsError, load_settings, {}, env)
         self.assertIn("SSL_CERT='/nonexistent/instance.crt' is not a file", str(error))
 
+    def test_bad_certificate(self) -> None:
+        """A certificate file that is not PEM (an HTML error page, say) is one clear start-up
+        error, whether it comes from USE_SSL or from an explicit ssl: listener."""
+        with open(self.cert, "w") as f:
+            f.write("<html>502 Bad Gateway</html>")
+        env = {"USE_SSL": "true", "SSL_CERT": self.cert, "SSL_KEY": self.key}
+        error = self.assertRaises(SettingsError, load_settings, {}, env)
+        self.assertIn("USE_SSL is true but SSL_CERT/SSL_KEY cannot be used", str(error))
+        listen = f"ssl:3443:privateKey={self.key}:certKey=/nonexistent.crt"
+        error = self.assertRaises(SettingsError, load_settings, {"listen": listen}, {})
+        self.assertIn("No such file or directory", str(error))
+
     async def test_https_end_to_end(self) -> None:
         """An https request through the worker (certificate made in the test, client trusting
         only it) reaches the backend and its answer comes back."""

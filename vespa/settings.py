@@ -128,7 +128,7 @@ def parse_listen(text: str) -> tuple[str, ...]:
     for description in descriptions:
         try:
             serverFromString(MemoryReactor(), description)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # parsers raise many kinds (OSError, OpenSSL errors, ...)
             raise ValueError(f"expected a Twisted endpoint string such as tcp:3000 ({e})") from None
     return descriptions
 
@@ -629,7 +629,12 @@ def _default_listen(values: Mapping[str, Any]) -> str:
                 "(set SSL_CERT and SSL_KEY, or --ssl-cert and --ssl-key, to PEM files)"
             )
     key, cert = (_endpoint_quote(values[name]) for name in ("ssl_key", "ssl_cert"))
-    return f"ssl:{port}:privateKey={key}:certKey={cert}"
+    description = f"ssl:{port}:privateKey={key}:certKey={cert}"
+    try:
+        parse_listen(description)  # loads the files: a bad PEM is one line now, not a traceback
+    except ValueError as e:
+        raise SettingsError(f"USE_SSL is true but SSL_CERT/SSL_KEY cannot be used: {e}") from None
+    return description
 
 
 def _endpoint_quote(path: str) -> str:
