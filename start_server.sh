@@ -11,7 +11,8 @@
 #
 # Overridable (besides Vespa's own settings, which twistd reads from the environment):
 #   WORKSPACE_DIR (/workspace)  VESPA_VENV ($WORKSPACE_DIR/vespa-venv)  VESPA_PYTHON (python3)
-#   VESPA_SPEC (vespa: any pip requirement, a path or git+https://...@ref)
+#   VESPA_SPEC (what pip installs: a path or git+https://HOST/REPO@REF; default: the checkout
+#              this script is in. Not "vespa": that PyPI name is an unrelated project.)
 #   VESPA_PIP_ARGS (extra pip arguments)  VESPA_ARGS (extra twistd vespa arguments)
 #   SIGN_CERT_URL (https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID)
 #   SIGN_CERT_RETRIES (3: curl retries on transient errors, with 1, 2, 4 s pauses)
@@ -21,7 +22,11 @@ set -Eeuo pipefail
 WORKSPACE_DIR=${WORKSPACE_DIR:-/workspace}
 VESPA_VENV=${VESPA_VENV:-$WORKSPACE_DIR/vespa-venv}
 VESPA_PYTHON=${VESPA_PYTHON:-python3}
-VESPA_SPEC=${VESPA_SPEC:-vespa}
+VESPA_SPEC=${VESPA_SPEC:-}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "$VESPA_SPEC" ] && grep -qs '^name = vespa$' "$HERE/setup.cfg"; then
+    VESPA_SPEC=$HERE
+fi
 VESPA_PIP_ARGS=${VESPA_PIP_ARGS:-}
 VESPA_ARGS=${VESPA_ARGS:-}
 REPORT_ADDR=${PYWORKER_REPORT_ADDR:-${REPORT_ADDR:-https://run.vast.ai}}
@@ -93,8 +98,9 @@ check_variables() {
     [ -n "$MASTER_TOKEN" ] || missing+=("MASTER_TOKEN")
     [ -n "$PUBLIC_IPADDR" ] || missing+=("PUBLIC_IPADDR")
     [ -n "${!port_var:-}" ] || missing+=("$port_var")
+    [ -n "$VESPA_SPEC" ] || missing+=("VESPA_SPEC")
     if [ "${#missing[@]}" -gt 0 ]; then
-        fail "missing environment variable(s): ${missing[*]} (Vast sets them in serverless instances; set them yourself elsewhere)"
+        fail "missing environment variable(s): ${missing[*]} (Vast sets all but VESPA_SPEC in serverless instances; VESPA_SPEC is a path or git+https://HOST/REPO@REF)"
     fi
     case "$WORKER_PORT" in
         '' | *[!0-9]*) fail "WORKER_PORT=$WORKER_PORT is not a port number" ;;

@@ -205,6 +205,19 @@ class StartServerTests(TestCase):
             self.assertEqual(beacon["mtoken"], "mtok-secret")
             self.assertIn("exited with code 3: " + error, beacon["error_msg"])
 
+    async def test_default_spec_is_this_checkout(self) -> None:
+        """Without VESPA_SPEC, a script inside a Vespa checkout installs that checkout; a
+        script elsewhere refuses to guess (the PyPI name "vespa" is another project)."""
+        del self.env["VESPA_SPEC"]
+        code, output = await self.start()
+        self.assertEqual(code, 0, output)
+        self.assertIn(f"pip -m pip install -q {os.path.dirname(SCRIPT)}", self.calls())
+        elsewhere = os.path.join(self.dir, "start_server.sh")
+        shutil.copy(SCRIPT, elsewhere)
+        watcher = spawn(self, ["bash", elsewhere], self.env)
+        self.assertEqual(await watcher.ended, 1)
+        self.assertIn(b"missing environment variable(s): VESPA_SPEC", watcher.output)
+
     async def test_stop_is_passed_on(self) -> None:
         """SIGTERM to the script (a container stop) reaches Vespa, which drains and exits
         cleanly: the script exits 0 and sends no beacon."""
