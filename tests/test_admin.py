@@ -121,6 +121,18 @@ class WorkerMetricsTests(TestCase):
         depth[0] = 5
         self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 5)
 
+    def test_register_counter(self) -> None:
+        """A counter registered with a callable is exposed as <name>_total of type counter."""
+        metrics = WorkerMetrics(WorkerState(), Clock())
+        metrics.register_counter("vespa_reports_sent", "Reports sent.", lambda: 7)
+        [family] = [
+            f
+            for f in text_string_to_metric_families(metrics.render().decode())
+            if f.name == "vespa_reports_sent"
+        ]
+        self.assertEqual(family.type, "counter")
+        self.assertEqual(samples(metrics.render().decode())[("vespa_reports_sent_total", ())], 7)
+
     def test_reactor_lag(self) -> None:
         """The lag sampler reports how late its timer fired; it stops with its service."""
         clock = Clock()

@@ -12,11 +12,13 @@ per request). Other parts of the worker plug in gauges with :meth:`WorkerMetrics
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -32,6 +34,25 @@ METHODS = frozenset(
 # Inference answers range from milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LAG_INTERVAL = 1.0  # seconds between reactor-lag samples
+
+
+class _ReadAtScrape(Collector):
+    """One metric whose value comes from a callable when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+        name: str,
+        help: str,
+        read: Callable[[], float],
+    ) -> None:
+        self._family = family
+        self._name = name
+        self._help = help
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        yield self._family(self._name, self._help, value=float(self._read()))
 
 
 class WorkerMetrics:
@@ -99,9 +120,13 @@ class WorkerMetrics:
         self._last_tick: float | None = None
 
     def register_gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        """A gauge whose value is ``read()`` at scrape time (for counters kept elsewhere,
-        e.g. queue depth or reports sent)."""
-        Gauge(name, help, registry=self.registry).set_function(lambda: float(read()))
+        """A gauge whose value is ``read()`` at scrape time (e.g. queue depth, wait estimate)."""
+        self.registry.register(_ReadAtScrape(GaugeMetricFamily, name, help, read))
+
+    def register_counter(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter (``<name>_total``) whose value is ``read()`` at scrape time, for running
+        totals kept elsewhere (e.g. workload served, reports sent); it must never go down."""
+        self.registry.register(_ReadAtScrape(CounterMetricFamily, name, help, read))
 
     def observe(self, request: Request, result: RelayResult, forward: object) -> None:
         """WorkerResource observer: count one finished request."""
