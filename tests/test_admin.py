@@ -62,7 +62,7 @@ class AdminListenerTests(TestCase):
         self.assertEqual(metrics[("vespa_time_to_first_byte_seconds_count", ())], 3)
         self.assertGreaterEqual(metrics[("vespa_response_bytes_total", ())], len(out1) + len(out2))
         self.assertEqual(metrics[("vespa_request_bytes_total", ())], len(body))
-        self.assertEqual(metrics[("vespa_loaded", ())], 0)
+        self.assertEqual(metrics[("vespa_loaded", ())], 1)
         self.assertIn(("vespa_reactor_lag_seconds", ()), metrics)
 
     async def test_open_connections(self) -> None:
@@ -85,10 +85,11 @@ class AdminListenerTests(TestCase):
         response = await self.http.get(self.admin + "/healthz")
         self.assertEqual(response.code, 200)
         self.assertEqual((await response.json())["status"], "alive")
+        state = self.service.state
+        state.loaded = False
         response = await self.http.get(self.admin + "/readyz")
         self.assertEqual(response.code, 503)
         self.assertEqual((await response.json())["ready"], False)
-        state = self.service.state
         state.mark_loaded(reactor.seconds(), 12.5)
         response = await self.http.get(self.admin + "/readyz")
         self.assertEqual(response.code, 200)
@@ -96,6 +97,11 @@ class AdminListenerTests(TestCase):
         metrics = await self.scrape()
         self.assertEqual(metrics[("vespa_benchmark_max_perf", ())], 12.5)
         self.assertEqual(metrics[("vespa_backend_healthy", ())], 1)
+        state.backend_healthy = False
+        response = await self.http.get(self.admin + "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual((await response.json())["backend_healthy"], False)
+        state.backend_healthy = True
         state.draining = True
         response = await self.http.get(self.admin + "/readyz")
         self.assertEqual(response.code, 503)

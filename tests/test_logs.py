@@ -13,7 +13,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tests.fakes import FakeBackend
-from tests.helpers import http_client, listen, raw_request, spawn, start_worker, twistd_command
+from tests.helpers import (
+    http_client,
+    listen,
+    raw_request,
+    spawn_worker,
+    start_worker,
+    worker_url,
+)
 from vespa.logs import json_observer, mask
 
 
@@ -123,27 +130,10 @@ class JsonLogTests(TestCase):
         """`twistd --logger vespa.logs.json_stdout -n vespa` logs JSON lines on stdout; the
         access line carries the request id."""
         backend = listen(self, FakeBackend(reactor))
-        process = spawn(
-            self,
-            twistd_command(
-                "--logger",
-                "vespa.logs.json_stdout",
-                "-n",
-                "--pidfile=",
-                "vespa",
-                "--backend-url",
-                backend,
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--admin-listen",
-                "none",
-            ),
-            {"UNSECURED": "true"},
-        )
-        match = await process.wait_for(rb"QuietSite starting on (\d+)")
-        response = await http_client(self).get(
-            f"http://127.0.0.1:{int(match.group(1))}/echo", headers={"X-Request-ID": "json-1"}
-        )
+        process = spawn_worker(self, backend, twistd=("--logger", "vespa.logs.json_stdout"))
+        url = await worker_url(process)
+        await process.wait_for(rb"worker loaded")
+        response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "json-1"})
         await response.content()
         await process.wait_for(rb"id=json-1")
         records = [json.loads(line) for line in process.output.decode().splitlines()]

@@ -9,12 +9,15 @@ import subprocess
 import tempfile
 import uuid
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.fakes import FakeBackend
+from tests.helpers import listen, start_worker, until
 from vespa.notify import SystemdNotifier, SystemdService
-from vespa.settings import SettingsError, load_settings
+from vespa.settings import SettingsError, SystemdEnvironment, load_settings
 
 UNITS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "systemd"
@@ -55,9 +58,9 @@ class NotifierTests(TestCase):
         systemd = NotifySocket(self)
         notifier = SystemdNotifier(systemd.address)
         self.addCleanup(notifier.close)
-        self.assertTrue(notifier.ready())
-        self.assertTrue(notifier.status("loading\nmodel  x"))
-        self.assertTrue(notifier.stopping())
+        notifier.ready()
+        notifier.status("loading\nmodel  x")
+        notifier.stopping()
         self.assertEqual(
             systemd.messages(),
             [
@@ -72,14 +75,14 @@ class NotifierTests(TestCase):
         systemd = NotifySocket(self, abstract=True)
         notifier = SystemdNotifier(systemd.address)
         self.addCleanup(notifier.close)
-        self.assertTrue(notifier.watchdog())
+        self.assertTrue(notifier.send("WATCHDOG=1"))
         self.assertEqual(systemd.messages(), [["WATCHDOG=1"]])
 
     def test_not_under_systemd(self) -> None:
         """Without NOTIFY_SOCKET nothing is sent and nothing fails."""
         notifier = SystemdNotifier(None)
         self.assertFalse(notifier.enabled)
-        self.assertFalse(notifier.ready())
+        self.assertFalse(notifier.send("READY=1"))
 
     def test_unreachable_socket_warns_once(self) -> None:
         """A NOTIFY_SOCKET nobody listens on gives one warning, not an error per call."""
@@ -93,8 +96,8 @@ class NotifierTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         notifier = SystemdNotifier(os.path.abspath(self.mktemp()))
         self.addCleanup(notifier.close)
-        self.assertFalse(notifier.ready())
-        self.assertFalse(notifier.watchdog())
+        self.assertFalse(notifier.send("READY=1"))
+        self.assertFalse(notifier.send("WATCHDOG=1"))
         self.assertEqual(len(events), 1)
         self.assertIn("cannot notify systemd", formatEvent(events[0]))
 
@@ -102,7 +105,7 @@ class NotifierTests(TestCase):
 class SystemdServiceTests(TestCase):
     def test_watchdog_every_half_interval(self) -> None:
         """With WATCHDOG_USEC set, WATCHDOG=1 goes out every half of it from a timer on the
-        reactor; stopping sends STOPPING=1 and leaves no timer behind."""
+        reactor; stopping leaves no timer behind."""
         systemd = NotifySocket(self)
         clock = Clock()
         service = SystemdService(SystemdNotifier(systemd.address), clock, 4_000_000)
@@ -117,18 +120,30 @@ class SystemdServiceTests(TestCase):
                 ["STATUS=waiting for the backend"],
                 ["WATCHDOG=1"],
                 ["WATCHDOG=1"],
-                ["STOPPING=1", "STATUS=draining"],
             ],
         )
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_ready_on_start(self) -> None:
-        """A worker without a load step says READY=1 as soon as it is started."""
+
+class WorkerNotifyTests(TestCase):
+    async def test_ready_when_loaded_stopping_when_draining(self) -> None:
+        """Under systemd the worker says READY=1 once the lifecycle has loaded the backend
+        (not before), and STOPPING=1 when its drain starts."""
         systemd = NotifySocket(self)
-        service = SystemdService(SystemdNotifier(systemd.address), Clock(), ready_on_start=True)
-        service.startService()
-        service.stopService()
-        self.assertEqual(systemd.messages()[0], ["READY=1", "STATUS=serving"])
+        backend = FakeBackend(reactor)
+        backend.health_code = 503
+        changes = {
+            "systemd": SystemdEnvironment(systemd.address, 0),
+            "healthcheck_retry_interval": 0.01,
+        }
+        _, service = start_worker(self, listen(self, backend), loaded=False, **changes)
+        await until(lambda: backend.seen)  # probing the backend: not ready yet
+        self.assertEqual(systemd.messages(), [["STATUS=waiting for the backend"]])
+        backend.health_code = 200
+        await until(lambda: service.state.loaded)
+        self.assertEqual(systemd.messages(), [["READY=1", "STATUS=serving"]])
+        await service.stopService()
+        self.assertEqual(systemd.messages(), [["STOPPING=1", "STATUS=draining"]])
 
 
 class SettingsTests(TestCase):

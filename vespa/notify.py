@@ -54,19 +54,19 @@ class SystemdNotifier:
             return False
         return True
 
-    def ready(self) -> bool:
+    def ready(self) -> None:
         """The worker is loaded and serving: systemd considers the unit started."""
-        return self.send("READY=1", "STATUS=serving")
+        self.send("READY=1", "STATUS=serving")
 
-    def stopping(self) -> bool:
-        return self.send("STOPPING=1", "STATUS=draining")
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=draining")
 
-    def status(self, text: str) -> bool:
+    def status(self, text: str) -> None:
         """A one-line status for ``systemctl status``."""
-        return self.send("STATUS=" + " ".join(text.split()))
+        self.send("STATUS=" + " ".join(text.split()))
 
-    def watchdog(self) -> bool:
-        return self.send("WATCHDOG=1")
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
 
     def close(self) -> None:
         if self._socket is not None:
@@ -76,22 +76,15 @@ class SystemdNotifier:
 
 class SystemdService(MultiService):
     """
-    The worker's systemd side: a watchdog timer (every half of ``WATCHDOG_USEC``) and
-    ``STOPPING=1`` on shutdown. With ``ready_on_start`` it also sends ``READY=1`` once started
-    (for a worker without a load step); otherwise whoever knows the worker is loaded calls
-    ``notifier.ready()``.
+    The worker's systemd side while it runs: ``STATUS=`` at start and a watchdog timer
+    (``WATCHDOG=1`` every half of ``WATCHDOG_USEC``), which keeps going while the worker drains.
+    ``READY=1`` and ``STOPPING=1`` are sent by whoever knows (the lifecycle's loaded hook, the
+    drain), through ``notifier``.
     """
 
-    def __init__(
-        self,
-        notifier: SystemdNotifier,
-        clock: IReactorTime,
-        watchdog_usec: int = 0,
-        ready_on_start: bool = False,
-    ) -> None:
+    def __init__(self, notifier: SystemdNotifier, clock: IReactorTime, watchdog_usec: int = 0):
         super().__init__()
         self.notifier = notifier
-        self._ready_on_start = ready_on_start
         if notifier.enabled and watchdog_usec > 0:
             timer = TimerService(watchdog_usec / 2_000_000, notifier.watchdog)
             timer.clock = clock
@@ -99,13 +92,9 @@ class SystemdService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self._ready_on_start:
-            self.notifier.ready()
-        else:
-            self.notifier.status("waiting for the backend")
+        self.notifier.status("waiting for the backend")
 
     def stopService(self) -> object:
-        self.notifier.stopping()
         stopped = super().stopService()
         self.notifier.close()
         return stopped

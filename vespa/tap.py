@@ -17,6 +17,7 @@ from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
 from vespa.worker.admin import AdminSite, WorkerMetrics
+from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 from vespa.worker.state import WorkerState
@@ -62,7 +63,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as installed  # twistd has installed it by now
 
         reactor = installed
-    return build_worker(options.settings, reactor)
+    try:
+        return build_worker(options.settings, reactor)
+    except SettingsError as e:
+        raise SystemExit(f"vespa: {e}") from None
 
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
@@ -75,7 +79,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     metrics = WorkerMetrics(state, clock)
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     resource = WorkerResource(
-        PassthroughGate(cooperator),
+        ReadinessGate(PassthroughGate(cooperator), state),
         agent,
         clock,
         settings.backend_url,
@@ -84,7 +88,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     )
     site = QuietSite(resource)
     metrics.count_connections(site)
-    service = WorkerService(clock, pool, site, state)
+    service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
+    lifecycle = build_lifecycle(settings, reactor, state)
+    lifecycle.setServiceParent(service)
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
@@ -96,7 +102,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         listener.setName("admin")
         listener.setServiceParent(service)
     notifier = SystemdNotifier(settings.systemd.notify_socket)
-    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec, ready_on_start=True)
+    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec)
     systemd.setName("systemd")
     systemd.setServiceParent(service)
+    lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
+    service.add_drain_hook(notifier.stopping)
     return service
