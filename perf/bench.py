@@ -162,7 +162,8 @@ class Bench:
                 argv = [
                     part.format(backend_url=backend_url, port=target.port) for part in target.argv
                 ]
-                env = {"VESPA_ACCESS_LOG": "true"}
+                # Each build its own admin port (older builds ignore the variable).
+                env = {"ADMIN_LISTEN": f"tcp:{target.port + 100}:interface=127.0.0.1"}
                 proc = self.children.start(f"{target.name}-{tag}", argv, env)
                 target.pid = proc.pid
             targets.append(target)
