@@ -29,20 +29,33 @@ _access = Logger(namespace="vespa.access")
 
 def log_access(request: Request, result: RelayResult, forward: object) -> None:
     """One line per finished request: method, path (never the query string, which may carry
-    a signature), status, workload, bytes, duration, time to first byte, request id, outcome."""
-    ttfb = result.first_byte - result.started if result.first_byte is not None else None
+    a signature), status, workload, bytes, duration, time to first byte, request id, outcome.
+
+    The line is built here with an f-string and logged as ``{line}``: Twisted's event
+    formatter is several times slower per field, and this runs for every request (JSON
+    logs still get every field)."""
+    method = request.method.decode("ascii", "replace")
+    path = request.path.decode("ascii", "replace")
+    workload = getattr(forward, "workload", 0.0)
+    duration_ms = (result.finished - result.started) * 1000
+    ttfb_ms = (
+        "-" if result.first_byte is None else f"{(result.first_byte - result.started) * 1000:.1f}ms"
+    )
+    rid = request_id.of(request)
+    outcome = result.outcome.value
     _access.info(
-        "{method} {path} {status} {outcome} workload={workload:g} {bytes_out}B "
-        "{duration_ms:.1f}ms ttfb={ttfb_ms} id={request_id}",
-        method=request.method.decode("ascii", "replace"),
-        path=request.path.decode("ascii", "replace"),
+        "{line}",
+        line=f"{method} {path} {result.status} {outcome} workload={workload:g} "
+        f"{result.bytes_out}B {duration_ms:.1f}ms ttfb={ttfb_ms} id={rid}",
+        method=method,
+        path=path,
         status=result.status,
-        outcome=result.outcome.value,
-        workload=getattr(forward, "workload", 0.0),
+        outcome=outcome,
+        workload=workload,
         bytes_out=result.bytes_out,
-        duration_ms=(result.finished - result.started) * 1000,
-        ttfb_ms="-" if ttfb is None else f"{ttfb * 1000:.1f}ms",
-        request_id=request_id.of(request),
+        duration_ms=duration_ms,
+        ttfb_ms=ttfb_ms,
+        request_id=rid,
     )
 
 
