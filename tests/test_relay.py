@@ -9,8 +9,11 @@ import os
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
+from twisted.web.client import URI
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -22,6 +25,7 @@ from tests.helpers import (
     start_worker,
     until,
 )
+from vespa.relay import _CachedEndpoints
 from vespa.worker.resource import QuietSite
 
 
@@ -228,3 +232,17 @@ class FormBodyTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(self.backend.seen[-1].body, b"not really multipart")
+
+
+class BackendEndpointTests(TestCase):
+    def test_one_endpoint_per_backend(self):
+        """The relay makes one endpoint per backend and reuses it; https gets TLS."""
+        endpoints = _CachedEndpoints(MemoryReactorClock())
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/a"))
+        again = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/b?x=1"))
+        other = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/a"))
+        tls = endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:8000/a"))
+        self.assertIs(first, again)
+        self.assertIsInstance(first, HostnameEndpoint)
+        self.assertIsNot(other, first)
+        self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS

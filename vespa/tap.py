@@ -10,11 +10,10 @@ from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python import usage
-from twisted.web.client import Agent
 
 from vespa.logs import log_access
 from vespa.notify import SystemdNotifier, SystemdService
-from vespa.relay import backend_pool
+from vespa.relay import backend_agent, backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
 from vespa.worker.admin import AdminSite, WorkerMetrics
 from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
@@ -78,7 +77,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     """Wire the worker's objects from its settings (tests call this directly)."""
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = Agent(reactor, pool=pool)
+    agent = backend_agent(reactor, pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
     metrics = WorkerMetrics(state, clock)
