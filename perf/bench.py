@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -437,6 +438,7 @@ def main() -> None:
         bench.run()
     finally:
         bench.children.stop_all()
+        shutil.rmtree(bench.work, ignore_errors=True)  # big files, nginx prefixes, build venvs
     summary = render(bench.results)
     (out / "summary.md").write_text(summary)
     print(summary)
