@@ -50,9 +50,6 @@ from vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
 # Bodies up to this size are read into memory and written in one go (no Cooperator round
 # trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
 SMALL_BODY = 256 * 1024
-# Large bodies are read from their spool file in pieces this big: FileBodyProducer's default
-# of 64 KiB costs a Cooperator round trip per 64 KiB (1,600 for a 100 MB upload).
-READ_SIZE = 1024 * 1024
 JSON = b"application/json"
 
 
@@ -175,7 +172,7 @@ def body_producer(
         return None
     if size <= SMALL_BODY:
         return BytesProducer(content.read())
-    return FileBodyProducer(content, cooperator, readSize=READ_SIZE)
+    return FileBodyProducer(content, cooperator)
 
 
 def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
