@@ -32,6 +32,12 @@ def cpu_per_request(runs: list[dict]) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
+def cpu_per_gb(runs: list[dict]) -> str:
+    """Proxy CPU seconds per GB moved: the cost, whoever limited the speed."""
+    values = [r["proxy_cpu_pct"] * 10 / r["mb_per_s"] for r in runs if r.get("mb_per_s")]
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
 def ratio_text(values: list[float]) -> str:
     if not values:
         return "-"
@@ -154,6 +160,7 @@ def render(results: dict) -> str:
                         if target != "direct"
                         else "-",
                         f"{med(runs, 'proxy_cpu_pct'):.0f}",
+                        cpu_per_gb(runs) if target != "direct" else "-",
                         str(bad),
                         ratio_text(ratios(by_target, target, "direct", "mb_per_s")),
                         ratio_text(ratios(by_target, target, "nginx", "mb_per_s")),
@@ -166,6 +173,7 @@ def render(results: dict) -> str:
                 "MB/s",
                 "RSS growth MiB (max)",
                 "proxy CPU %",
+                "CPU s/GB",
                 "non-200",
                 "÷ direct",
                 "÷ nginx",
