@@ -25,7 +25,6 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -54,24 +53,8 @@ SMALL_BODY = 256 * 1024
 JSON = b"application/json"
 
 
-# Backend connections read up to this much per system call (the reactor's default is 64 KiB):
-# a big download costs a quarter of the Python calls per byte.
-BACKEND_READ = 256 * 1024
-
-
-class _BigReads(HTTP11ClientProtocol):
-    def connectionMade(self) -> None:
-        transport = cast(Any, self.transport)
-        if hasattr(transport, "bufferSize"):  # a TCP connection (TLS wraps it)
-            transport.bufferSize = BACKEND_READ
-        super().connectionMade()
-
-
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per backend connection
-
-    def buildProtocol(self, addr: object) -> HTTP11ClientProtocol:
-        return _BigReads(self._quiescentCallback)
 
 
 def backend_pool(reactor: Any) -> HTTPConnectionPool:
