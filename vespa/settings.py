@@ -570,6 +570,24 @@ def load_settings(
     return Settings(**values)
 
 
+def check_protocol(settings: Settings) -> None:
+    """
+    Settings that are valid one by one but not together (checked before the worker starts).
+
+    @raise SettingsError: naming what to set.
+    """
+    if not settings.unsecured and not settings.vast.report_addrs:
+        raise SettingsError(
+            "REPORT_ADDR is not set: a secured worker needs the autoscaler's address for its "
+            "public key and reports (set REPORT_ADDR, or UNSECURED=true for local development)"
+        )
+    if settings.verify_url and settings.vast.public_url is None:
+        raise SettingsError(
+            f"VERIFY_URL needs this worker's public URL: set PUBLIC_IPADDR and "
+            f"VAST_TCP_PORT_{settings.worker_port}"
+        )
+
+
 def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> bool:
     option = next(option for option in OPTIONS if option.name == name)
     return flags.get(name) is not None or any(env in environ for env in option.env_names())

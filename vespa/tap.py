@@ -5,17 +5,24 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from treq.client import HTTPClient
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python import usage
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
+from vespa import __version__
 from vespa.logs import log_access
 from vespa.relay import backend_pool
-from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
-from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
+from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vespa.worker.admission import Admission
+from vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
+from vespa.worker.gate import SignedGate
+from vespa.worker.metrics import WorkerMetrics
+from vespa.worker.reporter import MetricsReporter
+from vespa.worker.resource import Observer, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 from vespa.worker.state import WorkerState
 
@@ -49,6 +56,7 @@ class Options(usage.Options):
         flags["listen"] = " ".join(self["listen"]) or None
         try:
             self.settings = load_settings(flags)
+            check_protocol(self.settings)
         except SettingsError as e:
             # One clear line and a non-zero exit, before anything listens.
             raise SystemExit(f"vespa: {e}") from None
@@ -65,23 +73,70 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     """Wire the worker's objects from its settings (tests call this directly)."""
+    check_protocol(settings)
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
     agent = Agent(reactor, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    state = WorkerState(started=clock.seconds())
+    vast = settings.vast
+    metrics = WorkerMetrics(clock, state, vast, __version__, _disk_used)
+    concurrency = settings.max_concurrency if settings.allow_parallel else 1
+    admission = Admission(
+        lambda: metrics.load, lambda: state.max_perf, settings.max_wait_time, concurrency
+    )
+    children: list[IService] = []
+    client = None
+    control_pool = None
+    if vast.report_addrs:
+        control_pool = HTTPConnectionPool(reactor, persistent=True)
+        client = AutoscalerClient(
+            HTTPClient(Agent(reactor, pool=control_pool)),
+            clock,
+            vast.report_addrs,
+            vast.master_token,
+            vast.container_id,
+            delete_format=settings.delete_requests_format,
+        )
+        reporter = MetricsReporter(clock, metrics, client, settings.report_interval)
+        children.append(reporter)
+    keys = None
+    if not settings.unsecured:
+        assert client is not None  # check_protocol: REPORT_ADDR is set
+        keys = PublicKeyStore(clock, client)
+        children.append(keys)
+    gate = SignedGate(
+        keys,
+        admission,
+        metrics,
+        cooperator,
+        settings.signature_shapes,
+        settings.default_cost,
+        settings.blocked_paths,
+        vast.public_url if settings.verify_url else None,
+        settings.replay_window,
+    )
     resource = WorkerResource(
-        PassthroughGate(cooperator),
-        agent,
-        clock,
-        settings.backend_url,
-        settings.request_timeout,
-        observers,
+        gate, agent, clock, settings.backend_url, settings.request_timeout, observers
     )
     site = QuietSite(resource)
-    service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
+    service = WorkerService(clock, pool, site, state)
+    service.metrics = metrics
+    service.control_pool = control_pool
+    for child in children:
+        child.setServiceParent(cast(IServiceCollection, service))
+        if isinstance(child, MetricsReporter):
+            service.reporter = child
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service
+
+
+def _disk_used() -> int:
+    """Bytes used on / (additional_disk_usage in reports)."""
+    import psutil
+
+    return int(psutil.disk_usage("/").used)

@@ -9,6 +9,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from vespa.worker.metrics import WorkerMetrics
+from vespa.worker.reporter import MetricsReporter
 from vespa.worker.state import WorkerState
 
 # closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
@@ -26,10 +28,19 @@ class WorkerService(MultiService):
         self.pool = pool
         self.site = site  # what the listeners serve
         self.state = state
+        self.metrics: WorkerMetrics | None = None  # set by build_worker
+        self.reporter: MetricsReporter | None = None  # None without REPORT_ADDR
+        self.control_pool: HTTPConnectionPool | None = None  # autoscaler calls
 
     def stopService(self) -> Deferred[None]:
-        stopped = super().stopService()
-        closed = self.pool.closeCachedConnections()
-        closed.addTimeout(POOL_CLOSE_TIMEOUT, self._clock).addErrback(lambda _: None)
-        both = DeferredList([stopped, closed])
+        stopped: Deferred[None] = super().stopService()
+        control = self.control_pool
+        if control is not None:
+            # After the children stopped: the reporter may still be finishing its last send.
+            stopped.addCallback(lambda _: self._close(control))
+        both = DeferredList([stopped, self._close(self.pool)])
         return both.addCallback(lambda _: None)
+
+    def _close(self, pool: HTTPConnectionPool) -> Deferred[None]:
+        closed: Deferred[None] = pool.closeCachedConnections()
+        return closed.addTimeout(POOL_CLOSE_TIMEOUT, self._clock).addErrback(lambda _: None)
