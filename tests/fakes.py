@@ -195,3 +195,56 @@ class FakeBackend(Resource):
 
         send(0)
         return NOT_DONE_YET
+
+
+class FakeAutoscaler(Resource):
+    """
+    The autoscaler's worker-facing side: ``/pubkey/`` serves ``pubkey`` (PEM bytes; None: 404),
+    ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
+    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` never answers.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pubkey: bytes | None = None) -> None:
+        super().__init__()
+        self.pubkey = pubkey
+        self.codes: dict[bytes, int] = {}
+        self.hang: set[bytes] = set()
+        self.hung: list[Request] = []
+        self.pubkey_requests = 0
+        self.statuses: list[dict] = []
+        self.deletes: list[dict] = []
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path
+        if path in self.hang:
+            self.hung.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(self.codes.get(path, 200))
+        if path == b"/pubkey/":
+            self.pubkey_requests += 1
+            if self.pubkey is None:
+                request.setResponseCode(404)
+                return b"no key"
+            return self.pubkey
+        assert request.content is not None
+        if self.codes.get(path, 200) >= 300:
+            return b"{}"
+        body = json.loads(request.content.read())
+        if path == b"/worker_status/":
+            self.statuses.append(body)
+        elif path == b"/delete_requests/":
+            self.deletes.append(body)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"ok": true}'
+
+    def deleted(self) -> dict[int, bool]:
+        """request_idx -> success flag, from every /delete_requests/ body received."""
+        flags: dict[int, bool] = {}
+        for body in self.deletes:
+            if "requests" in body:
+                flags.update({r["request_idx"]: r["success"] for r in body["requests"]})
+            else:
+                flags.update({idx: body["success"] for idx in body["request_idxs"]})
+        return flags

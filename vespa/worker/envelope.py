@@ -27,11 +27,14 @@ from urllib.parse import unquote_to_bytes
 
 from vespa.signing import AUTH_FIELDS
 
-try:  # orjson is optional: faster for large payloads, same JSON
+try:  # orjson is optional: faster for large payloads
     import orjson
 
     def dump_json(value: Any) -> bytes:
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # integers beyond 64 bits, lone surrogates: the json module copes
+            return json.dumps(value).encode("utf-8")
 
 except ImportError:  # pragma: no cover - depends on the environment
 
@@ -77,9 +80,23 @@ class Unwrapped:
     form: str = "none"  # "header", "envelope", "query" or "none"
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
 def loads(text: bytes | str) -> Any:
-    """JSON with ints kept as ints and floats as floats (``256`` and ``256.0`` differ)."""
-    return json.loads(text, parse_float=float, parse_int=int)
+    """
+    Strict JSON with ints kept as ints and floats as floats (``256`` and ``256.0`` sign
+    differently); NaN, Infinity and numbers that overflow to infinity are refused.
+    """
+    return json.loads(text, parse_float=_finite, parse_int=int, parse_constant=_no_constant)
 
 
 def check_auth(auth: Any, code: int, where: str) -> dict[str, Any]:
