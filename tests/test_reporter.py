@@ -63,7 +63,7 @@ class CadenceTests(SynchronousTestCase):
     def test_reports_from_start_every_10_s_while_loading(self):
         """The first report goes out at start, then every 10 s while nothing changes (also
         while the model is still loading)."""
-        self.clock, state, _, client, reporter = make()
+        self.clock, _state, _, client, reporter = make()
         reporter.startService()
         advance(self.clock, 25)
         self.assertEqual([t for t, _ in client.statuses], [0, 10, 20])
@@ -93,7 +93,7 @@ class CadenceTests(SynchronousTestCase):
     def test_nothing_lost_while_the_autoscaler_is_down(self):
         """Failed sends keep the window and the deletes; retries back off (1, 2, 4 s); the
         first delivered report carries everything."""
-        self.clock, state, metrics, client, reporter = make()
+        self.clock, _state, metrics, client, reporter = make()
         client.answers = [fail(ConnectionRefusedError()) for _ in range(3)]
         metrics.finish(metrics.start(10, 1), Outcome.SERVED)
         metrics.reject(4, 2)
@@ -112,7 +112,7 @@ class CadenceTests(SynchronousTestCase):
 
     def test_failed_deletes_are_kept(self):
         """A failed /delete_requests/ keeps its entries for the next try."""
-        self.clock, state, metrics, client, reporter = make()
+        self.clock, _state, metrics, client, reporter = make()
         reporter.startService()
         metrics.reject(1, 9)
         client.answers = [succeed("a"), fail(ConnectionRefusedError())]
@@ -126,7 +126,7 @@ class CadenceTests(SynchronousTestCase):
     def test_hung_autoscaler_blocks_neither_requests_nor_the_beat(self):
         """While a send hangs, ticks do not pile up sends and requests are recorded as
         usual; once it ends, the next report carries what happened meanwhile."""
-        self.clock, state, metrics, client, reporter = make()
+        self.clock, _state, metrics, client, reporter = make()
         hung: Deferred[str] = Deferred()
         client.answers = [hung]
         reporter.startService()
@@ -142,7 +142,7 @@ class CadenceTests(SynchronousTestCase):
 
     def test_stop_waits_for_the_send_in_flight(self):
         """Stopping waits for a send in flight (bounded by the client's timeout)."""
-        self.clock, state, metrics, client, reporter = make()
+        self.clock, _state, _metrics, client, reporter = make()
         hung: Deferred[str] = Deferred()
         client.answers = [hung]
         reporter.startService()
