@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeBackend
+from tests.fakes import FakeAutoscaler, FakeBackend
 from tests.helpers import (
     RawClient,
     SignedWorker,
@@ -19,11 +19,25 @@ from tests.helpers import (
     listen,
     raw_connect,
     raw_request,
+    spawn,
     start_signed_worker,
+    start_worker,
+    twistd_command,
     until,
 )
-from vespa.signing import generate_private_key, public_pem
+from vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
+from vespa.signing import generate_private_key, public_pem, sign
+from vespa.tap import build_worker
 from vespa.worker.gate import blocked, path_forms
+
+AUTH = {
+    "cost": 10.0,
+    "endpoint": "my-endpoint",
+    "reqnum": 3,
+    "request_idx": 98765,
+    "signature": "",
+    "url": "",
+}
 
 
 def query(auth: dict) -> str:
@@ -245,3 +259,88 @@ class BlockedPathTests(SynchronousTestCase):
         self.assertEqual(blocked(b"/debug/x", ("/admin*", "/debug/*")), "/debug/*")
         self.assertIsNone(blocked(b"/Admin", ("/admin*",)))
         self.assertIsNone(blocked(b"/admin", ()))
+
+
+class UnsecuredTests(TestCase):
+    async def test_envelope_unwrapped_rest_passes(self):
+        """UNSECURED: an envelope is unwrapped without a signature check; any other body
+        and query string pass through untouched; nothing reports without REPORT_ADDR."""
+        backend = FakeBackend(reactor)
+        url, service = start_worker(self, listen(self, backend))
+        self.assertIsNone(service.reporter)
+        http = http_client(self)
+        envelope = {"auth_data": {**AUTH, "signature": "bogus"}, "payload": {"p": 1}}
+        response = await http.post(url + "/a", data=json.dumps(envelope).encode())
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(backend.seen[-1].body), {"p": 1})
+        response = await http.post(url + "/b?serverless_cost=1", data=b'{"p": 2}')
+        self.assertEqual(response.code, 200)
+        self.assertEqual(backend.seen[-1].body, b'{"p": 2}')
+        self.assertEqual(backend.seen[-1].uri, b"/b?serverless_cost=1")
+
+
+class StartupTests(SynchronousTestCase):
+    def test_secured_without_report_addr_stops(self):
+        """A secured worker without REPORT_ADDR refuses to start with one clear line."""
+        with self.assertRaises(SettingsError) as caught:
+            check_protocol(Settings())
+        self.assertIn("set REPORT_ADDR, or UNSECURED=true", str(caught.exception))
+        self.assertRaises(SettingsError, build_worker, Settings(), reactor)
+        check_protocol(Settings(unsecured=True))
+
+    def test_verify_url_needs_the_public_url(self):
+        """VERIFY_URL without PUBLIC_IPADDR/VAST_TCP_PORT_<port> is a settings error."""
+        vast = VastEnvironment(report_addrs=("http://a",))
+        with self.assertRaises(SettingsError) as caught:
+            check_protocol(Settings(verify_url=True, vast=vast))
+        self.assertIn("VAST_TCP_PORT_3000", str(caught.exception))
+
+
+class TwistdTests(TestCase):
+    timeout = 60
+
+    async def test_vast_environment_end_to_end(self):
+        """`twistd vespa` with the Vast variables: fetches the key from REPORT_ADDR (the
+        second of two), accepts only signed requests, and reports its URL and id."""
+        key = generate_private_key()
+        autoscaler = FakeAutoscaler(public_pem(key))
+        backend = FakeBackend(reactor)
+        env = {
+            "REPORT_ADDR": "http://127.0.0.1:9," + listen(self, autoscaler),
+            "MASTER_TOKEN": "mtok-0123456789",
+            "CONTAINER_ID": "4242",
+            "PUBLIC_IPADDR": "203.0.113.7",
+            "WORKER_PORT": "3000",
+            "VAST_TCP_PORT_3000": "43000",
+        }
+        process = spawn(
+            self,
+            twistd_command(
+                "-n",
+                "--pidfile=",
+                "vespa",
+                "--backend-url",
+                listen(self, backend),
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ),
+            env,
+        )
+        match = await process.wait_for(rb"QuietSite starting on (\d+)")
+        await process.wait_for(rb"autoscaler public key loaded")
+        url = f"http://127.0.0.1:{int(match.group(1))}"
+        auth = {**AUTH, "url": "http://203.0.113.7:43000"}
+        auth["signature"] = sign(key, auth, "url")
+        http = http_client(self)
+        response = await http.post(
+            url + "/x", data=json.dumps({"auth_data": auth, "payload": {}}).encode()
+        )
+        self.assertEqual(response.code, 200)
+        response = await http.post(url + "/x", data=b'{"payload": {}}')
+        self.assertEqual(response.code, 422)
+        self.assertEqual(len(backend.seen), 1)
+        await until(lambda: autoscaler.deleted() == {AUTH["request_idx"]: True})
+        status = autoscaler.statuses[-1]
+        self.assertEqual((status["id"], status["url"]), (4242, "http://203.0.113.7:43000"))
+        await process.wait_for(rb"reporting to the autoscaler at .* \(mtoken mtok\.\.\.\)")
+        self.assertNotIn(b"0123456789", process.output)  # the token is never logged

@@ -25,6 +25,9 @@ class FakeClient:
         self.answers: list[Deferred[str]] = []
         self.clock: Clock | None = None
 
+    def describe(self) -> str:
+        return "http://a"
+
     def _answer(self) -> Deferred[str]:
         return self.answers.pop(0) if self.answers else succeed("http://a")
 

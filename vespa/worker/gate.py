@@ -24,13 +24,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from vespa.headers import forwarded_request_headers
 from vespa.relay import BytesProducer, Outcome, RelayResult
 from vespa.signing import verify
 from vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vespa.worker.autoscaler import PublicKeyStore
 from vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap
 from vespa.worker.metrics import WorkerMetrics, outcome_of
-from vespa.worker.resource import Forward, Rejection, passthrough
+from vespa.worker.resource import Forward, Rejection, client_address, passthrough
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
 JSON = b"application/json"
@@ -246,10 +247,15 @@ class SignedGate:
         return forward
 
     def _forward(self, request: Request, unwrapped: Unwrapped) -> Forward:
-        forward = passthrough(request, self._cooperator)
-        forward.target = unwrapped.target
-        forward.headers.removeHeader(AUTH_HEADER)
-        if unwrapped.body is not None:
-            forward.headers.setRawHeaders(b"content-type", [JSON])
-            forward.body = BytesProducer(unwrapped.body)
-        return forward
+        """The backend request: the client's, minus the auth; an envelope's payload as body."""
+        if unwrapped.body is None:
+            forward = passthrough(request, self._cooperator)
+            forward.headers.removeHeader(AUTH_HEADER)
+            forward.target = unwrapped.target
+            return forward
+        scheme = b"https" if request.isSecure() else b"http"
+        headers = forwarded_request_headers(
+            request.requestHeaders, client_address(request), scheme, frozenset({AUTH_HEADER})
+        )
+        headers.setRawHeaders(b"content-type", [JSON])
+        return Forward(unwrapped.target, headers, BytesProducer(unwrapped.body))

@@ -56,6 +56,7 @@ class MetricsReporter(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._log.info("reporting to the autoscaler at {where}", where=self._client.describe())
         self._loop.start(self._interval, now=True)
 
     def stopService(self) -> Deferred[None]:
