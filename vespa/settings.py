@@ -284,7 +284,7 @@ OPTIONS: tuple[Option, ...] = (
         "max-wait-time",
         parse_seconds,
         "10",
-        "Reject with 429 when the estimated queue wait exceeds this many seconds.",
+        "Reject with 429 when the estimated queue wait exceeds this many seconds (0 = off).",
     ),
     Option(
         "allow_parallel",
