@@ -29,7 +29,7 @@ def workload(cost: float, default_cost: float | None) -> float:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass
 class TooBusy(Exception):
     """The estimated wait exceeds MAX_WAIT_TIME: 429."""
 

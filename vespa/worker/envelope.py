@@ -60,7 +60,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class AuthError(Exception):
     """The request's auth form is malformed: 400 (query/header) or 422 (envelope)."""
 
