@@ -93,6 +93,13 @@ class ClientTests(TestCase):
             ],
         )
 
+    def test_deletes_skip_the_legacy_address(self):
+        """/delete_requests/ never goes to the old https://cloud.vast.ai/api/v0 address;
+        reports may."""
+        client = self.client(["https://cloud.vast.ai/api/v0/", "http://b"])
+        self.assertEqual(client.addrs, ("https://cloud.vast.ai/api/v0", "http://b"))
+        self.assertEqual(client.delete_addrs, ("http://b",))
+
     async def test_delete_bodies_list(self):
         """List form: one POST with every request, its status and timings."""
         fake = FakeAutoscaler()

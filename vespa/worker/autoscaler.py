@@ -24,6 +24,8 @@ from vespa.signing import load_public_key
 from vespa.worker.envelope import dump_json, loads
 from vespa.worker.metrics import Finished
 
+# The old Redis-backed address: reports may go there, /delete_requests/ never (PROTOCOL 4.6).
+LEGACY_ADDR = "https://cloud.vast.ai/api/v0"
 JSON_HEADERS = Headers({b"Content-Type": [b"application/json"]})
 
 
@@ -64,6 +66,7 @@ class AutoscalerClient:
         self._http = http
         self._clock = clock
         self.addrs = tuple(addr.rstrip("/") for addr in addrs)
+        self.delete_addrs = tuple(addr for addr in self.addrs if addr != LEGACY_ADDR)
         self._token = master_token
         self._worker_id = worker_id or 0
         self._timeout = timeout
@@ -87,10 +90,12 @@ class AutoscalerClient:
         d.addTimeout(self._timeout, self._clock)
         return await d
 
-    async def _first_ok(self, method: str, path: str, bodies: Sequence[bytes | None]) -> str:
-        """Send ``bodies`` (all of them) to the first address that takes every one."""
+    async def _first_ok(
+        self, method: str, path: str, bodies: Sequence[bytes | None], addrs: Sequence[str]
+    ) -> str:
+        """Send ``bodies`` (all of them) to the first of ``addrs`` that takes every one."""
         problems = []
-        for addr in self.addrs:
+        for addr in addrs:
             try:
                 for body in bodies:
                     code, _ = await self._call(method, addr + path, body)
@@ -106,7 +111,9 @@ class AutoscalerClient:
 
     def post_status(self, body: dict[str, Any]) -> Deferred[str]:
         """POST /worker_status/; fires with the address that took it."""
-        return Deferred.fromCoroutine(self._first_ok("POST", "/worker_status/", [dump_json(body)]))
+        return Deferred.fromCoroutine(
+            self._first_ok("POST", "/worker_status/", [dump_json(body)], self.addrs)
+        )
 
     def delete_bodies(self, entries: Sequence[Finished]) -> list[bytes]:
         """The /delete_requests/ bodies for ``entries`` in the configured form (PROTOCOL 4.6)."""
@@ -134,7 +141,8 @@ class AutoscalerClient:
     def post_deletes(self, entries: Sequence[Finished]) -> Deferred[str]:
         """POST /delete_requests/ for ``entries``, all bodies to the same address."""
         bodies: list[bytes | None] = list(self.delete_bodies(entries))
-        return Deferred.fromCoroutine(self._first_ok("POST", "/delete_requests/", bodies))
+        sending = self._first_ok("POST", "/delete_requests/", bodies, self.delete_addrs)
+        return Deferred.fromCoroutine(sending)
 
     async def _pubkey(self) -> rsa.RSAPublicKey:
         problems = []

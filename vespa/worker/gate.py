@@ -222,9 +222,9 @@ class SignedGate:
                 {"estimated_wait": round(busy.wait, 3), "max_wait_time": busy.limit},
                 work,
             ) from None
-        token = self._metrics.start(work, request_idx)
         forward = self._forward(request, unwrapped)
         forward.workload = work
+        token = self._metrics.start(work, request_idx)
         slot = self._admission.acquire()
         if isinstance(slot, Slot):
             return self._admitted(slot, forward, token)
