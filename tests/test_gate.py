@@ -174,6 +174,10 @@ class SignedRequestTests(TestCase):
         response = await self.post(worker, "/x", {"auth_data": worker.auth(), "payload": {}})
         self.assertEqual(response.code, 200)
         self.assertEqual(worker.autoscaler.pubkey_requests, 2)
+        forged = {**worker.auth(), "signature": worker.auth(reqnum=9)["signature"][::-1]}
+        response = await self.post(worker, "/x", {"auth_data": forged, "payload": {}})
+        self.assertEqual(response.code, 401)  # fetched again, still not signed: refused
+        self.assertEqual(worker.autoscaler.pubkey_requests, 3)
 
     async def test_hardening(self):
         """VERIFY_URL refuses a signature for another worker's URL; REPLAY_WINDOW refuses the
