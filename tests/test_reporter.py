@@ -154,6 +154,15 @@ class CadenceTests(SynchronousTestCase):
         hung.callback("a")
         self.successResultOf(stopped)
 
+    def test_stop_sends_what_is_left(self):
+        """Stopping sends what happened since the last report (the end of a drain)."""
+        self.clock, _state, metrics, client, reporter = make()
+        reporter.startService()
+        metrics.finish(metrics.start(4, 8), Outcome.SERVED)
+        self.stop(reporter)
+        self.assertEqual(client.statuses[-1][1]["cur_perf"], 4)
+        self.assertEqual([e.request_idx for e in client.deletes[-1]], [8])
+
     def test_send_now(self):
         """send_now() reports at once (after a send in flight), for the drain."""
         self.clock, state, metrics, client, reporter = make()

@@ -21,10 +21,11 @@ from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, loa
 from vespa.worker.admission import Admission
 from vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
 from vespa.worker.gate import SignedGate
+from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vespa.worker.metrics import WorkerMetrics
 from vespa.worker.reporter import MetricsReporter
 from vespa.worker.resource import Observer, QuietSite, WorkerResource
-from vespa.worker.service import WorkerService
+from vespa.worker.service import DrainHook, WorkerService
 from vespa.worker.state import WorkerState
 
 
@@ -57,7 +58,6 @@ class Options(usage.Options):
         flags["listen"] = " ".join(self["listen"]) or None
         try:
             self.settings = load_settings(flags)
-            check_protocol(self.settings)
         except SettingsError as e:
             # One clear line and a non-zero exit, before anything listens.
             raise SystemExit(f"vespa: {e}") from None
@@ -69,7 +69,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as installed  # twistd has installed it by now
 
         reactor = installed
-    return build_worker(options.settings, reactor)
+    try:
+        return build_worker(options.settings, reactor)
+    except SettingsError as e:
+        raise SystemExit(f"vespa: {e}") from None
 
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
@@ -119,16 +122,24 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.replay_window,
     )
     resource = WorkerResource(
-        gate, agent, clock, settings.backend_url, settings.request_timeout, observers
+        ReadinessGate(gate, state),
+        agent,
+        clock,
+        settings.backend_url,
+        settings.request_timeout,
+        observers,
     )
     site = QuietSite(resource)
-    service = WorkerService(clock, pool, site, state)
+    service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = metrics
     service.control_pool = control_pool
+    build_lifecycle(settings, reactor, state).setServiceParent(service)
     for child in children:
         child.setServiceParent(cast(IServiceCollection, service))
         if isinstance(child, MetricsReporter):
             service.reporter = child
+            # The autoscaler learns of the drain at once.
+            service.add_drain_hook(cast(DrainHook, child.send_now))
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")

@@ -60,9 +60,16 @@ class MetricsReporter(Service):
         self._loop.start(self._interval, now=True)
 
     def stopService(self) -> Deferred[None]:
+        """Stop the beat; send what is still unsent (requests that ended during the drain)
+        once more, bounded by the client's timeout."""
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        return self._idle_now().addCallback(lambda _: self._last_send())
+
+    def _last_send(self) -> Deferred[None]:
+        if self._metrics.changed or self._metrics.finished:
+            self._start(True)
         return self._idle_now()
 
     def _idle_now(self) -> Deferred[None]:
