@@ -252,6 +252,24 @@ class SignedRequestTests(TestCase):
         )
 
 
+class DrainReportTests(TestCase):
+    async def test_drain_reports_before_exit(self):
+        """Stopping the worker reports what the beat has not sent yet (here the beat is
+        60 s): the served workload and the request_idx for /delete_requests/."""
+        backend = FakeBackend(reactor)
+        worker = await start_signed_worker(self, listen(self, backend), report_interval=60.0)
+        await until(lambda: len(worker.autoscaler.statuses) == 1)  # the report at start
+        envelope = {"auth_data": worker.auth(cost=3.0, request_idx=42), "payload": {}}
+        response = await http_client(self).post(
+            worker.url + "/x", data=json.dumps(envelope).encode()
+        )
+        self.assertEqual(response.code, 200)
+        await response.content()
+        await worker.service.stopService()
+        self.assertEqual(sum(s["cur_perf"] for s in worker.autoscaler.statuses), 3.0)
+        self.assertEqual(worker.autoscaler.deleted(), {42: True})
+
+
 class BlockedPathTests(SynchronousTestCase):
     def test_path_forms(self):
         """Raw, decoded and normalised forms of a path are all checked."""
