@@ -63,14 +63,19 @@ class Options(usage.Options):
             raise SystemExit(f"vespa: {e}") from None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """twistd's entry point: the worker described by the parsed options."""
+def installed_reactor(reactor: Any = None) -> Any:
+    """``reactor``, else the one twistd has installed by the time it calls makeService."""
     if reactor is None:
-        from twisted.internet import reactor as installed  # twistd has installed it by now
+        from twisted.internet import reactor as installed
 
         reactor = installed
+    return reactor
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point: the worker described by the parsed options."""
     try:
-        return build_worker(options.settings, reactor)
+        return build_worker(options.settings, installed_reactor(reactor))
     except SettingsError as e:
         raise SystemExit(f"vespa: {e}") from None
 
