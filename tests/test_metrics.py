@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from vespa.emulator.checks import delete_problems, report_problems
 from vespa.relay import Outcome, RelayResult
 from vespa.settings import VastEnvironment
+from vespa.worker.autoscaler import AutoscalerClient
 from vespa.worker.metrics import WorkerMetrics, outcome_of
 from vespa.worker.state import WorkerState
 
@@ -139,3 +143,24 @@ class MetricsTests(SynchronousTestCase):
         metrics.finish(metrics.start(1, None), Outcome.SERVED)
         self.assertEqual(len(metrics.finished), 0)
         self.assertEqual(metrics.report().body["cur_perf"], 1)
+
+
+class ConformanceTests(SynchronousTestCase):
+    def test_bodies_pass_the_emulator_checks(self):
+        """Reports and both /delete_requests/ forms pass the autoscaler emulator's
+        conformance checks (PROTOCOL 4.2, 4.6), busy or idle."""
+        _, state, metrics, _ = make()
+        self.assertEqual(report_problems(metrics.report().body), [])
+        state.mark_loaded(1.5, 20.0)
+        tokens = [metrics.start(0.1, idx) for idx in range(3)]
+        self.assertEqual(report_problems(metrics.report().body), [])
+        for token, outcome in zip(
+            tokens, (Outcome.SERVED, Outcome.ERRORED, Outcome.CANCELLED), strict=True
+        ):
+            metrics.finish(token, outcome)
+        metrics.reject(2, 9)
+        self.assertEqual(report_problems(metrics.report().body), [])
+        for form in ("batches", "list"):
+            client = AutoscalerClient(None, None, ("http://a",), "t", 4242, delete_format=form)
+            for body in client.delete_bodies(list(metrics.finished)):
+                self.assertEqual(delete_problems(json.loads(body)), [])

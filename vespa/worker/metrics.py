@@ -214,7 +214,7 @@ class WorkerMetrics:
             "mtoken": self._vast.master_token,
             "version": self._version,
             "loadtime": state.loadtime if state.loaded else 0.0,
-            "cur_load": self.load,
+            "cur_load": max(self.load, 0.0),  # never a rounding -0.0000001
             "rej_load": window.rejected,
             "new_load": max(window.received - window.cancelled, 0.0),
             "error_msg": state.error_msg,
