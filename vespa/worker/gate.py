@@ -135,19 +135,20 @@ class SignedGate:
                 "{uri} refused: {error}: {detail}", uri=request.uri, error=e.error, detail=e.detail
             )
             raise Rejection(e.code, e.error, e.detail, extra=e.extra) from None
-        if self._keys is None or unwrapped.auth is None:
-            if self._keys is not None:
-                raise Rejection(
-                    401,
-                    "signature required",
-                    "send auth_data in the JSON envelope, the X-Serverless-Auth header "
-                    "or serverless_* query parameters",
-                )
-            return self._admit(request, unwrapped)
-        return self._verified(request, unwrapped, self._keys)
+        keys = self._keys
+        if keys is None:
+            return self._admit(request, unwrapped)  # unsecured: nothing to check
+        if unwrapped.auth is None:
+            raise Rejection(
+                401,
+                "signature required",
+                "send auth_data in the JSON envelope, the X-Serverless-Auth header "
+                "or serverless_* query parameters",
+            )
+        return self._verified(request, unwrapped, keys)
 
     def _verified(
-        self, request: Request, unwrapped: Unwrapped, keys: PublicKeyStore
+        self, request: Request, unwrapped: Unwrapped, keys: PublicKeyStore, refresh: bool = True
     ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         assert auth is not None
@@ -158,22 +159,15 @@ class SignedGate:
                 "the autoscaler's public key has not been fetched yet",
                 {b"retry-after": KEY_RETRY_AFTER},
             )
-        if verify(keys.key, auth, self._shapes) is None:
-            if not keys.stale():
-                raise self._bad_signature(request, auth)
+        if verify(keys.key, auth, self._shapes) is not None:
+            return self._hardened(request, unwrapped)
+        if refresh and keys.stale():
             # Maybe the key was rotated: fetch it again, then check once more.
             refreshed = keys.refresh()
-            return refreshed.addCallback(lambda _: self._verified_again(request, unwrapped, keys))
-        return self._hardened(request, unwrapped)
-
-    def _verified_again(
-        self, request: Request, unwrapped: Unwrapped, keys: PublicKeyStore
-    ) -> Forward | Deferred[Forward]:
-        auth = unwrapped.auth
-        assert auth is not None
-        if keys.key is None or verify(keys.key, auth, self._shapes) is None:
-            raise self._bad_signature(request, auth)
-        return self._hardened(request, unwrapped)
+            return refreshed.addCallback(
+                lambda _: self._verified(request, unwrapped, keys, refresh=False)
+            )
+        raise self._bad_signature(request, auth)
 
     def _bad_signature(self, request: Request, auth: dict[str, object]) -> Rejection:
         self._log.info(
