@@ -77,7 +77,7 @@ def start_worker(
     """A worker with the given settings in front of ``backend_url``; returns (url, service).
     With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
     and serves at once; by default its drain at the end of the test does not wait."""
-    changes = {"unsecured": True, "drain_timeout": 0.0, **changes}
+    changes = {"unsecured": True, "drain_timeout": 0.0, "admin_listen": "", **changes}
     settings = dataclasses.replace(Settings(), backend_url=backend_url, listen=(), **changes)
     service = build_worker(settings, reactor)
     if loaded:
@@ -229,11 +229,13 @@ def spawn_worker(
     twistd: tuple[str, ...] = (),
 ) -> ProcessWatcher:
     """``twistd [twistd] -n vespa --backend-url URL [flags]`` on a free port of 127.0.0.1,
-    unsecured unless ``env`` says otherwise; see :func:`worker_url`."""
+    unsecured and without admin listener unless ``env`` says otherwise; see :func:`worker_url`."""
     args = (*twistd, "-n", "--pidfile=", "vespa", "--backend-url", backend_url)
     listen_on = ("--listen", "tcp:0:interface=127.0.0.1")
     return spawn(
-        test, twistd_command(*args, *listen_on, *flags), {"UNSECURED": "true", **(env or {})}
+        test,
+        twistd_command(*args, *listen_on, *flags),
+        {"UNSECURED": "true", "ADMIN_LISTEN": "none", **(env or {})},
     )
 
 

@@ -16,8 +16,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from vespa import __version__
 from vespa.logs import log_access
+from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vespa.worker import admin
 from vespa.worker.admission import Admission
 from vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
 from vespa.worker.gate import SignedGate
@@ -87,14 +89,16 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     pool = backend_pool(reactor)
     agent = Agent(reactor, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     state = WorkerState(started=clock.seconds())
+    metrics = admin.WorkerMetrics(state, clock)
+    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     vast = settings.vast
-    metrics = WorkerMetrics(clock, state, vast, __version__, _disk_used)
+    load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
     concurrency = settings.max_concurrency if settings.allow_parallel else 1
     admission = Admission(
-        lambda: metrics.load, lambda: state.max_perf, settings.max_wait_time, concurrency
+        lambda: load.load, lambda: state.max_perf, settings.max_wait_time, concurrency
     )
+    _register_load_metrics(metrics, load, admission)
     children: list[IService] = []
     client = None
     control_pool = None
@@ -108,8 +112,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
             vast.container_id,
             delete_format=settings.delete_requests_format,
         )
-        reporter = MetricsReporter(clock, metrics, client, settings.report_interval)
-        children.append(reporter)
+        children.append(MetricsReporter(clock, load, client, settings.report_interval))
     keys = None
     if not settings.unsecured:
         assert client is not None  # check_protocol: REPORT_ADDR is set
@@ -118,7 +121,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     gate = SignedGate(
         keys,
         admission,
-        metrics,
+        load,
         cooperator,
         settings.signature_shapes,
         settings.default_cost,
@@ -132,13 +135,15 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         clock,
         settings.backend_url,
         settings.request_timeout,
-        observers,
+        (*observers, metrics.observe),
     )
     site = QuietSite(resource)
+    metrics.count_connections(site)
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
-    service.metrics = metrics
+    service.metrics = load
     service.control_pool = control_pool
-    build_lifecycle(settings, reactor, state).setServiceParent(service)
+    lifecycle = build_lifecycle(settings, reactor, state)
+    lifecycle.setServiceParent(service)
     for child in children:
         child.setServiceParent(cast(IServiceCollection, service))
         if isinstance(child, MetricsReporter):
@@ -149,7 +154,45 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
+    metrics.lag_sampler().setServiceParent(service)
+    if settings.admin_listen:
+        admin_site = admin.AdminSite(metrics, state)
+        listener = strports.service(settings.admin_listen, admin_site, reactor=reactor)
+        listener.setName("admin")
+        listener.setServiceParent(service)
+    notifier = SystemdNotifier(settings.systemd.notify_socket)
+    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec)
+    systemd.setName("systemd")
+    systemd.setServiceParent(service)
+    lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
+    service.add_drain_hook(notifier.stopping)
     return service
+
+
+def _register_load_metrics(
+    metrics: admin.WorkerMetrics, load: WorkerMetrics, admission: Admission
+) -> None:
+    """The serverless figures on /metrics, read at scrape time."""
+    metrics.register_gauge(
+        "vespa_workload_in_flight",
+        "Workload of admitted requests, queued ones included (cur_load).",
+        lambda: load.load,
+    )
+    metrics.register_gauge(
+        "vespa_requests_queued",
+        "Requests waiting for a concurrency slot.",
+        lambda: admission.queued,
+    )
+    metrics.register_gauge(
+        "vespa_estimated_wait_seconds",
+        "Workload in flight over max_perf: what MAX_WAIT_TIME is compared with.",
+        admission.estimated_wait,
+    )
+    metrics.register_gauge(
+        "vespa_pending_deletes",
+        "Finished request_idx not yet delivered to /delete_requests/.",
+        lambda: len(load.finished),
+    )
 
 
 def _disk_used() -> int:

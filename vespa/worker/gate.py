@@ -197,7 +197,7 @@ class SignedGate:
         auth = unwrapped.auth
         request_idx = None
         if auth is None:
-            work = self._default_cost or 1.0
+            work = 0.0  # unsecured and not a serverless request: no workload to account
         else:
             request_idx = auth["request_idx"]
             try:
