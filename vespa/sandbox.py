@@ -92,7 +92,7 @@ def worker_settings(
         backend_url=backend_url,
         worker_port=port,
         listen=(_listen(port),),
-        admin_listen="none",  # several workers in one process: no shared admin port
+        admin_listen="",  # several workers in one process: no shared admin port
         unsecured=False,
         signature_shapes=(config.shape,),  # a signature in the other shape would be a 401
         backend="openai",
