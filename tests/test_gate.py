@@ -20,11 +20,11 @@ from tests.helpers import (
     listen,
     raw_connect,
     raw_request,
-    spawn,
+    spawn_worker,
     start_signed_worker,
     start_worker,
-    twistd_command,
     until,
+    worker_url,
 )
 from vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
 from vespa.signing import generate_private_key, public_pem, sign
@@ -334,6 +334,7 @@ class TwistdTests(TestCase):
             f.write("1000.0\n")  # a cached benchmark result: no benchmark run needed
         env = {
             "BENCHMARK_CACHE_FILE": cache,
+            "UNSECURED": "false",
             "REPORT_ADDR": "http://127.0.0.1:9," + listen(self, autoscaler),
             "MASTER_TOKEN": "mtok-0123456789",
             "CONTAINER_ID": "4242",
@@ -341,23 +342,10 @@ class TwistdTests(TestCase):
             "WORKER_PORT": "3000",
             "VAST_TCP_PORT_3000": "43000",
         }
-        process = spawn(
-            self,
-            twistd_command(
-                "-n",
-                "--pidfile=",
-                "vespa",
-                "--backend-url",
-                listen(self, backend),
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-            ),
-            env,
-        )
-        match = await process.wait_for(rb"QuietSite starting on (\d+)")
+        process = spawn_worker(self, listen(self, backend), env=env)
+        url = await worker_url(process)
         await process.wait_for(rb"autoscaler public key loaded")
         await process.wait_for(rb"worker loaded")
-        url = f"http://127.0.0.1:{int(match.group(1))}"
         auth = {**AUTH, "url": "http://203.0.113.7:43000"}
         auth["signature"] = sign(key, auth, "url")
         http = http_client(self)
