@@ -26,6 +26,7 @@ from tests.helpers import (
     until,
     worker_url,
 )
+from tests.test_admin import samples
 from vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
 from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
@@ -282,6 +283,36 @@ class BlockedPathTests(SynchronousTestCase):
         self.assertEqual(blocked(b"/debug/x", ("/admin*", "/debug/*")), "/debug/*")
         self.assertIsNone(blocked(b"/Admin", ("/admin*",)))
         self.assertIsNone(blocked(b"/admin", ()))
+
+
+class AdminGaugeTests(TestCase):
+    async def test_serverless_gauges(self):
+        """/metrics shows the workload in flight, the queue, the wait estimate and the
+        request ids waiting for /delete_requests/."""
+        backend = FakeBackend(reactor)
+        worker = await start_signed_worker(
+            self,
+            listen(self, backend),
+            admin_listen="tcp:0:interface=127.0.0.1",
+            allow_parallel=False,
+            report_interval=60.0,
+        )
+        admin = listen(self, worker.service.getServiceNamed("admin").factory)
+        http = http_client(self)
+        envelope = {"auth_data": worker.auth(cost=50.0, request_idx=5), "payload": {}}
+        held = http.post(worker.url + "/slow?delay=0.3", data=json.dumps(envelope).encode())
+        await until(lambda: len(backend.seen) == 1)
+        queued = http.post(worker.url + "/x", data=json.dumps(envelope).encode())
+        await until(lambda: len(worker.service.metrics.in_flight) == 2)
+        metrics = samples((await (await http.get(admin + "/metrics")).content()).decode())
+        self.assertEqual(metrics[("vespa_workload_in_flight", ())], 100.0)
+        self.assertEqual(metrics[("vespa_requests_queued", ())], 1)
+        self.assertEqual(metrics[("vespa_estimated_wait_seconds", ())], 1.0)  # 100 / max_perf 100
+        await (await held).content()
+        await (await queued).content()
+        metrics = samples((await (await http.get(admin + "/metrics")).content()).decode())
+        self.assertEqual(metrics[("vespa_workload_in_flight", ())], 0.0)
+        self.assertEqual(metrics[("vespa_pending_deletes", ())], 2)
 
 
 class UnsecuredTests(TestCase):
