@@ -69,16 +69,6 @@ def request_has_body(request: Request) -> bool:
     return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
 
 
-class PassthroughGate:
-    """Unsecured mode: every request goes to the backend as it came (minus hop-by-hop headers)."""
-
-    def __init__(self, cooperator: Cooperator) -> None:
-        self._cooperator = cooperator
-
-    def admit(self, request: Request) -> Forward:
-        return passthrough(request, self._cooperator)
-
-
 def passthrough(request: Request, cooperator: Cooperator) -> Forward:
     """The request as the client sent it: target, end-to-end headers and the body, byte for byte."""
     scheme = b"https" if request.isSecure() else b"http"
