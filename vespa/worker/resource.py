@@ -19,10 +19,11 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from vespa.headers import forwarded_request_headers
 from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
+from vespa.worker.limits import GuardedSite
 
 
 @dataclass
@@ -191,9 +192,9 @@ class WorkerResource(Resource):
             observer(request, result, forward)
 
 
-class QuietSite(Site):
-    """A Site without twisted.web's per-request access log (Vespa writes its own) and
-    without tracebacks in error pages."""
+class QuietSite(GuardedSite):
+    """A Site with Vespa's framing checks and limits (vespa.worker.limits), without
+    twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
 
     displayTracebacks = False
 
