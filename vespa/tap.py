@@ -15,6 +15,7 @@ from twisted.web.client import Agent
 from vespa.logs import log_access
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.limits import limits_from
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 from vespa.worker.state import WorkerState
@@ -67,7 +68,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     """Wire the worker's objects from its settings (tests call this directly)."""
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = Agent(reactor, pool=pool)
+    agent = Agent(reactor, connectTimeout=settings.backend_connect_timeout or None, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     resource = WorkerResource(
@@ -77,8 +78,10 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_url,
         settings.request_timeout,
         observers,
+        settings.backend_first_byte_timeout,
+        settings.backend_stall_timeout,
     )
-    site = QuietSite(resource)
+    site = QuietSite(resource, limits_from(settings), reactor=reactor)
     service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)

@@ -20,15 +20,17 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from vespa.relay import JSON, error_body
+from vespa.settings import Settings
 
 # Header values may carry visible characters, SP and HTAB only (RFC 9110 section 5.5); other
 # control bytes are what smuggling differentials between parsers are made of.
@@ -63,6 +65,18 @@ class Limits:
     head_timeout: float = 30.0  # seconds from a request's first byte to its last header
     min_body_rate: float = 1024.0  # bytes per second, averaged over BODY_RATE_WINDOW; 0 = off
     max_connections: int = 2048  # open client connections; 0 = no limit
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The client limits configured in ``settings``."""
+    return Limits(
+        settings.max_body_size,
+        settings.max_header_size,
+        settings.max_headers,
+        settings.head_timeout,
+        float(settings.min_body_rate),
+        settings.max_connections,
+    )
 
 
 class GuardedChannel(HTTPChannel):
@@ -101,7 +115,7 @@ class GuardedChannel(HTTPChannel):
                 [(b"retry-after", b"1")],
             )
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
             self._counted = False
             self.site.open_connections -= 1
@@ -145,9 +159,9 @@ class GuardedChannel(HTTPChannel):
             b"connection: close",
             *(name + b": " + value for name, value in headers),
         ]
-        transport = self.transport
+        transport = cast(Any, self.transport)  # a TCP or TLS transport
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self._networkProducer.unregisterProducer()
+        cast(Any, self._networkProducer).unregisterProducer()
         # Half-close and keep reading (and dropping) for a moment: closing with unread input
         # would send a reset that can destroy the answer before the client reads it.
         close_write = getattr(transport, "loseWriteConnection", None)

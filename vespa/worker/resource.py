@@ -102,8 +102,12 @@ class WorkerResource(Resource):
         backend_url: str,
         request_timeout: float = 0.0,
         observers: tuple[Observer, ...] = (),
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         super().__init__()
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
         self._gate = gate
         self._agent = agent
         self._clock = clock
@@ -146,6 +150,8 @@ class WorkerResource(Resource):
             forward.headers,
             forward.body,
             self._timeout,
+            self._first_byte_timeout,
+            self._stall_timeout,
         )
         proxied.start().addCallback(self._relayed, request, forward, started)
 
