@@ -9,7 +9,7 @@ or ``identity``, malformed chunk sizes and extensions, header names that are not
 in header values, malformed request lines and versions, and more than ``maxHeaders`` headers.
 This module adds what it lacks: other control characters in header values, obs-fold, duplicate
 or missing ``Host``, CONNECT/TRACE (405), 414/431/505 instead of a bare 400 or a silent close,
-a body size limit (413 before the body is read), an absolute deadline for the request head
+absolute-form targets, a body size limit (413 before the body is read), an absolute deadline for the request head
 (slowloris), a minimum body rate, and a cap on open client connections (503). Every refusal is
 a JSON error followed by closing the connection: after a framing error nothing that follows on
 the connection can be trusted.
@@ -223,7 +223,7 @@ class GuardedChannel(HTTPChannel):
         parts = line.split(b" ")
         if len(parts) != 3:
             return True  # twisted.web answers 400 for anything else
-        method, _, version = parts
+        method, target, version = parts
         if _VERSION.fullmatch(version) and version not in _SUPPORTED:
             self.refuse(505, "HTTP version not supported", "use HTTP/1.1")
             return False
@@ -234,6 +234,10 @@ class GuardedChannel(HTTPChannel):
                 f"{method.decode('ascii', 'replace')} is not relayed",
                 [(b"allow", ALLOW)],
             )
+            return False
+        if not target.startswith(b"/"):
+            # Absolute or asterisk form: the backend host is always BACKEND_URL.
+            self.refuse(400, "bad request target", "expected a path such as /v1/completions")
             return False
         return True
 
