@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Cooperator, deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -22,8 +22,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from vespa.relay import RelayResult, backend_pool
 from vespa.settings import Settings
 from vespa.tap import build_worker
+from vespa.worker.resource import PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +80,28 @@ def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str,
     url = listen(test, service.site)
     test.addCleanup(service.stopService)
     return url, service
+
+
+def observed_worker(
+    test: TestCase, backend_url: str, agent: Any = None, **timeouts: float
+) -> tuple[str, list[RelayResult]]:
+    """A passthrough WorkerResource on a QuietSite whose observer records every RelayResult;
+    returns (url, results). ``agent`` defaults to one with a persistent pool of its own."""
+    if agent is None:
+        pool = backend_pool(reactor)
+        test.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, connectTimeout=5, pool=pool)
+    results: list[RelayResult] = []
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    resource = WorkerResource(
+        PassthroughGate(cooperator),
+        agent,
+        reactor,
+        backend_url,
+        observers=(lambda request, result, forward: results.append(result),),
+        **timeouts,
+    )
+    return listen(test, QuietSite(resource)), results
 
 
 def http_client(test: TestCase) -> HTTPClient:

@@ -10,15 +10,14 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import fail, gatherResults
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, RequestNotSent, ResponseNeverReceived
 
 from tests.fakes import FakeBackend
-from tests.helpers import TrackingFactory, http_client, listen, raw_request
-from vespa.relay import Outcome, RelayResult, backend_pool
-from vespa.worker.resource import PassthroughGate, QuietSite, WorkerResource
+from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
+from vespa.relay import Outcome, backend_pool
+from vespa.worker.resource import QuietSite, WorkerResource
 
 
 class _FlakyAgent:
@@ -41,23 +40,16 @@ class BackendFaultTests(TestCase):
     def setUp(self):
         self.backend = FakeBackend(reactor)
         self.backend_url = listen(self, self.backend)
-        self.results: list[RelayResult] = []
         pool = backend_pool(reactor)
         self.addCleanup(pool.closeCachedConnections)
         self.agent = Agent(reactor, connectTimeout=5, pool=pool)
         self.http = http_client(self)
 
     def worker(self, backend_url=None, agent=None, **timeouts) -> str:
-        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-        resource = WorkerResource(
-            PassthroughGate(cooperator),
-            agent or self.agent,
-            reactor,
-            backend_url or self.backend_url,
-            observers=(lambda request, result, forward: self.results.append(result),),
-            **timeouts,
+        url, self.results = observed_worker(
+            self, backend_url or self.backend_url, agent or self.agent, **timeouts
         )
-        return listen(self, QuietSite(resource))
+        return url
 
     async def get(self, url: str) -> tuple[int, dict]:
         response = await self.http.get(url)
