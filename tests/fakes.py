@@ -200,3 +200,58 @@ class FakeBackend(Resource):
 
         send(0)
         return NOT_DONE_YET
+
+
+class FakeInferenceAPI(Resource):
+    """
+    The inference APIs the shipped benchmarks measure, answering at once:
+
+    - ``GET /v1/models``: one model, ``model_id``;
+    - ``POST /v1/chat/completions`` (OpenAI): ``usage.completion_tokens`` = ``max_tokens // 2``;
+    - ``POST /generate`` (TGI): a ``generated_text``;
+    - ``POST /generate/sync`` (ComfyUI JSON API wrapper): a completed job.
+
+    ``payloads`` records every JSON body; with ``fail_status`` set, every ``fail_every``-th
+    request (all of them by default) is answered with that status instead.
+    """
+
+    isLeaf = True
+
+    def __init__(self, model_id: str = "org/model-7b") -> None:
+        super().__init__()
+        self.model_id = model_id
+        self.payloads: list[tuple[bytes, dict]] = []
+        self.fail_status: int | None = None
+        self.fail_every = 1
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.path != b"/v1/models":
+            request.setResponseCode(404)
+            return b'{"error": "not found"}'
+        return json.dumps({"object": "list", "data": [{"id": self.model_id}]}).encode()
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        payload = json.loads(request.content.read())
+        self.payloads.append((request.path, payload))
+        request.setHeader(b"content-type", b"application/json")
+        if self.fail_status is not None and len(self.payloads) % self.fail_every == 0:
+            request.setResponseCode(self.fail_status)
+            return b'{"error": "overloaded"}'
+        if request.path == b"/v1/chat/completions":
+            tokens = payload["max_tokens"] // 2
+            answer = {
+                "object": "chat.completion",
+                "model": payload["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": tokens},
+            }
+        elif request.path == b"/generate":
+            answer = {"generated_text": "ok"}
+        elif request.path == b"/generate/sync":
+            answer = {"id": payload["input"]["request_id"], "status": "completed", "output": []}
+        else:
+            request.setResponseCode(404)
+            answer = {"error": "not found"}
+        return json.dumps(answer).encode()

@@ -70,12 +70,20 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     return f"http://127.0.0.1:{port.getHost().port}"
 
 
-def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str, WorkerService]:
-    """A worker with the given settings in front of ``backend_url``; returns (url, service)."""
+def start_worker(
+    test: TestCase, backend_url: str, loaded: bool = True, **changes: Any
+) -> tuple[str, WorkerService]:
+    """A worker with the given settings in front of ``backend_url``; returns (url, service).
+    With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
+    and serves at once; by default its drain at the end of the test does not wait."""
+    changes.setdefault("drain_timeout", 0.0)
     settings = dataclasses.replace(
         Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
     )
     service = build_worker(settings, reactor)
+    if loaded:
+        service.removeService(service.getServiceNamed("lifecycle"))
+        service.state.mark_loaded(reactor.seconds(), 0.0)
     service.startService()
     url = listen(test, service.site)
     test.addCleanup(service.stopService)
@@ -234,3 +242,25 @@ def spawn(test: TestCase, args: list[str], env: dict[str, str] | None = None) ->
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
     watcher.transport_ = transport  # type: ignore[attr-defined]
     return watcher
+
+
+def spawn_worker(
+    test: TestCase,
+    backend_url: str,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    twistd: tuple[str, ...] = (),
+) -> ProcessWatcher:
+    """``twistd [twistd] -n vespa --backend-url URL [flags]`` on a free port of 127.0.0.1,
+    unsecured unless ``env`` says otherwise; see :func:`worker_url`."""
+    args = (*twistd, "-n", "--pidfile=", "vespa", "--backend-url", backend_url)
+    listen_on = ("--listen", "tcp:0:interface=127.0.0.1")
+    return spawn(
+        test, twistd_command(*args, *listen_on, *flags), {"UNSECURED": "true", **(env or {})}
+    )
+
+
+async def worker_url(process: ProcessWatcher) -> str:
+    """The URL of a worker started by :func:`spawn_worker`, once it listens."""
+    match = await process.wait_for(rb"QuietSite starting on (\d+)")
+    return f"http://127.0.0.1:{int(match.group(1))}"

@@ -58,6 +58,17 @@ def backend_pool(reactor: Any) -> HTTPConnectionPool:
     return pool
 
 
+# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
+POOL_CLOSE_TIMEOUT = 5.0
+
+
+def close_pool(pool: HTTPConnectionPool, clock: IReactorTime) -> Deferred[None]:
+    """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
+    closed: Deferred[None] = pool.closeCachedConnections()
+    closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
+    return closed
+
+
 class Outcome(enum.Enum):
     """How a request ended; every request ends in exactly one."""
 
@@ -367,7 +378,7 @@ class ProxiedRequest:
             code, error, detail = 504, "backend timeout", "could not connect in time"
         else:
             code, error = 502, "backend unavailable"
-            detail = _describe(failure)
+            detail = describe_failure(failure)
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
@@ -401,7 +412,7 @@ def _inner(failure: Failure) -> Failure:
     return cast(Failure, inner[0]) if inner else failure
 
 
-def _describe(failure: Failure) -> str:
+def describe_failure(failure: Failure) -> str:
     """A short, user-facing description of why the backend call failed (no traceback)."""
     value = _inner(failure).value
     if isinstance(value, CancelledError):

@@ -15,6 +15,7 @@ from twisted.web.client import Agent
 from vespa.logs import log_access
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vespa.worker.limits import limits_from
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
 from vespa.worker.service import WorkerService
@@ -61,7 +62,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as installed  # twistd has installed it by now
 
         reactor = installed
-    return build_worker(options.settings, reactor)
+    try:
+        return build_worker(options.settings, reactor)
+    except SettingsError as e:
+        raise SystemExit(f"vespa: {e}") from None
 
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
@@ -71,8 +75,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     agent = Agent(reactor, connectTimeout=settings.backend_connect_timeout or None, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    state = WorkerState(started=clock.seconds())
     resource = WorkerResource(
-        PassthroughGate(cooperator),
+        ReadinessGate(PassthroughGate(cooperator), state),
         agent,
         clock,
         settings.backend_url,
@@ -82,7 +87,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_stall_timeout,
     )
     site = QuietSite(resource, limits_from(settings), reactor=reactor)
-    service = WorkerService(clock, pool, site, WorkerState(started=clock.seconds()))
+    service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
+    build_lifecycle(settings, reactor, state).setServiceParent(service)
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")

@@ -8,11 +8,11 @@ Content-Length headers, a non-digit Content-Length, a Transfer-Encoding other th
 or ``identity``, malformed chunk sizes and extensions, header names that are not tokens, NUL/CR/LF
 in header values, malformed request lines and versions, and more than ``maxHeaders`` headers.
 This module adds what it lacks: other control characters in header values, obs-fold, duplicate
-or missing ``Host``, CONNECT/TRACE (405), 414/431/505 instead of a bare 400 or a silent close,
-absolute-form targets, a body size limit (413 before the body is read), an absolute deadline for the request head
-(slowloris), a minimum body rate, and a cap on open client connections (503). Every refusal is
-a JSON error followed by closing the connection: after a framing error nothing that follows on
-the connection can be trusted.
+or missing ``Host``, absolute-form targets, CONNECT/TRACE (405), 414/431/505 instead of a bare
+400 or a silent close, a body size limit (413 before the body is read), an absolute deadline for
+the request head (slowloris), a minimum body rate, and a cap on open client connections (503).
+Every refusal is a JSON error followed by closing the connection: after a framing error nothing
+that follows on the connection can be trusted.
 """
 
 from __future__ import annotations

@@ -88,6 +88,44 @@ def passthrough(request: Request, cooperator: Cooperator) -> Forward:
     return Forward(request.uri, headers, body)
 
 
+class InFlight:
+    """The requests not answered yet (waiting for admission, relaying, streaming), so that a
+    shutdown can let them finish first."""
+
+    def __init__(self) -> None:
+        self.requests: set[Request] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def add(self, request: Request) -> None:
+        self.requests.add(request)
+        request.notifyFinish().addBoth(self._finished, request)
+
+    def _finished(self, _: object, request: Request) -> None:
+        self.requests.discard(request)
+        if not self.requests:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (at once if none is)."""
+        waiter: Deferred[None] = Deferred()
+        if self.requests:
+            self._idle.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def abort(self) -> int:
+        """Cut the connections of the requests still in flight; returns how many."""
+        requests = list(self.requests)
+        for request in requests:
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return len(requests)
+
+
 class WorkerResource(Resource):
     """Every method, every path: gate, then relay to the backend, then tell the observers."""
 
@@ -114,9 +152,11 @@ class WorkerResource(Resource):
         self._backend = backend_url.encode("ascii")
         self._timeout = request_timeout
         self._observers = observers
+        self.in_flight = InFlight()
 
     def render(self, request: Request) -> int:
         request.defaultContentType = None  # never invent a Content-Type for the backend's body
+        self.in_flight.add(request)
         started = self._clock.seconds()
         if not request.uri.startswith(b"/"):
             # Absolute-form or asterisk-form targets: the backend host is always BACKEND_URL.
