@@ -169,7 +169,7 @@ async def run(minutes: float, concurrency: int) -> int:
     )
     watcher = ProcessWatcher()
     process = reactor.spawnProcess(watcher, args[0], args, env=dict(os.environ), path=workdir)
-    await watcher.wait_for(rb"Site starting on|starting on %d" % port)
+    await watcher.wait_for(rb"worker loaded in")
     url = f"http://127.0.0.1:{port}"
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = concurrency
