@@ -133,6 +133,11 @@ class ClockedLimitTests(SynchronousTestCase):
         self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
         self.assertNotIn(b"100 Continue", transport.value())
 
+    def test_tls_never_negotiates_h2(self):
+        """Over TLS only HTTP/1.1 is offered (ALPN), even with the h2 package installed: every
+        connection goes through the checks above."""
+        self.assertEqual(GuardedSite(_Recorder()).acceptableProtocols(), [b"http/1.1"])
+
     def test_settings_reach_the_limits(self):
         """The MAX_* / *_TIMEOUT / MIN_BODY_RATE options end up in the worker's limits."""
         settings = load_settings(

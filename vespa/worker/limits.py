@@ -360,3 +360,7 @@ class GuardedSite(Site):
         self.limits = limits or Limits()
         self.open_connections = 0
         self.refusals: Counter[str] = Counter()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """Over TLS, offer HTTP/1.1 only (ALPN): the limits above are HTTP/1.1 limits."""
+        return [b"http/1.1"]
