@@ -102,7 +102,7 @@ async def malformed(s: Soak) -> str:
             b"Transfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: s\r\nX-A: a\x01b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: s\r\nX-A: a\r\n b\r\n\r\n",
-            b"GET http://evil/ HTTP/1.1\r\nHost: s\r\n\r\n",
+            b"GET http://evil/ HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
         ]
     )
     raw = await raw_request(s.url, payload)

@@ -77,6 +77,7 @@ def start_worker(
     With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
     and serves at once; by default its drain at the end of the test does not wait."""
     changes.setdefault("drain_timeout", 0.0)
+    changes.setdefault("admin_listen", "")  # tests that want /metrics ask for tcp:0
     settings = dataclasses.replace(
         Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
     )
@@ -252,11 +253,13 @@ def spawn_worker(
     twistd: tuple[str, ...] = (),
 ) -> ProcessWatcher:
     """``twistd [twistd] -n vespa --backend-url URL [flags]`` on a free port of 127.0.0.1,
-    unsecured unless ``env`` says otherwise; see :func:`worker_url`."""
+    unsecured and without admin listener unless ``env`` says otherwise; see :func:`worker_url`."""
     args = (*twistd, "-n", "--pidfile=", "vespa", "--backend-url", backend_url)
     listen_on = ("--listen", "tcp:0:interface=127.0.0.1")
     return spawn(
-        test, twistd_command(*args, *listen_on, *flags), {"UNSECURED": "true", **(env or {})}
+        test,
+        twistd_command(*args, *listen_on, *flags),
+        {"UNSECURED": "true", "ADMIN_LISTEN": "none", **(env or {})},
     )
 
 

@@ -18,6 +18,8 @@ POST = b"POST /x HTTP/1.1\r\nHost: w\r\n"
 GET = b"GET /x HTTP/1.1\r\nHost: w\r\n"
 
 # name -> (raw request, expected status). Twisted's own checks: see vespa/worker/limits.py.
+# (Absolute-form targets are well framed: WorkerResource answers them 400 with a request id on
+# a connection that stays open; see test_relay and test_logs.)
 CASES: dict[str, tuple[bytes, int]] = {
     "CL and TE together": (
         POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -64,7 +66,6 @@ CASES: dict[str, tuple[bytes, int]] = {
     "obs-fold": (GET + b"X-A: a\r\n  b\r\n\r\n", 400),
     "two Host headers": (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "no Host in HTTP/1.1": (b"GET /x HTTP/1.1\r\n\r\n", 400),
-    "absolute-form target": (b"GET http://evil.example/x HTTP/1.1\r\nHost: w\r\n\r\n", 400),
     "CONNECT": (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405),
     "TRACE": (b"TRACE /x HTTP/1.1\r\nHost: w\r\n\r\n", 405),
     "HTTP/2.0 on a 1.1 port": (b"GET /x HTTP/2.0\r\nHost: w\r\n\r\n", 505),

@@ -333,7 +333,8 @@ class ProxiedRequest:
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
         copied = request.responseHeaders
         for name, values in end_to_end(response.headers, dropped):
-            copied.setRawHeaders(name, values)
+            if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
+                copied.setRawHeaders(name, values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event

@@ -13,8 +13,10 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from vespa.logs import log_access
+from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
+from vespa.worker.admin import AdminSite, WorkerMetrics
 from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vespa.worker.limits import limits_from
 from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
@@ -56,14 +58,19 @@ class Options(usage.Options):
             raise SystemExit(f"vespa: {e}") from None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    """twistd's entry point: the worker described by the parsed options."""
+def installed_reactor(reactor: Any = None) -> Any:
+    """``reactor``, else the one twistd has installed by the time it calls makeService."""
     if reactor is None:
-        from twisted.internet import reactor as installed  # twistd has installed it by now
+        from twisted.internet import reactor as installed
 
         reactor = installed
+    return reactor
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point: the worker described by the parsed options."""
     try:
-        return build_worker(options.settings, reactor)
+        return build_worker(options.settings, installed_reactor(reactor))
     except SettingsError as e:
         raise SystemExit(f"vespa: {e}") from None
 
@@ -74,23 +81,38 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     pool = backend_pool(reactor)
     agent = Agent(reactor, connectTimeout=settings.backend_connect_timeout or None, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     state = WorkerState(started=clock.seconds())
+    metrics = WorkerMetrics(state, clock)
+    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     resource = WorkerResource(
         ReadinessGate(PassthroughGate(cooperator), state),
         agent,
         clock,
         settings.backend_url,
         settings.request_timeout,
-        observers,
+        (*observers, metrics.observe),
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
     )
     site = QuietSite(resource, limits_from(settings), reactor=reactor)
+    metrics.count_connections(site)
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
-    build_lifecycle(settings, reactor, state).setServiceParent(service)
+    lifecycle = build_lifecycle(settings, reactor, state)
+    lifecycle.setServiceParent(service)
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
+    metrics.lag_sampler().setServiceParent(service)
+    if settings.admin_listen:
+        admin = AdminSite(metrics, state)
+        listener = strports.service(settings.admin_listen, admin, reactor=reactor)
+        listener.setName("admin")
+        listener.setServiceParent(service)
+    notifier = SystemdNotifier(settings.systemd.notify_socket)
+    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec)
+    systemd.setName("systemd")
+    systemd.setServiceParent(service)
+    lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
+    service.add_drain_hook(notifier.stopping)
     return service

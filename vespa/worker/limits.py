@@ -8,7 +8,7 @@ Content-Length headers, a non-digit Content-Length, a Transfer-Encoding other th
 or ``identity``, malformed chunk sizes and extensions, header names that are not tokens, NUL/CR/LF
 in header values, malformed request lines and versions, and more than ``maxHeaders`` headers.
 This module adds what it lacks: other control characters in header values, obs-fold, duplicate
-or missing ``Host``, absolute-form targets, CONNECT/TRACE (405), 414/431/505 instead of a bare
+or missing ``Host``, CONNECT/TRACE (405), 414/431/505 instead of a bare
 400 or a silent close, a body size limit (413 before the body is read), an absolute deadline for
 the request head (slowloris), a minimum body rate, and a cap on open client connections (503).
 Every refusal is a JSON error followed by closing the connection: after a framing error nothing
@@ -223,7 +223,7 @@ class GuardedChannel(HTTPChannel):
         parts = line.split(b" ")
         if len(parts) != 3:
             return True  # twisted.web answers 400 for anything else
-        method, target, version = parts
+        method, _, version = parts
         if _VERSION.fullmatch(version) and version not in _SUPPORTED:
             self.refuse(505, "HTTP version not supported", "use HTTP/1.1")
             return False
@@ -234,10 +234,6 @@ class GuardedChannel(HTTPChannel):
                 f"{method.decode('ascii', 'replace')} is not relayed",
                 [(b"allow", ALLOW)],
             )
-            return False
-        if not target.startswith(b"/"):
-            # Absolute or asterisk form: the backend host is always BACKEND_URL.
-            self.refuse(400, "bad request target", "expected a path such as /v1/completions")
             return False
         return True
 

@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from vespa import request_id
 from vespa.headers import forwarded_request_headers
 from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
 from vespa.worker.limits import GuardedSite
@@ -158,6 +159,7 @@ class WorkerResource(Resource):
         request.defaultContentType = None  # never invent a Content-Type for the backend's body
         self.in_flight.add(request)
         started = self._clock.seconds()
+        request_id.assign(request)
         if not request.uri.startswith(b"/"):
             # Absolute-form or asterisk-form targets: the backend host is always BACKEND_URL.
             self._refuse(request, Rejection(400, "bad request target", "expected a path"), started)
