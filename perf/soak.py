@@ -165,6 +165,7 @@ async def run(minutes: float, concurrency: int) -> int:
         # in the kernel, never accepted (and so never refused cleanly): see README.
         f"--listen=tcp:{port}:interface=127.0.0.1:backlog=1024",
         f"--max-connections={MAX_CONNECTIONS}",
+        "--admin-listen=none",  # loopback-only soak; never collide with a real worker's 9090
         "--max-body-size=8M",
     )
     watcher = ProcessWatcher()
