@@ -214,7 +214,8 @@ async def run(minutes: float, concurrency: int) -> int:
         + [Deferred.fromCoroutine(bursts())]
     )
     await pool.closeCachedConnections()
-    await task.deferLater(reactor, 2, lambda: None)  # let the worker see every close
+    # Let the worker see every close and drop its idle backend connections (kept 4 s).
+    await task.deferLater(reactor, 6, lambda: None)
     rss1, fds1 = measure(process.pid)
     samples.append((time.monotonic() - begin, rss1, fds1))
     after = await one_more(soak)
