@@ -10,6 +10,7 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/slow?delay=S``: answers after S seconds (``cancelled`` fires if the proxy hangs up);
 - ``/reset``: drops the connection before any response;
 - ``/break``: sends headers and part of the body, then drops the connection;
+- ``/garbage``: answers bytes that are not HTTP, then closes;
 - ``/short``: announces a Content-Length larger than what it sends, then closes;
 - ``/health``: 200 (or ``health_code``);
 - anything else: echoes the request as JSON.
@@ -146,6 +147,10 @@ class FakeBackend(Resource):
         if path == b"/break":
             request.setHeader(b"content-type", b"text/event-stream")
             request.write(b"data: one\n\n")
+            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            return NOT_DONE_YET
+        if path == b"/garbage":
+            request.channel.transport.write(b"\x00\xffnot http at all\r\n\r\n")
             self.reactor.callLater(0, request.channel.transport.loseConnection)
             return NOT_DONE_YET
         if path == b"/short":

@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Cooperator, deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -24,9 +24,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler
+from vespa.relay import RelayResult, backend_pool
 from vespa.settings import Settings, VastEnvironment
 from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
+from vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
 from vespa.worker.service import WorkerService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,6 +89,38 @@ def start_worker(
     url = listen(test, service.site)
     test.addCleanup(service.stopService)
     return url, service
+
+
+def observed_worker(
+    test: TestCase, backend_url: str, agent: Any = None, **timeouts: float
+) -> tuple[str, list[RelayResult]]:
+    """A passthrough WorkerResource on a QuietSite whose observer records every RelayResult;
+    returns (url, results). ``agent`` defaults to one with a persistent pool of its own."""
+    if agent is None:
+        pool = backend_pool(reactor)
+        test.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, connectTimeout=5, pool=pool)
+    results: list[RelayResult] = []
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    resource = WorkerResource(
+        _PassthroughGate(cooperator),
+        agent,
+        reactor,
+        backend_url,
+        observers=(lambda request, result, forward: results.append(result),),
+        **timeouts,
+    )
+    return listen(test, QuietSite(resource)), results
+
+
+class _PassthroughGate:
+    """Every request goes through as it came: the relay alone, without the protocol."""
+
+    def __init__(self, cooperator: Cooperator) -> None:
+        self._cooperator = cooperator
+
+    def admit(self, request: Any) -> Forward:
+        return passthrough(request, self._cooperator)
 
 
 def http_client(test: TestCase) -> HTTPClient:

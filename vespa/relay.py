@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
@@ -21,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
+    RequestNotSent,
     ResponseDone,
     _HTTP11ClientFactory,
 )
@@ -161,9 +164,15 @@ class BodyRelay(Protocol):
     backend connection.
     """
 
-    def __init__(self, request: Request, done: Deferred[None]) -> None:
+    def __init__(
+        self,
+        request: Request,
+        done: Deferred[None],
+        on_data: Callable[[], object] | None = None,
+    ) -> None:
         self._request = request
         self._done = done
+        self._on_data = on_data  # told of every chunk (the stall timer)
         self._backend: IPushProducer | None = None
         self.client_lost = False
         self.bytes_out = 0
@@ -175,6 +184,8 @@ class BodyRelay(Protocol):
         self._request.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data()
         if not self.client_lost:
             self.bytes_out += len(data)
             self._request.write(data)
@@ -218,6 +229,12 @@ class ProxiedRequest:
     Owns one proxied call: sends it with ``agent``, relays the response into ``request``,
     cancels the backend call when the client leaves, and reports a :class:`RelayResult`.
     The Deferred from :meth:`start` never fails.
+
+    Time limits (0 = none): ``timeout`` for the whole call, ``first_byte_timeout`` until the
+    response headers (both 504 while nothing was sent to the client), ``stall_timeout`` between
+    two body chunks (after the headers: both connections are cut). A request that provably
+    never left (``RequestNotSent``: a pooled connection that died just before) is sent once
+    more on a fresh connection; nothing else is retried, since the backend may have seen it.
     """
 
     _log = Logger()
@@ -232,6 +249,8 @@ class ProxiedRequest:
         headers: Headers,
         body: IBodyProducer | None,
         timeout: float = 0.0,
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         self._agent = agent
         self._clock = clock
@@ -241,10 +260,14 @@ class ProxiedRequest:
         self._headers = headers
         self._body = body
         self._timeout = timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
-        self._timed_out = False
+        self._step_timer: IDelayedCall | None = None  # first byte, then stall
+        self._timed_out = ""  # which limit passed, if one did
+        self._retried = False
         self._client_gone = False
         self._result = RelayResult(Outcome.SERVED, started=clock.seconds())
         self._done: Deferred[RelayResult] = Deferred()
@@ -253,10 +276,21 @@ class ProxiedRequest:
         """Send the request; the Deferred fires once the request is over, one way or another."""
         self._request.notifyFinish().addErrback(self._client_disconnected)
         if self._timeout:
-            self._timer = self._clock.callLater(self._timeout, self._time_out)
+            self._timer = self._clock.callLater(
+                self._timeout, self._time_out, f"no response within {self._timeout:g} s"
+            )
+        if self._first_byte_timeout:
+            self._step_timer = self._clock.callLater(
+                self._first_byte_timeout,
+                self._time_out,
+                f"no response headers within {self._first_byte_timeout:g} s",
+            )
+        self._send()
+        return self._done
+
+    def _send(self) -> None:
         self._pending = self._agent.request(self._method, self._url, self._headers, self._body)
         self._pending.addCallbacks(self._got_response, self._no_response)
-        return self._done
 
     def _client_disconnected(self, reason: Failure) -> None:
         if self._client_gone:
@@ -267,17 +301,26 @@ class ProxiedRequest:
         elif self._relay is not None:
             self._relay.client_gone()
 
-    def _time_out(self) -> None:
-        self._timer = None
-        self._timed_out = True
+    def _time_out(self, why: str) -> None:
+        self._timed_out = why
         if self._pending is not None:
             self._pending.cancel()
         elif self._relay is not None:
             # Headers already went out: the only thing left is to cut both connections.
             self._relay.stopProducing()
 
+    def _stalled(self) -> None:
+        self._time_out(f"response body stalled for {self._stall_timeout:g} s")
+
+    def _body_activity(self) -> None:
+        if self._step_timer is not None and self._step_timer.active():
+            self._step_timer.reset(self._stall_timeout)
+
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
+        self._cancel_step_timer()
+        if self._stall_timeout:
+            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         request = self._request
         self._result.first_byte = self._clock.seconds()
         if self._client_gone:
@@ -296,7 +339,7 @@ class ProxiedRequest:
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         finished: Deferred[None] = Deferred()
-        self._relay = BodyRelay(request, finished)
+        self._relay = BodyRelay(request, finished, self._body_activity)
         finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 
@@ -308,7 +351,7 @@ class ProxiedRequest:
         if relay.client_lost:
             self._finish(Outcome.CANCELLED, "client disconnected")
         elif failure is not None:
-            why = "timed out" if self._timed_out else "backend broke mid-response"
+            why = self._timed_out or "backend broke mid-response"
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
                 method=self._method,
@@ -325,9 +368,15 @@ class ProxiedRequest:
         if self._client_gone:
             self._finish(Outcome.CANCELLED, "client disconnected")
             return
+        if failure.check(RequestNotSent) and not self._retried and not self._timed_out:
+            # Provably never sent (the pooled connection was already gone): one more try.
+            self._retried = True
+            self._send()
+            return
         if self._timed_out:
-            code, error = 504, "backend timeout"
-            detail = f"no response within {self._timeout:g} s"
+            code, error, detail = 504, "backend timeout", self._timed_out
+        elif _inner(failure).check(ConnectTimeout):
+            code, error, detail = 504, "backend timeout", "could not connect in time"
         else:
             code, error = 502, "backend unavailable"
             detail = describe_failure(failure)
@@ -342,22 +391,31 @@ class ProxiedRequest:
         write_error(self._request, code, error, detail)
         self._finish(Outcome.ERRORED, error)
 
+    def _cancel_step_timer(self) -> None:
+        if self._step_timer is not None and self._step_timer.active():
+            self._step_timer.cancel()
+        self._step_timer = None
+
     def _finish(self, outcome: Outcome, reason: str = "") -> None:
-        if self._timer is not None:
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
-            self._timer = None
+        self._timer = None
+        self._cancel_step_timer()
         self._result.outcome = outcome
         self._result.reason = reason
         self._result.finished = self._clock.seconds()
         self._done.callback(self._result)
 
 
+def _inner(failure: Failure) -> Failure:
+    """The first wrapped failure of ResponseNeverReceived / RequestTransmissionFailed."""
+    inner = getattr(failure.value, "reasons", None)
+    return cast(Failure, inner[0]) if inner else failure
+
+
 def describe_failure(failure: Failure) -> str:
     """A short, user-facing description of why the backend call failed (no traceback)."""
-    value = failure.value
-    inner = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
-    if inner:
-        value = inner[0].value
+    value = _inner(failure).value
     if isinstance(value, CancelledError):
         return "request cancelled"
     text = str(value) or type(value).__name__

@@ -79,6 +79,14 @@ def parse_count(text: str) -> int:
     return value
 
 
+def parse_size(text: str) -> int:
+    """A size in bytes: a whole number, optionally with a k/M/G suffix (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise ValueError("expected a size in bytes such as 1048576, 64k, 512M or 1G")
+    return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2)]
+
+
 def parse_port(text: str) -> int:
     value = parse_count(text)
     if not 0 < value < 65536:
@@ -270,6 +278,79 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "access_log", "ACCESS_LOG", "access-log", parse_bool, "true", "Log one line per request."
+    ),
+    # Limits and hardening (vespa.worker.limits)
+    Option(
+        "max_body_size",
+        "MAX_BODY_SIZE",
+        "max-body-size",
+        parse_size,
+        "1G",
+        "Largest request body accepted (413 beyond it); k/M/G suffixes allowed.",
+    ),
+    Option(
+        "max_header_size",
+        "MAX_HEADER_SIZE",
+        "max-header-size",
+        parse_size,
+        "16k",
+        "Largest request line plus headers, in bytes (414/431 beyond it).",
+    ),
+    Option(
+        "max_headers",
+        "MAX_HEADERS",
+        "max-headers",
+        parse_count,
+        "100",
+        "Most header lines accepted in one request (431 beyond it).",
+    ),
+    Option(
+        "head_timeout",
+        "HEAD_TIMEOUT",
+        "head-timeout",
+        parse_positive_number,
+        "30",
+        "Seconds a client has from its request's first byte to its last header (408 after).",
+    ),
+    Option(
+        "min_body_rate",
+        "MIN_BODY_RATE",
+        "min-body-rate",
+        parse_size,
+        "1k",
+        "Slowest request upload accepted, in bytes/s over 10 s windows (408); 0 = off.",
+    ),
+    Option(
+        "max_connections",
+        "MAX_CONNECTIONS",
+        "max-connections",
+        parse_count,
+        "2048",
+        "Most open client connections; beyond it new ones get 503 and are closed. 0 = off.",
+    ),
+    Option(
+        "backend_connect_timeout",
+        "BACKEND_CONNECT_TIMEOUT",
+        "backend-connect-timeout",
+        parse_seconds,
+        "10",
+        "Seconds to open a connection to the backend (504 after); 0 = no limit.",
+    ),
+    Option(
+        "backend_first_byte_timeout",
+        "BACKEND_FIRST_BYTE_TIMEOUT",
+        "backend-first-byte-timeout",
+        parse_seconds,
+        "0",
+        "Seconds for the backend's response headers to arrive (504 after); 0 = no limit.",
+    ),
+    Option(
+        "backend_stall_timeout",
+        "BACKEND_STALL_TIMEOUT",
+        "backend-stall-timeout",
+        parse_seconds,
+        "600",
+        "Cut a response whose body sends nothing for this many seconds; 0 = no limit.",
     ),
     # The serverless protocol
     Option(
@@ -498,6 +579,15 @@ class Settings:
     ssl_key: str = "/etc/instance.key"
     request_timeout: float = 0.0
     access_log: bool = True
+    max_body_size: int = 1 << 30
+    max_header_size: int = 16384
+    max_headers: int = 100
+    head_timeout: float = 30.0
+    min_body_rate: int = 1024
+    max_connections: int = 2048
+    backend_connect_timeout: float = 10.0
+    backend_first_byte_timeout: float = 0.0
+    backend_stall_timeout: float = 600.0
     signature_shapes: tuple[str, ...] = SIGNATURE_SHAPES
     default_cost: float | None = None
     max_wait_time: float = 10.0

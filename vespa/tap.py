@@ -24,6 +24,7 @@ from vespa.worker.admission import Admission
 from vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
 from vespa.worker.gate import SignedGate
 from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
+from vespa.worker.limits import limits_from
 from vespa.worker.metrics import WorkerMetrics
 from vespa.worker.reporter import MetricsReporter
 from vespa.worker.resource import Observer, QuietSite, WorkerResource
@@ -87,7 +88,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     check_protocol(settings)
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = Agent(reactor, pool=pool)
+    agent = Agent(reactor, connectTimeout=settings.backend_connect_timeout or None, pool=pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
     metrics = admin.WorkerMetrics(state, clock)
@@ -136,8 +137,10 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_url,
         settings.request_timeout,
         (*observers, metrics.observe),
+        settings.backend_first_byte_timeout,
+        settings.backend_stall_timeout,
     )
-    site = QuietSite(resource)
+    site = QuietSite(resource, limits_from(settings), reactor=reactor)
     metrics.count_connections(site)
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = load

@@ -19,11 +19,12 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from vespa import request_id
 from vespa.headers import forwarded_request_headers
 from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
+from vespa.worker.limits import GuardedSite
 
 
 @dataclass
@@ -130,8 +131,12 @@ class WorkerResource(Resource):
         backend_url: str,
         request_timeout: float = 0.0,
         observers: tuple[Observer, ...] = (),
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         super().__init__()
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
         self._gate = gate
         self._agent = agent
         self._clock = clock
@@ -177,6 +182,8 @@ class WorkerResource(Resource):
             forward.headers,
             forward.body,
             self._timeout,
+            self._first_byte_timeout,
+            self._stall_timeout,
         )
         proxied.start().addCallback(self._relayed, request, forward, started)
 
@@ -223,9 +230,9 @@ class WorkerResource(Resource):
             observer(request, result, forward)
 
 
-class QuietSite(Site):
-    """A Site without twisted.web's per-request access log (Vespa writes its own) and
-    without tracebacks in error pages."""
+class QuietSite(GuardedSite):
+    """A Site with Vespa's framing checks and limits (vespa.worker.limits), without
+    twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
 
     displayTracebacks = False
 
