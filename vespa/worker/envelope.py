@@ -25,20 +25,16 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
+import orjson
+
 from vespa.signing import AUTH_FIELDS
 
-try:  # orjson is optional: faster for large payloads
-    import orjson
 
-    def dump_json(value: Any) -> bytes:
-        try:
-            return orjson.dumps(value)
-        except TypeError:  # integers beyond 64 bits, lone surrogates: the json module copes
-            return json.dumps(value).encode("utf-8")
-
-except ImportError:  # pragma: no cover - depends on the environment
-
-    def dump_json(value: Any) -> bytes:
+def dump_json(value: Any) -> bytes:
+    """The payload serialised once (orjson: several times faster on large payloads)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the json module copes
         return json.dumps(value).encode("utf-8")
 
 
