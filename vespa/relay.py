@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -75,6 +76,8 @@ class RelayResult:
     first_byte: float | None = None  # when the backend's response headers arrived
     finished: float = 0.0
     reason: str = ""
+    # Set when ``retry_if`` claimed the answer: nothing was written to the client.
+    retry: bool = False
 
 
 @implementer(IBodyProducer)
@@ -221,7 +224,13 @@ class ProxiedRequest:
         headers: Headers,
         body: IBodyProducer | None,
         timeout: float = 0.0,
+        retry_if: Callable[[int | None], bool] | None = None,
     ) -> None:
+        """
+        ``retry_if(status)`` (status None: no response at all) may claim an answer before any
+        byte of it reaches the client: the result then has ``retry`` set and the caller may
+        send the request elsewhere (the client proxy re-routes on 429/503).
+        """
         self._agent = agent
         self._clock = clock
         self._request = request
@@ -230,6 +239,7 @@ class ProxiedRequest:
         self._headers = headers
         self._body = body
         self._timeout = timeout
+        self._retry_if = retry_if
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
@@ -273,6 +283,11 @@ class ProxiedRequest:
             response.deliverBody(_Discard())
             return
         self._result.status = response.code
+        if self._retry_if is not None and self._retry_if(response.code):
+            response.deliverBody(_Discard())
+            self._result.retry = True
+            self._finish(Outcome.ERRORED, f"answered {response.code}")
+            return
         request.setResponseCode(response.code, response.phrase)
         head = self._method == b"HEAD"
         # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
@@ -318,7 +333,11 @@ class ProxiedRequest:
             detail = f"no response within {self._timeout:g} s"
         else:
             code, error = 502, "backend unavailable"
-            detail = _describe(failure)
+            detail = describe_failure(failure)
+            if self._retry_if is not None and self._retry_if(None):
+                self._result.retry = True
+                self._finish(Outcome.ERRORED, detail)
+                return
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
@@ -340,7 +359,7 @@ class ProxiedRequest:
         self._done.callback(self._result)
 
 
-def _describe(failure: Failure) -> str:
+def describe_failure(failure: Failure) -> str:
     """A short, user-facing description of why the backend call failed (no traceback)."""
     value = failure.value
     inner = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed

@@ -8,3 +8,10 @@ vespa = ServiceMaker(
     "Serverless worker: a signed, streaming HTTP proxy in front of an inference backend.",
     "vespa",
 )
+
+vespa_client = ServiceMaker(
+    "Vespa client",
+    "vespa.client.tap",
+    "Local proxy to a Vast serverless endpoint: routes, signs and streams every request.",
+    "vespa-client",
+)
