@@ -12,6 +12,7 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/break``: sends headers and part of the body, then drops the connection;
 - ``/short``: announces a Content-Length larger than what it sends, then closes;
 - ``/health``: 200 (or ``health_code``);
+- ``/v1/chat/completions``: a tiny OpenAI-style chat completion (SSE chunks with ``stream``);
 - anything else: echoes the request as JSON.
 
 Every request is recorded in ``seen`` as a :class:`SeenRequest`.
@@ -127,6 +128,8 @@ class FakeBackend(Resource):
             return b"ok"
         if path == b"/sse":
             return self._sse(request)
+        if path == b"/v1/chat/completions":
+            return _chat_completion(request, json.loads(body))
         if path == b"/firehose":
             firehose = Firehose(self.reactor, request, int(_arg(request, b"total", b"1048576")))
             self.firehoses.append(firehose)
@@ -196,6 +199,33 @@ class FakeBackend(Resource):
 
         send(0)
         return NOT_DONE_YET
+
+
+def _chat_completion(request: Request, body: dict) -> bytes:
+    """An OpenAI-style answer "Hello there" (as SSE chunks when the request streams)."""
+    base = {"id": "c1", "created": 1, "model": body.get("model", "m")}
+    words = ["Hello", " there"]
+    if body.get("stream"):
+        request.setHeader(b"content-type", b"text/event-stream")
+        chunks = [
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+            }
+            for w in words
+        ]
+        events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+        return b"".join(events) + b"data: [DONE]\n\n"
+    request.setHeader(b"content-type", b"application/json")
+    message = {"role": "assistant", "content": "".join(words)}
+    answer = {
+        **base,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+    return json.dumps(answer).encode()
 
 
 class FakeAutoscaler(Resource):

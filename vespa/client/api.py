@@ -15,8 +15,9 @@ Two ways to use it:
   ``Deferred`` firing with a treq response; ``client.stop()`` closes everything. Any HTTP
   client (the OpenAI SDK, treq, curl) may also be pointed at ``client.url``.
 
-``request`` decides by the calling thread: in the running reactor's thread it returns a
-Deferred, anywhere else it blocks.
+``request`` returns a Deferred once :meth:`start` was called (Twisted-native use), unless it is
+called from another thread than the running reactor's: then, and in scripts that never call
+:meth:`start`, it blocks.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class VastClient:
         self._pool: HTTPConnectionPool | None = None
         self._http: HTTPClient | None = None
         self._lock = threading.Lock()
+        self._native = False  # start() was called: a Twisted program
         self.url = ""
 
     @property
@@ -183,7 +185,8 @@ class VastClient:
     # Twisted-native side
 
     def start(self) -> Deferred[str]:
-        """Start the proxy in the running reactor; fires with its URL."""
+        """Start the proxy in the reactor (Twisted-native use); fires with its URL."""
+        self._native = True
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> str:
@@ -248,10 +251,10 @@ class VastClient:
 
     def request(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> Any:
         """
-        In the reactor thread: :meth:`request_deferred`. Elsewhere: block and return a
-        :class:`VastResponse` (its body already read unless ``stream=True``).
+        After :meth:`start`, in the reactor thread: :meth:`request_deferred`. Otherwise block
+        and return a :class:`VastResponse` (its body already read unless ``stream=True``).
         """
-        if self._in_reactor_thread():
+        if self._native and self._in_reactor_thread():
             return self.request_deferred(method, path, **kwargs)
         self._ensure_running()
         response: VastResponse = blockingCallFromThread(
@@ -271,7 +274,7 @@ class VastClient:
     def close(self) -> None:
         """Stop the proxy (blocking). The reactor thread keeps running: Twisted's reactor
         cannot be restarted, so a later call on a new client re-uses it."""
-        if self._service is not None and not self._in_reactor_thread():
+        if self._service is not None and self.reactor.running and not threadable.isInIOThread():
             blockingCallFromThread(self.reactor, self.stop)  # type: ignore[arg-type]
 
     def __enter__(self) -> VastClient:
@@ -294,7 +297,8 @@ class VastClient:
         return result
 
     def _in_reactor_thread(self) -> bool:
-        return bool(self.reactor.running) and threadable.isInIOThread()
+        """True in the reactor's thread, or anywhere before the reactor runs (set-up code)."""
+        return not self.reactor.running or threadable.isInIOThread()
 
     def _ensure_running(self) -> None:
         """Run the reactor in a daemon thread unless it runs already (once per process)."""
