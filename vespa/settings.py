@@ -691,7 +691,7 @@ CLIENT_OPTIONS: tuple[Option, ...] = (
         "ca-file",
         parse_text,
         "",
-        "Vast root CA (PEM) for TLS to workers (default: downloaded once and cached).",
+        "Vast root CA (PEM or DER) for TLS to workers (default: downloaded once, cached).",
         prefixed=False,
     ),
     Option(
