@@ -201,6 +201,114 @@ class FakeBackend(Resource):
         return NOT_DONE_YET
 
 
+class FakeInferenceAPI(Resource):
+    """
+    The inference APIs the shipped benchmarks measure, answering at once:
+
+    - ``GET /v1/models``: one model, ``model_id``;
+    - ``POST /v1/chat/completions`` (OpenAI): ``usage.completion_tokens`` = ``max_tokens // 2``;
+    - ``POST /generate`` (TGI): a ``generated_text``;
+    - ``POST /generate/sync`` (ComfyUI JSON API wrapper): a completed job.
+
+    ``payloads`` records every JSON body; with ``fail_status`` set, every ``fail_every``-th
+    request (all of them by default) is answered with that status instead.
+    """
+
+    isLeaf = True
+
+    def __init__(self, model_id: str = "org/model-7b") -> None:
+        super().__init__()
+        self.model_id = model_id
+        self.payloads: list[tuple[bytes, dict]] = []
+        self.fail_status: int | None = None
+        self.fail_every = 1
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        if request.path != b"/v1/models":
+            request.setResponseCode(404)
+            return b'{"error": "not found"}'
+        return json.dumps({"object": "list", "data": [{"id": self.model_id}]}).encode()
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        payload = json.loads(request.content.read())
+        self.payloads.append((request.path, payload))
+        request.setHeader(b"content-type", b"application/json")
+        if self.fail_status is not None and len(self.payloads) % self.fail_every == 0:
+            request.setResponseCode(self.fail_status)
+            return b'{"error": "overloaded"}'
+        if request.path == b"/v1/chat/completions":
+            tokens = payload["max_tokens"] // 2
+            answer = {
+                "object": "chat.completion",
+                "model": payload["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": tokens},
+            }
+        elif request.path == b"/generate":
+            answer = {"generated_text": "ok"}
+        elif request.path == b"/generate/sync":
+            answer = {"id": payload["input"]["request_id"], "status": "completed", "output": []}
+        else:
+            request.setResponseCode(404)
+            answer = {"error": "not found"}
+        return json.dumps(answer).encode()
+
+
+class FakeAutoscaler(Resource):
+    """
+    The autoscaler's worker-facing side: ``/pubkey/`` serves ``pubkey`` (PEM bytes; None: 404),
+    ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
+    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` never answers.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pubkey: bytes | None = None) -> None:
+        super().__init__()
+        self.pubkey = pubkey
+        self.codes: dict[bytes, int] = {}
+        self.hang: set[bytes] = set()
+        self.hung: list[Request] = []
+        self.pubkey_requests = 0
+        self.statuses: list[dict] = []
+        self.deletes: list[dict] = []
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path
+        if path in self.hang:
+            self.hung.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(self.codes.get(path, 200))
+        if path == b"/pubkey/":
+            self.pubkey_requests += 1
+            if self.pubkey is None:
+                request.setResponseCode(404)
+                return b"no key"
+            return self.pubkey
+        assert request.content is not None
+        if self.codes.get(path, 200) >= 300:
+            return b"{}"
+        body = json.loads(request.content.read())
+        if path == b"/worker_status/":
+            self.statuses.append(body)
+        elif path == b"/delete_requests/":
+            self.deletes.append(body)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"ok": true}'
+
+    def deleted(self) -> dict[int, bool]:
+        """request_idx -> success flag, from every /delete_requests/ body received."""
+        flags: dict[int, bool] = {}
+        for body in self.deletes:
+            if "requests" in body:
+                flags.update({r["request_idx"]: r["success"] for r in body["requests"]})
+            else:
+                flags.update({idx: body["success"] for idx in body["request_idxs"]})
+        return flags
+
+
 def _chat_completion(request: Request, body: dict) -> bytes:
     """An OpenAI-style answer "Hello there" (as SSE chunks when the request streams)."""
     base = {"id": "c1", "created": 1, "model": body.get("model", "m")}
@@ -228,7 +336,7 @@ def _chat_completion(request: Request, body: dict) -> bytes:
     return json.dumps(answer).encode()
 
 
-class FakeAutoscaler(Resource):
+class FakeRouter(Resource):
     """
     The autoscaler's client-facing side: ``POST /route/`` answers with ``auth_data`` signed by
     ``key`` (shape ``shape``) for the workers in ``worker_urls`` (round robin), and

@@ -9,6 +9,7 @@ import re
 import sys
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -22,7 +23,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from vespa.settings import Settings
+from tests.fakes import FakeAutoscaler
+from vespa.settings import Settings, VastEnvironment
+from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
 from vespa.worker.service import WorkerService
 
@@ -68,12 +71,18 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     return f"http://127.0.0.1:{port.getHost().port}"
 
 
-def start_worker(test: TestCase, backend_url: str, **changes: Any) -> tuple[str, WorkerService]:
-    """A worker with the given settings in front of ``backend_url``; returns (url, service)."""
-    settings = dataclasses.replace(
-        Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
-    )
+def start_worker(
+    test: TestCase, backend_url: str, loaded: bool = True, **changes: Any
+) -> tuple[str, WorkerService]:
+    """A worker with the given settings in front of ``backend_url``; returns (url, service).
+    With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
+    and serves at once; by default its drain at the end of the test does not wait."""
+    changes = {"unsecured": True, "drain_timeout": 0.0, "admin_listen": "", **changes}
+    settings = dataclasses.replace(Settings(), backend_url=backend_url, listen=(), **changes)
     service = build_worker(settings, reactor)
+    if loaded:
+        service.removeService(service.getServiceNamed("lifecycle"))
+        service.state.mark_loaded(reactor.seconds(), 0.0)
     service.startService()
     url = listen(test, service.site)
     test.addCleanup(service.stopService)
@@ -210,3 +219,69 @@ def spawn(test: TestCase, args: list[str], env: dict[str, str] | None = None) ->
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
     watcher.transport_ = transport  # type: ignore[attr-defined]
     return watcher
+
+
+def spawn_worker(
+    test: TestCase,
+    backend_url: str,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    twistd: tuple[str, ...] = (),
+) -> ProcessWatcher:
+    """``twistd [twistd] -n vespa --backend-url URL [flags]`` on a free port of 127.0.0.1,
+    unsecured and without admin listener unless ``env`` says otherwise; see :func:`worker_url`."""
+    args = (*twistd, "-n", "--pidfile=", "vespa", "--backend-url", backend_url)
+    listen_on = ("--listen", "tcp:0:interface=127.0.0.1")
+    return spawn(
+        test,
+        twistd_command(*args, *listen_on, *flags),
+        {"UNSECURED": "true", "ADMIN_LISTEN": "none", **(env or {})},
+    )
+
+
+async def worker_url(process: ProcessWatcher) -> str:
+    """The URL of a worker started by :func:`spawn_worker`, once it listens."""
+    match = await process.wait_for(rb"QuietSite starting on (\d+)")
+    return f"http://127.0.0.1:{int(match.group(1))}"
+
+
+@dataclasses.dataclass
+class SignedWorker:
+    """A secured worker, the fake autoscaler it reports to, and the key that signs for it."""
+
+    url: str
+    service: WorkerService
+    autoscaler: FakeAutoscaler
+    key: rsa.RSAPrivateKey
+    public_url: str
+
+    def auth(self, shape: str = "url", **fields: Any) -> dict[str, Any]:
+        """auth_data as the router hands it out, signed in ``shape``."""
+        auth = {
+            "cost": 10.0,
+            "endpoint": "my-endpoint",
+            "reqnum": 1,
+            "request_idx": 1,
+            "url": self.public_url,
+            **fields,
+        }
+        auth["signature"] = sign(self.key, auth, shape)
+        return {**auth, "__request_id": "0f8e4b0a"}
+
+
+async def start_signed_worker(
+    test: TestCase, backend_url: str, serve_key: bool = True, **changes: Any
+) -> SignedWorker:
+    """A secured worker whose REPORT_ADDR is a fake autoscaler serving a fresh key; loaded
+    (max_perf 100) once the key is in, unless ``serve_key`` is false."""
+    key = generate_private_key()
+    autoscaler = FakeAutoscaler(public_pem(key) if serve_key else None)
+    public_url = "http://203.0.113.7:43000"
+    vast = VastEnvironment("mtok-secret-value", (listen(test, autoscaler),), 4242, public_url)
+    url, service = start_worker(test, backend_url, unsecured=False, vast=vast, **changes)
+    service.state.loaded = True
+    service.state.max_perf = 100.0
+    if serve_key:
+        keys = service.getServiceNamed("pubkey")
+        await until(lambda: keys.key is not None)
+    return SignedWorker(url, service, autoscaler, key, public_url)

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from tests.fakes import FakeAutoscaler, FakeBackend, FakeSecuredWorker
+from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, until
 from vespa.client.routing import BACKOFF_CAP
 from vespa.client.service import ClientService
@@ -61,7 +61,7 @@ class ClientTestCase(TestCase):
             FakeSecuredWorker(KEY.public_key(), self.backend) for _ in range(self.workers)
         ]
         worker_urls = [listen(self, worker) for worker in self.fake_workers]
-        self.autoscaler = FakeAutoscaler(KEY, worker_urls)
+        self.autoscaler = FakeRouter(KEY, worker_urls)
         self.autoscaler_url = listen(self, self.autoscaler)
         self.clock = Clock()
         self.http = http_client(self)
@@ -100,7 +100,7 @@ class FormsTests(ClientTestCase):
         payload = b'{"model": "m",  "x": 1.50, "s": "caf\xc3\xa9"}'
         response, body = await self.call(
             "POST",
-            url + "/v1/chat/completions?keep=1",
+            url + "/v1/echo?keep=1",
             data=payload,
             headers={
                 b"content-type": [b"application/json"],
@@ -115,7 +115,7 @@ class FormsTests(ClientTestCase):
         seen = self.backend.seen[0]
         self.assertEqual(seen.body, payload)
         self.assertEqual(seen.method, b"POST")
-        self.assertEqual(seen.uri, b"/v1/chat/completions?keep=1")
+        self.assertEqual(seen.uri, b"/v1/echo?keep=1")
         self.assertEqual(seen.headers[b"x-app"], [b"yes"])
         self.assertNotIn(b"authorization", seen.headers)
         auth = self.fake_workers[0].verified[0].auth_data

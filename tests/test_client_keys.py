@@ -8,7 +8,7 @@ import os
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeAutoscaler
+from tests.fakes import FakeRouter
 from tests.helpers import http_client, listen
 from vespa.client.keys import (
     EndpointInfo,
@@ -68,7 +68,7 @@ class PrecedenceTests(SynchronousTestCase):
 
 class LookupTests(TestCase):
     def setUp(self) -> None:
-        self.autoscaler = FakeAutoscaler(generate_private_key(), ["http://127.0.0.1:1"])
+        self.autoscaler = FakeRouter(generate_private_key(), ["http://127.0.0.1:1"])
         self.url = listen(self, self.autoscaler)
         self.http = http_client(self)
 

@@ -9,7 +9,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import http_client, listen, spawn, twistd_command
+from tests.helpers import http_client, listen, spawn, spawn_worker, twistd_command, worker_url
 from vespa import tap
 
 
@@ -58,21 +58,9 @@ class TwistdTests(TestCase):
         """`twistd -n vespa --backend-url URL` from the installed package relays requests."""
         backend = FakeBackend(reactor)
         backend_url = listen(self, backend)
-        process = spawn(
-            self,
-            twistd_command(
-                "-n",
-                "--pidfile=",
-                "vespa",
-                "--backend-url",
-                backend_url,
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-            ),
-            {"UNSECURED": "true"},
-        )
-        match = await process.wait_for(rb"QuietSite starting on (\d+)")
-        url = f"http://127.0.0.1:{int(match.group(1))}"
+        process = spawn_worker(self, backend_url)
+        url = await worker_url(process)
+        await process.wait_for(rb"worker loaded")
         http = http_client(self)
         response = await http.post(url + "/v1/echo?q=1", json={"prompt": "hi"})
         self.assertEqual(response.code, 200)

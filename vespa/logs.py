@@ -1,24 +1,79 @@
 # -*- test-case-name: tests.test_logs -*-
-"""The access-log line, and --logger factories for twistd."""
+"""
+The access-log line, ``--logger`` factories for twistd, and masking of secrets.
+
+JSON lines (for journald, Loki, ...): ``twistd --logger vespa.logs.json_stdout -n vespa ...``.
+"""
 
 from __future__ import annotations
 
-from twisted.logger import Logger
-from twisted.web.server import Request
+import sys
+from typing import IO
 
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEvent,
+    jsonFileLogObserver,
+)
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from vespa import request_id
 from vespa.relay import RelayResult
 
 _access = Logger(namespace="vespa.access")
 
 
 def log_access(request: Request, result: RelayResult, forward: object) -> None:
-    """One line per finished request: method, path, status, outcome, bytes, duration."""
+    """One line per finished request: method, path (never the query string, which may carry
+    a signature), status, workload, bytes, duration, time to first byte, request id, outcome."""
+    ttfb = result.first_byte - result.started if result.first_byte is not None else None
     _access.info(
-        "{method} {path} {status} {outcome} {bytes_out}B {duration_ms:.1f}ms",
+        "{method} {path} {status} {outcome} workload={workload:g} {bytes_out}B "
+        "{duration_ms:.1f}ms ttfb={ttfb_ms} id={request_id}",
         method=request.method.decode("ascii", "replace"),
         path=request.path.decode("ascii", "replace"),
         status=result.status,
         outcome=result.outcome.value,
+        workload=getattr(forward, "workload", 0.0),
         bytes_out=result.bytes_out,
         duration_ms=(result.finished - result.started) * 1000,
+        ttfb_ms="-" if ttfb is None else f"{ttfb * 1000:.1f}ms",
+        request_id=request_id.of(request),
     )
+
+
+@implementer(ILogObserver)
+class _WithText:
+    """Adds the formatted message as ``text`` so JSON readers need not know Twisted's
+    format strings."""
+
+    def __init__(self, observer: FileLogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        self._observer({**event, "text": formatEvent(event)})
+
+
+def json_observer(stream: IO[str]) -> ILogObserver:
+    """One JSON object per line on ``stream``."""
+    return _WithText(jsonFileLogObserver(stream, recordSeparator=""))
+
+
+def json_stdout() -> ILogObserver:
+    """twistd ``--logger`` factory: JSON lines on stdout (journald keeps one entry per line)."""
+    return json_observer(sys.stdout)
+
+
+def mask(secret: str | bytes | None, shown: int = 4) -> str:
+    """A secret safe to log: its first ``shown`` characters and its length, never the rest
+    (short secrets are fully hidden)."""
+    if not secret:
+        return "<empty>"
+    text = secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
+    if len(text) <= shown * 3:
+        return f"<{len(text)} chars>"
+    return f"{text[:shown]}...<{len(text)} chars>"

@@ -56,6 +56,17 @@ def backend_pool(reactor: Any) -> HTTPConnectionPool:
     return pool
 
 
+# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
+POOL_CLOSE_TIMEOUT = 5.0
+
+
+def close_pool(pool: HTTPConnectionPool, clock: IReactorTime) -> Deferred[None]:
+    """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
+    closed: Deferred[None] = pool.closeCachedConnections()
+    closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
+    return closed
+
+
 class Outcome(enum.Enum):
     """How a request ended; every request ends in exactly one."""
 
@@ -294,7 +305,8 @@ class ProxiedRequest:
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
         copied = request.responseHeaders
         for name, values in end_to_end(response.headers, dropped):
-            copied.setRawHeaders(name, values)
+            if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
+                copied.setRawHeaders(name, values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event

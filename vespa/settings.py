@@ -128,9 +128,19 @@ def parse_listen(text: str) -> tuple[str, ...]:
     for description in descriptions:
         try:
             serverFromString(MemoryReactor(), description)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # parsers raise many kinds (OSError, OpenSSL errors, ...)
             raise ValueError(f"expected a Twisted endpoint string such as tcp:3000 ({e})") from None
     return descriptions
+
+
+def parse_admin_listen(text: str) -> str:
+    """One endpoint string, or ``none`` for "no admin listener"."""
+    value = text.strip()
+    if value.lower() in ("", "none", "off"):
+        return ""
+    if len(parse_listen(value)) != 1:
+        raise ValueError("expected one endpoint string such as tcp:9090:interface=127.0.0.1")
+    return value
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
@@ -286,7 +296,7 @@ OPTIONS: tuple[Option, ...] = (
         "max-wait-time",
         parse_seconds,
         "10",
-        "Reject with 429 when the estimated queue wait exceeds this many seconds.",
+        "Reject with 429 when the estimated queue wait exceeds this many seconds (0 = off).",
     ),
     Option(
         "allow_parallel",
@@ -438,6 +448,15 @@ OPTIONS: tuple[Option, ...] = (
         "Consecutive failed probes before the worker reports an error.",
         old_env=("HEALTHCHECK_CONSECUTIVE_FAILURES",),
     ),
+    # Operations
+    Option(
+        "admin_listen",
+        "ADMIN_LISTEN",
+        "admin-listen",
+        parse_admin_listen,
+        "tcp:9090:interface=127.0.0.1",
+        "Endpoint of the admin listener (/metrics, /healthz, /readyz); none = off.",
+    ),
     Option(
         "drain_timeout",
         "DRAIN_TIMEOUT",
@@ -457,6 +476,15 @@ class VastEnvironment:
     report_addrs: tuple[str, ...] = ()
     container_id: int | None = None
     public_url: str | None = None
+
+
+@dataclass(frozen=True)
+class SystemdEnvironment:
+    """What systemd tells a service (sd_notify(3)): where to send READY=1 and how often it
+    expects WATCHDOG=1 (microseconds, 0 = no watchdog)."""
+
+    notify_socket: str | None = None
+    watchdog_usec: int = 0
 
 
 @dataclass(frozen=True)
@@ -493,8 +521,10 @@ class Settings:
     healthcheck_interval: float = 10.0
     healthcheck_timeout: float = 10.0
     healthcheck_failures: int = 3
+    admin_listen: str = "tcp:9090:interface=127.0.0.1"
     drain_timeout: float = 30.0
     vast: VastEnvironment = field(default_factory=VastEnvironment)
+    systemd: SystemdEnvironment = field(default_factory=SystemdEnvironment)
 
     @property
     def benchmark_spec(self) -> str:
@@ -538,6 +568,22 @@ def _vast_environment(environ: Mapping[str, str], port: int, use_ssl: bool) -> V
     return VastEnvironment(master_token, report_addrs, container_id, public_url)
 
 
+def _systemd_environment(environ: Mapping[str, str], pid: int) -> SystemdEnvironment:
+    """NOTIFY_SOCKET and WATCHDOG_USEC; the watchdog is ours only if WATCHDOG_PID is unset or
+    names this process (sd_watchdog_enabled(3))."""
+    watchdog = environ.get("WATCHDOG_USEC", "").strip()
+    owner = environ.get("WATCHDOG_PID", "").strip()
+    try:
+        usec = int(watchdog) if watchdog else 0
+    except ValueError:
+        raise SettingsError(
+            f"invalid WATCHDOG_USEC={watchdog!r} (from the environment): expected microseconds"
+        ) from None
+    if owner and owner != str(pid):
+        usec = 0
+    return SystemdEnvironment(environ.get("NOTIFY_SOCKET") or None, max(usec, 0))
+
+
 def load_settings(
     flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -551,10 +597,11 @@ def load_settings(
         environ = os.environ
     values = _read_options(OPTIONS, flags, environ)
     if "listen" not in values:
-        values["listen"] = (f"tcp:{values['worker_port']}",)
+        values["listen"] = (_default_listen(values),)
     elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
         values["worker_port"] = _listen_port(values["listen"])
     values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
+    values["systemd"] = _systemd_environment(environ, os.getpid())
     return Settings(**values)
 
 
@@ -581,6 +628,49 @@ def _read_options(
     return values
 
 
+def check_protocol(settings: Settings) -> None:
+    """
+    Settings that are valid one by one but not together (checked before the worker starts).
+
+    @raise SettingsError: naming what to set.
+    """
+    if not settings.unsecured and not settings.vast.report_addrs:
+        raise SettingsError(
+            "REPORT_ADDR is not set: a secured worker needs the autoscaler's address for its "
+            "public key and reports (set REPORT_ADDR, or UNSECURED=true for local development)"
+        )
+    if settings.verify_url and settings.vast.public_url is None:
+        raise SettingsError(
+            f"VERIFY_URL needs this worker's public URL: set PUBLIC_IPADDR and "
+            f"VAST_TCP_PORT_{settings.worker_port}"
+        )
+
+
+def _default_listen(values: Mapping[str, Any]) -> str:
+    """tcp:$WORKER_PORT, or ssl:$WORKER_PORT on SSL_CERT/SSL_KEY when USE_SSL is true."""
+    port = values["worker_port"]
+    if not values["use_ssl"]:
+        return f"tcp:{port}"
+    for name, path in (("SSL_CERT", values["ssl_cert"]), ("SSL_KEY", values["ssl_key"])):
+        if not os.path.isfile(path):
+            raise SettingsError(
+                f"USE_SSL is true but {name}={path!r} is not a file "
+                "(set SSL_CERT and SSL_KEY, or --ssl-cert and --ssl-key, to PEM files)"
+            )
+    key, cert = (_endpoint_quote(values[name]) for name in ("ssl_key", "ssl_cert"))
+    description = f"ssl:{port}:privateKey={key}:certKey={cert}"
+    try:
+        parse_listen(description)  # loads the files: a bad PEM is one line now, not a traceback
+    except ValueError as e:
+        raise SettingsError(f"USE_SSL is true but SSL_CERT/SSL_KEY cannot be used: {e}") from None
+    return description
+
+
+def _endpoint_quote(path: str) -> str:
+    """A file name inside a Twisted endpoint string (``:``, ``=`` and ``\\`` escaped)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
 def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> bool:
     option = next(option for option in OPTIONS if option.name == name)
     return flags.get(name) is not None or any(env in environ for env in option.env_names())
@@ -588,7 +678,7 @@ def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str
 
 def option_fields() -> set[str]:
     """Names of the Settings fields that come from OPTIONS (for the consistency test)."""
-    return {f.name for f in fields(Settings)} - {"vast"}
+    return {f.name for f in fields(Settings)} - {"vast", "systemd"}
 
 
 # The client proxy (``vespa-client``): its own table, read the same way (no PYWORKER_ aliases).

@@ -9,6 +9,22 @@ vespa = ServiceMaker(
     "vespa",
 )
 
+vespa_autoscaler = ServiceMaker(
+    "Vespa autoscaler emulator",
+    "vespa.emulator.tap",
+    "Local emulator of the Vast.ai autoscaler: a development and test tool, never a "
+    "production router.",
+    "vespa-autoscaler",
+)
+
+vespa_sandbox = ServiceMaker(
+    "Vespa sandbox",
+    "vespa.sandbox",
+    "The whole system locally in one process: sample backend, autoscaler emulator, signed "
+    "workers and the client proxy on 127.0.0.1:8010.",
+    "vespa-sandbox",
+)
+
 vespa_client = ServiceMaker(
     "Vespa client",
     "vespa.client.tap",

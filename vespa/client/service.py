@@ -10,7 +10,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from vespa.client.resource import ClientResource
-from vespa.worker.service import POOL_CLOSE_TIMEOUT
+from vespa.relay import close_pool
 
 
 class ClientService(MultiService):
@@ -31,10 +31,5 @@ class ClientService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService()
-        waits: list[Deferred[object]] = [stopped]
-        for pool in self.pools:
-            closed = pool.closeCachedConnections()
-            waits.append(
-                closed.addTimeout(POOL_CLOSE_TIMEOUT, self._clock).addErrback(lambda _: None)
-            )
-        return DeferredList(waits).addCallback(lambda _: None)
+        closed = [close_pool(pool, self._clock) for pool in self.pools]
+        return DeferredList([stopped, *closed]).addCallback(lambda _: None)

@@ -40,6 +40,7 @@ from vespa.settings import (
     SettingsError,
     load_client_settings,
 )
+from vespa.tap import installed_reactor
 from vespa.worker.resource import Observer, QuietSite
 
 _log = Logger()
@@ -93,11 +94,7 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the proxy described by the parsed options."""
-    if reactor is None:
-        from twisted.internet import reactor as installed  # twistd has installed it by now
-
-        reactor = installed
-    return build_client(options.settings, reactor)
+    return build_client(options.settings, installed_reactor(reactor))
 
 
 def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:

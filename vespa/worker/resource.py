@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from vespa import request_id
 from vespa.headers import forwarded_request_headers
 from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
 
@@ -68,16 +69,6 @@ def request_has_body(request: Request) -> bool:
     return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
 
 
-class PassthroughGate:
-    """Unsecured mode: every request goes to the backend as it came (minus hop-by-hop headers)."""
-
-    def __init__(self, cooperator: Cooperator) -> None:
-        self._cooperator = cooperator
-
-    def admit(self, request: Request) -> Forward:
-        return passthrough(request, self._cooperator)
-
-
 def passthrough(request: Request, cooperator: Cooperator) -> Forward:
     """The request as the client sent it: target, end-to-end headers and the body, byte for byte."""
     scheme = b"https" if request.isSecure() else b"http"
@@ -85,6 +76,44 @@ def passthrough(request: Request, cooperator: Cooperator) -> Forward:
     assert request.content is not None
     body = body_producer(request.content, cooperator, request_has_body(request))
     return Forward(request.uri, headers, body)
+
+
+class InFlight:
+    """The requests not answered yet (waiting for admission, relaying, streaming), so that a
+    shutdown can let them finish first."""
+
+    def __init__(self) -> None:
+        self.requests: set[Request] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def add(self, request: Request) -> None:
+        self.requests.add(request)
+        request.notifyFinish().addBoth(self._finished, request)
+
+    def _finished(self, _: object, request: Request) -> None:
+        self.requests.discard(request)
+        if not self.requests:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (at once if none is)."""
+        waiter: Deferred[None] = Deferred()
+        if self.requests:
+            self._idle.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def abort(self) -> int:
+        """Cut the connections of the requests still in flight; returns how many."""
+        requests = list(self.requests)
+        for request in requests:
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return len(requests)
 
 
 class WorkerResource(Resource):
@@ -109,10 +138,13 @@ class WorkerResource(Resource):
         self._backend = backend_url.encode("ascii")
         self._timeout = request_timeout
         self._observers = observers
+        self.in_flight = InFlight()
 
     def render(self, request: Request) -> int:
         request.defaultContentType = None  # never invent a Content-Type for the backend's body
+        self.in_flight.add(request)
         started = self._clock.seconds()
+        request_id.assign(request)
         if not request.uri.startswith(b"/"):
             # Absolute-form or asterisk-form targets: the backend host is always BACKEND_URL.
             self._refuse(request, Rejection(400, "bad request target", "expected a path"), started)

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Vast.ai template entry point for a Vespa worker.
+#
+#   1. checks the variables Vast provides (one message naming everything missing);
+#   2. creates (or reuses) a virtualenv under $WORKSPACE_DIR and installs Vespa ($VESPA_SPEC);
+#   3. with USE_SSL=true: makes a key + CSR and has the Vast console sign the instance
+#      certificate; an answer that is not a PEM certificate stops the start (never saved);
+#   4. runs `twistd -n --pidfile= vespa` on tcp:$WORKER_PORT or ssl:$WORKER_PORT.
+# When any step fails, or Vespa exits with an error, an error beacon (a /worker_status/ body
+# with error_msg and the worker's public url) is posted to EVERY address in REPORT_ADDR.
+#
+# Overridable (besides Vespa's own settings, which twistd reads from the environment):
+#   WORKSPACE_DIR (/workspace)  VESPA_VENV ($WORKSPACE_DIR/vespa-venv)  VESPA_PYTHON (python3)
+#   VESPA_SPEC (what pip installs: a path or git+https://HOST/REPO@REF; default: the checkout
+#              this script is in. Not "vespa": that PyPI name is an unrelated project.)
+#   VESPA_PIP_ARGS (extra pip arguments)  VESPA_ARGS (extra twistd vespa arguments)
+#   SIGN_CERT_URL (https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID)
+#   SIGN_CERT_RETRIES (3: curl retries on transient errors, with 1, 2, 4 s pauses)
+#   SSL_CERT (/etc/instance.crt)  SSL_KEY (/etc/instance.key)
+set -Eeuo pipefail
+
+WORKSPACE_DIR=${WORKSPACE_DIR:-/workspace}
+VESPA_VENV=${VESPA_VENV:-$WORKSPACE_DIR/vespa-venv}
+VESPA_PYTHON=${VESPA_PYTHON:-python3}
+VESPA_SPEC=${VESPA_SPEC:-}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "$VESPA_SPEC" ] && grep -qs '^name = vespa$' "$HERE/setup.cfg"; then
+    VESPA_SPEC=$HERE
+fi
+VESPA_PIP_ARGS=${VESPA_PIP_ARGS:-}
+VESPA_ARGS=${VESPA_ARGS:-}
+REPORT_ADDR=${PYWORKER_REPORT_ADDR:-${REPORT_ADDR:-https://run.vast.ai}}
+WORKER_PORT=${PYWORKER_WORKER_PORT:-${WORKER_PORT:-3000}}
+USE_SSL=${PYWORKER_USE_SSL:-${USE_SSL:-true}}
+SSL_CERT=${PYWORKER_SSL_CERT:-${SSL_CERT:-/etc/instance.crt}}
+SSL_KEY=${PYWORKER_SSL_KEY:-${SSL_KEY:-/etc/instance.key}}
+CONTAINER_ID=${PYWORKER_CONTAINER_ID:-${CONTAINER_ID:-}}
+MASTER_TOKEN=${PYWORKER_MASTER_TOKEN:-${MASTER_TOKEN:-}}
+PUBLIC_IPADDR=${PYWORKER_PUBLIC_IPADDR:-${PUBLIC_IPADDR:-}}
+SIGN_CERT_URL=${SIGN_CERT_URL:-https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID}
+SIGN_CERT_RETRIES=${SIGN_CERT_RETRIES:-3}
+export REPORT_ADDR WORKER_PORT USE_SSL SSL_CERT SSL_KEY
+
+log() {
+    printf 'start_server.sh: %s\n' "$*" >&2
+}
+
+# The worker's public URL, byte-identical to what Vespa reports (PROTOCOL.md 1.2).
+worker_url() {
+    local port_var="VAST_TCP_PORT_${WORKER_PORT}" scheme=http
+    [ "$USE_SSL" = true ] && scheme=https
+    if [ -n "$PUBLIC_IPADDR" ] && [ -n "${!port_var:-}" ]; then
+        printf '%s://%s:%s' "$scheme" "$PUBLIC_IPADDR" "${!port_var}"
+    fi
+}
+
+# POST an error beacon to every REPORT_ADDR entry; the body is built by json.dumps, so the
+# message is always escaped. Never fails: the beacon is best effort.
+send_beacon() {
+    local message=$1 body addr
+    body=$(python3 -c '
+import json, sys
+container, token, url, message = sys.argv[1:5]
+print(json.dumps({
+    "id": int(container) if container.isdigit() else None, "mtoken": token,
+    "version": "vespa", "loadtime": 0.0, "cur_load": 0.0, "rej_load": 0.0, "new_load": 0.0,
+    "error_msg": message, "max_perf": 0.0, "cur_perf": 0.0, "cur_capacity": 0,
+    "max_capacity": 0, "num_requests_working": 0, "num_requests_recieved": 0,
+    "additional_disk_usage": 0.0, "working_request_idxs": [], "url": url,
+}))' "$CONTAINER_ID" "$MASTER_TOKEN" "$(worker_url)" "$message") || return 0
+    local IFS=,
+    for addr in $REPORT_ADDR; do
+        addr=${addr//[[:space:]]/}
+        [ -n "$addr" ] || continue
+        if curl -sS -o /dev/null --max-time 10 --retry 2 -X POST \
+            -H 'Content-Type: application/json' --data-binary "$body" "${addr%/}/worker_status/"; then
+            log "error beacon sent to ${addr%/}"
+        else
+            log "could not send the error beacon to ${addr%/}"
+        fi
+    done
+}
+
+# Stop the start: log, beacon, exit non-zero.
+fail() {
+    trap - ERR
+    log "ERROR: $1"
+    send_beacon "Vespa failed to start: $1"
+    exit "${2:-1}"
+}
+
+STEP="starting"
+trap 'fail "unexpected error while $STEP (line $LINENO)"' ERR
+
+check_variables() {
+    local missing=() port_var="VAST_TCP_PORT_${WORKER_PORT}"
+    [ -n "$CONTAINER_ID" ] || missing+=("CONTAINER_ID")
+    [ -n "$MASTER_TOKEN" ] || missing+=("MASTER_TOKEN")
+    [ -n "$PUBLIC_IPADDR" ] || missing+=("PUBLIC_IPADDR")
+    [ -n "${!port_var:-}" ] || missing+=("$port_var")
+    [ -n "$VESPA_SPEC" ] || missing+=("VESPA_SPEC")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        fail "missing environment variable(s): ${missing[*]} (Vast sets all but VESPA_SPEC in serverless instances; VESPA_SPEC is a path or git+https://HOST/REPO@REF)"
+    fi
+    case "$WORKER_PORT" in
+        '' | *[!0-9]*) fail "WORKER_PORT=$WORKER_PORT is not a port number" ;;
+    esac
+    case "$CONTAINER_ID" in
+        *[!0-9]*) fail "CONTAINER_ID=$CONTAINER_ID is not a number" ;;
+    esac
+}
+
+install_vespa() {
+    STEP="creating the virtualenv $VESPA_VENV"
+    if [ -x "$VESPA_VENV/bin/python" ]; then
+        log "reusing the virtualenv $VESPA_VENV"
+    else
+        log "creating the virtualenv $VESPA_VENV"
+        mkdir -p "$(dirname "$VESPA_VENV")"
+        "$VESPA_PYTHON" -m venv "$VESPA_VENV" || fail "could not create the virtualenv $VESPA_VENV with $VESPA_PYTHON"
+    fi
+    STEP="installing Vespa"
+    log "installing Vespa ($VESPA_SPEC)"
+    local extra=()
+    read -r -a extra <<<"$VESPA_PIP_ARGS"
+    "$VESPA_VENV/bin/python" -m pip install -q "${extra[@]}" "$VESPA_SPEC" ||
+        fail "pip could not install Vespa from VESPA_SPEC=$VESPA_SPEC"
+}
+
+# Key + CSR, signed by the Vast console (PROTOCOL.md 6.7). The answer must be a PEM
+# certificate: anything else (an HTML error page, say) stops the start and is never saved.
+sign_certificate() {
+    STEP="creating the TLS certificate"
+    local dir csr answer status
+    dir=$(mktemp -d)
+    csr="$dir/instance.csr"
+    answer="$dir/instance.crt"
+    cat >"$dir/san.cnf" <<'EOF'
+[req]
+default_bits = 2048
+distinguished_name = dn
+req_extensions = v3_req
+prompt = no
+[dn]
+C = US
+ST = CA
+CN = pyworker.vast.ai
+[v3_req]
+basicConstraints = CA:FALSE
+keyUsage = nonRepudiation, digitalSignature, keyEncipherment
+subjectAltName = IP:0.0.0.0
+EOF
+    mkdir -p "$(dirname "$SSL_KEY")" "$(dirname "$SSL_CERT")"
+    openssl req -new -newkey rsa:2048 -nodes -sha256 -keyout "$SSL_KEY" -out "$csr" \
+        -config "$dir/san.cnf" 2>/dev/null || fail "openssl could not create the key and CSR"
+    chmod 600 "$SSL_KEY"
+    log "asking $SIGN_CERT_URL to sign the instance certificate"
+    status=$(curl -sS -o "$answer" -w '%{http_code}' --max-time 60 --retry "$SIGN_CERT_RETRIES" --retry-connrefused \
+        -X POST -H 'Content-Type: application/octet-stream' --data-binary "@$csr" \
+        "$SIGN_CERT_URL") || fail "could not reach the certificate signer $SIGN_CERT_URL"
+    if [ "$status" != 200 ] || ! grep -q -- '-----BEGIN CERTIFICATE-----' "$answer" ||
+        ! openssl x509 -noout -in "$answer" 2>/dev/null; then
+        local excerpt
+        excerpt=$(head -c 200 "$answer" | tr -c '[:print:]' ' ')
+        rm -rf "$dir"
+        fail "the certificate signer answered HTTP $status without a PEM certificate: $excerpt"
+    fi
+    mv "$answer" "$SSL_CERT"
+    rm -rf "$dir"
+    log "instance certificate written to $SSL_CERT"
+}
+
+# A path inside a Twisted endpoint string: escape the separators.
+endpoint_path() {
+    local path=${1//\\/\\\\}
+    path=${path//:/\\:}
+    printf '%s' "${path//=/\\=}"
+}
+
+run_vespa() {
+    STEP="starting Vespa"
+    local listen="tcp:$WORKER_PORT" extra=() child tee_pid status=0 errors last
+    if [ "$USE_SSL" = true ]; then
+        listen="ssl:$WORKER_PORT:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
+    fi
+    read -r -a extra <<<"$VESPA_ARGS"
+    log "starting Vespa on $listen"
+    trap - ERR
+    # A child, not exec: its exit status decides the beacon. Signals are passed on so that
+    # Vespa drains in-flight requests on a container stop. Its stderr (start-up errors, not
+    # the log) is kept too: the last line goes into the beacon.
+    errors=$(mktemp)
+    exec 3> >(tee "$errors" >&2)
+    tee_pid=$!
+    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa --listen "$listen" "${extra[@]}" 2>&3 &
+    child=$!
+    exec 3>&-
+    trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+    wait "$child" || status=$?
+    while kill -0 "$child" 2>/dev/null; do # a forwarded signal interrupted wait: wait again
+        status=0
+        wait "$child" || status=$?
+    done
+    wait "$tee_pid" || true # the copy of stderr is complete
+    last=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1 | cut -c 1-500 || true)
+    rm -f "$errors"
+    if [ "$status" -ne 0 ]; then
+        fail "Vespa exited with code $status${last:+: $last}" "$status"
+    fi
+    log "Vespa stopped"
+}
+
+check_variables
+install_vespa
+if [ "$USE_SSL" = true ]; then
+    sign_certificate
+fi
+run_vespa

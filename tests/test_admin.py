@@ -1,0 +1,153 @@
+"""The admin listener: /metrics (Prometheus), /healthz and /readyz, and the metrics seam."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import FakeBackend
+from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker
+from vespa.worker.admin import LAG_INTERVAL, WorkerMetrics
+from vespa.worker.state import WorkerState
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text page: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class AdminListenerTests(TestCase):
+    def setUp(self) -> None:
+        self.backend = FakeBackend(reactor)
+        self.url, self.service = start_worker(
+            self, listen(self, self.backend), admin_listen="tcp:0:interface=127.0.0.1"
+        )
+        admin = self.service.getServiceNamed("admin")
+        self.admin = listen(self, admin.factory)  # type: ignore[attr-defined]
+        self.http = http_client(self)
+
+    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        response = await self.http.get(self.admin + "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/"))
+        return samples((await response.content()).decode())
+
+    async def test_metrics_count_traffic(self) -> None:
+        """/metrics parses as Prometheus text and counts exactly the traffic just sent: by
+        method, status class and outcome, with latency/TTFB histograms and bytes in/out."""
+        body = b'{"prompt": "hello"}'
+        r1 = await self.http.post(self.url + "/v1/echo", data=body)
+        out1 = await r1.content()
+        r2 = await self.http.get(self.url + "/status/404")
+        out2 = await r2.content()
+        r3 = await self.http.request("BREW", self.url + "/status/503")
+        await r3.content()
+        self.assertEqual(r3.code, 503)
+        metrics = await self.scrape()
+
+        def requests(method: str, status: str) -> float:
+            labels = (("method", method), ("outcome", "served"), ("status", status))
+            return metrics.get(("vespa_requests_total", labels), 0.0)
+
+        self.assertEqual(requests("POST", "2xx"), 1)
+        self.assertEqual(requests("GET", "4xx"), 1)
+        self.assertEqual(requests("other", "5xx"), 1)  # unknown methods: bounded labels
+        self.assertEqual(metrics[("vespa_request_duration_seconds_count", ())], 3)
+        self.assertEqual(metrics[("vespa_time_to_first_byte_seconds_count", ())], 3)
+        self.assertGreaterEqual(metrics[("vespa_response_bytes_total", ())], len(out1) + len(out2))
+        self.assertEqual(metrics[("vespa_request_bytes_total", ())], len(body))
+        self.assertEqual(metrics[("vespa_loaded", ())], 1)
+        self.assertIn(("vespa_reactor_lag_seconds", ()), metrics)
+
+    async def test_open_connections(self) -> None:
+        """vespa_open_connections follows client connections as they open and close."""
+        client = await raw_connect(self.url, RawClient(b"", read=True))
+        metrics = await self.scrape()
+        self.assertEqual(metrics[("vespa_open_connections", ())], 1)
+        client.transport.loseConnection()
+        await client.closed
+        for _ in range(100):  # the server notices the close a moment later
+            metrics = await self.scrape()
+            if metrics[("vespa_open_connections", ())] == 0:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(metrics[("vespa_open_connections", ())], 0)
+
+    async def test_health_and_readiness(self) -> None:
+        """/healthz answers while the reactor runs; /readyz is 503 until the worker is loaded
+        with a healthy backend, 200 then, and 503 again while draining."""
+        response = await self.http.get(self.admin + "/healthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["status"], "alive")
+        state = self.service.state
+        state.loaded = False
+        response = await self.http.get(self.admin + "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual((await response.json())["ready"], False)
+        state.mark_loaded(reactor.seconds(), 12.5)
+        response = await self.http.get(self.admin + "/readyz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["ready"], True)
+        metrics = await self.scrape()
+        self.assertEqual(metrics[("vespa_benchmark_max_perf", ())], 12.5)
+        self.assertEqual(metrics[("vespa_backend_healthy", ())], 1)
+        state.backend_healthy = False
+        response = await self.http.get(self.admin + "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual((await response.json())["backend_healthy"], False)
+        state.backend_healthy = True
+        state.draining = True
+        response = await self.http.get(self.admin + "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual((await response.json())["draining"], True)
+
+    async def test_unknown_admin_path(self) -> None:
+        """Other admin paths are a JSON 404; the backend never sees admin traffic."""
+        response = await self.http.get(self.admin + "/v1/models")
+        self.assertEqual(response.code, 404)
+        self.assertEqual((await response.json())["error"], "not found")
+        self.assertEqual(self.backend.seen, [])
+
+
+class WorkerMetricsTests(TestCase):
+    def test_register_gauge(self) -> None:
+        """A gauge registered with a callable shows the callable's value at each scrape, and
+        each worker has its own registry (two workers never clash)."""
+        depth = [3]
+        metrics = WorkerMetrics(WorkerState(), Clock())
+        metrics.register_gauge("vespa_queue_depth", "Requests waiting.", lambda: depth[0])
+        WorkerMetrics(WorkerState(), Clock()).register_gauge("vespa_queue_depth", "x", lambda: 0)
+        self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 3)
+        depth[0] = 5
+        self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 5)
+
+    def test_register_counter(self) -> None:
+        """A counter registered with a callable is exposed as <name>_total of type counter."""
+        metrics = WorkerMetrics(WorkerState(), Clock())
+        metrics.register_counter("vespa_reports_sent", "Reports sent.", lambda: 7)
+        [family] = [
+            f
+            for f in text_string_to_metric_families(metrics.render().decode())
+            if f.name == "vespa_reports_sent"
+        ]
+        self.assertEqual(family.type, "counter")
+        self.assertEqual(samples(metrics.render().decode())[("vespa_reports_sent_total", ())], 7)
+
+    def test_reactor_lag(self) -> None:
+        """The lag sampler reports how late its timer fired; it stops with its service."""
+        clock = Clock()
+        metrics = WorkerMetrics(WorkerState(), clock)
+        sampler = metrics.lag_sampler()
+        sampler.startService()
+        clock.advance(LAG_INTERVAL)
+        self.assertEqual(metrics.reactor_lag, 0.0)
+        clock.advance(LAG_INTERVAL + 0.25)  # the reactor was blocked for 0.25 s
+        self.assertAlmostEqual(metrics.reactor_lag, 0.25)
+        sampler.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -1,0 +1,212 @@
+"""Loading and running the user's benchmark function, and the session it is handed."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.fakes import FakeBackend
+from tests.helpers import listen, spawn_worker
+from vespa import tap
+from vespa.benchmark import (
+    BackendSession,
+    BenchmarkError,
+    check_aiohttp,
+    check_result,
+    load_benchmark,
+    run_benchmark,
+)
+from vespa.settings import SettingsError
+
+NOT_CALLABLE = 3
+
+
+class LoadTests(SynchronousTestCase):
+    def test_loads_function(self) -> None:
+        """module.path:function is imported and returned."""
+        self.assertIs(load_benchmark("tests.test_benchmark:plain"), plain)
+
+    def test_errors_name_the_spec(self) -> None:
+        """A missing module, a missing attribute or a non-callable is a clear error naming
+        the spec."""
+        cases = {
+            "nope.nothing:run": "No module named 'nope'",
+            "tests.test_benchmark:missing": "tests.test_benchmark has no attribute 'missing'",
+            "tests.test_benchmark:NOT_CALLABLE": "NOT_CALLABLE is not callable",
+        }
+        for spec, why in cases.items():
+            with self.assertRaises(SettingsError) as caught:
+                load_benchmark(spec)
+            self.assertIn(f"cannot load BENCHMARK={spec!r}", str(caught.exception))
+            self.assertIn(why, str(caught.exception))
+
+    def test_module_that_raises_on_import(self) -> None:
+        """A benchmark module that raises while importing says what it raised."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        with open(os.path.join(directory, "badbench.py"), "w") as f:
+            f.write("raise RuntimeError('CUDA not found')\n")
+        sys.path.insert(0, directory)
+        self.addCleanup(sys.path.remove, directory)
+        with self.assertRaises(SettingsError) as caught:
+            load_benchmark("badbench:run")
+        self.assertIn("RuntimeError: CUDA not found", str(caught.exception))
+
+    def test_twistd_refuses_to_start(self) -> None:
+        """makeService stops with one line naming a BENCHMARK that does not load."""
+        options = tap.Options()
+        options.parseOptions(["--benchmark", "nope.nothing:run", "--unsecured", "true"])
+        with self.assertRaises(SystemExit) as caught:
+            tap.makeService(options, MemoryReactorClock())
+        self.assertIn("vespa: cannot load BENCHMARK='nope.nothing:run'", str(caught.exception))
+
+    def test_aiohttp_needs_the_asyncio_reactor(self) -> None:
+        """BENCHMARK_SESSION=aiohttp on another reactor says how to run twistd."""
+        with self.assertRaises(SettingsError) as caught:
+            check_aiohttp(MemoryReactorClock())
+        self.assertIn("run twistd -r asyncio", str(caught.exception))
+
+
+def plain(backend_url: str, session: Any) -> float:
+    return 5
+
+
+class ResultTests(SynchronousTestCase):
+    def test_usable_results(self) -> None:
+        """Positive finite numbers are accepted (as floats)."""
+        self.assertEqual(check_result("b", 3), 3.0)
+        self.assertEqual(check_result("b", 0.25), 0.25)
+
+    def test_unusable_results(self) -> None:
+        """0, negative, NaN, infinity, strings, booleans and None are errors naming the spec
+        and the value."""
+        for value in (0, -1.0, math.nan, math.inf, "12", True, None):
+            with self.assertRaises(BenchmarkError) as caught:
+                check_result("my.bench:run", value)
+            self.assertIn(f"benchmark my.bench:run returned {value!r}", str(caught.exception))
+
+    def test_every_kind_of_function(self) -> None:
+        """Plain, Deferred-returning and async def benchmarks all run; the result is checked."""
+
+        async def coroutine(url: str, session: Any) -> float:
+            return await succeed(2.5)
+
+        self.assertEqual(self.successResultOf(run_benchmark(plain, "p", "u", None)), 5.0)
+        self.assertEqual(
+            self.successResultOf(run_benchmark(lambda u, s: succeed(7), "d", "u", None)), 7.0
+        )
+        self.assertEqual(self.successResultOf(run_benchmark(coroutine, "c", "u", None)), 2.5)
+        failure = self.failureResultOf(run_benchmark(lambda u, s: 0.0, "z", "u", None))
+        failure.trap(BenchmarkError)
+
+
+class SessionTests(TestCase):
+    def setUp(self) -> None:
+        self.backend = FakeBackend(reactor)
+        self.url = listen(self, self.backend)
+        self.session = BackendSession(reactor, self.url + "/")
+        self.addCleanup(self.session.close)
+
+    async def test_methods_and_options(self) -> None:
+        """Every method goes to the backend URL + the relative path, with json, data,
+        headers and params."""
+        for method in ("get", "post", "put", "patch", "delete"):
+            response = await getattr(self.session, method)("v1/x", params={"q": "1"})
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.status, 200)
+            self.assertEqual((await response.json())["method"], method.upper())
+            self.assertEqual(self.backend.seen[-1].uri, b"/v1/x?q=1")
+        response = await self.session.post("/j", json={"a": 1}, headers={"X-Test": "yes"})
+        seen = self.backend.seen[-1]
+        self.assertEqual(seen.body, b'{"a":1}')
+        self.assertEqual(seen.headers[b"x-test"], [b"yes"])
+        response = await self.session.request("PUT", "/d", data=b"raw")
+        self.assertEqual(self.backend.seen[-1].body, b"raw")
+        self.assertIn('"method": "PUT"', await response.text())
+        self.assertIn(b'"uri": "/d"', await response.content())
+
+    async def test_status_is_not_an_exception(self) -> None:
+        """Error statuses are answers, not exceptions (as in aiohttp)."""
+        response = await self.session.get("/status/503")
+        self.assertEqual(response.status, 503)
+        self.assertEqual(await response.json(), {"status": 503})
+
+    async def test_timeout_covers_the_whole_exchange(self) -> None:
+        """A request slower than its timeout fails with TimeoutError and is cut at the
+        backend."""
+        with self.assertRaises(TimeoutError):
+            await self.session.get("/slow?delay=5", timeout=0.1)
+        await self.backend.cancelled[0]
+        sse = self.session.get("/sse?n=3&interval=5", timeout=0.1)  # headers come at once
+        with self.assertRaises(TimeoutError):
+            await sse
+        await self.backend.cancelled[1]
+
+    def test_only_relative_paths(self) -> None:
+        """An absolute URL is refused: the session only talks to the backend."""
+        self.assertRaises(ValueError, self.session.get, "http://elsewhere/x")
+
+    async def test_closed_session_refuses(self) -> None:
+        """After close (worker stopping), requests fail at once."""
+        await self.session.close()
+        failed: Deferred[Any] = self.session.get("/x")
+        with self.assertRaises(Exception) as caught:
+            await failed
+        self.assertIn("stopping", str(caught.exception))
+
+
+AIOHTTP_BENCHMARK = """
+import aiohttp
+
+async def benchmark(backend_url, session):
+    assert isinstance(session, aiohttp.ClientSession), type(session)
+    async with session.post("/v1/echo", json={"prompt": "hi"}) as response:
+        assert response.status == 200, response.status
+        answer = await response.json()
+    assert answer["uri"] == "/v1/echo", answer
+    return 12.5
+"""
+
+
+class AiohttpTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            self.skipTest("aiohttp is not installed (pip install 'vespa[aiohttp]')")
+        self.backend = FakeBackend(reactor)
+        self.backend_url = listen(self, self.backend)
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        with open(os.path.join(self.directory, "aiobench.py"), "w") as f:
+            f.write(AIOHTTP_BENCHMARK)
+
+    def twistd(self, *twistd: str) -> Any:
+        env = {
+            "BENCHMARK": "aiobench:benchmark",
+            "BENCHMARK_SESSION": "aiohttp",
+            "PYTHONPATH": self.directory,
+        }
+        return spawn_worker(self, self.backend_url, env=env, twistd=twistd)
+
+    async def test_unchanged_pyworker_benchmark(self) -> None:
+        """An aiohttp PyWorker benchmark runs unchanged on the asyncio reactor, with a real
+        ClientSession bound to the backend URL."""
+        process = self.twistd("-r", "asyncio")
+        await process.wait_for(rb"worker loaded in [\d.]+ s \(max_perf 12.5\)")
+        self.assertEqual(self.backend.seen[-1].uri, b"/v1/echo")
+
+    async def test_wrong_reactor(self) -> None:
+        """Without -r asyncio, twistd stops at once saying how to run it."""
+        process = self.twistd()
+        self.assertNotEqual(await process.ended, 0)
+        self.assertIn(b"run twistd -r asyncio -n vespa", process.output)

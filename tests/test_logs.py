@@ -1,0 +1,152 @@
+"""Access-log lines, JSON log lines, X-Request-ID and masking of secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from twisted.internet import reactor
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from tests.fakes import FakeBackend
+from tests.helpers import (
+    http_client,
+    listen,
+    raw_request,
+    spawn_worker,
+    start_worker,
+    worker_url,
+)
+from vespa.logs import json_observer, mask
+
+
+def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
+    """Log events of ``namespace`` emitted until the end of the test."""
+    events: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == namespace:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
+
+class OwnRequestId(Resource):
+    """A backend that sets its own X-Request-ID on the answer."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"x-request-id", b"backend-made")
+        return b"ok"
+
+
+class AccessLogTests(TestCase):
+    def setUp(self) -> None:
+        self.backend = FakeBackend(reactor)
+        self.url, _ = start_worker(self, listen(self, self.backend))
+        self.http = http_client(self)
+        self.events = capture(self)
+
+    async def test_access_line(self) -> None:
+        """One line per request with method, path (no query string: it may carry a
+        signature), status, outcome, workload, bytes, duration, TTFB and request id."""
+        response = await self.http.get(
+            self.url + "/status/404?signature=s3cret", headers={"X-Request-ID": "trace-42"}
+        )
+        body = await response.content()
+        [event] = self.events
+        line = formatEvent(event)
+        self.assertRegex(
+            line,
+            rf"^GET /status/404 404 served workload=0 {len(body)}B [\d.]+ms ttfb=[\d.]+ms "
+            r"id=trace-42$",
+        )
+        self.assertNotIn("s3cret", line)
+
+    async def test_request_id_round_trip(self) -> None:
+        """A client's X-Request-ID reaches the backend and comes back; without one (or with
+        an unusable one) Vespa makes a fresh id, sends it to the backend and returns it."""
+        response = await self.http.get(self.url + "/echo", headers={"X-Request-ID": "abc-123"})
+        await response.content()
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"abc-123"])
+        self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [b"abc-123"])
+        for sent in (None, "has space", "x" * 129):
+            headers = {"X-Request-ID": sent} if sent else {}
+            response = await self.http.get(self.url + "/echo", headers=headers)
+            await response.content()
+            [returned] = response.headers.getRawHeaders(b"x-request-id")
+            self.assertRegex(returned.decode(), r"^[0-9a-f]{32}$")
+            self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [returned])
+            self.assertIn(f"id={returned.decode()}", formatEvent(self.events[-1]))
+
+    async def test_backend_cannot_replace_request_id(self) -> None:
+        """The id the client gets back is Vespa's, even if the backend sets its own."""
+        url, _ = start_worker(self, listen(self, OwnRequestId()))
+        response = await self.http.get(url + "/", headers={"X-Request-ID": "mine"})
+        await response.content()
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"mine"])
+
+    async def test_rejected_request_has_id(self) -> None:
+        """Requests Vespa refuses itself carry a request id too, and are logged as rejected."""
+        answer = await raw_request(
+            self.url, b"GET http://evil.example/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "))
+        self.assertRegex(answer.lower(), rb"\r\nx-request-id: [0-9a-f]{32}\r\n")
+        self.assertIn(" 400 rejected ", formatEvent(self.events[-1]))
+
+
+class JsonLogTests(TestCase):
+    def test_json_lines(self) -> None:
+        """The JSON observer writes one parseable object per line, with the fields and the
+        formatted text."""
+        stream = io.StringIO()
+        observe = json_observer(stream)
+        observe(
+            {
+                "log_format": "{method} {path} id={request_id}",
+                "method": "GET",
+                "path": "/x",
+                "request_id": "r1",
+                "log_namespace": "vespa.access",
+                "log_time": 1.0,
+            }
+        )
+        observe({"log_format": "second", "log_time": 2.0})
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first = json.loads(lines[0])
+        self.assertEqual((first["request_id"], first["text"]), ("r1", "GET /x id=r1"))
+        self.assertEqual(json.loads(lines[1])["text"], "second")
+
+    async def test_twistd_json_logger(self) -> None:
+        """`twistd --logger vespa.logs.json_stdout -n vespa` logs JSON lines on stdout; the
+        access line carries the request id."""
+        backend = listen(self, FakeBackend(reactor))
+        process = spawn_worker(self, backend, twistd=("--logger", "vespa.logs.json_stdout"))
+        url = await worker_url(process)
+        await process.wait_for(rb"worker loaded")
+        response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "json-1"})
+        await response.content()
+        await process.wait_for(rb"id=json-1")
+        records = [json.loads(line) for line in process.output.decode().splitlines()]
+        [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
+        self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
+        self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
+
+
+class MaskTests(TestCase):
+    def test_mask(self) -> None:
+        """Secrets are never shown in full: a short prefix and the length at most."""
+        token = "mtok-abcdefghijklmnop"
+        self.assertEqual(mask(token), "mtok...<21 chars>")
+        self.assertEqual(mask(b"short-secret"), "<12 chars>")
+        self.assertEqual(mask(""), "<empty>")
+        self.assertEqual(mask(None), "<empty>")

@@ -1,0 +1,219 @@
+"""The sandbox: everything in one process, then requests through client -> emulator -> worker
+-> sample backend with real signatures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import treq
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.emulator_fixtures import report
+from tests.helpers import http_client, until
+from vespa import sandbox
+from vespa.sandbox import SandboxConfig, build_sandbox
+
+CHAT = {"model": "vespa-sample", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def _present(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# What the full end-to-end run needs beyond this branch: the signed gate and the reporter
+# (branch protocol), the lifecycle that benchmarks and marks workers loaded (branch lifecycle,
+# with benchmarks.openai), and the client proxy (branch client).
+PIECES = (
+    "vespa.worker.reporter",
+    "vespa.worker.lifecycle",
+    "benchmarks.openai",
+    "vespa.client.tap",
+)
+MISSING = [module for module in PIECES if not _present(module)]
+
+
+def config(test: TestCase, **changes) -> SandboxConfig:
+    """A fast sandbox on free ports with its state in the test's directory."""
+    values = dict(
+        client_port=0,
+        autoscaler_port=0,
+        backend_port=0,
+        worker_port=0,
+        tokens_per_second=2000,
+        max_tokens=16,
+        stale_after=2,
+        state_dir=test.mktemp(),
+    )
+    values.update(changes)
+    return SandboxConfig(**values)
+
+
+def start(test: TestCase, **changes) -> sandbox.SandboxService:
+    service = build_sandbox(config(test, **changes), reactor)
+    service.startService()
+    test.addCleanup(service.stopService)
+    return service
+
+
+class WiringTests(SynchronousTestCase):
+    def test_worker_settings(self):
+        """Each worker is signed-mode, benchmarks the backend, reports to the emulator under
+        its own loopback URL and container id."""
+        settings = sandbox.worker_settings(
+            SandboxConfig(state_dir="/s"), 2, 3002, "http://127.0.0.1:8001", "http://127.0.0.1:8080"
+        )
+        self.assertFalse(settings.unsecured)
+        self.assertEqual(settings.signature_shapes, ("url",))
+        self.assertEqual(settings.listen, ("tcp:3002:interface=127.0.0.1",))
+        self.assertEqual(settings.benchmark_spec, "benchmarks.openai:benchmark")
+        self.assertEqual(settings.benchmark_cache, "/s/worker-2.has_benchmark")
+        self.assertEqual(settings.vast.report_addrs, ("http://127.0.0.1:8080",))
+        self.assertEqual(settings.vast.public_url, "http://127.0.0.1:3002")
+        self.assertEqual(settings.vast.container_id, 2)
+
+    def test_instructions(self):
+        """The start-up text names every piece and gives curl lines with and without
+        streaming and the status page."""
+        urls = {
+            "backend": "http://127.0.0.1:8001",
+            "autoscaler": "http://127.0.0.1:8080",
+            "workers": ["http://127.0.0.1:3001", "http://127.0.0.1:3002"],
+            "client": "http://127.0.0.1:8010",
+        }
+        text = sandbox.instructions(SandboxConfig(), urls, True)
+        self.assertIn("curl http://127.0.0.1:8010/v1/chat/completions", text)
+        self.assertIn("curl -N http://127.0.0.1:8010/v1/chat/completions", text)
+        self.assertIn('"stream": true}', text)
+        self.assertIn("status page http://127.0.0.1:8080/", text)
+        self.assertIn("http://127.0.0.1:3001, http://127.0.0.1:3002", text)
+        self.assertIn(
+            "not part of this installation", sandbox.instructions(SandboxConfig(), urls, False)
+        )
+
+    def test_options(self):
+        """Flags set the sandbox; bad ones stop with one line naming the flag."""
+        options = sandbox.Options()
+        options.parseOptions(["--workers", "3", "--shape", "five-field", "--client-port", "9000"])
+        self.assertEqual(
+            (options.config.workers, options.config.shape, options.config.client_port),
+            (3, "five-field", 9000),
+        )
+        for args in (["--workers", "0"], ["--shape", "nope"], ["--tokens-per-second", "fast"]):
+            with self.assertRaises(SystemExit) as caught:
+                sandbox.Options().parseOptions(args)
+            self.assertIn(f"invalid {args[0]}", str(caught.exception.code))
+
+    def test_plugin_listed(self):
+        """twistd finds vespa-sandbox."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertEqual(makers["vespa-sandbox"].module, "vespa.sandbox")
+
+
+class SandboxTests(TestCase):
+    timeout = 30
+
+    async def test_everything_listens(self):
+        """The sandbox brings up the backend, the emulator with its endpoint, and the workers."""
+        service = start(self)
+        http = http_client(self)
+        response = await http.post(service.urls["backend"] + "/v1/chat/completions", json=CHAT)
+        self.assertEqual(json.loads(await treq.content(response))["usage"]["completion_tokens"], 5)
+        status = json.loads(
+            await treq.content(await http.get(service.urls["autoscaler"] + "/status"))
+        )
+        self.assertEqual([e["name"] for e in status["endpoints"]], ["my-endpoint"])
+        for url in service.urls["workers"]:
+            response = await http.get(url + "/health")
+            await treq.content(response)  # a worker answered (its verdict depends on the mode)
+        self.assertEqual(len(service.workers), 2)
+
+    async def test_malformed_report_gets_precise_400(self):
+        """The sandbox's emulator rejects a malformed report with a 400 naming the problem."""
+        service = start(self)
+        http = http_client(self)
+        response = await http.post(
+            service.urls["autoscaler"] + "/worker_status/", json=report(max_perf="lots")
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(
+            json.loads(await treq.content(response))["problems"],
+            ['max_perf: expected a number >= 0, got a string ("lots")'],
+        )
+
+
+class SandboxEndToEndTests(TestCase):
+    """client -> emulator -> worker -> sample backend, all real, signatures included."""
+
+    timeout = 120
+    if MISSING:
+        skip = "needs " + ", ".join(MISSING) + " (branches protocol, lifecycle and client)"
+
+    async def ready(self, shape: str = "url", workers: int = 2) -> sandbox.SandboxService:
+        service = start(self, shape=shape, workers=workers)
+        assert service.autoscaler is not None
+        registry = service.autoscaler.registry
+
+        def all_ready() -> bool:
+            states = [w["state"] for w in registry.status()["workers"]]
+            return states.count("ready") == workers
+
+        await until(all_ready, timeout=90)
+        return service
+
+    async def chat(self, service, stream=False):
+        http = http_client(self)
+        response = await http.post(
+            service.urls["client"] + "/v1/chat/completions", json={**CHAT, "stream": stream}
+        )
+        return response.code, await treq.content(response)
+
+    async def plain_and_streaming(self, shape: str) -> None:
+        service = await self.ready(shape)
+        code, body = await self.chat(service)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 5)
+        code, body = await self.chat(service, stream=True)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body)
+        status = service.autoscaler.registry.status
+        await until(lambda: [r["state"] for r in status()["requests"]] == ["success"] * 2)
+
+    async def test_plain_and_streaming_url_shape(self):
+        """Signed in the url shape (workers accept only that), a plain and a streamed chat
+        completion come back through the client; the emulator sees both finish successfully."""
+        await self.plain_and_streaming("url")
+
+    async def test_plain_and_streaming_five_field_shape(self):
+        """The same in the five-field shape."""
+        await self.plain_and_streaming("five-field")
+
+    async def test_two_workers_share_load(self):
+        """Concurrent requests are spread over both workers."""
+        service = await self.ready()
+        results = await gatherResults([self.chat(service) for _ in range(6)])
+        self.assertEqual([code for code, _ in results], [200] * 6)
+        routed = [w["routed"] for w in service.autoscaler.registry.status()["workers"]]
+        self.assertTrue(all(count > 0 for count in routed), routed)
+
+    async def test_stopped_worker_is_routed_around(self):
+        """After one worker stops, every request still succeeds: the client re-routes the same
+        request_idx and the emulator avoids the worker it could not reach; once the stopped
+        worker's reports stop, it gets no more requests at all."""
+        service = await self.ready()
+        await service.workers[0].stopService()
+        for _ in range(4):
+            code, body = await self.chat(service)
+            self.assertEqual(code, 200, body)
+        registry = service.autoscaler.registry
+        await until(lambda: registry.workers[1].state(reactor.seconds(), 2) != "ready", timeout=10)
+        code, _ = await self.chat(service)
+        self.assertEqual(code, 200)
+        self.assertEqual(registry.status()["requests"][0]["worker_id"], 2)

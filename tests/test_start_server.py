@@ -1,0 +1,255 @@
+"""
+start_server.sh (the Vast template entry point) against loopback fakes: a fake Vast console
+signing certificates, fake autoscalers receiving beacons, and a fake virtualenv whose pip and
+twistd only record how they were called. Fast and offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from typing import Any
+
+from cryptography import x509
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from tests.certs import self_signed
+from tests.helpers import listen, spawn
+
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "start_server.sh"
+)
+
+FAKE_PYTHON = """#!/bin/sh
+# fake venv python: records pip calls
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+    echo "pip $*" >> "$FAKE_LOG"
+    exit "${FAKE_PIP_STATUS:-0}"
+fi
+exit 1
+"""
+
+FAKE_TWISTD = """#!/bin/sh
+# fake twistd: records its arguments, one per line, then exits as told
+printf '%s\\n' "$@" > "$FAKE_LOG.twistd"
+echo "twistd ran" >> "$FAKE_LOG"
+[ -n "$FAKE_TWISTD_ERROR" ] && echo "$FAKE_TWISTD_ERROR" >&2
+if [ -n "$FAKE_TWISTD_WAIT" ]; then
+    trap 'echo "twistd stopped" >> "$FAKE_LOG"; exit 0' TERM
+    echo "fake twistd waiting" >&2
+    while :; do sleep 0.05; done
+fi
+exit "${FAKE_TWISTD_STATUS:-0}"
+"""
+
+# fake interpreter used to create the virtualenv: `python3 -m venv DIR`
+FAKE_CREATOR = """#!/bin/sh
+echo "venv $3" >> "$FAKE_LOG"
+mkdir -p "$3/bin"
+cp "$FAKE_DIR/python" "$3/bin/python"
+cp "$FAKE_DIR/twistd" "$3/bin/twistd"
+"""
+
+
+def _script(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+
+
+class Recorder(Resource):
+    """Answers every POST with a fixed reply and remembers (path, query args, body)."""
+
+    isLeaf = True
+
+    def __init__(self, code: int = 200, reply: bytes = b"{}") -> None:
+        super().__init__()
+        self.code = code
+        self.reply = reply
+        self.seen: list[tuple[bytes, dict[bytes, list[bytes]], bytes]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        self.seen.append((request.path, dict(request.args or {}), request.content.read()))
+        request.setResponseCode(self.code)
+        return self.reply
+
+
+class StartServerTests(TestCase):
+    def setUp(self) -> None:
+        if not shutil.which("bash") or not shutil.which("curl") or not shutil.which("openssl"):
+            raise SkipTest("needs bash, curl and openssl")
+        self.dir = os.path.abspath(self.mktemp())
+        fakes = os.path.join(self.dir, "fakes")
+        os.makedirs(fakes)
+        _script(os.path.join(fakes, "python"), FAKE_PYTHON)
+        _script(os.path.join(fakes, "twistd"), FAKE_TWISTD)
+        _script(os.path.join(fakes, "creator"), FAKE_CREATOR)
+        self.log = os.path.join(self.dir, "calls.log")
+        self.venv = os.path.join(self.dir, "workspace", "venv")
+        self.reports = [Recorder(), Recorder()]
+        self.env = {
+            "FAKE_LOG": self.log,
+            "FAKE_DIR": fakes,
+            "WORKSPACE_DIR": os.path.join(self.dir, "workspace"),
+            "VESPA_VENV": self.venv,
+            "VESPA_PYTHON": os.path.join(fakes, "creator"),
+            "VESPA_SPEC": "/src/vespa",
+            "REPORT_ADDR": ",".join(listen(self, r) + "/" for r in self.reports),
+            "CONTAINER_ID": "4242",
+            "MASTER_TOKEN": "mtok-secret",
+            "PUBLIC_IPADDR": "203.0.113.7",
+            "WORKER_PORT": "3000",
+            "VAST_TCP_PORT_3000": "43000",
+            "USE_SSL": "false",
+            "SSL_CERT": os.path.join(self.dir, "etc", "instance.crt"),
+            "SSL_KEY": os.path.join(self.dir, "etc", "instance.key"),
+        }
+
+    async def start(self, **env: str) -> tuple[int, str]:
+        self.env.update(env)
+        watcher = spawn(self, ["bash", SCRIPT], self.env)
+        code = await watcher.ended
+        return code, watcher.output.decode()
+
+    def calls(self) -> list[str]:
+        with open(self.log) as f:
+            return f.read().splitlines()
+
+    def twistd_args(self) -> list[str]:
+        with open(self.log + ".twistd") as f:
+            return f.read().splitlines()
+
+    def beacons(self) -> list[list[dict[str, Any]]]:
+        """The JSON bodies each fake autoscaler received on /worker_status/."""
+        result = []
+        for recorder in self.reports:
+            assert all(path == b"/worker_status/" for path, _, _ in recorder.seen)
+            result.append([json.loads(body) for _, _, body in recorder.seen])
+        return result
+
+    async def test_plain_start(self) -> None:
+        """Without TLS the script creates the virtualenv, installs VESPA_SPEC and runs
+        twistd in the foreground on tcp:WORKER_PORT; a clean exit sends no beacon."""
+        code, output = await self.start()
+        self.assertEqual(code, 0, output)
+        self.assertEqual(
+            self.calls(), [f"venv {self.venv}", "pip -m pip install -q /src/vespa", "twistd ran"]
+        )
+        self.assertEqual(self.twistd_args(), ["-n", "--pidfile=", "vespa", "--listen", "tcp:3000"])
+        self.assertEqual(self.beacons(), [[], []])
+
+    async def test_reuses_virtualenv(self) -> None:
+        """A second start reuses the virtualenv instead of creating a new one."""
+        await self.start()
+        os.remove(self.log)
+        code, output = await self.start(VESPA_ARGS="--max-wait-time 5")
+        self.assertEqual(code, 0, output)
+        self.assertIn("reusing the virtualenv", output)
+        self.assertEqual(self.calls(), ["pip -m pip install -q /src/vespa", "twistd ran"])
+        self.assertEqual(self.twistd_args()[-2:], ["--max-wait-time", "5"])
+
+    async def test_tls_certificate_signed(self) -> None:
+        """With USE_SSL=true the script sends a CSR to the signer for this instance, saves
+        the signed certificate and runs twistd on an ssl: endpoint with that key and cert."""
+        _, _, pem = self_signed(os.path.join(self.dir, "ca"))
+        console = Recorder(200, pem)
+        signer = listen(self, console) + "/api/v0/sign_cert/?instance_id=4242"
+        code, output = await self.start(USE_SSL="true", SIGN_CERT_URL=signer)
+        self.assertEqual(code, 0, output)
+        [(path, args, csr)] = console.seen
+        self.assertEqual(path, b"/api/v0/sign_cert/")
+        self.assertEqual(args, {b"instance_id": [b"4242"]})
+        request = x509.load_pem_x509_csr(csr)
+        self.assertTrue(request.is_signature_valid)
+        with open(self.env["SSL_CERT"], "rb") as f:
+            self.assertEqual(f.read(), pem)
+        key, cert = self.env["SSL_KEY"], self.env["SSL_CERT"]
+        self.assertEqual(self.twistd_args()[-1], f"ssl:3000:privateKey={key}:certKey={cert}")
+        self.assertEqual(self.beacons(), [[], []])
+
+    async def test_signer_error_is_fatal(self) -> None:
+        """An HTML error from the signer is never saved as the certificate: the start stops
+        with a clear message, Vespa is not started, and every autoscaler gets a beacon."""
+        console = Recorder(500, b"<html><body>Internal Server Error</body></html>")
+        code, output = await self.start(
+            USE_SSL="true",
+            SIGN_CERT_URL=listen(self, console) + "/sign_cert/",
+            SIGN_CERT_RETRIES="0",
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn("HTTP 500 without a PEM certificate", output)
+        self.assertFalse(os.path.exists(self.env["SSL_CERT"]))
+        self.assertNotIn("twistd ran", self.calls())
+        for beacons in self.beacons():
+            [beacon] = beacons
+            self.assertIn("Internal Server Error", beacon["error_msg"])
+            self.assertEqual(beacon["url"], "https://203.0.113.7:43000")
+
+    async def test_vespa_error_beacon(self) -> None:
+        """When Vespa exits with an error, EVERY report address gets a valid JSON beacon with
+        the worker's real url, id, token and Vespa's last error line, and the script exits
+        with Vespa's code."""
+        error = "vespa: invalid MAX_WAIT_TIME='abc' (from environment variable MAX_WAIT_TIME)"
+        code, output = await self.start(FAKE_TWISTD_STATUS="3", FAKE_TWISTD_ERROR=error)
+        self.assertEqual(code, 3, output)
+        for beacons in self.beacons():
+            [beacon] = beacons
+            self.assertEqual(beacon["url"], "http://203.0.113.7:43000")
+            self.assertEqual(beacon["id"], 4242)
+            self.assertEqual(beacon["mtoken"], "mtok-secret")
+            self.assertIn("exited with code 3: " + error, beacon["error_msg"])
+
+    async def test_default_spec_is_this_checkout(self) -> None:
+        """Without VESPA_SPEC, a script inside a Vespa checkout installs that checkout; a
+        script elsewhere refuses to guess (the PyPI name "vespa" is another project)."""
+        del self.env["VESPA_SPEC"]
+        code, output = await self.start()
+        self.assertEqual(code, 0, output)
+        self.assertIn(f"pip -m pip install -q {os.path.dirname(SCRIPT)}", self.calls())
+        elsewhere = os.path.join(self.dir, "start_server.sh")
+        shutil.copy(SCRIPT, elsewhere)
+        watcher = spawn(self, ["bash", elsewhere], self.env)
+        self.assertEqual(await watcher.ended, 1)
+        self.assertIn(b"missing environment variable(s): VESPA_SPEC", watcher.output)
+
+    async def test_stop_is_passed_on(self) -> None:
+        """SIGTERM to the script (a container stop) reaches Vespa, which drains and exits
+        cleanly: the script exits 0 and sends no beacon."""
+        self.env["FAKE_TWISTD_WAIT"] = "1"
+        watcher = spawn(self, ["bash", SCRIPT], self.env)
+        await watcher.wait_for(rb"fake twistd waiting")
+        watcher.transport_.signalProcess("TERM")  # type: ignore[attr-defined]
+        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual(self.calls()[-2:], ["twistd ran", "twistd stopped"])
+        self.assertEqual(self.beacons(), [[], []])
+
+    async def test_beacon_escapes_message(self) -> None:
+        """Quotes and backslashes in the error message still give valid JSON beacons."""
+        spec = 'bad"spec\\ {"x": 1}'
+        code, _ = await self.start(FAKE_PIP_STATUS="1", VESPA_SPEC=spec)
+        self.assertEqual(code, 1)
+        for beacons in self.beacons():
+            [beacon] = beacons
+            self.assertIn(spec, beacon["error_msg"])
+
+    async def test_missing_variables(self) -> None:
+        """Missing Vast variables are all named in one message, and nothing is installed."""
+        del self.env["MASTER_TOKEN"], self.env["VAST_TCP_PORT_3000"]
+        code, output = await self.start()
+        self.assertEqual(code, 1)
+        self.assertIn("MASTER_TOKEN VAST_TCP_PORT_3000", output)
+        self.assertFalse(os.path.exists(self.log))
+        self.assertEqual([len(b) for b in self.beacons()], [1, 1])
+
+    def test_shellcheck(self) -> None:
+        """The script is shellcheck-clean."""
+        if not shutil.which("shellcheck"):
+            raise SkipTest("shellcheck is not installed")
+        result = subprocess.run(["shellcheck", SCRIPT], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout)

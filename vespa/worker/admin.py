@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin listener (``--admin-listen``, default 127.0.0.1:9090): ``/metrics`` in Prometheus
+text format, ``/healthz`` and ``/readyz``. Separate from the worker's listener, so it is
+outside signature checks and admission and shadows no backend path.
+
+Request metrics come from the WorkerResource observer hook (every outcome exactly once, O(1)
+per request). Other parts of the worker plug in gauges with :meth:`WorkerMetrics.register_gauge`
+(a name, a help text and a callable read at scrape time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from vespa.relay import JSON, RelayResult
+from vespa.worker.resource import QuietSite
+from vespa.worker.state import WorkerState
+
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+# Inference answers range from milliseconds (embeddings) to minutes (long generations).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LAG_INTERVAL = 1.0  # seconds between reactor-lag samples
+
+
+class _ReadAtScrape(Collector):
+    """One metric whose value comes from a callable when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+        name: str,
+        help: str,
+        read: Callable[[], float],
+    ) -> None:
+        self._family = family
+        self._name = name
+        self._help = help
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        yield self._family(self._name, self._help, value=float(self._read()))
+
+
+class WorkerMetrics:
+    """The worker's Prometheus metrics, in a registry of its own (never the global one)."""
+
+    def __init__(self, state: WorkerState, clock: IReactorTime) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        registry = self.registry
+        self.requests = Counter(
+            "vespa_requests",
+            "Finished requests by method, status class and outcome.",
+            ["method", "status", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "vespa_request_duration_seconds",
+            "Time from request received to response finished.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_byte = Histogram(
+            "vespa_time_to_first_byte_seconds",
+            "Time from request received to the backend's response headers.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bytes_in = Counter(
+            "vespa_request_bytes",
+            "Request body bytes received (as declared by Content-Length).",
+            registry=registry,
+        )
+        self.bytes_out = Counter(
+            "vespa_response_bytes",
+            "Response body bytes relayed from the backend.",
+            registry=registry,
+        )
+        self.reactor_lag = 0.0
+        self.register_gauge(
+            "vespa_reactor_lag_seconds",
+            "How late the last reactor-lag timer fired (a busy or blocked reactor).",
+            lambda: self.reactor_lag,
+        )
+        self.open_connections = 0
+        self.register_gauge(
+            "vespa_open_connections",
+            "Client connections open on the worker listeners.",
+            lambda: self.open_connections,
+        )
+        self.register_gauge("vespa_loaded", "1 once the backend is loaded.", lambda: state.loaded)
+        self.register_gauge(
+            "vespa_backend_healthy",
+            "1 if the last health probe passed.",
+            lambda: state.backend_healthy,
+        )
+        self.register_gauge("vespa_draining", "1 while shutting down.", lambda: state.draining)
+        self.register_gauge(
+            "vespa_benchmark_max_perf",
+            "Benchmarked throughput, workload units per second.",
+            lambda: state.max_perf,
+        )
+        self.register_gauge(
+            "vespa_errored", "1 if the worker reports an error.", lambda: bool(state.error_msg)
+        )
+        self._last_tick: float | None = None
+
+    def register_gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is ``read()`` at scrape time (e.g. queue depth, wait estimate)."""
+        self.registry.register(_ReadAtScrape(GaugeMetricFamily, name, help, read))
+
+    def register_counter(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter (``<name>_total``) whose value is ``read()`` at scrape time, for running
+        totals kept elsewhere (e.g. workload served, reports sent); it must never go down."""
+        self.registry.register(_ReadAtScrape(CounterMetricFamily, name, help, read))
+
+    def observe(self, request: Request, result: RelayResult, forward: object) -> None:
+        """WorkerResource observer: count one finished request."""
+        method = request.method.decode("ascii", "replace")
+        status = f"{result.status // 100}xx" if result.status else "none"
+        self.requests.labels(
+            method if method in METHODS else "other", status, result.outcome.value
+        ).inc()
+        self.latency.observe(max(result.finished - result.started, 0.0))
+        if result.first_byte is not None:
+            self.first_byte.observe(max(result.first_byte - result.started, 0.0))
+        self.bytes_out.inc(result.bytes_out)
+        length = request.requestHeaders.getRawHeaders(b"content-length")
+        if length and length[0].isdigit():  # chunked uploads are not counted
+            self.bytes_in.inc(int(length[0]))
+
+    def count_connections(self, site: Site) -> None:
+        """Track open connections of ``site`` (wraps the protocols it builds)."""
+        build = site.protocol
+
+        def counted() -> Any:
+            protocol = build()
+            make, lost = protocol.makeConnection, protocol.connectionLost
+
+            def make_connection(transport: object) -> None:
+                self.open_connections += 1
+                make(transport)
+
+            def connection_lost(reason: object) -> None:
+                self.open_connections -= 1
+                lost(reason)
+
+            protocol.makeConnection = make_connection
+            protocol.connectionLost = connection_lost
+            return protocol
+
+        site.protocol = counted  # type: ignore[method-assign]
+
+    def lag_sampler(self) -> TimerService:
+        """A service measuring how late a LAG_INTERVAL timer fires."""
+        service = TimerService(LAG_INTERVAL, self._sample_lag)
+        service.clock = self._clock
+        return service
+
+    def _sample_lag(self) -> None:
+        now = self._clock.seconds()
+        if self._last_tick is not None:
+            self.reactor_lag = max(now - self._last_tick - LAG_INTERVAL, 0.0)
+        self._last_tick = now
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+Answer = Callable[[], "tuple[int, bytes, bytes]"]  # status, content type, body
+METRICS_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+
+class _Answer(Resource):
+    """GET (and HEAD) answered with a status, type and body computed at request time."""
+
+    isLeaf = True
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__()
+        self._answer = answer
+
+    def render_GET(self, request: Request) -> bytes:
+        code, content_type, body = self._answer()
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    render_HEAD = render_GET
+
+
+def _json(code: int, body: dict[str, Any]) -> tuple[int, bytes, bytes]:
+    return code, JSON, json.dumps(body).encode("utf-8")
+
+
+def health(metrics: WorkerMetrics) -> Answer:
+    """Answered at all: the process runs and its reactor turns."""
+    return lambda: _json(200, {"status": "alive", "reactor_lag": metrics.reactor_lag})
+
+
+def readiness(state: WorkerState) -> Answer:
+    """Ready to take requests: loaded, backend healthy, not draining (503 otherwise)."""
+
+    def answer() -> tuple[int, bytes, bytes]:
+        ready = state.loaded and state.backend_healthy and not state.draining
+        body = {
+            "ready": ready,
+            "loaded": state.loaded,
+            "backend_healthy": state.backend_healthy,
+            "draining": state.draining,
+            "error": state.error_msg,
+        }
+        return _json(200 if ready else 503, body)
+
+    return answer
+
+
+class AdminResource(Resource):
+    """``/metrics``, ``/healthz``, ``/readyz``; anything else is a JSON 404."""
+
+    def __init__(self, metrics: WorkerMetrics, state: WorkerState) -> None:
+        super().__init__()
+        self.putChild(b"metrics", _Answer(lambda: (200, METRICS_TYPE, metrics.render())))
+        self.putChild(b"healthz", _Answer(health(metrics)))
+        self.putChild(b"readyz", _Answer(readiness(state)))
+        self._missing = _Answer(
+            lambda: _json(
+                404, {"error": "not found", "detail": "try /metrics, /healthz or /readyz"}
+            )
+        )
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self._missing
+
+
+class AdminSite(QuietSite):
+    """The admin listener's site (its own name in the logs: "AdminSite starting on 9090")."""
+
+    def __init__(self, metrics: WorkerMetrics, state: WorkerState) -> None:
+        super().__init__(AdminResource(metrics, state))
