@@ -83,6 +83,15 @@ class ClientTestCase(TestCase):
         self.addCleanup(self.service.stopService)
         return listen(self, self.service.site)
 
+    async def hang_up_during_slow_request(self, url: str) -> None:
+        """Start a slow request through the client, hang up, wait for the backend to see it."""
+        client = await raw_connect(
+            url, RawClient(b"GET /slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await until(lambda: self.backend.cancelled)
+        client.transport.loseConnection()
+        await self.backend.cancelled[0]
+
     async def call(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
         """A request whose back-off timers are driven by the test clock."""
         pending = self.http.request(method, url, **kwargs)
@@ -338,13 +347,7 @@ class RerouteTests(ClientTestCase):
 class DisconnectTests(ClientTestCase):
     async def test_app_disconnect_cancels_worker_request(self):
         """When the app hangs up, the worker's (and so the backend's) request is cancelled."""
-        url = self.start_client()
-        client = await raw_connect(
-            url, RawClient(b"GET /slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-        )
-        await until(lambda: self.backend.cancelled)
-        client.transport.loseConnection()
-        await self.backend.cancelled[0]
+        await self.hang_up_during_slow_request(self.start_client())
         await until(lambda: self.service.resource.in_flight == 0)
 
     async def test_app_disconnect_while_waiting_for_a_worker(self):
@@ -401,15 +404,9 @@ class RealWorkerTests(ClientTestCase):
     async def test_sse_through_a_real_worker(self):
         """Server-sent events stream through client and worker."""
         url = self.start_client()
-        response, body = await self.call("GET", url + "/sse?n=2")
+        _, body = await self.call("GET", url + "/sse?n=2")
         self.assertEqual(body, b"data: event 0\n\ndata: event 1\n\ndata: [DONE]\n\n")
 
     async def test_disconnect_through_a_real_worker(self):
         """An app that hangs up cancels the backend request behind the real worker too."""
-        url = self.start_client()
-        client = await raw_connect(
-            url, RawClient(b"GET /slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-        )
-        await until(lambda: self.backend.cancelled)
-        client.transport.loseConnection()
-        await self.backend.cancelled[0]
+        await self.hang_up_during_slow_request(self.start_client())

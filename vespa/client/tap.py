@@ -40,15 +40,10 @@ from vespa.settings import (
     SettingsError,
     load_client_settings,
 )
-from vespa.tap import installed_reactor
+from vespa.tap import _help, installed_reactor
 from vespa.worker.resource import Observer, QuietSite
 
 _log = Logger()
-
-
-def _help(option: Any) -> str:
-    default = option.default or "unset"
-    return f"{option.help} [env {option.env}; default {default}]"
 
 
 class Options(usage.Options):
