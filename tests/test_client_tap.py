@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.service import IServiceMaker
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import vespa
+from tests.fakes import FakeRouter
+from tests.helpers import ProcessWatcher, listen, spawn
 from vespa.client import tap
 from vespa.settings import CLIENT_OPTIONS, ClientSettings, client_option_fields
+from vespa.signing import generate_private_key
 
 
 class ClientPluginTests(SynchronousTestCase):
@@ -73,3 +77,52 @@ class ClientPluginTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as caught:
             tap.Options().parseOptions(["--endpoint", "e", "--instance", "staging"])
         self.assertIn("--instance", str(caught.exception.code))
+
+
+class ConsoleScriptTests(TestCase):
+    """The vespa-client console script, run as a real process (the installed package)."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.router = FakeRouter(generate_private_key(), ["http://127.0.0.1:1"])
+        self.router_url = listen(self, self.router)
+
+    def script(self, *args: str, **env: str) -> ProcessWatcher:
+        command = [sys.executable, "-c", "from vespa.client.tap import main; main()", *args]
+        return spawn(self, command, {"HOME": self.mktemp(), **env})
+
+    async def test_list(self):
+        """--list prints the account's endpoints (account key from VAST_ACCOUNT_KEY)."""
+        watcher = self.script(
+            "--list", "--console-url", self.router_url, VAST_ACCOUNT_KEY=self.router.account_key
+        )
+        self.assertEqual(await watcher.ended, 0)
+        self.assertEqual(watcher.output.split(), [b"another", b"my-endpoint"])
+
+    async def test_runs_the_proxy(self):
+        """With an endpoint and an account key the script looks the endpoint key up, listens,
+        and proxies; the keys never appear in its output."""
+        watcher = self.script(
+            "--endpoint",
+            "my-endpoint",
+            "--instance",
+            "local",
+            "--console-url",
+            self.router_url,
+            "--autoscaler-url",
+            self.router_url,
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            VAST_ACCOUNT_KEY=self.router.account_key,
+        )
+        await watcher.wait_for(rb"Site starting on (\d+)")
+        await watcher.wait_for(rb"vespa-client: endpoint my-endpoint on tcp:0")
+        self.assertNotIn(self.router.account_key.encode(), watcher.output)
+        self.assertNotIn(self.router.api_key.encode(), watcher.output)
+
+    async def test_no_key_exits_with_one_line(self):
+        """No key at all: exit 1 with a line saying which flags and variables to use."""
+        watcher = self.script("--endpoint", "my-endpoint", "--console-url", self.router_url)
+        self.assertEqual(await watcher.ended, 1)
+        self.assertIn(b"--api-key", watcher.output)

@@ -165,7 +165,7 @@ class ScriptOptions(Options):
 
 async def _script(
     reactor: Any, options: ScriptOptions, read: Callable[[str], str], out: TextIO
-) -> int:
+) -> None:
     from twisted.internet.defer import Deferred
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -183,13 +183,13 @@ async def _script(
             if options["list"]:
                 for endpoint in endpoints:
                     out.write(endpoint.name + "\n")
-                return 0
+                return
             chosen = choose_endpoint(endpoints, read, out)
             options.settings = settings = dataclasses.replace(settings, endpoint=chosen.name)
         await EndpointKey(settings, http, reactor).get()  # fail now, not on the 1st request
     except KeyLookupError as e:
         out.write(f"vespa-client: {e}\n")
-        return 1
+        raise SystemExit(1) from None  # react() exits with the code of a SystemExit only
     finally:
         await pool.closeCachedConnections()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(out)])
@@ -202,7 +202,6 @@ async def _script(
     )
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     await Deferred()  # until the reactor stops (Ctrl-C)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         raise SystemExit(f"vespa-client: {e}\n{options}") from None
 
-    def run(reactor: Any) -> Deferred[int]:
+    def run(reactor: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(_script(reactor, options, input, sys.stdout))
 
     react(run)
