@@ -149,6 +149,14 @@ class FormsTests(ClientTestCase):
         self.assertEqual([v.form for v in self.fake_workers[0].verified], ["query"] * 4)
         self.assertEqual(self.fake_workers[0].refused, 0)
 
+    async def test_head_stays_head(self):
+        """HEAD goes to the worker as HEAD (query form), and its answer carries no body."""
+        url = self.start_client()
+        response, body = await self.call("HEAD", url + "/v1/models?a=1")
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(self.backend.seen[0].method, b"HEAD")
+        self.assertEqual(self.fake_workers[0].verified[0].form, "query")
+
     async def test_int_cost_stays_int_in_five_field_signature(self):
         """A route reply with an integer cost is sent as serverless_cost=1 (str of the int), so a
         five-field signature over the int still verifies at the worker."""
