@@ -44,10 +44,16 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per backend connection
 
 
-def backend_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent pool for backend connections: no new TCP connection per request."""
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent connection pool that logs nothing per connection."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
+    return pool
+
+
+def backend_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent pool for backend connections: no new TCP connection per request."""
+    pool = quiet_pool(reactor)
     # Keep more idle connections than Twisted's default of 2, and drop them before typical
     # server keep-alive timeouts (uvicorn closes idle connections after 5 s).
     pool.maxPersistentPerHost = 256

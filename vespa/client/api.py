@@ -44,6 +44,7 @@ from twisted.web.http_headers import Headers
 
 from vespa.client.service import ClientService
 from vespa.client.tap import build_client
+from vespa.relay import quiet_pool
 from vespa.settings import ClientSettings, load_client_settings
 
 # Flow control of a streamed body read by a blocking caller: pause the connection when this
@@ -199,7 +200,7 @@ class VastClient:
         self._port = await serverFromString(reactor, self._listen).listen(service.site)
         host = cast(IPv4Address, self._port.getHost())
         self.url = f"http://{host.host}:{host.port}"
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = quiet_pool(reactor)
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         return self.url
 

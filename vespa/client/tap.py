@@ -33,7 +33,7 @@ from vespa.client.routing import Router
 from vespa.client.service import ClientService
 from vespa.client.tls import WorkerTLSPolicy
 from vespa.logs import log_access
-from vespa.relay import backend_pool
+from vespa.relay import backend_pool, quiet_pool
 from vespa.settings import (
     CLIENT_OPTIONS,
     ClientSettings,
@@ -94,7 +94,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client (and its pool) for control-plane calls: /route/, endpoints, the CA."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor)
     pool.cachedConnectionTimeout = 30
     return HTTPClient(Agent(reactor, pool=pool)), pool
 
