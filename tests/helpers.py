@@ -9,12 +9,13 @@ import re
 import sys
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Cooperator, deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -22,8 +23,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from vespa.settings import Settings
+from tests.fakes import FakeAutoscaler
+from vespa.relay import RelayResult, backend_pool
+from vespa.settings import Settings, VastEnvironment
+from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
+from vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
 from vespa.worker.service import WorkerService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,11 +79,8 @@ def start_worker(
     """A worker with the given settings in front of ``backend_url``; returns (url, service).
     With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
     and serves at once; by default its drain at the end of the test does not wait."""
-    changes.setdefault("drain_timeout", 0.0)
-    changes.setdefault("admin_listen", "")  # tests that want /metrics ask for tcp:0
-    settings = dataclasses.replace(
-        Settings(), backend_url=backend_url, listen=(), unsecured=True, **changes
-    )
+    changes = {"unsecured": True, "drain_timeout": 0.0, "admin_listen": "", **changes}
+    settings = dataclasses.replace(Settings(), backend_url=backend_url, listen=(), **changes)
     service = build_worker(settings, reactor)
     if loaded:
         service.removeService(service.getServiceNamed("lifecycle"))
@@ -87,6 +89,38 @@ def start_worker(
     url = listen(test, service.site)
     test.addCleanup(service.stopService)
     return url, service
+
+
+def observed_worker(
+    test: TestCase, backend_url: str, agent: Any = None, **timeouts: float
+) -> tuple[str, list[RelayResult]]:
+    """A passthrough WorkerResource on a QuietSite whose observer records every RelayResult;
+    returns (url, results). ``agent`` defaults to one with a persistent pool of its own."""
+    if agent is None:
+        pool = backend_pool(reactor)
+        test.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, connectTimeout=5, pool=pool)
+    results: list[RelayResult] = []
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    resource = WorkerResource(
+        _PassthroughGate(cooperator),
+        agent,
+        reactor,
+        backend_url,
+        observers=(lambda request, result, forward: results.append(result),),
+        **timeouts,
+    )
+    return listen(test, QuietSite(resource)), results
+
+
+class _PassthroughGate:
+    """Every request goes through as it came: the relay alone, without the protocol."""
+
+    def __init__(self, cooperator: Cooperator) -> None:
+        self._cooperator = cooperator
+
+    def admit(self, request: Any) -> Forward:
+        return passthrough(request, self._cooperator)
 
 
 def http_client(test: TestCase) -> HTTPClient:
@@ -243,3 +277,45 @@ async def worker_url(process: ProcessWatcher) -> str:
     """The URL of a worker started by :func:`spawn_worker`, once it listens."""
     match = await process.wait_for(rb"QuietSite starting on (\d+)")
     return f"http://127.0.0.1:{int(match.group(1))}"
+
+
+@dataclasses.dataclass
+class SignedWorker:
+    """A secured worker, the fake autoscaler it reports to, and the key that signs for it."""
+
+    url: str
+    service: WorkerService
+    autoscaler: FakeAutoscaler
+    key: rsa.RSAPrivateKey
+    public_url: str
+
+    def auth(self, shape: str = "url", **fields: Any) -> dict[str, Any]:
+        """auth_data as the router hands it out, signed in ``shape``."""
+        auth = {
+            "cost": 10.0,
+            "endpoint": "my-endpoint",
+            "reqnum": 1,
+            "request_idx": 1,
+            "url": self.public_url,
+            **fields,
+        }
+        auth["signature"] = sign(self.key, auth, shape)
+        return {**auth, "__request_id": "0f8e4b0a"}
+
+
+async def start_signed_worker(
+    test: TestCase, backend_url: str, serve_key: bool = True, **changes: Any
+) -> SignedWorker:
+    """A secured worker whose REPORT_ADDR is a fake autoscaler serving a fresh key; loaded
+    (max_perf 100) once the key is in, unless ``serve_key`` is false."""
+    key = generate_private_key()
+    autoscaler = FakeAutoscaler(public_pem(key) if serve_key else None)
+    public_url = "http://203.0.113.7:43000"
+    vast = VastEnvironment("mtok-secret-value", (listen(test, autoscaler),), 4242, public_url)
+    url, service = start_worker(test, backend_url, unsecured=False, vast=vast, **changes)
+    service.state.loaded = True
+    service.state.max_perf = 100.0
+    if serve_key:
+        keys = service.getServiceNamed("pubkey")
+        await until(lambda: keys.key is not None)
+    return SignedWorker(url, service, autoscaler, key, public_url)

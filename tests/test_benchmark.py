@@ -62,7 +62,7 @@ class LoadTests(SynchronousTestCase):
     def test_twistd_refuses_to_start(self) -> None:
         """makeService stops with one line naming a BENCHMARK that does not load."""
         options = tap.Options()
-        options.parseOptions(["--benchmark", "nope.nothing:run"])
+        options.parseOptions(["--benchmark", "nope.nothing:run", "--unsecured", "true"])
         with self.assertRaises(SystemExit) as caught:
             tap.makeService(options, MemoryReactorClock())
         self.assertIn("vespa: cannot load BENCHMARK='nope.nothing:run'", str(caught.exception))

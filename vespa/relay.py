@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -31,6 +33,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    RequestNotSent,
     ResponseDone,
     _HTTP11ClientFactory,
 )
@@ -57,10 +60,16 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per backend connection
 
 
-def backend_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent pool for backend connections: no new TCP connection per request."""
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent connection pool that logs nothing per connection."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
+    return pool
+
+
+def backend_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent pool for backend connections: no new TCP connection per request."""
+    pool = quiet_pool(reactor)
     # Keep more idle connections than Twisted's default of 2, and drop them before typical
     # server keep-alive timeouts (uvicorn closes idle connections after 5 s).
     pool.maxPersistentPerHost = 256
@@ -90,8 +99,9 @@ class _CachedEndpoints:
     request, although the relay always talks to the same backend.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, connect_timeout: float | None = None) -> None:
         self._reactor = reactor
+        self._timeout = connect_timeout
         self._tls = BrowserLikePolicyForHTTPS()
         self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
@@ -100,7 +110,11 @@ class _CachedEndpoints:
         endpoint = self._made.get(key)
         if endpoint is None:
             host = uri.host.decode("ascii")
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
+            endpoint = (
+                HostnameEndpoint(self._reactor, host, uri.port)
+                if self._timeout is None
+                else HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            )
             if uri.scheme == b"https":
                 creator = self._tls.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(creator, endpoint)
@@ -108,9 +122,13 @@ class _CachedEndpoints:
         return endpoint
 
 
-def backend_agent(reactor: Any, pool: HTTPConnectionPool) -> IAgent:
-    """The relay's Agent: connections from ``pool``, endpoints made once per backend."""
-    agent: IAgent = Agent.usingEndpointFactory(reactor, _CachedEndpoints(reactor), pool=pool)
+def backend_agent(
+    reactor: Any, pool: HTTPConnectionPool, connect_timeout: float | None = None
+) -> IAgent:
+    """The relay's Agent: connections from ``pool``, endpoints made once per backend,
+    giving up on a connection attempt after ``connect_timeout`` seconds (None: Twisted's 30)."""
+    endpoints = _CachedEndpoints(reactor, connect_timeout)
+    agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return agent
 
 
@@ -134,6 +152,8 @@ class RelayResult:
     first_byte: float | None = None  # when the backend's response headers arrived
     finished: float = 0.0
     reason: str = ""
+    # Set when ``retry_if`` claimed the answer: nothing was written to the client.
+    retry: bool = False
 
 
 @implementer(IBodyProducer)
@@ -209,9 +229,15 @@ class BodyRelay(Protocol):
     backend connection.
     """
 
-    def __init__(self, request: Request, done: Deferred[None]) -> None:
+    def __init__(
+        self,
+        request: Request,
+        done: Deferred[None],
+        on_data: Callable[[], object] | None = None,
+    ) -> None:
         self._request = request
         self._done = done
+        self._on_data = on_data  # told of every chunk (the stall timer)
         self._backend: IPushProducer | None = None
         self.client_lost = False
         self.bytes_out = 0
@@ -223,6 +249,8 @@ class BodyRelay(Protocol):
         self._request.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data()
         if not self.client_lost:
             self.bytes_out += len(data)
             self._request.write(data)
@@ -266,6 +294,12 @@ class ProxiedRequest:
     Owns one proxied call: sends it with ``agent``, relays the response into ``request``,
     cancels the backend call when the client leaves, and reports a :class:`RelayResult`.
     The Deferred from :meth:`start` never fails.
+
+    Time limits (0 = none): ``timeout`` for the whole call, ``first_byte_timeout`` until the
+    response headers (both 504 while nothing was sent to the client), ``stall_timeout`` between
+    two body chunks (after the headers: both connections are cut). A request that provably
+    never left (``RequestNotSent``: a pooled connection that died just before) is sent once
+    more on a fresh connection; nothing else is retried, since the backend may have seen it.
     """
 
     _log = Logger()
@@ -280,7 +314,15 @@ class ProxiedRequest:
         headers: Headers,
         body: IBodyProducer | None,
         timeout: float = 0.0,
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
+        retry_if: Callable[[int | None], bool] | None = None,
     ) -> None:
+        """
+        ``retry_if(status)`` (status None: no response at all) may claim an answer before any
+        byte of it reaches the client: the result then has ``retry`` set and the caller may
+        send the request elsewhere (the client proxy re-routes on 429/503).
+        """
         self._agent = agent
         self._clock = clock
         self._request = request
@@ -289,10 +331,15 @@ class ProxiedRequest:
         self._headers = headers
         self._body = body
         self._timeout = timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
+        self._retry_if = retry_if
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
-        self._timed_out = False
+        self._step_timer: IDelayedCall | None = None  # first byte, then stall
+        self._timed_out = ""  # which limit passed, if one did
+        self._retried = False
         self._client_gone = False
         self._result = RelayResult(Outcome.SERVED, started=clock.seconds())
         self._done: Deferred[RelayResult] = Deferred()
@@ -301,10 +348,21 @@ class ProxiedRequest:
         """Send the request; the Deferred fires once the request is over, one way or another."""
         self._request.notifyFinish().addErrback(self._client_disconnected)
         if self._timeout:
-            self._timer = self._clock.callLater(self._timeout, self._time_out)
+            self._timer = self._clock.callLater(
+                self._timeout, self._time_out, f"no response within {self._timeout:g} s"
+            )
+        if self._first_byte_timeout:
+            self._step_timer = self._clock.callLater(
+                self._first_byte_timeout,
+                self._time_out,
+                f"no response headers within {self._first_byte_timeout:g} s",
+            )
+        self._send()
+        return self._done
+
+    def _send(self) -> None:
         self._pending = self._agent.request(self._method, self._url, self._headers, self._body)
         self._pending.addCallbacks(self._got_response, self._no_response)
-        return self._done
 
     def _client_disconnected(self, reason: Failure) -> None:
         if self._client_gone:
@@ -315,23 +373,37 @@ class ProxiedRequest:
         elif self._relay is not None:
             self._relay.client_gone()
 
-    def _time_out(self) -> None:
-        self._timer = None
-        self._timed_out = True
+    def _time_out(self, why: str) -> None:
+        self._timed_out = why
         if self._pending is not None:
             self._pending.cancel()
         elif self._relay is not None:
             # Headers already went out: the only thing left is to cut both connections.
             self._relay.stopProducing()
 
+    def _stalled(self) -> None:
+        self._time_out(f"response body stalled for {self._stall_timeout:g} s")
+
+    def _body_activity(self) -> None:
+        if self._step_timer is not None and self._step_timer.active():
+            self._step_timer.reset(self._stall_timeout)
+
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
+        self._cancel_step_timer()
+        if self._stall_timeout:
+            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         request = self._request
         self._result.first_byte = self._clock.seconds()
         if self._client_gone:
             response.deliverBody(_Discard())
             return
         self._result.status = response.code
+        if self._retry_if is not None and self._retry_if(response.code):
+            response.deliverBody(_Discard())
+            self._result.retry = True
+            self._finish(Outcome.ERRORED, f"answered {response.code}")
+            return
         request.setResponseCode(response.code, response.phrase)
         head = self._method == b"HEAD"
         # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
@@ -344,7 +416,7 @@ class ProxiedRequest:
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         finished: Deferred[None] = Deferred()
-        self._relay = BodyRelay(request, finished)
+        self._relay = BodyRelay(request, finished, self._body_activity)
         finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 
@@ -356,7 +428,7 @@ class ProxiedRequest:
         if relay.client_lost:
             self._finish(Outcome.CANCELLED, "client disconnected")
         elif failure is not None:
-            why = "timed out" if self._timed_out else "backend broke mid-response"
+            why = self._timed_out or "backend broke mid-response"
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
                 method=self._method,
@@ -373,12 +445,22 @@ class ProxiedRequest:
         if self._client_gone:
             self._finish(Outcome.CANCELLED, "client disconnected")
             return
+        if failure.check(RequestNotSent) and not self._retried and not self._timed_out:
+            # Provably never sent (the pooled connection was already gone): one more try.
+            self._retried = True
+            self._send()
+            return
         if self._timed_out:
-            code, error = 504, "backend timeout"
-            detail = f"no response within {self._timeout:g} s"
+            code, error, detail = 504, "backend timeout", self._timed_out
+        elif _inner(failure).check(ConnectTimeout):
+            code, error, detail = 504, "backend timeout", "could not connect in time"
         else:
             code, error = 502, "backend unavailable"
             detail = describe_failure(failure)
+            if self._retry_if is not None and self._retry_if(None):
+                self._result.retry = True
+                self._finish(Outcome.ERRORED, detail)
+                return
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
@@ -390,22 +472,31 @@ class ProxiedRequest:
         write_error(self._request, code, error, detail)
         self._finish(Outcome.ERRORED, error)
 
+    def _cancel_step_timer(self) -> None:
+        if self._step_timer is not None and self._step_timer.active():
+            self._step_timer.cancel()
+        self._step_timer = None
+
     def _finish(self, outcome: Outcome, reason: str = "") -> None:
-        if self._timer is not None:
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
-            self._timer = None
+        self._timer = None
+        self._cancel_step_timer()
         self._result.outcome = outcome
         self._result.reason = reason
         self._result.finished = self._clock.seconds()
         self._done.callback(self._result)
 
 
+def _inner(failure: Failure) -> Failure:
+    """The first wrapped failure of ResponseNeverReceived / RequestTransmissionFailed."""
+    inner = getattr(failure.value, "reasons", None)
+    return cast(Failure, inner[0]) if inner else failure
+
+
 def describe_failure(failure: Failure) -> str:
     """A short, user-facing description of why the backend call failed (no traceback)."""
-    value = failure.value
-    inner = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
-    if inner:
-        value = inner[0].value
+    value = _inner(failure).value
     if isinstance(value, CancelledError):
         return "request cancelled"
     text = str(value) or type(value).__name__

@@ -79,6 +79,14 @@ def parse_count(text: str) -> int:
     return value
 
 
+def parse_size(text: str) -> int:
+    """A size in bytes: a whole number, optionally with a k/M/G suffix (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise ValueError("expected a size in bytes such as 1048576, 64k, 512M or 1G")
+    return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[match.group(2)]
+
+
 def parse_port(text: str) -> int:
     value = parse_count(text)
     if not 0 < value < 65536:
@@ -191,12 +199,14 @@ class Option:
     help: str
     # Older spellings still read (after the main name), e.g. READY_TIMEOUT_INITIAL.
     old_env: tuple[str, ...] = ()
+    # Worker options also read PYWORKER_<NAME> (Vast templates); client options do not.
+    prefixed: bool = True
 
     def env_names(self) -> tuple[str, ...]:
         """Environment variables to look at, first match wins."""
         names: list[str] = []
         for env in (self.env, *self.old_env):
-            names += [ENV_PREFIX + env, env]
+            names += [ENV_PREFIX + env, env] if self.prefixed else [env]
         return tuple(names)
 
 
@@ -271,6 +281,79 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "access_log", "ACCESS_LOG", "access-log", parse_bool, "true", "Log one line per request."
     ),
+    # Limits and hardening (vespa.worker.limits)
+    Option(
+        "max_body_size",
+        "MAX_BODY_SIZE",
+        "max-body-size",
+        parse_size,
+        "1G",
+        "Largest request body accepted (413 beyond it); k/M/G suffixes allowed.",
+    ),
+    Option(
+        "max_header_size",
+        "MAX_HEADER_SIZE",
+        "max-header-size",
+        parse_size,
+        "16k",
+        "Largest request line plus headers, in bytes (414/431 beyond it).",
+    ),
+    Option(
+        "max_headers",
+        "MAX_HEADERS",
+        "max-headers",
+        parse_count,
+        "100",
+        "Most header lines accepted in one request (431 beyond it).",
+    ),
+    Option(
+        "head_timeout",
+        "HEAD_TIMEOUT",
+        "head-timeout",
+        parse_positive_number,
+        "30",
+        "Seconds a client has from its request's first byte to its last header (408 after).",
+    ),
+    Option(
+        "min_body_rate",
+        "MIN_BODY_RATE",
+        "min-body-rate",
+        parse_size,
+        "1k",
+        "Slowest request upload accepted, in bytes/s over 10 s windows (408); 0 = off.",
+    ),
+    Option(
+        "max_connections",
+        "MAX_CONNECTIONS",
+        "max-connections",
+        parse_count,
+        "2048",
+        "Most open client connections; beyond it new ones get 503 and are closed. 0 = off.",
+    ),
+    Option(
+        "backend_connect_timeout",
+        "BACKEND_CONNECT_TIMEOUT",
+        "backend-connect-timeout",
+        parse_seconds,
+        "10",
+        "Seconds to open a connection to the backend (504 after); 0 = no limit.",
+    ),
+    Option(
+        "backend_first_byte_timeout",
+        "BACKEND_FIRST_BYTE_TIMEOUT",
+        "backend-first-byte-timeout",
+        parse_seconds,
+        "0",
+        "Seconds for the backend's response headers to arrive (504 after); 0 = no limit.",
+    ),
+    Option(
+        "backend_stall_timeout",
+        "BACKEND_STALL_TIMEOUT",
+        "backend-stall-timeout",
+        parse_seconds,
+        "600",
+        "Cut a response whose body sends nothing for this many seconds; 0 = no limit.",
+    ),
     # The serverless protocol
     Option(
         "signature_shapes",
@@ -294,7 +377,7 @@ OPTIONS: tuple[Option, ...] = (
         "max-wait-time",
         parse_seconds,
         "10",
-        "Reject with 429 when the estimated queue wait exceeds this many seconds.",
+        "Reject with 429 when the estimated queue wait exceeds this many seconds (0 = off).",
     ),
     Option(
         "allow_parallel",
@@ -498,6 +581,15 @@ class Settings:
     ssl_key: str = "/etc/instance.key"
     request_timeout: float = 0.0
     access_log: bool = True
+    max_body_size: int = 1 << 30
+    max_header_size: int = 16384
+    max_headers: int = 100
+    head_timeout: float = 30.0
+    min_body_rate: int = 1024
+    max_connections: int = 2048
+    backend_connect_timeout: float = 10.0
+    backend_first_byte_timeout: float = 0.0
+    backend_stall_timeout: float = 600.0
     signature_shapes: tuple[str, ...] = SIGNATURE_SHAPES
     default_cost: float | None = None
     max_wait_time: float = 10.0
@@ -593,8 +685,23 @@ def load_settings(
     """
     if environ is None:
         environ = os.environ
+    values = _read_options(OPTIONS, flags, environ)
+    if "listen" not in values:
+        values["listen"] = (_default_listen(values),)
+    elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
+        values["worker_port"] = _listen_port(values["listen"])
+    values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
+    values["systemd"] = _systemd_environment(environ, os.getpid())
+    return Settings(**values)
+
+
+def _read_options(
+    options: Sequence[Option], flags: Mapping[str, str | None], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Parse each option from its flag, else its environment variables, else its default
+    (an empty ``listen`` is left out: the caller derives it)."""
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         text, source = option.default, "default"
         for env in option.env_names():
             if env in environ:
@@ -603,18 +710,30 @@ def load_settings(
         if flags.get(option.name) is not None:
             text, source = str(flags[option.name]), f"flag --{option.flag}"
         if option.name == "listen" and not text.strip():
-            continue  # derived from worker_port below
+            continue
         try:
             values[option.name] = option.parse(text)
         except ValueError as e:
             raise SettingsError(f"invalid {option.env}={text!r} (from {source}): {e}") from None
-    if "listen" not in values:
-        values["listen"] = (_default_listen(values),)
-    elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
-        values["worker_port"] = _listen_port(values["listen"])
-    values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
-    values["systemd"] = _systemd_environment(environ, os.getpid())
-    return Settings(**values)
+    return values
+
+
+def check_protocol(settings: Settings) -> None:
+    """
+    Settings that are valid one by one but not together (checked before the worker starts).
+
+    @raise SettingsError: naming what to set.
+    """
+    if not settings.unsecured and not settings.vast.report_addrs:
+        raise SettingsError(
+            "REPORT_ADDR is not set: a secured worker needs the autoscaler's address for its "
+            "public key and reports (set REPORT_ADDR, or UNSECURED=true for local development)"
+        )
+    if settings.verify_url and settings.vast.public_url is None:
+        raise SettingsError(
+            f"VERIFY_URL needs this worker's public URL: set PUBLIC_IPADDR and "
+            f"VAST_TCP_PORT_{settings.worker_port}"
+        )
 
 
 def _default_listen(values: Mapping[str, Any]) -> str:
@@ -650,3 +769,232 @@ def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str
 def option_fields() -> set[str]:
     """Names of the Settings fields that come from OPTIONS (for the consistency test)."""
     return {f.name for f in fields(Settings)} - {"vast", "systemd"}
+
+
+# The client proxy (``vespa-client``): its own table, read the same way (no PYWORKER_ aliases).
+
+INSTANCES = {
+    # instance: (autoscaler /route/ base URL, console base URL for the endpoints API)
+    "prod": ("https://run.vast.ai", "https://console.vast.ai"),
+    "alpha": ("https://run-alpha.vast.ai", "https://alpha.vast.ai"),
+    "candidate": ("https://run-candidate.vast.ai", "https://candidate.vast.ai"),
+    "local": ("http://localhost:8080", "http://localhost:8080"),
+}
+
+
+def parse_optional_http_url(text: str) -> str:
+    """An http(s) URL, or empty for "derived from --instance"."""
+    return parse_http_url(text) if text.strip() else ""
+
+
+def parse_secret(text: str) -> str:
+    """A key: surrounding whitespace (a pasted newline) dropped, never echoed in errors."""
+    return text.strip()
+
+
+CLIENT_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "endpoint",
+        "VAST_ENDPOINT",
+        "endpoint",
+        parse_text,
+        "",
+        "Name of the serverless endpoint to call.",
+        prefixed=False,
+    ),
+    Option(
+        "api_key",
+        "VAST_API_KEY",
+        "api-key",
+        parse_secret,
+        "",
+        "The endpoint's API key (wins over --account-key).",
+        prefixed=False,
+    ),
+    Option(
+        "account_key",
+        "VAST_ACCOUNT_KEY",
+        "account-key",
+        parse_secret,
+        "",
+        "Account API key, used to look up the endpoint key (else ~/.vast_api_key).",
+        prefixed=False,
+    ),
+    Option(
+        "account_key_file",
+        "VAST_ACCOUNT_KEY_FILE",
+        "account-key-file",
+        parse_text,
+        "~/.vast_api_key",
+        "File holding the account key (written by the vastai CLI).",
+        prefixed=False,
+    ),
+    Option(
+        "instance",
+        "VAST_INSTANCE",
+        "instance",
+        choice(*INSTANCES),
+        "prod",
+        "Vast instance: prod, alpha, candidate or local (picks the default URLs).",
+        prefixed=False,
+    ),
+    Option(
+        "autoscaler_url",
+        "VAST_AUTOSCALER_URL",
+        "autoscaler-url",
+        parse_optional_http_url,
+        "",
+        "Autoscaler base URL for /route/ (default from --instance).",
+        prefixed=False,
+    ),
+    Option(
+        "console_url",
+        "VAST_CONSOLE_URL",
+        "console-url",
+        parse_optional_http_url,
+        "",
+        "Console base URL for the endpoints API (default from --instance).",
+        prefixed=False,
+    ),
+    Option(
+        "listen",
+        "VESPA_CLIENT_LISTEN",
+        "listen",
+        parse_listen,
+        "tcp:8010:interface=127.0.0.1",
+        "Twisted endpoint string(s) the local proxy listens on.",
+        prefixed=False,
+    ),
+    Option(
+        "ca_file",
+        "VAST_CA_FILE",
+        "ca-file",
+        parse_text,
+        "",
+        "Vast root CA (PEM or DER) for TLS to workers (default: downloaded once, cached).",
+        prefixed=False,
+    ),
+    Option(
+        "ca_cache",
+        "VESPA_CA_CACHE",
+        "ca-cache",
+        parse_text,
+        "~/.cache/vespa/jvastai_root.cer",
+        "Where the downloaded Vast root CA is cached.",
+        prefixed=False,
+    ),
+    Option(
+        "forward_authorization",
+        "VESPA_FORWARD_AUTHORIZATION",
+        "forward-authorization",
+        parse_bool,
+        "false",
+        "Pass the app's Authorization header on to the worker.",
+        prefixed=False,
+    ),
+    Option(
+        "cold_start_timeout",
+        "VESPA_COLD_START_TIMEOUT",
+        "cold-start-timeout",
+        parse_seconds,
+        "300",
+        "Seconds to keep polling /route/ while no worker is ready (503 after).",
+        prefixed=False,
+    ),
+    Option(
+        "route_retries",
+        "VESPA_ROUTE_RETRIES",
+        "route-retries",
+        parse_count,
+        "3",
+        "Retries of a /route/ call that failed with 5xx or a network error.",
+        prefixed=False,
+    ),
+    Option(
+        "worker_retries",
+        "VESPA_WORKER_RETRIES",
+        "worker-retries",
+        parse_count,
+        "3",
+        "Re-routes when a worker answers 429/503 or cannot be reached.",
+        prefixed=False,
+    ),
+    Option(
+        "client_timeout",
+        "VESPA_CLIENT_TIMEOUT",
+        "request-timeout",
+        parse_seconds,
+        "0",
+        "Give up on a worker call after this many seconds (504); 0 = no limit.",
+        prefixed=False,
+    ),
+    Option(
+        "client_access_log",
+        "VESPA_CLIENT_ACCESS_LOG",
+        "access-log",
+        parse_bool,
+        "true",
+        "Log one line per request.",
+        prefixed=False,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The client proxy's validated settings. Build with :func:`load_client_settings`."""
+
+    endpoint: str = ""
+    api_key: str = ""
+    account_key: str = ""
+    account_key_file: str = "~/.vast_api_key"
+    instance: str = "prod"
+    autoscaler_url: str = ""
+    console_url: str = ""
+    listen: tuple[str, ...] = ("tcp:8010:interface=127.0.0.1",)
+    ca_file: str = ""
+    ca_cache: str = "~/.cache/vespa/jvastai_root.cer"
+    forward_authorization: bool = False
+    cold_start_timeout: float = 300.0
+    route_retries: int = 3
+    worker_retries: int = 3
+    client_timeout: float = 0.0
+    client_access_log: bool = True
+
+    @property
+    def route_base(self) -> str:
+        """The autoscaler base URL: --autoscaler-url, else the instance's."""
+        return self.autoscaler_url or INSTANCES[self.instance][0]
+
+    @property
+    def console_base(self) -> str:
+        """The console base URL (endpoints API): --console-url, else the instance's."""
+        return self.console_url or INSTANCES[self.instance][1]
+
+    def __repr__(self) -> str:
+        # Keys never reach logs or tracebacks.
+        return f"ClientSettings(endpoint={self.endpoint!r}, instance={self.instance!r})"
+
+
+def load_client_settings(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> ClientSettings:
+    """
+    Build :class:`ClientSettings` from flags and the environment (``os.environ`` unless given);
+    ``~`` in file paths is expanded with the environment's HOME.
+
+    @raise SettingsError: for the first bad value, naming the option, its source and the value.
+    """
+    if environ is None:
+        environ = os.environ
+    values = _read_options(CLIENT_OPTIONS, flags, environ)
+    home = environ.get("HOME", "")
+    for name in ("account_key_file", "ca_cache"):
+        if values[name].startswith("~/") and home:
+            values[name] = home + values[name][1:]
+    return ClientSettings(**values)
+
+
+def client_option_fields() -> set[str]:
+    """Names of the ClientSettings fields (for the consistency test)."""
+    return {f.name for f in fields(ClientSettings)}

@@ -5,20 +5,30 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import psutil
+from treq.client import HTTPClient
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python import usage
+from twisted.web.client import Agent
 
+from vespa import __version__
 from vespa.logs import log_access
 from vespa.notify import SystemdNotifier, SystemdService
-from vespa.relay import backend_agent, backend_pool
-from vespa.settings import OPTIONS, Settings, SettingsError, load_settings
-from vespa.worker.admin import AdminSite, WorkerMetrics
+from vespa.relay import backend_agent, backend_pool, quiet_pool
+from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vespa.worker import admin
+from vespa.worker.admission import Admission
+from vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
+from vespa.worker.gate import SignedGate
 from vespa.worker.lifecycle import ReadinessGate, build_lifecycle
-from vespa.worker.resource import Observer, PassthroughGate, QuietSite, WorkerResource
-from vespa.worker.service import WorkerService
+from vespa.worker.limits import limits_from
+from vespa.worker.metrics import WorkerMetrics
+from vespa.worker.reporter import MetricsReporter
+from vespa.worker.resource import Observer, QuietSite, WorkerResource
+from vespa.worker.service import DrainHook, WorkerService
 from vespa.worker.state import WorkerState
 
 
@@ -75,34 +85,82 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     """Wire the worker's objects from its settings (tests call this directly)."""
+    check_protocol(settings)
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = backend_agent(reactor, pool)
+    agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
-    metrics = WorkerMetrics(state, clock)
+    metrics = admin.WorkerMetrics(state, clock)
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    vast = settings.vast
+    load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
+    concurrency = settings.max_concurrency if settings.allow_parallel else 1
+    admission = Admission(
+        lambda: load.load, lambda: state.max_perf, settings.max_wait_time, concurrency
+    )
+    _register_load_metrics(metrics, load, admission)
+    children: list[IService] = []
+    client = None
+    control_pool = None
+    if vast.report_addrs:
+        control_pool = quiet_pool(reactor)
+        client = AutoscalerClient(
+            HTTPClient(Agent(reactor, pool=control_pool)),
+            clock,
+            vast.report_addrs,
+            vast.master_token,
+            vast.container_id,
+            delete_format=settings.delete_requests_format,
+        )
+        children.append(MetricsReporter(clock, load, client, settings.report_interval))
+    keys = None
+    if not settings.unsecured:
+        assert client is not None  # check_protocol: REPORT_ADDR is set
+        keys = PublicKeyStore(clock, client)
+        children.append(keys)
+    gate = SignedGate(
+        keys,
+        admission,
+        load,
+        cooperator,
+        settings.signature_shapes,
+        settings.default_cost,
+        settings.blocked_paths,
+        vast.public_url if settings.verify_url else None,
+        settings.replay_window,
+    )
     resource = WorkerResource(
-        ReadinessGate(PassthroughGate(cooperator), state),
+        ReadinessGate(gate, state),
         agent,
         clock,
         settings.backend_url,
         settings.request_timeout,
         (*observers, metrics.observe),
+        settings.backend_first_byte_timeout,
+        settings.backend_stall_timeout,
     )
-    site = QuietSite(resource)
+    site = QuietSite(resource, limits_from(settings), reactor=reactor)
     metrics.count_connections(site)
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
+    service.metrics = load
+    service.control_pool = control_pool
     lifecycle = build_lifecycle(settings, reactor, state)
     lifecycle.setServiceParent(service)
+    for child in children:
+        child.setServiceParent(cast(IServiceCollection, service))
+        if isinstance(child, MetricsReporter):
+            service.reporter = child
+            # The autoscaler learns of the drain at once.
+            service.add_drain_hook(cast(DrainHook, child.send_now))
     for index, description in enumerate(settings.listen):
         listener = strports.service(description, site, reactor=reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     metrics.lag_sampler().setServiceParent(service)
     if settings.admin_listen:
-        admin = AdminSite(metrics, state)
-        listener = strports.service(settings.admin_listen, admin, reactor=reactor)
+        admin_site = admin.AdminSite(metrics, state)
+        listener = strports.service(settings.admin_listen, admin_site, reactor=reactor)
         listener.setName("admin")
         listener.setServiceParent(service)
     notifier = SystemdNotifier(settings.systemd.notify_socket)
@@ -112,3 +170,38 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
     service.add_drain_hook(notifier.stopping)
     return service
+
+
+def _register_load_metrics(
+    metrics: admin.WorkerMetrics, load: WorkerMetrics, admission: Admission
+) -> None:
+    """The serverless figures on /metrics, read at scrape time."""
+    metrics.register_gauge(
+        "vespa_workload_in_flight",
+        "Workload of admitted requests, queued ones included (cur_load).",
+        lambda: load.load,
+    )
+    metrics.register_gauge(
+        "vespa_requests_queued",
+        "Requests waiting for a concurrency slot.",
+        lambda: admission.queued,
+    )
+    metrics.register_gauge(
+        "vespa_estimated_wait_seconds",
+        "Workload in flight over max_perf: what MAX_WAIT_TIME is compared with.",
+        admission.estimated_wait,
+    )
+    metrics.register_gauge(
+        "vespa_pending_deletes",
+        "Finished request_idx not yet delivered to /delete_requests/.",
+        lambda: len(load.finished),
+    )
+
+
+def _disk_used() -> int:
+    """Bytes used on / (additional_disk_usage in reports); 0 if it cannot be read, so a
+    strange filesystem never stops the reports."""
+    try:
+        return int(psutil.disk_usage("/").used)
+    except OSError:
+        return 0

@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from vespa import request_id
 from vespa.headers import forwarded_request_headers
 from vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
+from vespa.worker.limits import GuardedSite
 
 
 @dataclass
@@ -68,16 +69,6 @@ def client_address(request: Request) -> str | None:
 def request_has_body(request: Request) -> bool:
     headers = request.requestHeaders
     return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
-
-
-class PassthroughGate:
-    """Unsecured mode: every request goes to the backend as it came (minus hop-by-hop headers)."""
-
-    def __init__(self, cooperator: Cooperator) -> None:
-        self._cooperator = cooperator
-
-    def admit(self, request: Request) -> Forward:
-        return passthrough(request, self._cooperator)
 
 
 def passthrough(request: Request, cooperator: Cooperator) -> Forward:
@@ -141,8 +132,12 @@ class WorkerResource(Resource):
         backend_url: str,
         request_timeout: float = 0.0,
         observers: tuple[Observer, ...] = (),
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         super().__init__()
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
         self._gate = gate
         self._agent = agent
         self._clock = clock
@@ -188,6 +183,8 @@ class WorkerResource(Resource):
             forward.headers,
             forward.body,
             self._timeout,
+            self._first_byte_timeout,
+            self._stall_timeout,
         )
         proxied.start().addCallback(self._relayed, request, forward, started)
 
@@ -237,11 +234,12 @@ class WorkerResource(Resource):
 _CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
 
 
-class QuietSite(Site):
-    """A Site without twisted.web's per-request access log (Vespa writes its own) and
-    without tracebacks in error pages."""
+class QuietSite(GuardedSite):
+    """A Site with Vespa's framing checks and limits (vespa.worker.limits), without
+    twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
 
     displayTracebacks = False
+    noisy = False  # no "Starting factory" line
 
     def __init__(self, resource: Resource, *args: Any, **kwargs: Any) -> None:
         # A proxy never reads form fields: without this, twisted.web parses the Content-Type

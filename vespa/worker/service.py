@@ -19,6 +19,8 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from vespa.relay import close_pool
+from vespa.worker.metrics import WorkerMetrics
+from vespa.worker.reporter import MetricsReporter
 from vespa.worker.resource import InFlight
 from vespa.worker.state import WorkerState
 
@@ -52,6 +54,9 @@ class WorkerService(MultiService):
         self.drain_timeout = drain_timeout
         self._drain_hooks: list[DrainHook] = []
         self._stopped: Deferred[None] | None = None
+        self.metrics: WorkerMetrics | None = None  # set by build_worker
+        self.reporter: MetricsReporter | None = None  # None without REPORT_ADDR
+        self.control_pool: HTTPConnectionPool | None = None  # autoscaler calls
 
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Call ``hook()`` when the drain starts (after ``state.draining`` is set, before the
@@ -89,6 +94,8 @@ class WorkerService(MultiService):
             )
         await self._stop_children([child for child in reversed(list(self)) if child.running])
         await close_pool(self.pool, self._clock)
+        if self.control_pool is not None:  # after the reporter's last send
+            await close_pool(self.control_pool, self._clock)
         self._log.info("drained")
 
     def _run_hook(self, hook: DrainHook) -> Deferred[object]:

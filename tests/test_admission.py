@@ -1,0 +1,94 @@
+"""Admission: workload, the wait estimate against MAX_WAIT_TIME, and concurrency slots."""
+
+from __future__ import annotations
+
+import math
+
+from twisted.internet.defer import CancelledError
+from twisted.trial.unittest import SynchronousTestCase
+
+from vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
+
+
+class WorkloadTests(SynchronousTestCase):
+    def test_cost_is_the_workload(self):
+        """The cost is the workload; DEFAULT_COST replaces a cost <= 1 when it is set."""
+        self.assertEqual(workload(256.0, None), 256.0)
+        self.assertEqual(workload(100, 50.0), 100.0)
+        self.assertEqual(workload(1, 50.0), 50.0)
+        self.assertEqual(workload(0, 50.0), 50.0)
+        self.assertEqual(workload(1, None), 1.0)
+
+    def test_bad_costs(self):
+        """Negative, NaN or infinite costs are refused."""
+        for bad in (-1, math.nan, math.inf, -math.inf):
+            self.assertRaises(BadCost, workload, bad, 100.0)
+
+
+class WaitTests(SynchronousTestCase):
+    def test_over_the_limit_is_too_busy(self):
+        """Wait = load / max_perf; over MAX_WAIT_TIME is TooBusy with a Retry-After."""
+        load = [0.0]
+        admission = Admission(lambda: load[0], lambda: 10.0, 5.0)
+        admission.check()  # idle: any single request gets in
+        load[0] = 50.0
+        admission.check()  # exactly 5 s: still fine
+        load[0] = 72.0
+        with self.assertRaises(TooBusy) as caught:
+            admission.check()
+        self.assertAlmostEqual(caught.exception.wait, 7.2)
+        self.assertEqual(caught.exception.retry_after, 3)
+
+    def test_not_benchmarked_or_off(self):
+        """Without a benchmark (max_perf 0), or with MAX_WAIT_TIME 0, nothing is refused."""
+        Admission(lambda: 1e9, lambda: 0.0, 5.0).check()
+        Admission(lambda: 1e9, lambda: 1.0, 0.0).check()
+
+
+class SlotTests(SynchronousTestCase):
+    def test_unlimited(self):
+        """No limit: every request gets a slot at once."""
+        admission = Admission(lambda: 0.0, lambda: 1.0, 10.0, 0)
+        slots = [admission.acquire() for _ in range(100)]
+        self.assertTrue(all(isinstance(s, Slot) for s in slots))
+
+    def test_one_at_a_time_fifo(self):
+        """With one slot, waiting requests get their turn in arrival order."""
+        admission = Admission(lambda: 0.0, lambda: 1.0, 10.0, 1)
+        first = admission.acquire()
+        assert isinstance(first, Slot)
+        order = []
+        waiting = [admission.acquire() for _ in range(3)]
+        for index, d in enumerate(waiting):
+            d.addCallback(lambda slot, i=index: order.append((i, slot)))
+        self.assertEqual(admission.queued, 3)
+        first.release()
+        first.release()  # a second release does nothing
+        self.assertEqual([i for i, _ in order], [0])
+        order[0][1].release()
+        order[1][1].release()
+        self.assertEqual([i for i, _ in order], [0, 1, 2])
+        order[2][1].release()
+        self.assertIsInstance(admission.acquire(), Slot)
+
+    def test_n_at_a_time(self):
+        """MAX_CONCURRENCY=N: N run at once, the next waits."""
+        admission = Admission(lambda: 0.0, lambda: 1.0, 10.0, 2)
+        a, b = admission.acquire(), admission.acquire()
+        self.assertIsInstance(a, Slot)
+        self.assertIsInstance(b, Slot)
+        c = admission.acquire()
+        self.assertNoResult(c)
+        b.release()
+        self.assertIsInstance(self.successResultOf(c), Slot)
+
+    def test_cancelled_waiter_leaves_the_queue(self):
+        """A waiting request whose client left is removed and never gets a slot."""
+        admission = Admission(lambda: 0.0, lambda: 1.0, 10.0, 1)
+        first = admission.acquire()
+        gone, stays = admission.acquire(), admission.acquire()
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.assertEqual(admission.queued, 1)
+        first.release()
+        self.assertIsInstance(self.successResultOf(stays), Slot)

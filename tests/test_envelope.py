@@ -1,0 +1,202 @@
+"""The request forms of the serverless protocol: which auth a request carries, what goes on."""
+
+from __future__ import annotations
+
+import io
+import json
+from urllib.parse import quote
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from vespa.signing import canonical_message
+from vespa.worker.envelope import AuthError, loads, unwrap
+
+AUTH = {
+    "cost": 256.0,
+    "endpoint": "my-endpoint",
+    "reqnum": 1234,
+    "request_idx": 98765,
+    "signature": "c2ln",
+    "url": "https://203.0.113.7:41234",
+}
+
+
+def body(data: object) -> io.BytesIO:
+    return io.BytesIO(data if isinstance(data, bytes) else json.dumps(data).encode())
+
+
+def query(auth: dict) -> bytes:
+    return "&".join(f"serverless_{k}={quote(str(v), safe='')}" for k, v in auth.items()).encode()
+
+
+class EnvelopeTests(SynchronousTestCase):
+    def test_envelope_forwards_only_the_payload(self):
+        """POST with {"auth_data", "payload"}: the auth is taken, the payload goes on as JSON;
+        extra keys such as session_id are ignored."""
+        envelope = {"auth_data": AUTH, "payload": {"prompt": "hi"}, "session_id": None}
+        got = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
+        self.assertEqual(got.auth, AUTH)
+        self.assertEqual(json.loads(got.body), {"prompt": "hi"})
+        self.assertEqual(got.target, b"/v1/x?a=1")
+        self.assertEqual(got.form, "envelope")
+
+    def test_int_and_float_costs_are_kept(self):
+        """cost 100 stays an int and 256.0 a float: the five-field signature covers them."""
+        for text, expected in ((b"100", b'"cost": 100,'), (b"256.0", b'"cost": 256.0,')):
+            raw = b'{"auth_data": {"cost": %s, "endpoint": "e", "reqnum": 1, "request_idx": 2, '
+            raw += b'"signature": "s", "url": "u"}, "payload": {}}'
+            got = unwrap(b"PUT", b"/", None, body(raw % text))
+            self.assertIn(expected, canonical_message(got.auth, "five-field"))
+
+    def test_malformed_envelopes_are_422_with_the_missing_fields(self):
+        """Not JSON, a scalar, missing keys, missing or mistyped auth fields: 422 naming them."""
+        cases = [
+            (b"not json", "invalid JSON", None),
+            (b"42", "malformed envelope", None),
+            (b'"x"', "malformed envelope", None),
+            (b"{}", "malformed envelope", ["auth_data", "payload"]),
+            (json.dumps({"auth_data": {"cost": 1}, "payload": 1}).encode(), None, None),
+        ]
+        for raw, error, missing in cases:
+            with self.assertRaises(AuthError) as caught:
+                unwrap(b"POST", b"/", None, body(raw))
+            self.assertEqual(caught.exception.code, 422)
+            if error:
+                self.assertEqual(caught.exception.error, error)
+            if missing:
+                self.assertEqual(caught.exception.extra["missing"], missing)
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", None, body({"auth_data": {"cost": 1}, "payload": 1}))
+        self.assertEqual(
+            caught.exception.extra["missing"],
+            ["endpoint", "reqnum", "request_idx", "url", "signature"],
+        )
+        for name, bad in (("cost", "1"), ("reqnum", 1.5), ("request_idx", True), ("url", 3)):
+            envelope = {"auth_data": {**AUTH, name: bad}, "payload": {}}
+            with self.assertRaises(AuthError) as caught:
+                unwrap(b"PATCH", b"/", None, body(envelope))
+            self.assertEqual(caught.exception.extra["invalid"], [name])
+
+    def test_header_form_keeps_the_body(self):
+        """X-Serverless-Auth: the auth comes from the header and the body is not touched (any
+        method); a bad header is 400."""
+        content = io.BytesIO(b"\x89PNG\r\n\x00binary")
+        got = unwrap(b"POST", b"/upload", json.dumps(AUTH).encode(), content)
+        self.assertEqual((got.auth, got.body, got.form), (AUTH, None, "header"))
+        got = unwrap(b"GET", b"/x?serverless_cost=1", json.dumps(AUTH).encode(), body(b""))
+        self.assertEqual(got.target, b"/x?serverless_cost=1")
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", b"{nope", content)
+        self.assertEqual(caught.exception.code, 400)
+
+    def test_query_auth_is_removed_and_the_rest_kept_in_order(self):
+        """GET/DELETE/HEAD: serverless_* parameters become the auth and are removed; others,
+        repeated ones too, pass byte for byte and in order."""
+        uri = b"/v1/models?b=2&" + query(AUTH) + b"&a=1&b=3&c=%2F+x"
+        for method in (b"GET", b"DELETE", b"HEAD"):
+            got = unwrap(method, uri, None, body(b""))
+            self.assertEqual(got.auth, AUTH)
+            self.assertEqual(got.target, b"/v1/models?b=2&a=1&b=3&c=%2F+x")
+        got = unwrap(b"GET", b"/x?" + query(AUTH), None, body(b""))
+        self.assertEqual(got.target, b"/x")
+
+    def test_query_cost_forms(self):
+        """serverless_cost: int when written as one, float otherwise (1e-05 too); a bad number
+        or a missing field is 400."""
+        for text, value in (("256", 256), ("256.0", 256.0), ("1e-05", 1e-05)):
+            got = unwrap(b"GET", b"/?" + query({**AUTH, "cost": text}), None, body(b""))
+            self.assertEqual((got.auth["cost"], type(got.auth["cost"])), (value, type(value)))
+        for bad in ("abc", "nan", "inf"):
+            with self.assertRaises(AuthError) as caught:
+                unwrap(b"GET", b"/?" + query({**AUTH, "cost": bad}), None, body(b""))
+            self.assertEqual(caught.exception.code, 400)
+        partial = {k: v for k, v in AUTH.items() if k != "url"}
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"GET", b"/?" + query(partial), None, body(b""))
+        self.assertEqual(
+            (caught.exception.code, caught.exception.extra), (400, {"missing": ["serverless_url"]})
+        )
+
+    def test_signature_plus_survives_query_encoding(self):
+        """A base64 '+' sent as %2B stays a '+'."""
+        got = unwrap(b"GET", b"/?" + query({**AUTH, "signature": "a+b/c=="}), None, body(b""))
+        self.assertEqual(got.auth["signature"], "a+b/c==")
+
+    def test_no_auth(self):
+        """Without any auth form: secured POST is 422; GET without serverless_* carries none."""
+        self.assertIsNone(unwrap(b"GET", b"/x?a=1", None, body(b"")).auth)
+        self.assertIsNone(unwrap(b"OPTIONS", b"/x", None, body(b"")).auth)
+        with self.assertRaises(AuthError):
+            unwrap(b"POST", b"/", None, body({"prompt": "x"}))
+
+    def test_unsecured_unwraps_envelopes_and_passes_the_rest(self):
+        """UNSECURED: an envelope is unwrapped; other bodies and malformed auth pass through."""
+        got = unwrap(b"POST", b"/", None, body({"auth_data": AUTH, "payload": [1]}), True)
+        self.assertEqual((got.auth, got.body), (AUTH, b"[1]"))
+        for raw in (b'{"prompt": "x"}', b"\x00\x01binary", b"[1, 2]"):
+            got = unwrap(b"POST", b"/", None, body(raw), True)
+            self.assertEqual((got.auth, got.body, got.target), (None, None, b"/"))
+        got = unwrap(b"GET", b"/x?serverless_cost=abc", None, body(b""), True)
+        self.assertEqual((got.auth, got.target), (None, b"/x?serverless_cost=abc"))
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+auth_values = st.fixed_dictionaries(
+    {
+        "cost": st.integers(0, 10**9) | st.floats(0, 1e9, allow_nan=False),
+        "endpoint": st.text(),
+        "reqnum": st.integers(-(2**63), 2**63),
+        "request_idx": st.integers(-(2**63), 2**63),
+        "signature": st.text(),
+        "url": st.text(),
+    }
+)
+
+
+class EnvelopePropertyTests(SynchronousTestCase):
+    @given(auth_values, json_values)
+    def test_envelope_round_trip(self, auth, payload):
+        """Any valid envelope yields exactly its auth_data (types kept) and its payload."""
+        raw = json.dumps({"auth_data": auth, "payload": payload}).encode()
+        got = unwrap(b"POST", b"/p", None, body(raw))
+        self.assertEqual(got.auth, auth)
+        self.assertEqual([type(v) for v in got.auth.values()], [type(v) for v in auth.values()])
+        self.assertEqual(loads(got.body), payload)
+        self.assertEqual(
+            canonical_message(got.auth, "five-field"), canonical_message(auth, "five-field")
+        )
+
+    @given(st.binary(max_size=64))
+    def test_any_body_is_auth_or_a_clean_error(self, raw):
+        """No body makes the parser fail other than with a 422 AuthError."""
+        try:
+            unwrap(b"POST", b"/", None, body(raw))
+        except AuthError as e:
+            self.assertEqual(e.code, 422)
+
+    @given(
+        auth_values,
+        st.lists(st.tuples(st.sampled_from("abc"), st.text(max_size=5)), max_size=6),
+    )
+    def test_query_round_trip(self, auth, params):
+        """Any signed query: the auth comes back with its values, and the other parameters
+        come back byte for byte and in order."""
+        others = [f"{quote(k)}={quote(v, safe='')}".encode() for k, v in params]
+        uri = b"/q?" + b"&".join([*others, query(auth)])
+        got = unwrap(b"GET", uri, None, body(b""))
+        self.assertEqual(got.auth["reqnum"], auth["reqnum"])
+        self.assertEqual(got.auth["url"], auth["url"])
+        self.assertEqual(got.auth["cost"], auth["cost"])
+        self.assertEqual(got.target, b"/q" + (b"?" + b"&".join(others) if others else b""))

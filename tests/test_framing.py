@@ -1,0 +1,150 @@
+"""
+Hostile or malformed HTTP/1.1 framing, sent as raw bytes to a real worker: every case gets a
+JSON error with the right status and a closed connection, the backend sees nothing, and the
+worker serves the next client normally.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import FakeBackend
+from tests.helpers import http_client, listen, raw_request, start_worker
+
+POST = b"POST /x HTTP/1.1\r\nHost: w\r\n"
+GET = b"GET /x HTTP/1.1\r\nHost: w\r\n"
+
+# name -> (raw request, expected status). Twisted's own checks: see vespa/worker/limits.py.
+# (Absolute-form targets are well framed: WorkerResource answers them 400 with a request id on
+# a connection that stays open; see test_relay and test_logs.)
+CASES: dict[str, tuple[bytes, int]] = {
+    "CL and TE together": (
+        POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "two differing CL": (POST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    "two equal CL": (POST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    "CL list": (POST + b"Content-Length: 3, 3\r\n\r\nabc", 400),
+    "CL +1": (POST + b"Content-Length: +1\r\n\r\na", 400),
+    "CL -1": (POST + b"Content-Length: -1\r\n\r\na", 400),
+    "CL empty": (POST + b"Content-Length: \r\n\r\n", 400),
+    "CL hex": (POST + b"Content-Length: 0x3\r\n\r\nabc", 400),
+    "CL overflow": (POST + b"Content-Length: 99999999999999999999999999\r\n\r\n", 413),
+    "TE gzip": (POST + b"Transfer-Encoding: gzip\r\n\r\n", 400),
+    "TE gzip, chunked": (POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
+    "TE twice": (
+        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk size 0x": (POST + b"Transfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n", 400),
+    "chunk size negative": (
+        POST + b"Transfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk extension NUL": (
+        POST + b"Transfer-Encoding: chunked\r\n\r\n3;\x00\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk without CRLF": (POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", 400),
+    "chunk size line too long": (
+        POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 2000 + b"3\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    "control byte in name": (GET + b"X-A\x01b: 1\r\n\r\n", 400),
+    "space in name": (GET + b"X-A b: 1\r\n\r\n", 400),
+    "space before colon": (GET + b"X-A : 1\r\n\r\n", 400),
+    "empty name": (GET + b": 1\r\n\r\n", 400),
+    "NUL in value": (GET + b"X-A: a\x00b\r\n\r\n", 400),
+    "bare CR in value": (GET + b"X-A: a\rb\r\n\r\n", 400),
+    "C0 control in value": (GET + b"X-A: a\x01b\r\n\r\n", 400),
+    "vertical tab in value": (GET + b"X-A: a\x0bb\r\n\r\n", 400),
+    "form feed in value": (GET + b"X-A: a\x0cb\r\n\r\n", 400),
+    "DEL in value": (GET + b"X-A: a\x7fb\r\n\r\n", 400),
+    "obs-fold": (GET + b"X-A: a\r\n  b\r\n\r\n", 400),
+    "two Host headers": (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "no Host in HTTP/1.1": (b"GET /x HTTP/1.1\r\n\r\n", 400),
+    "CONNECT": (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405),
+    "TRACE": (b"TRACE /x HTTP/1.1\r\nHost: w\r\n\r\n", 405),
+    "HTTP/2.0 on a 1.1 port": (b"GET /x HTTP/2.0\r\nHost: w\r\n\r\n", 505),
+    "HTTP/9.9": (b"GET /x HTTP/9.9\r\nHost: w\r\n\r\n", 505),
+    "garbage version": (b"GET /x FOO\r\nHost: w\r\n\r\n", 400),
+    "HTTP/0.9 request": (b"GET /x\r\n\r\n", 400),
+    "space in target": (b"GET /a b HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "control byte in method": (b"G\x01T /x HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "header line starts with space": (b"GET /x HTTP/1.1\r\n X-A: 1\r\nHost: w\r\n\r\n", 400),
+    "request line too long": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: w\r\n\r\n", 414),
+    "header too large": (GET + b"X-A: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    "headers too large together": (
+        GET + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20)) + b"\r\n",
+        431,
+    ),
+    "too many headers": (GET + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
+}
+
+
+class FramingTests(TestCase):
+    def setUp(self):
+        self.backend = FakeBackend(reactor)
+        self.url, self.worker = start_worker(self, listen(self, self.backend))
+
+    async def assert_refused(self, name: str, payload: bytes, code: int) -> None:
+        raw = await raw_request(self.url, payload)  # returns once the worker closed
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 %d " % code), f"{name}: {raw[:200]!r}")
+        self.assertIn(b"content-type: application/json", head.lower(), name)
+        error = json.loads(body)
+        self.assertEqual(set(error), {"error", "detail"}, name)
+        self.assertNotIn("Traceback", error["detail"], name)
+        self.assertEqual(self.backend.seen, [], name)
+
+    async def test_malformed_framing_is_refused_and_closed(self):
+        """Each malformed or ambiguous request gets its 4xx/5xx JSON error and a closed
+        connection, and nothing of it reaches the backend."""
+        for name, (payload, code) in CASES.items():
+            await self.assert_refused(name, payload, code)
+
+    async def test_worker_serves_after_every_refusal(self):
+        """After all the hostile requests, a normal request is served and reaches the backend
+        exactly once, well formed."""
+        for payload, _ in CASES.values():
+            await raw_request(self.url, payload)
+        response = await http_client(self).post(self.url + "/after", data=b"fine")
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["body_length"], 4)
+        self.assertEqual(
+            [(s.method, s.uri, s.body) for s in self.backend.seen], [(b"POST", b"/after", b"fine")]
+        )
+
+    async def test_smuggled_request_after_refusal_never_runs(self):
+        """A second request pipelined behind a refused one (the classic smuggling shape) is
+        never parsed: the connection is closed after the error."""
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: w\r\n\r\n"
+        payload = (
+            POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
+        )
+        raw = await raw_request(self.url, payload)
+        self.assertEqual(raw.count(b"HTTP/1.1 "), 1, raw)
+        self.assertEqual(self.backend.seen, [])
+
+    async def test_405_lists_allowed_methods(self):
+        """CONNECT/TRACE are answered 405 with an Allow header naming what is relayed."""
+        raw = await raw_request(self.url, b"TRACE / HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.assertIn(b"\r\nallow: GET, HEAD, POST", raw)
+
+    async def test_lenient_but_unambiguous_input_is_served(self):
+        """What RFC 9112 allows stays allowed: OWS around Content-Length, a TAB inside a value,
+        `Chunked` in any case, HTTP/1.0 without Host."""
+        cases = [
+            POST + b"Content-Length:  3 \r\nConnection: close\r\n\r\nabc",
+            GET + b"X-A: a\tb\r\nConnection: close\r\n\r\n",
+            POST + b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"GET /x HTTP/1.0\r\n\r\n",
+        ]
+        for payload in cases:
+            raw = await raw_request(self.url, payload)
+            self.assertTrue(raw.startswith(b"HTTP/1.1 200") or raw.startswith(b"HTTP/1.0 200"), raw)
+        self.assertEqual([s.body for s in self.backend.seen], [b"abc", b"", b"abc", b""])
+        self.assertEqual(self.backend.seen[1].headers[b"x-a"], [b"a\tb"])

@@ -1,0 +1,198 @@
+"""
+Client limits: body size, head deadline (slowloris), minimum body rate and open connections.
+Timers run on a task.Clock against an in-memory transport; sizes and connection counts go
+through real sockets to a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+
+from tests.fakes import FakeBackend
+from tests.helpers import (
+    RawClient,
+    http_client,
+    listen,
+    raw_connect,
+    raw_request,
+    start_worker,
+    until,
+)
+from vespa.settings import load_settings
+from vespa.worker.limits import BODY_RATE_WINDOW, GuardedSite, Limits, limits_from
+
+
+class _Recorder(Resource):
+    """Remembers which requests reached the resource."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered: list[bytes] = []
+
+    def render(self, request):
+        self.rendered.append(request.content.read())
+        return b"ok"
+
+
+class ClockedLimitTests(SynchronousTestCase):
+    def connect(self, **limits):
+        self.clock = Clock()
+        self.resource = _Recorder()
+        site = GuardedSite(self.resource, Limits(**limits), reactor=self.clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(self.close, channel, site)
+        return channel, transport
+
+    def close(self, channel, site):
+        channel.connectionLost(Failure(ConnectionError("test over")))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(site.open_connections, 0)
+
+    def status(self, transport):
+        return transport.value().split(b"\r\n", 1)[0]
+
+    def test_slow_head_gets_408(self):
+        """A client dribbling its headers one byte at a time (slowloris) is cut off with a 408
+        once the head deadline passes, although every byte resets twisted.web's idle timer."""
+        channel, transport = self.connect(head_timeout=30.0)
+        head = b"GET / HTTP/1.1\r\nHost: w\r\nX-Slow: " + b"a" * 100
+        for byte in head:
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(0.5)
+            if transport.value():
+                break
+        self.assertEqual(self.status(transport), b"HTTP/1.1 408 Request Timeout")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.rendered, [])
+
+    def test_prompt_head_is_not_timed_out(self):
+        """A head that arrives within the deadline is served, and the deadline timer is gone."""
+        channel, transport = self.connect(head_timeout=30.0)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\n")
+        self.clock.advance(29)
+        channel.dataReceived(b"\r\n")
+        self.assertEqual(self.status(transport), b"HTTP/1.1 200 OK")
+        self.clock.advance(29)  # past the head deadline, before the idle timeout
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+
+    def test_slow_body_gets_408(self):
+        """A body arriving slower than MIN_BODY_RATE is cut off with a 408 and never reaches
+        the resource."""
+        channel, transport = self.connect(min_body_rate=1000.0)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n\r\n")
+        channel.dataReceived(b"x" * 20000)  # 2000 B/s over the first window: fine
+        self.clock.advance(BODY_RATE_WINDOW)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"x" * 10)  # then nearly nothing
+        self.clock.advance(BODY_RATE_WINDOW)
+        self.assertEqual(self.status(transport), b"HTTP/1.1 408 Request Timeout")
+        self.assertEqual(self.resource.rendered, [])
+
+    def test_steady_body_is_served(self):
+        """A body that keeps the minimum rate is served, and the rate timer stops with it."""
+        channel, transport = self.connect(min_body_rate=1000.0)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 30000\r\n\r\n")
+        for _ in range(3):
+            channel.dataReceived(b"x" * 10000)
+            self.clock.advance(BODY_RATE_WINDOW)
+        self.assertEqual(self.status(transport), b"HTTP/1.1 200 OK")
+        self.assertEqual(len(self.resource.rendered[0]), 30000)
+
+    def test_chunked_body_over_the_limit_gets_413_while_arriving(self):
+        """A chunked body is refused with 413 as soon as it passes MAX_BODY_SIZE, before it is
+        complete, and never reaches the resource."""
+        channel, transport = self.connect(max_body_size=1000)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"200\r\n" + b"x" * 512 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"200\r\n" + b"x" * 512 + b"\r\n")
+        self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
+        channel.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(self.resource.rendered, [])
+
+    def test_expect_continue_is_not_sent_for_a_too_large_body(self):
+        """A client asking `Expect: 100-continue` for a too-large body gets the 413 instead of
+        the 100, so it does not upload."""
+        channel, transport = self.connect(max_body_size=1000)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
+        self.assertNotIn(b"100 Continue", transport.value())
+
+    def test_tls_never_negotiates_h2(self):
+        """Over TLS only HTTP/1.1 is offered (ALPN), even with the h2 package installed: every
+        connection goes through the checks above."""
+        self.assertEqual(GuardedSite(_Recorder()).acceptableProtocols(), [b"http/1.1"])
+
+    def test_settings_reach_the_limits(self):
+        """The MAX_* / *_TIMEOUT / MIN_BODY_RATE options end up in the worker's limits."""
+        settings = load_settings(
+            {},
+            {
+                "MAX_BODY_SIZE": "2M",
+                "MAX_HEADER_SIZE": "8k",
+                "MAX_HEADERS": "50",
+                "HEAD_TIMEOUT": "5",
+                "MIN_BODY_RATE": "0",
+                "MAX_CONNECTIONS": "10",
+            },
+        )
+        self.assertEqual(limits_from(settings), Limits(2 << 20, 8192, 50, 5.0, 0.0, 10))
+
+
+class SocketLimitTests(TestCase):
+    def setUp(self):
+        self.backend = FakeBackend(reactor)
+        self.backend_url = listen(self, self.backend)
+
+    async def test_body_over_limit_is_413_before_upload(self):
+        """A Content-Length over MAX_BODY_SIZE is answered 413 from the head alone; the client
+        can read the answer and the backend sees nothing."""
+        url, _ = start_worker(self, self.backend_url, max_body_size=1024)
+        head = b"POST /upload HTTP/1.1\r\nHost: w\r\nContent-Length: 1048576\r\n\r\n"
+        raw = await raw_request(url, head + b"x" * 65536)  # still sending when refused
+        self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw[:100])
+        self.assertEqual(
+            json.loads(raw.partition(b"\r\n\r\n")[2])["error"], "request body too large"
+        )
+        self.assertEqual(self.backend.seen, [])
+
+    async def test_body_at_the_limit_is_served(self):
+        """A body of exactly MAX_BODY_SIZE bytes is relayed."""
+        url, _ = start_worker(self, self.backend_url, max_body_size=1024)
+        response = await http_client(self).post(url + "/upload", data=b"y" * 1024)
+        self.assertEqual(response.code, 200)
+        self.assertEqual((await response.json())["body_length"], 1024)
+
+    async def test_connections_over_the_limit_get_503_and_worker_stays_responsive(self):
+        """Beyond MAX_CONNECTIONS, a new connection gets a 503 with Retry-After and is closed;
+        once a slot frees up, requests are served again."""
+        url, service = start_worker(self, self.backend_url, max_connections=3)
+        idle = [await raw_connect(url, RawClient(b"")) for _ in range(3)]
+        raw = await raw_request(url, b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 503 "), raw[:100])
+        self.assertIn(b"retry-after: 1", raw)
+        self.assertEqual(service.site.refusals["too many connections"], 1)
+        idle[0].transport.loseConnection()
+        await idle[0].closed
+        await until(lambda: service.site.open_connections <= 2)
+        response = await http_client(self).get(url + "/ok")
+        self.assertEqual(response.code, 200)
+        for client in idle[1:]:
+            client.transport.loseConnection()
+            await client.closed
+        self.assertEqual([s.uri for s in self.backend.seen], [b"/ok"])

@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_admission -*-
+"""
+Admission (PROTOCOL.md section 5): a request's workload, the estimated wait before the backend
+gets to it, and the concurrency slots (FIFO when ALLOW_PARALLEL is false or MAX_CONCURRENCY is
+set). No reactor: the in-flight load and the benchmarked throughput are read through callables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+
+
+class BadCost(ValueError):
+    """A cost that cannot be a workload (negative, NaN, infinite): 422."""
+
+
+def workload(cost: float, default_cost: float | None) -> float:
+    """The workload a request counts for: its cost, or DEFAULT_COST when cost <= 1 and set."""
+    value = float(cost)
+    if not math.isfinite(value) or value < 0:
+        raise BadCost(f"cost must be a finite number >= 0, got {cost!r}")
+    if default_cost is not None and value <= 1:
+        return default_cost
+    return value
+
+
+@dataclass
+class TooBusy(Exception):
+    """The estimated wait exceeds MAX_WAIT_TIME: 429."""
+
+    wait: float
+    limit: float
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds until the queue should have drained below the limit."""
+        return max(1, math.ceil(self.wait - self.limit))
+
+
+class Slot:
+    """The right to talk to the backend; release it exactly once when the request is over."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._released()
+
+
+class Admission:
+    """Wait-time check and concurrency slots for requests that passed authentication."""
+
+    def __init__(
+        self,
+        load: Callable[[], float],
+        max_perf: Callable[[], float],
+        max_wait_time: float,
+        concurrency: int = 0,
+    ) -> None:
+        """
+        @param load: workload in flight, queued requests included.
+        @param max_perf: benchmarked throughput (workload units per second); <= 0 means not
+            measured, and the wait check is skipped.
+        @param max_wait_time: seconds; 0 turns the wait check off.
+        @param concurrency: requests at the backend at once; 0 = no limit.
+        """
+        self._load = load
+        self._max_perf = max_perf
+        self._max_wait = max_wait_time
+        self._free = concurrency
+        self._limited = concurrency > 0
+        self._queue: deque[Deferred[Slot]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def estimated_wait(self) -> float:
+        """Seconds before a new request would start: the load in flight over the throughput."""
+        perf = self._max_perf()
+        return self._load() / perf if perf > 0 else 0.0
+
+    def check(self) -> None:
+        """@raise TooBusy: when the estimated wait is over MAX_WAIT_TIME."""
+        if self._max_wait <= 0:
+            return
+        wait = self.estimated_wait()
+        if wait > self._max_wait:
+            raise TooBusy(wait, self._max_wait)
+
+    def acquire(self) -> Slot | Deferred[Slot]:
+        """A slot now, or a Deferred for one in FIFO order (cancelling it leaves the queue)."""
+        if not self._limited:
+            return Slot(self)
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+            return Slot(self)
+        waiter: Deferred[Slot] = Deferred(self._left_queue)
+        self._queue.append(waiter)
+        return waiter
+
+    def _left_queue(self, waiter: Deferred[Slot]) -> None:
+        self._queue.remove(waiter)
+
+    def _released(self) -> None:
+        if not self._limited:
+            return
+        if self._queue:
+            self._queue.popleft().callback(Slot(self))
+        else:
+            self._free += 1

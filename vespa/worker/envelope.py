@@ -1,0 +1,243 @@
+# -*- test-case-name: tests.test_envelope -*-
+"""
+The request forms of the serverless protocol (PROTOCOL.md section 2), as a pure function:
+which ``auth_data`` a request carries and what goes on to the backend.
+
+In order of precedence:
+
+1. header ``X-Serverless-Auth``: the auth_data object as JSON; the body passes byte for byte
+   (any method; the form for multipart uploads, images, audio);
+2. the JSON envelope ``{"auth_data": {...}, "payload": ...}`` on POST/PUT/PATCH: only the
+   payload goes on, serialised once, as ``application/json``;
+3. ``serverless_*`` query parameters on GET/DELETE/HEAD: removed from the query string, every
+   other parameter passes unchanged and in order.
+
+Numbers keep the int/float form they were sent with: the five-field signature covers ``cost``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import unquote_to_bytes
+
+import orjson
+
+from vespa.signing import AUTH_FIELDS
+
+
+def dump_json(value: Any) -> bytes:
+    """The payload serialised once (orjson: several times faster on large payloads)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: the json module copes
+        return json.dumps(value).encode("utf-8")
+
+
+AUTH_HEADER = b"x-serverless-auth"
+QUERY_PREFIX = "serverless_"
+QUERY_FIELDS = {(QUERY_PREFIX + name).encode("ascii"): name for name in AUTH_FIELDS}
+ENVELOPE_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+QUERY_METHODS = frozenset({b"GET", b"DELETE", b"HEAD"})
+_INTEGER = re.compile(r"[+-]?\d+\Z")
+
+# JSON types each auth field must have (bool is excluded separately: it is an int in Python).
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "cost": (int, float),
+    "endpoint": (str,),
+    "reqnum": (int,),
+    "request_idx": (int,),
+    "signature": (str,),
+    "url": (str,),
+}
+
+
+@dataclass
+class AuthError(Exception):
+    """The request's auth form is malformed: 400 (query/header) or 422 (envelope)."""
+
+    code: int
+    error: str
+    detail: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """What a request carries: its auth_data (None: none at all) and what to forward."""
+
+    auth: dict[str, Any] | None
+    target: bytes  # path and query string for the backend
+    body: bytes | None = None  # replacement body (the envelope's payload); None: the original
+    form: str = "none"  # "header", "envelope", "query" or "none"
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def loads(text: bytes | str) -> Any:
+    """
+    Strict JSON with ints kept as ints and floats as floats (``256`` and ``256.0`` sign
+    differently); NaN, Infinity and numbers that overflow to infinity are refused.
+    """
+    return json.loads(text, parse_float=_finite, parse_int=int, parse_constant=_no_constant)
+
+
+def check_auth(auth: Any, code: int, where: str) -> dict[str, Any]:
+    """``auth`` if it is an object carrying all six fields with their JSON types."""
+    if not isinstance(auth, dict):
+        raise AuthError(code, "malformed auth_data", f"{where} must be a JSON object")
+    missing = [name for name in AUTH_FIELDS if name not in auth]
+    if missing:
+        raise AuthError(
+            code,
+            "malformed auth_data",
+            f"{where} lacks: " + ", ".join(missing),
+            {"missing": missing},
+        )
+    invalid = [
+        name
+        for name, types in FIELD_TYPES.items()
+        if isinstance(auth[name], bool) or not isinstance(auth[name], types)
+    ]
+    if invalid:
+        raise AuthError(
+            code,
+            "malformed auth_data",
+            f"{where} has fields of the wrong type: " + ", ".join(invalid),
+            {"invalid": invalid},
+        )
+    return auth
+
+
+def from_header(value: bytes, uri: bytes) -> Unwrapped:
+    try:
+        auth = loads(value)
+    except ValueError:
+        raise AuthError(
+            400, "malformed X-Serverless-Auth", "the header must hold the auth_data JSON object"
+        ) from None
+    return Unwrapped(check_auth(auth, 400, "X-Serverless-Auth"), uri, None, "header")
+
+
+def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
+    try:
+        document = loads(body)
+    except ValueError:
+        raise AuthError(
+            422, "invalid JSON", 'expected {"auth_data": {...}, "payload": ...}'
+        ) from None
+    if not isinstance(document, dict):
+        raise AuthError(
+            422, "malformed envelope", 'expected a JSON object {"auth_data": ..., "payload": ...}'
+        )
+    missing = [name for name in ("auth_data", "payload") if name not in document]
+    if missing:
+        raise AuthError(
+            422, "malformed envelope", "missing: " + ", ".join(missing), {"missing": missing}
+        )
+    auth = check_auth(document["auth_data"], 422, "auth_data")
+    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope")
+
+
+def query_number(text: str) -> int | float:
+    """``serverless_cost``: an int when written as one, else a finite float (PROTOCOL 2.3)."""
+    if _INTEGER.match(text):
+        return int(text)
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def from_query(uri: bytes) -> Unwrapped | None:
+    """The ``serverless_*`` parameters of ``uri`` (None if it has none) and the rest of it."""
+    path, question, query = uri.partition(b"?")
+    if not question:
+        return None
+    kept: list[bytes] = []
+    found: dict[str, str] = {}
+    for part in query.split(b"&"):
+        raw_name = part.partition(b"=")[0]
+        name = unquote_to_bytes(raw_name.replace(b"+", b" "))
+        if name not in QUERY_FIELDS:
+            kept.append(part)
+            continue
+        field_name = QUERY_FIELDS[name]
+        if field_name in found:
+            raise AuthError(400, "bad query auth", f"{name.decode()} is given more than once")
+        value = part.partition(b"=")[2]
+        found[field_name] = unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8", "replace")
+    if not found:
+        return None
+    missing = [QUERY_PREFIX + name for name in AUTH_FIELDS if name not in found]
+    if missing:
+        raise AuthError(
+            400, "bad query auth", "missing: " + ", ".join(missing), {"missing": missing}
+        )
+    converters: dict[str, Callable[[str], Any]] = {
+        "cost": query_number,
+        "reqnum": int,
+        "request_idx": int,
+    }
+    auth: dict[str, Any] = {}
+    for key, text in found.items():
+        try:
+            auth[key] = converters.get(key, str)(text)
+        except ValueError:
+            raise AuthError(
+                400, "bad query auth", f"{QUERY_PREFIX}{key}={text!r} is not a valid number"
+            ) from None
+    target = path + (b"?" + b"&".join(kept) if kept else b"")
+    return Unwrapped(auth, target, None, "query")
+
+
+def unwrap(
+    method: bytes,
+    uri: bytes,
+    header: bytes | None,
+    body: IO[bytes],
+    unsecured: bool = False,
+) -> Unwrapped:
+    """
+    The auth_data and forwarded form of a request (see the module docstring); ``body`` is read
+    from its start only when the form needs it.
+
+    Secured, a POST/PUT/PATCH without the header must be an envelope (422 otherwise).
+    Unsecured, well-formed auth of any form is unwrapped (never checked) and anything else,
+    malformed auth included, passes through untouched.
+
+    @raise AuthError: for a malformed header, envelope or query (secured only).
+    """
+    try:
+        if header is not None:
+            return from_header(header, uri)
+        if method in ENVELOPE_METHODS:
+            body.seek(0)
+            if unsecured and body.read(1024).lstrip()[:1] != b"{":
+                return Unwrapped(None, uri)  # not JSON: never read a large upload whole
+            body.seek(0)
+            content = body.read()
+            if unsecured and b'"auth_data"' not in content:
+                return Unwrapped(None, uri)  # plain JSON: no need to parse it
+            return from_envelope(content, uri)
+        if method in QUERY_METHODS:
+            found = from_query(uri)
+            if found is not None:
+                return found
+    except AuthError:
+        if not unsecured:
+            raise
+    return Unwrapped(None, uri)
