@@ -8,6 +8,7 @@ to the baselines measured in the same run. Run through ``perf/run.sh`` or ``tox 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from procs import Children, Probe
@@ -57,7 +58,7 @@ class Target:
     port: int
     argv: list[str] | None = None  # None: the backend itself (direct)
     pid: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
+    signed: bool = False  # signed mode: only the signed-envelope scenario (S2) can use it
 
 
 class Bench:
@@ -133,7 +134,67 @@ class Bench:
                 time.sleep(0.2)
         raise SystemExit(f"perf: {what} on port {port} never became healthy (see {self.logs})")
 
-    def proxies(self) -> list[Target]:
+    def start_autoscaler(self) -> None:
+        """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = self.work / "autoscaler-key.pem"
+        pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        port = self.args.port_base + 5
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "vespa-autoscaler"]
+        argv += ["--key", str(pem), "--endpoint", "bench=bench-key", "--shape", "url"]
+        argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+        argv += ["--state-dir", str(self.work / "autoscaler")]
+        self.children.start("autoscaler", argv)
+        self.autoscaler_url = f"http://127.0.0.1:{port}"
+        url = "http://127.0.0.1:3000"
+        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+        signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        auth = {"cost": 256, "endpoint": "bench", "reqnum": "REQNUM", "request_idx": "REQNUM"}
+        auth.update(url=url, signature=base64.b64encode(signature).decode())
+        body = json.dumps({"auth_data": auth, "payload": PROMPT})
+        self.signed_envelope = body.replace('"REQNUM"', "REQNUM")
+
+    def vast_env(self, port: int) -> dict[str, str]:
+        """What Vast gives a worker: its public address and where the autoscaler is."""
+        return {
+            "REPORT_ADDR": self.autoscaler_url,
+            "PUBLIC_IPADDR": "127.0.0.1",
+            "VAST_TCP_PORT_3000": str(port),
+            f"VAST_TCP_PORT_{port}": str(port),
+            "BENCHMARK": "perf_benchmark:benchmark",
+            "PYTHONPATH": str(HERE / "signed"),
+            "CONTAINER_ID": "1",
+            "MASTER_TOKEN": "bench-master-token",
+        }
+
+    def wait_signed(self, target: Target) -> None:
+        """A signed worker answers only signed requests: wait for one to get a 200."""
+        body = self.signed_envelope.replace("REQNUM", "1").encode()
+        stop = time.monotonic() + 60
+        while time.monotonic() < stop:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{target.port}/v1/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310 (loopback)
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit(f"perf: {target.name} never accepted a signed request (see {self.logs})")
+
+    def proxies(self, signed: bool = False) -> list[Target]:
         """The proxy targets (not yet started); direct is added by ``start_targets``."""
         base = self.args.port_base + 10
         found = [Target("nginx", base, [])]
@@ -143,12 +204,18 @@ class Bench:
             found.append(Target(name, base + 1 + index, argv))
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
+        if signed and self.signed_envelope:
+            argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
+            argv += ["--backend-url", "{backend_url}", "--listen", "tcp:{port}:interface=127.0.0.1"]
+            found.append(Target("vespa-signed", base + 40, argv, signed=True))
         return found
 
-    def start_targets(self, backend_port: int, backend_pid: int, tag: str) -> list[Target]:
+    def start_targets(
+        self, backend_port: int, backend_pid: int, tag: str, signed: bool = False
+    ) -> list[Target]:
         backend_url = f"http://127.0.0.1:{backend_port}"
         targets = [Target("direct", backend_port, None, backend_pid)]
-        for target in self.proxies():
+        for target in self.proxies(signed):
             if target.name == "nginx":
                 target.pid = self.nginx(
                     f"nginx-proxy-{tag}",
@@ -165,11 +232,16 @@ class Bench:
                 ]
                 # Each build its own admin port (older builds ignore the variable).
                 env = {"ADMIN_LISTEN": f"tcp:{target.port + 100}:interface=127.0.0.1"}
+                if target.signed:
+                    env.update(self.vast_env(target.port))
                 proc = self.children.start(f"{target.name}-{tag}", argv, env)
                 target.pid = proc.pid
             targets.append(target)
         for target in targets:
-            self.wait_healthy(target.port, target.name)
+            if target.signed:
+                self.wait_signed(target)
+            else:
+                self.wait_healthy(target.port, target.name)
         time.sleep(0.5)
         return targets
 
@@ -181,7 +253,7 @@ class Bench:
     # ---- load generators ---------------------------------------------------------------
 
     def wrk(self, target: Target, conc: int, duration: float, body: str, unique: bool) -> dict:
-        body_file = self.work / ("envelope.json" if unique else "small.json")
+        body_file = self.work / f"body-{target.name}-{unique}.json"
         body_file.write_text(body)
         argv = ["wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--timeout", "10s"]
         argv += ["-s", str(HERE / "post.lua"), f"http://127.0.0.1:{target.port}/v1/completions"]
@@ -264,11 +336,12 @@ class Bench:
     def s1_s2(self, targets: list[Target]) -> None:
         a = self.args
         for target in targets:  # warm-up: connections, pools, code paths
-            self.wrk(target, 64, 2, SMALL_JSON, False)
+            self.wrk(target, 64, 2, *self.s2_body(target))
+        plain = [t for t in targets if not t.signed]
         if "S1" in a.scenarios:
             for conc in a.s1_conc:
                 repeat = a.repeat if conc == 64 else 1
-                for order in self.rounds(targets, repeat):
+                for order in self.rounds(plain, repeat):
                     for target in order:
                         self.record(
                             "S1",
@@ -279,9 +352,12 @@ class Bench:
         if "S2" in a.scenarios:
             for order in self.rounds(targets, a.repeat):
                 for target in order:
-                    self.record(
-                        "S2", "c=64", target.name, self.wrk(target, 64, a.duration, ENVELOPE, True)
-                    )
+                    result = self.wrk(target, 64, a.duration, *self.s2_body(target))
+                    self.record("S2", "c=64", target.name, result)
+
+    def s2_body(self, target: Target) -> tuple[str, bool]:
+        """The envelope (really signed for a signed worker) and "number each request"."""
+        return (self.signed_envelope if target.signed else ENVELOPE), True
 
     def s3(self, targets: list[Target]) -> None:
         a = self.args
@@ -337,6 +413,10 @@ class Bench:
             ["direct", "nginx"] + [n for n, _ in self.builds] + [n for n, _ in a.target]
         )
         self.start_backends()
+        self.signed_envelope = ""
+        if "S2" in a.scenarios and a.signed:
+            self.start_autoscaler()
+            self.results["targets"].append("vespa-signed")
         nginx_backend = (a.port_base, self.backend_pid)
         python_backend = (a.port_base + 1, self.sse_backend_pid)
         big = "/files/blob.bin"
@@ -361,7 +441,7 @@ class Bench:
             if not wanted & set(a.scenarios):
                 continue
             print(f"== {tag}", flush=True)
-            targets = self.start_targets(port, pid, tag.replace("/", ""))
+            targets = self.start_targets(port, pid, tag.replace("/", ""), tag == "S1/S2")
             try:
                 scenario(targets)
             finally:
@@ -404,6 +484,12 @@ def main() -> None:
         help="an extra proxy: shell command with {backend_url} and {port}",
     )
     parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    parser.add_argument(
+        "--no-signed",
+        dest="signed",
+        action="store_false",
+        help="skip the signed-mode worker in S2 (it needs this build's vespa-autoscaler)",
+    )
     parser.add_argument("--s1-conc", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=10, help="seconds per load point")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the key points")
