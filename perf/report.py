@@ -67,7 +67,9 @@ def render(results: dict) -> str:
         title = (
             "S1 small JSON POST"
             if name == "S1"
-            else ("S2 signed-envelope body POST (unsecured mode: signed mode not on main yet)")
+            else (
+                "S2 signed-envelope POST (vespa-signed verifies it; the others relay it unsecured)"
+            )
         )
         out += [f"## {title}", ""]
         rows = []
