@@ -301,10 +301,14 @@ class FakeAutoscaler(Resource):
 
     def deleted(self) -> dict[int, bool]:
         """request_idx -> success flag, from every /delete_requests/ body received."""
-        flags: dict[int, bool] = {}
+        return dict(self.delete_entries())
+
+    def delete_entries(self) -> list[tuple[int, bool]]:
+        """Every (request_idx, success) received, in order, repeats included."""
+        entries: list[tuple[int, bool]] = []
         for body in self.deletes:
             if "requests" in body:
-                flags.update({r["request_idx"]: r["success"] for r in body["requests"]})
+                entries.extend((r["request_idx"], r["success"]) for r in body["requests"])
             else:
-                flags.update({idx: body["success"] for idx in body["request_idxs"]})
-        return flags
+                entries.extend((idx, body["success"]) for idx in body["request_idxs"])
+        return entries
