@@ -261,7 +261,8 @@ class FakeAutoscaler(Resource):
     """
     The autoscaler's worker-facing side: ``/pubkey/`` serves ``pubkey`` (PEM bytes; None: 404),
     ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
-    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` never answers.
+    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` does not
+    answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP.
     """
 
     isLeaf = True
@@ -272,6 +273,7 @@ class FakeAutoscaler(Resource):
         self.codes: dict[bytes, int] = {}
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
+        self.garbage: set[bytes] = set()
         self.pubkey_requests = 0
         self.statuses: list[dict] = []
         self.deletes: list[dict] = []
@@ -280,6 +282,10 @@ class FakeAutoscaler(Resource):
         path = request.path
         if path in self.hang:
             self.hung.append(request)
+            return NOT_DONE_YET
+        if path in self.garbage:
+            request.channel.transport.write(b"\x00\xffnot http\r\n\r\n")
+            request.channel.transport.loseConnection()
             return NOT_DONE_YET
         request.setResponseCode(self.codes.get(path, 200))
         if path == b"/pubkey/":
@@ -298,6 +304,15 @@ class FakeAutoscaler(Resource):
             self.deletes.append(body)
         request.setHeader(b"content-type", b"application/json")
         return b'{"ok": true}'
+
+    def release(self) -> None:
+        """Stop hanging: answer the requests held so far as if they had just arrived."""
+        self.hang.clear()
+        hung, self.hung = self.hung, []
+        for request in hung:
+            if not request._disconnected:
+                request.write(self.render(request))
+                request.finish()
 
     def deleted(self) -> dict[int, bool]:
         """request_idx -> success flag, from every /delete_requests/ body received."""

@@ -35,6 +35,7 @@ from vespa.worker.state import WorkerState
 GIB = float(2**30)
 # Finished request_idx kept for /delete_requests/ while the autoscaler is unreachable.
 DELETE_BACKLOG = 100_000
+DROP_LOG_EVERY = 1000  # one log line per this many dropped request_idx
 # The status strings of the single-list /delete_requests/ body (PROTOCOL 4.6).
 STATUS = {
     Outcome.SERVED: "Success",
@@ -184,11 +185,14 @@ class WorkerMetrics:
         if len(self.finished) >= self._backlog:
             oldest = self.finished.popleft()
             self.dropped += 1
-            self._log.warn(
-                "delete_requests backlog full ({limit}): dropped request_idx {idx}",
-                limit=self._backlog,
-                idx=oldest.request_idx,
-            )
+            if self.dropped % DROP_LOG_EVERY == 1:  # a long outage must not flood the log
+                self._log.warn(
+                    "delete_requests backlog full ({limit}): dropped request_idx {idx} "
+                    "({dropped} dropped so far)",
+                    limit=self._backlog,
+                    idx=oldest.request_idx,
+                    dropped=self.dropped,
+                )
         self.finished.append(
             Finished(
                 next(self._seq),
