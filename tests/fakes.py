@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -262,7 +263,8 @@ class FakeAutoscaler(Resource):
     The autoscaler's worker-facing side: ``/pubkey/`` serves ``pubkey`` (PEM bytes; None: 404),
     ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
     ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` does not
-    answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP.
+    answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP;
+    ``refuse(body)`` true: that /delete_requests/ body gets a 500.
     """
 
     isLeaf = True
@@ -274,6 +276,7 @@ class FakeAutoscaler(Resource):
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
         self.garbage: set[bytes] = set()
+        self.refuse: Callable[[dict], bool] | None = None
         self.pubkey_requests = 0
         self.statuses: list[dict] = []
         self.deletes: list[dict] = []
@@ -301,6 +304,9 @@ class FakeAutoscaler(Resource):
         if path == b"/worker_status/":
             self.statuses.append(body)
         elif path == b"/delete_requests/":
+            if self.refuse is not None and self.refuse(body):
+                request.setResponseCode(500)
+                return b"{}"
             self.deletes.append(body)
         request.setHeader(b"content-type", b"application/json")
         return b'{"ok": true}'

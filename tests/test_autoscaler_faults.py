@@ -165,6 +165,32 @@ class AutoscalerFaultTests(TestCase):
         self.assertEqual(autoscaler.hung, [])
 
 
+class PartialFailureTests(TestCase):
+    timeout = 30
+
+    async def test_half_delivered_deletes_are_not_sent_twice(self):
+        """The autoscaler takes the body of successful request_idx but answers 500 to the
+        one of failed ones (DELETE_REQUESTS_FORMAT=batches sends the two apart): once it
+        recovers, only the failed ones are sent again, so each request_idx arrives once."""
+        backend = FakeBackend(reactor)
+        worker = await start_signed_worker(self, listen(self, backend), report_interval=0.05)
+        autoscaler = worker.autoscaler
+        autoscaler.refuse = lambda body: body.get("success") is False
+        http = http_client(self)
+        for idx, path in ((1, "/ok"), (2, "/status/500")):
+            auth = worker.auth(cost=1.0, request_idx=idx, reqnum=idx)
+            body = json.dumps({"auth_data": auth, "payload": {}}).encode()
+            response = await http.post(worker.url + path, data=body)
+            await response.content()
+        await until(lambda: worker.service.reporter._failures >= 3)
+        autoscaler.refuse = None
+        await until(lambda: not worker.service.metrics.finished)
+        await worker.service.reporter.send_now()
+        self.assertEqual(
+            Counter(autoscaler.delete_entries()), Counter({(1, True): 1, (2, False): 1})
+        )
+
+
 class Outage(FakeClient):
     """A FakeClient whose calls fail while ``down``."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,7 +251,14 @@ class WorkerMetrics:
         """The oldest finished requests not yet confirmed to the autoscaler."""
         return list(itertools.islice(self.finished, limit))
 
-    def deleted(self, upto_seq: int) -> None:
-        """Entries up to ``upto_seq`` reached the autoscaler."""
-        while self.finished and self.finished[0].seq <= upto_seq:
-            self.finished.popleft()
+    def deleted(self, entries: Sequence[Finished]) -> None:
+        """``entries`` (taken from :meth:`pending_deletes`) reached the autoscaler; the others
+        stay in order. O(len of the batch they came from)."""
+        seqs = {e.seq for e in entries}
+        last = max(seqs, default=0)
+        kept = []
+        while self.finished and self.finished[0].seq <= last:
+            entry = self.finished.popleft()
+            if entry.seq not in seqs:
+                kept.append(entry)
+        self.finished.extendleft(reversed(kept))
