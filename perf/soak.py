@@ -87,7 +87,8 @@ async def disconnect(s: Soak, auth: bytes) -> str:
     await task.deferLater(reactor, random.uniform(0.01, 0.2), lambda: None)
     client.transport.abortConnection()
     await client.closed
-    return "left"
+    answered = client.received.startswith(b"HTTP/1.1 ")  # refused (429, 503) before leaving
+    return client.received[9:12].decode() if answered else "left"
 
 
 async def backend_reset(s: Soak, auth: bytes) -> str:
@@ -204,7 +205,7 @@ KINDS: dict[str, tuple[Kind, int, frozenset[str]]] = {
     "json": (json_call, 50, frozenset({"200", OVER, BUSY})),
     "stream": (stream, 15, frozenset({"200", OVER, BUSY})),
     "upload": (upload, 5, frozenset({"200", OVER, BUSY})),
-    "disconnect": (disconnect, 10, frozenset({"left"})),
+    "disconnect": (disconnect, 10, frozenset({"left", OVER, BUSY})),
     "backend reset": (backend_reset, 5, frozenset({"502", OVER, BUSY})),
     "backend break": (backend_break, 5, frozenset({"truncated", OVER, BUSY})),
     "malformed": (malformed, 10, frozenset({"400", OVER})),
@@ -226,7 +227,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
-    backend = listen_backend()
+    backend, fake_backend = listen_backend()
     workdir = tempfile.mkdtemp(prefix="vespa-soak-")
     port = free_port()
     env = dict(os.environ)
@@ -274,7 +275,7 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
 
     async def one(name: str) -> None:
         started = time.monotonic()
-        auth = signer.issue(name) if signer is not None and name != "burst" else b""
+        auth = signer.issue(name) if signer is not None and name in kinds else b""
         try:
             outcome = await (kinds[name][0] if name in kinds else specials[name])(soak, auth)
         except Exception as e:  # a client-side failure is an outcome to report, not a crash
@@ -305,6 +306,7 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
                 await one("over capacity")
             rss, fds = measure(process.pid)
             samples.append((time.monotonic() - begin, rss, fds))
+            fake_backend.seen.clear()  # it keeps every body (uploads): not the worker's memory
 
     await gatherResults(
         [Deferred.fromCoroutine(loop()) for _ in range(concurrency)]
@@ -425,9 +427,10 @@ async def one_more(soak: Soak) -> str:
         return type(e).__name__
 
 
-def listen_backend() -> str:
-    port = reactor.listenTCP(0, Site(FakeBackend(reactor)), interface="127.0.0.1")
-    return f"http://127.0.0.1:{port.getHost().port}"
+def listen_backend() -> tuple[str, FakeBackend]:
+    backend = FakeBackend(reactor)
+    port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
+    return f"http://127.0.0.1:{port.getHost().port}", backend
 
 
 def free_port() -> int:
