@@ -13,6 +13,7 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/garbage``: answers bytes that are not HTTP, then closes;
 - ``/short``: announces a Content-Length larger than what it sends, then closes;
 - ``/health``: 200 (or ``health_code``);
+- ``/v1/chat/completions``: a tiny OpenAI-style chat completion (SSE chunks with ``stream``);
 - anything else: echoes the request as JSON.
 
 Every request is recorded in ``seen`` as a :class:`SeenRequest`.
@@ -21,6 +22,7 @@ Every request is recorded in ``seen`` as a :class:`SeenRequest`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +130,8 @@ class FakeBackend(Resource):
             return b"ok"
         if path == b"/sse":
             return self._sse(request)
+        if path == b"/v1/chat/completions":
+            return _chat_completion(request, json.loads(body))
         if path == b"/firehose":
             firehose = Firehose(self.reactor, request, int(_arg(request, b"total", b"1048576")))
             self.firehoses.append(firehose)
@@ -333,3 +337,200 @@ class FakeAutoscaler(Resource):
             else:
                 entries.extend((idx, body["success"]) for idx in body["request_idxs"])
         return entries
+
+
+def _chat_completion(request: Request, body: dict) -> bytes:
+    """An OpenAI-style answer "Hello there" (as SSE chunks when the request streams)."""
+    base = {"id": "c1", "created": 1, "model": body.get("model", "m")}
+    words = ["Hello", " there"]
+    if body.get("stream"):
+        request.setHeader(b"content-type", b"text/event-stream")
+        chunks = [
+            {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+            }
+            for w in words
+        ]
+        events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+        return b"".join(events) + b"data: [DONE]\n\n"
+    request.setHeader(b"content-type", b"application/json")
+    message = {"role": "assistant", "content": "".join(words)}
+    answer = {
+        **base,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+    return json.dumps(answer).encode()
+
+
+class FakeRouter(Resource):
+    """
+    The autoscaler's client-facing side: ``POST /route/`` answers with ``auth_data`` signed by
+    ``key`` (shape ``shape``) for the workers in ``worker_urls`` (round robin), and
+    ``GET /api/v0/endptjobs/`` lists endpoints for ``account_key``. Knobs: ``waiting`` (answer
+    that many "no worker ready" replies first), ``errors`` (statuses to answer first, one per
+    call), ``int_cost`` (echo the cost as a JSON integer). ``calls`` records each /route/ body.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        key,
+        worker_urls: list[str],
+        endpoint: str = "my-endpoint",
+        api_key: str = "endpoint-key-0123456789",
+        account_key: str = "account-key-0123456789",
+        shape: str = "url",
+    ) -> None:
+        super().__init__()
+        self.key = key
+        self.worker_urls = worker_urls
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.account_key = account_key
+        self.shape = shape
+        self.waiting = 0
+        self.errors: list[int] = []
+        self.int_cost = False
+        self.calls: list[dict] = []
+        self._reqnum = 0
+        self._request_idx = 100
+
+    def _bearer(self, request: Request) -> str:
+        value = request.getHeader(b"authorization") or b""
+        return value.decode().removeprefix("Bearer ")
+
+    def _json(self, request: Request, code: int, body: object) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.path != b"/api/v0/endptjobs/":
+            return self._json(request, 404, {"error": "not found"})
+        if self._bearer(request) != self.account_key:
+            return self._json(request, 401, {"error": "bad account key"})
+        results = [
+            {"id": 7, "endpoint_name": self.endpoint, "api_key": self.api_key},
+            {"id": 8, "endpoint_name": "another", "api_key": "another-key-0123456789"},
+        ]
+        return self._json(request, 200, {"success": True, "results": results})
+
+    def render_POST(self, request: Request) -> bytes:
+        from vespa.signing import sign
+
+        if request.path != b"/route/":
+            return self._json(request, 404, {"error": "not found"})
+        assert request.content is not None
+        body = json.loads(request.content.read())
+        self.calls.append(body)
+        if self._bearer(request) != self.api_key:
+            return self._json(request, 401, {"error": "invalid api key"})
+        if self.errors:
+            code = self.errors.pop(0)
+            return self._json(request, code, {"error": f"fake error {code}"})
+        request_idx = body.get("request_idx")
+        if request_idx is None:
+            self._request_idx += 1
+            request_idx = self._request_idx
+        if self.waiting:
+            self.waiting -= 1
+            reply = {
+                "endpoint": self.endpoint,
+                "status": {"loading": 1},
+                "request_idx": request_idx,
+                "__request_id": "wait",
+            }
+            return self._json(request, 200, reply)
+        url = self.worker_urls[self._reqnum % len(self.worker_urls)]
+        self._reqnum += 1
+        cost = body["cost"]
+        auth = {
+            "__request_id": f"req-{self._reqnum}",
+            "cost": int(cost) if self.int_cost else float(cost),
+            "endpoint": self.endpoint,
+            "reqnum": self._reqnum,
+            "request_idx": request_idx,
+            "url": url,
+        }
+        auth["signature"] = sign(self.key, auth, self.shape)
+        return self._json(request, 200, auth)
+
+
+@dataclass
+class Verified:
+    form: str  # "json", "query" or "header"
+    auth_data: dict
+
+
+class FakeSecuredWorker(Resource):
+    """
+    A worker that checks the signature of the three request forms with ``public_key``
+    (401 otherwise), unwraps the request and hands it to ``backend`` (a FakeBackend) as the
+    app sent it. ``busy`` answers that many requests with 429 first. ``verified`` records
+    every accepted request.
+    """
+
+    isLeaf = True
+
+    def __init__(self, public_key, backend: FakeBackend, shapes=("url", "five-field")) -> None:
+        super().__init__()
+        self.public_key = public_key
+        self.backend = backend
+        self.shapes = shapes
+        self.busy = 0
+        self.verified: list[Verified] = []
+        self.refused = 0
+
+    def render(self, request: Request) -> bytes | int:
+        from urllib.parse import parse_qsl
+
+        from vespa.signing import verify
+
+        assert request.content is not None
+        if self.busy:
+            self.busy -= 1
+            request.setResponseCode(429)
+            return b""
+        body = request.content.read()
+        header = request.getHeader(b"x-serverless-auth")
+        path, _, query = request.uri.partition(b"?")
+        params = query.split(b"&") if query else []
+        signed = [p for p in params if p.startswith(b"serverless_")]
+        if header is not None:
+            form, auth = "header", json.loads(header)
+            request.requestHeaders.removeHeader(b"x-serverless-auth")
+        elif signed:
+            form, auth = "query", {}
+            for name, value in parse_qsl(b"&".join(signed).decode(), keep_blank_values=True):
+                field = name.removeprefix("serverless_")
+                if field == "cost":
+                    auth[field] = float(value) if "." in value else int(value)
+                elif field in ("reqnum", "request_idx"):
+                    auth[field] = int(value)
+                else:
+                    auth[field] = value
+            rest = [p for p in params if not p.startswith(b"serverless_")]
+            request.uri = path + (b"?" + b"&".join(rest) if rest else b"")
+        elif body.startswith(b'{"auth_data": '):
+            form = "json"
+            envelope = json.loads(body)
+            auth = envelope["auth_data"]
+            marker = b', "payload": '
+            body = body[body.index(marker, len(b'{"auth_data": ')) + len(marker) : -1]
+            assert json.loads(body) == envelope["payload"]
+        else:
+            form, auth = "none", {}
+        if verify(self.public_key, auth, self.shapes) is None:
+            self.refused += 1
+            request.setResponseCode(401)
+            return json.dumps({"error": "invalid signature", "form": form}).encode()
+        self.verified.append(Verified(form, auth))
+        request.content = io.BytesIO(body)
+        if b"content-length" in [k.lower() for k, _ in request.requestHeaders.getAllRawHeaders()]:
+            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        return self.backend.render(request)

@@ -9,7 +9,7 @@ import json
 import treq
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -198,7 +198,9 @@ class SandboxEndToEndTests(TestCase):
     async def test_two_workers_share_load(self):
         """Concurrent requests are spread over both workers."""
         service = await self.ready()
-        results = await gatherResults([self.chat(service) for _ in range(6)])
+        results = await gatherResults(
+            [Deferred.fromCoroutine(self.chat(service)) for _ in range(6)]
+        )
         self.assertEqual([code for code, _ in results], [200] * 6)
         routed = [w["routed"] for w in service.autoscaler.registry.status()["workers"]]
         self.assertTrue(all(count > 0 for count in routed), routed)

@@ -200,6 +200,7 @@ class BackendSession:
         self._pool.retryAutomatically = True  # only ever retries body-less idempotent requests
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._closed = False
+        self._in_flight: set[Deferred[SessionResponse]] = set()
 
     def url(self, path: str) -> str:
         """The backend URL of ``path`` (relative to the backend's base URL)."""
@@ -225,7 +226,13 @@ class BackendSession:
         sent = Deferred.fromCoroutine(self._exchange(method, self.url(path), given))
         if timeout:
             sent.addTimeout(timeout, self._clock)
+        self._in_flight.add(sent)
+        sent.addBoth(self._forget, sent)
         return sent
+
+    def _forget(self, result: Any, sent: Deferred[SessionResponse]) -> Any:
+        self._in_flight.discard(sent)
+        return result
 
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
         try:
@@ -256,4 +263,6 @@ class BackendSession:
         """Refuse new requests; close the pool's connections (bounded: closing can hang,
         twisted#7738)."""
         self._closed = True
+        for sent in list(self._in_flight):  # a benchmark cut short: stop its connection attempts
+            sent.cancel()
         return close_pool(self._pool, self._clock)

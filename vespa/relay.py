@@ -44,10 +44,16 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per backend connection
 
 
-def backend_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent pool for backend connections: no new TCP connection per request."""
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent connection pool that logs nothing per connection."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
+    return pool
+
+
+def backend_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent pool for backend connections: no new TCP connection per request."""
+    pool = quiet_pool(reactor)
     # Keep more idle connections than Twisted's default of 2, and drop them before typical
     # server keep-alive timeouts (uvicorn closes idle connections after 5 s).
     pool.maxPersistentPerHost = 256
@@ -89,6 +95,8 @@ class RelayResult:
     first_byte: float | None = None  # when the backend's response headers arrived
     finished: float = 0.0
     reason: str = ""
+    # Set when ``retry_if`` claimed the answer: nothing was written to the client.
+    retry: bool = False
 
 
 @implementer(IBodyProducer)
@@ -251,7 +259,13 @@ class ProxiedRequest:
         timeout: float = 0.0,
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
+        retry_if: Callable[[int | None], bool] | None = None,
     ) -> None:
+        """
+        ``retry_if(status)`` (status None: no response at all) may claim an answer before any
+        byte of it reaches the client: the result then has ``retry`` set and the caller may
+        send the request elsewhere (the client proxy re-routes on 429/503).
+        """
         self._agent = agent
         self._clock = clock
         self._request = request
@@ -262,6 +276,7 @@ class ProxiedRequest:
         self._timeout = timeout
         self._first_byte_timeout = first_byte_timeout
         self._stall_timeout = stall_timeout
+        self._retry_if = retry_if
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
@@ -327,6 +342,11 @@ class ProxiedRequest:
             response.deliverBody(_Discard())
             return
         self._result.status = response.code
+        if self._retry_if is not None and self._retry_if(response.code):
+            response.deliverBody(_Discard())
+            self._result.retry = True
+            self._finish(Outcome.ERRORED, f"answered {response.code}")
+            return
         request.setResponseCode(response.code, response.phrase)
         head = self._method == b"HEAD"
         # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
@@ -380,6 +400,10 @@ class ProxiedRequest:
         else:
             code, error = 502, "backend unavailable"
             detail = describe_failure(failure)
+            if self._retry_if is not None and self._retry_if(None):
+                self._result.retry = True
+                self._finish(Outcome.ERRORED, detail)
+                return
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,

@@ -199,12 +199,14 @@ class Option:
     help: str
     # Older spellings still read (after the main name), e.g. READY_TIMEOUT_INITIAL.
     old_env: tuple[str, ...] = ()
+    # Worker options also read PYWORKER_<NAME> (Vast templates); client options do not.
+    prefixed: bool = True
 
     def env_names(self) -> tuple[str, ...]:
         """Environment variables to look at, first match wins."""
         names: list[str] = []
         for env in (self.env, *self.old_env):
-            names += [ENV_PREFIX + env, env]
+            names += [ENV_PREFIX + env, env] if self.prefixed else [env]
         return tuple(names)
 
 
@@ -683,8 +685,23 @@ def load_settings(
     """
     if environ is None:
         environ = os.environ
+    values = _read_options(OPTIONS, flags, environ)
+    if "listen" not in values:
+        values["listen"] = (_default_listen(values),)
+    elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
+        values["worker_port"] = _listen_port(values["listen"])
+    values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
+    values["systemd"] = _systemd_environment(environ, os.getpid())
+    return Settings(**values)
+
+
+def _read_options(
+    options: Sequence[Option], flags: Mapping[str, str | None], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Parse each option from its flag, else its environment variables, else its default
+    (an empty ``listen`` is left out: the caller derives it)."""
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         text, source = option.default, "default"
         for env in option.env_names():
             if env in environ:
@@ -693,18 +710,12 @@ def load_settings(
         if flags.get(option.name) is not None:
             text, source = str(flags[option.name]), f"flag --{option.flag}"
         if option.name == "listen" and not text.strip():
-            continue  # derived from worker_port below
+            continue
         try:
             values[option.name] = option.parse(text)
         except ValueError as e:
             raise SettingsError(f"invalid {option.env}={text!r} (from {source}): {e}") from None
-    if "listen" not in values:
-        values["listen"] = (_default_listen(values),)
-    elif _listen_port(values["listen"]) is not None and not _given("worker_port", flags, environ):
-        values["worker_port"] = _listen_port(values["listen"])
-    values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
-    values["systemd"] = _systemd_environment(environ, os.getpid())
-    return Settings(**values)
+    return values
 
 
 def check_protocol(settings: Settings) -> None:
@@ -758,3 +769,232 @@ def _given(name: str, flags: Mapping[str, str | None], environ: Mapping[str, str
 def option_fields() -> set[str]:
     """Names of the Settings fields that come from OPTIONS (for the consistency test)."""
     return {f.name for f in fields(Settings)} - {"vast", "systemd"}
+
+
+# The client proxy (``vespa-client``): its own table, read the same way (no PYWORKER_ aliases).
+
+INSTANCES = {
+    # instance: (autoscaler /route/ base URL, console base URL for the endpoints API)
+    "prod": ("https://run.vast.ai", "https://console.vast.ai"),
+    "alpha": ("https://run-alpha.vast.ai", "https://alpha.vast.ai"),
+    "candidate": ("https://run-candidate.vast.ai", "https://candidate.vast.ai"),
+    "local": ("http://localhost:8080", "http://localhost:8080"),
+}
+
+
+def parse_optional_http_url(text: str) -> str:
+    """An http(s) URL, or empty for "derived from --instance"."""
+    return parse_http_url(text) if text.strip() else ""
+
+
+def parse_secret(text: str) -> str:
+    """A key: surrounding whitespace (a pasted newline) dropped, never echoed in errors."""
+    return text.strip()
+
+
+CLIENT_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "endpoint",
+        "VAST_ENDPOINT",
+        "endpoint",
+        parse_text,
+        "",
+        "Name of the serverless endpoint to call.",
+        prefixed=False,
+    ),
+    Option(
+        "api_key",
+        "VAST_API_KEY",
+        "api-key",
+        parse_secret,
+        "",
+        "The endpoint's API key (wins over --account-key).",
+        prefixed=False,
+    ),
+    Option(
+        "account_key",
+        "VAST_ACCOUNT_KEY",
+        "account-key",
+        parse_secret,
+        "",
+        "Account API key, used to look up the endpoint key (else ~/.vast_api_key).",
+        prefixed=False,
+    ),
+    Option(
+        "account_key_file",
+        "VAST_ACCOUNT_KEY_FILE",
+        "account-key-file",
+        parse_text,
+        "~/.vast_api_key",
+        "File holding the account key (written by the vastai CLI).",
+        prefixed=False,
+    ),
+    Option(
+        "instance",
+        "VAST_INSTANCE",
+        "instance",
+        choice(*INSTANCES),
+        "prod",
+        "Vast instance: prod, alpha, candidate or local (picks the default URLs).",
+        prefixed=False,
+    ),
+    Option(
+        "autoscaler_url",
+        "VAST_AUTOSCALER_URL",
+        "autoscaler-url",
+        parse_optional_http_url,
+        "",
+        "Autoscaler base URL for /route/ (default from --instance).",
+        prefixed=False,
+    ),
+    Option(
+        "console_url",
+        "VAST_CONSOLE_URL",
+        "console-url",
+        parse_optional_http_url,
+        "",
+        "Console base URL for the endpoints API (default from --instance).",
+        prefixed=False,
+    ),
+    Option(
+        "listen",
+        "VESPA_CLIENT_LISTEN",
+        "listen",
+        parse_listen,
+        "tcp:8010:interface=127.0.0.1",
+        "Twisted endpoint string(s) the local proxy listens on.",
+        prefixed=False,
+    ),
+    Option(
+        "ca_file",
+        "VAST_CA_FILE",
+        "ca-file",
+        parse_text,
+        "",
+        "Vast root CA (PEM or DER) for TLS to workers (default: downloaded once, cached).",
+        prefixed=False,
+    ),
+    Option(
+        "ca_cache",
+        "VESPA_CA_CACHE",
+        "ca-cache",
+        parse_text,
+        "~/.cache/vespa/jvastai_root.cer",
+        "Where the downloaded Vast root CA is cached.",
+        prefixed=False,
+    ),
+    Option(
+        "forward_authorization",
+        "VESPA_FORWARD_AUTHORIZATION",
+        "forward-authorization",
+        parse_bool,
+        "false",
+        "Pass the app's Authorization header on to the worker.",
+        prefixed=False,
+    ),
+    Option(
+        "cold_start_timeout",
+        "VESPA_COLD_START_TIMEOUT",
+        "cold-start-timeout",
+        parse_seconds,
+        "300",
+        "Seconds to keep polling /route/ while no worker is ready (503 after).",
+        prefixed=False,
+    ),
+    Option(
+        "route_retries",
+        "VESPA_ROUTE_RETRIES",
+        "route-retries",
+        parse_count,
+        "3",
+        "Retries of a /route/ call that failed with 5xx or a network error.",
+        prefixed=False,
+    ),
+    Option(
+        "worker_retries",
+        "VESPA_WORKER_RETRIES",
+        "worker-retries",
+        parse_count,
+        "3",
+        "Re-routes when a worker answers 429/503 or cannot be reached.",
+        prefixed=False,
+    ),
+    Option(
+        "client_timeout",
+        "VESPA_CLIENT_TIMEOUT",
+        "request-timeout",
+        parse_seconds,
+        "0",
+        "Give up on a worker call after this many seconds (504); 0 = no limit.",
+        prefixed=False,
+    ),
+    Option(
+        "client_access_log",
+        "VESPA_CLIENT_ACCESS_LOG",
+        "access-log",
+        parse_bool,
+        "true",
+        "Log one line per request.",
+        prefixed=False,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The client proxy's validated settings. Build with :func:`load_client_settings`."""
+
+    endpoint: str = ""
+    api_key: str = ""
+    account_key: str = ""
+    account_key_file: str = "~/.vast_api_key"
+    instance: str = "prod"
+    autoscaler_url: str = ""
+    console_url: str = ""
+    listen: tuple[str, ...] = ("tcp:8010:interface=127.0.0.1",)
+    ca_file: str = ""
+    ca_cache: str = "~/.cache/vespa/jvastai_root.cer"
+    forward_authorization: bool = False
+    cold_start_timeout: float = 300.0
+    route_retries: int = 3
+    worker_retries: int = 3
+    client_timeout: float = 0.0
+    client_access_log: bool = True
+
+    @property
+    def route_base(self) -> str:
+        """The autoscaler base URL: --autoscaler-url, else the instance's."""
+        return self.autoscaler_url or INSTANCES[self.instance][0]
+
+    @property
+    def console_base(self) -> str:
+        """The console base URL (endpoints API): --console-url, else the instance's."""
+        return self.console_url or INSTANCES[self.instance][1]
+
+    def __repr__(self) -> str:
+        # Keys never reach logs or tracebacks.
+        return f"ClientSettings(endpoint={self.endpoint!r}, instance={self.instance!r})"
+
+
+def load_client_settings(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> ClientSettings:
+    """
+    Build :class:`ClientSettings` from flags and the environment (``os.environ`` unless given);
+    ``~`` in file paths is expanded with the environment's HOME.
+
+    @raise SettingsError: for the first bad value, naming the option, its source and the value.
+    """
+    if environ is None:
+        environ = os.environ
+    values = _read_options(CLIENT_OPTIONS, flags, environ)
+    home = environ.get("HOME", "")
+    for name in ("account_key_file", "ca_cache"):
+        if values[name].startswith("~/") and home:
+            values[name] = home + values[name][1:]
+    return ClientSettings(**values)
+
+
+def client_option_fields() -> set[str]:
+    """Names of the ClientSettings fields (for the consistency test)."""
+    return {f.name for f in fields(ClientSettings)}

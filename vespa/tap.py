@@ -12,12 +12,12 @@ from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 
 from vespa import __version__
 from vespa.logs import log_access
 from vespa.notify import SystemdNotifier, SystemdService
-from vespa.relay import backend_pool
+from vespa.relay import backend_pool, quiet_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
 from vespa.worker import admin
 from vespa.worker.admission import Admission
@@ -104,7 +104,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     client = None
     control_pool = None
     if vast.report_addrs:
-        control_pool = HTTPConnectionPool(reactor, persistent=True)
+        control_pool = quiet_pool(reactor)
         client = AutoscalerClient(
             HTTPClient(Agent(reactor, pool=control_pool)),
             clock,

@@ -24,3 +24,10 @@ vespa_sandbox = ServiceMaker(
     "workers and the client proxy on 127.0.0.1:8010.",
     "vespa-sandbox",
 )
+
+vespa_client = ServiceMaker(
+    "Vespa client",
+    "vespa.client.tap",
+    "Local proxy to a Vast serverless endpoint: routes, signs and streams every request.",
+    "vespa-client",
+)

@@ -235,6 +235,7 @@ class QuietSite(GuardedSite):
     twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
 
     displayTracebacks = False
+    noisy = False  # no "Starting factory" line
 
     def log(self, request: object) -> None:
         pass

@@ -1,0 +1,69 @@
+"""VastClient: the proxy inside a Python program, Twisted-native and blocking."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from tests.test_client_e2e import ClientTestCase
+from vespa.client import VastClient
+
+
+class VastClientTests(ClientTestCase):
+    def make_client(self, **options: Any) -> VastClient:
+        client = VastClient(
+            self.autoscaler.endpoint,
+            self.autoscaler.api_key,
+            reactor=reactor,
+            environ={},
+            autoscaler_url=self.autoscaler_url,
+            instance="local",
+            client_access_log=False,
+            **options,
+        )
+        self.addCleanup(client.stop)
+        return client
+
+    async def test_twisted_native(self):
+        """start() gives the proxy's URL; request() in the reactor thread returns a Deferred
+        of the answer; the cost goes to /route/."""
+        client = self.make_client()
+        url = await client.start()
+        self.assertTrue(url.startswith("http://127.0.0.1:"))
+        response = await client.request("POST", "/v1/chat/completions", json={"a": 1}, cost=64)
+        self.assertEqual(response.code, 200)
+        answer = json.loads(await treq.content(response))
+        self.assertEqual(answer["choices"][0]["message"]["content"], "Hello there")
+        self.assertEqual(self.autoscaler.calls[0]["cost"], 64.0)
+        await client.stop()
+        self.assertEqual(client.url, "")
+
+    async def test_blocking_calls_from_a_thread(self):
+        """From a thread other than the reactor's, post/get block and return a response with
+        status, headers, json() and text()."""
+        client = self.make_client()
+        payload = {"model": "m", "messages": []}
+        response = await deferToThread(client.post, "/v1/chat/completions", json=payload)
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.ok)
+        self.assertEqual(response.headers["content-type"], "application/json")
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "Hello there")
+        response = await deferToThread(client.get, "/v1/models?a=1&a=2")
+        self.assertIn('"uri": "/v1/models?a=1&a=2"', response.text())
+
+    async def test_blocking_stream(self):
+        """stream=True returns once the headers are in; the body is iterated as it arrives."""
+        client = self.make_client()
+
+        def read() -> list[bytes]:
+            response = client.get("/sse?n=3&interval=0.02", stream=True)
+            return [line for line in response.iter_lines() if line]
+
+        lines = await deferToThread(read)
+        self.assertEqual(
+            lines, [b"data: event 0", b"data: event 1", b"data: event 2", b"data: [DONE]"]
+        )

@@ -1,0 +1,420 @@
+"""
+The client proxy end to end, through real sockets: app -> vespa-client -> fake autoscaler
+(/route/, signing with a key made here) -> fake secured worker (checks the signature of each
+request form) -> FakeBackend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
+from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
+from vespa.client.routing import BACKOFF_CAP
+from vespa.client.service import ClientService
+from vespa.client.tap import build_client
+from vespa.settings import ClientSettings
+from vespa.signing import generate_private_key
+
+KEY = generate_private_key()  # one per test run: real RSA, made here
+
+
+def _backoffs(clock: Clock) -> list[float]:
+    """When the pending back-off timers fire (not the longer call timeouts)."""
+    now = clock.seconds()
+    times = [call.getTime() for call in clock.getDelayedCalls()]
+    return [t for t in times if t - now <= BACKOFF_CAP]
+
+
+async def pump(clock: Clock, done: Deferred[Any]) -> None:
+    """Advance ``clock`` whenever the client sleeps on it, until ``done`` has a result
+    (``done.called`` is already true while it waits on an inner Deferred)."""
+    finished: list[bool] = []
+
+    def mark(result: object) -> object:
+        finished.append(True)
+        return result
+
+    done.addBoth(mark)
+    while not finished:
+        await until(lambda: bool(finished) or bool(_backoffs(clock)))
+        if not finished:
+            clock.advance(min(_backoffs(clock)) - clock.seconds())
+
+
+class ClientTestCase(TestCase):
+    """A client proxy in front of a fake autoscaler and ``workers`` fake secured workers."""
+
+    workers = 1
+
+    def setUp(self) -> None:
+        self.backend = FakeBackend(reactor)
+        self.fake_workers = [
+            FakeSecuredWorker(KEY.public_key(), self.backend) for _ in range(self.workers)
+        ]
+        worker_urls = [listen(self, worker) for worker in self.fake_workers]
+        self.autoscaler = FakeRouter(KEY, worker_urls)
+        self.autoscaler_url = listen(self, self.autoscaler)
+        self.clock = Clock()
+        self.http = http_client(self)
+
+    def start_client(self, **changes: Any) -> str:
+        values: dict[str, Any] = {
+            "endpoint": self.autoscaler.endpoint,
+            "api_key": self.autoscaler.api_key,
+            "autoscaler_url": self.autoscaler_url,
+            "instance": "local",
+            "listen": (),
+            "client_access_log": False,
+        }
+        values.update(changes)
+        self.service: ClientService = build_client(
+            ClientSettings(**values), reactor, clock=self.clock, rand=lambda: 0.5
+        )
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        return listen(self, self.service.site)
+
+    async def hang_up_during_slow_request(self, url: str) -> None:
+        """Start a slow request through the client, hang up, wait for the backend to see it."""
+        client = await raw_connect(
+            url, RawClient(b"GET /slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await until(lambda: self.backend.cancelled)
+        client.transport.loseConnection()
+        await self.backend.cancelled[0]
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
+        """A request whose back-off timers are driven by the test clock."""
+        pending = self.http.request(method, url, **kwargs)
+        await pump(self.clock, pending)
+        response = await pending
+        body = await response.content()
+        return response, body
+
+
+class FormsTests(ClientTestCase):
+    async def test_json_body_in_envelope_byte_for_byte(self):
+        """A JSON POST reaches the backend byte for byte, wrapped in a signed envelope; the
+        status, headers and body come back; the app's Authorization header stays behind."""
+        url = self.start_client()
+        payload = b'{"model": "m",  "x": 1.50, "s": "caf\xc3\xa9"}'
+        response, body = await self.call(
+            "POST",
+            url + "/v1/echo?keep=1",
+            data=payload,
+            headers={
+                b"content-type": [b"application/json"],
+                b"authorization": [b"Bearer sk-app-secret"],
+                b"x-app": [b"yes"],
+            },
+        )
+        self.assertEqual(response.code, 200)
+        echoed = json.loads(body)
+        self.assertEqual(echoed["body_sha256"], hashlib.sha256(payload).hexdigest())
+        self.assertEqual(self.fake_workers[0].verified[0].form, "json")
+        seen = self.backend.seen[0]
+        self.assertEqual(seen.body, payload)
+        self.assertEqual(seen.method, b"POST")
+        self.assertEqual(seen.uri, b"/v1/echo?keep=1")
+        self.assertEqual(seen.headers[b"x-app"], [b"yes"])
+        self.assertNotIn(b"authorization", seen.headers)
+        auth = self.fake_workers[0].verified[0].auth_data
+        self.assertEqual(auth["__request_id"], "req-1")  # route reply passed verbatim
+        self.assertEqual(self.autoscaler.calls[0], {"endpoint": "my-endpoint", "cost": 1.0})
+
+    async def test_forward_authorization_when_asked(self):
+        """With --forward-authorization the app's Authorization header reaches the worker."""
+        url = self.start_client(forward_authorization=True)
+        await self.call("GET", url + "/x", headers={b"authorization": [b"Bearer app"]})
+        self.assertEqual(self.backend.seen[0].headers[b"authorization"], [b"Bearer app"])
+
+    async def test_get_with_query_auth_keeps_repeated_params(self):
+        """A GET carries the signature in serverless_* parameters after the app's own query
+        string, whose repeated parameters arrive intact; + in signatures survives (%2B)."""
+        url = self.start_client()
+        for _ in range(4):  # several signatures: some contain + and /
+            await self.call("GET", url + "/v1/models?a=1&a=2&b=x%20y")
+        for seen in self.backend.seen:
+            self.assertEqual(seen.uri, b"/v1/models?a=1&a=2&b=x%20y")
+            self.assertEqual(seen.method, b"GET")
+        self.assertEqual([v.form for v in self.fake_workers[0].verified], ["query"] * 4)
+        self.assertEqual(self.fake_workers[0].refused, 0)
+
+    async def test_head_stays_head(self):
+        """HEAD goes to the worker as HEAD (query form), and its answer carries no body."""
+        url = self.start_client()
+        response, body = await self.call("HEAD", url + "/v1/models?a=1")
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(self.backend.seen[0].method, b"HEAD")
+        self.assertEqual(self.fake_workers[0].verified[0].form, "query")
+
+    async def test_int_cost_stays_int_in_five_field_signature(self):
+        """A route reply with an integer cost is sent as serverless_cost=1 (str of the int), so a
+        five-field signature over the int still verifies at the worker."""
+        self.autoscaler.shape = "five-field"
+        self.autoscaler.int_cost = True
+        self.fake_workers[0].shapes = ("five-field",)
+        url = self.start_client()
+        response, _ = await self.call("DELETE", url + "/items/3")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.fake_workers[0].verified[0].auth_data["cost"], 1)
+
+    async def test_binary_upload_byte_for_byte(self):
+        """A binary upload (not JSON) goes with the X-Serverless-Auth header form, byte for
+        byte, including bodies large enough to be spooled to disk."""
+        url = self.start_client()
+        data = os.urandom(300_000)
+        response, body = await self.call(
+            "POST",
+            url + "/upload",
+            data=data,
+            headers={b"content-type": [b"application/octet-stream"]},
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(data).hexdigest())
+        self.assertEqual(self.fake_workers[0].verified[0].form, "header")
+        self.assertNotIn(b"x-serverless-auth", self.backend.seen[0].headers)
+
+    async def test_invalid_json_with_json_type_goes_byte_for_byte(self):
+        """A body labelled JSON that does not parse is not re-encoded: it goes in the header
+        form, untouched, and the backend decides."""
+        url = self.start_client()
+        data = b'{"broken": '
+        await self.call(
+            "POST", url + "/v1/x", data=data, headers={b"content-type": [b"application/json"]}
+        )
+        self.assertEqual(self.backend.seen[0].body, data)
+        self.assertEqual(self.fake_workers[0].verified[0].form, "header")
+
+    async def test_sse_streams(self):
+        """Server-sent events stream through: headers first, each event as the worker sends
+        it, then the end of the stream."""
+        url = self.start_client()
+        pending = self.http.get(url + "/sse?n=3&interval=0.05", unbuffered=True)
+        await pump(self.clock, pending)
+        response = await pending
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        body = await response.content()
+        self.assertEqual(
+            body, b"data: event 0\n\ndata: event 1\n\ndata: event 2\n\ndata: [DONE]\n\n"
+        )
+
+    async def test_reserved_health_path(self):
+        """/.vespa/health is the proxy's own: answered without routing."""
+        url = self.start_client()
+        response, body = await self.call("GET", url + "/.vespa/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["endpoint"], "my-endpoint")
+        response, _ = await self.call("GET", url + "/.vespa/other")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(self.autoscaler.calls, [])
+
+    async def test_malformed_cost_is_400(self):
+        """A malformed X-Serverless-Cost is a 400 to the app, not silently 1.0."""
+        url = self.start_client()
+        response, body = await self.call(
+            "POST", url + "/v1/x", json={"a": 1}, headers={b"x-serverless-cost": [b"lots"]}
+        )
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body)["error"], "invalid X-Serverless-Cost")
+        self.assertEqual(self.autoscaler.calls, [])
+
+    async def test_cost_header_is_routed(self):
+        """X-Serverless-Cost is the workload sent to /route/."""
+        url = self.start_client()
+        await self.call("POST", url + "/v1/x", json={}, headers={b"x-serverless-cost": [b"256"]})
+        self.assertEqual(self.autoscaler.calls[0]["cost"], 256.0)
+
+
+class RoutingTests(ClientTestCase):
+    async def test_cold_start_polls_with_request_idx(self):
+        """While no worker is ready the client keeps asking, re-sending the request_idx it was
+        given, and the request is served once a worker is there."""
+        self.autoscaler.waiting = 3
+        url = self.start_client()
+        response, _ = await self.call("POST", url + "/v1/x", json={"a": 1})
+        self.assertEqual(response.code, 200)
+        calls = self.autoscaler.calls
+        self.assertEqual(len(calls), 4)
+        self.assertNotIn("request_idx", calls[0])
+        self.assertEqual({c["request_idx"] for c in calls[1:]}, {101})
+        self.assertEqual(self.fake_workers[0].verified[0].auth_data["request_idx"], 101)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_cold_start_deadline(self):
+        """A worker that never comes: 503 with a clear error once the deadline passed."""
+        self.autoscaler.waiting = 10_000
+        url = self.start_client(cold_start_timeout=20)
+        response, body = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 503)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "no worker ready")
+        self.assertIn("20 s", error["detail"])
+        self.assertEqual(error["autoscaler_status"], {"loading": 1})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_route_5xx_is_retried(self):
+        """Autoscaler 5xx answers are retried with back-off, then the request is served."""
+        self.autoscaler.errors = [500, 502]
+        url = self.start_client()
+        response, _ = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.autoscaler.calls), 3)
+
+    async def test_route_5xx_retries_are_bounded(self):
+        """An autoscaler that keeps failing: a 502 JSON error after the bounded retries."""
+        self.autoscaler.errors = [500] * 10
+        url = self.start_client(route_retries=2)
+        response, body = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"], "autoscaler unavailable")
+        self.assertEqual(len(self.autoscaler.calls), 3)
+
+    async def test_route_unreachable(self):
+        """An autoscaler that cannot be reached: retried, then 502 naming it."""
+        url = self.start_client(autoscaler_url="http://127.0.0.1:1", route_retries=1)
+        response, body = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 502)
+        self.assertIn("127.0.0.1:1/route/", json.loads(body)["detail"])
+
+    async def test_wrong_key_401_explains(self):
+        """A rejected key is a 401 at once (no retry) saying an endpoint key is needed; the key
+        itself appears only masked."""
+        url = self.start_client(api_key="wrong-key-0123456789abcdef")
+        response, body = await self.call("POST", url + "/v1/x", json={})
+        self.assertEqual(response.code, 401)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "endpoint key rejected")
+        self.assertIn("endpoint's API key", error["detail"])
+        self.assertNotIn("wrong-key-0123456789abcdef", body.decode())
+        self.assertEqual(len(self.autoscaler.calls), 1)
+
+    async def test_route_4xx_not_retried(self):
+        """Other 4xx answers reach the app as they are, with the autoscaler's reason."""
+        self.autoscaler.errors = [400]
+        url = self.start_client()
+        response, body = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 400)
+        self.assertIn("fake error 400", json.loads(body)["detail"])
+        self.assertEqual(len(self.autoscaler.calls), 1)
+
+
+class RerouteTests(ClientTestCase):
+    workers = 2
+
+    async def test_busy_worker_rerouted(self):
+        """A worker answering 429 before any byte: the request is routed again (same
+        request_idx) and served by another worker; the app never sees the 429."""
+        self.fake_workers[0].busy = 1
+        url = self.start_client()
+        response, _ = await self.call("POST", url + "/v1/x", json={"a": 1})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.fake_workers[1].verified), 1)
+        calls = self.autoscaler.calls
+        self.assertEqual(calls[1]["request_idx"], 101)
+        self.assertEqual(len(self.backend.seen), 1)
+
+    async def test_reroute_is_bounded(self):
+        """When every attempt is busy, the last worker's 429 reaches the app."""
+        for worker in self.fake_workers:
+            worker.busy = 10
+        url = self.start_client(worker_retries=2)
+        response, _ = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 429)
+        self.assertEqual(len(self.autoscaler.calls), 3)
+
+    async def test_unreachable_worker_rerouted(self):
+        """A worker that refuses connections: routed again to one that works."""
+        self.autoscaler.worker_urls[0] = "http://127.0.0.1:1"
+        url = self.start_client()
+        response, _ = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.autoscaler.calls), 2)
+
+    async def test_no_retry_after_bytes(self):
+        """A worker that breaks mid-answer is not retried: the app sees a broken response,
+        never a second copy."""
+        url = self.start_client()
+        client = await raw_connect(
+            url, RawClient(b"GET /break HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+        received = await client.closed
+        self.assertIn(b"data: one", received)
+        self.assertEqual(len(self.autoscaler.calls), 1)
+
+
+class DisconnectTests(ClientTestCase):
+    async def test_app_disconnect_cancels_worker_request(self):
+        """When the app hangs up, the worker's (and so the backend's) request is cancelled."""
+        await self.hang_up_during_slow_request(self.start_client())
+        await until(lambda: self.service.resource.in_flight == 0)
+
+    async def test_app_disconnect_while_waiting_for_a_worker(self):
+        """An app that hangs up during a cold start stops the polling."""
+        self.autoscaler.waiting = 10_000
+        url = self.start_client()
+        client = await raw_connect(url, RawClient(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        await until(lambda: bool(self.clock.getDelayedCalls()))
+        client.transport.loseConnection()
+        await until(lambda: self.service.resource.in_flight == 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RealWorkerTests(ClientTestCase):
+    """The same client in front of a real secured Vespa worker (signature checked by
+    vespa.worker), itself in front of FakeBackend."""
+
+    def setUp(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._set_up())
+
+    async def _set_up(self) -> None:
+        self.backend = FakeBackend(reactor)
+        backend_url = listen(self, self.backend)
+        signed = await start_signed_worker(self, backend_url)
+        self.autoscaler = FakeRouter(signed.key, [signed.url])
+        self.autoscaler_url = listen(self, self.autoscaler)
+        self.clock = Clock()
+        self.http = http_client(self)
+
+    async def test_three_forms_through_a_real_worker(self):
+        """JSON, query-auth GET (repeated parameters) and a binary upload all pass the real
+        worker's signature check and reach the backend (query and upload byte for byte)."""
+        url = self.start_client()
+        payload = b'{"model": "m", "x": 1.50}'
+        response, _ = await self.call(
+            "POST", url + "/v1/echo", data=payload, headers={b"content-type": [b"application/json"]}
+        )
+        self.assertEqual(response.code, 200)
+        response, _ = await self.call("GET", url + "/v1/models?a=1&a=2")
+        self.assertEqual(response.code, 200)
+        data = os.urandom(200_000)
+        response, body = await self.call(
+            "PUT", url + "/upload", data=data, headers={b"content-type": [b"image/png"]}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["body_sha256"], hashlib.sha256(data).hexdigest())
+        seen = self.backend.seen
+        # The worker re-encodes envelope payloads (the client sends them byte for byte: see
+        # FormsTests); the JSON value is what must arrive here.
+        self.assertEqual(json.loads(seen[0].body), json.loads(payload))
+        self.assertEqual([s.body for s in seen[1:]], [b"", data])
+        self.assertEqual(seen[1].uri, b"/v1/models?a=1&a=2")
+
+    async def test_sse_through_a_real_worker(self):
+        """Server-sent events stream through client and worker."""
+        url = self.start_client()
+        _, body = await self.call("GET", url + "/sse?n=2")
+        self.assertEqual(body, b"data: event 0\n\ndata: event 1\n\ndata: [DONE]\n\n")
+
+    async def test_disconnect_through_a_real_worker(self):
+        """An app that hangs up cancels the backend request behind the real worker too."""
+        await self.hang_up_during_slow_request(self.start_client())

@@ -1,0 +1,142 @@
+"""TLS to workers: a Vast-like root CA (path length, no keyCertSign) is trusted, over real TLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL.crypto import X509Store, X509StoreContext, X509StoreContextError, X509StoreFlags
+from twisted.internet import reactor
+from twisted.internet.ssl import PrivateCertificate
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
+
+from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
+from tests.helpers import http_client, listen
+from vespa.client.tap import build_client
+from vespa.client.tls import CertificateError, load_certificates
+from vespa.settings import ClientSettings
+from vespa.signing import generate_private_key
+
+
+def _name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
+def vast_like_chain() -> tuple[bytes, bytes, bytes]:
+    """(root CA PEM, worker certificate PEM, worker key PEM). The root has a path length
+    constraint and no keyUsage (so no keyCertSign), like the Vast root (PROTOCOL.md 8.3)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(_name("Test Vast Root"))
+        .issuer_name(_name("Test Vast Root"))
+        .public_key(root_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(root.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return root.public_bytes(pem), leaf.public_bytes(pem), key_pem
+
+
+CHAIN = vast_like_chain()
+
+
+class StrictFlagTests(SynchronousTestCase):
+    def test_strict_mode_rejects_the_root_and_default_mode_accepts_it(self):
+        """The Vast-like chain fails under X509_STRICT and verifies without it: the reason the
+        client's contexts leave the strict flag off."""
+        root, leaf = load_certificates(CHAIN[0])[0], load_certificates(CHAIN[1])[0]
+        store = X509Store()
+        store.add_cert(root)
+        X509StoreContext(store, leaf).verify_certificate()
+        strict = X509Store()
+        strict.add_cert(root)
+        strict.set_flags(X509StoreFlags.X509_STRICT)
+        with self.assertRaises(X509StoreContextError):
+            X509StoreContext(strict, leaf).verify_certificate()
+
+    def test_der_and_garbage(self):
+        """A DER root loads too; anything else is a clear CertificateError."""
+        der = x509.load_pem_x509_certificate(CHAIN[0]).public_bytes(serialization.Encoding.DER)
+        self.assertEqual(len(load_certificates(der)), 1)
+        with self.assertRaises(CertificateError):
+            load_certificates(b"not a certificate")
+
+
+class TLSWorkerTests(TestCase):
+    async def through_https_worker(self, root_pem: bytes) -> tuple[int, bytes]:
+        """Status and body of a GET through the client to an https worker serving CHAIN's
+        certificate, trusting ``root_pem``."""
+        _, cert_pem, key_pem = CHAIN
+        ca_file = self.mktemp()
+        with open(ca_file, "wb") as f:
+            f.write(root_pem)
+        key = generate_private_key()
+        backend = FakeBackend(reactor)
+        worker = FakeSecuredWorker(key.public_key(), backend)
+        options = PrivateCertificate.loadPEM(cert_pem + key_pem).options()
+        port = reactor.listenSSL(0, Site(worker), options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        router = FakeRouter(key, [f"https://127.0.0.1:{port.getHost().port}"])
+        settings = ClientSettings(
+            endpoint=router.endpoint,
+            api_key=router.api_key,
+            autoscaler_url=listen(self, router),
+            listen=(),
+            ca_file=ca_file,
+            ca_cache=os.path.join(self.mktemp(), "never-written.cer"),
+            client_access_log=False,
+            worker_retries=0,
+        )
+        self.worker = worker
+        self.settings = settings
+        service = build_client(settings, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        url = listen(self, service.site)
+        response = await http_client(self).get(url + "/v1/models")
+        return response.code, await response.content()
+
+    async def test_https_worker_with_vast_like_root(self):
+        """A request reaches an https:// worker whose certificate chains to a Vast-like root
+        given with --ca-file (nothing downloaded, nothing cached)."""
+        code, body = await self.through_https_worker(CHAIN[0])
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["uri"], "/v1/models")
+        self.assertEqual(self.worker.verified[0].form, "query")
+        self.assertFalse(os.path.exists(self.settings.ca_cache))
+
+    async def test_untrusted_worker_refused(self):
+        """A worker certificate from another root is refused: the request never reaches it."""
+        code, body = await self.through_https_worker(vast_like_chain()[0])
+        self.assertEqual(code, 502, body)
+        self.assertEqual(self.worker.verified, [])
