@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
+import json
 import os
 import random
 import sys
@@ -34,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from twisted.web.server import Site  # noqa: E402
 
-from tests.fakes import FakeBackend  # noqa: E402
+from tests.fakes import FakeAutoscaler, FakeBackend  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ProcessWatcher,
     RawClient,
@@ -42,6 +44,7 @@ from tests.helpers import (  # noqa: E402
     raw_request,
     twistd_command,
 )
+from vespa.signing import generate_private_key, public_pem, sign  # noqa: E402
 
 MAX_CONNECTIONS = 300
 UPLOAD = os.urandom(2 * 1024 * 1024)
@@ -52,50 +55,56 @@ class Soak:
     url: str
     http: HTTPClient
     latencies: dict[str, list[float]]
+    signer: Signer | None = None
 
 
-async def json_call(s: Soak) -> str:
-    response = await s.http.post(s.url + "/v1/echo", json={"prompt": "hi", "n": 1})
+async def json_call(s: Soak, auth: bytes) -> str:
+    response = await s.http.post(
+        s.url + "/v1/echo", json={"prompt": "hi", "n": 1}, headers=signed(auth)
+    )
     body = await response.json()
     return "wrong body" if response.code == 200 and body["method"] != "POST" else str(response.code)
 
 
-async def stream(s: Soak) -> str:
-    response = await s.http.get(s.url + "/sse?n=20&interval=0.01")
+async def stream(s: Soak, auth: bytes) -> str:
+    response = await s.http.get(s.url + "/sse?n=20&interval=0.01", headers=signed(auth))
     body = await response.content()
     done = body.endswith(b"data: [DONE]\n\n")
     return "truncated" if response.code == 200 and not done else str(response.code)
 
 
-async def upload(s: Soak) -> str:
-    response = await s.http.post(s.url + "/upload", data=UPLOAD)
+async def upload(s: Soak, auth: bytes) -> str:
+    response = await s.http.post(s.url + "/upload", data=UPLOAD, headers=signed(auth))
     body = await response.json()
     short = body.get("body_length") != len(UPLOAD)
     return "wrong body" if response.code == 200 and short else str(response.code)
 
 
-async def disconnect(s: Soak) -> str:
-    client = await raw_connect(s.url, RawClient(b"GET /slow?delay=5 HTTP/1.1\r\nHost: s\r\n\r\n"))
+async def disconnect(s: Soak, auth: bytes) -> str:
+    client = await raw_connect(
+        s.url, RawClient(b"GET /slow?delay=5 HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth))
+    )
     await task.deferLater(reactor, random.uniform(0.01, 0.2), lambda: None)
     client.transport.abortConnection()
     await client.closed
-    return "left"
+    answered = client.received.startswith(b"HTTP/1.1 ")  # refused (429, 503) before leaving
+    return client.received[9:12].decode() if answered else "left"
 
 
-async def backend_reset(s: Soak) -> str:
-    response = await s.http.get(s.url + "/reset")
+async def backend_reset(s: Soak, auth: bytes) -> str:
+    response = await s.http.get(s.url + "/reset", headers=signed(auth))
     await response.content()
     return str(response.code)
 
 
-async def backend_break(s: Soak) -> str:
-    raw = await raw_request(s.url, b"GET /break HTTP/1.1\r\nHost: s\r\n\r\n")
-    if raw.startswith(b"HTTP/1.1 503 "):
-        return "503"
+async def backend_break(s: Soak, auth: bytes) -> str:
+    raw = await raw_request(s.url, b"GET /break HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth))
+    if raw.startswith((b"HTTP/1.1 503 ", b"HTTP/1.1 429 ")):
+        return raw[9:12].decode()
     return "truncated" if raw and not raw.endswith(b"0\r\n\r\n") else "clean"
 
 
-async def malformed(s: Soak) -> str:
+async def malformed(s: Soak, auth: bytes) -> str:
     payload = random.choice(
         [
             b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\n"
@@ -125,19 +134,86 @@ async def burst(s: Soak) -> str:
     return "503s seen" if refused >= 50 else f"only {refused} 503s"
 
 
-Kind = Callable[[Soak], Awaitable[str]]
+async def forged(s: Soak, auth: bytes) -> str:
+    """A request whose signature does not match (its cost was raised after signing)."""
+    tampered = json.loads(auth)
+    tampered["cost"] = 1e6
+    response = await s.http.post(
+        s.url + "/v1/echo", json={"x": 1}, headers=signed(json.dumps(tampered).encode())
+    )
+    await response.content()
+    return str(response.code)
+
+
+async def over_capacity(s: Soak, auth: bytes) -> str:
+    """Many heavy requests at once: the estimated wait passes MAX_WAIT_TIME, so most get 429."""
+    assert s.signer is not None
+    calls = [
+        Deferred.fromCoroutine(slow_heavy(s, s.signer.issue("over capacity", HEAVY)))
+        for _ in range(BURST)
+    ]
+    codes = await gatherResults(calls)
+    rejected = codes.count("429")
+    return "429s seen" if rejected >= BURST // 2 else f"only {rejected} 429s"
+
+
+async def slow_heavy(s: Soak, auth: bytes) -> str:
+    response = await s.http.get(s.url + "/slow?delay=1", headers=signed(auth))
+    await response.content()
+    s.signer.outcomes[json.loads(auth)["request_idx"]] = str(response.code)  # type: ignore[union-attr]
+    return str(response.code)
+
+
+def signed(auth: bytes) -> dict[bytes, list[bytes]]:
+    return {b"X-Serverless-Auth": [auth]} if auth else {}
+
+
+def raw_auth(auth: bytes) -> bytes:
+    return b"X-Serverless-Auth: %s\r\n" % auth if auth else b""
+
+
+class Signer:
+    """Signs auth_data as the autoscaler would, one request_idx per request, and remembers
+    what each request_idx cost and how it ended for the client (the accounting check)."""
+
+    def __init__(self) -> None:
+        self.key = generate_private_key()
+        self.next_idx = itertools.count(1)
+        self.costs: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}
+        self.outcomes: dict[int, str] = {}
+
+    def issue(self, kind: str, cost: float = 1.0) -> bytes:
+        idx = next(self.next_idx)
+        auth = {"cost": cost, "endpoint": "soak", "reqnum": idx, "request_idx": idx}
+        auth["url"] = "http://127.0.0.1:1"
+        auth["signature"] = sign(self.key, auth, "five-field")
+        self.costs[idx] = cost
+        self.kinds[idx] = kind
+        return json.dumps(auth).encode()
+
+
+Kind = Callable[[Soak, bytes], Awaitable[str]]
 # During a burst any new connection may be refused: 503 is a correct outcome for every kind.
 OVER = "503"
+BUSY = "429"  # signed mode: during an over-capacity burst any signed request may get 429
+HEAVY = 4000.0  # workload of an over-capacity request; max_perf is MAX_PERF
+MAX_PERF = 1000.0  # workload units per second (a benchmark cache file, signed mode)
+BURST = 20
 # name: (coroutine, weight, acceptable outcomes)
 KINDS: dict[str, tuple[Kind, int, frozenset[str]]] = {
-    "json": (json_call, 50, frozenset({"200", OVER})),
-    "stream": (stream, 15, frozenset({"200", OVER})),
-    "upload": (upload, 5, frozenset({"200", OVER})),
-    "disconnect": (disconnect, 10, frozenset({"left"})),
-    "backend reset": (backend_reset, 5, frozenset({"502", OVER})),
-    "backend break": (backend_break, 5, frozenset({"truncated", OVER})),
+    "json": (json_call, 50, frozenset({"200", OVER, BUSY})),
+    "stream": (stream, 15, frozenset({"200", OVER, BUSY})),
+    "upload": (upload, 5, frozenset({"200", OVER, BUSY})),
+    "disconnect": (disconnect, 10, frozenset({"left", OVER, BUSY})),
+    "backend reset": (backend_reset, 5, frozenset({"502", OVER, BUSY})),
+    "backend break": (backend_break, 5, frozenset({"truncated", OVER, BUSY})),
     "malformed": (malformed, 10, frozenset({"400", OVER})),
 }
+SIGNED_KINDS: dict[str, tuple[Kind, int, frozenset[str]]] = {
+    "forged": (forged, 5, frozenset({"401", OVER})),
+}
+UNSIGNED = {"malformed", "forged", "over capacity"}  # no request_idx of their own
 
 
 def measure(pid: int) -> tuple[float, int]:
@@ -150,16 +226,32 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
-async def run(minutes: float, concurrency: int) -> int:
-    backend = listen_backend()
+async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
+    backend, fake_backend = listen_backend()
     workdir = tempfile.mkdtemp(prefix="vespa-soak-")
     port = free_port()
+    env = dict(os.environ)
+    signer = autoscaler = None
+    mode = ["--unsecured=true"]
+    if signed_mode:
+        signer = Signer()
+        autoscaler = FakeAutoscaler(public_pem(signer.key))
+        listening = reactor.listenTCP(0, Site(autoscaler), interface="127.0.0.1")
+        cache = os.path.join(workdir, "max_perf")
+        with open(cache, "w") as f:
+            f.write(f"{MAX_PERF}\n")
+        mode = ["--unsecured=false", f"--benchmark-cache={cache}", "--max-wait-time=10"]
+        env.update(
+            MASTER_TOKEN="mtok-soak-secret",  # noqa: S106 (a throw-away token on loopback)
+            REPORT_ADDR=f"http://127.0.0.1:{listening.getHost().port}",
+            CONTAINER_ID="7",
+        )
     args = twistd_command(
         "-n",
         "--pidfile=",
         "vespa",
         f"--backend-url={backend}",
-        "--unsecured=true",
+        *mode,
         "--access-log=false",
         # Twisted's default listen backlog (50) leaves a burst's excess connections half-open
         # in the kernel, never accepted (and so never refused cleanly): see README.
@@ -169,25 +261,29 @@ async def run(minutes: float, concurrency: int) -> int:
         "--max-body-size=8M",
     )
     watcher = ProcessWatcher()
-    process = reactor.spawnProcess(watcher, args[0], args, env=dict(os.environ), path=workdir)
+    process = reactor.spawnProcess(watcher, args[0], args, env=env, path=workdir)
     await watcher.wait_for(rb"worker loaded in")
     url = f"http://127.0.0.1:{port}"
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = concurrency
-    soak = Soak(url, HTTPClient(Agent(reactor, pool=pool)), collections.defaultdict(list))
+    soak = Soak(url, HTTPClient(Agent(reactor, pool=pool)), collections.defaultdict(list), signer)
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
-
-    names = list(KINDS)
-    weights = [KINDS[n][1] for n in names]
+    kinds = {**KINDS, **(SIGNED_KINDS if signed_mode else {})}
+    names = list(kinds)
+    weights = [kinds[n][1] for n in names]
+    specials: dict[str, Kind] = {"burst": lambda s, _: burst(s), "over capacity": over_capacity}
 
     async def one(name: str) -> None:
         started = time.monotonic()
+        auth = signer.issue(name) if signer is not None and name in kinds else b""
         try:
-            outcome = await KINDS[name][0](soak) if name in KINDS else await burst(soak)
+            outcome = await (kinds[name][0] if name in kinds else specials[name])(soak, auth)
         except Exception as e:  # a client-side failure is an outcome to report, not a crash
             outcome = f"client error: {type(e).__name__}"
         soak.latencies[name].append(time.monotonic() - started)
         counts[(name, outcome)] += 1
+        if signer is not None and auth:
+            signer.outcomes[json.loads(auth)["request_idx"]] = outcome
 
     # Warm up, then take the baseline.
     for _ in range(200):
@@ -206,8 +302,11 @@ async def run(minutes: float, concurrency: int) -> int:
             await task.deferLater(reactor, 30, lambda: None)
             if time.monotonic() < deadline:
                 await one("burst")
+            if signer is not None and time.monotonic() < deadline:
+                await one("over capacity")
             rss, fds = measure(process.pid)
             samples.append((time.monotonic() - begin, rss, fds))
+            fake_backend.seen.clear()  # it keeps every body (uploads): not the worker's memory
 
     await gatherResults(
         [Deferred.fromCoroutine(loop()) for _ in range(concurrency)]
@@ -220,14 +319,15 @@ async def run(minutes: float, concurrency: int) -> int:
     samples.append((time.monotonic() - begin, rss1, fds1))
     after = await one_more(soak)
     process.signalProcess("TERM")
-    await watcher.ended
+    await watcher.ended  # the drain sends the last report and deletes
     tracebacks = watcher.output.count(b"Traceback")
 
     print(f"\nsoak: {minutes:g} min, {concurrency} concurrent clients, worker on {url}")
     print(f"{'kind':16} {'outcome':22} {'count':>8}")
     failures = []
     for (name, outcome), count in sorted(counts.items()):
-        good = outcome in KINDS[name][2] if name in KINDS else outcome == "503s seen"
+        expected = {"burst": "503s seen", "over capacity": "429s seen"}
+        good = outcome in kinds[name][2] if name in kinds else outcome == expected[name]
         print(f"{name:16} {outcome:22} {count:8d}{'' if good else '  <-- unexpected'}")
         if not good:
             failures.append(f"{count} x {name}: {outcome}")
@@ -245,6 +345,8 @@ async def run(minutes: float, concurrency: int) -> int:
     print(
         f"RSS: {rss0:.1f} -> {rss1:.1f} MiB; fds: {fds0} -> {fds1}; tracebacks in log: {tracebacks}"
     )
+    if signer is not None and autoscaler is not None:
+        failures += accounting(signer, autoscaler)
     if fds1 - fds0 > 10:
         failures.append(f"descriptors grew from {fds0} to {fds1}")
     if rss1 - rss0 > 64:
@@ -259,16 +361,76 @@ async def run(minutes: float, concurrency: int) -> int:
     return 1 if failures else 0
 
 
+def accounting(signer: Signer, autoscaler: FakeAutoscaler) -> list[str]:
+    """The invariant from what the autoscaler recorded: every request_idx that reached the
+    gate is deleted exactly once with the flag its outcome calls for, forged ones never, and
+    the reported workload adds up to the costs of what was served, errored and rejected."""
+    problems = []
+    entries = autoscaler.delete_entries()
+    counts = collections.Counter(idx for idx, _ in entries)
+    flags = dict(entries)
+    twice = sum(1 for n in counts.values() if n > 1)
+    success = {"200": True, "502": False, "truncated": False, "429": False}
+    by_outcome: collections.Counter[str] = collections.Counter()
+    cost: collections.Counter[str] = collections.Counter()
+    missing = wrong = 0
+    for idx, outcome in signer.outcomes.items():
+        kind = signer.kinds[idx]
+        if kind in ("forged", "malformed") or outcome == "503":
+            if idx in counts:
+                wrong += 1  # refused before authentication: must count nowhere
+            continue
+        if outcome == "left":
+            outcome = "cancelled" if idx in counts else "left before admission"
+        by_outcome[outcome] += 1
+        cost[outcome] += signer.costs[idx]
+        if outcome in success and flags.get(idx) is not success[outcome]:
+            missing += 1
+        if outcome == "cancelled" and flags[idx] is not True:
+            wrong += 1
+    statuses = autoscaler.statuses
+    perf = sum(s["cur_perf"] for s in statuses)
+    rej = sum(s["rej_load"] for s in statuses)
+    new = sum(s["new_load"] for s in statuses)
+    served, errored = cost["200"], cost["502"] + cost["truncated"]
+    print(
+        f"accounting: {len(counts)} request_idx deleted ({twice} more than once), "
+        f"outcomes {dict(by_outcome)}; cur_perf {perf:g} (served {served:g}), "
+        f"rej_load {rej:g} (429s {cost['429']:g}), new_load {new:g} "
+        f"(served+errored {served + errored:g}, +cancelled "
+        f"{served + errored + cost['cancelled']:g}), "
+        f"last cur_load {statuses[-1]['cur_load']}"
+    )
+    if twice:
+        problems.append(f"{twice} request_idx deleted more than once")
+    if missing or wrong:
+        problems.append(
+            f"{missing} request_idx missing or with a wrong flag, {wrong} wrongly deleted"
+        )
+    if abs(perf - served) > 1e-6 or abs(rej - cost["429"]) > 1e-6:
+        problems.append("cur_perf or rej_load does not match the costs sent")
+    if not served + errored - 1e-6 <= new <= served + errored + cost["cancelled"] + 1e-6:
+        problems.append("new_load out of bounds")
+    if statuses[-1]["cur_load"] != 0:
+        problems.append("cur_load did not return to 0")
+    return problems
+
+
 async def one_more(soak: Soak) -> str:
     try:
-        return await json_call(soak)
+        auth = soak.signer.issue("json") if soak.signer is not None else b""
+        outcome = await json_call(soak, auth)
+        if soak.signer is not None:
+            soak.signer.outcomes[json.loads(auth)["request_idx"]] = outcome
+        return outcome
     except Exception as e:
         return type(e).__name__
 
 
-def listen_backend() -> str:
-    port = reactor.listenTCP(0, Site(FakeBackend(reactor)), interface="127.0.0.1")
-    return f"http://127.0.0.1:{port.getHost().port}"
+def listen_backend() -> tuple[str, FakeBackend]:
+    backend = FakeBackend(reactor)
+    port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
+    return f"http://127.0.0.1:{port.getHost().port}", backend
 
 
 def free_port() -> int:
@@ -282,10 +444,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--signed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a secured worker reporting to an in-process fake autoscaler (default)",
+    )
     options = parser.parse_args()
 
     async def go(_: object) -> None:
-        code = await run(options.minutes, options.concurrency)
+        code = await run(options.minutes, options.concurrency, options.signed)
         if code:
             raise SystemExit(code)
 

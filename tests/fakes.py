@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -265,7 +266,9 @@ class FakeAutoscaler(Resource):
     """
     The autoscaler's worker-facing side: ``/pubkey/`` serves ``pubkey`` (PEM bytes; None: 404),
     ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
-    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` never answers.
+    ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` does not
+    answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP;
+    ``refuse(body)`` true: that /delete_requests/ body gets a 500.
     """
 
     isLeaf = True
@@ -276,6 +279,8 @@ class FakeAutoscaler(Resource):
         self.codes: dict[bytes, int] = {}
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
+        self.garbage: set[bytes] = set()
+        self.refuse: Callable[[dict], bool] | None = None
         self.pubkey_requests = 0
         self.statuses: list[dict] = []
         self.deletes: list[dict] = []
@@ -284,6 +289,10 @@ class FakeAutoscaler(Resource):
         path = request.path
         if path in self.hang:
             self.hung.append(request)
+            return NOT_DONE_YET
+        if path in self.garbage:
+            request.channel.transport.write(b"\x00\xffnot http\r\n\r\n")
+            request.channel.transport.loseConnection()
             return NOT_DONE_YET
         request.setResponseCode(self.codes.get(path, 200))
         if path == b"/pubkey/":
@@ -299,19 +308,35 @@ class FakeAutoscaler(Resource):
         if path == b"/worker_status/":
             self.statuses.append(body)
         elif path == b"/delete_requests/":
+            if self.refuse is not None and self.refuse(body):
+                request.setResponseCode(500)
+                return b"{}"
             self.deletes.append(body)
         request.setHeader(b"content-type", b"application/json")
         return b'{"ok": true}'
 
+    def release(self) -> None:
+        """Stop hanging: answer the requests held so far as if they had just arrived."""
+        self.hang.clear()
+        hung, self.hung = self.hung, []
+        for request in hung:
+            if not request._disconnected:
+                request.write(self.render(request))
+                request.finish()
+
     def deleted(self) -> dict[int, bool]:
         """request_idx -> success flag, from every /delete_requests/ body received."""
-        flags: dict[int, bool] = {}
+        return dict(self.delete_entries())
+
+    def delete_entries(self) -> list[tuple[int, bool]]:
+        """Every (request_idx, success) received, in order, repeats included."""
+        entries: list[tuple[int, bool]] = []
         for body in self.deletes:
             if "requests" in body:
-                flags.update({r["request_idx"]: r["success"] for r in body["requests"]})
+                entries.extend((r["request_idx"], r["success"]) for r in body["requests"])
             else:
-                flags.update({idx: body["success"] for idx in body["request_idxs"]})
-        return flags
+                entries.extend((idx, body["success"]) for idx in body["request_idxs"])
+        return entries
 
 
 def _chat_completion(request: Request, body: dict) -> bytes:

@@ -304,14 +304,20 @@ class SignedWorker:
 
 
 async def start_signed_worker(
-    test: TestCase, backend_url: str, serve_key: bool = True, **changes: Any
+    test: TestCase,
+    backend_url: str,
+    serve_key: bool = True,
+    serve: Any = None,
+    **changes: Any,
 ) -> SignedWorker:
     """A secured worker whose REPORT_ADDR is a fake autoscaler serving a fresh key; loaded
-    (max_perf 100) once the key is in, unless ``serve_key`` is false."""
+    (max_perf 100) once the key is in, unless ``serve_key`` is false. ``serve(autoscaler)``
+    puts the fake autoscaler on the network and returns its URL (default: :func:`listen`)."""
     key = generate_private_key()
     autoscaler = FakeAutoscaler(public_pem(key) if serve_key else None)
     public_url = "http://203.0.113.7:43000"
-    vast = VastEnvironment("mtok-secret-value", (listen(test, autoscaler),), 4242, public_url)
+    report_addr = (serve or (lambda resource: listen(test, resource)))(autoscaler)
+    vast = VastEnvironment("mtok-secret-value", (report_addr,), 4242, public_url)
     url, service = start_worker(test, backend_url, unsecured=False, vast=vast, **changes)
     service.state.loaded = True
     service.state.max_perf = 100.0

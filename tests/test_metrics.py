@@ -126,8 +126,19 @@ class MetricsTests(SynchronousTestCase):
         for idx in range(5):
             metrics.reject(1, idx)
         batch = metrics.pending_deletes(3)
-        metrics.deleted(batch[-1].seq)
+        metrics.deleted(batch)
         self.assertEqual([f.request_idx for f in metrics.finished], [3, 4])
+
+    def test_deletes_confirmed_out_of_order(self):
+        """Confirming some entries of a batch (one success flag) keeps the others, in order."""
+        _, _, metrics, _ = make()
+        for idx in range(5):
+            metrics.reject(1, idx)
+        batch = metrics.pending_deletes(4)
+        metrics.deleted([batch[0], batch[2]])
+        self.assertEqual([f.request_idx for f in metrics.finished], [1, 3, 4])
+        metrics.deleted([])
+        self.assertEqual(len(metrics.finished), 3)
 
     def test_backlog_is_bounded(self):
         """Past the backlog limit the oldest entries are dropped, with a log line."""

@@ -36,6 +36,9 @@ class FakeClient:
         self.statuses.append((self.clock.seconds(), body))
         return self._answer()
 
+    def delete_groups(self, entries: list[Finished]) -> list[list[Finished]]:
+        return [list(entries)] if entries else []
+
     def post_deletes(self, entries: list[Finished]) -> Deferred[str]:
         self.deletes.append(list(entries))
         return self._answer()

@@ -7,6 +7,7 @@ of routed requests closed by ``/delete_requests/``. Pure: time comes from a ``no
 
 from __future__ import annotations
 
+import hmac
 import math
 import uuid
 from collections import deque
@@ -113,6 +114,13 @@ class RefusedReport:
     problems: list[str]
 
 
+def same_secret(given: object, expected: str | None) -> bool:
+    """Whether ``given`` is the secret ``expected``, in constant time (no timing oracle)."""
+    if not isinstance(given, str) or expected is None:
+        return given is None and expected is None
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
 def _bearer(value: str | None) -> str | None:
     """The key of an ``Authorization: Bearer KEY`` value (or of a bare key)."""
     if not value:
@@ -154,10 +162,10 @@ class Registry:
     # Keys
 
     def endpoint_for_key(self, api_key: str | None) -> Endpoint | None:
-        return next((e for e in self.endpoints.values() if e.api_key == api_key), None)
+        return next((e for e in self.endpoints.values() if same_secret(api_key, e.api_key)), None)
 
     def is_account_key(self, value: str | None) -> bool:
-        return _bearer(value) == self.account_key
+        return same_secret(_bearer(value), self.account_key)
 
     # Worker reports
 
@@ -165,7 +173,7 @@ class Registry:
         """Record a ``/worker_status/`` report; returns its problems (then nothing is recorded)."""
         problems = report_problems(body)
         worker = self.workers.get(body["id"]) if not problems else None
-        if worker is not None and worker.mtoken != body["mtoken"]:
+        if worker is not None and not same_secret(body["mtoken"], worker.mtoken):
             problems.append(f"mtoken: differs from the one worker {worker.id} reported before")
         if problems:
             self._refuse("/worker_status/", body, "id", problems)
@@ -196,7 +204,7 @@ class Registry:
         problems = delete_problems(body)
         if not problems:
             worker = self.workers.get(body["worker_id"])
-            if worker is not None and worker.mtoken != body["mtoken"]:
+            if worker is not None and not same_secret(body["mtoken"], worker.mtoken):
                 problems.append(
                     f"mtoken: differs from the one worker {worker.id} sends in /worker_status/"
                 )
@@ -266,7 +274,7 @@ class Registry:
         endpoint = self.endpoint_for_key(api_key)
         if endpoint is None:
             detail = "no configured endpoint has this API key"
-            if api_key == self.account_key:
+            if same_secret(api_key, self.account_key):
                 detail = "this is the account key; /route/ takes the endpoint's api_key"
             raise RouteError(401, "invalid endpoint API key", detail)
         if not isinstance(body, dict):
@@ -320,7 +328,9 @@ class Registry:
 
     def workers_of(self, endpoint: Endpoint) -> list[WorkerRecord]:
         return [
-            w for w in self.workers.values() if not endpoint.mtoken or w.mtoken == endpoint.mtoken
+            w
+            for w in self.workers.values()
+            if not endpoint.mtoken or same_secret(w.mtoken, endpoint.mtoken)
         ]
 
     def _waiting_status(self, endpoint: Endpoint) -> dict[str, Any]:

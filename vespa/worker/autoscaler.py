@@ -115,8 +115,19 @@ class AutoscalerClient:
             self._first_ok("POST", "/worker_status/", [dump_json(body)], self.addrs)
         )
 
+    def delete_groups(self, entries: Sequence[Finished]) -> list[list[Finished]]:
+        """``entries`` split as the /delete_requests/ bodies carry them: all in one (``list``)
+        or one group per success flag (``batches``)."""
+        if self._delete_format == "list":
+            return [list(entries)] if entries else []
+        groups = [[e for e in entries if e.success is success] for success in (True, False)]
+        return [group for group in groups if group]
+
     def delete_bodies(self, entries: Sequence[Finished]) -> list[bytes]:
         """The /delete_requests/ bodies for ``entries`` in the configured form (PROTOCOL 4.6)."""
+        return [self._delete_body(group) for group in self.delete_groups(entries)]
+
+    def _delete_body(self, entries: Sequence[Finished]) -> bytes:
         head = {"worker_id": self._worker_id, "mtoken": self._token}
         if self._delete_format == "list":
             requests = [
@@ -130,13 +141,9 @@ class AutoscalerClient:
                 }
                 for e in entries
             ]
-            return [dump_json({**head, "requests": requests})]
-        bodies = []
-        for success in (True, False):
-            idxs = [e.request_idx for e in entries if e.success is success]
-            if idxs:
-                bodies.append(dump_json({**head, "request_idxs": idxs, "success": success}))
-        return bodies
+            return dump_json({**head, "requests": requests})
+        idxs = [e.request_idx for e in entries]
+        return dump_json({**head, "request_idxs": idxs, "success": entries[0].success})
 
     def post_deletes(self, entries: Sequence[Finished]) -> Deferred[str]:
         """POST /delete_requests/ for ``entries``, all bodies to the same address."""

@@ -119,7 +119,9 @@ class SignedGate:
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         pattern = blocked(request.uri, self._blocked)
         if pattern is not None:
-            self._log.info("{uri} refused: blocked by {pattern}", uri=request.uri, pattern=pattern)
+            self._log.info(
+                "{path} refused: blocked by {pattern}", path=request.path, pattern=pattern
+            )
             raise Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
         assert request.content is not None
         try:
@@ -132,7 +134,10 @@ class SignedGate:
             )
         except AuthError as e:
             self._log.info(
-                "{uri} refused: {error}: {detail}", uri=request.uri, error=e.error, detail=e.detail
+                "{path} refused: {error}: {detail}",
+                path=request.path,
+                error=e.error,
+                detail=e.detail,
             )
             raise Rejection(e.code, e.error, e.detail, extra=e.extra) from None
         keys = self._keys
@@ -171,8 +176,8 @@ class SignedGate:
 
     def _bad_signature(self, request: Request, auth: dict[str, object]) -> Rejection:
         self._log.info(
-            "{uri} refused: signature does not verify (shapes {shapes}, url {url!r})",
-            uri=request.uri,
+            "{path} refused: signature does not verify (shapes {shapes}, url {url!r})",
+            path=request.path,
             shapes=",".join(self._shapes),
             url=auth.get("url"),
         )
@@ -182,13 +187,13 @@ class SignedGate:
         auth = unwrapped.auth
         assert auth is not None
         if self._public_url is not None and auth["url"] != self._public_url:
-            self._log.info("{uri} refused: signed for {url!r}", uri=request.uri, url=auth["url"])
+            self._log.info("{path} refused: signed for {url!r}", path=request.path, url=auth["url"])
             raise Rejection(401, "wrong worker", "auth_data was signed for another worker URL")
         if self._replays is not None and self._replays.seen_before(
             auth["reqnum"], auth["signature"]
         ):
             self._log.info(
-                "{uri} refused: replayed reqnum {reqnum}", uri=request.uri, reqnum=auth["reqnum"]
+                "{path} refused: replayed reqnum {reqnum}", path=request.path, reqnum=auth["reqnum"]
             )
             raise Rejection(401, "replayed request", "this auth_data was used before")
         return self._admit(request, unwrapped)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from vespa.worker.state import WorkerState
 GIB = float(2**30)
 # Finished request_idx kept for /delete_requests/ while the autoscaler is unreachable.
 DELETE_BACKLOG = 100_000
+DROP_LOG_EVERY = 1000  # one log line per this many dropped request_idx
 # The status strings of the single-list /delete_requests/ body (PROTOCOL 4.6).
 STATUS = {
     Outcome.SERVED: "Success",
@@ -184,11 +185,14 @@ class WorkerMetrics:
         if len(self.finished) >= self._backlog:
             oldest = self.finished.popleft()
             self.dropped += 1
-            self._log.warn(
-                "delete_requests backlog full ({limit}): dropped request_idx {idx}",
-                limit=self._backlog,
-                idx=oldest.request_idx,
-            )
+            if self.dropped % DROP_LOG_EVERY == 1:  # a long outage must not flood the log
+                self._log.warn(
+                    "delete_requests backlog full ({limit}): dropped request_idx {idx} "
+                    "({dropped} dropped so far)",
+                    limit=self._backlog,
+                    idx=oldest.request_idx,
+                    dropped=self.dropped,
+                )
         self.finished.append(
             Finished(
                 next(self._seq),
@@ -247,7 +251,14 @@ class WorkerMetrics:
         """The oldest finished requests not yet confirmed to the autoscaler."""
         return list(itertools.islice(self.finished, limit))
 
-    def deleted(self, upto_seq: int) -> None:
-        """Entries up to ``upto_seq`` reached the autoscaler."""
-        while self.finished and self.finished[0].seq <= upto_seq:
-            self.finished.popleft()
+    def deleted(self, entries: Sequence[Finished]) -> None:
+        """``entries`` (taken from :meth:`pending_deletes`) reached the autoscaler; the others
+        stay in order. O(len of the batch they came from)."""
+        seqs = {e.seq for e in entries}
+        last = max(seqs, default=0)
+        kept = []
+        while self.finished and self.finished[0].seq <= last:
+            entry = self.finished.popleft()
+            if entry.seq not in seqs:
+                kept.append(entry)
+        self.finished.extendleft(reversed(kept))

@@ -119,9 +119,11 @@ class MetricsReporter(Service):
             metrics.reported(report)
             self._last_sent = self._clock.seconds()
         while metrics.finished:
-            batch = metrics.pending_deletes(DELETE_BATCH)
-            await self._client.post_deletes(batch)
-            metrics.deleted(batch[-1].seq)
+            # One body per call, each confirmed on its own: after a partial failure only
+            # what was not delivered is sent again (never a request_idx twice).
+            for group in self._client.delete_groups(metrics.pending_deletes(DELETE_BATCH)):
+                await self._client.post_deletes(group)
+                metrics.deleted(group)
         if self._failing:
             self._log.info("autoscaler reachable again")
         self._failures = 0
