@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import listen, spawn_worker
+from tests.helpers import listen, spawn_worker, until
 from vespa import tap
 from vespa.benchmark import (
     BackendSession,
@@ -148,6 +148,28 @@ class SessionTests(TestCase):
         with self.assertRaises(TimeoutError):
             await sse
         await self.backend.cancelled[1]
+
+    async def test_cancelled_benchmark_stops_its_requests(self) -> None:
+        """Cancelling a benchmark (BENCHMARK_TIMEOUT) cuts its requests at the backend and
+        refuses new ones, even when the benchmark swallows the error and carries on."""
+        attempts: list[str] = []
+
+        async def stubborn(url: str, session: BackendSession) -> float:
+            while True:
+                try:
+                    await session.get("/slow?delay=60")
+                except Exception as e:
+                    attempts.append(type(e).__name__)
+                    if len(attempts) == 2:
+                        return 1.0
+
+        running = run_benchmark(stubborn, "s", self.url, self.session)
+        await until(lambda: self.backend.cancelled)
+        running.cancel()
+        await self.backend.cancelled[0]
+        self.assertEqual(attempts, ["CancelledError", "CancelledError"])
+        self.assertEqual(len(self.backend.cancelled), 1)
+        self.assertTrue(running.called)
 
     def test_only_relative_paths(self) -> None:
         """An absolute URL is refused: the session only talks to the backend."""

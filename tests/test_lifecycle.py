@@ -214,6 +214,46 @@ class LifecycleClockTests(SynchronousTestCase):
         self.assertFalse(self.state.loaded)
         self.assertFalse(os.path.exists(self.cache))
 
+    def test_benchmark_timeout(self) -> None:
+        """A benchmark still running after BENCHMARK_TIMEOUT is cancelled and the worker
+        reports an error naming the timeout (the error beacon), instead of "loading" forever."""
+        self.backend.code = 200
+        running: list[Deferred[float]] = []
+        cancelled: list[bool] = []
+        self.result = None
+
+        def hanging() -> Deferred[float]:
+            running.append(Deferred(lambda _: cancelled.append(True)))
+            return running[-1]
+
+        self.run_benchmark = hanging  # type: ignore[method-assign]
+        lifecycle = self.lifecycle(benchmark_timeout=600.0)
+        loaded = lifecycle.when_loaded()
+        self.clock.advance(599.0)
+        self.assertEqual((self.state.error_msg, cancelled), ("", []))
+        self.clock.advance(1.0)
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(
+            self.state.error_msg,
+            "worker failed to start: benchmark my.bench:run did not finish within "
+            "BENCHMARK_TIMEOUT=600 s; it was cancelled",
+        )
+        self.assertFalse(self.state.loaded)
+        self.assertNoResult(loaded)
+        self.assertFalse(os.path.exists(self.cache))
+
+    def test_benchmark_timeout_zero_is_no_limit(self) -> None:
+        """BENCHMARK_TIMEOUT=0 lets a slow benchmark take as long as it needs."""
+        self.backend.code = 200
+        slow: Deferred[float] = Deferred()
+        self.run_benchmark = lambda: slow  # type: ignore[method-assign]
+        self.lifecycle(benchmark_timeout=0.0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10_000.0)
+        slow.callback(80.0)
+        self.assertTrue(self.state.loaded)
+        self.assertEqual(self.state.max_perf, 80.0)
+
     def test_secured_without_benchmark_is_an_error(self) -> None:
         """On Vast (secured) a worker with no benchmark cannot compute max_perf: it reports an
         error at once instead of waiting for the backend."""

@@ -79,9 +79,19 @@ def run_benchmark(
     function: Benchmark, spec: str, backend_url: str, session: Any
 ) -> Deferred[float]:
     """Call ``function(backend_url, session)`` (async def, Deferred or plain value) and check
-    its result."""
-    result: Deferred[Any] = maybeDeferred(function, backend_url, session)
-    return result.addCallback(lambda value: check_result(spec, value))
+    its result. Cancelling the returned Deferred (BENCHMARK_TIMEOUT, the worker stopping) also
+    cancels the session's requests and refuses new ones, so a benchmark that ignores the
+    cancellation cannot keep loading the backend."""
+    running: Deferred[Any] = maybeDeferred(function, backend_url, session)
+
+    def cancel(_: Deferred[float]) -> None:
+        if session is not None:
+            session.abandon()
+        running.cancel()
+
+    result: Deferred[float] = Deferred(cancel)
+    running.addCallback(lambda value: check_result(spec, value)).chainDeferred(result)
+    return result
 
 
 def check_aiohttp(reactor: Any) -> None:
@@ -259,10 +269,14 @@ class BackendSession:
     def delete(self, path: str, **options: Any) -> Deferred[SessionResponse]:
         return self.request("DELETE", path, **options)
 
-    def close(self) -> Deferred[None]:
-        """Refuse new requests; close the pool's connections (bounded: closing can hang,
-        twisted#7738)."""
+    def abandon(self) -> None:
+        """Refuse new requests and cancel those in flight (a benchmark cut short)."""
         self._closed = True
-        for sent in list(self._in_flight):  # a benchmark cut short: stop its connection attempts
+        for sent in list(self._in_flight):
             sent.cancel()
+
+    def close(self) -> Deferred[None]:
+        """Abandon the session and close the pool's connections (bounded: closing can hang,
+        twisted#7738)."""
+        self.abandon()
         return close_pool(self._pool, self._clock)

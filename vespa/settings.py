@@ -470,6 +470,15 @@ OPTIONS: tuple[Option, ...] = (
         "File caching the benchmark result; delete it to re-benchmark.",
     ),
     Option(
+        "benchmark_timeout",
+        "BENCHMARK_TIMEOUT",
+        "benchmark-timeout",
+        parse_seconds,
+        "1800",
+        "Seconds the benchmark may run before it is cancelled and reported as an error; "
+        "0 = no limit.",
+    ),
+    Option(
         "healthcheck_endpoint",
         "HEALTHCHECK_ENDPOINT",
         "healthcheck-endpoint",
@@ -604,6 +613,7 @@ class Settings:
     benchmark: str = ""
     benchmark_session: str = "treq"
     benchmark_cache: str = ".has_benchmark"
+    benchmark_timeout: float = 1800.0
     healthcheck_endpoint: str = "/health"
     ready_timeout: float = 1200.0
     ready_timeout_resume: float = 300.0

@@ -320,9 +320,13 @@ class Lifecycle(Service):
         spec = self._settings.benchmark_spec
         log.info("running the benchmark {spec}", spec=spec)
         started = self._clock.seconds()
+        running = benchmark()
+        limit = self._settings.benchmark_timeout
+        if limit:
+            running.addTimeout(limit, self._clock, onTimeoutCancel=partial(_timed_out, spec))
         try:
-            max_perf = await benchmark()
-        except BenchmarkError:
+            max_perf = await running
+        except (BenchmarkError, StartupError):
             raise
         except Exception as e:
             self._check_stopping()
@@ -353,6 +357,13 @@ class Lifecycle(Service):
         message = f"worker failed to start: {why}"
         log.error("{message}", message=message)
         self._state.mark_errored(message)
+
+
+def _timed_out(spec: str, result: object, timeout: float) -> None:
+    """BENCHMARK_TIMEOUT passed: whatever the cancelled benchmark ended with, this is why."""
+    raise StartupError(
+        f"benchmark {spec} did not finish within BENCHMARK_TIMEOUT={timeout:g} s; it was cancelled"
+    )
 
 
 class ReadinessGate:
