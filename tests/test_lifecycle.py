@@ -116,9 +116,12 @@ class LifecycleClockTests(SynchronousTestCase):
         URL and the last probe's answer; the worker never loads and stops probing."""
         lifecycle = self.lifecycle(ready_timeout=60.0)
         loaded = lifecycle.when_loaded()
+        failed = lifecycle.when_failed()
         self.clock.pump([5.0] * 11)
         self.assertEqual(self.state.error_msg, "")
+        self.assertNoResult(failed)
         self.clock.advance(5.0)
+        self.assertEqual(self.successResultOf(failed), self.state.error_msg)
         self.assertIn("backend not healthy after 60 s", self.state.error_msg)
         self.assertIn("http://localhost:8000/health (last probe: HTTP 503)", self.state.error_msg)
         self.assertFalse(self.state.loaded)
@@ -240,6 +243,7 @@ class LifecycleClockTests(SynchronousTestCase):
         )
         self.assertFalse(self.state.loaded)
         self.assertNoResult(loaded)
+        self.assertEqual(self.successResultOf(lifecycle.when_failed()), self.state.error_msg)
         self.assertFalse(os.path.exists(self.cache))
 
     def test_benchmark_timeout_zero_is_no_limit(self) -> None:
@@ -289,7 +293,8 @@ class LifecycleClockTests(SynchronousTestCase):
         """Once loaded, the backend is probed every HEALTHCHECK_INTERVAL; HEALTHCHECK_FAILURES
         failures in a row set error_msg, and the next healthy probe clears it again."""
         self.backend.code = 200
-        self.lifecycle()
+        lifecycle = self.lifecycle()
+        failed = lifecycle.when_failed()
         probes = len(self.backend.probes)
         self.clock.advance(10.0)
         self.assertEqual(len(self.backend.probes), probes + 1)
@@ -303,6 +308,7 @@ class LifecycleClockTests(SynchronousTestCase):
             self.state.error_msg,
             "backend unhealthy: 3 health checks in a row failed (last: no answer within 2 s)",
         )
+        self.assertNoResult(failed)  # not a start-up failure: systemd was told READY=1
         self.backend.code = 200
         with capturedLogs() as events:
             self.clock.advance(8.0)

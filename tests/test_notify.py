@@ -70,6 +70,18 @@ class NotifierTests(TestCase):
             ],
         )
 
+    def test_failed(self) -> None:
+        """A start-up failure says READY=1 (the worker stays up, reporting its error) with the
+        error, on one line, as STATUS."""
+        systemd = NotifySocket(self)
+        notifier = SystemdNotifier(systemd.address)
+        self.addCleanup(notifier.close)
+        notifier.failed("worker failed to start:\nbackend not healthy")
+        self.assertEqual(
+            systemd.messages(),
+            [["READY=1", "STATUS=worker failed to start: backend not healthy"]],
+        )
+
     def test_abstract_namespace(self) -> None:
         """An '@name' NOTIFY_SOCKET is the abstract-namespace socket 'name'."""
         systemd = NotifySocket(self, abstract=True)
@@ -144,6 +156,33 @@ class WorkerNotifyTests(TestCase):
         self.assertEqual(systemd.messages(), [["READY=1", "STATUS=serving"]])
         await service.stopService()
         self.assertEqual(systemd.messages(), [["STOPPING=1", "STATUS=draining"]])
+
+    async def test_failed_start_is_ready_with_the_error_as_status(self) -> None:
+        """A worker whose start-up fails tells systemd READY=1 with the error as STATUS=, so
+        that `systemctl status` shows why and systemd neither kills it at TimeoutStartSec nor
+        restarts it in a loop; it keeps running and reporting the error."""
+        systemd = NotifySocket(self)
+        backend = FakeBackend(reactor)
+        changes = {
+            "systemd": SystemdEnvironment(systemd.address, 0),
+            "benchmark": "tests.test_lifecycle:broken_benchmark",
+            "benchmark_cache": os.path.abspath(self.mktemp()),
+        }
+        _, service = start_worker(self, listen(self, backend), loaded=False, **changes)
+        await until(lambda: service.state.error_msg)
+        self.flushLoggedErrors(ValueError)
+        self.assertEqual(
+            systemd.messages(),
+            [
+                ["STATUS=waiting for the backend"],
+                [
+                    "READY=1",
+                    "STATUS=worker failed to start: benchmark "
+                    "tests.test_lifecycle:broken_benchmark failed: ValueError: no such model",
+                ],
+            ],
+        )
+        self.assertTrue(service.running)
 
 
 class SettingsTests(TestCase):

@@ -2,9 +2,10 @@
 """
 systemd's notify protocol (sd_notify(3)), written directly: one datagram of ``KEY=value``
 lines to the unix socket named by ``$NOTIFY_SOCKET`` (``@name`` = abstract namespace).
-``READY=1`` when the worker is loaded, ``STOPPING=1`` on shutdown, ``STATUS=...`` for
-``systemctl status``, and ``WATCHDOG=1`` from a timer so that systemd restarts a worker whose
-reactor is stuck. Without ``$NOTIFY_SOCKET`` (not under systemd) every call does nothing.
+``READY=1`` when the worker is loaded (or has failed to start and keeps reporting why),
+``STOPPING=1`` on shutdown, ``STATUS=...`` for ``systemctl status``, and ``WATCHDOG=1`` from a
+timer so that systemd restarts a worker whose reactor is stuck. Without ``$NOTIFY_SOCKET``
+(not under systemd) every call does nothing.
 """
 
 from __future__ import annotations
@@ -58,12 +59,19 @@ class SystemdNotifier:
         """The worker is loaded and serving: systemd considers the unit started."""
         self.send("READY=1", "STATUS=serving")
 
+    def failed(self, message: str) -> None:
+        """Start-up failed. The worker deliberately stays up, reporting the error to the
+        autoscaler (the error beacon) and answering 503 with it, so systemd is told the unit
+        started (no kill at TimeoutStartSec, no restart loop) and ``systemctl status`` shows
+        why."""
+        self.send("READY=1", _status(message))
+
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=draining")
 
     def status(self, text: str) -> None:
         """A one-line status for ``systemctl status``."""
-        self.send("STATUS=" + " ".join(text.split()))
+        self.send(_status(text))
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
@@ -72,6 +80,10 @@ class SystemdNotifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def _status(text: str) -> str:
+    return "STATUS=" + " ".join(text.split())
 
 
 class SystemdService(MultiService):

@@ -168,6 +168,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     systemd.setName("systemd")
     systemd.setServiceParent(service)
     lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
+    lifecycle.when_failed().addCallback(notifier.failed)
     service.add_drain_hook(notifier.stopping)
     return service
 

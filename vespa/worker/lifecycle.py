@@ -218,6 +218,8 @@ class Lifecycle(Service):
         self._run: Deferred[None] | None = None
         self._stopping = False
         self._waiters: list[Deferred[WorkerState]] = []
+        self._startup_error = ""  # why start-up failed, once it has
+        self._failure_waiters: list[Deferred[str]] = []
         self.monitor = HealthMonitor(
             probe,
             clock,
@@ -233,6 +235,16 @@ class Lifecycle(Service):
             return succeed(self._state)
         waiter: Deferred[WorkerState] = Deferred()
         self._waiters.append(waiter)
+        return waiter
+
+    def when_failed(self) -> Deferred[str]:
+        """A Deferred fired with the error message if start-up fails (e.g. for systemd's
+        STATUS=); it never fails, and never fires if the worker loads. Health-monitor errors
+        after loading do not fire it."""
+        if self._startup_error:
+            return succeed(self._startup_error)
+        waiter: Deferred[str] = Deferred()
+        self._failure_waiters.append(waiter)
         return waiter
 
     def startService(self) -> None:
@@ -282,8 +294,7 @@ class Lifecycle(Service):
         )
         self.monitor.start()
         waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(self._state)
+        _fire(waiters, self._state)
 
     async def _wait_until_healthy(self, timeout: float) -> None:
         settings = self._settings
@@ -357,6 +368,14 @@ class Lifecycle(Service):
         message = f"worker failed to start: {why}"
         log.error("{message}", message=message)
         self._state.mark_errored(message)
+        self._startup_error = message
+        waiters, self._failure_waiters = self._failure_waiters, []
+        _fire(waiters, message)
+
+
+def _fire(waiters: list[Deferred[Any]], value: object) -> None:
+    for waiter in waiters:
+        waiter.callback(value)
 
 
 def _timed_out(spec: str, result: object, timeout: float) -> None:
