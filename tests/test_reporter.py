@@ -96,6 +96,30 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(len(client.statuses), 3)  # nothing changed since
         self.stop(reporter)
 
+    def test_state_changes_reported_on_the_next_tick(self):
+        """Loading, a start-up or health error and its recovery reach the autoscaler on the
+        next tick (so a worker that just loaded gets traffic at once), not 10 s later."""
+        self.clock, state, _, client, reporter = make()
+        reporter.startService()
+        advance(self.clock, 3)
+        state.mark_loaded(3.0, 100.0)
+        advance(self.clock, 1)
+        state.mark_errored("backend unhealthy")
+        advance(self.clock, 1)
+        state.error_msg = ""
+        advance(self.clock, 3)
+        sent = [(t, b["loadtime"], b["max_perf"], b["error_msg"]) for t, b in client.statuses]
+        self.assertEqual(
+            sent,
+            [
+                (0, 0.0, 0.0, ""),
+                (4, 3.0, 100.0, ""),
+                (5, 3.0, 100.0, "backend unhealthy"),
+                (6, 3.0, 100.0, ""),
+            ],
+        )
+        self.stop(reporter)
+
     def test_nothing_lost_while_the_autoscaler_is_down(self):
         """Failed sends keep the window and the deletes; retries back off (1, 2, 4 s); the
         first delivered report carries everything."""

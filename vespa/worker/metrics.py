@@ -94,6 +94,13 @@ class Report:
     changes: int
 
 
+STATE_FIELDS = ("loadtime", "max_perf", "error_msg")  # what the worker's state sets in a report
+
+
+def _state_fields(body: dict[str, Any]) -> tuple[object, ...]:
+    return tuple(body[name] for name in STATE_FIELDS)
+
+
 def outcome_of(result: RelayResult) -> Outcome:
     """How a relayed request counts: a backend 5xx answer is an error."""
     if result.outcome is Outcome.SERVED and result.status >= 500:
@@ -131,6 +138,7 @@ class WorkerMetrics:
         self.dropped = 0
         self._changes = 0  # bumped by every recorded event
         self._seen_changes = 0  # ...as of the last delivered report
+        self._state_sent: tuple[object, ...] | None = None  # STATE_FIELDS of that report
         self._disk_sent: int | None = None
 
     # Recording (called by the gate)
@@ -241,11 +249,18 @@ class WorkerMetrics:
         self.window.subtract(report.window)
         self._disk_sent = report.disk_used
         self._seen_changes = max(self._seen_changes, report.changes)
+        self._state_sent = _state_fields(report.body)
 
     @property
     def changed(self) -> bool:
-        """Something happened that the autoscaler has not been told about."""
-        return self._changes != self._seen_changes
+        """Something happened that the autoscaler has not been told about: a request, or the
+        worker's state (loaded, failed, unhealthy, recovered), so that a worker that just
+        loaded gets traffic within a second, not at the next idle report."""
+        if self._changes != self._seen_changes:
+            return True
+        state = self._state
+        now = (state.loadtime if state.loaded else 0.0, state.max_perf, state.error_msg)
+        return now != self._state_sent
 
     def pending_deletes(self, limit: int) -> list[Finished]:
         """The oldest finished requests not yet confirmed to the autoscaler."""
