@@ -1,6 +1,7 @@
 """The official vastai SDK serverless client (optional: `tox -e vastai`) against the emulator
-and a Vespa worker: it lists endpoints, polls /route/ through a cold start, and completes a
-request."""
+and a real Vespa worker in signed mode reporting to it: the SDK lists endpoints, polls /route/
+through a cold start, and completes a request that the worker verified with the emulator's
+public key."""
 
 from __future__ import annotations
 
@@ -9,13 +10,31 @@ import json
 import os
 import sys
 
-import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.emulator_fixtures import ACCOUNT_KEY, report, start_emulator
-from tests.helpers import HERE, http_client, listen, spawn, start_worker, until
+from tests.emulator_fixtures import ACCOUNT_KEY, start_emulator
+from tests.helpers import HERE, listen, spawn, until
+from vespa import sandbox
 from vespa.sample_backend import SampleBackend
+from vespa.tap import build_worker
+from vespa.worker.lifecycle import BenchmarkCache
+
+
+def signed_worker(test: TestCase, shape: str, backend_url: str, emulator_url: str) -> str:
+    """A worker exactly as the sandbox runs it (signed mode, only ``shape`` accepted, reports
+    to the emulator, fetches its public key from it) with a cached benchmark result of 100,
+    so it goes through its real start-up without benchmarking; returns its URL."""
+    config = sandbox.SandboxConfig(shape=shape, state_dir=os.path.abspath(test.mktemp()))
+    os.makedirs(config.state_dir)
+    BenchmarkCache(sandbox.benchmark_cache(config, 1)).write(100.0)
+    port = sandbox._port(0)  # a free loopback port, as the sandbox picks them
+    settings = sandbox.worker_settings(config, 1, port, backend_url, emulator_url)
+    service = build_worker(settings, reactor)
+    service.startService()
+    test.addCleanup(service.stopService)
+    assert settings.vast.public_url is not None
+    return settings.vast.public_url
 
 
 class VastaiClientTests(TestCase):
@@ -23,13 +42,9 @@ class VastaiClientTests(TestCase):
     if importlib.util.find_spec("vastai") is None:
         skip = "the vastai SDK is not installed (pip install vastai, or tox -e vastai)"
 
-    async def test_sdk_routes_and_completes(self):
-        """The SDK finds the endpoint with the account key, waits while no worker is ready,
-        then gets a signed route to the worker and a completed chat answer; it lists the
-        endpoint's workers."""
-        emulator_url, emulator = start_emulator(self)
+    async def sdk_request(self, shape: str) -> None:
+        emulator_url, emulator = start_emulator(self, shape)
         backend_url = listen(self, SampleBackend(reactor, tokens_per_second=2000))
-        worker_url, _ = start_worker(self, backend_url)
         watcher = spawn(
             self,
             [
@@ -42,13 +57,23 @@ class VastaiClientTests(TestCase):
         )
         registry = emulator.registry
         await until(lambda: len(registry.recent) > 0, timeout=30)  # the SDK is polling
-        response = await http_client(self).post(
-            emulator_url + "/worker_status/", json=report(id=1, url=worker_url, max_perf=100.0)
-        )
-        self.assertEqual(response.code, 200, await treq.content(response))
+        self.assertEqual(registry.status()["requests"][0]["state"], "waiting")
+        worker_url = signed_worker(self, shape, backend_url, emulator_url)
         match = await watcher.wait_for(rb"RESULT (.*)\n", timeout=40)
         result = json.loads(match.group(1))
         self.assertEqual((result["ok"], result["status"], result["url"]), (True, 200, worker_url))
         self.assertEqual(result["response"]["usage"]["completion_tokens"], 16)  # the default
-        self.assertEqual(registry.status()["requests"][0]["state"], "routed")
         self.assertEqual(result["workers"], [[1, "ready", 100.0]])
+        # The worker verified the signature (it accepts nothing else) and told the emulator
+        # the request succeeded, through its own /delete_requests/.
+        await until(lambda: registry.status()["requests"][0]["state"] == "success")
+
+    async def test_sdk_url_shape(self) -> None:
+        """The SDK finds the endpoint with the account key, waits while no worker is ready,
+        then gets a route signed in the url shape to a worker in signed mode, which verifies
+        it and answers the chat request; the SDK lists the endpoint's worker as ready."""
+        await self.sdk_request("url")
+
+    async def test_sdk_five_field_shape(self) -> None:
+        """The same with the older five-field signed message."""
+        await self.sdk_request("five-field")
