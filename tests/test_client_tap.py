@@ -65,6 +65,17 @@ class ClientPluginTests(SynchronousTestCase):
             tap.Options().parseOptions([])
         self.assertIn("--endpoint", str(caught.exception.code))
 
+    def test_list_under_twistd(self):
+        """twistd vespa-client --list (not taken for --listen) says to use the vespa-client
+        command, in one line."""
+        with self.assertRaises(SystemExit) as caught:
+            tap.Options().parseOptions(["--list"])
+        self.assertEqual(
+            caught.exception.code,
+            "vespa-client: --list only works with the vespa-client command: "
+            "run `vespa-client --list`",
+        )
+
     def test_script_endpoint_optional(self):
         """The console script accepts no endpoint with --list or on a terminal (prompt)."""
         tap.ScriptOptions().parseOptions(["--list"])

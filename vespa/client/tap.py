@@ -56,6 +56,8 @@ class Options(usage.Options):
         "the environment variable shown in brackets; flags win."
     )
     optParameters = [[o.flag, None, None, _help(o)] for o in CLIENT_OPTIONS if o.name != "listen"]
+    # Declared here too, so that under twistd `--list` is not taken for an abbreviated --listen.
+    optFlags = [["list", None, "Print the account's endpoints and exit (vespa-client command)."]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,6 +78,11 @@ class Options(usage.Options):
         return False
 
     def postOptions(self) -> None:
+        if self["list"] and not self.endpoint_optional():
+            raise SystemExit(
+                "vespa-client: --list only works with the vespa-client command: "
+                "run `vespa-client --list`"
+            )
         try:
             self.settings = load_client_settings(self.flags())
         except SettingsError as e:
@@ -150,9 +157,8 @@ def build_client(
 
 
 class ScriptOptions(Options):
-    """``vespa-client``: the twistd flags plus --list."""
-
-    optFlags = [["list", None, "Print the account's endpoints and exit."]]
+    """``vespa-client``: the twistd flags; --list prints the endpoints, and on a terminal a
+    prompt offers them when no endpoint is named."""
 
     def __init__(self, interactive: bool = False) -> None:
         super().__init__()
