@@ -204,7 +204,7 @@ class AiohttpTests(TestCase):
         try:
             import aiohttp  # noqa: F401
         except ImportError:
-            self.skipTest("aiohttp is not installed (pip install 'vespa[aiohttp]')")
+            self.skipTest("aiohttp is not installed (pip install 'aiohttp>=3.9')")
         self.backend = FakeBackend(reactor)
         self.backend_url = listen(self, self.backend)
         self.directory = os.path.abspath(self.mktemp())

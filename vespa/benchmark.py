@@ -106,7 +106,8 @@ def check_aiohttp(reactor: Any) -> None:
         import aiohttp  # noqa: F401
     except ImportError:
         raise SettingsError(
-            "BENCHMARK_SESSION=aiohttp needs aiohttp: pip install 'vespa[aiohttp]'"
+            "BENCHMARK_SESSION=aiohttp needs aiohttp: pip install 'aiohttp>=3.9' "
+            "(or '.[aiohttp]' in the Vespa checkout)"
         ) from None
     if not isinstance(reactor, AsyncioSelectorReactor):
         raise SettingsError(

@@ -459,7 +459,7 @@ OPTIONS: tuple[Option, ...] = (
         "benchmark-session",
         choice("treq", "aiohttp"),
         "treq",
-        "Session handed to the benchmark: treq (built in) or aiohttp (vespa[aiohttp]).",
+        "Session handed to the benchmark: treq (built in) or aiohttp (Vespa's aiohttp extra).",
     ),
     Option(
         "benchmark_cache",
