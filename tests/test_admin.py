@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker
-from vespa.worker.admin import LAG_INTERVAL, WorkerMetrics
+from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vespa.worker.state import WorkerState
 
 
@@ -115,34 +115,24 @@ class AdminListenerTests(TestCase):
         self.assertEqual(self.backend.seen, [])
 
 
-class WorkerMetricsTests(TestCase):
+class PrometheusMetricsTests(TestCase):
     def test_register_gauge(self) -> None:
         """A gauge registered with a callable shows the callable's value at each scrape, and
         each worker has its own registry (two workers never clash)."""
         depth = [3]
-        metrics = WorkerMetrics(WorkerState(), Clock())
+        metrics = PrometheusMetrics(WorkerState(), Clock())
         metrics.register_gauge("vespa_queue_depth", "Requests waiting.", lambda: depth[0])
-        WorkerMetrics(WorkerState(), Clock()).register_gauge("vespa_queue_depth", "x", lambda: 0)
+        PrometheusMetrics(WorkerState(), Clock()).register_gauge(
+            "vespa_queue_depth", "x", lambda: 0
+        )
         self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 3)
         depth[0] = 5
         self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 5)
 
-    def test_register_counter(self) -> None:
-        """A counter registered with a callable is exposed as <name>_total of type counter."""
-        metrics = WorkerMetrics(WorkerState(), Clock())
-        metrics.register_counter("vespa_reports_sent", "Reports sent.", lambda: 7)
-        [family] = [
-            f
-            for f in text_string_to_metric_families(metrics.render().decode())
-            if f.name == "vespa_reports_sent"
-        ]
-        self.assertEqual(family.type, "counter")
-        self.assertEqual(samples(metrics.render().decode())[("vespa_reports_sent_total", ())], 7)
-
     def test_reactor_lag(self) -> None:
         """The lag sampler reports how late its timer fired; it stops with its service."""
         clock = Clock()
-        metrics = WorkerMetrics(WorkerState(), clock)
+        metrics = PrometheusMetrics(WorkerState(), clock)
         sampler = metrics.lag_sampler()
         sampler.startService()
         clock.advance(LAG_INTERVAL)
