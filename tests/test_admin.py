@@ -40,7 +40,7 @@ class AdminListenerTests(TestCase):
 
     async def test_metrics_count_traffic(self) -> None:
         """/metrics parses as Prometheus text and counts exactly the traffic just sent: by
-        method, status class and outcome, with latency/TTFB histograms and bytes in/out."""
+        method, status class and outcome (a backend 5xx is errored), with latency/TTFB histograms and bytes in/out."""
         body = b'{"prompt": "hello"}'
         r1 = await self.http.post(self.url + "/v1/echo", data=body)
         out1 = await r1.content()
@@ -51,13 +51,15 @@ class AdminListenerTests(TestCase):
         self.assertEqual(r3.code, 503)
         metrics = await self.scrape()
 
-        def requests(method: str, status: str) -> float:
-            labels = (("method", method), ("outcome", "served"), ("status", status))
+        def requests(method: str, status: str, outcome: str = "served") -> float:
+            labels = (("method", method), ("outcome", outcome), ("status", status))
             return metrics.get(("vespa_requests_total", labels), 0.0)
 
         self.assertEqual(requests("POST", "2xx"), 1)
         self.assertEqual(requests("GET", "4xx"), 1)
-        self.assertEqual(requests("other", "5xx"), 1)  # unknown methods: bounded labels
+        # Unknown methods: bounded labels. A backend 5xx is errored, as in the reports.
+        self.assertEqual(requests("other", "5xx", "errored"), 1)
+        self.assertEqual(requests("other", "5xx"), 0)
         self.assertEqual(metrics[("vespa_request_duration_seconds_count", ())], 3)
         self.assertEqual(metrics[("vespa_time_to_first_byte_seconds_count", ())], 3)
         self.assertGreaterEqual(metrics[("vespa_response_bytes_total", ())], len(out1) + len(out2))

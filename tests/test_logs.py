@@ -70,6 +70,14 @@ class AccessLogTests(TestCase):
         )
         self.assertNotIn("s3cret", line)
 
+    async def test_backend_5xx_is_errored(self) -> None:
+        """A backend 5xx answer is logged as errored, as /metrics and the reports count it."""
+        response = await self.http.get(self.url + "/status/503")
+        await response.content()
+        [event] = self.events
+        self.assertEqual(event["outcome"], "errored")
+        self.assertRegex(formatEvent(event), r"^GET /status/503 503 errored ")
+
     async def test_request_id_round_trip(self) -> None:
         """A client's X-Request-ID reaches the backend and comes back; without one (or with
         an unusable one) Vespa makes a fresh id, sends it to the backend and returns it."""

@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vespa import request_id
-from vespa.relay import RelayResult
+from vespa.relay import RelayResult, outcome_of
 
 _access = Logger(namespace="vespa.access")
 
@@ -42,7 +42,7 @@ def log_access(request: Request, result: RelayResult, forward: object) -> None:
         "-" if result.first_byte is None else f"{(result.first_byte - result.started) * 1000:.1f}ms"
     )
     rid = request_id.of(request)
-    outcome = result.outcome.value
+    outcome = outcome_of(result).value
     _access.info(
         "{line}",
         line=f"{method} {path} {result.status} {outcome} workload={workload:g} "

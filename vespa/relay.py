@@ -156,6 +156,14 @@ class RelayResult:
     retry: bool = False
 
 
+def outcome_of(result: RelayResult) -> Outcome:
+    """How a finished request counts everywhere (reports, /metrics, the access log): a
+    relayed backend 5xx answer is an error, so a broken model shows as one."""
+    if result.outcome is Outcome.SERVED and result.status >= 500:
+        return Outcome.ERRORED
+    return result.outcome
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """A request body already in memory, written at once (cheaper than FileBodyProducer)."""

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vespa.relay import JSON, RelayResult
+from vespa.relay import JSON, RelayResult, outcome_of
 from vespa.worker.resource import QuietSite
 from vespa.worker.state import WorkerState
 
@@ -111,11 +111,12 @@ class PrometheusMetrics:
         self.registry.register(_ReadAtScrape(name, help, read))
 
     def observe(self, request: Request, result: RelayResult, forward: object) -> None:
-        """WorkerResource observer: count one finished request."""
+        """WorkerResource observer: count one finished request (a backend 5xx as errored,
+        as in the reports)."""
         method = request.method.decode("ascii", "replace")
         status = f"{result.status // 100}xx" if result.status else "none"
         self.requests.labels(
-            method if method in METHODS else "other", status, result.outcome.value
+            method if method in METHODS else "other", status, outcome_of(result).value
         ).inc()
         self.latency.observe(max(result.finished - result.started, 0.0))
         if result.first_byte is not None:
