@@ -28,9 +28,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vespa.relay import Outcome, outcome_of
-
-__all__ = ["Finished", "WorkerMetrics", "outcome_of"]  # outcome_of: also here for the gate
+from vespa.relay import Outcome
+from vespa.relay import outcome_of as outcome_of  # re-exported: the gate imports it here
 from vespa.settings import VastEnvironment
 from vespa.worker.state import WorkerState
 
