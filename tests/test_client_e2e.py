@@ -409,6 +409,22 @@ class RealWorkerTests(ClientTestCase):
         self.assertEqual([s.body for s in seen[1:]], [b"", data])
         self.assertEqual(seen[1].uri, b"/v1/models?a=1&a=2")
 
+    async def test_request_id_shared_with_the_worker(self):
+        """The proxy gives each request an X-Request-ID (or keeps the app's), and the worker
+        and backend see the same one, so one id follows a request through every log; a
+        refusal by the proxy itself carries one too."""
+        url = self.start_client()
+        response, _ = await self.call("GET", url + "/echo", headers={b"x-request-id": [b"app-7"]})
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"app-7"])
+        self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [b"app-7"])
+        response, _ = await self.call("GET", url + "/echo")
+        [made] = response.headers.getRawHeaders(b"x-request-id")
+        self.assertEqual(len(made), 32)
+        self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [made])
+        response, _ = await self.call("GET", url + "/x", headers={b"x-serverless-cost": [b"?"]})
+        self.assertEqual(response.code, 400)
+        self.assertEqual(len(response.headers.getRawHeaders(b"x-request-id", [])), 1)
+
     async def test_sse_through_a_real_worker(self):
         """Server-sent events stream through client and worker."""
         url = self.start_client()

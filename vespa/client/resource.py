@@ -32,6 +32,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from vespa import request_id
 from vespa.client.routing import Route, RouteError, Router, backoff
 from vespa.client.tls import CertificateError, WorkerTLSPolicy
 from vespa.headers import forwarded_request_headers
@@ -246,6 +247,8 @@ class ClientResource(Resource):
             return self._own(request)
         started = self._clock.seconds()
         self.in_flight += 1
+        # Assigned here, so that the proxy's log, the worker's and the backend share one id.
+        request_id.assign(request)
         if not request.uri.startswith(b"/"):
             error = RouteError(400, "bad request target", "expected a path")
             self._done(self._refuse(request, error, started), request)
