@@ -116,6 +116,13 @@ class AdminListenerTests(TestCase):
         self.assertEqual((await response.json())["error"], "not found")
         self.assertEqual(self.backend.seen, [])
 
+    async def test_other_methods_are_a_json_405(self) -> None:
+        """POST to an admin path is a JSON 405 naming the allowed methods, not an HTML page."""
+        response = await self.http.post(self.admin + "/metrics", data=b"x")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(set(await response.json()), {"error", "detail"})
+
 
 class PrometheusMetricsTests(TestCase):
     def test_register_gauge(self) -> None:

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vespa.relay import JSON, RelayResult, outcome_of
+from vespa.relay import JSON, RelayResult, error_body, outcome_of
 from vespa.worker.resource import QuietSite
 from vespa.worker.state import WorkerState
 
@@ -154,6 +154,14 @@ class _Answer(Resource):
     def __init__(self, answer: Answer) -> None:
         super().__init__()
         self._answer = answer
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):  # JSON, not twisted.web's HTML 405 page
+            request.setResponseCode(405)
+            request.setHeader(b"content-type", JSON)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return error_body("method not allowed", "the admin listener answers GET and HEAD")
+        return super().render(request)  # type: ignore[no-any-return]
 
     def render_GET(self, request: Request) -> bytes:
         code, content_type, body = self._answer()
