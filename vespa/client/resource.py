@@ -43,6 +43,7 @@ from vespa.relay import (
     ProxiedRequest,
     RelayResult,
     body_producer,
+    error_body,
     write_error,
 )
 from vespa.worker.resource import Observer, request_has_body
@@ -269,9 +270,7 @@ class ClientResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if request.path != HEALTH_PATH:
             request.setResponseCode(404)
-            return json.dumps(
-                {"error": "not found", "detail": "/.vespa/ paths are the proxy's own"}
-            ).encode()
+            return error_body("not found", "/.vespa/ paths are the proxy's own")
         status = {
             "status": "ok",
             "endpoint": self._router.endpoint,
