@@ -9,6 +9,7 @@ import re
 from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -69,6 +70,21 @@ class AccessLogTests(TestCase):
             r"id=trace-42$",
         )
         self.assertNotIn("s3cret", line)
+
+    async def test_backend_failure_line_has_no_query_string(self) -> None:
+        """When the backend fails, the warning names the backend path, never the query string
+        (it may carry a signature or an app's key)."""
+        events = capture(self, "vespa.relay.ProxiedRequest")
+        for path in ("/reset", "/break"):
+            response = await self.http.get(self.url + path + "?api_key=s3cret")
+            try:
+                await response.content()
+            except ResponseFailed:
+                pass  # /break: the truncated answer is the honest one
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("/reset", lines[0])
+        self.assertNotIn("s3cret", "".join(lines) + repr(events))
 
     async def test_backend_5xx_is_errored(self) -> None:
         """A backend 5xx answer is logged as errored, as /metrics and the reports count it."""

@@ -203,6 +203,11 @@ def body_producer(
     return FileBodyProducer(content, cooperator)
 
 
+def _without_query(url: bytes) -> bytes:
+    """``url`` fit for a log line: its query string may carry a signature or an app's key."""
+    return url.split(b"?", 1)[0]
+
+
 def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
     """The JSON error body every Vespa-made error response carries."""
     return json.dumps({"error": error, "detail": detail, **extra}).encode("utf-8")
@@ -440,7 +445,7 @@ class ProxiedRequest:
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
                 method=self._method,
-                url=self._url,
+                url=_without_query(self._url),
                 why=why,
                 reason=failure.getErrorMessage(),
             )
@@ -472,7 +477,7 @@ class ProxiedRequest:
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
-            url=self._url,
+            url=_without_query(self._url),
             error=error,
             detail=detail,
         )
