@@ -46,7 +46,7 @@ from vespa.relay import (
     error_body,
     write_error,
 )
-from vespa.worker.resource import Observer, request_has_body
+from vespa.worker.resource import Observer, notify, request_has_body
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"
@@ -351,8 +351,7 @@ class ClientResource(Resource):
             self.served += 1
         else:
             self.failed += 1
-        for observer in self._observers:
-            observer(request, result, None)
+        notify(self._observers, request, result, None)
 
 
 def _worth_retrying(status: int | None) -> bool:
