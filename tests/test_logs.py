@@ -22,7 +22,7 @@ from tests.helpers import (
     start_worker,
     worker_url,
 )
-from vespa.logs import json_observer, mask
+from vespa.logs import json_observer
 
 
 def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
@@ -164,13 +164,3 @@ class JsonLogTests(TestCase):
         [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
         self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
-
-
-class MaskTests(TestCase):
-    def test_mask(self) -> None:
-        """Secrets are never shown in full: a short prefix and the length at most."""
-        token = "mtok-abcdefghijklmnop"
-        self.assertEqual(mask(token), "mtok...<21 chars>")
-        self.assertEqual(mask(b"short-secret"), "<12 chars>")
-        self.assertEqual(mask(""), "<empty>")
-        self.assertEqual(mask(None), "<empty>")

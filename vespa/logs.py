@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_logs -*-
 """
-The access-log line, ``--logger`` factories for twistd, and masking of secrets.
+The access-log line and ``--logger`` factories for twistd (secrets are masked where they are
+logged: ``vespa.worker.autoscaler.obfuscate``, ``vespa.client.keys.mask``).
 
 JSON lines (for journald, Loki, ...): ``twistd --logger vespa.logs.json_stdout -n vespa ...``.
 """
@@ -79,14 +80,3 @@ def json_observer(stream: IO[str]) -> ILogObserver:
 def json_stdout() -> ILogObserver:
     """twistd ``--logger`` factory: JSON lines on stdout (journald keeps one entry per line)."""
     return json_observer(sys.stdout)
-
-
-def mask(secret: str | bytes | None, shown: int = 4) -> str:
-    """A secret safe to log: its first ``shown`` characters and its length, never the rest
-    (short secrets are fully hidden)."""
-    if not secret:
-        return "<empty>"
-    text = secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
-    if len(text) <= shown * 3:
-        return f"<{len(text)} chars>"
-    return f"{text[:shown]}...<{len(text)} chars>"
