@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_plugin,tests.test_admin -*-
 """twistd options and makeService for the worker: the one place its objects are wired."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-# -*- test-case-name: tests.test_worker_resource -*-
+# -*- test-case-name: tests.test_relay,tests.test_backend_faults,tests.test_cancellation -*-
 """
 The worker's one resource: any method on any path. Each request goes through a gate (the
-verdict: passthrough, or signature + admission) and then through the relay; observers see
-every outcome exactly once.
+verdict: lifecycle's readiness check around vespa.worker.gate: auth form, signature unless
+UNSECURED, admission) and then through the relay; observers see every outcome exactly once.
 """
 
 from __future__ import annotations
