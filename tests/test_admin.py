@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker
+from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
 from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vespa.worker.state import WorkerState
 
@@ -74,11 +74,8 @@ class AdminListenerTests(TestCase):
         self.assertEqual(metrics[("vespa_open_connections", ())], 1)
         client.transport.loseConnection()
         await client.closed
-        for _ in range(100):  # the server notices the close a moment later
-            metrics = await self.scrape()
-            if metrics[("vespa_open_connections", ())] == 0:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: self.service.site.open_connections == 0)  # noticed a moment later
+        metrics = await self.scrape()
         self.assertEqual(metrics[("vespa_open_connections", ())], 0)
 
     async def test_health_and_readiness(self) -> None:
