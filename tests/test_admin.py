@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -77,6 +79,16 @@ class AdminListenerTests(TestCase):
         await until(lambda: self.service.site.open_connections == 0)  # noticed a moment later
         metrics = await self.scrape()
         self.assertEqual(metrics[("vespa_open_connections", ())], 0)
+
+    async def test_every_metric_is_documented(self) -> None:
+        """Each metric family on /metrics has a row in the README's metrics table."""
+        response = await self.http.get(self.admin + "/metrics")
+        families = text_string_to_metric_families((await response.content()).decode())
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        names = [f.name for f in families if not f.name.endswith("_created")]  # client's own
+        self.assertIn("vespa_pending_deletes", names)
+        missing = [name for name in names if f"`{name}" not in readme]
+        self.assertEqual(missing, [])
 
     async def test_health_and_readiness(self) -> None:
         """/healthz answers while the reactor runs; /readyz is 503 until the worker is loaded
