@@ -47,7 +47,10 @@ STATUS = {
 
 
 @dataclass
-class InFlight:
+class Admitted:
+    """One entry of the in-flight table (vespa.worker.resource.InFlight is the drain's set of
+    open requests, a different thing)."""
+
     workload: float
     request_idx: int | None
     entered: float  # wall time it was admitted (queued or not)
@@ -117,7 +120,7 @@ class WorkerMetrics:
         self._backlog = backlog
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
-        self.in_flight: dict[int, InFlight] = {}
+        self.in_flight: dict[int, Admitted] = {}
         self.load = 0.0  # workload in flight, queued requests included
         self.window = Window()
         self.received_count = 0
@@ -132,7 +135,7 @@ class WorkerMetrics:
     def start(self, workload: float, request_idx: int | None) -> int:
         """A request was admitted (it may still wait for a slot); returns its id."""
         token = next(self._ids)
-        self.in_flight[token] = InFlight(workload, request_idx, self._clock.seconds())
+        self.in_flight[token] = Admitted(workload, request_idx, self._clock.seconds())
         self.load += workload
         self.window.received += workload
         self.received_count += 1
