@@ -218,6 +218,15 @@ class FormsTests(ClientTestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(self.autoscaler.calls, [])
 
+    async def test_health_counts_like_the_metrics(self):
+        """/.vespa/health counts a worker's 5xx answer as failed, a 4xx as served (as the
+        access log and the worker's metrics do)."""
+        url = self.start_client()
+        for path in ("/status/500", "/status/404"):
+            await self.call("GET", url + path)
+        _, body = await self.call("GET", url + "/.vespa/health")
+        self.assertEqual((json.loads(body)["served"], json.loads(body)["failed"]), (1, 1))
+
     async def test_malformed_cost_is_400(self):
         """A malformed X-Serverless-Cost is a 400 to the app, not silently 1.0."""
         url = self.start_client()

@@ -44,6 +44,7 @@ from vespa.relay import (
     RelayResult,
     body_producer,
     error_body,
+    outcome_of,
     write_error,
 )
 from vespa.worker.resource import Observer, notify, request_has_body
@@ -347,7 +348,7 @@ class ClientResource(Resource):
 
     def _done(self, result: RelayResult, request: Request) -> None:
         self.in_flight -= 1
-        if result.outcome is Outcome.SERVED:
+        if outcome_of(result) is Outcome.SERVED:  # a worker's 5xx is a failure, as elsewhere
             self.served += 1
         else:
             self.failed += 1
