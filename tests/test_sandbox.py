@@ -46,7 +46,9 @@ def start(test: TestCase, **changes) -> sandbox.SandboxService:
 class WiringTests(SynchronousTestCase):
     def test_worker_settings(self):
         """Each worker is signed-mode, benchmarks the backend, reports to the emulator under
-        its own loopback URL and container id."""
+        its own loopback URL and container id; its settings go through the same parsing as
+        twistd's (the port comes from the listen string, the public URL from the Vast
+        variables)."""
         settings = sandbox.worker_settings(
             SandboxConfig(state_dir="/s"), 2, 3002, "http://127.0.0.1:8001", "http://127.0.0.1:8080"
         )
@@ -58,6 +60,8 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(settings.vast.report_addrs, ("http://127.0.0.1:8080",))
         self.assertEqual(settings.vast.public_url, "http://127.0.0.1:3002")
         self.assertEqual(settings.vast.container_id, 2)
+        self.assertEqual((settings.worker_port, settings.admin_listen), (3002, ""))
+        self.assertIsNone(settings.systemd.notify_socket)  # never systemd's, even under it
 
     def test_instructions(self):
         """The start-up text names every piece and gives curl lines with and without

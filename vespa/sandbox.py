@@ -34,8 +34,8 @@ from vespa.settings import (
     SIGNATURE_SHAPES,
     ClientSettings,
     Settings,
-    VastEnvironment,
     choice,
+    load_settings,
     parse_count,
     parse_port,
     parse_positive_number,
@@ -87,25 +87,25 @@ def worker_settings(
     config: SandboxConfig, index: int, port: int, backend_url: str, autoscaler_url: str
 ) -> Settings:
     """A worker in signed mode in front of the sample backend, reporting to the emulator under
-    its loopback URL (what the emulator hands to clients and signs)."""
-    return dataclasses.replace(
-        Settings(),
-        backend_url=backend_url,
-        worker_port=port,
-        listen=(_listen(port),),
-        admin_listen="",  # several workers in one process: no shared admin port
-        unsecured=False,
-        signature_shapes=(config.shape,),  # a signature in the other shape would be a 401
-        backend="openai",
-        benchmark=SANDBOX_BENCHMARK,
-        benchmark_cache=benchmark_cache(config, index),
-        vast=VastEnvironment(
-            master_token=f"sandbox-mtoken-{index}",
-            report_addrs=(autoscaler_url,),
-            container_id=index,
-            public_url=f"http://{HOST}:{port}",
-        ),
-    )
+    its loopback URL (what the emulator hands to clients and signs). Built by load_settings
+    from flags and Vast variables, as ``twistd vespa`` builds it (never from os.environ)."""
+    flags = {
+        "backend_url": backend_url,
+        "listen": _listen(port),
+        "admin_listen": "none",  # several workers in one process: no shared admin port
+        "signature_shapes": config.shape,  # a signature in the other shape would be a 401
+        "backend": "openai",
+        "benchmark": SANDBOX_BENCHMARK,
+        "benchmark_cache": benchmark_cache(config, index),
+    }
+    vast = {
+        "MASTER_TOKEN": f"sandbox-mtoken-{index}",
+        "REPORT_ADDR": autoscaler_url,
+        "CONTAINER_ID": str(index),
+        "PUBLIC_IPADDR": HOST,
+        f"VAST_TCP_PORT_{port}": str(port),
+    }
+    return load_settings(flags, vast)
 
 
 def build_sandbox_client(config: SandboxConfig, autoscaler_url: str, reactor: Any) -> IService:
