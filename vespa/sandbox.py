@@ -32,9 +32,9 @@ from vespa.emulator.tap import (
 from vespa.sample_backend import SampleBackend
 from vespa.settings import (
     SIGNATURE_SHAPES,
-    ClientSettings,
     Settings,
     choice,
+    load_client_settings,
     load_settings,
     parse_count,
     parse_port,
@@ -111,15 +111,16 @@ def worker_settings(
 def build_sandbox_client(config: SandboxConfig, autoscaler_url: str, reactor: Any) -> IService:
     """The client proxy pointed at the emulator, turning the account key into the endpoint key
     through the emulator's endpoint listing."""
-    settings = ClientSettings(
-        endpoint=config.endpoint.name,
-        account_key=config.account_key,
-        instance="local",
-        autoscaler_url=autoscaler_url,
-        console_url=autoscaler_url,
-        listen=(_listen(config.client_port),),
-        ca_cache=os.path.join(config.state_dir, "vast_root.cer"),
-    )
+    flags = {
+        "endpoint": config.endpoint.name,
+        "account_key": config.account_key,
+        "instance": "local",
+        "autoscaler_url": autoscaler_url,
+        "console_url": autoscaler_url,
+        "listen": _listen(config.client_port),
+        "ca_cache": os.path.join(config.state_dir, "vast_root.cer"),
+    }
+    settings = load_client_settings(flags, {})  # parsed as vespa-client parses its flags
     return build_client(settings, reactor)
 
 
