@@ -205,9 +205,12 @@ class Bench:
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
         if signed and self.signed_envelope:
-            argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
-            argv += ["--backend-url", "{backend_url}", "--listen", "tcp:{port}:interface=127.0.0.1"]
-            found.append(Target("vespa-signed", base + 40, argv, signed=True))
+            for index, (name, python) in enumerate(self.builds):
+                argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
+                argv += ["--backend-url", "{backend_url}"]
+                argv += ["--listen", "tcp:{port}:interface=127.0.0.1"]
+                signed_name = name.replace("vespa", "vespa-signed", 1)
+                found.append(Target(signed_name, base + 40 + index, argv, signed=True))
         return found
 
     def start_targets(
@@ -416,7 +419,9 @@ class Bench:
         self.signed_envelope = ""
         if "S2" in a.scenarios and a.signed:
             self.start_autoscaler()
-            self.results["targets"].append("vespa-signed")
+            self.results["targets"] += [
+                name.replace("vespa", "vespa-signed", 1) for name, _ in self.builds
+            ]
         nginx_backend = (a.port_base, self.backend_pid)
         python_backend = (a.port_base + 1, self.sse_backend_pid)
         big = "/files/blob.bin"
