@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker
-from vespa.worker.admin import LAG_INTERVAL, WorkerMetrics
+from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
+from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vespa.worker.state import WorkerState
 
 
@@ -40,7 +42,7 @@ class AdminListenerTests(TestCase):
 
     async def test_metrics_count_traffic(self) -> None:
         """/metrics parses as Prometheus text and counts exactly the traffic just sent: by
-        method, status class and outcome, with latency/TTFB histograms and bytes in/out."""
+        method, status class and outcome (a backend 5xx is errored), with latency/TTFB histograms and bytes in/out."""
         body = b'{"prompt": "hello"}'
         r1 = await self.http.post(self.url + "/v1/echo", data=body)
         out1 = await r1.content()
@@ -51,13 +53,15 @@ class AdminListenerTests(TestCase):
         self.assertEqual(r3.code, 503)
         metrics = await self.scrape()
 
-        def requests(method: str, status: str) -> float:
-            labels = (("method", method), ("outcome", "served"), ("status", status))
+        def requests(method: str, status: str, outcome: str = "served") -> float:
+            labels = (("method", method), ("outcome", outcome), ("status", status))
             return metrics.get(("vespa_requests_total", labels), 0.0)
 
         self.assertEqual(requests("POST", "2xx"), 1)
         self.assertEqual(requests("GET", "4xx"), 1)
-        self.assertEqual(requests("other", "5xx"), 1)  # unknown methods: bounded labels
+        # Unknown methods: bounded labels. A backend 5xx is errored, as in the reports.
+        self.assertEqual(requests("other", "5xx", "errored"), 1)
+        self.assertEqual(requests("other", "5xx"), 0)
         self.assertEqual(metrics[("vespa_request_duration_seconds_count", ())], 3)
         self.assertEqual(metrics[("vespa_time_to_first_byte_seconds_count", ())], 3)
         self.assertGreaterEqual(metrics[("vespa_response_bytes_total", ())], len(out1) + len(out2))
@@ -72,12 +76,19 @@ class AdminListenerTests(TestCase):
         self.assertEqual(metrics[("vespa_open_connections", ())], 1)
         client.transport.loseConnection()
         await client.closed
-        for _ in range(100):  # the server notices the close a moment later
-            metrics = await self.scrape()
-            if metrics[("vespa_open_connections", ())] == 0:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: self.service.site.open_connections == 0)  # noticed a moment later
+        metrics = await self.scrape()
         self.assertEqual(metrics[("vespa_open_connections", ())], 0)
+
+    async def test_every_metric_is_documented(self) -> None:
+        """Each metric family on /metrics has a row in the README's metrics table."""
+        response = await self.http.get(self.admin + "/metrics")
+        families = text_string_to_metric_families((await response.content()).decode())
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        names = [f.name for f in families if not f.name.endswith("_created")]  # client's own
+        self.assertIn("vespa_pending_deletes", names)
+        missing = [name for name in names if f"`{name}" not in readme]
+        self.assertEqual(missing, [])
 
     async def test_health_and_readiness(self) -> None:
         """/healthz answers while the reactor runs; /readyz is 503 until the worker is loaded
@@ -114,35 +125,32 @@ class AdminListenerTests(TestCase):
         self.assertEqual((await response.json())["error"], "not found")
         self.assertEqual(self.backend.seen, [])
 
+    async def test_other_methods_are_a_json_405(self) -> None:
+        """POST to an admin path is a JSON 405 naming the allowed methods, not an HTML page."""
+        response = await self.http.post(self.admin + "/metrics", data=b"x")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(set(await response.json()), {"error", "detail"})
 
-class WorkerMetricsTests(TestCase):
+
+class PrometheusMetricsTests(TestCase):
     def test_register_gauge(self) -> None:
         """A gauge registered with a callable shows the callable's value at each scrape, and
         each worker has its own registry (two workers never clash)."""
         depth = [3]
-        metrics = WorkerMetrics(WorkerState(), Clock())
+        metrics = PrometheusMetrics(WorkerState(), Clock())
         metrics.register_gauge("vespa_queue_depth", "Requests waiting.", lambda: depth[0])
-        WorkerMetrics(WorkerState(), Clock()).register_gauge("vespa_queue_depth", "x", lambda: 0)
+        PrometheusMetrics(WorkerState(), Clock()).register_gauge(
+            "vespa_queue_depth", "x", lambda: 0
+        )
         self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 3)
         depth[0] = 5
         self.assertEqual(samples(metrics.render().decode())[("vespa_queue_depth", ())], 5)
 
-    def test_register_counter(self) -> None:
-        """A counter registered with a callable is exposed as <name>_total of type counter."""
-        metrics = WorkerMetrics(WorkerState(), Clock())
-        metrics.register_counter("vespa_reports_sent", "Reports sent.", lambda: 7)
-        [family] = [
-            f
-            for f in text_string_to_metric_families(metrics.render().decode())
-            if f.name == "vespa_reports_sent"
-        ]
-        self.assertEqual(family.type, "counter")
-        self.assertEqual(samples(metrics.render().decode())[("vespa_reports_sent_total", ())], 7)
-
     def test_reactor_lag(self) -> None:
         """The lag sampler reports how late its timer fired; it stops with its service."""
         clock = Clock()
-        metrics = WorkerMetrics(WorkerState(), clock)
+        metrics = PrometheusMetrics(WorkerState(), clock)
         sampler = metrics.lag_sampler()
         sampler.startService()
         clock.advance(LAG_INTERVAL)

@@ -10,6 +10,7 @@ import json
 from twisted.internet import reactor
 from twisted.internet.defer import fail, gatherResults
 from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, RequestNotSent, ResponseNeverReceived
@@ -17,7 +18,7 @@ from twisted.web.client import Agent, RequestNotSent, ResponseNeverReceived
 from tests.fakes import FakeBackend
 from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
 from vespa.relay import Outcome, backend_pool
-from vespa.worker.resource import QuietSite, WorkerResource
+from vespa.worker.resource import QuietSite, WorkerResource, passthrough
 
 
 class _FlakyAgent:
@@ -192,6 +193,35 @@ class BackendFaultTests(TestCase):
         code, _ = await self.get(self.worker(agent=agent) + "/x")
         self.assertEqual(code, 502)
         self.assertEqual(agent.calls, 1)
+
+    async def test_broken_observer_is_logged_and_others_still_see_requests(self):
+        """An observer that raises is logged once per request with its name, the next
+        observer still sees every request, and the client gets its answer."""
+        seen = []
+
+        def broken(request, result, forward):
+            raise RuntimeError("observer bug")
+
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+        class Gate:
+            def admit(self, request):
+                return passthrough(request, cooperator)
+
+        resource = WorkerResource(
+            Gate(),
+            self.agent,
+            reactor,
+            self.backend_url,
+            observers=(broken, lambda request, result, forward: seen.append(result.status)),
+        )
+        url = listen(self, QuietSite(resource))
+        for path in ("/status/200", "/status/404"):
+            response = await self.http.get(url + path)
+            self.assertEqual(response.code, int(path[-3:]))
+            await response.content()
+        self.assertEqual(seen, [200, 404])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     async def test_internal_error_body_has_no_traceback(self):
         """An unexpected error inside the worker gives a JSON 500 with no traceback and no

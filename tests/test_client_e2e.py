@@ -218,6 +218,15 @@ class FormsTests(ClientTestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(self.autoscaler.calls, [])
 
+    async def test_health_counts_like_the_metrics(self):
+        """/.vespa/health counts a worker's 5xx answer as failed, a 4xx as served (as the
+        access log and the worker's metrics do)."""
+        url = self.start_client()
+        for path in ("/status/500", "/status/404"):
+            await self.call("GET", url + path)
+        _, body = await self.call("GET", url + "/.vespa/health")
+        self.assertEqual((json.loads(body)["served"], json.loads(body)["failed"]), (1, 1))
+
     async def test_malformed_cost_is_400(self):
         """A malformed X-Serverless-Cost is a 400 to the app, not silently 1.0."""
         url = self.start_client()
@@ -408,6 +417,22 @@ class RealWorkerTests(ClientTestCase):
         self.assertEqual(json.loads(seen[0].body), json.loads(payload))
         self.assertEqual([s.body for s in seen[1:]], [b"", data])
         self.assertEqual(seen[1].uri, b"/v1/models?a=1&a=2")
+
+    async def test_request_id_shared_with_the_worker(self):
+        """The proxy gives each request an X-Request-ID (or keeps the app's), and the worker
+        and backend see the same one, so one id follows a request through every log; a
+        refusal by the proxy itself carries one too."""
+        url = self.start_client()
+        response, _ = await self.call("GET", url + "/echo", headers={b"x-request-id": [b"app-7"]})
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"app-7"])
+        self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [b"app-7"])
+        response, _ = await self.call("GET", url + "/echo")
+        [made] = response.headers.getRawHeaders(b"x-request-id")
+        self.assertEqual(len(made), 32)
+        self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [made])
+        response, _ = await self.call("GET", url + "/x", headers={b"x-serverless-cost": [b"?"]})
+        self.assertEqual(response.code, 400)
+        self.assertEqual(len(response.headers.getRawHeaders(b"x-request-id", [])), 1)
 
     async def test_sse_through_a_real_worker(self):
         """Server-sent events stream through client and worker."""

@@ -9,6 +9,7 @@ import re
 from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -21,7 +22,7 @@ from tests.helpers import (
     start_worker,
     worker_url,
 )
-from vespa.logs import json_observer, mask
+from vespa.logs import json_observer
 
 
 def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
@@ -69,6 +70,29 @@ class AccessLogTests(TestCase):
             r"id=trace-42$",
         )
         self.assertNotIn("s3cret", line)
+
+    async def test_backend_failure_line_has_no_query_string(self) -> None:
+        """When the backend fails, the warning names the backend path, never the query string
+        (it may carry a signature or an app's key)."""
+        events = capture(self, "vespa.relay.ProxiedRequest")
+        for path in ("/reset", "/break"):
+            response = await self.http.get(self.url + path + "?api_key=s3cret")
+            try:
+                await response.content()
+            except ResponseFailed:
+                pass  # /break: the truncated answer is the honest one
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("/reset", lines[0])
+        self.assertNotIn("s3cret", "".join(lines) + repr(events))
+
+    async def test_backend_5xx_is_errored(self) -> None:
+        """A backend 5xx answer is logged as errored, as /metrics and the reports count it."""
+        response = await self.http.get(self.url + "/status/503")
+        await response.content()
+        [event] = self.events
+        self.assertEqual(event["outcome"], "errored")
+        self.assertRegex(formatEvent(event), r"^GET /status/503 503 errored ")
 
     async def test_request_id_round_trip(self) -> None:
         """A client's X-Request-ID reaches the backend and comes back; without one (or with
@@ -140,13 +164,3 @@ class JsonLogTests(TestCase):
         [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
         self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
-
-
-class MaskTests(TestCase):
-    def test_mask(self) -> None:
-        """Secrets are never shown in full: a short prefix and the length at most."""
-        token = "mtok-abcdefghijklmnop"
-        self.assertEqual(mask(token), "mtok...<21 chars>")
-        self.assertEqual(mask(b"short-secret"), "<12 chars>")
-        self.assertEqual(mask(""), "<empty>")
-        self.assertEqual(mask(None), "<empty>")

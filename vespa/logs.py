@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_logs -*-
 """
-The access-log line, ``--logger`` factories for twistd, and masking of secrets.
+The access-log line and ``--logger`` factories for twistd (secrets are masked where they are
+logged: ``vespa.worker.autoscaler.obfuscate``, ``vespa.client.keys.mask``).
 
 JSON lines (for journald, Loki, ...): ``twistd --logger vespa.logs.json_stdout -n vespa ...``.
 """
@@ -22,7 +23,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vespa import request_id
-from vespa.relay import RelayResult
+from vespa.relay import RelayResult, outcome_of
 
 _access = Logger(namespace="vespa.access")
 
@@ -42,7 +43,7 @@ def log_access(request: Request, result: RelayResult, forward: object) -> None:
         "-" if result.first_byte is None else f"{(result.first_byte - result.started) * 1000:.1f}ms"
     )
     rid = request_id.of(request)
-    outcome = result.outcome.value
+    outcome = outcome_of(result).value
     _access.info(
         "{line}",
         line=f"{method} {path} {result.status} {outcome} workload={workload:g} "
@@ -79,14 +80,3 @@ def json_observer(stream: IO[str]) -> ILogObserver:
 def json_stdout() -> ILogObserver:
     """twistd ``--logger`` factory: JSON lines on stdout (journald keeps one entry per line)."""
     return json_observer(sys.stdout)
-
-
-def mask(secret: str | bytes | None, shown: int = 4) -> str:
-    """A secret safe to log: its first ``shown`` characters and its length, never the rest
-    (short secrets are fully hidden)."""
-    if not secret:
-        return "<empty>"
-    text = secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
-    if len(text) <= shown * 3:
-        return f"<{len(text)} chars>"
-    return f"{text[:shown]}...<{len(text)} chars>"

@@ -168,6 +168,14 @@ class RelayResult:
     retry: bool = False
 
 
+def outcome_of(result: RelayResult) -> Outcome:
+    """How a finished request counts everywhere (reports, /metrics, the access log): a
+    relayed backend 5xx answer is an error, so a broken model shows as one."""
+    if result.outcome is Outcome.SERVED and result.status >= 500:
+        return Outcome.ERRORED
+    return result.outcome
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """A request body already in memory, written at once (cheaper than FileBodyProducer)."""
@@ -205,6 +213,11 @@ def body_producer(
     if size <= SMALL_BODY:
         return BytesProducer(content.read())
     return FileBodyProducer(content, cooperator)
+
+
+def _without_query(url: bytes) -> bytes:
+    """``url`` fit for a log line: its query string may carry a signature or an app's key."""
+    return url.split(b"?", 1)[0]
 
 
 def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
@@ -444,7 +457,7 @@ class ProxiedRequest:
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
                 method=self._method,
-                url=self._url,
+                url=_without_query(self._url),
                 why=why,
                 reason=failure.getErrorMessage(),
             )
@@ -476,7 +489,7 @@ class ProxiedRequest:
         self._log.warn(
             "{method} {url}: {error}: {detail}",
             method=self._method,
-            url=self._url,
+            url=_without_query(self._url),
             error=error,
             detail=detail,
         )

@@ -9,7 +9,6 @@ proxy on 127.0.0.1:8010. Everything listens on 127.0.0.1; nothing talks to Vast.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import socket
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from vespa.client.tap import build_client
 from vespa.emulator.registry import Endpoint
 from vespa.emulator.tap import (
     DEFAULT_ACCOUNT_KEY,
@@ -33,8 +33,9 @@ from vespa.sample_backend import SampleBackend
 from vespa.settings import (
     SIGNATURE_SHAPES,
     Settings,
-    VastEnvironment,
     choice,
+    load_client_settings,
+    load_settings,
     parse_count,
     parse_port,
     parse_positive_number,
@@ -86,51 +87,41 @@ def worker_settings(
     config: SandboxConfig, index: int, port: int, backend_url: str, autoscaler_url: str
 ) -> Settings:
     """A worker in signed mode in front of the sample backend, reporting to the emulator under
-    its loopback URL (what the emulator hands to clients and signs)."""
-    return dataclasses.replace(
-        Settings(),
-        backend_url=backend_url,
-        worker_port=port,
-        listen=(_listen(port),),
-        admin_listen="",  # several workers in one process: no shared admin port
-        unsecured=False,
-        signature_shapes=(config.shape,),  # a signature in the other shape would be a 401
-        backend="openai",
-        benchmark=SANDBOX_BENCHMARK,
-        benchmark_cache=benchmark_cache(config, index),
-        vast=VastEnvironment(
-            master_token=f"sandbox-mtoken-{index}",
-            report_addrs=(autoscaler_url,),
-            container_id=index,
-            public_url=f"http://{HOST}:{port}",
-        ),
-    )
+    its loopback URL (what the emulator hands to clients and signs). Built by load_settings
+    from flags and Vast variables, as ``twistd vespa`` builds it (never from os.environ)."""
+    flags = {
+        "backend_url": backend_url,
+        "listen": _listen(port),
+        "admin_listen": "none",  # several workers in one process: no shared admin port
+        "signature_shapes": config.shape,  # a signature in the other shape would be a 401
+        "backend": "openai",
+        "benchmark": SANDBOX_BENCHMARK,
+        "benchmark_cache": benchmark_cache(config, index),
+    }
+    vast = {
+        "MASTER_TOKEN": f"sandbox-mtoken-{index}",
+        "REPORT_ADDR": autoscaler_url,
+        "CONTAINER_ID": str(index),
+        "PUBLIC_IPADDR": HOST,
+        f"VAST_TCP_PORT_{port}": str(port),
+    }
+    return load_settings(flags, vast)
 
 
-def build_sandbox_client(
-    config: SandboxConfig, autoscaler_url: str, reactor: Any
-) -> IService | None:
-    """
-    The client proxy pointed at the emulator, turning the account key into the endpoint key
-    through the emulator's endpoint listing. None until the client (branch ``client``) is
-    part of the package.
-    """
-    try:
-        client_tap = importlib.import_module("vespa.client.tap")
-        client_settings = importlib.import_module("vespa.settings").ClientSettings
-    except (ImportError, AttributeError):
-        return None
-    settings = client_settings(
-        endpoint=config.endpoint.name,
-        account_key=config.account_key,
-        instance="local",
-        autoscaler_url=autoscaler_url,
-        console_url=autoscaler_url,
-        listen=(_listen(config.client_port),),
-        ca_cache=os.path.join(config.state_dir, "vast_root.cer"),
-    )
-    service: IService = client_tap.build_client(settings, reactor)
-    return service
+def build_sandbox_client(config: SandboxConfig, autoscaler_url: str, reactor: Any) -> IService:
+    """The client proxy pointed at the emulator, turning the account key into the endpoint key
+    through the emulator's endpoint listing."""
+    flags = {
+        "endpoint": config.endpoint.name,
+        "account_key": config.account_key,
+        "instance": "local",
+        "autoscaler_url": autoscaler_url,
+        "console_url": autoscaler_url,
+        "listen": _listen(config.client_port),
+        "ca_cache": os.path.join(config.state_dir, "vast_root.cer"),
+    }
+    settings = load_client_settings(flags, {})  # parsed as vespa-client parses its flags
+    return build_client(settings, reactor)
 
 
 class SandboxService(MultiService):
@@ -145,14 +136,14 @@ class SandboxService(MultiService):
         self.urls = urls
         self.autoscaler: AutoscalerService | None = None
         self.workers: list[WorkerService] = []
-        self.client: IService | None = None
+        self.client: IService | None = None  # set by build_sandbox
 
     def startService(self) -> None:
         super().startService()
-        self._log.info("{text}", text=instructions(self.config, self.urls, self.client is not None))
+        self._log.info("{text}", text=instructions(self.config, self.urls))
 
 
-def instructions(config: SandboxConfig, urls: dict[str, Any], has_client: bool) -> str:
+def instructions(config: SandboxConfig, urls: dict[str, Any]) -> str:
     """What the sandbox prints once it is up: where everything is and what to try."""
     plain = '{"model": "vespa-sample", "messages": [{"role": "user", "content": "hello"}]}'
     streaming = plain[:-1] + ', "stream": true}'
@@ -163,19 +154,14 @@ def instructions(config: SandboxConfig, urls: dict[str, Any], has_client: bool) 
         f"{config.tokens_per_second:g} tokens/s)",
         f"  autoscaler      {urls['autoscaler']}  (emulator; status page {urls['autoscaler']}/)",
         f"  workers         {', '.join(urls['workers'])}  (signed mode, {config.shape} shape)",
+        f"  client          {client}",
+        "Workers benchmark the backend first (a few seconds); the client waits for one.",
+        "Try:",
+        f"  curl {client}/v1/chat/completions -H 'content-type: application/json' -d '{plain}'",
+        f"  curl -N {client}/v1/chat/completions -H 'content-type: application/json' "
+        f"-d '{streaming}'",
+        f"  open {urls['autoscaler']}/ to watch routing and load",
     ]
-    if has_client:
-        lines += [
-            f"  client          {client}",
-            "Workers benchmark the backend first (a few seconds); the client waits for one.",
-            "Try:",
-            f"  curl {client}/v1/chat/completions -H 'content-type: application/json' -d '{plain}'",
-            f"  curl -N {client}/v1/chat/completions -H 'content-type: application/json' "
-            f"-d '{streaming}'",
-            f"  open {urls['autoscaler']}/ to watch routing and load",
-        ]
-    else:
-        lines.append("  client          not part of this installation (vespa.client missing)")
     return "\n".join(lines)
 
 
@@ -219,8 +205,7 @@ def build_sandbox(config: SandboxConfig, reactor: Any) -> SandboxService:
         worker.setServiceParent(sandbox)
         sandbox.workers.append(worker)
     sandbox.client = build_sandbox_client(config, urls["autoscaler"], reactor)
-    if sandbox.client is not None:
-        sandbox.client.setServiceParent(sandbox)
+    sandbox.client.setServiceParent(sandbox)
     return sandbox
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_plugin,tests.test_admin -*-
 """twistd options and makeService for the worker: the one place its objects are wired."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
-    metrics = admin.WorkerMetrics(state, clock)
+    metrics = admin.PrometheusMetrics(state, clock)
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
     vast = settings.vast
     load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
@@ -142,7 +142,11 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_stall_timeout,
     )
     site = QuietSite(resource, limits_from(settings), reactor=reactor)
-    metrics.count_connections(site)
+    metrics.register_gauge(
+        "vespa_open_connections",
+        "Client connections open on the worker listeners.",
+        lambda: site.open_connections,
+    )
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = load
     service.control_pool = control_pool
@@ -174,7 +178,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
 
 
 def _register_load_metrics(
-    metrics: admin.WorkerMetrics, load: WorkerMetrics, admission: Admission
+    metrics: admin.PrometheusMetrics, load: WorkerMetrics, admission: Admission
 ) -> None:
     """The serverless figures on /metrics, read at scrape time."""
     metrics.register_gauge(

@@ -32,6 +32,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from vespa import request_id
 from vespa.client.routing import Route, RouteError, Router, backoff
 from vespa.client.tls import CertificateError, WorkerTLSPolicy
 from vespa.headers import forwarded_request_headers
@@ -42,9 +43,11 @@ from vespa.relay import (
     ProxiedRequest,
     RelayResult,
     body_producer,
+    error_body,
+    outcome_of,
     write_error,
 )
-from vespa.worker.resource import Observer, request_has_body
+from vespa.worker.resource import Observer, notify, request_has_body
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"
@@ -246,6 +249,8 @@ class ClientResource(Resource):
             return self._own(request)
         started = self._clock.seconds()
         self.in_flight += 1
+        # Assigned here, so that the proxy's log, the worker's and the backend share one id.
+        request_id.assign(request)
         if not request.uri.startswith(b"/"):
             error = RouteError(400, "bad request target", "expected a path")
             self._done(self._refuse(request, error, started), request)
@@ -266,9 +271,7 @@ class ClientResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if request.path != HEALTH_PATH:
             request.setResponseCode(404)
-            return json.dumps(
-                {"error": "not found", "detail": "/.vespa/ paths are the proxy's own"}
-            ).encode()
+            return error_body("not found", "/.vespa/ paths are the proxy's own")
         status = {
             "status": "ok",
             "endpoint": self._router.endpoint,
@@ -345,12 +348,11 @@ class ClientResource(Resource):
 
     def _done(self, result: RelayResult, request: Request) -> None:
         self.in_flight -= 1
-        if result.outcome is Outcome.SERVED:
+        if outcome_of(result) is Outcome.SERVED:  # a worker's 5xx is a failure, as elsewhere
             self.served += 1
         else:
             self.failed += 1
-        for observer in self._observers:
-            observer(request, result, None)
+        notify(self._observers, request, result, None)
 
 
 def _worth_retrying(status: int | None) -> bool:

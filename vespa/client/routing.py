@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_routing -*-
+# -*- test-case-name: tests.test_client_e2e -*-
 """
 ``/route/`` calls (PROTOCOL.md 8.1): which worker serves a request, and the signed
 ``auth_data`` to send it. Waits through cold starts (replies without ``url``) by polling with

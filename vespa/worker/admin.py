@@ -5,7 +5,7 @@ text format, ``/healthz`` and ``/readyz``. Separate from the worker's listener, 
 outside signature checks and admission and shadows no backend path.
 
 Request metrics come from the WorkerResource observer hook (every outcome exactly once, O(1)
-per request). Other parts of the worker plug in gauges with :meth:`WorkerMetrics.register_gauge`
+per request). Other parts of the worker plug in gauges with :meth:`PrometheusMetrics.register_gauge`
 (a name, a help text and a callable read at scrape time).
 """
 
@@ -16,15 +16,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from vespa.relay import JSON, RelayResult
+from vespa.relay import JSON, RelayResult, error_body, outcome_of
 from vespa.worker.resource import QuietSite
 from vespa.worker.state import WorkerState
 
@@ -37,25 +37,18 @@ LAG_INTERVAL = 1.0  # seconds between reactor-lag samples
 
 
 class _ReadAtScrape(Collector):
-    """One metric whose value comes from a callable when Prometheus scrapes."""
+    """One gauge whose value comes from a callable when Prometheus scrapes."""
 
-    def __init__(
-        self,
-        family: type[GaugeMetricFamily] | type[CounterMetricFamily],
-        name: str,
-        help: str,
-        read: Callable[[], float],
-    ) -> None:
-        self._family = family
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
         self._name = name
         self._help = help
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
-        yield self._family(self._name, self._help, value=float(self._read()))
+        yield GaugeMetricFamily(self._name, self._help, value=float(self._read()))
 
 
-class WorkerMetrics:
+class PrometheusMetrics:
     """The worker's Prometheus metrics, in a registry of its own (never the global one)."""
 
     def __init__(self, state: WorkerState, clock: IReactorTime) -> None:
@@ -96,12 +89,6 @@ class WorkerMetrics:
             "How late the last reactor-lag timer fired (a busy or blocked reactor).",
             lambda: self.reactor_lag,
         )
-        self.open_connections = 0
-        self.register_gauge(
-            "vespa_open_connections",
-            "Client connections open on the worker listeners.",
-            lambda: self.open_connections,
-        )
         self.register_gauge("vespa_loaded", "1 once the backend is loaded.", lambda: state.loaded)
         self.register_gauge(
             "vespa_backend_healthy",
@@ -121,19 +108,15 @@ class WorkerMetrics:
 
     def register_gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         """A gauge whose value is ``read()`` at scrape time (e.g. queue depth, wait estimate)."""
-        self.registry.register(_ReadAtScrape(GaugeMetricFamily, name, help, read))
-
-    def register_counter(self, name: str, help: str, read: Callable[[], float]) -> None:
-        """A counter (``<name>_total``) whose value is ``read()`` at scrape time, for running
-        totals kept elsewhere (e.g. workload served, reports sent); it must never go down."""
-        self.registry.register(_ReadAtScrape(CounterMetricFamily, name, help, read))
+        self.registry.register(_ReadAtScrape(name, help, read))
 
     def observe(self, request: Request, result: RelayResult, forward: object) -> None:
-        """WorkerResource observer: count one finished request."""
+        """WorkerResource observer: count one finished request (a backend 5xx as errored,
+        as in the reports)."""
         method = request.method.decode("ascii", "replace")
         status = f"{result.status // 100}xx" if result.status else "none"
         self.requests.labels(
-            method if method in METHODS else "other", status, result.outcome.value
+            method if method in METHODS else "other", status, outcome_of(result).value
         ).inc()
         self.latency.observe(max(result.finished - result.started, 0.0))
         if result.first_byte is not None:
@@ -142,28 +125,6 @@ class WorkerMetrics:
         length = request.requestHeaders.getRawHeaders(b"content-length")
         if length and length[0].isdigit():  # chunked uploads are not counted
             self.bytes_in.inc(int(length[0]))
-
-    def count_connections(self, site: Site) -> None:
-        """Track open connections of ``site`` (wraps the protocols it builds)."""
-        build = site.protocol
-
-        def counted() -> Any:
-            protocol = build()
-            make, lost = protocol.makeConnection, protocol.connectionLost
-
-            def make_connection(transport: object) -> None:
-                self.open_connections += 1
-                make(transport)
-
-            def connection_lost(reason: object) -> None:
-                self.open_connections -= 1
-                lost(reason)
-
-            protocol.makeConnection = make_connection
-            protocol.connectionLost = connection_lost
-            return protocol
-
-        site.protocol = counted  # type: ignore[method-assign]
 
     def lag_sampler(self) -> TimerService:
         """A service measuring how late a LAG_INTERVAL timer fires."""
@@ -194,6 +155,14 @@ class _Answer(Resource):
         super().__init__()
         self._answer = answer
 
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):  # JSON, not twisted.web's HTML 405 page
+            request.setResponseCode(405)
+            request.setHeader(b"content-type", JSON)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return error_body("method not allowed", "the admin listener answers GET and HEAD")
+        return super().render(request)  # type: ignore[no-any-return]
+
     def render_GET(self, request: Request) -> bytes:
         code, content_type, body = self._answer()
         request.setResponseCode(code)
@@ -208,7 +177,7 @@ def _json(code: int, body: dict[str, Any]) -> tuple[int, bytes, bytes]:
     return code, JSON, json.dumps(body).encode("utf-8")
 
 
-def health(metrics: WorkerMetrics) -> Answer:
+def health(metrics: PrometheusMetrics) -> Answer:
     """Answered at all: the process runs and its reactor turns."""
     return lambda: _json(200, {"status": "alive", "reactor_lag": metrics.reactor_lag})
 
@@ -233,7 +202,7 @@ def readiness(state: WorkerState) -> Answer:
 class AdminResource(Resource):
     """``/metrics``, ``/healthz``, ``/readyz``; anything else is a JSON 404."""
 
-    def __init__(self, metrics: WorkerMetrics, state: WorkerState) -> None:
+    def __init__(self, metrics: PrometheusMetrics, state: WorkerState) -> None:
         super().__init__()
         self.putChild(b"metrics", _Answer(lambda: (200, METRICS_TYPE, metrics.render())))
         self.putChild(b"healthz", _Answer(health(metrics)))
@@ -251,5 +220,5 @@ class AdminResource(Resource):
 class AdminSite(QuietSite):
     """The admin listener's site (its own name in the logs: "AdminSite starting on 9090")."""
 
-    def __init__(self, metrics: WorkerMetrics, state: WorkerState) -> None:
+    def __init__(self, metrics: PrometheusMetrics, state: WorkerState) -> None:
         super().__init__(AdminResource(metrics, state))

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from vespa.relay import describe_failure
 from vespa.signing import load_public_key
 from vespa.worker.envelope import dump_json, loads
 from vespa.worker.metrics import Finished
@@ -104,7 +105,7 @@ class AutoscalerClient:
             except CancelledError:
                 raise
             except Exception as e:  # any failure of one address: try the next one
-                problems.append(f"{addr}: {_reason(e)}")
+                problems.append(f"{addr}: {describe_failure(Failure(e))}")
                 continue
             return addr
         raise AutoscalerError("; ".join(problems) or "no REPORT_ADDR")
@@ -162,21 +163,12 @@ class AutoscalerClient:
             except CancelledError:
                 raise
             except Exception as e:  # unreachable, HTTP error or not a key: next address
-                problems.append(f"{addr}: {_reason(e)}")
+                problems.append(f"{addr}: {describe_failure(Failure(e))}")
         raise AutoscalerError("; ".join(problems) or "no REPORT_ADDR")
 
     def fetch_pubkey(self) -> Deferred[rsa.RSAPublicKey]:
         """GET /pubkey/ from each address in order until one answers with an RSA key."""
         return Deferred.fromCoroutine(self._pubkey())
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, CancelledError):
-        return "timed out"
-    reasons = getattr(error, "reasons", None)  # ResponseNeverReceived and friends
-    if reasons:
-        error = reasons[0].value
-    return str(error) or type(error).__name__
 
 
 class PublicKeyStore(Service):

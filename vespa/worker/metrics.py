@@ -28,7 +28,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vespa.relay import Outcome, RelayResult
+from vespa.relay import Outcome
+from vespa.relay import outcome_of as outcome_of  # re-exported: the gate imports it here
 from vespa.settings import VastEnvironment
 from vespa.worker.state import WorkerState
 
@@ -46,7 +47,10 @@ STATUS = {
 
 
 @dataclass
-class InFlight:
+class Admitted:
+    """One entry of the in-flight table (vespa.worker.resource.InFlight is the drain's set of
+    open requests, a different thing)."""
+
     workload: float
     request_idx: int | None
     entered: float  # wall time it was admitted (queued or not)
@@ -94,13 +98,6 @@ class Report:
     changes: int
 
 
-def outcome_of(result: RelayResult) -> Outcome:
-    """How a relayed request counts: a backend 5xx answer is an error."""
-    if result.outcome is Outcome.SERVED and result.status >= 500:
-        return Outcome.ERRORED
-    return result.outcome
-
-
 class WorkerMetrics:
     """Counters, in-flight table and finished queue; read by the reporter and admission."""
 
@@ -123,7 +120,7 @@ class WorkerMetrics:
         self._backlog = backlog
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
-        self.in_flight: dict[int, InFlight] = {}
+        self.in_flight: dict[int, Admitted] = {}
         self.load = 0.0  # workload in flight, queued requests included
         self.window = Window()
         self.received_count = 0
@@ -138,7 +135,7 @@ class WorkerMetrics:
     def start(self, workload: float, request_idx: int | None) -> int:
         """A request was admitted (it may still wait for a slot); returns its id."""
         token = next(self._ids)
-        self.in_flight[token] = InFlight(workload, request_idx, self._clock.seconds())
+        self.in_flight[token] = Admitted(workload, request_idx, self._clock.seconds())
         self.load += workload
         self.window.received += workload
         self.received_count += 1

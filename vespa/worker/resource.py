@@ -1,8 +1,8 @@
-# -*- test-case-name: tests.test_worker_resource -*-
+# -*- test-case-name: tests.test_relay,tests.test_backend_faults,tests.test_cancellation -*-
 """
 The worker's one resource: any method on any path. Each request goes through a gate (the
-verdict: passthrough, or signature + admission) and then through the relay; observers see
-every outcome exactly once.
+verdict: lifecycle's readiness check around vespa.worker.gate: auth form, signature unless
+UNSECURED, admission) and then through the relay; observers see every outcome exactly once.
 """
 
 from __future__ import annotations
@@ -227,8 +227,25 @@ class WorkerResource(Resource):
         self._notify(request, result, None)
 
     def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
-        for observer in self._observers:
+        notify(self._observers, request, result, forward)
+
+
+def notify(
+    observers: tuple[Observer, ...],
+    request: Request,
+    result: RelayResult,
+    forward: Forward | None,
+) -> None:
+    """Tell every observer; one that raises is logged and the others still hear of it (the
+    relay's Deferred chains end here, so nothing would report the error otherwise)."""
+    for observer in observers:
+        try:
             observer(request, result, forward)
+        except Exception:
+            _observer_log.failure("observer {observer!r} failed", observer=observer)
+
+
+_observer_log = Logger()
 
 
 _CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters

@@ -2,7 +2,8 @@
 """
 The worker's top service: its children start in order. Stopping is a graceful drain: mark
 draining, run the drain hooks (the final report), stop listening, let in-flight requests finish
-up to the drain timeout, abort what is left, stop the other children and close the pool.
+up to the drain timeout, abort what is left, stop the other children and close the pools
+(backend, then autoscaler).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_worker_state -*-
+# -*- test-case-name: tests.test_lifecycle,tests.test_gate -*-
 """
 The worker's readiness, shared by the lifecycle (which writes it), the request gate (which
 refuses requests until the worker is loaded) and the reporter (which sends it to the autoscaler).
