@@ -179,9 +179,9 @@ endpoint_path() {
 
 run_vespa() {
     STEP="starting Vespa"
-    local listen="tcp:$WORKER_PORT" extra=() child tee_pid status=0 errors last
+    local listen="tcp:$WORKER_PORT:backlog=1024" extra=() child tee_pid status=0 errors last
     if [ "$USE_SSL" = true ]; then
-        listen="ssl:$WORKER_PORT:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
+        listen="ssl:$WORKER_PORT:backlog=1024:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
     fi
     read -r -a extra <<<"$VESPA_ARGS"
     log "starting Vespa on $listen"

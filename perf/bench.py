@@ -27,6 +27,8 @@ from report import plot, render
 # twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 HERE = Path(__file__).resolve().parent
+# Loopback only, with the listen backlog of Vespa's default listener (--worker-port).
+VESPA_LISTEN = "tcp:{port}:interface=127.0.0.1:backlog=1024"
 REPO = HERE.parent
 SMALL_JSON = (
     '{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
@@ -200,14 +202,17 @@ class Bench:
         found = [Target("nginx", base, [])]
         for index, (name, python) in enumerate(self.builds):
             argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa", "--unsecured", "true"]
-            argv += ["--backend-url", "{backend_url}", "--listen", "tcp:{port}:interface=127.0.0.1"]
+            argv += ["--backend-url", "{backend_url}", "--listen", VESPA_LISTEN]
             found.append(Target(name, base + 1 + index, argv))
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
         if signed and self.signed_envelope:
-            argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
-            argv += ["--backend-url", "{backend_url}", "--listen", "tcp:{port}:interface=127.0.0.1"]
-            found.append(Target("vespa-signed", base + 40, argv, signed=True))
+            for index, (name, python) in enumerate(self.builds):
+                argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
+                argv += ["--backend-url", "{backend_url}"]
+                argv += ["--listen", VESPA_LISTEN]
+                signed_name = name.replace("vespa", "vespa-signed", 1)
+                found.append(Target(signed_name, base + 40 + index, argv, signed=True))
         return found
 
     def start_targets(
@@ -416,7 +421,9 @@ class Bench:
         self.signed_envelope = ""
         if "S2" in a.scenarios and a.signed:
             self.start_autoscaler()
-            self.results["targets"].append("vespa-signed")
+            self.results["targets"] += [
+                name.replace("vespa", "vespa-signed", 1) for name, _ in self.builds
+            ]
         nginx_backend = (a.port_base, self.backend_pid)
         python_backend = (a.port_base + 1, self.sse_backend_pid)
         big = "/files/blob.bin"

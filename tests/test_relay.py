@@ -13,7 +13,9 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import URI
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -237,7 +239,7 @@ class FormBodyTests(TestCase):
 class BackendEndpointTests(TestCase):
     def test_one_endpoint_per_backend(self):
         """The relay makes one endpoint per backend and reuses it; https gets TLS."""
-        endpoints = _CachedEndpoints(MemoryReactorClock())
+        endpoints = _CachedEndpoints(MemoryReactorClock(), None, None)
         first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/a"))
         again = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/b?x=1"))
         other = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/a"))
@@ -246,3 +248,24 @@ class BackendEndpointTests(TestCase):
         self.assertIsInstance(first, HostnameEndpoint)
         self.assertIsNot(other, first)
         self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
+
+    def test_bounded_and_policy(self):
+        """The client proxy meets many workers: only the last MAX_ENDPOINTS are kept, and
+        https endpoints use the TLS policy given (the client's, trusting the Vast CA)."""
+        asked = []
+
+        @implementer(IPolicyForHTTPS)
+        class Policy:
+            def creatorForNetloc(self, hostname, port):
+                asked.append((hostname, port))
+                return BrowserLikePolicyForHTTPS().creatorForNetloc(hostname, port)
+
+        endpoints = _CachedEndpoints(MemoryReactorClock(), None, Policy())
+        limit = _CachedEndpoints.MAX_ENDPOINTS
+        first = endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:1/"))
+        self.assertEqual(asked, [(b"127.0.0.1", 1)])
+        for port in range(2, limit + 2):
+            endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:%d/" % port))
+        self.assertEqual(len(endpoints._made), limit)
+        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:1/")), first)
+        self.assertEqual(len(asked), 2)  # the first was dropped and made again

@@ -74,7 +74,9 @@ class SettingsTests(SynchronousTestCase):
 
     def test_listen_default_and_port(self):
         """--listen defaults to tcp:$WORKER_PORT, and a tcp: listener sets the port."""
-        self.assertEqual(load_settings({}, {"WORKER_PORT": "4000"}).listen, ("tcp:4000",))
+        self.assertEqual(
+            load_settings({}, {"WORKER_PORT": "4000"}).listen, ("tcp:4000:backlog=1024",)
+        )
         settings = load_settings({"listen": "tcp:5000:interface=127.0.0.1 unix:/tmp/x.sock"}, {})
         self.assertEqual(settings.listen, ("tcp:5000:interface=127.0.0.1", "unix:/tmp/x.sock"))
         self.assertEqual(settings.worker_port, 5000)

@@ -121,3 +121,80 @@ class RoundTripTests(SynchronousTestCase):
         signed = {**auth, "signature": signing.sign(PRIVATE, auth, shape)}
         self.assertEqual(signing.verify(PUBLIC, signed, (shape,)), shape)
         self.assertIsNone(signing.verify(PUBLIC, {**signed, "url": signed["url"] + "x"}, (shape,)))
+
+
+class CountingKey:
+    """A public key that counts the RSA checks it is asked to do."""
+
+    def __init__(self, key):
+        self.key = key
+        self.checks = 0
+
+    def verify(self, *args):
+        self.checks += 1
+        return self.key.verify(*args)
+
+
+URL_AUTH = {"cost": 1, "endpoint": "e", "reqnum": 1, "request_idx": 2, "url": "http://w:1"}
+
+
+class VerifiedCacheTests(SynchronousTestCase):
+    def signed(self, shape="url", private=PRIVATE, **changes):
+        auth = {**URL_AUTH, **changes}
+        return {**auth, "signature": signing.sign(private, auth, shape)}
+
+    def test_repeat_skips_rsa(self):
+        """A url-shaped signature seen before is accepted without a second RSA check, even
+        when the unsigned fields (reqnum, cost) differ."""
+        key, cache = CountingKey(PUBLIC), signing.VerifiedCache()
+        auth = self.signed()
+        self.assertEqual(signing.verify(key, auth, ("url",), cache), "url")
+        self.assertEqual(signing.verify(key, {**auth, "reqnum": 2}, ("url",), cache), "url")
+        self.assertEqual(key.checks, 1)
+
+    def test_other_message_is_checked(self):
+        """The cached signature does not vouch for another message: a changed url is checked
+        with RSA and refused."""
+        key, cache = CountingKey(PUBLIC), signing.VerifiedCache()
+        auth = self.signed()
+        signing.verify(key, auth, ("url",), cache)
+        self.assertIsNone(signing.verify(key, {**auth, "url": "http://x:1"}, ("url",), cache))
+        self.assertEqual(key.checks, 2)
+
+    def test_failures_are_not_cached(self):
+        """A signature that fails is checked again each time and never passes."""
+        key, cache = CountingKey(PUBLIC), signing.VerifiedCache()
+        forged = {**self.signed(), "url": "http://x:1"}
+        for _ in range(3):
+            self.assertIsNone(signing.verify(key, forged, ("url",), cache))
+        self.assertEqual(key.checks, 3)
+
+    def test_rotation_empties_the_cache(self):
+        """After the key changes, a message signed with the old key is refused, although it
+        was cached as verified under the old one."""
+        cache = signing.VerifiedCache()
+        old_private = signing.generate_private_key()
+        auth = self.signed(private=old_private)
+        self.assertEqual(signing.verify(old_private.public_key(), auth, ("url",), cache), "url")
+        self.assertIsNone(signing.verify(PUBLIC, auth, ("url",), cache))
+
+    def test_bounded(self):
+        """Only the last ``size`` verified messages are remembered; older ones cost an RSA
+        check again."""
+        key, cache = CountingKey(PUBLIC), signing.VerifiedCache(size=2)
+        first, second, third = (self.signed(url=f"http://w:{n}") for n in (1, 2, 3))
+        for auth in (first, second, first, third, first, second):
+            self.assertEqual(signing.verify(key, auth, ("url",), cache), "url")
+        # first, second: checked; first: hit (now newest); third: checked, evicts second;
+        # first: hit; second: checked again.
+        self.assertEqual(key.checks, 4)
+
+    def test_shape_in_entry(self):
+        """A five-field signature is cached per message too (every reqnum is a new message)."""
+        key, cache = CountingKey(PUBLIC), signing.VerifiedCache()
+        for reqnum in (1, 1, 2):
+            auth = self.signed("five-field", reqnum=reqnum)
+            self.assertEqual(signing.verify(key, auth, ("url", "five-field"), cache), "five-field")
+        # reqnum 1: url fails + five-field passes; repeat: url fails again (failures are not
+        # cached), five-field hit; reqnum 2: url fails + five-field passes.
+        self.assertEqual(key.checks, 5)

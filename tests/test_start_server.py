@@ -141,7 +141,9 @@ class StartServerTests(TestCase):
         self.assertEqual(
             self.calls(), [f"venv {self.venv}", "pip -m pip install -q /src/vespa", "twistd ran"]
         )
-        self.assertEqual(self.twistd_args(), ["-n", "--pidfile=", "vespa", "--listen", "tcp:3000"])
+        self.assertEqual(
+            self.twistd_args(), ["-n", "--pidfile=", "vespa", "--listen", "tcp:3000:backlog=1024"]
+        )
         self.assertEqual(self.beacons(), [[], []])
 
     async def test_reuses_virtualenv(self) -> None:
@@ -170,7 +172,9 @@ class StartServerTests(TestCase):
         with open(self.env["SSL_CERT"], "rb") as f:
             self.assertEqual(f.read(), pem)
         key, cert = self.env["SSL_KEY"], self.env["SSL_CERT"]
-        self.assertEqual(self.twistd_args()[-1], f"ssl:3000:privateKey={key}:certKey={cert}")
+        self.assertEqual(
+            self.twistd_args()[-1], f"ssl:3000:backlog=1024:privateKey={key}:certKey={cert}"
+        )
         self.assertEqual(self.beacons(), [[], []])
 
     async def test_signer_error_is_fatal(self) -> None:

@@ -48,7 +48,9 @@ class TLSTests(TestCase):
             "VAST_TCP_PORT_3443": "43443",
         }
         settings = load_settings({}, env)
-        self.assertEqual(settings.listen, (f"ssl:3443:privateKey={self.key}:certKey={self.cert}",))
+        self.assertEqual(
+            settings.listen, (f"ssl:3443:backlog=1024:privateKey={self.key}:certKey={self.cert}",)
+        )
         self.assertEqual(settings.vast.public_url, "https://203.0.113.7:43443")
 
     def test_missing_certificate(self) -> None:

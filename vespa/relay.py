@@ -44,6 +44,7 @@ from twisted.web.iweb import (
     IAgent,
     IAgentEndpointFactory,
     IBodyProducer,
+    IPolicyForHTTPS,
     IResponse,
 )
 from zope.interface import implementer
@@ -96,19 +97,26 @@ class _CachedEndpoints:
     """
     One endpoint per (scheme, host, port), made once. Agent's default factory builds a new
     endpoint (and its TLS options) for every request, about 4% of the worker's CPU per small
-    request, although the relay always talks to the same backend.
+    request, although the relay always talks to the same backend. The client proxy talks to
+    whichever workers the autoscaler routes to, so at most MAX_ENDPOINTS are kept (oldest out).
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float | None = None) -> None:
+    MAX_ENDPOINTS = 256
+
+    def __init__(
+        self, reactor: Any, connect_timeout: float | None, tls: IPolicyForHTTPS | None
+    ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
-        self._tls = BrowserLikePolicyForHTTPS()
+        self._tls = tls or BrowserLikePolicyForHTTPS()
         self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._made.get(key)
         if endpoint is None:
+            if len(self._made) >= self.MAX_ENDPOINTS:
+                del self._made[next(iter(self._made))]
             host = uri.host.decode("ascii")
             endpoint = (
                 HostnameEndpoint(self._reactor, host, uri.port)
@@ -123,11 +131,15 @@ class _CachedEndpoints:
 
 
 def backend_agent(
-    reactor: Any, pool: HTTPConnectionPool, connect_timeout: float | None = None
+    reactor: Any,
+    pool: HTTPConnectionPool,
+    connect_timeout: float | None = None,
+    tls: IPolicyForHTTPS | None = None,
 ) -> IAgent:
     """The relay's Agent: connections from ``pool``, endpoints made once per backend,
-    giving up on a connection attempt after ``connect_timeout`` seconds (None: Twisted's 30)."""
-    endpoints = _CachedEndpoints(reactor, connect_timeout)
+    giving up on a connection attempt after ``connect_timeout`` seconds (None: Twisted's 30),
+    https checked by ``tls`` (None: Twisted's browser-like policy)."""
+    endpoints = _CachedEndpoints(reactor, connect_timeout, tls)
     agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return agent
 

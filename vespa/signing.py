@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -81,12 +82,45 @@ def sign(key: rsa.RSAPrivateKey, auth_data: Mapping[str, Any], shape: str) -> st
     return base64.b64encode(signature).decode("ascii")
 
 
+class VerifiedCache:
+    """
+    The last ``size`` (shape, message, signature) triples that verified with one key. With the
+    ``url`` shape every request to a worker carries the same signed message, so a hit saves the
+    RSA check on all but the first. Bound to the key object it was filled with: a different key
+    (a rotation) empties it, so nothing verified with an old key is accepted under a new one.
+    Only successes are stored; replay checks happen after verification and are unaffected.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._key: rsa.RSAPublicKey | None = None
+        self._verified: OrderedDict[tuple[str, bytes, bytes], None] = OrderedDict()
+
+    def hit(self, key: rsa.RSAPublicKey, entry: tuple[str, bytes, bytes]) -> bool:
+        if key is not self._key or entry not in self._verified:
+            return False
+        self._verified.move_to_end(entry)
+        return True
+
+    def add(self, key: rsa.RSAPublicKey, entry: tuple[str, bytes, bytes]) -> None:
+        if key is not self._key:
+            self._key = key
+            self._verified.clear()
+        self._verified[entry] = None
+        if len(self._verified) > self._size:
+            self._verified.popitem(last=False)
+
+
 def verify(
-    key: rsa.RSAPublicKey, auth_data: Mapping[str, Any], shapes: Iterable[str]
+    key: rsa.RSAPublicKey,
+    auth_data: Mapping[str, Any],
+    shapes: Iterable[str],
+    cache: VerifiedCache | None = None,
 ) -> str | None:
     """
     The first shape in ``shapes`` whose message the signature verifies, or None. Any decoding
-    problem (bad base64, missing field, wrong type) counts as "does not verify".
+    problem (bad base64, missing field, wrong type) counts as "does not verify". With ``cache``,
+    a (shape, message, signature) that verified before with this same key is not checked again.
     """
     signature_text = auth_data.get("signature")
     if not isinstance(signature_text, str) or not signature_text:
@@ -100,9 +134,14 @@ def verify(
             message = canonical_message(auth_data, shape)
         except (KeyError, TypeError, ValueError):
             continue
+        entry = (shape, message, signature)
+        if cache is not None and cache.hit(key, entry):
+            return shape
         try:
             key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
         except InvalidSignature:
             continue
+        if cache is not None:
+            cache.add(key, entry)
         return shape
     return None

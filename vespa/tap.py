@@ -53,7 +53,8 @@ class Options(usage.Options):
         self.settings = Settings()
 
     def opt_listen(self, description: str) -> None:
-        """Listen here, e.g. tcp:3000; repeatable [env LISTEN; default tcp:WORKER_PORT]"""
+        """Listen here, e.g. tcp:3000; repeatable
+        [env LISTEN; default tcp:WORKER_PORT:backlog=1024]"""
         self["listen"].append(description)
 
     def postOptions(self) -> None:

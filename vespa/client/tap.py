@@ -33,7 +33,7 @@ from vespa.client.routing import Router
 from vespa.client.service import ClientService
 from vespa.client.tls import WorkerTLSPolicy
 from vespa.logs import log_access
-from vespa.relay import backend_pool, quiet_pool
+from vespa.relay import backend_agent, backend_pool, quiet_pool
 from vespa.settings import (
     CLIENT_OPTIONS,
     ClientSettings,
@@ -132,7 +132,7 @@ def build_client(
     )
     tls = WorkerTLSPolicy(http, clock, settings.ca_file, settings.ca_cache)
     worker_pool = backend_pool(reactor)
-    agent = Agent(reactor, contextFactory=tls, pool=worker_pool)
+    agent = backend_agent(reactor, worker_pool, tls=tls)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.client_access_log else ()
     resource = ClientResource(

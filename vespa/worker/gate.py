@@ -26,7 +26,7 @@ from twisted.web.server import Request
 
 from vespa.headers import forwarded_request_headers
 from vespa.relay import BytesProducer, Outcome, RelayResult
-from vespa.signing import verify
+from vespa.signing import VerifiedCache, verify
 from vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vespa.worker.autoscaler import PublicKeyStore
 from vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap
@@ -115,6 +115,7 @@ class SignedGate:
         self._blocked = blocked_paths
         self._public_url = public_url
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
+        self._signatures = VerifiedCache()
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         pattern = blocked(request.uri, self._blocked)
@@ -164,7 +165,7 @@ class SignedGate:
                 "the autoscaler's public key has not been fetched yet",
                 {b"retry-after": KEY_RETRY_AFTER},
             )
-        if verify(keys.key, auth, self._shapes) is not None:
+        if verify(keys.key, auth, self._shapes, self._signatures) is not None:
             return self._hardened(request, unwrapped)
         if refresh and keys.stale():
             # Maybe the key was rotated: fetch it again, then check once more.
