@@ -139,8 +139,25 @@ class SandboxService(MultiService):
         self.client: IService | None = None  # set by build_sandbox
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except Exception:
+            # A port was taken: forget what never started, so that stopService stops exactly
+            # what did (MultiService would also "stop" the services that never started).
+            _forget_unstarted(self)
+            raise
         self._log.info("{text}", text=instructions(self.config, self.urls))
+
+
+def _forget_unstarted(collection: MultiService) -> None:
+    for child in list(collection):
+        if not child.running:
+            # Not disownServiceParent: that would stop it, and it never started.
+            collection.services.remove(child)
+            collection.namedServices.pop(child.name, None)
+            child.parent = None
+        elif isinstance(child, MultiService):
+            _forget_unstarted(child)
 
 
 def instructions(config: SandboxConfig, urls: dict[str, Any]) -> str:
