@@ -56,8 +56,18 @@ class ClientPluginTests(SynchronousTestCase):
     def test_autoscaler_url_wins(self):
         """--autoscaler-url overrides the instance's URL."""
         options = tap.Options()
-        options.parseOptions(["--endpoint", "e", "--autoscaler-url", "http://127.0.0.1:9/"])
+        options.parseOptions(
+            ["--endpoint", "e", "--api-key", "k", "--autoscaler-url", "http://127.0.0.1:9/"]
+        )
         self.assertEqual(options.settings.route_base, "http://127.0.0.1:9")
+
+    def test_key_required_under_twistd(self):
+        """twistd vespa-client with no key anywhere exits with one line naming the key sources,
+        instead of starting and answering every request 401."""
+        missing = self.mktemp()
+        with self.assertRaises(SystemExit) as caught:
+            tap.Options().parseOptions(["--endpoint", "e", "--account-key-file", missing])
+        self.assertIn("vespa-client: no key: pass --api-key", str(caught.exception))
 
     def test_endpoint_required_under_twistd(self):
         """twistd vespa-client without an endpoint exits with one line saying what to pass."""

@@ -92,6 +92,16 @@ class Options(usage.Options):
                 "vespa-client: no endpoint: pass --endpoint NAME or set VAST_ENDPOINT "
                 "(`vespa-client --list` shows your endpoints)"
             )
+        if not self.endpoint_optional():
+            try:
+                has_key = bool(self.settings.api_key or read_account_key(self.settings))
+            except KeyLookupError as e:
+                raise SystemExit(f"vespa-client: {e}") from None
+            if not has_key:
+                raise SystemExit(
+                    "vespa-client: no key: pass --api-key (the endpoint key) or an account key "
+                    f"(--account-key, VAST_ACCOUNT_KEY or {self.settings.account_key_file})"
+                )
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
