@@ -189,13 +189,13 @@ class BytesProducer:
         return succeed(None)
 
     def pauseProducing(self) -> None:
-        pass  # everything was written in startProducing
+        """Nothing to pause: everything was written in startProducing."""
 
     def resumeProducing(self) -> None:
-        pass
+        """Nothing to resume."""
 
     def stopProducing(self) -> None:
-        pass
+        """Nothing to stop."""
 
 
 def body_producer(

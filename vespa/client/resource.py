@@ -175,7 +175,7 @@ class _KeepOpen:
         return self._wrapped.tell()
 
     def close(self) -> None:
-        pass  # twisted.web closes the real file when the request is over
+        """Leave the real file open: twisted.web closes it when the request is over."""
 
 
 def _size(content: _KeepOpen) -> int:
