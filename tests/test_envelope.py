@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from vespa.signing import canonical_message
+from vespa.worker import envelope
 from vespa.worker.envelope import AuthError, loads, unwrap
 
 AUTH = {
@@ -140,6 +141,29 @@ class EnvelopeTests(SynchronousTestCase):
             self.assertEqual((got.auth, got.body, got.target), (None, None, b"/"))
         got = unwrap(b"GET", b"/x?serverless_cost=abc", None, body(b""), True)
         self.assertEqual((got.auth, got.target), (None, b"/x?serverless_cost=abc"))
+
+    def test_unsecured_large_json_is_scanned_not_read_whole(self):
+        """UNSECURED: a large plain JSON upload is never read into memory at once, and an
+        envelope key split across two read chunks is still found."""
+        reads: list[int] = []
+
+        class Recording(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                data = super().read(size)
+                reads.append(len(data))
+                return data
+
+        big = b'{"prompt": "' + b"x" * (5 * envelope.SCAN_CHUNK) + b'"}'
+        got = unwrap(b"POST", b"/", None, Recording(big), True)
+        self.assertEqual((got.auth, got.body), (None, None))
+        self.assertLessEqual(max(reads), envelope.SCAN_CHUNK)
+        split = envelope.SCAN_CHUNK - 5  # '"auth_data"' straddles the first chunk boundary
+        raw = json.dumps({"payload": "y" * (split - 13), "auth_data": AUTH}).encode()
+        start = raw.index(envelope.ENVELOPE_KEY)
+        self.assertLess(start, envelope.SCAN_CHUNK)
+        self.assertGreater(start + len(envelope.ENVELOPE_KEY), envelope.SCAN_CHUNK)
+        got = unwrap(b"POST", b"/", None, io.BytesIO(raw), True)
+        self.assertEqual(got.auth, AUTH)
 
 
 json_values = st.recursive(

@@ -204,6 +204,22 @@ def from_query(uri: bytes) -> Unwrapped | None:
     return Unwrapped(auth, target, None, "query")
 
 
+ENVELOPE_KEY = b'"auth_data"'
+SCAN_CHUNK = 1 << 20
+
+
+def _mentions(body: IO[bytes], needle: bytes) -> bool:
+    """Whether ``needle`` occurs in ``body``, read a chunk at a time (a large upload in
+    unsecured mode must not be read whole just to learn that it is not an envelope)."""
+    body.seek(0)
+    tail = b""
+    while chunk := body.read(SCAN_CHUNK):
+        if needle in tail + chunk[: len(needle)] or needle in chunk:
+            return True
+        tail = chunk[-(len(needle) - 1) :]
+    return False
+
+
 def unwrap(
     method: bytes,
     uri: bytes,
@@ -228,11 +244,10 @@ def unwrap(
             body.seek(0)
             if unsecured and body.read(1024).lstrip()[:1] != b"{":
                 return Unwrapped(None, uri)  # not JSON: never read a large upload whole
+            if unsecured and not _mentions(body, ENVELOPE_KEY):
+                return Unwrapped(None, uri)  # plain JSON: neither parsed nor held in memory
             body.seek(0)
-            content = body.read()
-            if unsecured and b'"auth_data"' not in content:
-                return Unwrapped(None, uri)  # plain JSON: no need to parse it
-            return from_envelope(content, uri)
+            return from_envelope(body.read(), uri)
         if method in QUERY_METHODS:
             found = from_query(uri)
             if found is not None:
