@@ -8,7 +8,7 @@ import re
 
 from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -22,7 +22,7 @@ from tests.helpers import (
     start_worker,
     worker_url,
 )
-from vespa.logs import json_observer
+from vespa.logs import json_observer, mask
 
 
 def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
@@ -164,3 +164,11 @@ class JsonLogTests(TestCase):
         [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
         self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
+
+
+class MaskTests(SynchronousTestCase):
+    def test_mask(self):
+        """A masked secret keeps its first 4 characters; short or empty ones show nothing."""
+        self.assertEqual(mask("secret-token-123456"), "secr...")
+        self.assertEqual(mask("short-secret"), "****")
+        self.assertEqual(mask(""), "(none)")

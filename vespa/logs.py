@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_logs -*-
 """
-The access-log line and ``--logger`` factories for twistd (secrets are masked where they are
-logged: ``vespa.worker.autoscaler.obfuscate``, ``vespa.client.keys.mask``).
+The access-log line, ``--logger`` factories for twistd, and :func:`mask`, the one way a
+secret (MASTER_TOKEN, API keys) may appear in a log line or an error body.
 
 JSON lines (for journald, Loki, ...): ``twistd --logger vespa.logs.json_stdout -n vespa ...``.
 """
@@ -26,6 +26,15 @@ from vespa import request_id
 from vespa.relay import RelayResult, outcome_of
 
 _access = Logger(namespace="vespa.access")
+
+
+def mask(secret: str) -> str:
+    """A secret as it may appear in logs: enough to tell two apart, not enough to use one."""
+    if not secret:
+        return "(none)"
+    if len(secret) <= 12:
+        return "****"
+    return secret[:4] + "..."
 
 
 def log_access(request: Request, result: RelayResult, forward: object) -> None:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from vespa.logs import mask
 from vespa.settings import ClientSettings
 
 LIST_TIMEOUT = 10.0
@@ -29,15 +30,6 @@ LIST_TIMEOUT = 10.0
 
 class KeyLookupError(Exception):
     """No usable endpoint key; the message tells the user what to pass."""
-
-
-def mask(key: str) -> str:
-    """A key as it may appear in logs: enough to tell keys apart, not enough to use one."""
-    if not key:
-        return "(none)"
-    if len(key) <= 12:
-        return "*" * 4
-    return key[:4] + "..." + key[-4:]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from vespa.client.keys import KeyLookupError, mask
+from vespa.client.keys import KeyLookupError
+from vespa.logs import mask
 from vespa.relay import describe_failure
 
 # One /route/ HTTP call may take this long before it counts as a network error.

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from vespa.logs import mask
 from vespa.relay import describe_failure
 from vespa.signing import load_public_key
 from vespa.worker.envelope import dump_json, loads
@@ -32,11 +33,6 @@ JSON_HEADERS = Headers({b"Content-Type": [b"application/json"]})
 
 class AutoscalerError(Exception):
     """No address accepted the call; the message says what each one answered."""
-
-
-def obfuscate(token: str) -> str:
-    """A secret as it may appear in logs (PROTOCOL 1.1): its first 4 characters at most."""
-    return token[:4] + "..." if len(token) > 8 else "*" * len(token)
 
 
 def pem_from(body: bytes) -> bytes:
@@ -74,8 +70,8 @@ class AutoscalerClient:
         self._delete_format = delete_format
 
     def describe(self) -> str:
-        """For the start-up log line: addresses and the obfuscated token."""
-        return f"{', '.join(self.addrs)} (mtoken {obfuscate(self._token)})"
+        """For the start-up log line: addresses and the masked token."""
+        return f"{', '.join(self.addrs)} (mtoken {mask(self._token)})"
 
     async def _call(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
         """One attempt, bounded by the timeout (headers and body both)."""
