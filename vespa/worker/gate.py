@@ -86,6 +86,10 @@ class ReplayWindow:
         return False
 
 
+# The auth header is Vespa's, never the backend's.
+AUTH_ONLY = frozenset({AUTH_HEADER})
+
+
 class SignedGate:
     """
     Secured (``keys`` given): only requests signed by the autoscaler reach the backend.
@@ -249,13 +253,10 @@ class SignedGate:
     def _forward(self, request: Request, unwrapped: Unwrapped) -> Forward:
         """The backend request: the client's, minus the auth; an envelope's payload as body."""
         if unwrapped.body is None:
-            forward = passthrough(request, self._cooperator)
-            forward.headers.removeHeader(AUTH_HEADER)
-            forward.target = unwrapped.target
-            return forward
+            return passthrough(request, self._cooperator, unwrapped.target, AUTH_ONLY)
         scheme = b"https" if request.isSecure() else b"http"
         headers = forwarded_request_headers(
-            request.requestHeaders, client_address(request), scheme, frozenset({AUTH_HEADER})
+            request.requestHeaders, client_address(request), scheme, AUTH_ONLY
         )
         headers.setRawHeaders(b"content-type", [JSON])
         return Forward(unwrapped.target, headers, BytesProducer(unwrapped.body))

@@ -71,13 +71,21 @@ def request_has_body(request: Request) -> bool:
     return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
 
 
-def passthrough(request: Request, cooperator: Cooperator) -> Forward:
-    """The request as the client sent it: target, end-to-end headers and the body, byte for byte."""
+def passthrough(
+    request: Request,
+    cooperator: Cooperator,
+    target: bytes | None = None,
+    drop: frozenset[bytes] = frozenset(),
+) -> Forward:
+    """The request as the client sent it (to ``target``, default its own): end-to-end headers
+    but ``drop``, and the body byte for byte."""
     scheme = b"https" if request.isSecure() else b"http"
-    headers = forwarded_request_headers(request.requestHeaders, client_address(request), scheme)
+    headers = forwarded_request_headers(
+        request.requestHeaders, client_address(request), scheme, drop
+    )
     assert request.content is not None
     body = body_producer(request.content, cooperator, request_has_body(request))
-    return Forward(request.uri, headers, body)
+    return Forward(request.uri if target is None else target, headers, body)
 
 
 class InFlight:
