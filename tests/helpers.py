@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler
-from vespa.relay import RelayResult, backend_pool
+from vespa.relay import RelayResult, backend_agent, backend_pool
 from vespa.settings import Settings, VastEnvironment
 from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
@@ -99,7 +99,7 @@ def observed_worker(
     if agent is None:
         pool = backend_pool(reactor)
         test.addCleanup(pool.closeCachedConnections)
-        agent = Agent(reactor, connectTimeout=5, pool=pool)
+        agent = backend_agent(reactor, pool, 5)
     results: list[RelayResult] = []
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     resource = WorkerResource(

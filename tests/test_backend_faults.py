@@ -13,11 +13,11 @@ from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, RequestNotSent, ResponseNeverReceived
+from twisted.web.client import RequestNotSent, ResponseNeverReceived
 
 from tests.fakes import FakeBackend
 from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
-from vespa.relay import Outcome, backend_pool
+from vespa.relay import Outcome, backend_agent, backend_pool
 from vespa.worker.resource import QuietSite, WorkerResource, passthrough
 
 
@@ -43,7 +43,7 @@ class BackendFaultTests(TestCase):
         self.backend_url = listen(self, self.backend)
         pool = backend_pool(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        self.agent = Agent(reactor, connectTimeout=5, pool=pool)
+        self.agent = backend_agent(reactor, pool, 5)
         self.http = http_client(self)
 
     def worker(self, backend_url=None, agent=None, **timeouts) -> str:

@@ -23,7 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from vespa.relay import backend_pool, close_pool
+from vespa.relay import close_pool, quiet_pool
 from vespa.settings import SettingsError
 
 Benchmark = Callable[[str, Any], Any]
@@ -207,8 +207,9 @@ class BackendSession:
 
         self.base_url = base_url.rstrip("/")
         self._clock: IReactorTime = reactor
-        self._pool = backend_pool(reactor)
-        self._pool.retryAutomatically = True  # only ever retries body-less idempotent requests
+        self._pool = quiet_pool(reactor)
+        self._pool.maxPersistentPerHost = 256  # a benchmark may run many requests at once
+        self._pool.cachedConnectionTimeout = 4  # before uvicorn drops idle connections (5 s)
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._closed = False
         self._in_flight: set[Deferred[SessionResponse]] = set()

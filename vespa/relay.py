@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import (
-    IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
@@ -29,7 +28,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
@@ -50,6 +48,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
+from vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
 
 # Bodies up to this size are read into memory and written in one go (no Cooperator round
 # trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
@@ -58,34 +57,29 @@ JSON = b"application/json"
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line per backend connection
+    noisy = False  # no "Starting factory" log line per connection
 
 
 def quiet_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent connection pool that logs nothing per connection."""
+    """A persistent Agent pool that logs nothing per connection (control-plane calls)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     return pool
 
 
-def backend_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent pool for backend connections: no new TCP connection per request."""
-    pool = quiet_pool(reactor)
-    # Keep more idle connections than Twisted's default of 2, and drop them before typical
-    # server keep-alive timeouts (uvicorn closes idle connections after 5 s).
-    pool.maxPersistentPerHost = 256
-    pool.cachedConnectionTimeout = 4
-    # Never replay a request on a fresh connection by ourselves: a POST may have reached the
-    # backend already. (The pool retries only body-less idempotent requests anyway.)
-    pool.retryAutomatically = False
-    return pool
+def backend_pool(reactor: Any) -> ConnectionPool:
+    """Keep-alive connections for backend calls: no new TCP connection per request."""
+    return ConnectionPool(reactor)
 
+
+# Either kind of pool the services close on the way out.
+AnyPool = HTTPConnectionPool | ConnectionPool
 
 # closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
 POOL_CLOSE_TIMEOUT = 5.0
 
 
-def close_pool(pool: HTTPConnectionPool, clock: IReactorTime) -> Deferred[None]:
+def close_pool(pool: AnyPool, clock: IReactorTime) -> Deferred[None]:
     """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
     closed: Deferred[None] = pool.closeCachedConnections()
     closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
@@ -132,16 +126,14 @@ class _CachedEndpoints:
 
 def backend_agent(
     reactor: Any,
-    pool: HTTPConnectionPool,
+    pool: ConnectionPool,
     connect_timeout: float | None = None,
     tls: IPolicyForHTTPS | None = None,
 ) -> IAgent:
-    """The relay's Agent: connections from ``pool``, endpoints made once per backend,
-    giving up on a connection attempt after ``connect_timeout`` seconds (None: Twisted's 30),
-    https checked by ``tls`` (None: Twisted's browser-like policy)."""
-    endpoints = _CachedEndpoints(reactor, connect_timeout, tls)
-    agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return agent
+    """The relay's agent (:mod:`vespa.http11`): connections from ``pool``, endpoints made
+    once per backend, giving up on a connection attempt after ``connect_timeout`` seconds
+    (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy)."""
+    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls))
 
 
 class Outcome(enum.Enum):
@@ -174,28 +166,6 @@ def outcome_of(result: RelayResult) -> Outcome:
     if result.outcome is Outcome.SERVED and result.status >= 500:
         return Outcome.ERRORED
     return result.outcome
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written at once (cheaper than FileBodyProducer)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: everything was written in startProducing."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop."""
 
 
 def body_producer(

@@ -6,11 +6,10 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from vespa.client.resource import ClientResource
-from vespa.relay import close_pool
+from vespa.relay import AnyPool, close_pool
 
 
 class ClientService(MultiService):
@@ -19,7 +18,7 @@ class ClientService(MultiService):
     def __init__(
         self,
         clock: IReactorTime,
-        pools: tuple[HTTPConnectionPool, ...],
+        pools: tuple[AnyPool, ...],
         site: Site,
         resource: ClientResource,
     ) -> None:

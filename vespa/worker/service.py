@@ -16,10 +16,9 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDe
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from vespa.relay import close_pool
+from vespa.relay import AnyPool, close_pool
 from vespa.worker.metrics import WorkerMetrics
 from vespa.worker.reporter import MetricsReporter
 from vespa.worker.resource import InFlight
@@ -40,7 +39,7 @@ class WorkerService(MultiService):
     def __init__(
         self,
         clock: IReactorTime,
-        pool: HTTPConnectionPool,
+        pool: AnyPool,
         site: Site,
         state: WorkerState,
         in_flight: InFlight | None = None,
@@ -57,7 +56,7 @@ class WorkerService(MultiService):
         self._stopped: Deferred[None] | None = None
         self.metrics: WorkerMetrics | None = None  # set by build_worker
         self.reporter: MetricsReporter | None = None  # None without REPORT_ADDR
-        self.control_pool: HTTPConnectionPool | None = None  # autoscaler calls
+        self.control_pool: AnyPool | None = None  # autoscaler calls
 
     def add_drain_hook(self, hook: DrainHook) -> None:
         """Call ``hook()`` when the drain starts (after ``state.draining`` is set, before the

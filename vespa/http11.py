@@ -1,0 +1,511 @@
+# -*- test-case-name: tests.test_http11 -*-
+"""
+The relay's HTTP/1.1 client: an :class:`IAgent` for the backend calls (worker to backend,
+client proxy to worker). Profiled under load, Twisted's Agent spent about 40% of the worker's
+CPU on a small request: per-request URI parsing, a state machine of Deferreds, and a
+pure-Python response parser. Here the request head goes out in one write, llhttp (through
+httptools, C) parses the response, and keep-alive connections wait in a pool per backend.
+
+The response offers what the relay uses of :class:`IResponse` (code, phrase, headers,
+length, deliverBody) and ends the body protocol the way Agent does (``ResponseDone``,
+``PotentialDataLoss`` for a body delimited by the connection closing, ``ResponseFailed``),
+so :class:`vespa.relay.ProxiedRequest` works with either agent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from httptools import HttpParserError, HttpResponseParser
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+# Methods whose request goes out with "Content-Length: 0" when there is no body (as Agent).
+_LENGTH_REQUIRED = frozenset({b"POST", b"PUT", b"PATCH"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+Key = tuple[bytes, bytes]  # (scheme, netloc)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory: it goes out in the same write as the head."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: everything was written in startProducing."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+class ConnectionPool:
+    """
+    Idle keep-alive connections per backend, most recently used first. An idle connection
+    is closed after ``idle_timeout`` seconds (before typical server keep-alive timeouts:
+    uvicorn closes idle connections after 5 s) and beyond ``max_idle_per_backend``.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, max_idle_per_backend: int = 256, idle_timeout: float = 4.0
+    ) -> None:
+        self._clock = clock
+        self.max_idle_per_backend = max_idle_per_backend
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Key, list[_Connection]] = {}
+
+    def take(self, key: Key) -> _Connection | None:
+        """An idle connection to ``key`` (now busy), or None."""
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.claim():
+                return connection
+        return None
+
+    def give_back(self, key: Key, connection: _Connection) -> None:
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.max_idle_per_backend:
+            connection.close()
+            return
+        idle.append(connection)
+        connection.idle(self._clock.callLater(self.idle_timeout, self._expire, key, connection))
+
+    def _expire(self, key: Key, connection: _Connection) -> None:
+        self.forget(key, connection)
+        connection.close()
+
+    def forget(self, key: Key, connection: _Connection) -> None:
+        """``connection`` is gone (closed by the backend while idle, or expired)."""
+        idle = self._idle.get(key)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        """Close every idle connection; fires once they are all closed."""
+        closing = [connection for idle in self._idle.values() for connection in idle]
+        self._idle.clear()
+        lost = [connection.close() for connection in closing]
+        return DeferredList(lost, consumeErrors=True).addCallback(lambda _: None)
+
+
+@implementer(IResponse)
+class Response:
+    """One backend response: status, headers and a body delivered to one protocol."""
+
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(
+        self, connection: _Connection, code: int, phrase: bytes, headers: Headers, length: Any
+    ) -> None:
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self._connection: _Connection | None = connection
+        self._protocol: IProtocol | None = None
+        self._early: list[bytes] = []  # body that came before deliverBody
+        self._ended: Failure | None = None
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        """Not used: the relay never follows redirects."""
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(cast(Any, self))  # the transport: pause/resume/stop only
+        early, self._early = self._early, []
+        for data in early:
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            protocol.connectionLost(self._ended)
+
+    def data(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+        elif self._ended is None:
+            self._early.append(data)
+
+    def end(self, reason: Failure) -> None:
+        if self._ended is not None:
+            return
+        self._ended = reason
+        self._connection = None  # pause/resume/stop no longer reach the connection
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+    def pauseProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.pause()
+
+    def resumeProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.resume()
+
+    def stopProducing(self) -> None:
+        """The body is not wanted any more: the connection is closed, never reused."""
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            connection.abort()
+
+
+class _Connection(Protocol):
+    """One keep-alive connection to a backend, carrying one request at a time."""
+
+    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+        self._pool = pool
+        self._key = key
+        self._parser = HttpResponseParser(self)
+        self._waiting: Deferred[IResponse] | None = None  # until the response headers
+        self._response: Response | None = None  # until the response body ends
+        self._head = False
+        self._body: IBodyProducer | None = None  # a request body still being sent
+        self._phrase = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._delimited_by_close = False
+        self._reusable = True
+        self._busy = True  # made for a request
+        self._paused = False
+        self._idle_timer: IDelayedCall | None = None
+        self._lost: Deferred[None] | None = None
+        self._gone = False
+
+    # ---- the pool's side -------------------------------------------------------------
+
+    def claim(self) -> bool:
+        """Take this idle connection for a request (False if it is already gone)."""
+        if self._gone:
+            return False
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        self._busy = True
+        return True
+
+    def idle(self, timer: IDelayedCall) -> None:
+        self._idle_timer = timer
+
+    def close(self) -> Deferred[None]:
+        """Close; fires once the connection is gone."""
+        lost: Deferred[None] = Deferred()
+        if self._gone:
+            lost.callback(None)
+            return lost
+        self._lost = lost
+        assert self.transport is not None
+        self.transport.loseConnection()
+        return lost
+
+    # ---- sending ---------------------------------------------------------------------
+
+    def send(
+        self,
+        method: bytes,
+        target: bytes,
+        host: bytes,
+        headers: Headers | None,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        waiting: Deferred[IResponse] = Deferred(lambda _: self.abort())
+        if self._gone:
+            waiting.errback(Failure(RequestNotSent()))
+            return waiting
+        self._waiting = waiting
+        self._head = method == b"HEAD"
+        self._phrase = b""
+        self._headers = []
+        parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        if headers is not None:
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
+        transport = self.transport
+        assert transport is not None
+        if body is None:
+            parts.append(b"Content-Length: 0\r\n\r\n" if method in _LENGTH_REQUIRED else b"\r\n")
+            transport.write(b"".join(parts))
+            return waiting
+        if isinstance(body, BytesProducer):
+            parts += (b"Content-Length: %d\r\n\r\n" % body.length, body.body)
+            transport.write(b"".join(parts))
+            return waiting
+        chunked = body.length is UNKNOWN_LENGTH
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        else:
+            parts.append(b"Content-Length: %d\r\n\r\n" % cast(int, body.length))
+        transport.write(b"".join(parts))
+        self._body = body
+        cast(IConsumer, transport).registerProducer(body, True)
+        consumer = _ChunkedConsumer(transport) if chunked else transport
+        sent = body.startProducing(cast(IConsumer, consumer))
+        sent.addCallbacks(self._body_sent, self._body_failed, (chunked,))
+        return waiting
+
+    def _body_sent(self, _: object, chunked: bool) -> None:
+        if self._body is None:
+            return  # stopped: the response came first or the connection went
+        self._body = None
+        assert self.transport is not None
+        cast(IConsumer, self.transport).unregisterProducer()
+        if chunked:
+            self.transport.write(b"0\r\n\r\n")
+
+    def _body_failed(self, failure: Failure) -> None:
+        if self._body is None:
+            return
+        self._body = None
+        waiting, self._waiting = self._waiting, None
+        self.abort()
+        if waiting is not None and not waiting.called:
+            waiting.errback(Failure(RequestTransmissionFailed([failure])))
+
+    def _stop_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            self._reusable = False  # the backend answered before reading the whole body
+            body.stopProducing()
+            if self.transport is not None and not self._gone:
+                cast(IConsumer, self.transport).unregisterProducer()
+
+    # ---- flow control of the response body ----------------------------------------------
+
+    def pause(self) -> None:
+        if not self._paused and not self._gone:
+            self._paused = True
+            assert self.transport is not None
+            cast(Any, self.transport).pauseProducing()
+
+    def resume(self) -> None:
+        if self._paused and not self._gone:
+            self._paused = False
+            assert self.transport is not None
+            cast(Any, self.transport).resumeProducing()
+
+    def abort(self) -> None:
+        self._reusable = False
+        if not self._gone and self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+    # ---- receiving: httptools parser callbacks ------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._busy:
+            self.abort()  # a backend talking out of turn: never reuse this connection
+            return
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as e:
+            self._broken(Failure(e))
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if not self._busy:  # more after a complete answer, in the same read
+            self.abort()
+            return
+        code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            self._phrase = b""
+            self._headers = []
+            return  # informational (100 Continue, 103 Early Hints): the answer follows
+        headers = Headers()
+        length: Any = UNKNOWN_LENGTH
+        framed = False
+        for name, value in self._headers:
+            headers.addRawHeader(name, value)
+            lower = name.lower()
+            if lower == b"content-length":
+                framed = True
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                framed = True
+                length = UNKNOWN_LENGTH
+        self._headers = []
+        no_body = self._head or code in _NO_BODY_STATUS
+        if no_body and length is UNKNOWN_LENGTH:
+            length = 0
+        self._delimited_by_close = not framed and not no_body
+        if not self._parser.should_keep_alive() or self._delimited_by_close:
+            self._reusable = False
+        response = Response(self, code, self._phrase, headers, length)
+        self._response = response
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(response)
+        if self._head:
+            # llhttp would wait for the Content-Length bytes a HEAD answer never has.
+            self._reusable = False
+            self._response_ended(Failure(ResponseDone()))
+
+    def on_body(self, data: bytes) -> None:
+        response = self._response
+        if response is not None:
+            response.data(data)
+
+    def on_message_complete(self) -> None:
+        if self._response is None:
+            return  # informational, or a HEAD answer already ended
+        if not self._parser.should_keep_alive():
+            self._reusable = False
+        self._stop_body()
+        self._response_ended(Failure(ResponseDone()))
+
+    def _response_ended(self, reason: Failure) -> None:
+        response, self._response = self._response, None
+        if self._paused:
+            self.resume()
+        if self._reusable and not self._gone:
+            self._busy = False
+            self._pool.give_back(self._key, self)
+        elif not self._gone and self.transport is not None:
+            self.transport.loseConnection()
+        if response is not None:
+            response.end(reason)
+
+    def _broken(self, failure: Failure) -> None:
+        """Garbage from the backend: fail what is in flight and drop the connection."""
+        self.abort()
+        self._fail_in_flight(failure)
+
+    def _fail_in_flight(self, failure: Failure) -> None:
+        self._stop_body()
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and not waiting.called:
+            waiting.errback(Failure(ResponseNeverReceived([failure])))
+        response, self._response = self._response, None
+        if response is not None:
+            response.end(Failure(ResponseFailed([failure])))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._body = None  # the transport stops its producer itself
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        if not self._busy:
+            self._pool.forget(self._key, self)
+        if self._response is not None and self._delimited_by_close:
+            # No Content-Length and not chunked: the body ends with the connection.
+            response, self._response = self._response, None
+            response.end(Failure(PotentialDataLoss()))
+        self._fail_in_flight(reason)
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            lost.callback(None)
+
+
+class _ChunkedConsumer:
+    """Writes a body of unknown length to the connection in chunked transfer coding."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The connection's transport already has the body producer."""
+
+    def unregisterProducer(self) -> None:
+        """See registerProducer."""
+
+
+class _ConnectionFactory(Factory):
+    noisy = False  # no "Starting factory" line per backend connection
+
+    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self._pool, self._key)
+
+
+class _Backend:
+    """What is worked out once per backend: pool key, Host header, endpoint."""
+
+    def __init__(self, key: Key, endpoints: IAgentEndpointFactory) -> None:
+        scheme, netloc = key
+        self.key = key
+        self.host = netloc
+        self.endpoint = endpoints.endpointForURI(URI.fromBytes(scheme + b"://" + netloc + b"/"))
+
+
+@implementer(IAgent)
+class LeanAgent:
+    """Sends requests over :class:`ConnectionPool` connections; see the module docstring."""
+
+    MAX_BACKENDS = 256  # the client proxy talks to whichever workers it is routed to
+
+    def __init__(self, pool: ConnectionPool, endpoints: IAgentEndpointFactory) -> None:
+        self._pool = pool
+        self._endpoints = endpoints
+        self._backends: dict[bytes, _Backend] = {}
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        scheme, sep, rest = uri.partition(b"://")
+        if not sep or scheme not in (b"http", b"https"):
+            return fail(ValueError(f"not an http(s) URL: {uri!r}"))
+        cut = len(rest)
+        for mark in (b"/", b"?"):
+            found = rest.find(mark)
+            if 0 <= found < cut:
+                cut = found
+        netloc, target = rest[:cut], rest[cut:]
+        if target[:1] != b"/":
+            target = b"/" + target
+        backend = self._backend(scheme, netloc)
+        connection = self._pool.take(backend.key)
+        if connection is not None:
+            return connection.send(method, target, backend.host, headers, bodyProducer)
+        connecting = backend.endpoint.connect(_ConnectionFactory(self._pool, backend.key))
+        return connecting.addCallback(  # type: ignore[no-any-return]
+            lambda connection: connection.send(method, target, backend.host, headers, bodyProducer)
+        )
+
+    def _backend(self, scheme: bytes, netloc: bytes) -> _Backend:
+        backend = self._backends.get(scheme + b"://" + netloc)
+        if backend is None:
+            if len(self._backends) >= self.MAX_BACKENDS:
+                del self._backends[next(iter(self._backends))]
+            backend = _Backend((scheme, netloc), self._endpoints)
+            self._backends[scheme + b"://" + netloc] = backend
+        return backend
