@@ -6,8 +6,18 @@ import io
 import json
 import re
 
+from twisted.application.service import Application, MultiService
 from twisted.internet import reactor
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+    textFileLogObserver,
+)
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
@@ -22,7 +32,15 @@ from tests.helpers import (
     start_worker,
     worker_url,
 )
-from vespa.logs import json_observer, mask
+from vespa.logs import (
+    PREFORMATTED,
+    TextLogForTwistd,
+    json_observer,
+    mask,
+    text_observer,
+    twistd_writes_text_to_stdout,
+    use_text_log,
+)
 
 
 def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
@@ -164,6 +182,83 @@ class JsonLogTests(TestCase):
         [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
         self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
+
+
+class TextLogTests(TestCase):
+    def lines(self, observer_for, *events: LogEvent) -> list[str]:
+        stream = io.StringIO()
+        observe = observer_for(stream)
+        for event in events:
+            observe(dict(event))
+        return stream.getvalue().splitlines()
+
+    def test_same_text_as_twisted(self) -> None:
+        """Vespa's text observer writes exactly the lines of twistd's default observer, for
+        pre-formatted lines (the access log) and any other event."""
+        base = {"log_namespace": "vespa.access", "log_level": LogLevel.info}
+        events = [
+            {**base, "log_format": PREFORMATTED, "line": "GET /x 200", "log_time": 1700000000.25},
+            {**base, "log_format": PREFORMATTED, "line": "GET /y 200", "log_time": 1700000000.75},
+            {**base, "log_format": PREFORMATTED, "line": "GET /z 200", "log_time": 1700000001.5},
+            {**base, "log_format": "{n} done", "n": 3, "log_time": 1700000002.0},
+            {**base, "log_format": PREFORMATTED, "line": "x", "log_system": "sys", "log_time": 5.0},
+            {"log_format": "no level", "log_time": 1700000003.0},
+        ]
+        ours = self.lines(text_observer, *events)
+        self.assertEqual(ours, self.lines(textFileLogObserver, *events))
+        self.assertEqual(len(ours), 6)
+        self.assertTrue(ours[2].endswith(" [vespa.access#info] GET /z 200"))
+
+    def test_only_where_twistd_writes_text_to_stdout(self) -> None:
+        """The worker replaces twistd's observer only for text on stdout: never with
+        --logger, --syslog, a log file, or when daemonized."""
+
+        def given(**twistd: object) -> bool:
+            options = usage.Options()
+            options.parent = {"nodaemon": True, "logfile": None, **twistd}
+            return twistd_writes_text_to_stdout(options)
+
+        self.assertTrue(given())
+        self.assertTrue(given(logfile="-"))
+        self.assertFalse(given(logger="vespa.logs.json_stdout"))
+        self.assertFalse(given(syslog=True))
+        self.assertFalse(given(logfile="worker.log"))
+        self.assertFalse(given(nodaemon=False))
+        self.assertFalse(twistd_writes_text_to_stdout(usage.Options()))  # not under twistd
+
+    def test_given_to_twistd(self) -> None:
+        """The service hands the observer to twistd's application as its ILogObserver (what
+        twistd logs to), and leaves the application alone otherwise."""
+
+        class Top(TextLogForTwistd, MultiService):
+            pass
+
+        options = usage.Options()
+        options.parent = {"nodaemon": True, "logfile": None}
+        application = Application("vespa")
+        top = use_text_log(Top(), options)
+        top.setServiceParent(application)
+        self.assertIsInstance(application.getComponent(ILogObserver), FileLogObserver)
+        options.parent["logfile"] = "worker.log"
+        application = Application("vespa")
+        use_text_log(Top(), options).setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver))
+
+    async def test_twistd_text_log(self) -> None:
+        """Under `twistd -n vespa` the access line reaches stdout through Vespa's observer,
+        in twistd's text format, next to the other lines."""
+        backend = listen(self, FakeBackend(reactor))
+        process = spawn_worker(self, backend)
+        url = await worker_url(process)
+        await process.wait_for(rb"worker loaded")
+        response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "text-1"})
+        await response.content()
+        await process.wait_for(rb"id=text-1")
+        self.assertRegex(
+            process.output.decode(),
+            r"\n\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[vespa\.access#info\] "
+            r"GET /echo 200 served .* id=text-1\n",
+        )
 
 
 class MaskTests(SynchronousTestCase):

@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.web.client import Agent
 
 from vespa import __version__
-from vespa.logs import log_access
+from vespa.logs import log_access, use_text_log
 from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_agent, backend_pool, quiet_pool
 from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
@@ -79,7 +79,7 @@ def installed_reactor(reactor: Any = None) -> Any:
 def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the worker described by the parsed options."""
     try:
-        return build_worker(options.settings, installed_reactor(reactor))
+        return use_text_log(build_worker(options.settings, installed_reactor(reactor)), options)
     except SettingsError as e:
         raise SystemExit(f"vespa: {e}") from None
 

@@ -9,10 +9,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Site
 
 from vespa.client.resource import ClientResource
+from vespa.logs import TextLogForTwistd
 from vespa.relay import AnyPool, close_pool
 
 
-class ClientService(MultiService):
+class ClientService(TextLogForTwistd, MultiService):
     """The local proxy: ``site`` (what listeners serve), and its worker and control pools."""
 
     def __init__(

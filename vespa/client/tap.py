@@ -32,7 +32,7 @@ from vespa.client.resource import ClientResource
 from vespa.client.routing import Router
 from vespa.client.service import ClientService
 from vespa.client.tls import WorkerTLSPolicy
-from vespa.logs import log_access
+from vespa.logs import log_access, use_text_log
 from vespa.relay import backend_agent, backend_pool, quiet_pool
 from vespa.settings import (
     CLIENT_OPTIONS,
@@ -106,7 +106,7 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the proxy described by the parsed options."""
-    return build_client(options.settings, installed_reactor(reactor))
+    return use_text_log(build_client(options.settings, installed_reactor(reactor)), options)
 
 
 def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from vespa.logs import TextLogForTwistd
 from vespa.relay import AnyPool, close_pool
 from vespa.worker.metrics import WorkerMetrics
 from vespa.worker.reporter import MetricsReporter
@@ -31,7 +32,7 @@ LISTENER_PREFIX = "listen-"  # names of the children that accept connections
 DrainHook = Callable[[], "Deferred[object] | None"]
 
 
-class WorkerService(MultiService):
+class WorkerService(TextLogForTwistd, MultiService):
     """All of the worker's services, plus the backend connection pool they share."""
 
     _log = Logger()
