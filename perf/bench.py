@@ -373,6 +373,10 @@ class Bench:
             "100",
             "--duration",
             str(a.duration),
+            # As the harness: the 100 clients start evenly over one stream's length,
+            # so new streams arrive steadily instead of 100 at once every second.
+            "--stagger",
+            str((a.sse_events - 1) * 50 / 1000),
         ]
         for order in self.rounds(targets, a.repeat):
             for target in order:

@@ -3,6 +3,7 @@ SSE load client (asyncio, stdlib): prints one JSON line with what it measured.
 
     stream: CONC workers open a stream each, read it to the end, and open the next, until
             DURATION s have passed; time to first event (TTFB) and total time per stream.
+            Worker i starts after STAGGER * i / CONC s, so streams begin steadily.
     hold:   open COUNT streams over RAMP s and hold them until they end or DEADLINE s;
             how many got their first event within 1 s and how many got "[DONE]".
 """
@@ -53,8 +54,9 @@ async def stream_mode(args: argparse.Namespace) -> dict:
     errors = 0
     stop = time.perf_counter() + args.duration
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         nonlocal errors
+        await asyncio.sleep(args.stagger * index / args.conc)
         while time.perf_counter() < stop:
             try:
                 ttfb, total, done = await asyncio.wait_for(
@@ -70,7 +72,7 @@ async def stream_mode(args: argparse.Namespace) -> dict:
             else:
                 errors += 1
 
-    await asyncio.gather(*(worker() for _ in range(args.conc)))
+    await asyncio.gather(*(worker(index) for index in range(args.conc)))
     return {
         "streams": len(ttfbs),
         "errors": errors,
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--path", required=True)
     parser.add_argument("--conc", type=int, default=100)
     parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--stagger", type=float, default=0, help="spread worker starts (s)")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--ramp", type=float, default=2)
     parser.add_argument("--deadline", type=float, default=25)

@@ -34,6 +34,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from vespa.sendnow import send_now
+
 # Methods whose request goes out with "Content-Length: 0" when there is no body (as Agent).
 _LENGTH_REQUIRED = frozenset({b"POST", b"PUT", b"PATCH"})
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -249,11 +251,11 @@ class _Connection(Protocol):
         assert transport is not None
         if body is None:
             parts.append(b"Content-Length: 0\r\n\r\n" if method in _LENGTH_REQUIRED else b"\r\n")
-            transport.write(b"".join(parts))
+            send_now(transport, b"".join(parts))
             return waiting
         if isinstance(body, BytesProducer):
             parts += (b"Content-Length: %d\r\n\r\n" % body.length, body.body)
-            transport.write(b"".join(parts))
+            send_now(transport, b"".join(parts))
             return waiting
         chunked = body.length is UNKNOWN_LENGTH
         if chunked:

@@ -18,6 +18,7 @@ from vespa import __version__
 from vespa.logs import log_access, use_text_log
 from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_agent, backend_pool, quiet_pool
+from vespa.sendnow import listen_service
 from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
 from vespa.worker import admin
 from vespa.worker.admission import Admission
@@ -159,7 +160,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
             # The autoscaler learns of the drain at once.
             service.add_drain_hook(cast(DrainHook, child.send_now))
     for index, description in enumerate(settings.listen):
-        listener = strports.service(description, site, reactor=reactor)
+        listener = listen_service(description, site, reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     metrics.lag_sampler().setServiceParent(service)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, TextIO, cast
 
 from treq.client import HTTPClient
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
@@ -34,6 +33,7 @@ from vespa.client.service import ClientService
 from vespa.client.tls import WorkerTLSPolicy
 from vespa.logs import log_access, use_text_log
 from vespa.relay import backend_agent, backend_pool, quiet_pool
+from vespa.sendnow import listen_service
 from vespa.settings import (
     CLIENT_OPTIONS,
     ClientSettings,
@@ -160,7 +160,7 @@ def build_client(
     site = QuietSite(resource)
     service = ClientService(clock, (worker_pool, control_pool), site, resource)
     for index, description in enumerate(settings.listen):
-        listener = strports.service(description, site, reactor=reactor)
+        listener = listen_service(description, site, reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service

@@ -1,0 +1,155 @@
+"""TCP connections that send at once: order, partial sends, backpressure and closing kept."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from vespa.sendnow import SendNowEndpoint, SendNowServer, send_now
+
+
+class _Writer(Protocol):
+    """Runs ``script(transport)`` once connected; records what the transport held after."""
+
+    def __init__(self, script, made: Deferred) -> None:
+        self.script = script
+        self.made = made
+
+    def connectionMade(self) -> None:
+        self.queued = self.script(self.transport)
+        self.made.callback(self)
+
+
+@implementer(IPushProducer)
+class _Producer:
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def queued(transport) -> int:
+    """Bytes the transport holds back for a later reactor turn."""
+    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
+
+class SendNowTests(TestCase):
+    async def connect(self, script) -> tuple[_Writer, socket.socket]:
+        made: Deferred = Deferred()
+        endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        port = await endpoint.listen(Factory.forProtocol(lambda: _Writer(script, made)))
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        writer = await made
+        self.addCleanup(writer.transport.abortConnection)
+        return writer, client
+
+    async def receive(self, client: socket.socket, size: int) -> bytes:
+        """Read ``size`` bytes while the reactor runs (the server may still be sending)."""
+        client.setblocking(False)
+        got = bytearray()
+        while len(got) < size:
+            try:
+                chunk = client.recv(1 << 20)
+            except BlockingIOError:
+                await _turn()
+                continue
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+    async def test_small_write_leaves_at_once(self) -> None:
+        """A write on an idle connection is in the socket before write() returns: nothing is
+        left for the next reactor turn."""
+
+        def script(transport):
+            transport.write(b"data: hello\n\n")
+            transport.writeSequence([b"a", b"b"])
+            return queued(transport)
+
+        writer, client = await self.connect(script)
+        self.assertIsInstance(writer.transport, SendNowServer)
+        self.assertEqual(writer.queued, 0)
+        client.settimeout(5)
+        self.assertEqual(client.recv(100), b"data: hello\n\nab")
+
+    async def test_big_write_keeps_order(self) -> None:
+        """What the socket does not take is queued, and later writes go after it: the client
+        gets every byte in order."""
+        big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than a socket buffer holds
+
+        def script(transport):
+            transport.write(big)
+            held = queued(transport)
+            transport.write(b"tail")
+            return held
+
+        writer, client = await self.connect(script)
+        self.assertGreater(writer.queued, 0)
+        got = await self.receive(client, len(big) + 4)
+        self.assertEqual(got, big + b"tail")
+
+    async def test_backpressure_pauses_producer(self) -> None:
+        """A client that does not read still pauses a streaming producer."""
+        producer = _Producer()
+
+        def script(transport):
+            transport.registerProducer(producer, True)
+            for _ in range(64):
+                transport.write(b"x" * 256 * 1024)
+            return queued(transport)
+
+        writer, client = await self.connect(script)
+        self.assertTrue(producer.paused)
+        await self.receive(client, writer.queued)  # drained: resumed, as Twisted does
+        self.assertFalse(producer.paused)
+
+    async def test_close_after_write(self) -> None:
+        """loseConnection after writes still sends everything, then closes."""
+
+        def script(transport):
+            transport.write(b"last words")
+            transport.loseConnection()
+            return queued(transport)
+
+        _, client = await self.connect(script)
+        self.assertEqual(await self.receive(client, 100), b"last words")
+
+    def test_other_transports_write_as_usual(self) -> None:
+        """send_now on a transport that is not TCP is a plain write."""
+        transport = StringTransport()
+        send_now(transport, b"abc")
+        self.assertEqual(transport.value(), b"abc")
+
+    async def test_unix_listener_untouched(self) -> None:
+        """Only TCP listeners get SendNowServer connections."""
+        from twisted.internet.endpoints import UNIXServerEndpoint
+
+        path = self.mktemp()
+        endpoint = SendNowEndpoint(UNIXServerEndpoint(reactor, path))
+        port = await endpoint.listen(Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        self.assertNotEqual(getattr(port, "transport", None), SendNowServer)
+
+
+def _turn() -> Deferred:
+    """A Deferred that fires on a later reactor turn."""
+    turn: Deferred = Deferred()
+    reactor.callLater(0.001, turn.callback, None)
+    return turn
