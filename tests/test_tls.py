@@ -17,6 +17,7 @@ from zope.interface import implementer
 from tests.certs import self_signed
 from tests.fakes import FakeBackend
 from tests.helpers import listen
+from vespa.sendnow import SendNowEndpoint
 from vespa.settings import SettingsError, load_settings
 from vespa.tap import build_worker
 
@@ -85,7 +86,8 @@ class TLSTests(TestCase):
         service = build_worker(settings, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        port = await serverFromString(reactor, local).listen(service.site)
+        # As the worker listens: TLS over a connection that sends at once.
+        port = await SendNowEndpoint(serverFromString(reactor, local)).listen(service.site)
         self.addCleanup(port.stopListening)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)

@@ -39,7 +39,8 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 def end_to_end(headers: Headers, dropped: frozenset[bytes]) -> list[tuple[bytes, Sequence[bytes]]]:
     """The (name, values) pairs of ``headers`` that are neither hop-by-hop nor in ``dropped``."""
-    named = connection_tokens(headers.getRawHeaders(b"connection", ()))
+    listed = headers.getRawHeaders(b"connection")
+    named = connection_tokens(listed) if listed else frozenset()
     kept = []
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()

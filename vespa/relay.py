@@ -256,7 +256,7 @@ class BodyRelay(Protocol):
             self._done.callback(None)
             return
         self._request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not .check: slower
             self._request.finish()
             self._done.callback(None)
         else:
@@ -333,6 +333,7 @@ class ProxiedRequest:
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
         self._step_timer: IDelayedCall | None = None  # first byte, then stall
+        self._last_chunk = 0.0  # when the backend last sent a body chunk
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
@@ -377,16 +378,24 @@ class ProxiedRequest:
             self._relay.stopProducing()
 
     def _stalled(self) -> None:
+        # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
+        # fires, and only then looks at when the last chunk came.
+        quiet_until = self._last_chunk + self._stall_timeout
+        now = self._clock.seconds()
+        if now < quiet_until:
+            self._step_timer = self._clock.callLater(quiet_until - now, self._stalled)
+            return
+        self._step_timer = None
         self._time_out(f"response body stalled for {self._stall_timeout:g} s")
 
     def _body_activity(self) -> None:
-        if self._step_timer is not None and self._step_timer.active():
-            self._step_timer.reset(self._stall_timeout)
+        self._last_chunk = self._clock.seconds()
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
         self._cancel_step_timer()
         if self._stall_timeout:
+            self._last_chunk = self._clock.seconds()
             self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         request = self._request
         self._result.first_byte = self._clock.seconds()
@@ -411,7 +420,9 @@ class ProxiedRequest:
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         finished: Deferred[None] = Deferred()
-        self._relay = BodyRelay(request, finished, self._body_activity)
+        self._relay = BodyRelay(
+            request, finished, self._body_activity if self._stall_timeout else None
+        )
         finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 

@@ -94,12 +94,14 @@ class GuardedChannel(HTTPChannel):
         self._linger: IDelayedCall | None = None
         self._body_bytes = 0
         self._window_bytes = 0
+        self._secure = False
 
     @property
     def limits(self) -> Limits:
         return self.site.limits
 
     def connectionMade(self) -> None:
+        self._secure = super().isSecure()
         self.maxHeaders = self.limits.max_headers
         self.totalHeadersSize = self.limits.max_header_size
         self.MAX_LENGTH = self.limits.max_header_size
@@ -114,6 +116,10 @@ class GuardedChannel(HTTPChannel):
                 f"this worker accepts at most {limit} open connections; retry shortly",
                 [(b"retry-after", b"1")],
             )
+
+    def isSecure(self) -> bool:
+        """Worked out once per connection (an interface adaptation on every request before)."""
+        return self._secure
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
