@@ -30,6 +30,9 @@ class Children:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
+            # Not the checkout: "python -c" puts the working directory first on sys.path, and
+            # from the repository root every build would import ./vespa (the tree under test).
+            cwd=self.logs,
             start_new_session=True,
         )
         log.close()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -38,6 +39,8 @@ from vespa.sendnow import send_now
 
 # Methods whose request goes out with "Content-Length: 0" when there is no body (as Agent).
 _LENGTH_REQUIRED = frozenset({b"POST", b"PUT", b"PATCH"})
+# Sent once more on a new connection when a kept-alive one turns out closed (as Agent does).
+_RETRY_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
 Key = tuple[bytes, bytes]  # (scheme, netloc)
@@ -326,7 +329,7 @@ class _Connection(Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except HttpParserError as e:
+        except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._broken(Failure(e))
 
     def on_status(self, phrase: bytes) -> None:
@@ -340,7 +343,11 @@ class _Connection(Protocol):
             self.abort()
             return
         code = self._parser.get_status_code()
-        if 100 <= code < 200 and code != 101:
+        if code == 101:
+            why = "101 Switching Protocols, but the relay never asks to upgrade a connection"
+            self._broken(Failure(HttpParserError(why)))
+            return
+        if 100 <= code < 200:
             self._phrase = b""
             self._headers = []
             return  # informational (100 Continue, 103 Early Hints): the answer follows
@@ -499,12 +506,40 @@ class LeanAgent:
             target = b"/" + target
         backend = self._backend(scheme, netloc)
         connection = self._pool.take(backend.key)
-        if connection is not None:
-            return connection.send(method, target, backend.host, headers, bodyProducer)
+        if connection is None:
+            return self._connect(backend, method, target, headers, bodyProducer)
+        sent = connection.send(method, target, backend.host, headers, bodyProducer)
+        if bodyProducer is None and method in _RETRY_SAFE:
+            sent.addErrback(self._closed_while_idle, backend, method, target, headers)
+        return sent
+
+    def _connect(
+        self,
+        backend: _Backend,
+        method: bytes,
+        target: bytes,
+        headers: Headers | None,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
         connecting = backend.endpoint.connect(_ConnectionFactory(self._pool, backend.key))
         return connecting.addCallback(  # type: ignore[no-any-return]
-            lambda connection: connection.send(method, target, backend.host, headers, bodyProducer)
+            lambda connection: connection.send(method, target, backend.host, headers, body)
         )
+
+    def _closed_while_idle(
+        self,
+        failure: Failure,
+        backend: _Backend,
+        method: bytes,
+        target: bytes,
+        headers: Headers | None,
+    ) -> Failure | Deferred[IResponse]:
+        """A kept-alive connection the backend had closed just before (its FIN not read yet):
+        a body-less idempotent request is sent again on a new connection."""
+        reasons = getattr(failure.value, "reasons", None)
+        if failure.check(ResponseNeverReceived) and reasons and reasons[0].check(ConnectionClosed):
+            return self._connect(backend, method, target, headers, None)
+        return failure
 
     def _backend(self, scheme: bytes, netloc: bytes) -> _Backend:
         backend = self._backends.get(scheme + b"://" + netloc)

@@ -1,0 +1,892 @@
+"""
+vespa.http11 against real sockets on 127.0.0.1: keep-alive, response framing, the request on
+the wire, failures, cancellation, flow control, the pool, and an answer that comes before the
+request body was sent. The backends are raw protocols sending exact bytes (httptools parses
+what they receive), so every framing case is the one written here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import random
+import struct
+import termios
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from httptools import HttpParserError, HttpRequestParser
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, Cooperator, deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import (
+    FileBodyProducer,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from tests.helpers import listen, until
+from vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
+from vespa.relay import backend_agent, backend_pool
+
+# ---- a scripted backend ------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One request as the backend parsed it (header names in lower case)."""
+
+    method: bytes = b""
+    target: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+Answer = bytes | Callable[["ServerConnection", Seen], None]
+
+
+class ServerConnection(Protocol):
+    """One backend connection: keeps the raw bytes it got, parses requests, answers each."""
+
+    def __init__(self, backend: ScriptedBackend) -> None:
+        self.backend = backend
+        self.raw = bytearray()
+        self.requests: list[Seen] = []
+        self.closed: Deferred[None] = Deferred()
+        self._parser = HttpRequestParser(self)
+        self._seen = Seen()
+
+    def connectionMade(self) -> None:
+        self.backend.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed.callback(None)
+
+    def on_message_begin(self) -> None:
+        self._seen = Seen()
+
+    def on_url(self, url: bytes) -> None:
+        self._seen.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._seen.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._seen.method = self._parser.get_method()
+        if self.backend.on_headers is not None:
+            self.backend.on_headers(self, self._seen)
+
+    def on_body(self, data: bytes) -> None:
+        self._seen.body += data
+
+    def on_message_complete(self) -> None:
+        self.requests.append(self._seen)
+        self.backend.received(self, self._seen)
+
+
+class ScriptedBackend(Factory):
+    """Answers the n-th request with ``answers[n]`` (the last one repeats): bytes to write,
+    or a callable(connection, request). ``on_headers`` runs once a request's head is in."""
+
+    def __init__(
+        self, answers: tuple[Answer, ...], on_headers: Callable[..., None] | None = None
+    ) -> None:
+        self.answers = answers
+        self.on_headers = on_headers
+        self.connections: list[ServerConnection] = []
+        self.requests: list[Seen] = []
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+
+    def buildProtocol(self, addr: Any) -> ServerConnection:
+        return ServerConnection(self)
+
+    def received(self, connection: ServerConnection, seen: Seen) -> None:
+        answer = self.answers[min(len(self.requests), len(self.answers) - 1)]
+        self.requests.append(seen)
+        if callable(answer):
+            answer(connection, seen)
+        else:
+            connection.transport.write(answer)
+        for waiter in [w for w in self._waiters if len(self.requests) >= w[0]]:
+            self._waiters.remove(waiter)
+            waiter[1].callback(None)
+
+    def arrived(self, count: int) -> Deferred[None]:
+        """Fires once ``count`` requests in all have fully arrived."""
+        waiter: Deferred[None] = Deferred()
+        if len(self.requests) >= count:
+            waiter.callback(None)
+        else:
+            self._waiters.append((count, waiter))
+        return waiter
+
+
+def response(status: bytes, *headers: bytes, body: bytes = b"", version: bytes = b"1.1") -> bytes:
+    """A response as it goes on the wire."""
+    return b"\r\n".join((b"HTTP/" + version + b" " + status, *headers, b"", b"")) + body
+
+
+def ok(body: bytes = b"ok", *headers: bytes) -> bytes:
+    """A keep-alive 200 with a Content-Length body."""
+    return response(b"200 OK", b"Content-Length: %d" % len(body), *headers, body=body)
+
+
+def hold(connection: ServerConnection, seen: Seen) -> None:
+    """Never answer."""
+
+
+def hang_up(connection: ServerConnection, seen: Seen) -> None:
+    """Close without answering."""
+    connection.transport.loseConnection()
+
+
+def in_pieces(*pieces: bytes, close: bool = False) -> Answer:
+    """Write ``pieces`` one reactor turn apart (then close, with ``close``)."""
+
+    def answer(connection: ServerConnection, seen: Seen) -> None:
+        rest = list(pieces)
+
+        def write() -> None:
+            connection.transport.write(rest.pop(0))
+            if rest:
+                reactor.callLater(0, write)
+            elif close:
+                connection.transport.loseConnection()
+
+        write()
+
+    return answer
+
+
+# ---- the client side ---------------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class _RecordingEndpoint:
+    def __init__(self, endpoint: TCP4ClientEndpoint, made: list[Any]) -> None:
+        self._endpoint = endpoint
+        self._made = made
+
+    def connect(self, factory: Factory) -> Deferred[Any]:
+        def record(protocol: Any) -> Any:
+            self._made.append(protocol)
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(record)
+
+
+@implementer(IAgentEndpointFactory)
+class RecordingEndpoints:
+    """TCP endpoints that remember every client connection they made."""
+
+    def __init__(self) -> None:
+        self.connections: list[Any] = []
+
+    def endpointForURI(self, uri: Any) -> _RecordingEndpoint:
+        endpoint = TCP4ClientEndpoint(reactor, uri.host.decode(), uri.port, timeout=5)
+        return _RecordingEndpoint(endpoint, self.connections)
+
+
+class BodyReader(Protocol):
+    """Collects a response body; ``ended()`` gives the reason it ended. ``on_data(reader)``
+    runs after each piece (to pause or stop the transport)."""
+
+    def __init__(self, on_data: Callable[[BodyReader], None] | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.on_data = on_data
+        self.done: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.on_data is not None:
+            self.on_data(self)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+    async def ended(self) -> Failure:
+        await self.done
+        assert self.reason is not None
+        return self.reason
+
+
+@dataclass
+class Fetched:
+    response: Any
+    body: bytes
+    reason: Failure
+
+
+class Client:
+    """A LeanAgent with its own pool; its connections are recorded (server-side counts say
+    whether a connection was reused)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.endpoints = RecordingEndpoints()
+        self.agent = LeanAgent(pool, self.endpoints)
+
+    @property
+    def connections(self) -> list[Any]:
+        return self.endpoints.connections
+
+    def request(
+        self, url: bytes, method: bytes = b"GET", headers: Headers | None = None, body: Any = None
+    ) -> Deferred[Any]:
+        return self.agent.request(method, url, headers, body)
+
+    async def fetch(
+        self,
+        url: bytes,
+        method: bytes = b"GET",
+        headers: Headers | None = None,
+        body: Any = None,
+        reader: BodyReader | None = None,
+    ) -> Fetched:
+        answer = await self.request(url, method, headers, body)
+        reader = reader or BodyReader()
+        answer.deliverBody(reader)
+        reason = await reader.ended()
+        return Fetched(answer, reader.data, reason)
+
+
+@implementer(IBodyProducer)
+class PiecesProducer:
+    """A request body written one piece per reactor turn; with ``finish=False`` it never
+    says it is done (a body still being sent)."""
+
+    def __init__(self, pieces: list[bytes], length: Any = UNKNOWN_LENGTH, finish: bool = True):
+        self.pieces = list(pieces)
+        self.length = length
+        self.finish = finish
+        self.stopped = False
+        self._done: Deferred[None] = Deferred()
+        self._call: Any = None
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._consumer = consumer
+        self._next()
+        return self._done
+
+    def _next(self) -> None:
+        if self.pieces:
+            self._consumer.write(self.pieces.pop(0))
+            self._call = reactor.callLater(0, self._next)
+        elif self.finish:
+            self._done.callback(None)
+
+    def pauseProducing(self) -> None:
+        """Small pieces: nothing to pause."""
+
+    def resumeProducing(self) -> None:
+        """See pauseProducing."""
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+
+def unread(connection: Any) -> int:
+    """Bytes waiting in the kernel's receive buffer of a client connection."""
+    handle = connection.transport.getHandle()
+    return struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def netloc(url: bytes) -> bytes:
+    return url.split(b"://", 1)[1]
+
+
+class Http11Case(TestCase):
+    timeout = 20  # a hang (a body that never ends, a paused connection) fails, not blocks
+
+    def serve(
+        self, *answers: Answer, on_headers: Callable[..., None] | None = None
+    ) -> tuple[bytes, ScriptedBackend]:
+        backend = ScriptedBackend(answers, on_headers)
+        return listen(self, backend).encode(), backend
+
+    def client(self, clock: Clock | None = None, **pool_options: Any) -> Client:
+        """A client whose connections are aborted at the end of the test. Its pool's idle
+        timers run on ``clock`` (a Clock nobody advances by default: a connection that is
+        wrongly kept is not rescued by the idle timeout)."""
+        client = Client(ConnectionPool(clock or Clock(), **pool_options))
+
+        async def close() -> None:
+            for connection in client.connections:
+                if connection.transport.connected:
+                    connection.transport.abortConnection()
+            await until(lambda: not any(c.transport.connected for c in client.connections))
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return client
+
+    def assertReason(self, reason: Failure, kind: type) -> None:
+        self.assertIsInstance(reason.value, kind, reason)
+
+    async def assert_fresh_connection_works(
+        self, client: Client, url: bytes, backend: ScriptedBackend, body: bytes = b"after"
+    ) -> None:
+        """The next request is served, on a connection of its own."""
+        before = len(backend.connections)
+        fetched = await client.fetch(url + b"/after")
+        self.assertEqual((fetched.response.code, fetched.body), (200, body))
+        self.assertEqual(len(backend.connections), before + 1)
+
+
+# ---- 1. keep-alive -----------------------------------------------------------------------
+
+
+class KeepAliveTests(Http11Case):
+    async def test_sequential_requests_share_one_connection(self):
+        """Two requests one after the other go over one TCP connection."""
+        url, backend = self.serve(ok(b"first"), ok(b"second"))
+        client = self.client()
+        first = await client.fetch(url + b"/1")
+        second = await client.fetch(url + b"/2")
+        self.assertEqual((first.body, second.body), (b"first", b"second"))
+        self.assertReason(second.reason, ResponseDone)
+        self.assertEqual(len(backend.connections), 1)
+        self.assertEqual([s.target for s in backend.connections[0].requests], [b"/1", b"/2"])
+
+    async def test_relay_agent_keeps_alive_with_twisted_web(self):
+        """backend_agent/backend_pool as the relay builds them reuse a twisted.web connection."""
+
+        class Hello(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                return b"hello " + request.path
+
+        class CountingSite(Site):
+            built = 0
+
+            def buildProtocol(self, addr):
+                self.built += 1
+                return super().buildProtocol(addr)
+
+        site = CountingSite(Hello())
+        url = listen(self, site).encode()
+        pool = backend_pool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = backend_agent(reactor, pool, 5)
+        for path in (b"/a", b"/b"):
+            answer = await agent.request(b"GET", url + path)
+            reader = BodyReader()
+            answer.deliverBody(reader)
+            self.assertReason(await reader.ended(), ResponseDone)
+            self.assertEqual((answer.code, reader.data), (200, b"hello " + path))
+        self.assertEqual(site.built, 1)
+
+    async def assert_not_reused(self, first: bytes) -> None:
+        url, backend = self.serve(first, ok(b"after"))
+        client = self.client()
+        fetched = await client.fetch(url + b"/first")
+        self.assertEqual((fetched.response.code, fetched.body), (200, b"ok"))
+        self.assertReason(fetched.reason, ResponseDone)
+        await self.assert_fresh_connection_works(client, url, backend)
+        await backend.connections[0].closed  # the client closed it
+
+    async def test_connection_close_is_not_reused(self):
+        """A 'Connection: close' answer: the client closes that connection, opens a new one."""
+        await self.assert_not_reused(ok(b"ok", b"Connection: close"))
+
+    async def test_http10_answer_is_not_reused(self):
+        """An HTTP/1.0 answer (no keep-alive): the connection is closed, not reused."""
+        await self.assert_not_reused(
+            response(b"200 OK", b"Content-Length: 2", body=b"ok", version=b"1.0")
+        )
+
+
+# ---- 2-4. response framing ----------------------------------------------------------------
+
+
+class ResponseFramingTests(Http11Case):
+    async def test_content_length_body(self):
+        """A Content-Length body: code, phrase, headers, length and body as sent; ResponseDone."""
+        url, _ = self.serve(ok(b"hello world", b"X-Backend: yes", b"X-Backend: again"))
+        fetched = await self.client().fetch(url)
+        answer = fetched.response
+        self.assertEqual((answer.code, answer.phrase, answer.length), (200, b"OK", 11))
+        self.assertEqual(answer.headers.getRawHeaders(b"x-backend"), [b"yes", b"again"])
+        self.assertEqual(fetched.body, b"hello world")
+        self.assertReason(fetched.reason, ResponseDone)
+
+    async def test_head_split_across_reads(self):
+        """A status line, header and body cut at odd places are put back together."""
+        url, _ = self.serve(
+            in_pieces(
+                b"HTTP/1.1 200 O",
+                b"K\r\nX-Lon",
+                b"g: val",
+                b"ue\r\nContent-Length: 5\r\n\r\nhel",
+                b"lo",
+            )
+        )
+        fetched = await self.client().fetch(url)
+        self.assertEqual((fetched.response.phrase, fetched.body), (b"OK", b"hello"))
+        self.assertEqual(fetched.response.headers.getRawHeaders(b"x-long"), [b"value"])
+        self.assertReason(fetched.reason, ResponseDone)
+
+    async def test_chunked_body_in_several_chunks(self):
+        """A chunked body (chunks in separate writes, a trailer) arrives whole; the connection
+        is reused and the trailer does not leak into the next answer's headers."""
+        url, backend = self.serve(
+            in_pieces(
+                response(b"200 OK", b"Transfer-Encoding: chunked"),
+                b"5\r\nhello\r\n",
+                b"1\r\n \r\n5\r\nwor",
+                b"ld\r\n0\r\nX-Trailer: t\r\n\r\n",
+            ),
+            ok(b"next"),
+        )
+        client = self.client()
+        fetched = await client.fetch(url)
+        self.assertEqual((fetched.body, fetched.response.length), (b"hello world", UNKNOWN_LENGTH))
+        self.assertReason(fetched.reason, ResponseDone)
+        following = await client.fetch(url)
+        self.assertEqual(following.body, b"next")
+        self.assertFalse(following.response.headers.hasHeader(b"x-trailer"))
+        self.assertEqual(len(backend.connections), 1)
+
+    async def test_close_delimited_body(self):
+        """No Content-Length, not chunked: all the bytes arrive, then PotentialDataLoss."""
+        url, backend = self.serve(
+            in_pieces(response(b"200 OK"), b"part one, ", b"part two", close=True),
+            ok(b"after"),
+        )
+        client = self.client()
+        fetched = await client.fetch(url)
+        self.assertEqual(
+            (fetched.body, fetched.response.length), (b"part one, part two", UNKNOWN_LENGTH)
+        )
+        self.assertReason(fetched.reason, PotentialDataLoss)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_body_delivered_after_it_ended_is_replayed(self):
+        """deliverBody called after the whole body came in still gets it, then ResponseDone."""
+        url, backend = self.serve(ok(b"early bird"), ok(b"second"))
+        client = self.client()
+        answer = await client.request(url)
+        await deferLater(reactor, 0, lambda: None)  # the rest of that read is parsed
+        reader = BodyReader()
+        answer.deliverBody(reader)
+        self.assertTrue(reader.done.called)
+        self.assertReason(await reader.ended(), ResponseDone)
+        self.assertEqual(reader.data, b"early bird")
+        self.assertEqual((await client.fetch(url)).body, b"second")
+        self.assertEqual(len(backend.connections), 1)
+
+    async def test_head_with_content_length_ends(self):
+        """A HEAD answer with a Content-Length ends at once (ResponseDone, no body)."""
+        url, backend = self.serve(response(b"200 OK", b"Content-Length: 1000"), ok(b"after"))
+        client = self.client()
+        fetched = await client.fetch(url, method=b"HEAD")
+        self.assertEqual((fetched.response.code, fetched.body), (200, b""))
+        self.assertReason(fetched.reason, ResponseDone)
+        self.assertEqual(backend.requests[0].method, b"HEAD")
+        after = await client.fetch(url)
+        self.assertEqual(after.body, b"after")
+
+    async def test_204_and_304_have_no_body(self):
+        """204 and 304 (even with a Content-Length) end with no body; keep-alive goes on."""
+        url, backend = self.serve(
+            response(b"204 No Content"),
+            response(b"304 Not Modified", b"Content-Length: 10"),
+            ok(b"after"),
+        )
+        client = self.client()
+        for code in (204, 304):
+            fetched = await client.fetch(url)
+            self.assertEqual((fetched.response.code, fetched.body), (code, b""))
+            self.assertReason(fetched.reason, ResponseDone)
+        self.assertEqual((await client.fetch(url)).body, b"after")
+        self.assertEqual(len(backend.connections), 1)
+
+    async def assert_interim_skipped(self, answer: Answer) -> None:
+        url, _ = self.serve(answer)
+        fetched = await self.client().fetch(url, method=b"POST", body=BytesProducer(b"data"))
+        answer = fetched.response
+        self.assertEqual((answer.code, answer.phrase, fetched.body), (200, b"OK", b"real"))
+        self.assertEqual(answer.headers.getRawHeaders(b"link"), None)
+        self.assertReason(fetched.reason, ResponseDone)
+
+    async def test_100_continue_is_skipped(self):
+        """A 100 Continue before the 200 (same write) is skipped: the 200 is the answer."""
+        await self.assert_interim_skipped(response(b"100 Continue") + ok(b"real"))
+
+    async def test_103_early_hints_is_skipped(self):
+        """A 103 with headers, then the 200 in a later write: the 200 alone is the answer."""
+        hints = response(b"103 Early Hints", b"Link: </style.css>; rel=preload")
+        await self.assert_interim_skipped(in_pieces(hints, ok(b"real")))
+
+
+# ---- 5. the request on the wire -------------------------------------------------------------
+
+
+class RequestWireTests(Http11Case):
+    async def send(self, method: bytes, body: Any = None, **options: Any) -> Seen:
+        """Send one request; returns what the backend parsed (its raw bytes: ``self.raw``)."""
+        url, backend = self.serve(ok())
+        self.url = url
+        fetched = await self.client().fetch(
+            url + options.pop("path", b"/path?q=1"), method, body=body, **options
+        )
+        self.assertEqual(fetched.body, b"ok")
+        self.raw = bytes(backend.connections[0].raw)
+        return backend.requests[0]
+
+    async def test_get_head_line_host_and_headers(self):
+        """Request line, Host first, the given headers (each value), no length for a GET."""
+        headers = Headers({b"X-Test": [b"a"], b"X-Multi": [b"1", b"2"]})
+        seen = await self.send(b"GET", headers=headers)
+        self.assertTrue(
+            self.raw.startswith(b"GET /path?q=1 HTTP/1.1\r\nHost: %s\r\n" % netloc(self.url)),
+            self.raw,
+        )
+        self.assertEqual((seen.header(b"x-test"), seen.header(b"x-multi")), ([b"a"], [b"1", b"2"]))
+        self.assertEqual(seen.header(b"host"), [netloc(self.url)])
+        self.assertEqual(seen.header(b"content-length") + seen.header(b"transfer-encoding"), [])
+        self.assertTrue(self.raw.endswith(b"\r\n\r\n"))
+
+    async def test_target_forms(self):
+        """No path goes out as '/', a bare query as '/?query'."""
+        url, backend = self.serve(ok())
+        client = self.client()
+        await client.fetch(url)
+        await client.fetch(url + b"?a=1")
+        self.assertEqual([s.target for s in backend.requests], [b"/", b"/?a=1"])
+
+    async def test_bodyless_post_has_content_length_zero(self):
+        """A POST without a body says 'Content-Length: 0'."""
+        seen = await self.send(b"POST")
+        self.assertEqual((seen.header(b"content-length"), seen.body), ([b"0"], bytearray()))
+
+    async def test_bytes_producer_body(self):
+        """A BytesProducer body goes with its Content-Length, byte for byte."""
+        seen = await self.send(b"PUT", BytesProducer(b"payload \x00\xff"))
+        self.assertEqual(seen.header(b"content-length"), [b"10"])
+        self.assertEqual((seen.method, bytes(seen.body)), (b"PUT", b"payload \x00\xff"))
+        self.assertEqual(seen.header(b"transfer-encoding"), [])
+
+    async def test_large_file_body_arrives_byte_exact(self):
+        """A 4 MiB FileBodyProducer body (through a Cooperator) arrives byte-exact."""
+        data = random.Random(7).randbytes(4 * 1024 * 1024)
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        seen = await self.send(b"POST", FileBodyProducer(io.BytesIO(data), cooperator))
+        self.assertEqual(seen.header(b"content-length"), [b"%d" % len(data)])
+        self.assertEqual(len(seen.body), len(data))
+        self.assertEqual(hashlib.sha256(seen.body).digest(), hashlib.sha256(data).digest())
+
+    async def test_unknown_length_is_sent_chunked(self):
+        """A producer of UNKNOWN_LENGTH goes chunked (an empty write ends nothing early); the
+        connection stays usable after the last chunk."""
+        url, backend = self.serve(ok(b"first"), ok(b"second"))
+        client = self.client()
+        producer = PiecesProducer([b"abc", b"", b"defg"])
+        fetched = await client.fetch(url, b"POST", body=producer)
+        self.assertEqual(fetched.body, b"first")
+        seen = backend.requests[0]
+        self.assertEqual(seen.header(b"transfer-encoding"), [b"chunked"])
+        self.assertEqual((seen.header(b"content-length"), bytes(seen.body)), ([], b"abcdefg"))
+        raw = bytes(backend.connections[0].raw)
+        self.assertTrue(raw.endswith(b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"), raw)
+        self.assertEqual((await client.fetch(url)).body, b"second")
+        self.assertEqual(len(backend.connections), 1)
+
+
+# ---- 6. failures -------------------------------------------------------------------------
+
+
+class FailureTests(Http11Case):
+    async def test_close_without_answer(self):
+        """The backend closes without answering: ResponseNeverReceived."""
+        url, _ = self.serve(hang_up)
+        await self.assertFailure(self.client().request(url), ResponseNeverReceived)
+
+    async def test_garbage_status_line(self):
+        """Garbage instead of a status line: ResponseNeverReceived (a parser error), and the
+        next request is served on a new connection."""
+        url, backend = self.serve(b"garbage\r\n\r\n", ok(b"after"))
+        client = self.client()
+        failure = await self.assertFailure(client.request(url), ResponseNeverReceived)
+        self.assertTrue(failure.reasons[0].check(HttpParserError), failure.reasons)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_close_mid_body(self):
+        """The backend closes in the middle of a Content-Length body: the bytes so far, then
+        ResponseFailed."""
+        url, backend = self.serve(
+            in_pieces(response(b"200 OK", b"Content-Length: 100", body=b"0123456789"), close=True),
+            ok(b"after"),
+        )
+        client = self.client()
+        fetched = await client.fetch(url)
+        self.assertEqual((fetched.response.code, fetched.body), (200, b"0123456789"))
+        self.assertReason(fetched.reason, ResponseFailed)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_malformed_chunk(self):
+        """A broken chunked body ends the body with ResponseFailed and the connection goes."""
+        url, backend = self.serve(
+            response(b"200 OK", b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\nzz\r\n"),
+            ok(b"after"),
+        )
+        client = self.client()
+        fetched = await client.fetch(url)
+        self.assertEqual(fetched.body, b"hello")
+        self.assertReason(fetched.reason, ResponseFailed)
+        await backend.connections[0].closed
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_connection_refused(self):
+        """Nobody listening: the request fails with ConnectionRefusedError itself."""
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        number = port.getHost().port
+        await port.stopListening()
+        pool = backend_pool(reactor)
+        agent = backend_agent(reactor, pool, 5)
+        request = agent.request(b"GET", b"http://127.0.0.1:%d/" % number)
+        await self.assertFailure(request, ConnectionRefusedError)
+
+
+# ---- 7. cancellation ---------------------------------------------------------------------
+
+
+class CancelTests(Http11Case):
+    async def assert_cancel_while_waiting(
+        self, client: Client, url: bytes, backend: ScriptedBackend, count: int
+    ) -> None:
+        waiting = client.request(url)
+        await backend.arrived(count)
+        waiting.cancel()
+        await self.assertFailure(waiting, CancelledError)
+        await backend.connections[-1].closed
+
+    async def test_cancel_while_waiting_for_headers(self):
+        """Cancelling before the headers: CancelledError, and the backend sees the close."""
+        url, backend = self.serve(hold, ok(b"after"))
+        client = self.client()
+        await self.assert_cancel_while_waiting(client, url, backend, 1)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_cancel_on_a_reused_connection(self):
+        """Cancelling a request sent on a pooled connection closes that connection too."""
+        url, backend = self.serve(ok(b"first"), hold, ok(b"after"))
+        client = self.client()
+        self.assertEqual((await client.fetch(url)).body, b"first")
+        await self.assert_cancel_while_waiting(client, url, backend, 2)
+        self.assertEqual(len(backend.connections), 1)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_stop_producing_mid_body(self):
+        """stopProducing() mid-body closes the connection (ResponseFailed, never reused)."""
+        url, backend = self.serve(
+            response(b"200 OK", b"Content-Length: 1000", body=b"x" * 10), ok(b"after")
+        )
+        client = self.client()
+        reader = BodyReader(lambda reader: reader.transport.stopProducing())
+        fetched = await client.fetch(url, reader=reader)
+        self.assertEqual(fetched.body, b"x" * 10)
+        self.assertReason(fetched.reason, ResponseFailed)
+        await backend.connections[0].closed
+        await self.assert_fresh_connection_works(client, url, backend)
+
+
+# ---- 8. backpressure ---------------------------------------------------------------------
+
+
+class FlowControlTests(Http11Case):
+    async def test_pause_stops_reading_until_resumed(self):
+        """While paused, bytes the backend sent wait unread in the socket; resume delivers
+        the rest and the body ends cleanly."""
+        url, backend = self.serve(response(b"200 OK", b"Content-Length: 1000", body=b"a" * 10))
+        client = self.client()
+        answer = await client.request(url)
+        reader = BodyReader(lambda reader: reader.transport.pauseProducing())
+        answer.deliverBody(reader)
+        await until(lambda: reader.chunks)
+        backend.connections[0].transport.write(b"b" * 990)
+        connection = client.connections[0]
+        await until(lambda: unread(connection) > 0 or len(reader.data) > 10)
+        await deferLater(reactor, 0, lambda: None)
+        self.assertEqual(reader.data, b"a" * 10)
+        self.assertFalse(reader.done.called)
+        reader.on_data = None
+        reader.transport.resumeProducing()
+        self.assertReason(await reader.ended(), ResponseDone)
+        self.assertEqual(reader.data, b"a" * 10 + b"b" * 990)
+
+    async def test_connection_back_in_pool_while_paused_is_resumed(self):
+        """A body protocol that paused and never resumed: its connection goes back to the pool
+        resumed, and the next request on it is answered."""
+        url, backend = self.serve(ok(b"first"), ok(b"second"))
+        client = self.client()
+        reader = BodyReader(lambda reader: reader.transport.pauseProducing())
+        first = await client.fetch(url, reader=reader)
+        self.assertReason(first.reason, ResponseDone)
+        self.assertEqual((await client.fetch(url)).body, b"second")
+        self.assertEqual(len(backend.connections), 1)
+
+
+# ---- 9. the pool -------------------------------------------------------------------------
+
+
+class PoolTests(Http11Case):
+    async def fetch_concurrently(self, client: Client, url: bytes, count: int) -> None:
+        """``count`` requests at once: each on a connection of its own, all then idle."""
+        fetches = [Deferred.fromCoroutine(client.fetch(url)) for _ in range(count)]
+        for fetched in await gatherResults(fetches):
+            self.assertReason(fetched.reason, ResponseDone)
+
+    async def test_idle_timeout_closes_connection(self):
+        """An idle connection lives idle_timeout seconds (claiming it stops its timer), then it
+        is closed and the next request opens a new one."""
+        url, backend = self.serve(ok())
+        clock = Clock()
+        client = self.client(clock, idle_timeout=4.0)
+        await client.fetch(url)
+        clock.advance(3.5)
+        await client.fetch(url)
+        self.assertEqual(len(backend.connections), 1)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the first idle timer is gone
+        clock.advance(3.5)
+        await deferLater(reactor, 0, lambda: None)
+        self.assertFalse(backend.connections[0].closed.called)
+        clock.advance(0.5)
+        await backend.connections[0].closed
+        await self.assert_fresh_connection_works(client, url, backend, body=b"ok")
+
+    async def test_idle_connections_beyond_max_are_closed(self):
+        """With max_idle_per_backend=1, the second connection to go idle is closed; the one
+        kept serves the next request."""
+        url, backend = self.serve(ok())
+        client = self.client(Clock(), max_idle_per_backend=1)
+        await self.fetch_concurrently(client, url, 2)
+        self.assertEqual(len(backend.connections), 2)
+        await DeferredList([c.closed for c in backend.connections], fireOnOneCallback=True)
+        kept = [c for c in backend.connections if not c.closed.called]
+        self.assertEqual(len(kept), 1)
+        await client.fetch(url)
+        self.assertEqual(len(backend.connections), 2)
+        self.assertEqual(len(kept[0].requests), 2)
+
+    async def test_connection_closed_by_backend_while_idle_is_dropped(self):
+        """An idle connection the backend closes is dropped (its idle timer too); the next
+        request opens a new connection and is served."""
+        url, backend = self.serve(ok())
+        clock = Clock()
+        client = self.client(clock)
+        await client.fetch(url)
+        backend.connections[0].transport.loseConnection()
+        await backend.connections[0].closed
+        await until(lambda: not client.connections[0].transport.connected)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertIsNone(client.pool.take((b"http", netloc(url))))
+        await self.assert_fresh_connection_works(client, url, backend, body=b"ok")
+
+    async def closed_before_noticed(self, method: bytes, body: Any = None) -> tuple[Any, Any]:
+        """Send ``method`` on a pooled connection the backend has just closed, before the
+        client read the close (the race a keep-alive timeout opens)."""
+        url, backend = self.serve(ok(b"first"), ok(b"again"))
+        client = self.client(Clock())
+        await client.fetch(url)
+        backend.connections[0].transport.loseConnection()
+        await backend.connections[0].closed  # the client has not read the FIN yet
+        self.assertTrue(client.connections[0].transport.connected)
+        return client.request(url, method, body=body), backend
+
+    async def test_get_on_connection_closed_before_noticed_is_sent_again(self):
+        """A GET sent on a kept-alive connection the backend had just closed goes once more
+        on a new connection, as Agent does."""
+        sent, backend = await self.closed_before_noticed(b"GET")
+        answer = await sent
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(len(backend.connections), 2)
+
+    async def test_post_on_connection_closed_before_noticed_is_not_sent_again(self):
+        """A POST is never sent twice: it fails (the relay answers 502)."""
+        sent, backend = await self.closed_before_noticed(b"POST", BytesProducer(b"{}"))
+        await self.assertFailure(sent, ResponseNeverReceived)
+        self.assertEqual(len(backend.connections), 1)
+
+    async def test_upgrade_answer_fails_cleanly(self):
+        """A 101 (the relay never asks for an upgrade) fails the call like garbage would,
+        without an unhandled error."""
+        url, backend = self.serve(
+            response(b"101 Switching Protocols", b"Connection: upgrade", b"Upgrade: websocket"),
+            ok(b"after"),
+        )
+        client = self.client()
+        failure = await self.assertFailure(client.request(url), ResponseNeverReceived)
+        self.assertEqual(len(failure.reasons), 1)
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_close_cached_connections(self):
+        """closeCachedConnections() fires once every idle connection is closed; a request
+        after it opens a new connection."""
+        url, backend = self.serve(ok())
+        clock = Clock()
+        client = self.client(clock)
+        self.assertTrue(client.pool.closeCachedConnections().called)  # nothing to close
+        await self.fetch_concurrently(client, url, 2)
+        await client.pool.closeCachedConnections()
+        self.assertEqual([c.transport.connected for c in client.connections], [0, 0])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        await gatherResults([c.closed for c in backend.connections])
+        await self.assert_fresh_connection_works(client, url, backend, body=b"ok")
+
+
+# ---- 10. an answer before the request body was sent ----------------------------------------
+
+
+class EarlyAnswerTests(Http11Case):
+    async def test_answer_before_body_was_sent(self):
+        """A 413 right after the request head is delivered; the body stops, and the connection
+        (its body half-sent) is closed, not reused."""
+
+        def refuse_uploads(connection: ServerConnection, seen: Seen) -> None:
+            if seen.method == b"POST":
+                too_large = b"413 Content Too Large"
+                connection.transport.write(response(too_large, b"Content-Length: 3", body=b"no!"))
+
+        url, backend = self.serve(ok(b"after"), on_headers=refuse_uploads)
+        client = self.client()
+        producer = PiecesProducer([b"x" * 1000], length=1_000_000, finish=False)
+        fetched = await client.fetch(url, b"POST", body=producer)
+        self.assertEqual((fetched.response.code, fetched.body), (413, b"no!"))
+        self.assertReason(fetched.reason, ResponseDone)
+        self.assertTrue(producer.stopped)
+        await self.assert_fresh_connection_works(client, url, backend)
+        await backend.connections[0].closed
