@@ -41,7 +41,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tests.helpers import listen, until
-from vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
+from vespa.http11 import READ_SIZE, BytesProducer, ConnectionPool, LeanAgent
 from vespa.relay import backend_agent, backend_pool
 
 # ---- a scripted backend ------------------------------------------------------------------
@@ -379,6 +379,7 @@ class KeepAliveTests(Http11Case):
         self.assertReason(second.reason, ResponseDone)
         self.assertEqual(len(backend.connections), 1)
         self.assertEqual([s.target for s in backend.connections[0].requests], [b"/1", b"/2"])
+        self.assertEqual(client.connections[0].transport.bufferSize, READ_SIZE)  # big reads
 
     async def test_relay_agent_keeps_alive_with_twisted_web(self):
         """backend_agent/backend_pool as the relay builds them reuse a twisted.web connection."""
