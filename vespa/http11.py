@@ -44,7 +44,10 @@ _RETRY_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
 Key = tuple[bytes, bytes]  # (scheme, netloc)
-READ_SIZE = 256 * 1024
+# Read size of a backend connection (Twisted reads 64 KiB). Measured on 1 GiB downloads:
+# 120 KiB is fastest; from 128 KiB on, each read's buffer is above glibc's mmap threshold
+# and costs fresh pages (256 KiB halved a chunked download).
+READ_SIZE = 120 * 1024
 
 # One for every clean end, as Twisted's own connectionDone (a Failure costs microseconds).
 _RESPONSE_DONE = Failure(ResponseDone())

@@ -30,18 +30,22 @@ def send_now(transport: Any, data: bytes) -> None:
         transport.write(rest)
 
 
-def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
-    """What is left of ``data`` after sending what the socket takes, if nothing is queued."""
-    if (
-        data
-        and connection.connected
+def _can_send_now(connection: tcp.Connection) -> bool:
+    """Nothing queued before (order is kept) and nothing in the way (TLS, closing)."""
+    return bool(
+        connection.connected
         and not connection.TLS
         and not connection.disconnecting
         and not connection._writeDisconnecting
         and not connection._writeDisconnected
         and not connection._tempDataLen
         and connection.offset == len(connection.dataBuffer)
-    ):
+    )
+
+
+def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
+    """What is left of ``data`` after sending what the socket takes, if it can send now."""
+    if data and _can_send_now(connection):
         sent = connection.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:  # else an error (the queued write reports it)
             return data[sent:]
@@ -57,7 +61,10 @@ class SendNowServer(tcp.Server):
             super().write(rest)
 
     def writeSequence(self, iovec: Any) -> None:
-        self.write(b"".join(iovec))
+        if _can_send_now(self):
+            self.write(b"".join(iovec))
+        else:
+            super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
 
 
 @implementer(IStreamServerEndpoint)
