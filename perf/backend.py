@@ -1,7 +1,7 @@
 """
 The benchmark's Python backend (Twisted): slow SSE streams, a chunked blob and /health.
 
-    GET /sse/N/MS       N events MS ms apart (the first at once), then "data: [DONE]"
+    GET|POST /sse/N/MS  N events MS ms apart (the first at once), then "data: [DONE]"
     GET /chunked/MIB    MIB MiB of zeros, chunked (no Content-Length), as fast as it drains
     GET /health         200 {"ok": true}
 
@@ -83,6 +83,8 @@ class Backend(Resource):
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"application/json")
         return b'{"ok": true}'
+
+    render_POST = render_GET  # S3 posts a prompt, as the issue's harness does
 
 
 class QuietSite(Site):

@@ -15,15 +15,21 @@ import asyncio
 import json
 import time
 
+PROMPT = json.dumps(
+    {"model": "bench", "prompt": "Hello, streaming world", "max_tokens": 20, "stream": True}
+).encode()
+
 
 async def one_stream(port: int, path: str) -> tuple[float, float, bool]:
     """(ttfb, total, completed) for one stream over a fresh connection."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
+        # As the issue's harness: a JSON prompt POSTed on a new connection per stream.
         writer.write(
-            b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
-            b"Connection: close\r\n\r\n" % path.encode()
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), len(PROMPT), PROMPT)
         )
         seen = b""
         ttfb = -1.0
