@@ -32,6 +32,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    readBody,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -721,6 +722,20 @@ class CancelTests(Http11Case):
         fetched = await client.fetch(url, reader=reader)
         self.assertEqual(fetched.body, b"x" * 10)
         self.assertReason(fetched.reason, ResponseFailed)
+        await backend.connections[0].closed
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_read_body_cancelled(self):
+        """twisted.web's readBody works on a Response, and cancelling it closes the
+        connection (it calls the transport's abortConnection)."""
+        url, backend = self.serve(
+            response(b"200 OK", b"Content-Length: 1000", body=b"x" * 10), ok(b"after")
+        )
+        client = self.client()
+        answer = await client.request(url)
+        reading = readBody(answer)
+        reading.cancel()
+        await self.assertFailure(reading, ResponseFailed)
         await backend.connections[0].closed
         await self.assert_fresh_connection_works(client, url, backend)
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.error import ConnectionClosed
+from twisted.internet.error import ConnectionAborted, ConnectionClosed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -178,6 +178,12 @@ class Response:
     def resumeProducing(self) -> None:
         if self._connection is not None:
             self._connection.resume()
+
+    def abortConnection(self) -> None:
+        """What twisted.web's ``readBody`` calls when it is cancelled: close the connection
+        and end the body now, so that its protocol hears of it once, before the cancel."""
+        self.stopProducing()
+        self.end(Failure(ResponseFailed([Failure(ConnectionAborted())])))
 
     def stopProducing(self) -> None:
         """The body is not wanted any more: the connection is closed, never reused."""
