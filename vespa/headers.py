@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
-# Lower-case names. Agent writes its own Host and framing headers, so the client's
+# Lower-case names. The relay's agent writes its own Host and framing headers, so the client's
 # Host/Content-Length must not be copied onto the backend request (they would go twice).
 HOP_BY_HOP = frozenset(
     {
