@@ -28,3 +28,20 @@ class SettleGCTests(SynchronousTestCase):
         reactor = MemoryReactor()
         settle_gc_once_running(reactor)
         self.assertEqual([hook[0] for hook in reactor.whenRunningHooks], [settle_gc])
+
+
+class TwistdWiringTests(SynchronousTestCase):
+    def test_worker_make_service(self) -> None:
+        """twistd's entry point asks for the settled collector once running, and gives twistd
+        Vespa's text observer when twistd would log text to stdout."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from vespa import tap
+
+        options = tap.Options()
+        options.parseOptions(["--unsecured", "true"])
+        options.parent = {"nodaemon": True, "logfile": None}
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor)
+        self.assertIn(settle_gc, [hook[0] for hook in reactor.whenRunningHooks])
+        self.assertIsNotNone(service.text_log)

@@ -501,7 +501,7 @@ class LeanAgent:
     def __init__(self, pool: ConnectionPool, endpoints: IAgentEndpointFactory) -> None:
         self._pool = pool
         self._endpoints = endpoints
-        self._backends: dict[bytes, _Backend] = {}
+        self._backends: dict[Key, _Backend] = {}
 
     def request(
         self,
@@ -559,10 +559,11 @@ class LeanAgent:
         return failure
 
     def _backend(self, scheme: bytes, netloc: bytes) -> _Backend:
-        backend = self._backends.get(scheme + b"://" + netloc)
+        key = (scheme, netloc)
+        backend = self._backends.get(key)
         if backend is None:
             if len(self._backends) >= self.MAX_BACKENDS:
                 del self._backends[next(iter(self._backends))]
-            backend = _Backend((scheme, netloc), self._endpoints)
-            self._backends[scheme + b"://" + netloc] = backend
+            backend = _Backend(key, self._endpoints)
+            self._backends[key] = backend
         return backend

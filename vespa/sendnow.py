@@ -46,9 +46,15 @@ def _can_send_now(connection: tcp.Connection) -> bool:
 def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     """What is left of ``data`` after sending what the socket takes, if it can send now."""
     if data and _can_send_now(connection):
-        sent = connection.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:  # else an error (the queued write reports it)
-            return data[sent:]
+        return _send_some(connection, data)
+    return data
+
+
+def _send_some(connection: tcp.Connection, data: bytes) -> bytes:
+    """Send what the socket takes of ``data`` (nothing may be queued); what is left."""
+    sent = connection.writeSomeData(data)
+    if isinstance(sent, int) and sent > 0:  # else an error (the queued write reports it)
+        return data[sent:]
     return data
 
 
@@ -61,10 +67,12 @@ class SendNowServer(tcp.Server):
             super().write(rest)
 
     def writeSequence(self, iovec: Any) -> None:
-        if _can_send_now(self):
-            self.write(b"".join(iovec))
-        else:
+        if not _can_send_now(self):
             super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
+            return
+        rest = _send_some(self, b"".join(iovec))
+        if rest:
+            super().write(rest)
 
 
 @implementer(IStreamServerEndpoint)
