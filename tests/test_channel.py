@@ -1,0 +1,305 @@
+"""
+GuardedChannel as an HTTP/1.1 server connection: keep-alive, pipelining in order, HTTP/1.0,
+Connection: close, 100-continue, input split anywhere, the idle timeout, backpressure in both
+directions, and a client that goes away. Driven byte by byte on an in-memory transport and a
+task.Clock; one case through a real socket.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from tests.helpers import RawClient, listen, raw_connect
+from vespa.worker.limits import PIPELINE_BUFFER, GuardedChannel, GuardedSite, Limits
+
+
+class _Held(Resource):
+    """Answers each request with its method, path and body, at once or when told to."""
+
+    isLeaf = True
+
+    def __init__(self, hold: bool = False) -> None:
+        super().__init__()
+        self.hold = hold
+        self.seen: list[tuple[bytes, bytes, bytes]] = []
+        self.waiting: list = []
+        self.lost: list = []
+
+    def render(self, request):
+        self.seen.append((request.method, request.uri, request.content.read()))
+        request.setHeader(b"content-type", b"text/plain")
+        answer = b"%s %s %d" % (request.method, request.uri, len(self.seen[-1][2]))
+        if not self.hold:
+            return answer
+        request.notifyFinish().addErrback(self.lost.append)
+        self.waiting.append((request, answer))
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        request, answer = self.waiting.pop(0)
+        request.setHeader(b"content-length", b"%d" % len(answer))
+        request.write(answer)
+        request.finish()
+
+
+GET = b"GET /%d HTTP/1.1\r\nHost: w\r\n\r\n"
+
+
+class ChannelTests(SynchronousTestCase):
+    def connect(self, hold: bool = False, **limits):
+        self.clock = Clock()
+        self.resource = _Held(hold)
+        self.site = GuardedSite(self.resource, Limits(**limits), reactor=self.clock)
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(self.close, channel)
+        return channel, transport
+
+    def close(self, channel: GuardedChannel) -> None:
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.site.open_connections, 0)
+
+    def answers(self, transport: StringTransport) -> list[bytes]:
+        """The status and body of each (Content-Length framed) answer written so far."""
+        out = []
+        for part in transport.value().split(b"HTTP/1.1 ")[1:]:
+            head, _, body = part.partition(b"\r\n\r\n")
+            out.append(head.split(b"\r\n")[0] + b" | " + body)
+        return out
+
+    def test_keep_alive_serves_requests_one_after_another(self):
+        """Two requests on one HTTP/1.1 connection are both answered; it stays open."""
+        channel, transport = self.connect()
+        channel.dataReceived(GET % 1)
+        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(self.answers(transport), [b"200 OK | GET /1 0", b"200 OK | POST /2 3"])
+        self.assertFalse(transport.disconnecting)
+
+    def test_pipelined_requests_wait_for_the_answer_before(self):
+        """Requests sent in one read reach the resource one at a time, in order, each only
+        once the answer before it is complete."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(
+            GET % 1 + GET % 2 + b"POST /3 HTTP/1.1\r\nHost: w\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+        self.resource.release()
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1", b"/2"])
+        self.resource.release()
+        self.assertEqual(self.resource.seen[2], (b"POST", b"/3", b"abc"))
+        self.resource.release()
+        self.assertEqual(
+            self.answers(transport),
+            [b"200 OK | GET /1 0", b"200 OK | GET /2 0", b"200 OK | POST /3 3"],
+        )
+
+    def test_any_split_of_the_input_gives_the_same_requests(self):
+        """Heads, bodies and chunks cut at every byte boundary parse the same."""
+        stream = (
+            b"\r\n"
+            + GET % 1
+            + b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 5\r\n\r\nhello"
+            + b"PUT /3 HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"2\r\nab\r\n1;x=y\r\nc\r\n0\r\nX-Trailer: t\r\n\r\n"
+            + GET % 4
+        )
+        expected = [
+            (b"GET", b"/1", b""),
+            (b"POST", b"/2", b"hello"),
+            (b"PUT", b"/3", b"abc"),
+            (b"GET", b"/4", b""),
+        ]
+        for cut in range(1, len(stream)):
+            channel, transport = self.connect()
+            channel.dataReceived(stream[:cut])
+            channel.dataReceived(stream[cut:])
+            self.assertEqual(self.resource.seen, expected, cut)
+        channel, transport = self.connect()
+        for byte in stream:
+            channel.dataReceived(bytes([byte]))
+        self.assertEqual(self.resource.seen, expected)
+        self.assertEqual(len(self.answers(transport)), 4)
+
+    def test_connection_close_is_the_last_request(self):
+        """`Connection: close` gets an answer saying so, then the connection closes; a request
+        sent after it is never parsed."""
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: w\r\nConnection: keep-alive, close\r\n\r\n" + GET % 2
+        )
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+
+    def test_http_1_0_is_answered_then_closed(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /old HTTP/1.0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.0 200 OK\r\n"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_expect_continue_gets_100_before_the_body(self):
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        channel.dataReceived(b"abc")
+        self.assertEqual(self.resource.seen, [(b"POST", b"/up", b"abc")])
+
+    def test_headers_and_cookies_reach_the_request(self):
+        """Names keep their case-insensitive identity, values lose surrounding whitespace, a
+        repeated header keeps every value, and cookies are parsed."""
+        seen = []
+        channel, transport = self.connect()
+        self.resource.render = lambda request: seen.append(request) or b""
+        channel.dataReceived(
+            b"GET /h?q=1 HTTP/1.1\r\nHost: w\r\nX-A:  one \r\nx-a: two\r\n"
+            b"Cookie: k=v\r\nX-Utf8: caf\xc3\xa9\r\n\r\n"
+        )
+        request = seen[0]
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"X-A"), [b"one", b"two"])
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"x-utf8"), [b"caf\xc3\xa9"])
+        self.assertEqual(request.received_cookies, {b"k": b"v"})
+        self.assertEqual(request.args, {b"q": [b"1"]})
+        self.assertEqual(request.getClientAddress(), transport.getPeer())
+
+    def test_idle_connection_is_closed_after_the_timeout(self):
+        """A keep-alive connection with no request for the site's timeOut is closed, and
+        aborted if it does not close cleanly; activity and an answer in progress keep it."""
+        channel, transport = self.connect(hold=True)
+        timeout = self.site.timeOut
+        self.clock.advance(timeout - 1)
+        channel.dataReceived(GET % 1)  # activity: the clock restarts
+        self.clock.advance(timeout * 3)  # answering: never idle
+        self.assertFalse(transport.disconnecting)
+        self.resource.release()
+        self.clock.advance(timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(15)
+        self.assertTrue(transport.disconnected)  # StringTransport.abortConnection
+
+    def test_pipelined_input_over_the_buffer_stops_reading(self):
+        """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
+        the connection is not read until the answer is done."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(len(self.resource.seen), 1)
+        self.resource.release()
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"x" * (20000 - PIPELINE_BUFFER))
+        self.assertEqual(self.resource.seen[1][:2], (b"POST", b"/2"))
+        self.assertEqual(len(self.resource.seen[1][2]), 20000)
+
+    def test_full_send_buffer_pauses_the_answer_then_the_client(self):
+        """The transport's pause reaches the answer's producer; between requests it also
+        stops reading the client, who must read its answers before sending more."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        request = self.resource.waiting[0][0]
+        producer = _Producer()
+        request.registerProducer(producer, True)
+        channel.pauseProducing()
+        self.assertEqual(producer.state, "paused")
+        self.assertEqual(transport.producerState, "producing")  # still reading: answering
+        channel.resumeProducing()
+        self.assertEqual(producer.state, "producing")
+        request.unregisterProducer()
+        self.resource.release()
+        channel.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_client_gone_mid_body_never_reaches_the_resource(self):
+        channel, _ = self.connect()
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 10\r\n\r\nabc")
+        request = channel._request
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.resource.seen, [])
+        self.assertTrue(request._disconnected)
+        self.assertTrue(request.content.closed)
+
+    def test_client_gone_while_answered_is_told_to_the_request(self):
+        channel, _ = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.resource.lost), 1)
+        self.resource.lost[0].trap(ConnectionDone)
+
+
+class _Producer:
+    state = "producing"
+
+    def pauseProducing(self):
+        self.state = "paused"
+
+    def resumeProducing(self):
+        self.state = "producing"
+
+    def stopProducing(self):
+        self.state = "stopped"
+
+
+@implementer(IPullProducer)
+class _Pull:
+    def __init__(self, request, parts):
+        self.request, self.parts, self.done = request, parts, False
+
+    def resumeProducing(self):
+        if self.parts:
+            self.request.write(self.parts.pop(0))
+        else:
+            self.done = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self):
+        self.parts = []
+
+
+class _PullResource(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.registerProducer(_Pull(request, [b"a", b"b", b"c"]), False)
+        return NOT_DONE_YET
+
+
+class SocketChannelTests(TestCase):
+    async def test_pipelined_requests_over_a_socket(self):
+        """Three requests written at once on a real socket come back as three answers, in
+        order, on the same connection, which closes after the last (Connection: close)."""
+        resource = _Held()
+        url = listen(self, GuardedSite(resource))
+        last = b"GET /3 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        client = await raw_connect(url, RawClient(GET % 1 + GET % 2 + last))
+        received = await client.closed
+        self.assertEqual([s[1] for s in resource.seen], [b"/1", b"/2", b"/3"])
+        self.assertEqual(received.count(b"HTTP/1.1 200 OK"), 3)
+        self.assertLess(received.index(b"GET /1"), received.index(b"GET /2"))
+        self.assertLess(received.index(b"GET /2"), received.index(b"GET /3"))
+
+    async def test_pull_producer_is_driven(self):
+        """A pull producer registered on a Request is asked for data until it is done."""
+        url = listen(self, GuardedSite(_PullResource()))
+        raw = b"GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        received = await (await raw_connect(url, RawClient(raw))).closed
+        self.assertTrue(received.endswith(b"1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n"), received)
