@@ -787,8 +787,8 @@ class PoolTests(Http11Case):
             self.assertReason(fetched.reason, ResponseDone)
 
     async def test_idle_timeout_closes_connection(self):
-        """An idle connection lives idle_timeout seconds (claiming it stops its timer), then it
-        is closed and the next request opens a new one."""
+        """An idle connection lives idle_timeout seconds (taking it for a request restarts its
+        idle time), then it is closed and the next request opens a new one."""
         url, backend = self.serve(ok())
         clock = Clock()
         client = self.client(clock, idle_timeout=4.0)
@@ -796,13 +796,32 @@ class PoolTests(Http11Case):
         clock.advance(3.5)
         await client.fetch(url)
         self.assertEqual(len(backend.connections), 1)
-        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the first idle timer is gone
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # one timer for the whole pool
         clock.advance(3.5)
         await deferLater(reactor, 0, lambda: None)
         self.assertFalse(backend.connections[0].closed.called)
         clock.advance(0.5)
         await backend.connections[0].closed
         await self.assert_fresh_connection_works(client, url, backend, body=b"ok")
+
+    async def test_idle_connections_expire_oldest_first(self):
+        """Connections that went idle at different times each close idle_timeout after their
+        own last answer, on the pool's one timer, which stops once none is left."""
+        url, backend = self.serve(ok())
+        clock = Clock()
+        client = self.client(clock, idle_timeout=4.0)
+        await self.fetch_concurrently(client, url, 2)  # two connections, idle at t=0
+        clock.advance(2)
+        await client.fetch(url)  # the most recent one is used again: idle from t=2
+        used_again = [c for c in backend.connections if len(c.requests) == 2]
+        first = [c for c in backend.connections if len(c.requests) == 1]
+        clock.advance(2)
+        await first[0].closed
+        self.assertFalse(used_again[0].closed.called)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(2)
+        await used_again[0].closed
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     async def test_idle_connections_beyond_max_are_closed(self):
         """With max_idle_per_backend=1, the second connection to go idle is closed; the one
