@@ -1,4 +1,5 @@
-"""Process-wide settings of the twistd processes: the garbage collector after start-up."""
+"""Process-wide settings of the twistd processes: the garbage collector after start-up, and
+the event loop's dispatch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.runtime import YOUNG_THRESHOLD, settle_gc, settle_gc_once_running
+from vespa.runtime import YOUNG_THRESHOLD, lean_event_dispatch, settle_gc, tune_once_running
 
 
 class SettleGCTests(SynchronousTestCase):
@@ -24,10 +25,64 @@ class SettleGCTests(SynchronousTestCase):
         self.assertEqual(out.stdout.split(), [str(YOUNG_THRESHOLD), "True", "True"], out.stderr)
 
     def test_once_running(self) -> None:
-        """The worker and client ask for it when the reactor starts, after twistd built them."""
+        """The worker and client ask for it when the reactor starts, after twistd built them
+        (and leave a reactor other than epoll's dispatching as it does)."""
         reactor = MemoryReactor()
-        settle_gc_once_running(reactor)
+        tune_once_running(reactor)
         self.assertEqual([hook[0] for hook in reactor.whenRunningHooks], [settle_gc])
+
+
+_ECHO_WITH_A_BUG = """
+from twisted.internet import epollreactor
+epollreactor.install()
+from twisted.internet import protocol, reactor
+from twisted.logger import globalLogBeginner
+from vespa.runtime import lean_event_dispatch
+
+errors = []
+globalLogBeginner.beginLoggingTo(
+    [lambda e: errors.append(e) if e.get("isError") else None], redirectStandardIO=False
+)
+applied = lean_event_dispatch(reactor)
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        if data == b"boom":
+            raise ValueError("a bug in a protocol")
+        self.transport.write(data)
+
+class Client(protocol.Protocol):
+    got = b""
+    def connectionMade(self):
+        self.transport.write(b"ping")
+    def dataReceived(self, data):
+        Client.got += data
+        self.transport.write(b"boom")
+    def connectionLost(self, reason):
+        reactor.stop()
+
+port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", port.getHost().port)
+reactor.callLater(10, reactor.stop)
+reactor.run()
+bug = [e for e in errors if "a bug in a protocol" in str(e.get("log_failure") or e.get("log_text"))]
+print(applied, Client.got.decode(), len(bug))
+"""
+
+
+class LeanDispatchTests(SynchronousTestCase):
+    def test_epoll_reactor_dispatches_and_logs_errors(self) -> None:
+        """In a fresh interpreter running Twisted's epoll reactor with lean dispatch: data
+        flows both ways, and a protocol that raises is logged and its connection dropped."""
+        out = subprocess.run(
+            [sys.executable, "-c", _ECHO_WITH_A_BUG], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(out.stdout.split(), ["True", "ping", "1"], out.stderr)
+
+    def test_other_reactors_are_left_alone(self) -> None:
+        reactor = MemoryReactor()
+        self.assertFalse(lean_event_dispatch(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
 
 
 class TwistdWiringTests(SynchronousTestCase):

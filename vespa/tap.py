@@ -18,7 +18,7 @@ from vespa import __version__
 from vespa.logs import log_access, use_text_log
 from vespa.notify import SystemdNotifier, SystemdService
 from vespa.relay import backend_agent, backend_pool, quiet_pool
-from vespa.runtime import settle_gc_once_running
+from vespa.runtime import tune_once_running
 from vespa.sendnow import listen_service
 from vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
 from vespa.worker import admin
@@ -82,7 +82,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the worker described by the parsed options."""
     try:
         reactor = installed_reactor(reactor)
-        settle_gc_once_running(reactor)
+        tune_once_running(reactor)
         return use_text_log(build_worker(options.settings, reactor), options)
     except SettingsError as e:
         raise SystemExit(f"vespa: {e}") from None

@@ -33,7 +33,7 @@ from vespa.client.service import ClientService
 from vespa.client.tls import WorkerTLSPolicy
 from vespa.logs import log_access, use_text_log
 from vespa.relay import backend_agent, backend_pool, quiet_pool
-from vespa.runtime import settle_gc_once_running
+from vespa.runtime import tune_once_running
 from vespa.sendnow import listen_service
 from vespa.settings import (
     CLIENT_OPTIONS,
@@ -108,7 +108,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the proxy described by the parsed options."""
     reactor = installed_reactor(reactor)
-    settle_gc_once_running(reactor)
+    tune_once_running(reactor)
     return use_text_log(build_client(options.settings, reactor), options)
 
 
