@@ -228,11 +228,13 @@ class BodyRelay(Protocol):
         self,
         request: Request,
         done: Deferred[None],
-        on_data: Callable[[], object] | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._request = request
         self._done = done
-        self._on_data = on_data  # told of every chunk (the stall timer)
+        # With a clock, when the last chunk came (for the stall timer) is kept in last_data.
+        self._seconds = clock.seconds if clock is not None else None
+        self.last_data = clock.seconds() if clock is not None else 0.0
         self._backend: IPushProducer | None = None
         self.client_lost = False
         self.bytes_out = 0
@@ -244,8 +246,8 @@ class BodyRelay(Protocol):
         self._request.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._on_data is not None:
-            self._on_data()
+        if self._seconds is not None:
+            self.last_data = self._seconds()
         if not self.client_lost:
             self.bytes_out += len(data)
             self._request.write(data)
@@ -333,7 +335,7 @@ class ProxiedRequest:
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
         self._step_timer: IDelayedCall | None = None  # first byte, then stall
-        self._last_chunk = 0.0  # when the backend last sent a body chunk
+        self._headers_at = 0.0  # when the response headers came
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
@@ -380,7 +382,8 @@ class ProxiedRequest:
     def _stalled(self) -> None:
         # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
         # fires, and only then looks at when the last chunk came.
-        quiet_until = self._last_chunk + self._stall_timeout
+        last = self._relay.last_data if self._relay is not None else self._headers_at
+        quiet_until = last + self._stall_timeout
         now = self._clock.seconds()
         if now < quiet_until:
             self._step_timer = self._clock.callLater(quiet_until - now, self._stalled)
@@ -388,14 +391,11 @@ class ProxiedRequest:
         self._step_timer = None
         self._time_out(f"response body stalled for {self._stall_timeout:g} s")
 
-    def _body_activity(self) -> None:
-        self._last_chunk = self._clock.seconds()
-
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
         self._cancel_step_timer()
         if self._stall_timeout:
-            self._last_chunk = self._clock.seconds()
+            self._headers_at = self._clock.seconds()
             self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         request = self._request
         self._result.first_byte = self._clock.seconds()
@@ -420,9 +420,7 @@ class ProxiedRequest:
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         finished: Deferred[None] = Deferred()
-        self._relay = BodyRelay(
-            request, finished, self._body_activity if self._stall_timeout else None
-        )
+        self._relay = BodyRelay(request, finished, self._clock if self._stall_timeout else None)
         finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 

@@ -51,11 +51,13 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
 
 
 def _send_some(connection: tcp.Connection, data: bytes) -> bytes:
-    """Send what the socket takes of ``data`` (nothing may be queued); what is left."""
-    sent = connection.writeSomeData(data)
-    if isinstance(sent, int) and sent > 0:  # else an error (the queued write reports it)
-        return data[sent:]
-    return data
+    """Send what the socket takes of ``data`` (nothing may be queued); what is left. A socket
+    that would block, or a broken one, takes nothing: the queued rest reports the error."""
+    try:
+        sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
+    except OSError:
+        return data
+    return data[sent:] if sent < len(data) else b""
 
 
 class SendNowServer(tcp.Server):

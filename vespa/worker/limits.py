@@ -135,6 +135,7 @@ class GuardedChannel(Protocol):
     _log = Logger()
 
     def __init__(self) -> None:
+        self._transport: Any = None  # TCP or TLS, from connectionMade
         self._head = b""  # the start of a request head not complete yet
         self._request: Request | None = None  # from a complete head until it is answered
         self._command = self._path = self._version = b""
@@ -169,7 +170,7 @@ class GuardedChannel(Protocol):
     # The connection
 
     def connectionMade(self) -> None:
-        transport = cast(Any, self.transport)
+        transport = self._transport = cast(Any, self.transport)  # TCP or TLS
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)  # an SSE event is one small write: no Nagle delay
         self._secure = ISSLTransport(transport, None) is not None
@@ -215,7 +216,7 @@ class GuardedChannel(Protocol):
             return
         self._idle_timer = None
         self._log.info("Timing out client: {peer}", peer=str(self._peer))
-        transport = cast(Any, self.transport)
+        transport = self._transport
         self._linger = self.callLater(ABORT_TIMEOUT, transport.abortConnection)
         self.loseConnection()
 
@@ -251,7 +252,7 @@ class GuardedChannel(Protocol):
             b"connection: close",
             *(name + b": " + value for name, value in headers),
         ]
-        transport = cast(Any, self.transport)  # a TCP or TLS transport
+        transport = self._transport  # a TCP or TLS transport
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         transport.unregisterProducer()
         # Half-close and keep reading (and dropping) for a moment: closing with unread input
@@ -287,7 +288,7 @@ class GuardedChannel(Protocol):
         self._held_size += len(data)
         if self._held_size > PIPELINE_BUFFER and not self._reading_paused:
             self._reading_paused = True
-            cast(Any, self.transport).pauseProducing()
+            self._transport.pauseProducing()
 
     def _consume(self, data: bytes) -> None:
         """Parse ``data`` as far as it goes: heads, bodies, and each complete request to the
@@ -441,7 +442,7 @@ class GuardedChannel(Protocol):
             request.parseCookies()
         request.gotLength(length)
         if expect and version == b"HTTP/1.1":
-            cast(Any, self.transport).write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._body_bytes = 0
         if chunked:
             self._chunks_rest = None
@@ -541,7 +542,7 @@ class GuardedChannel(Protocol):
         held, self._held, self._held_size = self._held, [], 0
         if self._reading_paused and not self._waiting_for_transport:
             self._reading_paused = False
-            cast(Any, self.transport).resumeProducing()
+            self._transport.resumeProducing()
         if held and not self._parsing:
             self._consume(b"".join(held))
             self._arm_input_timers()
@@ -561,16 +562,16 @@ class GuardedChannel(Protocol):
             for value in values:
                 sequence.extend((name, b": ", value, b"\r\n"))
         sequence.append(b"\r\n")
-        cast(Any, self.transport).writeSequence(sequence)
+        self._transport.writeSequence(sequence)
 
     def write(self, data: bytes) -> None:
-        cast(Any, self.transport).write(data)
+        self._transport.write(data)
 
     def writeSequence(self, data: list[bytes]) -> None:
-        cast(Any, self.transport).writeSequence(data)
+        self._transport.writeSequence(data)
 
     def loseConnection(self) -> None:
-        transport = cast(Any, self.transport)
+        transport = self._transport
         transport.unregisterProducer()
         transport.loseConnection()
 
@@ -599,7 +600,7 @@ class GuardedChannel(Protocol):
         if not self._answering and not self._reading_paused:
             # A client that does not read its answers does not get to send more requests.
             self._reading_paused = True
-            cast(Any, self.transport).pauseProducing()
+            self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._waiting_for_transport = False
@@ -607,7 +608,7 @@ class GuardedChannel(Protocol):
             self._producer.resumeProducing()
         if not self._answering and self._reading_paused:
             self._reading_paused = False
-            cast(Any, self.transport).resumeProducing()
+            self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
         if self._producer is not None:
