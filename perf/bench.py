@@ -539,8 +539,8 @@ def main() -> None:
     summary = render(bench.results)
     (out / "summary.md").write_text(summary)
     print(summary)
-    plot(bench.results, out / "s1.png")
-    print(f"perf: results in {out}/ (results.json, summary.md, s1.png)")
+    drawn = plot(bench.results, out / "s1.png")
+    print(f"perf: results in {out}/ (results.json, summary.md{', s1.png' if drawn else ''})")
 
 
 if __name__ == "__main__":

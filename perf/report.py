@@ -260,19 +260,19 @@ def check(results: dict) -> list[str]:
     return ["## Issue 8 targets", "", *table(["build", "figure", "value", "target", "met"], rows)]
 
 
-def plot(results: dict, path: Path) -> None:
-    """req/s and p99 latency by concurrency (S1), one line per target."""
+def plot(results: dict, path: Path) -> bool:
+    """req/s and p99 latency by concurrency (S1), one line per target; whether it was drawn."""
     points = results["scenarios"].get("S1")
     if not points:
-        return
+        return False
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("perf: matplotlib is not installed, no plot")
-        return
+        print("perf: matplotlib is not installed (tox -e perf installs it), no plot")
+        return False
     concs = sorted(int(p.split("=")[1]) for p in points)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for target in results["targets"]:
@@ -299,3 +299,4 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
