@@ -335,7 +335,6 @@ class ProxiedRequest:
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
         self._step_timer: IDelayedCall | None = None  # first byte, then stall
-        self._headers_at = 0.0  # when the response headers came
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
@@ -382,8 +381,8 @@ class ProxiedRequest:
     def _stalled(self) -> None:
         # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
         # fires, and only then looks at when the last chunk came.
-        last = self._relay.last_data if self._relay is not None else self._headers_at
-        quiet_until = last + self._stall_timeout
+        assert self._relay is not None  # armed with the relay
+        quiet_until = self._relay.last_data + self._stall_timeout
         now = self._clock.seconds()
         if now < quiet_until:
             self._step_timer = self._clock.callLater(quiet_until - now, self._stalled)
@@ -394,9 +393,6 @@ class ProxiedRequest:
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
         self._cancel_step_timer()
-        if self._stall_timeout:
-            self._headers_at = self._clock.seconds()
-            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         request = self._request
         self._result.first_byte = self._clock.seconds()
         if self._client_gone:
@@ -421,6 +417,8 @@ class ProxiedRequest:
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         finished: Deferred[None] = Deferred()
         self._relay = BodyRelay(request, finished, self._clock if self._stall_timeout else None)
+        if self._stall_timeout:
+            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 

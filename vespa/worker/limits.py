@@ -106,17 +106,7 @@ def limits_from(settings: Settings) -> Limits:
 
 
 class _Refused(Exception):
-    """Raised while a head is checked: answer ``code`` with this error and close."""
-
-    def __init__(
-        self,
-        code: int,
-        error: str,
-        detail: str,
-        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
-    ) -> None:
-        super().__init__(code, error, detail, headers)
-        self.code, self.error, self.detail, self.headers = code, error, detail, headers
+    """Raised while a head is checked; its arguments are :meth:`GuardedChannel.refuse`'s."""
 
 
 def _bad(detail: str) -> _Refused:
@@ -349,7 +339,7 @@ class GuardedChannel(Protocol):
         try:
             self._start_request(buffer[:end])
         except _Refused as refusal:
-            self.refuse(refusal.code, refusal.error, refusal.detail, refusal.headers)
+            self.refuse(*refusal.args)
             return b""
         return buffer[end + 4 :]
 
@@ -494,8 +484,7 @@ class GuardedChannel(Protocol):
             return
         self._body_bytes += len(data)
         if self._body_bytes > self.limits.max_body_size:
-            refusal = self._too_large()
-            self.refuse(refusal.code, refusal.error, refusal.detail)
+            self.refuse(*self._too_large().args)
             return
         cast(Request, self._request).handleContentChunk(data)
 
