@@ -192,6 +192,25 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(15)
         self.assertTrue(transport.disconnected)  # StringTransport.abortConnection
 
+    def test_long_upload_is_not_an_idle_connection(self):
+        """A body that keeps arriving for longer than the idle timeout is neither cut nor
+        watched in a busy loop: the idle check waits a full timeout while a request arrives."""
+        channel, transport = self.connect(min_body_rate=1000.0)
+        timeout = self.site.timeOut
+        size = 15000 * 12
+        channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(12):  # 120 s, twice the idle timeout
+            channel.dataReceived(b"x" * 15000)
+            self.clock.advance(10)
+            idle_checks = [
+                call.getTime() - self.clock.seconds()
+                for call in self.clock.getDelayedCalls()
+                if call.func == channel._idle_check
+            ]
+            self.assertTrue(all(wait >= 1 for wait in idle_checks), idle_checks)
+        self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
+        self.assertGreater(self.clock.seconds(), timeout)
+
     def test_pipelined_input_over_the_buffer_stops_reading(self):
         """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
         the connection is not read until the answer is done."""

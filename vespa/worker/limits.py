@@ -199,10 +199,13 @@ class GuardedChannel(Protocol):
         """A connection with no request for ``timeOut`` seconds is closed (checked lazily: no
         timer is reset per request)."""
         assert self.timeOut is not None
+        if self._answering or self._request is not None or self._head:
+            # A request arriving or being answered: its own deadlines apply, look again later.
+            self._idle_timer = self.callLater(self.timeOut, self._idle_check)
+            return
         idle = self.site.reactor.seconds() - self._last_seen
-        if self._answering or self._request is not None or idle < self.timeOut:
-            wait = self.timeOut if self._answering else max(self.timeOut - idle, 0.001)
-            self._idle_timer = self.callLater(wait, self._idle_check)
+        if idle < self.timeOut:
+            self._idle_timer = self.callLater(self.timeOut - idle, self._idle_check)
             return
         self._idle_timer = None
         self._log.info("Timing out client: {peer}", peer=str(self._peer))
