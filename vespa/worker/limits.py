@@ -126,7 +126,7 @@ class GuardedChannel(Protocol):
 
     def __init__(self) -> None:
         self._transport: Any = None  # TCP or TLS, from connectionMade
-        self._head = b""  # the start of a request head not complete yet
+        self._head = bytearray()  # the start of a request head not complete yet
         self._request: Request | None = None  # from a complete head until it is answered
         self._command = self._path = self._version = b""
         self._persistent = True
@@ -319,34 +319,37 @@ class GuardedChannel(Protocol):
         """Buffer ``data`` until the head is complete; then check it and start the request.
         Returns what follows the head."""
         seen = len(self._head)
-        buffer = self._head + data if seen else data
-        if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored
-            buffer = buffer.lstrip(b"\r\n")
-            seen = 0
+        if seen:
+            self._head += data  # a bytearray: a head sent byte by byte costs linear time
+            buffer: bytes | bytearray = self._head
+        else:
+            buffer = data.lstrip(b"\r\n") if data[:1] in (b"\r", b"\n") else data
+            # (empty lines before a request line are ignored)
         end = buffer.find(b"\r\n\r\n", max(seen - 3, 0))
         limit = self.limits.max_header_size
         if end < 0:
             if len(buffer) > limit:
                 self._head_too_large(buffer)
-                return b""
-            self._head = buffer
+            elif not seen and buffer:
+                self._head = bytearray(buffer)
             return b""
-        self._head = b""
+        head, rest = bytes(buffer[:end]), bytes(buffer[end + 4 :])
+        self._head = bytearray()
         if self._head_timer is not None:
             if self._head_timer.active():
                 self._head_timer.cancel()
             self._head_timer = None
         if end > limit:
-            self._head_too_large(buffer)
+            self._head_too_large(head)
             return b""
         try:
-            self._start_request(buffer[:end])
+            self._start_request(head)
         except _Refused as refusal:
             self.refuse(*refusal.args)
             return b""
-        return buffer[end + 4 :]
+        return rest
 
-    def _head_too_large(self, buffer: bytes) -> None:
+    def _head_too_large(self, buffer: bytes | bytearray) -> None:
         detail = f"request line and headers are limited to {self.limits.max_header_size} bytes"
         line_end = buffer.find(b"\r\n")
         if line_end < 0 or line_end > self.limits.max_header_size:
