@@ -211,6 +211,57 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
         self.assertGreater(self.clock.seconds(), timeout)
 
+    def test_partial_pipelined_head_gets_the_head_deadline(self):
+        """A pipelined head left unfinished behind an answered request is held to the head
+        deadline like any other (no slowloris through pipelining)."""
+        channel, transport = self.connect(hold=True, head_timeout=30.0)
+        channel.dataReceived(GET % 1 + b"GET /2 HTTP/1.1\r\nHo")
+        self.resource.release()
+        self.clock.advance(31)
+        self.assertIn(b"HTTP/1.1 408 Request Timeout", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_close_option_is_case_insensitive(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: w\r\nConnection: Close\r\n\r\n" + GET % 2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+
+    def test_upload_spanning_the_idle_timeout_is_not_cut(self):
+        channel, transport = self.connect()
+        timeout = self.site.timeOut
+        self.clock.advance(timeout - 1)
+        channel.dataReceived(
+            b"POST /u HTTP/1.1\r\nHost: w\r\nContent-Length: 2000\r\n\r\n" + b"x" * 1000
+        )
+        self.clock.advance(1)  # the idle check comes mid-body
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x" * 1000)
+        self.assertEqual(self.resource.seen, [(b"POST", b"/u", b"x" * 2000)])
+
+    def test_head_arriving_at_the_idle_timeout_is_not_cut(self):
+        """A head still arriving when the idle timeout comes is left to the head deadline."""
+        channel, transport = self.connect()
+        timeout = self.site.timeOut
+        self.clock.advance(timeout - 1)
+        channel.dataReceived(b"GET /late HTTP/1.1\r\nHost: w\r\n")
+        self.clock.advance(2)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"\r\n")
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/late"])
+
+    def test_idle_clock_restarts_after_each_answer(self):
+        channel, transport = self.connect()
+        timeout = self.site.timeOut
+        self.clock.advance(timeout - 10)
+        channel.dataReceived(GET % 1)
+        self.clock.advance(10)  # the first idle check: 10 s after the answer
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(timeout - 11)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
     def test_pipelined_input_over_the_buffer_stops_reading(self):
         """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
         the connection is not read until the answer is done."""
@@ -243,6 +294,37 @@ class ChannelTests(SynchronousTestCase):
         request.unregisterProducer()
         self.resource.release()
         channel.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_transport_stop_reaches_the_answer_producer(self):
+        channel, _ = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        producer = _Producer()
+        self.resource.waiting[0][0].registerProducer(producer, True)
+        channel.stopProducing()
+        self.assertEqual(producer.state, "stopped")
+
+    def test_send_buffer_cycling_keeps_held_input_unread(self):
+        """The pause for held pipelined input outlasts the send buffer filling and draining."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
+        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        self.assertEqual(transport.producerState, "paused")
+        channel.pauseProducing()
+        channel.resumeProducing()  # the answer's writes drained: the hold limit still applies
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_answer_done_with_full_send_buffer_keeps_reading_paused(self):
+        """A client that does not read its answers is not read when the answer ends either."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
+        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        channel.pauseProducing()  # the client is not reading its answers
+        self.resource.release()
         self.assertEqual(transport.producerState, "paused")
         channel.resumeProducing()
         self.assertEqual(transport.producerState, "producing")

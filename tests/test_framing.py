@@ -82,6 +82,13 @@ CASES: dict[str, tuple[bytes, int]] = {
         431,
     ),
     "too many headers": (GET + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
+    "TE then CL": (POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
+    "ESC in value": (GET + b"X-A: a\x1bb\r\n\r\n", 400),
+    "US in value": (GET + b"X-A: a\x1fb\r\n\r\n", 400),
+    "control byte in target": (b"GET /a\x01b HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "DEL in target": (b"GET /a\x7fb HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "tab in target": (b"GET /a\tb HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "lowercase trace": (b"trace /x HTTP/1.1\r\nHost: w\r\n\r\n", 405),
 }
 
 

@@ -133,6 +133,55 @@ class ClockedLimitTests(SynchronousTestCase):
         self.assertEqual(self.status(transport), b"HTTP/1.1 413 Content Too Large")
         self.assertNotIn(b"100 Continue", transport.value())
 
+    def test_keep_alive_connection_is_not_timed_out_between_requests(self):
+        """No head deadline runs between requests: an open keep-alive connection with
+        nothing sent is only subject to the idle timeout."""
+        channel, transport = self.connect(head_timeout=30.0)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.clock.advance(31)  # past the head deadline, before the idle timeout
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_body_in_small_reads_at_the_minimum_rate_is_served(self):
+        """The body rate counts every read of the window, not the last one."""
+        channel, transport = self.connect(min_body_rate=500.0)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 30000\r\n\r\n")
+        for _ in range(300):  # 1000 B/s in 100-byte reads
+            channel.dataReceived(b"x" * 100)
+            self.clock.advance(BODY_RATE_WINDOW / 100)
+        self.assertEqual(self.status(transport), b"HTTP/1.1 200 OK")
+        self.assertEqual(len(self.resource.rendered[0]), 30000)
+
+    def test_chunked_body_at_the_limit_is_served(self):
+        channel, transport = self.connect(max_body_size=1000)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3e8\r\n" + b"x" * 1000 + b"\r\n0\r\n\r\n"
+        )
+        self.assertEqual(self.status(transport), b"HTTP/1.1 200 OK")
+        self.assertEqual(len(self.resource.rendered[0]), 1000)
+
+    def test_long_request_line_in_pieces_gets_414(self):
+        """A request line still growing past the limit is a 414, not a 431."""
+        channel, transport = self.connect(max_header_size=100)
+        for _ in range(3):
+            channel.dataReceived(b"GET /" + b"a" * 60)
+        self.assertEqual(self.status(transport), b"HTTP/1.1 414 URI Too Long")
+
+    def test_max_headers_is_inclusive(self):
+        channel, transport = self.connect(max_headers=3)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\nX-1: 1\r\nX-2: 2\r\n\r\n")
+        self.assertEqual(self.status(transport), b"HTTP/1.1 200 OK")
+        channel, transport = self.connect(max_headers=3)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\nX-1: 1\r\nX-2: 2\r\nX-3: 3\r\n\r\n")
+        self.assertEqual(self.status(transport), b"HTTP/1.1 431 Request Header Fields Too Large")
+
+    def test_obs_fold_is_named_in_the_error(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\nX-A: a\r\n b\r\n\r\n")
+        body = json.loads(transport.value().partition(b"\r\n\r\n")[2])
+        self.assertIn("obsolete line folding", body["detail"])
+
     def test_tls_never_negotiates_h2(self):
         """Over TLS only HTTP/1.1 is offered (ALPN), even with the h2 package installed: every
         connection goes through the checks above."""
