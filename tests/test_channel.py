@@ -262,14 +262,20 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
-    def test_pipelined_input_over_the_buffer_stops_reading(self):
-        """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
-        the connection is not read until the answer is done."""
+    def held_over_the_buffer(self):
+        """A connection answering one request, with PIPELINE_BUFFER bytes of the next one's
+        body held (the part that crossed the limit included)."""
         channel, transport = self.connect(hold=True)
         channel.dataReceived(GET % 1)
         channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
         self.assertEqual(transport.producerState, "producing")
         channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        return channel, transport
+
+    def test_pipelined_input_over_the_buffer_stops_reading(self):
+        """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
+        the connection is not read until the answer is done."""
+        channel, transport = self.held_over_the_buffer()
         self.assertEqual(transport.producerState, "paused")
         self.assertEqual(len(self.resource.seen), 1)
         self.resource.release()
@@ -308,10 +314,7 @@ class ChannelTests(SynchronousTestCase):
 
     def test_send_buffer_cycling_keeps_held_input_unread(self):
         """The pause for held pipelined input outlasts the send buffer filling and draining."""
-        channel, transport = self.connect(hold=True)
-        channel.dataReceived(GET % 1)
-        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
-        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        channel, transport = self.held_over_the_buffer()
         self.assertEqual(transport.producerState, "paused")
         channel.pauseProducing()
         channel.resumeProducing()  # the answer's writes drained: the hold limit still applies
@@ -319,10 +322,7 @@ class ChannelTests(SynchronousTestCase):
 
     def test_answer_done_with_full_send_buffer_keeps_reading_paused(self):
         """A client that does not read its answers is not read when the answer ends either."""
-        channel, transport = self.connect(hold=True)
-        channel.dataReceived(GET % 1)
-        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
-        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        channel, transport = self.held_over_the_buffer()
         channel.pauseProducing()  # the client is not reading its answers
         self.resource.release()
         self.assertEqual(transport.producerState, "paused")
