@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
+from vespa.relay import Outcome, RelayResult
 from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vespa.worker.state import WorkerState
 
@@ -159,3 +162,26 @@ class PrometheusMetricsTests(TestCase):
         self.assertAlmostEqual(metrics.reactor_lag, 0.25)
         sampler.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_histogram_buckets(self) -> None:
+        """A duration on a bucket's bound counts in that bucket ("le"), buckets are cumulative,
+        and a duration past the last bound counts only in +Inf; count, sum and _created are
+        there as prometheus_client writes them."""
+        metrics = PrometheusMetrics(WorkerState(), Clock())
+        request = SimpleNamespace(method=b"GET", requestHeaders=Headers())
+        for seconds in (0.005, 0.0051, 301.0):
+            result = RelayResult(Outcome.SERVED, 200, 0, 0.0, None, seconds)
+            metrics.observe(request, result, None)  # type: ignore[arg-type]
+        page = samples(metrics.render().decode())
+
+        def bucket(le: str) -> float:
+            return page[("vespa_request_duration_seconds_bucket", (("le", le),))]
+
+        self.assertEqual([bucket("0.005"), bucket("0.01"), bucket("300.0")], [1, 2, 2])
+        self.assertEqual(bucket("+Inf"), 3)
+        self.assertEqual(page[("vespa_request_duration_seconds_count", ())], 3)
+        self.assertAlmostEqual(page[("vespa_request_duration_seconds_sum", ())], 301.0101)
+        self.assertIn(("vespa_request_duration_seconds_created", ()), page)
+        labels = (("method", "GET"), ("outcome", "served"), ("status", "2xx"))
+        self.assertEqual(page[("vespa_requests_total", labels)], 3)
+        self.assertIn(("vespa_requests_created", labels), page)

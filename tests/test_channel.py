@@ -345,6 +345,31 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(self.resource.lost), 1)
         self.resource.lost[0].trap(ConnectionDone)
 
+    def test_chunked_answer_written_piece_by_piece(self):
+        """After the head, each write is one chunk on the wire (empty writes send nothing);
+        a write after finish raises as twisted.web's does, one after the client left is
+        dropped."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1 + GET % 2)
+        request, _ = self.resource.waiting.pop(0)
+        request.write(b"")  # the head only
+        self.assertTrue(transport.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n"))
+        transport.clear()
+        for piece in (b"data: 1\n\n", b"", b"x" * 300):
+            request.write(piece)
+        request.finish()
+        self.assertEqual(
+            transport.value(), b"9\r\ndata: 1\n\n\r\n12c\r\n" + b"x" * 300 + b"\r\n0\r\n\r\n"
+        )
+        self.assertEqual(request.sentLength, 309)
+        self.assertRaises(RuntimeError, request.write, b"late")
+        second, _ = self.resource.waiting.pop(0)  # the pipelined request, answered next
+        second.write(b"first")
+        channel.connectionLost(Failure(ConnectionDone()))
+        transport.clear()
+        second.write(b"after the client left")
+        self.assertEqual(transport.value(), b"")
+
 
 class _Producer:
     state = "producing"

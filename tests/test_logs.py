@@ -8,8 +8,8 @@ import re
 
 from twisted.application.service import Application, MultiService
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
@@ -33,6 +33,7 @@ from tests.helpers import (
     worker_url,
 )
 from vespa.logs import (
+    FLUSH_AFTER,
     PREFORMATTED,
     TextLogForTwistd,
     json_observer,
@@ -184,6 +185,26 @@ class JsonLogTests(TestCase):
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
 
 
+class FlushCounting(io.StringIO):
+    """A stream that remembers how much of it had been flushed."""
+
+    flushed = ""
+
+    def flush(self) -> None:
+        super().flush()
+        self.flushed = self.getvalue()
+
+
+def access_event(line: str, when: float = 1700000000.0) -> LogEvent:
+    return {
+        "log_namespace": "vespa.access",
+        "log_level": LogLevel.info,
+        "log_format": PREFORMATTED,
+        "line": line,
+        "log_time": when,
+    }
+
+
 class TextLogTests(TestCase):
     def lines(self, observer_for, *events: LogEvent) -> list[str]:
         stream = io.StringIO()
@@ -191,6 +212,36 @@ class TextLogTests(TestCase):
         for event in events:
             observe(dict(event))
         return stream.getvalue().splitlines()
+
+    def test_access_lines_flushed_in_batches(self) -> None:
+        """Access lines wait in the stream's buffer for at most FLUSH_AFTER seconds (one
+        flush for all of them); any other line is flushed at once, after the lines before
+        it."""
+        clock = Clock()
+        stream = FlushCounting()
+        observe = text_observer(stream, clock)
+        observe(access_event("GET /a 200"))
+        observe(access_event("GET /b 200"))
+        self.assertEqual(stream.flushed, "")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # one timer for the batch
+        clock.advance(FLUSH_AFTER)
+        self.assertEqual(stream.flushed.count("\n"), 2)
+        observe(access_event("GET /c 200"))
+        observe(
+            {
+                **access_event("-"),
+                "log_namespace": "vespa.worker.lifecycle",
+                "log_level": LogLevel.warn,
+                "log_format": "backend {state}",
+                "state": "down",
+            }
+        )
+        self.assertRegex(
+            stream.flushed, r"GET /c 200\n.*\[vespa.worker.lifecycle#warn\] backend down\n$"
+        )
+        clock.advance(FLUSH_AFTER)  # the pending timer finds nothing new
+        self.assertEqual(stream.flushed, stream.getvalue())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_same_text_as_twisted(self) -> None:
         """Vespa's text observer writes exactly the lines of twistd's default observer, for
@@ -204,7 +255,7 @@ class TextLogTests(TestCase):
             {**base, "log_format": PREFORMATTED, "line": "x", "log_system": "sys", "log_time": 5.0},
             {"log_format": "no level", "log_time": 1700000003.0},
         ]
-        ours = self.lines(text_observer, *events)
+        ours = self.lines(lambda stream: text_observer(stream, Clock()), *events)
         self.assertEqual(ours, self.lines(textFileLogObserver, *events))
         self.assertEqual(len(ours), 6)
         self.assertTrue(ours[2].endswith(" [vespa.access#info] GET /z 200"))
@@ -238,7 +289,8 @@ class TextLogTests(TestCase):
         application = Application("vespa")
         top = use_text_log(Top(), options)
         top.setServiceParent(application)
-        self.assertIsInstance(application.getComponent(ILogObserver), FileLogObserver)
+        ours = type(text_observer(io.StringIO(), Clock()))
+        self.assertIsInstance(application.getComponent(ILogObserver), ours)
         options.parent["logfile"] = "worker.log"
         application = Application("vespa")
         use_text_log(Top(), options).setServiceParent(application)

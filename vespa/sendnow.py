@@ -64,9 +64,10 @@ class SendNowServer(tcp.Server):
     """An accepted TCP connection whose writes go out at once (see the module docstring)."""
 
     def write(self, data: bytes) -> None:
-        rest = _unsent(self, data)
-        if rest:
-            super().write(rest)
+        if data and _can_send_now(self):
+            data = _send_some(self, data)
+        if data:
+            super().write(data)
 
     def writeSequence(self, iovec: Any) -> None:
         if not _can_send_now(self):
