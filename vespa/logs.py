@@ -9,7 +9,9 @@ JSON lines (for journald, Loki, ...): ``twistd --logger vespa.logs.json_stdout -
 
 from __future__ import annotations
 
+import atexit
 import sys
+from threading import Lock
 from time import time
 from typing import IO, Any, cast
 
@@ -121,31 +123,35 @@ FLUSH_AFTER = 0.1  # seconds an access line may wait in the stream's buffer
 class _TextLog:
     """
     Twisted's text log (``FileLogObserver`` with :class:`_ClassicText`), except that access
-    lines are not flushed one by one: ``FileLogObserver`` flushes after every event, a
-    ``write(2)`` per request. An access line is flushed within :data:`FLUSH_AFTER` seconds;
-    any other line is flushed at once, with the lines before it, so the order never changes.
-    Python flushes the rest when the process exits.
+    lines are written in batches: ``FileLogObserver`` writes and flushes every event, a
+    ``write(2)`` per request (stdout is often unbuffered: ``PYTHONUNBUFFERED`` is common in
+    containers). Access lines are held here and written together within :data:`FLUSH_AFTER`
+    seconds; any other line is written at once, after the lines held, so the order never
+    changes. Lines still held when the process exits are written then.
     """
 
     def __init__(self, stream: IO[str], clock: IReactorTime | None = None) -> None:
         self._stream = stream
         self._format = _ClassicText()
         self._clock = clock
-        self._flush_due = False
+        self._held: list[str] = []
+        self._lock = Lock()  # other threads may log (and so flush) too
+        atexit.register(self.flush)
 
     def __call__(self, event: LogEvent) -> None:
         text = self._format(event)
         if not text:
             return
-        self._stream.write(text)
         if (
-            event.get("log_namespace") != _access.namespace
-            or event.get("log_format") != PREFORMATTED
+            event.get("log_namespace") == _access.namespace
+            and event.get("log_format") == PREFORMATTED
         ):
-            self._stream.flush()
-        elif not self._flush_due:
-            self._flush_due = True
-            self._reactor().callLater(FLUSH_AFTER, self._flush)
+            if not self._held:
+                self._reactor().callLater(FLUSH_AFTER, self.flush)
+            self._held.append(text)
+            return
+        self._held.append(text)
+        self.flush()
 
     def _reactor(self) -> IReactorTime:
         if self._clock is None:
@@ -154,9 +160,13 @@ class _TextLog:
             self._clock = cast(IReactorTime, reactor)
         return self._clock
 
-    def _flush(self) -> None:
-        self._flush_due = False
-        self._stream.flush()
+    def flush(self) -> None:
+        """Write the lines held, now."""
+        with self._lock:
+            held, self._held = self._held, []
+        if held:
+            self._stream.write("".join(held))
+            self._stream.flush()
 
 
 def text_observer(stream: IO[str], clock: IReactorTime | None = None) -> ILogObserver:
