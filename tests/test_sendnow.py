@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from twisted.internet import reactor
@@ -146,6 +147,105 @@ class SendNowTests(TestCase):
         port = await endpoint.listen(Factory.forProtocol(Protocol))
         self.addCleanup(port.stopListening)
         self.assertNotEqual(getattr(port, "transport", None), SendNowServer)
+
+
+class _Hello(Protocol):
+    """Says hello and closes."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")
+        self.transport.loseConnection()
+
+
+class _FlakyListener:
+    """A listening socket whose first ``failures`` accepts fail with EPERM."""
+
+    def __init__(self, real: socket.socket, failures: int) -> None:
+        self._real = real
+        self.failures = failures
+
+    def accept(self):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EPERM, "refused by a firewall rule")
+        return self._real.accept()
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+class AcceptTests(TestCase):
+    """The listener's own accept loop (in place of tcp.Port.doRead)."""
+
+    async def listen(self, factory: Factory):
+        endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        port = await endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def read_all(self, port, clients: int) -> list[bytes]:
+        """Connect ``clients`` sockets at once, then read each to the end."""
+        sockets = [
+            socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(clients)
+        ]
+        for client in sockets:
+            self.addCleanup(client.close)
+        answers = []
+        for client in sockets:
+            client.setblocking(False)
+            got = b""
+            while True:
+                try:
+                    chunk = client.recv(100)
+                except BlockingIOError:
+                    await _turn()
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    break
+                got += chunk
+            answers.append(got)
+        return answers
+
+    async def test_burst_of_connections_all_served(self) -> None:
+        """Connections waiting together are all accepted (several per turn)."""
+        port = await self.listen(Factory.forProtocol(_Hello))
+        self.assertEqual(await self.read_all(port, 40), [b"hello"] * 40)
+        self.assertGreaterEqual(port.numberAccepts, 1)
+
+    async def test_failing_connection_set_up_spares_the_others(self) -> None:
+        """A protocol that cannot be built or set up is logged and its connection closed; a
+        factory that declines closes it too; the port keeps accepting."""
+        failures = iter(["build", "set up", "decline"])
+
+        class Picky(Factory):
+            def buildProtocol(self, addr):
+                failure = next(failures, None)
+                if failure == "build":
+                    raise ZeroDivisionError("build")
+                if failure == "decline":
+                    return None
+                protocol = _Hello() if failure is None else Protocol()
+                if failure == "set up":
+                    protocol.connectionMade = lambda: 1 / 0
+                return protocol
+
+        port = await self.listen(Picky())
+        for expected in (b"", b"", b"", b"hello", b"hello"):
+            [answer] = await self.read_all(port, 1)
+            self.assertEqual(answer, expected)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+
+    async def test_accept_errors_left_to_twisted(self) -> None:
+        """An accept error other than "no more" goes to Twisted's accept loop, which
+        handles it (here: skips an EPERM) and accepts the connection."""
+        port = await self.listen(Factory.forProtocol(_Hello))
+        flaky = _FlakyListener(port.socket, failures=1)
+        port.socket = flaky
+        self.addCleanup(setattr, port, "socket", flaky._real)
+        self.assertEqual(await self.read_all(port, 1), [b"hello"])
+        self.assertEqual(flaky.failures, 0)
 
 
 def _turn() -> Deferred:
