@@ -510,6 +510,20 @@ class ResponseFramingTests(Http11Case):
         self.assertEqual((await client.fetch(url)).body, b"second")
         self.assertEqual(len(backend.connections), 1)
 
+    async def test_next_body_never_reaches_the_last_protocol(self):
+        """On a reused connection, a body that comes before its deliverBody waits for its own
+        protocol; the protocol of the answer before hears nothing more."""
+        url, backend = self.serve(ok(b"first"), ok(b"second"))
+        client = self.client()
+        first = await client.fetch(url)
+        answer = await client.request(url)
+        await deferLater(reactor, 0, lambda: None)  # the second body is parsed already
+        second = BodyReader()
+        answer.deliverBody(second)
+        self.assertReason(await second.ended(), ResponseDone)
+        self.assertEqual((first.body, second.data), (b"first", b"second"))
+        self.assertEqual(len(backend.connections), 1)
+
     async def test_head_with_content_length_ends(self):
         """A HEAD answer with a Content-Length ends at once (ResponseDone, no body)."""
         url, backend = self.serve(response(b"200 OK", b"Content-Length: 1000"), ok(b"after"))

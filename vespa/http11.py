@@ -14,6 +14,7 @@ so :class:`vespa.relay.ProxiedRequest` works with either agent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -181,6 +182,8 @@ class Response:
             protocol.dataReceived(data)
         if self._ended is not None:
             protocol.connectionLost(self._ended)
+        elif self._connection is not None:
+            self._connection.body_to = protocol.dataReceived
 
     def data(self, data: bytes) -> None:
         if self._protocol is not None:
@@ -227,6 +230,8 @@ class _Connection(Protocol):
         self._parser = HttpResponseParser(self)
         self._waiting: Deferred[IResponse] | None = None  # until the response headers
         self._response: Response | None = None  # until the response body ends
+        # The response's body protocol once it has one: each chunk goes straight there.
+        self.body_to: Callable[[bytes], object] | None = None
         self._head = False
         self._body: IBodyProducer | None = None  # a request body still being sent
         self._phrase = b""
@@ -417,9 +422,11 @@ class _Connection(Protocol):
             self._response_ended(_RESPONSE_DONE)
 
     def on_body(self, data: bytes) -> None:
-        response = self._response
-        if response is not None:
-            response.data(data)
+        deliver = self.body_to
+        if deliver is not None:
+            deliver(data)
+        elif self._response is not None:
+            self._response.data(data)
 
     def on_message_complete(self) -> None:
         if self._response is None:
@@ -431,6 +438,7 @@ class _Connection(Protocol):
 
     def _response_ended(self, reason: Failure) -> None:
         response, self._response = self._response, None
+        self.body_to = None
         if self._paused:
             self.resume()
         if self._reusable and not self._gone:
@@ -452,6 +460,7 @@ class _Connection(Protocol):
         if waiting is not None and not waiting.called:
             waiting.errback(Failure(ResponseNeverReceived([failure])))
         response, self._response = self._response, None
+        self.body_to = None
         if response is not None:
             response.end(Failure(ResponseFailed([failure])))
 
@@ -463,6 +472,7 @@ class _Connection(Protocol):
         if self._response is not None and self._delimited_by_close:
             # No Content-Length and not chunked: the body ends with the connection.
             response, self._response = self._response, None
+            self.body_to = None
             response.end(Failure(PotentialDataLoss()))
         self._fail_in_flight(reason)
         lost, self._lost = self._lost, None

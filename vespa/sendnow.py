@@ -40,29 +40,22 @@ def send_now(transport: Any, data: bytes) -> None:
         transport.write(rest)
 
 
-def _can_send_now(connection: tcp.Connection) -> bool:
-    """Nothing queued before (order is kept) and nothing in the way (TLS, closing)."""
-    return bool(
-        connection.connected
+def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
+    """What is left of ``data`` after sending what the socket takes, when nothing is queued
+    before it (order is kept) and nothing is in the way (TLS, closing). A socket that would
+    block, or a broken one, takes nothing: the queued rest reports the error. One function,
+    not three: it runs for every relayed chunk."""
+    if not (
+        data
+        and connection.connected
         and not connection.TLS
         and not connection.disconnecting
         and not connection._writeDisconnecting
         and not connection._writeDisconnected
         and not connection._tempDataLen
         and connection.offset == len(connection.dataBuffer)
-    )
-
-
-def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
-    """What is left of ``data`` after sending what the socket takes, if it can send now."""
-    if data and _can_send_now(connection):
-        return _send_some(connection, data)
-    return data
-
-
-def _send_some(connection: tcp.Connection, data: bytes) -> bytes:
-    """Send what the socket takes of ``data`` (nothing may be queued); what is left. A socket
-    that would block, or a broken one, takes nothing: the queued rest reports the error."""
+    ):
+        return data
     try:
         sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
     except OSError:
@@ -74,18 +67,15 @@ class SendNowServer(tcp.Server):
     """An accepted TCP connection whose writes go out at once (see the module docstring)."""
 
     def write(self, data: bytes) -> None:
-        if data and _can_send_now(self):
-            data = _send_some(self, data)
-        if data:
-            super().write(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        if not _can_send_now(self):
-            super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
-            return
-        rest = _send_some(self, b"".join(iovec))
+        rest = _unsent(self, data)
         if rest:
             super().write(rest)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._tempDataLen or self.offset != len(self.dataBuffer):
+            super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
+            return
+        self.write(b"".join(iovec))
 
 
 @implementer(IStreamServerEndpoint)

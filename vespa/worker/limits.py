@@ -565,10 +565,6 @@ class GuardedChannel(Protocol):
     def writeSequence(self, data: list[bytes]) -> None:
         self._transport.writeSequence(data)
 
-    def write_chunk(self, data: bytes) -> None:
-        """One chunk of a chunked answer (``data`` not empty), framed and written at once."""
-        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-
     def loseConnection(self) -> None:
         transport = self._transport
         transport.unregisterProducer()
@@ -632,12 +628,14 @@ class GuardedRequest(Request):
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
 
     def write(self, data: bytes) -> None:
-        """Once the head is out, a chunked body's data is framed here and handed to the
-        channel: twisted.web's write (three calls deep) checks the same state again for
+        """Once the head is out, a chunked body's data is framed here and written to the
+        connection: twisted.web's write (three calls deep) checks the same state again for
         every SSE event."""
         if self._chunks_go_straight and data and not self.finished and not self._disconnected:
             self.sentLength += len(data)
-            self.channel.write_chunk(data)
+            transport = self.transport  # the connection's (TCP or TLS)
+            assert transport is not None
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             return
         super().write(data)
         self._chunks_go_straight = bool(
