@@ -6,8 +6,9 @@ import errno
 import socket
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -183,11 +184,9 @@ class AcceptTests(TestCase):
         self.addCleanup(port.stopListening)
         return port
 
-    async def read_all(self, port, clients: int) -> list[bytes]:
+    async def read_all(self, port, clients: int, host: str = "127.0.0.1") -> list[bytes]:
         """Connect ``clients`` sockets at once, then read each to the end."""
-        sockets = [
-            socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(clients)
-        ]
+        sockets = [socket.create_connection((host, port.getHost().port)) for _ in range(clients)]
         for client in sockets:
             self.addCleanup(client.close)
         answers = []
@@ -213,6 +212,24 @@ class AcceptTests(TestCase):
         port = await self.listen(Factory.forProtocol(_Hello))
         self.assertEqual(await self.read_all(port, 40), [b"hello"] * 40)
         self.assertGreaterEqual(port.numberAccepts, 1)
+
+    async def test_ipv6_peer_address(self) -> None:
+        """An IPv6 listener's connections are accepted too, with the peer's address as
+        Twisted gives it."""
+        peers = []
+
+        class Recording(_Hello):
+            def connectionMade(self) -> None:
+                peers.append(self.transport.getPeer())
+                super().connectionMade()
+
+        endpoint = SendNowEndpoint(TCP6ServerEndpoint(reactor, 0, interface="::1"))
+        port = await endpoint.listen(Factory.forProtocol(Recording))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(await self.read_all(port, 1, "::1"), [b"hello"])
+        [peer] = peers
+        self.assertIsInstance(peer, IPv6Address)
+        self.assertEqual(peer.host, "::1")
 
     async def test_failing_connection_set_up_spares_the_others(self) -> None:
         """A protocol that cannot be built or set up is logged and its connection closed; a
