@@ -86,6 +86,7 @@ class TLSTests(TestCase):
         service = build_worker(settings, reactor)
         service.startService()
         self.addCleanup(service.stopService)
+        await service.getServiceNamed("lifecycle").when_loaded()  # else a 503 "not ready"
         # As the worker listens: TLS over a connection that sends at once.
         port = await SendNowEndpoint(serverFromString(reactor, local)).listen(service.site)
         self.addCleanup(port.stopListening)
