@@ -1,0 +1,121 @@
+"""
+The least a Twisted HTTP relay can do, to measure the floor under Vespa (not a proxy to use):
+Twisted's reactor and TCP transports, httptools for the backend's answers, writes sent at once,
+backend connections kept alive. No twisted.web, no checks, no limits, no logging, no
+metrics, no timers; a request must have a Content-Length (or no body), the answer is
+always sent chunked.
+
+    tox -e perf -- --scenarios S3 \
+        --target floor "exec python $PWD/perf/floor_relay.py {port} {backend_url}"
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from httptools import HttpResponseParser
+from twisted.internet import reactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+HOP_BY_HOP = (b"connection", b"transfer-encoding", b"content-length", b"keep-alive")
+
+
+def send(transport: Any, data: bytes) -> None:
+    """Write, straight to the socket when nothing is queued (as vespa.sendnow)."""
+    if not transport.dataBuffer and not transport._tempDataLen:
+        try:
+            data = data[transport.socket.send(data) :]
+        except OSError:
+            pass
+    if data:
+        transport.write(data)
+
+
+class Backend(Protocol):
+    """One kept-alive backend connection, relaying one answer at a time to ``client``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client: Client | None = client
+        self.head: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.parser = HttpResponseParser(self)
+        assert self.client is not None
+        self.start(self.client)
+
+    def start(self, client: Client) -> None:
+        self.client = client
+        self.head = [b"HTTP/1.1 200 OK\r\n"]
+        send(self.transport, client.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in HOP_BY_HOP:
+            self.head.append(b"%s: %s\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.client is not None
+        self.head[0] = b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()
+        self.head.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        send(self.client.transport, b"".join(self.head))
+
+    def on_body(self, body: bytes) -> None:
+        assert self.client is not None
+        send(self.client.transport, b"%x\r\n%b\r\n" % (len(body), body))
+
+    def on_message_complete(self) -> None:
+        client, self.client = self.client, None
+        IDLE.append(self)
+        assert client is not None
+        send(client.transport, b"0\r\n\r\n")
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self in IDLE:
+            IDLE.remove(self)
+
+
+IDLE: list[Backend] = []
+
+
+class Client(Protocol):
+    """A client connection: each complete request goes to an idle backend connection."""
+
+    request = b""
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, end, rest = self.buffer.partition(b"\r\n\r\n")
+        if not end:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if len(rest) < length:
+            return
+        self.buffer = rest[length:]
+        self.request = head + end + rest[:length]
+        if IDLE:
+            IDLE.pop().start(self)
+        else:
+            factory = ClientFactory()
+            factory.buildProtocol = lambda addr: Backend(self)  # type: ignore[method-assign]
+            reactor.connectTCP(BACKEND[0], BACKEND[1], factory)  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    backend = urlsplit(sys.argv[2])
+    BACKEND = (backend.hostname or "127.0.0.1", backend.port or 80)
+    reactor.listenTCP(  # type: ignore[attr-defined]
+        int(sys.argv[1]), Factory.forProtocol(Client), backlog=1024, interface="127.0.0.1"
+    )
+    reactor.run()  # type: ignore[attr-defined]
