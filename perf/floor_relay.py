@@ -1,12 +1,13 @@
-"""
+r"""
 The least a Twisted HTTP relay can do, to measure the floor under Vespa (not a proxy to use):
 Twisted's reactor and TCP transports, httptools for the backend's answers, writes sent at once,
 backend connections kept alive. No twisted.web, no checks, no limits, no logging, no
 metrics, no timers; a request must have a Content-Length (or no body), the answer is
 always sent chunked.
 
-    tox -e perf -- --scenarios S3 \
-        --target floor "exec python $PWD/perf/floor_relay.py {port} {backend_url}"
+As an extra target of the benchmark (from the repository root):
+    tox -e perf -- --scenarios S3 --target floor \
+        "exec python $PWD/perf/floor_relay.py {port} {backend_url}"
 """
 
 from __future__ import annotations
