@@ -10,7 +10,8 @@ alternating by round. CPU per stream comes from ``/proc/<pid>/schedstat``. Becau
 measured in the same seconds, the machine's drift cancels: two copies of one build give
 1.00 ± 0.03 per round, and the median over 8 rounds moves by about 1 %. This is how the
 README's "What made the difference" figures were measured. ``--prelude-b CODE`` runs Python
-code in worker B before twistd starts (a monkeypatch, to measure an idea before writing it).
+code in worker B before twistd starts (a monkeypatch, to measure an idea before writing it);
+``--python-b PATH`` runs worker B on another interpreter (with Vespa's dependencies).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def worker_argv(tree: str, port: int, backend: int, prelude: str = "") -> list[str]:
+def worker_argv(python: str, tree: str, port: int, backend: int, prelude: str = "") -> list[str]:
     code = (
         f"import sys; sys.path.insert(0, {tree!r}); {prelude}\n"
         "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
     )
     return [
-        sys.executable,
+        python,
         "-c",
         code,
         "-n",
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--streams", type=int, default=100, help="per worker")
     parser.add_argument("--prelude-b", default="", help="Python run in worker B first")
+    parser.add_argument("--python-b", default=sys.executable, help="worker B's interpreter")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="vespa-side-by-side-"))
     children = Children(logs)
@@ -114,9 +116,13 @@ def main() -> None:
         ports = {"A": free_port(), "B": free_port()}
         env = {"ADMIN_LISTEN": "none"}
         pids = {
-            "A": children.start("a", worker_argv(args.a_tree, ports["A"], backend), env).pid,
+            "A": children.start(
+                "a", worker_argv(sys.executable, args.a_tree, ports["A"], backend), env
+            ).pid,
             "B": children.start(
-                "b", worker_argv(args.b_tree, ports["B"], backend, args.prelude_b), env
+                "b",
+                worker_argv(args.python_b, args.b_tree, ports["B"], backend, args.prelude_b),
+                env,
             ).pid,
         }
         for port in ports.values():
