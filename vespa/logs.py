@@ -142,16 +142,15 @@ class _TextLog:
         text = self._format(event)
         if not text:
             return
-        if (
-            event.get("log_namespace") == _access.namespace
-            and event.get("log_format") == PREFORMATTED
-        ):
-            if not self._held:
-                self._reactor().callLater(FLUSH_AFTER, self.flush)
+        access = event.get("log_format") == PREFORMATTED
+        access = access and event.get("log_namespace") == _access.namespace
+        with self._lock:
+            first = not self._held
             self._held.append(text)
-            return
-        self._held.append(text)
-        self.flush()
+        if not access:
+            self.flush()
+        elif first:
+            self._reactor().callLater(FLUSH_AFTER, self.flush)
 
     def _reactor(self) -> IReactorTime:
         if self._clock is None:
@@ -161,12 +160,12 @@ class _TextLog:
         return self._clock
 
     def flush(self) -> None:
-        """Write the lines held, now."""
+        """Write the lines held, now (in order, whichever thread calls)."""
         with self._lock:
-            held, self._held = self._held, []
-        if held:
-            self._stream.write("".join(held))
-            self._stream.flush()
+            if self._held:
+                held, self._held = self._held, []
+                self._stream.write("".join(held))
+                self._stream.flush()
 
 
 def text_observer(stream: IO[str], clock: IReactorTime | None = None) -> ILogObserver:

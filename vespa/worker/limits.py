@@ -622,7 +622,7 @@ def _asks_to_close(values: list[bytes]) -> bool:
 
 class GuardedRequest(Request):
     """A Request that never shows a traceback, and writes a chunked body straight to its
-    channel."""
+    connection."""
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
