@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from procs import Children, Probe
+from procs import Children, Probe, wait_healthy
 from report import plot, render
 
 # twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
@@ -126,15 +126,7 @@ class Bench:
         self.wait_healthy(a.port_base + 1, "python backend")
 
     def wait_healthy(self, port: int, what: str) -> None:
-        stop = time.monotonic() + 30
-        while time.monotonic() < stop:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise SystemExit(f"perf: {what} on port {port} never became healthy (see {self.logs})")
+        wait_healthy(port, what, self.logs)
 
     def start_autoscaler(self) -> None:
         """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""

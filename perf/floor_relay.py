@@ -13,25 +13,15 @@ As an extra target of the benchmark (from the repository root):
 from __future__ import annotations
 
 import sys
-from typing import Any
 from urllib.parse import urlsplit
 
 from httptools import HttpResponseParser
 from twisted.internet import reactor
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
+from vespa.sendnow import send_now  # writes sent at once, as the worker's
+
 HOP_BY_HOP = (b"connection", b"transfer-encoding", b"content-length", b"keep-alive")
-
-
-def send(transport: Any, data: bytes) -> None:
-    """Write, straight to the socket when nothing is queued (as vespa.sendnow)."""
-    if not transport.dataBuffer and not transport._tempDataLen:
-        try:
-            data = data[transport.socket.send(data) :]
-        except OSError:
-            pass
-    if data:
-        transport.write(data)
 
 
 class Backend(Protocol):
@@ -50,7 +40,7 @@ class Backend(Protocol):
     def start(self, client: Client) -> None:
         self.client = client
         self.head = [b"HTTP/1.1 200 OK\r\n"]
-        send(self.transport, client.request)
+        send_now(self.transport, client.request)
 
     def dataReceived(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -63,17 +53,17 @@ class Backend(Protocol):
         assert self.client is not None
         self.head[0] = b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()
         self.head.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        send(self.client.transport, b"".join(self.head))
+        send_now(self.client.transport, b"".join(self.head))
 
     def on_body(self, body: bytes) -> None:
         assert self.client is not None
-        send(self.client.transport, b"%x\r\n%b\r\n" % (len(body), body))
+        send_now(self.client.transport, b"%x\r\n%b\r\n" % (len(body), body))
 
     def on_message_complete(self) -> None:
         client, self.client = self.client, None
         IDLE.append(self)
         assert client is not None
-        send(client.transport, b"0\r\n\r\n")
+        send_now(client.transport, b"0\r\n\r\n")
 
     def connectionLost(self, reason: object = None) -> None:
         if self in IDLE:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -53,6 +54,20 @@ class Children:
     def stop_all(self) -> None:
         for proc in list(self.running):
             self.stop(proc)
+
+
+def wait_healthy(port: int, what: str, logs: Path, seconds: float = 30.0) -> None:
+    """Until ``GET /health`` on 127.0.0.1:``port`` answers 200; exits the benchmark if it never
+    does (its log is in ``logs``)."""
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"perf: {what} on port {port} never became healthy (see {logs})")
 
 
 def tree(pid: int) -> list[int]:

@@ -23,10 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from procs import Children
+from procs import Children, wait_healthy
 
 HERE = Path(__file__).resolve().parent
 SSE_PATH = "/sse/20/50"
@@ -57,20 +56,6 @@ def worker_argv(python: str, tree: str, port: int, backend: int, prelude: str = 
         "--listen",
         f"tcp:{port}:interface=127.0.0.1:backlog=1024",
     ]
-
-
-def wait_until_answering(port: int, deadline: float = 30.0) -> None:
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if probe.recv(12).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"nothing answers on port {port}: see the logs")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,8 +110,8 @@ def main() -> None:
                 env,
             ).pid,
         }
-        for port in ports.values():
-            wait_until_answering(port)
+        for name, port in ports.items():
+            wait_healthy(port, f"worker {name}", logs)
         ratios, per_stream = [], {"A": [], "B": []}
         for round_ in range(args.rounds):
             order = ("A", "B") if round_ % 2 == 0 else ("B", "A")

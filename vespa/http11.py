@@ -186,9 +186,9 @@ class Response:
             self._connection.body_to = protocol.dataReceived
 
     def data(self, data: bytes) -> None:
-        if self._protocol is not None:
-            self._protocol.dataReceived(data)
-        elif self._ended is None:
+        """Body that came before deliverBody: kept for it (after deliverBody, the connection
+        hands each chunk straight to the protocol, ``body_to``)."""
+        if self._ended is None:
             self._early.append(data)
 
     def end(self, reason: Failure) -> None:
