@@ -242,3 +242,4 @@ class BackendFaultTests(TestCase):
         self.assertNotIn(b"Traceback", body)
         self.assertNotIn(b"secret-token", body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(resource.in_flight.requests, set())  # a drain would not wait for it

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from tests.helpers import RawClient, listen, raw_connect
@@ -369,6 +369,75 @@ class ChannelTests(SynchronousTestCase):
         transport.clear()
         second.write(b"after the client left")
         self.assertEqual(transport.value(), b"")
+
+
+class _Shapes(Resource):
+    """Answers of every shape a response head takes, chosen by the path."""
+
+    isLeaf = True
+
+    def render(self, request):
+        shape = request.path
+        if shape == b"/no-type":
+            return b"a body and no Content-Type"
+        if shape in (b"/204", b"/304"):
+            request.setResponseCode(int(shape[1:]))
+            return b""
+        if shape == b"/empty":
+            request.setHeader(b"content-length", b"0")
+            return b""
+        if shape == b"/typed":
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.responseHeaders.addRawHeader(b"x-twice", b"1")
+            request.responseHeaders.addRawHeader(b"x-twice", b"2")
+            request.setResponseCode(201, b"Made")
+            request.write(b"streamed without a length")
+            request.finish()
+            return NOT_DONE_YET
+        request.defaultContentType = None  # as the worker's resource
+        request.write(b"no default type")
+        request.finish()
+        return NOT_DONE_YET
+
+
+class ResponseHeadTests(SynchronousTestCase):
+    """GuardedRequest writes the head itself (one pass, one write): it must be the head
+    twisted.web writes for the same answer, byte for byte but the Date."""
+
+    def exchange(self, site, raw: bytes) -> bytes:
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        channel.connectionLost(Failure(ConnectionDone()))
+        return transport.value()
+
+    def without_date(self, answer: bytes) -> bytes:
+        return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"Date:"))
+
+    def test_same_head_as_twisted_web(self):
+        clock = Clock()
+        guarded = GuardedSite(_Shapes(), reactor=clock)
+        plain = Site(_Shapes(), reactor=clock)
+        for path in (b"/no-type", b"/204", b"/304", b"/empty", b"/typed", b"/untyped"):
+            for method, version in (
+                (b"GET", b"HTTP/1.1"),
+                (b"HEAD", b"HTTP/1.1"),
+                (b"GET", b"HTTP/1.0"),
+            ):
+                raw = b"%s %s %s\r\nHost: w\r\n\r\n" % (method, path, version)
+                ours, theirs = self.exchange(guarded, raw), self.exchange(plain, raw)
+                self.assertEqual(self.without_date(ours), self.without_date(theirs), raw)
+                self.assertIn(b"\r\nServer: TwistedWeb/", ours)
+
+    def test_date_is_the_site_clock_second(self):
+        clock = Clock()
+        clock.advance(1_700_000_000.4)
+        site = GuardedSite(_Shapes(), reactor=clock)
+        raw = b"GET /no-type HTTP/1.1\r\nHost: w\r\n\r\n"
+        self.assertIn(b"\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n", self.exchange(site, raw))
+        clock.advance(1)
+        self.assertIn(b"\r\nDate: Tue, 14 Nov 2023 22:13:21 GMT\r\n", self.exchange(site, raw))
 
 
 class _Producer:

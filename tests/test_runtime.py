@@ -6,10 +6,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from twisted.internet.main import CONNECTION_DONE
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.runtime import YOUNG_THRESHOLD, lean_event_dispatch, settle_gc, tune_once_running
+from vespa.runtime import (
+    YOUNG_THRESHOLD,
+    _read,
+    lean_event_dispatch,
+    settle_gc,
+    tune_once_running,
+)
 
 
 class SettleGCTests(SynchronousTestCase):
@@ -83,6 +91,45 @@ class LeanDispatchTests(SynchronousTestCase):
         reactor = MemoryReactor()
         self.assertFalse(lean_event_dispatch(reactor))
         self.assertNotIn("doIteration", vars(reactor))
+
+
+class _Selectable:
+    def __init__(self, fileno: int, read: object) -> None:
+        self._fileno = fileno
+        self._read = read
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def doRead(self) -> object:
+        return self._read
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.disconnected: list[tuple[object, object, bool]] = []
+
+    def _disconnectSelectable(self, selectable: object, why: object, is_read: bool) -> None:
+        self.disconnected.append((selectable, why, is_read))
+
+
+class ReadEventTests(SynchronousTestCase):
+    """An input event goes straight to doRead; the outcomes _doReadOrWrite gives it."""
+
+    def test_read_that_goes_on(self) -> None:
+        reactor, selectable = _Reactor(), _Selectable(7, None)
+        _read(reactor, selectable)  # type: ignore[arg-type]
+        self.assertEqual(reactor.disconnected, [])
+
+    def test_read_that_ends_the_connection(self) -> None:
+        reactor, selectable = _Reactor(), _Selectable(7, CONNECTION_DONE)
+        _read(reactor, selectable)  # type: ignore[arg-type]
+        self.assertEqual(reactor.disconnected, [(selectable, CONNECTION_DONE, True)])
+
+    def test_descriptor_gone(self) -> None:
+        reactor, selectable = _Reactor(), _Selectable(-1, None)
+        _read(reactor, selectable)  # type: ignore[arg-type]
+        self.assertEqual(reactor.disconnected, [(selectable, _NO_FILEDESC, True)])
 
 
 class TwistdWiringTests(SynchronousTestCase):

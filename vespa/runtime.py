@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import errno
 import gc
+import sys
+from select import EPOLLIN
 from types import MethodType
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
+from twisted.python import log
 
 YOUNG_THRESHOLD = 10_000  # Python's default is 700
 
@@ -53,7 +57,8 @@ def lean_event_dispatch(reactor: Any) -> bool:
 
 
 def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
-    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event."""
+    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event; input alone
+    (nearly every event: a relayed chunk, a request) goes straight to ``doRead``."""
     try:
         ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
     except OSError as err:
@@ -67,9 +72,25 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
         if selectable is None:
             continue
         try:
-            dispatch(selectable, fd, event)
+            if event == EPOLLIN:
+                _read(self, selectable)
+            else:
+                dispatch(selectable, fd, event)
         except Exception:
             _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
+
+
+def _read(reactor: EPollReactor, selectable: Any) -> None:
+    """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
+    selectable when the read says it is over or raises (logged as Twisted logs it)."""
+    why: Any
+    try:
+        why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
+    except BaseException:  # as Twisted: whatever a protocol raises drops its connection
+        why = sys.exc_info()[1]
+        log.err()
+    if why:
+        reactor._disconnectSelectable(selectable, why, True)
 
 
 def tune_once_running(reactor: Any) -> None:

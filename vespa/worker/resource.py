@@ -90,7 +90,9 @@ def passthrough(
 
 class InFlight:
     """The requests not answered yet (waiting for admission, relaying, streaming), so that a
-    shutdown can let them finish first."""
+    shutdown can let them finish first. WorkerResource adds each request as it comes and
+    takes it out when its outcome is told (every request has exactly one), without a
+    Deferred per request."""
 
     def __init__(self) -> None:
         self.requests: set[Request] = set()
@@ -98,11 +100,10 @@ class InFlight:
 
     def add(self, request: Request) -> None:
         self.requests.add(request)
-        request.notifyFinish().addBoth(self._finished, request)
 
-    def _finished(self, _: object, request: Request) -> None:
+    def done(self, request: Request) -> None:
         self.requests.discard(request)
-        if not self.requests:
+        if not self.requests and self._idle:
             idle, self._idle = self._idle, []
             for waiter in idle:
                 waiter.callback(None)
@@ -167,6 +168,9 @@ class WorkerResource(Resource):
             verdict = self._gate.admit(request)
         except Rejection as rejection:
             self._refuse(request, rejection, started)
+            return NOT_DONE_YET
+        except Exception:
+            self._not_admitted(Failure(), request, started)
             return NOT_DONE_YET
         if isinstance(verdict, Deferred):
             # Waiting for a slot: a client that leaves is taken out of the queue.
@@ -235,6 +239,7 @@ class WorkerResource(Resource):
         self._notify(request, result, None)
 
     def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
+        self.in_flight.done(request)
         notify(self._observers, request, result, forward)
 
 
