@@ -380,7 +380,9 @@ class KeepAliveTests(Http11Case):
         self.assertReason(second.reason, ResponseDone)
         self.assertEqual(len(backend.connections), 1)
         self.assertEqual([s.target for s in backend.connections[0].requests], [b"/1", b"/2"])
-        self.assertEqual(client.connections[0].transport.bufferSize, READ_SIZE)  # big reads
+        transport = client.connections[0].transport
+        self.assertEqual(transport.bufferSize, READ_SIZE)  # big reads
+        self.assertIs(transport.protocol, client.connections[0])  # no wrapper in between
 
     async def test_relay_agent_keeps_alive_with_twisted_web(self):
         """backend_agent/backend_pool as the relay builds them reuse a twisted.web connection."""

@@ -250,6 +250,10 @@ class _Connection(Protocol):
         transport: Any = self.transport
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = READ_SIZE
+        if getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is self:
+            # The endpoint's wrapper only forwards once connected: each chunk of each answer
+            # skips a call through it.
+            transport.protocol = self
 
     # ---- the pool's side -------------------------------------------------------------
 

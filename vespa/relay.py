@@ -227,9 +227,10 @@ class BodyRelay(Protocol):
     def __init__(
         self,
         request: Request,
-        done: Deferred[None],
+        done: Callable[[], object],
         clock: IReactorTime | None = None,
     ) -> None:
+        """``done()`` is called once the body is over, one way or another."""
         self._request = request
         self._done = done
         # With a clock, when the last chunk came (for the stall timer) is kept in last_data.
@@ -255,18 +256,17 @@ class BodyRelay(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.client_lost:
             # The channel is gone: no unregisterProducer/finish (they would raise).
-            self._done.callback(None)
+            self._done()
             return
         self._request.unregisterProducer()
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not .check: slower
             self._request.finish()
-            self._done.callback(None)
         else:
             # Truncated upstream: close without the final chunk so that the client sees a
             # broken response, never a short clean one.
             self.failure = reason
             self._request.loseConnection()
-            self._done.callback(None)
+        self._done()
 
     def client_gone(self) -> None:
         """The client disconnected: stop reading from the backend and close its connection."""
@@ -415,14 +415,14 @@ class ProxiedRequest:
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
         request.write(b"")  # status and headers now: SSE clients see them before the 1st event
-        finished: Deferred[None] = Deferred()
-        self._relay = BodyRelay(request, finished, self._clock if self._stall_timeout else None)
+        self._relay = BodyRelay(
+            request, self._body_done, self._clock if self._stall_timeout else None
+        )
         if self._stall_timeout:
             self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
-        finished.addCallback(self._body_done)
         response.deliverBody(self._relay)
 
-    def _body_done(self, _: None) -> None:
+    def _body_done(self) -> None:
         relay = self._relay
         assert relay is not None
         self._result.bytes_out = relay.bytes_out

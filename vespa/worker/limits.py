@@ -671,7 +671,7 @@ class GuardedRequest(Request):
             self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
-        if self._chunks_go_straight and data and not self.finished and not self._disconnected:
+        if self._chunks_go_straight and data:  # cleared by finish and connectionLost
             self.sentLength += len(data)
             transport = self.transport  # the connection's (TCP or TLS)
             assert transport is not None
@@ -695,6 +695,14 @@ class GuardedRequest(Request):
         self._chunks_go_straight = bool(
             self.startedWriting and self.chunked and self._encoder is None and not self.finished
         )
+
+    def finish(self) -> None:
+        self._chunks_go_straight = False
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._chunks_go_straight = False
+        super().connectionLost(reason)
 
     def _write_head(self) -> None:
         """The status line and headers, as twisted.web writes them on a first write (a
