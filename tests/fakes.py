@@ -4,7 +4,8 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 ``FakeBackend`` answers by path:
 
 - ``/status/<code>``: that status, a JSON body, and a few custom headers;
-- ``/sse?n=N&interval=S``: N server-sent events, S seconds apart (first at once);
+- ``/sse?n=N&interval=S&first=F``: N server-sent events, S seconds apart, the first after F
+  seconds (default at once: in the same write as the headers);
 - ``/firehose?total=N``: N bytes as fast as the connection takes them, as a push producer
   that records when it was paused (backpressure tests);
 - ``/slow?delay=S``: answers after S seconds (``cancelled`` fires if the proxy hangs up);
@@ -203,7 +204,11 @@ class FakeBackend(Resource):
                 request.write(b"data: [DONE]\n\n")
                 request.finish()
 
-        send(0)
+        first = float(_arg(request, b"first", b"0"))
+        if first:
+            pending.append(self.reactor.callLater(first, send, 0))
+        else:
+            send(0)
         return NOT_DONE_YET
 
 

@@ -345,6 +345,25 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(self.resource.lost), 1)
         self.resource.lost[0].trap(ConnectionDone)
 
+    def test_first_data_goes_with_the_head(self):
+        """The head and the first data leave in one write (one packet): chunked, or as they
+        are when the answer has a Content-Length."""
+        channel, transport = self.connect(hold=True)
+        writes: list[bytes] = []
+        original = transport.write
+        transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+        channel.dataReceived(GET % 1)
+        request, _ = self.resource.waiting.pop(0)
+        request.write(b"data: 1\n\n")
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(writes[0].endswith(b"chunked\r\n\r\n9\r\ndata: 1\n\n\r\n"), writes)
+        request.finish()
+        channel.dataReceived(GET % 2)
+        writes.clear()
+        self.resource.release()  # Content-Length, then the body in one write
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(writes[0].endswith(b"Content-Length: 8\r\n\r\nGET /2 0"), writes)
+
     def test_chunked_answer_written_piece_by_piece(self):
         """After the head, each write is one chunk on the wire (empty writes send nothing);
         a write after finish raises as twisted.web's does, one after the client left is
@@ -432,9 +451,10 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_date_is_the_site_clock_second(self):
         clock = Clock()
-        clock.advance(1_700_000_000.4)
         site = GuardedSite(_Shapes(), reactor=clock)
         raw = b"GET /no-type HTTP/1.1\r\nHost: w\r\n\r\n"
+        self.assertIn(b"\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n", self.exchange(site, raw))
+        clock.advance(1_700_000_000.4)
         self.assertIn(b"\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n", self.exchange(site, raw))
         clock.advance(1)
         self.assertIn(b"\r\nDate: Tue, 14 Nov 2023 22:13:21 GMT\r\n", self.exchange(site, raw))

@@ -44,6 +44,19 @@ class RelayTests(TestCase):
         self.url, self.worker = start_worker(self, self.backend_url)
         self.http = http_client(self)
 
+    async def test_headers_go_out_before_the_first_event(self):
+        """An SSE answer whose first event takes a while: the client has the status and
+        headers at once, before any event."""
+        client = await raw_connect(
+            self.url, RawClient(b"GET /sse?n=1&first=30 HTTP/1.1\r\nHost: w\r\n\r\n")
+        )
+        self.addCleanup(client.transport.abortConnection)
+        await until(lambda: b"\r\n\r\n" in client.received)
+        head, _, body = client.received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
+        self.assertEqual(body, b"")
+
     async def test_every_method_path_and_query(self):
         """Every method reaches the backend with the same path and query string."""
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):

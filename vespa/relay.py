@@ -414,13 +414,17 @@ class ProxiedRequest:
                 copied.setRawHeaders(name, values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
             copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
-        request.write(b"")  # status and headers now: SSE clients see them before the 1st event
         self._relay = BodyRelay(
             request, self._body_done, self._clock if self._stall_timeout else None
         )
         if self._stall_timeout:
             self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
+        # The body that came with the headers is written first, so that a server that writes
+        # the head with the first data (the worker's) sends both in one packet; then status and
+        # headers go out in any case: SSE clients see them before the first event.
         response.deliverBody(self._relay)
+        if not (request.startedWriting or request.finished or self._relay.client_lost):
+            request.write(b"")
 
     def _body_done(self) -> None:
         relay = self._relay

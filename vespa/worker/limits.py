@@ -635,7 +635,8 @@ class GuardedRequest(Request):
     - a leaf root resource (the worker's, the client proxy's) is rendered without walking the
       resource tree, so ``prepath`` and ``postpath`` are not set (those resources read
       ``path`` and ``uri``); any other resource goes the twisted.web way;
-    - the response head is written in one pass over the headers (the same head);
+    - the response head is made in one pass over the headers (the same head), and goes out
+      in one write with the first data;
     - once the head is out, a chunked body's data is framed here and written to the
       connection (twisted.web's write, three calls deep, checks the same state each time).
     """
@@ -677,7 +678,7 @@ class GuardedRequest(Request):
             assert transport is not None
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
             return
-        if not (
+        if (
             self.startedWriting
             or self.finished
             or self._disconnected
@@ -687,14 +688,18 @@ class GuardedRequest(Request):
             or self.etag is not None
             or self.cookies
         ):
-            self._write_head()
-            if self.method == b"HEAD" or self.code in NO_BODY_CODES:
-                self.write = _no_body  # type: ignore[method-assign]  # as twisted.web
-                return
-        super().write(data)
-        self._chunks_go_straight = bool(
-            self.startedWriting and self.chunked and self._encoder is None and not self.finished
-        )
+            super().write(data)
+            return
+        head = self._head()
+        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
+            self.channel.write(head)
+            self.write = _no_body  # type: ignore[method-assign]  # as twisted.web
+            return
+        if data:  # in the same write as the head: one packet, one system call
+            self.sentLength = len(data)
+            head += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        self.channel.write(head)
+        self._chunks_go_straight = bool(self.chunked)
 
     def finish(self) -> None:
         self._chunks_go_straight = False
@@ -704,10 +709,10 @@ class GuardedRequest(Request):
         self._chunks_go_straight = False
         super().connectionLost(reason)
 
-    def _write_head(self) -> None:
+    def _head(self) -> bytes:
         """The status line and headers, as twisted.web writes them on a first write (a
         default Content-Type when there is one and a body; chunked when HTTP/1.1 without a
-        Content-Length), in one pass over the headers and one write."""
+        Content-Length), made in one pass over the headers."""
         self.startedWriting = 1
         code = self.code
         head = [self.clientproto, b" %d " % code, self.code_message, b"\r\n"]
@@ -734,7 +739,7 @@ class GuardedRequest(Request):
             self.chunked = 1
             head.append(b"Transfer-Encoding: chunked\r\n")
         head.append(b"\r\n")
-        self.channel.write(b"".join(head))
+        return b"".join(head)
 
     def processingFailed(self, reason: Failure) -> Failure:
         """An unexpected error while rendering: log it, answer a JSON 500 (no traceback)."""
@@ -768,7 +773,7 @@ class GuardedSite(Site):
         self.limits = limits or Limits()
         self.open_connections = 0
         self.refusals: Counter[str] = Counter()
-        self._date = (0, b"")
+        self._date = (-1, b"")  # (second, its Date value)
 
     def http_date(self) -> bytes:
         """The Date header's value, made once a second (twisted.web formats it per request)."""
