@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
 from vespa.relay import Outcome, RelayResult
+from vespa.settings import Settings
+from vespa.tap import build_worker
 from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vespa.worker.state import WorkerState
 
@@ -25,6 +29,24 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+class WithoutListenerTests(TestCase):
+    def test_nothing_measured_for_nobody(self) -> None:
+        """Without the admin listener nobody can scrape /metrics: requests are not counted
+        for it and the reactor lag is not sampled (with it, both are)."""
+        for admin_listen, wanted in (("", False), ("tcp:0:interface=127.0.0.1", True)):
+            settings = dataclasses.replace(
+                Settings(), unsecured=True, listen=(), admin_listen=admin_listen
+            )
+            service = build_worker(settings, MemoryReactorClock())
+            observers = service.site.resource._observers
+            counted = any(
+                getattr(o, "__self__", None).__class__ is PrometheusMetrics for o in observers
+            )
+            self.assertEqual(counted, wanted, admin_listen)
+            self.assertEqual("reactor-lag" in service.namedServices, wanted, admin_listen)
+            self.assertEqual("admin" in service.namedServices, wanted, admin_listen)
 
 
 class AdminListenerTests(TestCase):

@@ -98,6 +98,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     state = WorkerState(started=clock.seconds())
     metrics = admin.PrometheusMetrics(state, clock)
     observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    if settings.admin_listen:
+        observers += (metrics.observe,)  # nobody could scrape them without the listener
     vast = settings.vast
     load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
     concurrency = settings.max_concurrency if settings.allow_parallel else 1
@@ -141,7 +143,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         clock,
         settings.backend_url,
         settings.request_timeout,
-        (*observers, metrics.observe),
+        observers,
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
     )
@@ -166,8 +168,10 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         listener = listen_service(description, site, reactor)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
-    metrics.lag_sampler().setServiceParent(service)
     if settings.admin_listen:
+        sampler = metrics.lag_sampler()
+        sampler.setName("reactor-lag")
+        sampler.setServiceParent(service)
         admin_site = admin.AdminSite(metrics, state)
         listener = strports.service(settings.admin_listen, admin_site, reactor=reactor)
         listener.setName("admin")
