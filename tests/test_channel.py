@@ -7,6 +7,8 @@ task.Clock; one case through a real socket.
 
 from __future__ import annotations
 
+from io import BytesIO
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPullProducer
@@ -417,6 +419,22 @@ class _Shapes(Resource):
         request.write(b"no default type")
         request.finish()
         return NOT_DONE_YET
+
+
+class ContentFileTests(SynchronousTestCase):
+    def test_small_bodies_in_memory_others_in_a_file(self):
+        """A body of known length under 100 kB is kept in memory; a larger one, or a chunked
+        one (length unknown), in a temporary file: what twisted.web does on its own."""
+        site = GuardedSite(_Held(), reactor=Clock())
+        for length, in_memory in ((0, True), (99_999, True), (100_000, False), (None, False)):
+            content = site.getContentFile(length)
+            self.addCleanup(content.close)
+            self.assertEqual(isinstance(content, BytesIO), in_memory, length)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertEqual(site.resource.seen, [(b"POST", b"/x", b"hi")])
+        channel.connectionLost(Failure(ConnectionDone()))
 
 
 class ResponseHeadTests(SynchronousTestCase):

@@ -32,7 +32,9 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from io import BytesIO
+from tempfile import TemporaryFile
+from typing import IO, Any, cast
 
 from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.interfaces import (
@@ -75,6 +77,9 @@ LINGER = 2.0
 # Pipelined input held while a request is answered before the connection stops being read;
 # and how long a timed-out connection gets to close cleanly before it is aborted.
 PIPELINE_BUFFER = 0x4000
+# Request bodies up to this size are kept in memory, larger ones in a temporary file (as
+# twisted.web does).
+IN_MEMORY_BODY = 100_000
 ABORT_TIMEOUT = 15.0
 REASONS = {
     400: b"Bad Request",
@@ -131,34 +136,37 @@ class GuardedChannel(Protocol):
     callLater: Callable[..., IDelayedCall]  # the site's reactor, set by HTTPFactory.buildProtocol
     _log = Logger()
 
+    # The state of a connection, as class defaults (only what changes is stored per
+    # connection; S3 makes a connection per stream).
+    _transport: Any = None  # TCP or TLS, from connectionMade
+    _request: Request | None = None  # from a complete head until it is answered
+    _command = _path = _version = b""
+    _persistent = True
+    _remaining = 0  # body bytes still to come (Content-Length)
+    _chunks: _ChunkedTransferDecoder | None = None
+    _chunks_rest: bytes | None = None  # what followed the last chunk, once it came
+    _body_bytes = 0
+    _window_bytes = 0
+    _answering = False  # the request has gone to the resource and is not finished
+    _parsing = False
+    _held_size = 0
+    _reading_paused = False
+    _waiting_for_transport = False
+    _producer: IPushProducer | None = None  # the answer's, registered by its Request
+    _producer_streaming = True
+    _drop_input = False
+    _refused = False
+    _counted = False
+    _secure = False
+    _last_seen = 0.0
+    _head_timer: IDelayedCall | None = None
+    _rate_timer: IDelayedCall | None = None
+    _idle_timer: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
+
     def __init__(self) -> None:
-        self._transport: Any = None  # TCP or TLS, from connectionMade
         self._head = bytearray()  # the start of a request head not complete yet
-        self._request: Request | None = None  # from a complete head until it is answered
-        self._command = self._path = self._version = b""
-        self._persistent = True
-        self._remaining = 0  # body bytes still to come (Content-Length)
-        self._chunks: _ChunkedTransferDecoder | None = None
-        self._chunks_rest: bytes | None = None  # what followed the last chunk, once it came
-        self._body_bytes = 0
-        self._window_bytes = 0
-        self._answering = False  # the request has gone to the resource and is not finished
-        self._parsing = False
         self._held: list[bytes] = []  # pipelined input, parsed once the answer is done
-        self._held_size = 0
-        self._reading_paused = False
-        self._waiting_for_transport = False
-        self._producer: IPushProducer | None = None  # the answer's, registered by its Request
-        self._producer_streaming = True
-        self._drop_input = False
-        self._refused = False
-        self._counted = False
-        self._secure = False
-        self._last_seen = 0.0
-        self._head_timer: IDelayedCall | None = None
-        self._rate_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
-        self._linger: IDelayedCall | None = None
 
     @property
     def limits(self) -> Limits:
@@ -774,6 +782,15 @@ class GuardedSite(Site):
         self.open_connections = 0
         self.refusals: Counter[str] = Counter()
         self._date = (-1, b"")  # (second, its Date value)
+
+    def getContentFile(self, length: int | None) -> IO[bytes]:
+        """Where a request body is kept, as twisted.web keeps it: in memory up to
+        ``IN_MEMORY_BODY`` bytes, in a temporary file when larger or of unknown length.
+        (twisted.web asks its site for this first, and a site without it raised and caught
+        an AttributeError per request.)"""
+        if length is not None and length < IN_MEMORY_BODY:
+            return BytesIO()
+        return TemporaryFile()
 
     def http_date(self) -> bytes:
         """The Date header's value, made once a second (twisted.web formats it per request)."""
