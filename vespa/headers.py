@@ -7,6 +7,7 @@ hop-by-hop headers and the ones that name the connection stop here. Pure functio
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from twisted.web.http_headers import Headers
 
@@ -39,15 +40,19 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 def end_to_end(headers: Headers, dropped: frozenset[bytes]) -> list[tuple[bytes, Sequence[bytes]]]:
     """The (name, values) pairs of ``headers`` that are neither hop-by-hop nor in ``dropped``."""
+    stop = _stopped(dropped)
     listed = headers.getRawHeaders(b"connection")
-    named = connection_tokens(listed) if listed else frozenset()
-    kept = []
-    for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in dropped or lower in named:
-            continue
-        kept.append((name, values))
-    return kept
+    if listed:
+        stop = stop | connection_tokens(listed)
+    return [
+        (name, values) for name, values in headers.getAllRawHeaders() if name.lower() not in stop
+    ]
+
+
+@lru_cache(maxsize=64)
+def _stopped(dropped: frozenset[bytes]) -> frozenset[bytes]:
+    """HOP_BY_HOP with ``dropped``, made once per set (a few sets, used for every request)."""
+    return HOP_BY_HOP | dropped
 
 
 def forwarded_request_headers(
