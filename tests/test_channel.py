@@ -456,11 +456,12 @@ class ResponseHeadTests(SynchronousTestCase):
         clock = Clock()
         guarded = GuardedSite(_Shapes(), reactor=clock)
         plain = Site(_Shapes(), reactor=clock)
-        for path in (b"/no-type", b"/204", b"/304", b"/empty", b"/typed", b"/untyped"):
+        for path in (b"/no-type", b"/204", b"/304", b"/empty", b"/typed", b"/untyped", b"*"):
             for method, version in (
                 (b"GET", b"HTTP/1.1"),
                 (b"HEAD", b"HTTP/1.1"),
                 (b"GET", b"HTTP/1.0"),
+                (b"OPTIONS", b"HTTP/1.1"),
             ):
                 raw = b"%s %s %s\r\nHost: w\r\n\r\n" % (method, path, version)
                 ours, theirs = self.exchange(guarded, raw), self.exchange(plain, raw)

@@ -674,6 +674,9 @@ class GuardedRequest(Request):
         self.site = site
         self.setHeader(b"Server", SERVER)
         self.setHeader(b"Date", site.http_date())
+        if self.path == b"*":
+            self._handleStar()  # OPTIONS *: 200, anything else 405, as twisted.web answers
+            return
         try:
             self.render(resource)
         except BaseException:
@@ -720,7 +723,7 @@ class GuardedRequest(Request):
     def _head(self) -> bytes:
         """The status line and headers, as twisted.web writes them on a first write (a
         default Content-Type when there is one and a body; chunked when HTTP/1.1 without a
-        Content-Length), made in one pass over the headers."""
+        Content-Length), made in one pass over the headers; the answer counts as started."""
         self.startedWriting = 1
         code = self.code
         head = [self.clientproto, b" %d " % code, self.code_message, b"\r\n"]
