@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 
 from twisted.application.service import Application, MultiService
 from twisted.internet import reactor
@@ -195,6 +197,31 @@ class FlushCounting(io.StringIO):
         self.flushed = self.getvalue()
 
 
+# A stream whose first write is interrupted by a "signal handler" that logs a line.
+_LOGGED_WHILE_WRITING = """
+import io
+from twisted.internet.task import Clock
+from vespa.logs import text_observer
+
+def event(text):
+    return {"log_namespace": "vespa", "log_format": text, "log_time": 0.0}
+
+class Interrupted(io.StringIO):
+    handler = None
+    def write(self, text):
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler()
+        return super().write(text)
+
+stream = Interrupted()
+observe = text_observer(stream, Clock())
+stream.handler = lambda: observe(event("Received SIGTERM"))
+observe(event("worker loaded"))
+print("\\n".join(line.split("] ")[-1] for line in stream.getvalue().splitlines()))
+"""
+
+
 def access_event(line: str, when: float = 1700000000.0) -> LogEvent:
     return {
         "log_namespace": "vespa.access",
@@ -242,6 +269,19 @@ class TextLogTests(TestCase):
         clock.advance(FLUSH_AFTER)  # the pending timer finds nothing new
         self.assertEqual(stream.flushed, stream.getvalue())
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_line_logged_while_writing_is_not_a_deadlock(self) -> None:
+        """A signal handler runs in the main thread between any two steps, possibly while
+        the text log writes, and logs (twistd's "Received SIGTERM, shutting down."): the log
+        takes that line too instead of waiting for itself for ever, so the process goes on
+        to stop. (In a child process: a regression times out instead of hanging the tests.)"""
+        out = subprocess.run(
+            [sys.executable, "-c", _LOGGED_WHILE_WRITING],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(out.stdout.splitlines()[-2:], ["Received SIGTERM", "worker loaded"])
 
     def test_same_text_as_twisted(self) -> None:
         """Vespa's text observer writes exactly the lines of twistd's default observer, for

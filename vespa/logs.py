@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import atexit
 import sys
-from threading import Lock
+from threading import RLock
 from time import time
 from typing import IO, Any, cast
 
@@ -127,7 +127,8 @@ class _TextLog:
     ``write(2)`` per request (stdout is often unbuffered: ``PYTHONUNBUFFERED`` is common in
     containers). Access lines are held here and written together within :data:`FLUSH_AFTER`
     seconds; any other line is written at once, after the lines held, so the order never
-    changes. Lines still held when the process exits are written then.
+    changes (but for a line logged by a signal handler that interrupts a write, which may go
+    first). Lines still held when the process exits are written then.
     """
 
     def __init__(self, stream: IO[str], clock: IReactorTime | None = None) -> None:
@@ -135,7 +136,10 @@ class _TextLog:
         self._format = _ClassicText()
         self._clock = clock
         self._held: list[str] = []
-        self._lock = Lock()  # other threads may log (and so flush) too
+        # Other threads may log (and so flush) too. Re-entrant: a signal handler runs in the
+        # main thread, maybe while it holds the lock, and logs (twistd's "Received SIGTERM");
+        # with a plain Lock the process would wait for itself for ever instead of stopping.
+        self._lock = RLock()
         atexit.register(self.flush)
 
     def __call__(self, event: LogEvent) -> None:
