@@ -42,7 +42,7 @@ class WithoutListenerTests(TestCase):
             service = build_worker(settings, MemoryReactorClock())
             observers = service.site.resource._observers
             counted = any(
-                getattr(o, "__self__", None).__class__ is PrometheusMetrics for o in observers
+                isinstance(getattr(o, "__self__", None), PrometheusMetrics) for o in observers
             )
             self.assertEqual(counted, wanted, admin_listen)
             self.assertEqual("reactor-lag" in service.namedServices, wanted, admin_listen)

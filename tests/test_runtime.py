@@ -49,7 +49,7 @@ from vespa.runtime import lean_event_dispatch
 
 errors = []
 globalLogBeginner.beginLoggingTo(
-    [lambda e: errors.append(e) if e.get("isError") else None], redirectStandardIO=False
+    [lambda e: errors.append(e) if e.get("log_failure") or e.get("isError") else None], redirectStandardIO=False
 )
 applied = lean_event_dispatch(reactor)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import sys
 from select import EPOLLIN
 from types import MethodType
 from typing import Any
@@ -32,7 +31,6 @@ from typing import Any
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
-from twisted.python import log
 
 YOUNG_THRESHOLD = 10_000  # Python's default is 700
 
@@ -82,13 +80,13 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
 
 def _read(reactor: EPollReactor, selectable: Any) -> None:
     """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
-    selectable when the read says it is over or raises (logged as Twisted logs it)."""
+    selectable when the read says it is over or raises (logged with its traceback)."""
     why: Any
     try:
         why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
-    except BaseException:  # as Twisted: whatever a protocol raises drops its connection
-        why = sys.exc_info()[1]
-        log.err()
+    except BaseException as error:  # as Twisted: whatever a protocol raises drops its connection
+        why = error
+        _log.failure("error reading from {selectable!r}", selectable=selectable)
     if why:
         reactor._disconnectSelectable(selectable, why, True)
 

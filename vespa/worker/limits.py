@@ -52,7 +52,6 @@ from twisted.web.http import (
     _ChunkedTransferDecoder,
     _MalformedChunkedDataError,
     datetimeToString,
-    parse_qs,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
@@ -651,19 +650,6 @@ class GuardedRequest(Request):
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """twisted.web's, without looking at the Content-Type when forms are not parsed."""
-        if self._parsePOSTFormSubmission:
-            super().requestReceived(command, path, version)
-            return
-        content = self.content
-        assert content is not None
-        content.seek(0)
-        self.method, self.uri, self.clientproto = command, path, version
-        self.path, query, argstring = path.partition(b"?")
-        self.args = parse_qs(argstring, 1) if query else {}
-        self.process()
 
     def process(self) -> None:
         site = self.channel.site
