@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
+import weakref
+from typing import Any
 
 import treq
 from twisted.internet import reactor
@@ -27,7 +30,9 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vespa.relay import _CachedEndpoints
+from vespa.http11 import Response
+from vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
+from vespa.worker.limits import GuardedRequest
 from vespa.worker.resource import QuietSite
 
 
@@ -56,6 +61,25 @@ class RelayTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
         self.assertEqual(body, b"")
+
+    async def test_a_relayed_stream_is_freed_without_the_garbage_collector(self):
+        """Once a stream is over, its request, relay and backend response are freed by
+        reference counting alone: no reference cycle is left for the garbage collector (which
+        ran for each stream's objects, 2.5 % of the worker's CPU per S3 stream)."""
+        made: list[weakref.ref[object]] = []
+        for cls in (GuardedRequest, ProxiedRequest, BodyRelay, Response):
+            self.patch(cls, "__init__", _recording_init(cls.__init__, made))
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        raw = await raw_request(
+            self.url, b"GET /sse?n=2 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        )
+        self.assertIn(b"data: event 1", raw)
+        self.assertEqual(len(made), 4)
+        await until(lambda: not self.worker.in_flight.requests)
+        # The worker's side of the connection is closed on the reactor's next turn at most.
+        await until(lambda: all(ref() is None for ref in made), timeout=1.0)
 
     async def test_every_method_path_and_query(self):
         """Every method reaches the backend with the same path and query string."""
@@ -235,6 +259,16 @@ class RelayTests(TestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.1 400"), raw)
         self.assertEqual(self.backend.seen, [])
         self.assertEqual(json.loads(raw.partition(b"\r\n\r\n")[2])["error"], "bad request target")
+
+
+def _recording_init(original: Any, made: list[weakref.ref[object]]) -> Any:
+    """``original`` (an ``__init__``), recording a weak reference to each object it sets up."""
+
+    def init(self: object, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    return init
 
 
 class FormBodyTests(TestCase):

@@ -196,8 +196,11 @@ class Response:
             return
         self._ended = reason
         self._connection = None  # pause/resume/stop no longer reach the connection
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        # The protocol's transport is this response: let go of it, so that the two are freed
+        # as soon as nothing else holds them, not by the garbage collector.
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
 
     def pauseProducing(self) -> None:
         if self._connection is not None:

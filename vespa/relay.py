@@ -491,6 +491,7 @@ class ProxiedRequest:
         self._result.outcome = outcome
         self._result.reason = reason
         self._result.finished = self._clock.seconds()
+        self._relay = None  # it holds our _body_done: no cycle left for the garbage collector
         self._done.callback(self._result)
 
 
