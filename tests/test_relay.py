@@ -12,7 +12,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
@@ -319,9 +319,25 @@ class BackendEndpointTests(TestCase):
         other = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8001/a"))
         tls = endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:8000/a"))
         self.assertIs(first, again)
-        self.assertIsInstance(first, HostnameEndpoint)
+        self.assertIsInstance(first, TCP4ClientEndpoint)
         self.assertIsNot(other, first)
-        self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
+        self.assertNotIsInstance(tls, TCP4ClientEndpoint)  # wrapped in TLS
+
+    def test_addresses_are_not_looked_up(self):
+        """A backend given by IP address is connected to straight (no name look-up per new
+        connection, in a thread; every relay test here connects that way); a name goes
+        through HostnameEndpoint (each address it has is tried); all keep the connect
+        timeout."""
+        endpoints = _CachedEndpoints(MemoryReactorClock(), 7.0, None)
+        made = {
+            url: endpoints.endpointForURI(URI.fromBytes(url))
+            for url in (b"http://10.1.2.3:8000/", b"http://[::1]:8000/", b"http://localhost:8000/")
+        }
+        self.assertIsInstance(made[b"http://10.1.2.3:8000/"], TCP4ClientEndpoint)
+        self.assertIsInstance(made[b"http://[::1]:8000/"], TCP6ClientEndpoint)
+        self.assertIsInstance(made[b"http://localhost:8000/"], HostnameEndpoint)
+        timeouts = [endpoint._timeout for endpoint in made.values()]
+        self.assertEqual(timeouts, [7.0, 7.0, 7.0])
 
     def test_bounded_and_policy(self):
         """The client proxy meets many workers: only the last MAX_ENDPOINTS are kept, and
