@@ -223,6 +223,36 @@ class BackendFaultTests(TestCase):
         self.assertEqual(seen, [200, 404])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    async def test_failed_accounting_still_ends_the_request(self):
+        """If recording a finished request's outcome (the gate's ``on_done``) raises, the
+        error is logged, and the observers and the drain still hear that it ended."""
+        seen = []
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+        def broken(result):
+            raise RuntimeError("accounting bug")
+
+        class Gate:
+            def admit(self, request):
+                forward = passthrough(request, cooperator)
+                forward.on_done = broken
+                return forward
+
+        resource = WorkerResource(
+            Gate(),
+            self.agent,
+            reactor,
+            self.backend_url,
+            observers=(lambda request, result, forward: seen.append(result.status),),
+        )
+        url = listen(self, QuietSite(resource))
+        response = await self.http.get(url + "/status/200")
+        await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(seen, [200])
+        self.assertEqual(resource.in_flight.requests, set())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_internal_error_body_has_no_traceback(self):
         """An unexpected error inside the worker gives a JSON 500 with no traceback and no
         internals in the body (the details go to the log)."""

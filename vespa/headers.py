@@ -63,7 +63,8 @@ def forwarded_request_headers(
     ``X-Forwarded-For`` (appended to any the client sent) and ``X-Forwarded-Proto``.
     """
     out = Headers()
-    for name, values in end_to_end(headers, REQUEST_ONLY_DROPPED | drop):
+    dropped = REQUEST_ONLY_DROPPED | drop if drop else REQUEST_ONLY_DROPPED  # no set per request
+    for name, values in end_to_end(headers, dropped):
         out.setRawHeaders(name, values)
     if client_ip:
         client = client_ip.encode("ascii")

@@ -205,7 +205,14 @@ class WorkerResource(Resource):
     ) -> None:
         result.started = started
         if forward.on_done is not None:
-            forward.on_done(result)
+            try:
+                forward.on_done(result)
+            except Exception:  # the observers and the drain must still hear of the request
+                self._log.failure(
+                    "recording how {method} {path} ended failed",
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("ascii", "replace"),
+                )
         self._notify(request, result, forward)
 
     def _not_admitted(self, failure: Failure, request: Request, started: float) -> None:
