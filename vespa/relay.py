@@ -373,8 +373,20 @@ class ProxiedRequest:
         return self._done
 
     def _send(self) -> None:
-        self._pending = self._agent.request(self._method, self._url, self._headers, self._body)
-        self._pending.addCallbacks(self._got_response, self._no_response)
+        try:
+            pending = self._agent.request(self._method, self._url, self._headers, self._body)
+        except Exception:  # an agent should fail its Deferred instead: a bug, not the backend
+            self._log.failure(
+                "{method} {url}: could not send to the backend",
+                method=self._method,
+                url=_without_query(self._url),
+            )
+            self._result.status = 500
+            write_error(self._request, 500, "internal error", "see the worker log")
+            self._finish(Outcome.ERRORED, "internal error")
+            return
+        self._pending = pending
+        pending.addCallbacks(self._got_response, self._no_response)
 
     def _client_disconnected(self, reason: Failure) -> None:
         if self._client_gone:

@@ -186,19 +186,34 @@ class WorkerResource(Resource):
         return NOT_DONE_YET
 
     def _relay(self, forward: Forward, request: Request, started: float) -> None:
-        proxied = ProxiedRequest(
-            self._agent,
-            self._clock,
-            request,
-            request.method,
-            self._backend + forward.target,
-            forward.headers,
-            forward.body,
-            self._timeout,
-            self._first_byte_timeout,
-            self._stall_timeout,
-        )
-        proxied.start().addCallback(self._relayed, request, forward, started)
+        try:
+            proxied = ProxiedRequest(
+                self._agent,
+                self._clock,
+                request,
+                request.method,
+                self._backend + forward.target,
+                forward.headers,
+                forward.body,
+                self._timeout,
+                self._first_byte_timeout,
+                self._stall_timeout,
+            )
+            relayed = proxied.start()
+        except Exception:
+            # A bug; after a wait for a slot nothing above would answer the client or free
+            # the slot, so both happen here.
+            self._log.failure(
+                "could not relay {method} {path}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+            )
+            write_error(request, 500, "internal error", "see the worker log")
+            now = self._clock.seconds()
+            failed = RelayResult(Outcome.ERRORED, 500, 0, started, None, now, "internal error")
+            self._relayed(failed, request, forward, started)
+            return
+        relayed.addCallback(self._relayed, request, forward, started)
 
     def _relayed(
         self, result: RelayResult, request: Request, forward: Forward, started: float
