@@ -12,7 +12,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
@@ -32,6 +32,7 @@ from tests.helpers import (
     until,
 )
 from vespa.http11 import Response
+from vespa.names import NamedEndpoint
 from vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
 from vespa.worker.limits import GuardedRequest
 from vespa.worker.resource import QuietSite
@@ -62,6 +63,15 @@ class RelayTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
         self.assertEqual(body, b"")
+
+    async def test_a_backend_named_by_host_name(self):
+        """BACKEND_URL may name its host (the default is localhost): the reactor's own
+        resolver looks it up, and requests on new connections are relayed."""
+        port = self.backend_url.rsplit(":", 1)[1]
+        url, _ = start_worker(self, f"http://localhost:{port}")
+        for path in ("/one", "/two"):
+            response = await self.http.get(url + path, headers={"Connection": "close"})
+            self.assertEqual((response.code, (await response.json())["uri"]), (200, path))
 
     async def test_a_relayed_stream_is_freed_without_the_garbage_collector(self):
         """Once a stream is over, its request, relay and backend response are freed by
@@ -326,17 +336,19 @@ class BackendEndpointTests(TestCase):
     def test_addresses_are_not_looked_up(self):
         """A backend given by IP address is connected to straight (no name look-up per new
         connection, in a thread; every relay test here connects that way); a name goes
-        through HostnameEndpoint (each address it has is tried); all keep the connect
-        timeout."""
+        through a NamedEndpoint (each address it has is tried, look-ups kept by one
+        RememberedNames per agent); all keep the connect timeout."""
         endpoints = _CachedEndpoints(MemoryReactorClock(), 7.0, None)
-        made = {
-            url: endpoints.endpointForURI(URI.fromBytes(url))
-            for url in (b"http://10.1.2.3:8000/", b"http://[::1]:8000/", b"http://localhost:8000/")
-        }
+        urls = (b"http://10.1.2.3:8000/", b"http://[::1]:8000/", b"http://localhost:8000/")
+        made = {url: endpoints.endpointForURI(URI.fromBytes(url)) for url in urls}
+        other = endpoints.endpointForURI(URI.fromBytes(b"http://backend:9000/"))
         self.assertIsInstance(made[b"http://10.1.2.3:8000/"], TCP4ClientEndpoint)
         self.assertIsInstance(made[b"http://[::1]:8000/"], TCP6ClientEndpoint)
-        self.assertIsInstance(made[b"http://localhost:8000/"], HostnameEndpoint)
-        timeouts = [endpoint._timeout for endpoint in made.values()]
+        named = made.pop(b"http://localhost:8000/")
+        self.assertIsInstance(named, NamedEndpoint)
+        self.assertIsInstance(other, NamedEndpoint)
+        self.assertIs(named.names, other.names)
+        timeouts = [endpoint._timeout for endpoint in (*made.values(), named.endpoint)]
         self.assertEqual(timeouts, [7.0, 7.0, 7.0])
 
     def test_bounded_and_policy(self):

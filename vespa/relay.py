@@ -16,7 +16,6 @@ from typing import IO, Any, cast
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
@@ -55,6 +54,7 @@ from zope.interface import implementer
 
 from vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
 from vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
+from vespa.names import NamedEndpoint, RememberedNames
 
 # Bodies up to this size are read into memory and written in one go (no Cooperator round
 # trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
@@ -103,7 +103,8 @@ class _CachedEndpoints:
     A host given as an IP address gets a plain TCP endpoint: ``HostnameEndpoint`` looks every
     address up again on each new connection, in a thread (and makes a class per attempt),
     which took a new connection from about 150 to 550 µs of CPU and of latency. A name
-    (``localhost``) is still looked up on each new connection, trying each address it has.
+    (``localhost``) gets a :class:`vespa.names.NamedEndpoint`: each address it has is tried,
+    and look-ups are kept for a few seconds (one set per agent).
     """
 
     MAX_ENDPOINTS = 256
@@ -115,6 +116,7 @@ class _CachedEndpoints:
         self._timeout = connect_timeout
         self._tls = tls or BrowserLikePolicyForHTTPS()
         self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._names: RememberedNames | None = None
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
@@ -136,7 +138,9 @@ class _CachedEndpoints:
             return TCP4ClientEndpoint(self._reactor, host, port, timeout)
         if isIPv6Address(host):
             return TCP6ClientEndpoint(self._reactor, host, port, timeout)
-        return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        if self._names is None:
+            self._names = RememberedNames(self._reactor.nameResolver, self._reactor)
+        return NamedEndpoint(self._reactor, self._names, host, port, timeout)
 
 
 def backend_agent(
