@@ -8,6 +8,8 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
   seconds (default at once: in the same write as the headers);
 - ``/firehose?total=N``: N bytes as fast as the connection takes them, as a push producer
   that records when it was paused (backpressure tests);
+- ``/big?total=N&cut=M``: N bytes of :func:`big_body` with a Content-Length, written at once;
+  with ``cut``, only the first M, then the connection is dropped;
 - ``/slow?delay=S``: answers after S seconds (``cancelled`` fires if the proxy hangs up);
 - ``/reset``: drops the connection before any response;
 - ``/break``: sends headers and part of the body, then drops the connection;
@@ -22,6 +24,7 @@ Every request is recorded in ``seen`` as a :class:`SeenRequest`.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
@@ -41,6 +44,12 @@ class SeenRequest:
     uri: bytes
     headers: dict[bytes, list[bytes]]
     body: bytes
+    client_port: int = 0  # which connection it came on
+
+
+def big_body(total: int) -> bytes:
+    """``total`` bytes in which each 4-byte word is its own index: a byte out of place shows."""
+    return array.array("I", range((total + 3) // 4)).tobytes()[:total]
 
 
 def _arg(request: Request, name: bytes, default: bytes) -> bytes:
@@ -115,6 +124,7 @@ class FakeBackend(Resource):
                 request.uri,
                 {k.lower(): list(v) for k, v in request.requestHeaders.getAllRawHeaders()},
                 body,
+                getattr(request.getClientAddress(), "port", 0),
             )
         )
         path = request.path
@@ -138,6 +148,19 @@ class FakeBackend(Resource):
             self.firehoses.append(firehose)
             request.setHeader(b"content-type", b"application/octet-stream")
             firehose.start()
+            return NOT_DONE_YET
+        if path == b"/big":
+            total = int(_arg(request, b"total", b"1048576"))
+            cut = int(_arg(request, b"cut", b"-1"))
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", b"%d" % total)
+            if cut < 0:
+                return big_body(total)
+            request.write(big_body(total)[:cut])
+            # Closed once what was written has gone (a producer still registered, here the
+            # channel, paused while the proxy did not read, would keep it open).
+            request.channel.transport.unregisterProducer()
+            request.channel.transport.loseConnection()
             return NOT_DONE_YET
         if path == b"/slow":
             gone: Deferred[None] = Deferred()

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Cooperator, deferLater
@@ -25,6 +26,7 @@ from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler
 from vespa.relay import RelayResult, backend_agent, backend_pool
+from vespa.sendnow import SendNowEndpoint
 from vespa.settings import Settings, VastEnvironment
 from vespa.signing import generate_private_key, public_pem, sign
 from vespa.tap import build_worker
@@ -68,6 +70,33 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
         for proto in list(tracking.protocols):
             proto.transport.abortConnection()
         await gatherResults(tracking.gone)
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
+async def listen_sending_now(test: TestCase, site: Any) -> str:
+    """Serve ``site`` on 127.0.0.1 as the worker listens (:mod:`vespa.sendnow`: each
+    connection's transport is the TCP connection itself, not a wrapper); the connections
+    still open when the test ends are aborted. Returns the base URL."""
+    built: list[Any] = []
+    build = site.buildProtocol
+
+    def recording(address: Any) -> Any:
+        protocol = build(address)
+        built.append(protocol)
+        return protocol
+
+    site.buildProtocol = recording
+    endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+    port = await endpoint.listen(site)
+
+    async def close() -> None:
+        await port.stopListening()
+        for protocol in built:
+            if protocol.transport is not None and protocol.transport.connected:
+                protocol.transport.abortConnection()
+        await deferLater(reactor, 0, lambda: None)  # the aborted connections are lost
 
     test.addCleanup(lambda: Deferred.fromCoroutine(close()))
     return f"http://127.0.0.1:{port.getHost().port}"

@@ -37,6 +37,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBod
 from zope.interface import implementer
 
 from vespa.sendnow import send_now
+from vespa.splice import SPLICE_MIN, Splice, can_splice, has_unsent
 
 # Methods whose request goes out with "Content-Length: 0" when there is no body (as Agent).
 _LENGTH_REQUIRED = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -185,6 +186,16 @@ class Response:
         elif self._connection is not None:
             self._connection.body_to = protocol.dataReceived
 
+    def splice_to(self, sink: Any, moved: Callable[[int], object]) -> bool:
+        """Have the rest of the body moved straight to ``sink``, the client's transport, by
+        the kernel (:mod:`vespa.splice`) instead of through the protocol's ``dataReceived``;
+        ``moved(n)`` tells how much went. Only for a body of known length with at least
+        ``SPLICE_MIN`` bytes to come, over plain TCP on both sides, with nothing of the
+        answer still queued for the client. Returns whether it will be (the protocol still
+        hears of the end, by ``connectionLost``)."""
+        connection = self._connection
+        return connection is not None and connection.splice_to(sink, moved)
+
     def data(self, data: bytes) -> None:
         """Body that came before deliverBody: kept for it (after deliverBody, the connection
         hands each chunk straight to the protocol, ``body_to``)."""
@@ -246,6 +257,10 @@ class _Connection(Protocol):
         self.idle_since = 0.0  # when the pool got it back
         self._lost: Deferred[None] | None = None
         self._gone = False
+        self._feeding = False  # inside the parser
+        self._body_seen = 0  # bytes of this response's body parsed so far
+        self._splice: Splice | None = None  # moving the rest of the body (or about to)
+        self._splice_started = False
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call (Twisted reads 64 KiB): fewer trips through
@@ -296,6 +311,7 @@ class _Connection(Protocol):
         self._head = method == b"HEAD"
         self._phrase = b""
         self._headers = []
+        self._body_seen = 0
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
@@ -353,6 +369,8 @@ class _Connection(Protocol):
     # ---- flow control of the response body ----------------------------------------------
 
     def pause(self) -> None:
+        if self._splice is not None:
+            return  # the splice reads only what the client takes
         if not self._paused and not self._gone:
             self._paused = True
             assert self.transport is not None
@@ -366,6 +384,7 @@ class _Connection(Protocol):
 
     def abort(self) -> None:
         self._reusable = False
+        self._stop_splice()
         if not self._gone and self.transport is not None:
             cast(Any, self.transport).abortConnection()
 
@@ -375,10 +394,15 @@ class _Connection(Protocol):
         if not self._busy:
             self.abort()  # a backend talking out of turn: never reuse this connection
             return
+        self._feeding = True
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._broken(Failure(e))
+        finally:
+            self._feeding = False
+        if self._splice is not None and not self._splice_started:
+            self._start_splice()
 
     def on_status(self, phrase: bytes) -> None:
         self._phrase += phrase
@@ -429,6 +453,7 @@ class _Connection(Protocol):
             self._response_ended(_RESPONSE_DONE)
 
     def on_body(self, data: bytes) -> None:
+        self._body_seen += len(data)
         deliver = self.body_to
         if deliver is not None:
             deliver(data)
@@ -442,6 +467,55 @@ class _Connection(Protocol):
             self._reusable = False
         self._stop_body()
         self._response_ended(_RESPONSE_DONE)
+
+    # ---- a body moved by the kernel (vespa.splice) ---------------------------------------
+
+    def splice_to(self, sink: Any, moved: Callable[[int], object]) -> bool:
+        """See :meth:`Response.splice_to`; starts once the data read so far is parsed."""
+        response = self._response
+        if (
+            self._splice is not None
+            or response is None
+            or self.body_to is None
+            or not isinstance(response.length, int)
+            or response.length - self._body_seen < SPLICE_MIN
+            or not can_splice(self.transport)
+            or not can_splice(sink)
+            or has_unsent(sink)
+        ):
+            return False
+        self._splice = Splice(cast(Any, self.transport), sink, moved, self._spliced, self.abort)
+        self._splice_started = False
+        if not self._feeding:
+            self._start_splice()
+        return True
+
+    def _start_splice(self) -> None:
+        splice = self._splice
+        assert splice is not None
+        response = self._response
+        if response is None or self._gone or self.body_to is None:
+            self._splice = None  # the response ended (or failed) in the same read
+            return
+        if has_unsent(splice.sink):
+            self._splice = None  # this read's body did not all go out: relay the rest as usual
+            return
+        self._splice_started = True
+        if self._paused:
+            self._paused = False  # the splice reads as the client takes
+        splice.start(cast(int, response.length) - self._body_seen)
+
+    def _spliced(self) -> None:
+        """The whole body went: the message is over (the parser never saw the rest of it,
+        so the next response on this connection gets a new one)."""
+        self._splice = None
+        self._parser = HttpResponseParser(self)
+        self._response_ended(_RESPONSE_DONE)
+
+    def _stop_splice(self) -> None:
+        splice, self._splice = self._splice, None
+        if splice is not None:
+            splice.stop()
 
     def _response_ended(self, reason: Failure) -> None:
         response, self._response = self._response, None
@@ -473,6 +547,7 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
+        self._stop_splice()
         self._body = None  # the transport stops its producer itself
         if not self._busy:
             self._pool.forget(self._key, self)

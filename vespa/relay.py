@@ -272,6 +272,13 @@ class BodyRelay(Protocol):
             self.bytes_out += len(data)
             self._request.write(data)
 
+    def spliced(self, count: int) -> None:
+        """``count`` bytes of the body went to the client without passing through here
+        (:meth:`vespa.http11.Response.splice_to`)."""
+        if self._seconds is not None:
+            self.last_data = self._seconds()
+        self.bytes_out += count
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.client_lost:
             # The channel is gone: no unregisterProducer/finish (they would raise).
@@ -456,6 +463,10 @@ class ProxiedRequest:
         response.deliverBody(self._relay)
         if not (request.startedWriting or request.finished or self._relay.client_lost):
             request.write(b"")
+        # A big body of known length, passed on as it is: the kernel moves it (vespa.splice).
+        splice_to = getattr(response, "splice_to", None)  # vespa.http11's responses
+        if splice_to is not None and not (head or request.chunked or request.finished):
+            splice_to(request.transport, self._relay.spliced)
 
     def _body_done(self) -> None:
         relay = self._relay

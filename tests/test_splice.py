@@ -1,0 +1,179 @@
+"""
+Big bodies moved by the kernel (vespa.splice) through a worker on real sockets: every byte in
+order, the backend connection kept, a backend that breaks, a client that leaves, a client
+that reads slowly; small bodies go the usual way. The client-facing listener sends at once,
+as the worker's does, so the client's transport is the TCP connection itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.task import Cooperator
+from twisted.trial.unittest import TestCase
+
+from tests.fakes import FakeBackend, big_body
+from tests.helpers import RawClient, listen, listen_sending_now, raw_connect, until
+from vespa import splice
+from vespa.relay import Outcome, RelayResult, backend_agent, backend_pool
+from vespa.worker.resource import QuietSite, WorkerResource, passthrough
+
+MIB = 1 << 20
+
+
+def _open(names: set[str]) -> set[str]:
+    """Which of ``names`` (``pipe:[inode]``) this process still has open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the descriptor listdir itself used
+    return names & found
+
+
+def _split(answer: bytes) -> tuple[bytes, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+class SpliceTests(TestCase):
+    def setUp(self):
+        self.backend = FakeBackend(reactor)
+        self.backend_url = listen(self, self.backend)
+        pool = backend_pool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+        class Gate:
+            def admit(self, request):
+                return passthrough(request, cooperator)
+
+        self.results: list[RelayResult] = []
+        self.resource = WorkerResource(
+            Gate(),
+            backend_agent(reactor, pool, 5),
+            reactor,
+            self.backend_url,
+            observers=(lambda request, result, forward: self.results.append(result),),
+        )
+        self.spliced = 0  # calls of splice(2)
+        self.client_full = 0  # times the client's socket took nothing
+        real = splice._splice
+
+        def counting(source, sink, count, flags=0):
+            self.spliced += 1
+            try:
+                return real(source, sink, count, flags=flags)
+            except BlockingIOError:
+                if sink not in pipe_ends:
+                    self.client_full += 1
+                raise
+
+        pipe_ends: set[int] = set()
+        self.pipes: set[str] = set()  # the splices' pipes
+        start = splice.Splice.start
+
+        def recording_start(self_, length):
+            start(self_, length)
+            pipe_ends.clear()
+            pipe_ends.update(self_._pipe)
+            self.pipes.update(os.readlink(f"/proc/self/fd/{end}") for end in self_._pipe)
+
+        self.patch(splice, "_splice", counting)
+        self.patch(splice.Splice, "start", recording_start)
+
+    async def worker(self) -> str:
+        return await listen_sending_now(self, QuietSite(self.resource))
+
+    async def get(self, url: str, path: str, read: bool = True) -> RawClient:
+        request = b"GET %s HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n" % path.encode()
+        return await raw_connect(url, RawClient(request, read))
+
+    async def assert_no_pipe_left(self) -> None:
+        self.assertTrue(self.pipes)
+        await until(lambda: not _open(self.pipes))
+
+    async def test_a_big_body_goes_through_the_kernel(self):
+        """A 4 MiB body of known length reaches the client byte for byte, moved by
+        splice(2); the result counts every byte."""
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={4 * MIB}")
+        head, body = _split(await client.closed)
+        self.assertIn(b"\r\nContent-Length: 4194304", head)
+        self.assertEqual(len(body), 4 * MIB)
+        self.assertTrue(body == big_body(4 * MIB), "the body differs")
+        self.assertGreater(self.spliced, 1)
+        [result] = self.results
+        self.assertEqual(
+            (result.outcome, result.status, result.bytes_out), (Outcome.SERVED, 200, 4 * MIB)
+        )
+        await self.assert_no_pipe_left()
+
+    async def test_the_backend_connection_serves_on_after_a_splice(self):
+        """After a spliced body the backend connection is kept, and the next answer on it
+        (a small one, parsed as usual) is read right."""
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={2 * MIB}")
+        self.assertEqual(len(_split(await client.closed)[1]), 2 * MIB)
+        client = await self.get(url, "/echo")
+        self.assertIn(b'"uri": "/echo"', _split(await client.closed)[1])
+        ports = [seen.client_port for seen in self.backend.seen]
+        self.assertEqual(len(ports), 2)
+        self.assertEqual(ports[0], ports[1])
+        self.assertEqual([r.outcome for r in self.results], [Outcome.SERVED] * 2)
+
+    async def test_small_bodies_go_the_usual_way(self):
+        """A body under SPLICE_MIN is relayed through the worker as before."""
+        url = await self.worker()
+        total = splice.SPLICE_MIN - 1
+        client = await self.get(url, f"/big?total={total}")
+        self.assertTrue(_split(await client.closed)[1] == big_body(total))
+        self.assertEqual(self.spliced, 0)
+
+    async def test_a_backend_that_breaks_mid_body_cuts_the_client(self):
+        """A backend that closes before the end of the body: the client's connection is
+        closed short (never a clean short answer), the result is an error, and the next
+        request is served."""
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={4 * MIB}&cut={2 * MIB}")
+        head, body = _split(await client.closed)
+        self.assertIn(b"\r\nContent-Length: 4194304", head)
+        self.assertLessEqual(len(body), 2 * MIB)
+        self.assertTrue(body == big_body(4 * MIB)[: len(body)])
+        self.assertGreater(self.spliced, 0)
+        [result] = self.results
+        self.assertEqual(result.outcome, Outcome.ERRORED)
+        self.assertIn("backend broke mid-response", result.reason)
+        client = await self.get(url, "/echo")
+        self.assertIn(b'"uri": "/echo"', await client.closed)
+        await self.assert_no_pipe_left()
+
+    async def test_a_client_that_leaves_mid_body(self):
+        """A client that hangs up during a spliced body: the backend call is cut, the
+        result is cancelled, and the pipe is closed."""
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={64 * MIB}")
+        await until(lambda: client.count > MIB)
+        client.transport.abortConnection()
+        await until(lambda: self.results)
+        [result] = self.results
+        self.assertEqual(result.outcome, Outcome.CANCELLED)
+        self.assertLess(result.bytes_out, 64 * MIB)
+        await self.assert_no_pipe_left()
+
+    async def test_a_client_that_reads_slowly_gets_every_byte(self):
+        """A client that stops reading: the worker stops reading the backend until the
+        client's socket has room again (nothing piles up in the worker), then every byte
+        arrives in order."""
+        url = await self.worker()
+        total = 16 * MIB
+        client = await self.get(url, f"/big?total={total}", read=False)
+        await until(lambda: self.client_full)
+        client.transport.resumeProducing()
+        body = _split(await client.closed)[1]
+        self.assertEqual(len(body), total)
+        self.assertTrue(body == big_body(total), "the body differs")
+        self.assertEqual(self.results[0].bytes_out, total)
+        await self.assert_no_pipe_left()
