@@ -177,3 +177,17 @@ class SpliceTests(TestCase):
         self.assertTrue(body == big_body(total), "the body differs")
         self.assertEqual(self.results[0].bytes_out, total)
         await self.assert_no_pipe_left()
+
+    async def test_without_a_pipe_the_body_goes_the_usual_way(self):
+        """When no pipe can be made (out of file descriptors), the body is relayed through
+        the worker as before, whole."""
+
+        def no_pipe(flags):
+            raise OSError(24, "Too many open files")
+
+        self.patch(splice.os, "pipe2", no_pipe)
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={2 * MIB}")
+        self.assertTrue(_split(await client.closed)[1] == big_body(2 * MIB))
+        self.assertEqual(self.spliced, 0)
+        self.assertEqual(self.results[0].outcome, Outcome.SERVED)

@@ -500,10 +500,14 @@ class _Connection(Protocol):
         if has_unsent(splice.sink):
             self._splice = None  # this read's body did not all go out: relay the rest as usual
             return
+        try:
+            splice.start(cast(int, response.length) - self._body_seen)
+        except OSError:  # no pipe to be had (out of file descriptors): the usual way, then
+            self._splice = None
+            return
         self._splice_started = True
         if self._paused:
             self._paused = False  # the splice reads as the client takes
-        splice.start(cast(int, response.length) - self._body_seen)
 
     def _spliced(self) -> None:
         """The whole body went: the message is over (the parser never saw the rest of it,
