@@ -60,10 +60,13 @@ class SpliceTests(TestCase):
         )
         self.spliced = 0  # calls of splice(2)
         self.client_full = 0  # times the client's socket took nothing
+        self.break_client = False  # splicing into the client's socket fails (EPIPE)
         real = splice._splice
 
         def counting(source, sink, count, flags=0):
             self.spliced += 1
+            if self.break_client and sink not in pipe_ends:
+                raise BrokenPipeError(32, "Broken pipe")
             try:
                 return real(source, sink, count, flags=flags)
             except BlockingIOError:
@@ -191,3 +194,31 @@ class SpliceTests(TestCase):
         self.assertTrue(_split(await client.closed)[1] == big_body(2 * MIB))
         self.assertEqual(self.spliced, 0)
         self.assertEqual(self.results[0].outcome, Outcome.SERVED)
+
+    async def test_a_client_socket_that_breaks_counts_as_a_client_that_left(self):
+        """Splicing into the client's socket fails (EPIPE: it went away and the worker has
+        not read that yet): its connection is closed, the backend call is cut, and the result
+        is cancelled, as for any client that leaves, not a backend error."""
+        self.break_client = True
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={4 * MIB}")
+        head, body = _split(await client.closed)
+        self.assertIn(b"200 OK", head)
+        self.assertLess(len(body), 4 * MIB)
+        await until(lambda: self.results)
+        [result] = self.results
+        self.assertEqual(
+            (result.outcome, result.reason), (Outcome.CANCELLED, "client disconnected")
+        )
+        await self.assert_no_pipe_left()
+
+    async def test_a_client_that_leaves_while_the_worker_waits_for_it(self):
+        """A client that stops reading and then hangs up: the splice waiting for room in its
+        socket is stopped, the backend call cut, the pipe closed."""
+        url = await self.worker()
+        client = await self.get(url, f"/big?total={64 * MIB}", read=False)
+        await until(lambda: self.client_full)
+        client.transport.abortConnection()
+        await until(lambda: self.results)
+        self.assertEqual(self.results[0].outcome, Outcome.CANCELLED)
+        await self.assert_no_pipe_left()

@@ -484,7 +484,7 @@ class _Connection(Protocol):
             or has_unsent(sink)
         ):
             return False
-        self._splice = Splice(cast(Any, self.transport), sink, moved, self._spliced, self.abort)
+        self._splice = Splice(cast(Any, self.transport), sink, moved, self._spliced)
         self._splice_started = False
         if not self._feeding:
             self._start_splice()

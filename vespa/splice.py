@@ -53,8 +53,9 @@ class Splice:
     """
     Moves ``length`` bytes (given to :meth:`start`) from ``source`` to ``sink`` (plain TCP
     transports, see :func:`can_splice`), calling ``moved(n)`` as bytes reach the sink and
-    ``done()`` once all have. If the sink fails (the client went away), ``sink_failed()`` is
-    called instead: the body cannot be delivered. :meth:`stop` gives the transports back at
+    ``done()`` once all have. If the sink fails (the client went away), its connection is
+    aborted, so that it ends the way any client that leaves does (the caller hears of it from
+    the client's side, and cuts the backend call). :meth:`stop` gives the transports back at
     any time, without calls.
     """
 
@@ -64,7 +65,6 @@ class Splice:
         sink: tcp.Connection,
         moved: Callable[[int], object],
         done: Callable[[], object],
-        sink_failed: Callable[[], object],
     ) -> None:
         self._source = source
         self.sink = sink
@@ -72,7 +72,6 @@ class Splice:
         self._in_pipe = 0
         self._moved = moved
         self._done = done
-        self.sink_failed = sink_failed
         self._waiting_for_sink = False
         self._pipe: tuple[int, int] | None = None
 
@@ -135,9 +134,10 @@ class Splice:
                     self.sink.doWrite = self._writable  # type: ignore[method-assign]
                     self.sink.startWriting()
                 return
-            except OSError:
+            except OSError:  # EPIPE, ECONNRESET: the client is gone
                 self.stop()
-                self.sink_failed()
+                self._source.stopReading()  # nothing more to read for it
+                self.sink.abortConnection()
                 return
             self._in_pipe -= count
             self._moved(count)
