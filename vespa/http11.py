@@ -260,7 +260,6 @@ class _Connection(Protocol):
         self._feeding = False  # inside the parser
         self._body_seen = 0  # bytes of this response's body parsed so far
         self._splice: Splice | None = None  # moving the rest of the body (or about to)
-        self._splice_started = False
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call (Twisted reads 64 KiB): fewer trips through
@@ -401,7 +400,7 @@ class _Connection(Protocol):
             self._broken(Failure(e))
         finally:
             self._feeding = False
-        if self._splice is not None and not self._splice_started:
+        if self._splice is not None and not self._splice.started:
             self._start_splice()
 
     def on_status(self, phrase: bytes) -> None:
@@ -485,7 +484,6 @@ class _Connection(Protocol):
         ):
             return False
         self._splice = Splice(cast(Any, self.transport), sink, moved, self._spliced)
-        self._splice_started = False
         if not self._feeding:
             self._start_splice()
         return True
@@ -505,7 +503,6 @@ class _Connection(Protocol):
         except OSError:  # no pipe to be had (out of file descriptors): the usual way, then
             self._splice = None
             return
-        self._splice_started = True
         if self._paused:
             self._paused = False  # the splice reads as the client takes
 

@@ -18,6 +18,7 @@ the backend connection ends the usual way.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Callable
@@ -74,15 +75,16 @@ class Splice:
         self._done = done
         self._waiting_for_sink = False
         self._pipe: tuple[int, int] | None = None
+        self.started = False
 
     def start(self, length: int) -> None:
+        """Move ``length`` bytes (once: a splice that has started is never started again)."""
         self._left = length
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.started = True
         self._pipe = (read_end, write_end)
-        try:
+        with contextlib.suppress(OSError):  # a smaller pipe only means more system calls
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means more system calls
         self._source.doRead = self._readable  # type: ignore[method-assign]
         self._source.startReading()
 
