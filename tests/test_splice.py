@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Cooperator
 from twisted.trial.unittest import TestCase
 
@@ -222,3 +223,23 @@ class SpliceTests(TestCase):
         await until(lambda: self.results)
         self.assertEqual(self.results[0].outcome, Outcome.CANCELLED)
         await self.assert_no_pipe_left()
+
+
+class CanSpliceTests(TestCase):
+    async def test_only_plain_tcp_connections(self):
+        """A connected TCP transport can be spliced into; one carrying TLS, one closing, or
+        anything that is not a TCP connection (a TLS protocol, a test double) cannot."""
+        server = RawClient(b"")
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await raw_connect(f"http://127.0.0.1:{port.getHost().port}", RawClient(b""))
+        await until(lambda: server.transport is not None)
+        transport = server.transport
+        self.assertTrue(splice.can_splice(transport))
+        self.assertFalse(splice.can_splice(object()))
+        transport.TLS = True
+        self.assertFalse(splice.can_splice(transport))
+        transport.TLS = False
+        transport.loseConnection()
+        self.assertFalse(splice.can_splice(transport))
+        await client.closed
