@@ -7,6 +7,7 @@ as the worker's does, so the client's transport is the TCP connection itself.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from twisted.internet import reactor
@@ -62,12 +63,17 @@ class SpliceTests(TestCase):
         self.spliced = 0  # calls of splice(2)
         self.client_full = 0  # times the client's socket took nothing
         self.break_client = False  # splicing into the client's socket fails (EPIPE)
+        self.unsupported = ""  # "backend" or "client": splicing from or to it gives EINVAL
+        self.patch(splice, "_supported", True)
         real = splice._splice
 
         def counting(source, sink, count, flags=0):
             self.spliced += 1
-            if self.break_client and sink not in pipe_ends:
+            into_client = sink not in pipe_ends
+            if self.break_client and into_client:
                 raise BrokenPipeError(32, "Broken pipe")
+            if self.unsupported == ("client" if into_client else "backend"):
+                raise OSError(errno.EINVAL, "Invalid argument")
             try:
                 return real(source, sink, count, flags=flags)
             except BlockingIOError:
@@ -223,6 +229,28 @@ class SpliceTests(TestCase):
         await until(lambda: self.results)
         self.assertEqual(self.results[0].outcome, Outcome.CANCELLED)
         await self.assert_no_pipe_left()
+
+    async def assert_unsupported_falls_back(self, side: str) -> None:
+        self.unsupported = side
+        url = await self.worker()
+        for _ in range(2):
+            client = await self.get(url, f"/big?total={4 * MIB}")
+            self.assertTrue(_split(await client.closed)[1] == big_body(4 * MIB))
+        self.assertEqual(self.spliced, 1 if side == "backend" else 2)
+        self.assertEqual([r.outcome for r in self.results], [Outcome.SERVED] * 2)
+        self.assertEqual([r.bytes_out for r in self.results], [4 * MIB] * 2)
+        self.assertFalse(splice._supported)
+        await self.assert_no_pipe_left()
+
+    async def test_where_splice_cannot_read_the_backend_bodies_go_the_usual_way(self):
+        """splice(2) refusing the backend socket (EINVAL: gVisor, unusual kernels): the body
+        is relayed whole the usual way, and later ones are not spliced at all."""
+        await self.assert_unsupported_falls_back("backend")
+
+    async def test_where_splice_cannot_write_the_client_bodies_go_the_usual_way(self):
+        """splice(2) refusing the client socket after it took bytes from the backend: those
+        bytes are read back out of the pipe and parsed as usual; nothing is lost."""
+        await self.assert_unsupported_falls_back("client")
 
 
 class CanSpliceTests(TestCase):

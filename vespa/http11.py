@@ -483,7 +483,9 @@ class _Connection(Protocol):
             or has_unsent(sink)
         ):
             return False
-        self._splice = Splice(cast(Any, self.transport), sink, moved, self._spliced)
+        self._splice = Splice(
+            cast(Any, self.transport), sink, moved, self._spliced, self._splice_unsupported
+        )
         if not self._feeding:
             self._start_splice()
         return True
@@ -512,6 +514,13 @@ class _Connection(Protocol):
         self._splice = None
         self._parser = HttpResponseParser(self)
         self._response_ended(_RESPONSE_DONE)
+
+    def _splice_unsupported(self, taken: bytes) -> None:
+        """splice(2) does not work here: what it took from the backend, and the rest, go
+        through the parser as usual."""
+        self._splice = None
+        if taken:
+            self.dataReceived(taken)
 
     def _stop_splice(self) -> None:
         splice, self._splice = self._splice, None

@@ -13,18 +13,22 @@ in the worker), and gives both transports back to Twisted when the body has gone
 
 While it runs, the two transports' ``doRead`` (backend) and ``doWrite`` (client) are this
 splice's; an error on the backend socket is returned to Twisted as a lost connection, so
-the backend connection ends the usual way.
+the backend connection ends the usual way. Where ``splice(2)`` turns out not to work between
+sockets (EINVAL, ENOSYS or EOPNOTSUPP before the first byte went: gVisor, unusual kernels),
+it is logged once, that body and every later one go the usual way, and nothing is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import main, tcp
+from twisted.logger import Logger
 
 # Bodies with at least this much still to come are spliced (a pipe costs a few system calls).
 SPLICE_MIN = 256 * 1024
@@ -32,12 +36,28 @@ PIPE_SIZE = 1 << 20  # asked for; Linux's default limit for an unprivileged proc
 _F_SETPIPE_SZ = 1031
 _splice: Callable[..., int] | None = getattr(os, "splice", None)  # Linux, Python 3.10+
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# What splice(2) answers where it cannot join two sockets; after one, no body is spliced.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+_supported = True
+_log = Logger()
+
+
+def _give_up(error: OSError) -> None:
+    global _supported
+    if _supported:
+        _supported = False
+        _log.warn(
+            "splice(2) does not work between sockets here ({error}): big bodies are copied "
+            "through the worker instead",
+            error=error,
+        )
 
 
 def can_splice(transport: Any) -> bool:
     """Whether ``transport`` is a plain TCP connection (no TLS) on a system with splice."""
     return bool(
         _splice is not None
+        and _supported
         and isinstance(transport, tcp.Connection)
         and not transport.TLS
         and transport.connected
@@ -56,8 +76,10 @@ class Splice:
     transports, see :func:`can_splice`), calling ``moved(n)`` as bytes reach the sink and
     ``done()`` once all have. If the sink fails (the client went away), its connection is
     aborted, so that it ends the way any client that leaves does (the caller hears of it from
-    the client's side, and cuts the backend call). :meth:`stop` gives the transports back at
-    any time, without calls.
+    the client's side, and cuts the backend call). Where splice does not work,
+    ``unsupported(taken)`` is called instead, with the bytes already taken from the source
+    (none, or what was in the pipe), and the transports are Twisted's again. :meth:`stop`
+    gives the transports back at any time, without calls.
     """
 
     def __init__(
@@ -66,6 +88,7 @@ class Splice:
         sink: tcp.Connection,
         moved: Callable[[int], object],
         done: Callable[[], object],
+        unsupported: Callable[[bytes], object],
     ) -> None:
         self._source = source
         self.sink = sink
@@ -73,13 +96,15 @@ class Splice:
         self._in_pipe = 0
         self._moved = moved
         self._done = done
+        self._unsupported = unsupported
+        self._length = 0
         self._waiting_for_sink = False
         self._pipe: tuple[int, int] | None = None
         self.started = False
 
     def start(self, length: int) -> None:
         """Move ``length`` bytes (once: a splice that has started is never started again)."""
-        self._left = length
+        self._left = self._length = length
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.started = True
         self._pipe = (read_end, write_end)
@@ -111,7 +136,10 @@ class Splice:
             )
         except BlockingIOError:
             return None
-        except OSError:
+        except OSError as error:
+            if error.errno in _UNSUPPORTED and self._left == self._length:
+                self._fall_back(error, b"")
+                return None
             return main.CONNECTION_LOST  # as Twisted's doRead: the connection ends as lost
         if count == 0:
             return main.CONNECTION_DONE  # the backend closed before the end of the body
@@ -136,7 +164,11 @@ class Splice:
                     self.sink.doWrite = self._writable  # type: ignore[method-assign]
                     self.sink.startWriting()
                 return
-            except OSError:  # EPIPE, ECONNRESET: the client is gone
+            except OSError as error:
+                if error.errno in _UNSUPPORTED and self._left + self._in_pipe == self._length:
+                    self._fall_back(error, self._empty_pipe())
+                    return
+                # EPIPE, ECONNRESET: the client is gone
                 self.stop()
                 self._source.stopReading()  # nothing more to read for it
                 self.sink.abortConnection()
@@ -151,3 +183,19 @@ class Splice:
         if not self._left:
             self.stop()
             self._done()
+
+    def _empty_pipe(self) -> bytes:
+        """What is in the pipe, read out of it."""
+        assert self._pipe is not None
+        taken = b""
+        while len(taken) < self._in_pipe:
+            taken += os.read(self._pipe[0], self._in_pipe - len(taken))
+        return taken
+
+    def _fall_back(self, error: OSError, taken: bytes) -> None:
+        _give_up(error)
+        waiting = self._waiting_for_sink
+        self.stop()
+        if waiting:
+            self._source.startReading()
+        self._unsupported(taken)
