@@ -40,7 +40,7 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 def end_to_end(headers: Headers, dropped: frozenset[bytes]) -> list[tuple[bytes, Sequence[bytes]]]:
     """The (name, values) pairs of ``headers`` that are neither hop-by-hop nor in ``dropped``."""
-    stop = _stopped(dropped)
+    stop = _union(HOP_BY_HOP, dropped)
     listed = headers.getRawHeaders(b"connection")
     if listed:
         stop = stop | connection_tokens(listed)
@@ -50,9 +50,9 @@ def end_to_end(headers: Headers, dropped: frozenset[bytes]) -> list[tuple[bytes,
 
 
 @lru_cache(maxsize=64)
-def _stopped(dropped: frozenset[bytes]) -> frozenset[bytes]:
-    """HOP_BY_HOP with ``dropped``, made once per set (a few sets, used for every request)."""
-    return HOP_BY_HOP | dropped
+def _union(first: frozenset[bytes], second: frozenset[bytes]) -> frozenset[bytes]:
+    """``first | second``, made once per pair (a few constant sets, used for every request)."""
+    return first | second
 
 
 def forwarded_request_headers(
@@ -63,8 +63,7 @@ def forwarded_request_headers(
     ``X-Forwarded-For`` (appended to any the client sent) and ``X-Forwarded-Proto``.
     """
     out = Headers()
-    dropped = REQUEST_ONLY_DROPPED | drop if drop else REQUEST_ONLY_DROPPED  # no set per request
-    for name, values in end_to_end(headers, dropped):
+    for name, values in end_to_end(headers, _union(REQUEST_ONLY_DROPPED, drop)):
         out.setRawHeaders(name, values)
     if client_ip:
         client = client_ip.encode("ascii")

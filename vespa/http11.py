@@ -257,7 +257,6 @@ class _Connection(Protocol):
         self.idle_since = 0.0  # when the pool got it back
         self._lost: Deferred[None] | None = None
         self._gone = False
-        self._feeding = False  # inside the parser
         self._body_seen = 0  # bytes of this response's body parsed so far
         self._splice: Splice | None = None  # moving the rest of the body (or about to)
 
@@ -393,13 +392,10 @@ class _Connection(Protocol):
         if not self._busy:
             self.abort()  # a backend talking out of turn: never reuse this connection
             return
-        self._feeding = True
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._broken(Failure(e))
-        finally:
-            self._feeding = False
         if self._splice is not None and not self._splice.started:
             self._start_splice()
 
@@ -470,7 +466,8 @@ class _Connection(Protocol):
     # ---- a body moved by the kernel (vespa.splice) ---------------------------------------
 
     def splice_to(self, sink: Any, moved: Callable[[int], object]) -> bool:
-        """See :meth:`Response.splice_to`; starts once the data read so far is parsed."""
+        """See :meth:`Response.splice_to`; starts once the read being parsed (the one with
+        the response's head) is done, with what is left of the body then."""
         response = self._response
         if (
             self._splice is not None
@@ -486,8 +483,6 @@ class _Connection(Protocol):
         self._splice = Splice(
             cast(Any, self.transport), sink, moved, self._spliced, self._splice_unsupported
         )
-        if not self._feeding:
-            self._start_splice()
         return True
 
     def _start_splice(self) -> None:

@@ -204,9 +204,7 @@ class WorkerResource(Resource):
             # A bug; after a wait for a slot nothing above would answer the client or free
             # the slot, so both happen here.
             self._log.failure(
-                "could not relay {method} {path}",
-                method=request.method.decode("ascii", "replace"),
-                path=request.path.decode("ascii", "replace"),
+                "could not relay {method} {path}", method=request.method, path=request.path
             )
             write_error(request, 500, "internal error", "see the worker log")
             now = self._clock.seconds()
@@ -225,8 +223,8 @@ class WorkerResource(Resource):
             except Exception:  # the observers and the drain must still hear of the request
                 self._log.failure(
                     "recording how {method} {path} ended failed",
-                    method=request.method.decode("ascii", "replace"),
-                    path=request.path.decode("ascii", "replace"),
+                    method=request.method,
+                    path=request.path,
                 )
         self._notify(request, result, forward)
 
