@@ -1,7 +1,10 @@
 """
 The benchmark's Python backend (Twisted): slow SSE streams, a chunked blob and /health.
 
-    GET|POST /sse/N/MS  N events MS ms apart (the first at once), then "data: [DONE]"
+    GET|POST /sse/N/MS  N events MS ms apart (the first at once), then "data: [DONE]"; the
+                        first event carries "t": [when the request was rendered, when the
+                        event was written] (time.perf_counter, the machine's monotonic clock:
+                        sse_load.py splits the time to first byte with them)
     GET /chunked/MIB    MIB MiB of zeros, chunked (no Content-Length), as fast as it drains
     GET /health         200 {"ok": true}
 
@@ -11,6 +14,7 @@ Run by bench.py as ``python backend.py PORT``; loopback only.
 from __future__ import annotations
 
 import sys
+import time
 
 from twisted.internet import reactor
 from twisted.internet.interfaces import IPullProducer
@@ -24,18 +28,24 @@ CHUNK = b"\0" * (1 << 20)
 class Stream:
     """One SSE response: an event every ``delay`` seconds, stopped if the client leaves."""
 
-    def __init__(self, request: Request, events: int, delay: float) -> None:
+    def __init__(self, request: Request, events: int, delay: float, rendered: float) -> None:
         self.request = request
         self.left = events
         self.delay = delay
         self.call = None
+        self.rendered: float | None = rendered
         request.notifyFinish().addErrback(self.gone)
 
     def tick(self) -> None:
         self.call = None
         if self.left:
             self.left -= 1
-            self.request.write(b'data: {"token": "hello", "left": %d}\n\n' % self.left)
+            if self.rendered is not None:  # the first event: when the request came, and now
+                stamps = b', "t": [%.7f, %.7f]' % (self.rendered, time.perf_counter())
+                self.rendered = None
+            else:
+                stamps = b""
+            self.request.write(b'data: {"token": "hello", "left": %d%s}\n\n' % (self.left, stamps))
             self.call = reactor.callLater(self.delay, self.tick)
         else:
             self.request.write(b"data: [DONE]\n\n")
@@ -71,11 +81,12 @@ class Backend(Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes | int:
+        rendered = time.perf_counter()
         parts = request.path.strip(b"/").split(b"/")
         if parts[0] == b"sse" and len(parts) == 3:
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
-            Stream(request, int(parts[1]), int(parts[2]) / 1000).tick()
+            Stream(request, int(parts[1]), int(parts[2]) / 1000, rendered).tick()
             return NOT_DONE_YET
         if parts[0] == b"chunked" and len(parts) == 2:
             request.setHeader(b"content-type", b"application/octet-stream")

@@ -24,6 +24,15 @@ def added_ttfb(runs: list[dict], direct: list[dict]) -> list[float]:
     return [a["ttfb_p50_ms"] - b["ttfb_p50_ms"] for a, b in pairs if "ttfb_p50_ms" in a]
 
 
+# TTFB split at the backend's handler (perf/sse_load.py): a proxy adds to the first and last.
+SPLIT_KEYS = ("to_backend_p50_ms", "backend_p50_ms", "from_backend_p50_ms")
+
+
+def split_text(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs if r.get(key, -1) >= 0]
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
 def cpu_per_request(runs: list[dict]) -> str:
     """Proxy CPU time per request: far less sensitive to other tenants than req/s."""
     values = [
@@ -134,6 +143,7 @@ def render(results: dict) -> str:
                         f"{med(runs, 'ttfb_p50_ms'):.2f}",
                         f"{med(runs, 'ttfb_p99_ms'):.2f}",
                         f"{statistics.median(added):.2f}" if added else "-",
+                        *(split_text(runs, key) for key in SPLIT_KEYS),
                         f"{med(runs, 'proxy_cpu_pct'):.1f}",
                         f"{statistics.median(to_nginx):.2f}" if to_nginx else "-",
                         f"{max(r.get('other_cpu_pct', 0) for r in runs):.0f}",
@@ -147,12 +157,22 @@ def render(results: dict) -> str:
                 "TTFB p50 ms",
                 "TTFB p99 ms",
                 "added TTFB p50 ms",
+                "to backend p50 ms",
+                "in backend p50 ms",
+                "from backend p50 ms",
                 "proxy CPU %",
                 "CPU ÷ nginx",
                 "other CPU % (max)",
             ],
             rows,
         )
+        out += [
+            "",
+            "TTFB split where the backend stamps its first event: from the client's connect to "
+            "the backend's handler (to backend), the handler, and from its write to the client's "
+            "read (from backend). The direct row is the floor of each part.",
+            "",
+        ]
     if "S4" in scenarios:
         out += ["## S4 big bodies", ""]
         rows = []

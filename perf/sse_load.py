@@ -3,6 +3,10 @@ SSE load client (asyncio, stdlib): prints one JSON line with what it measured.
 
     stream: CONC workers open a stream each, read it to the end, and open the next, until
             DURATION s have passed; time to first event (TTFB) and total time per stream.
+            TTFB is split where perf/backend.py stamps its first event: from the connect to
+            the backend's handler ("to backend"), the handler itself, and from the backend's
+            write to this client's read ("from backend"); a proxy's cost is in the first and
+            the last, measured against the direct backend's.
             Worker i starts after STAGGER * i / CONC s, so streams begin steadily.
     hold:   open COUNT streams over RAMP s and hold them until they end or DEADLINE s;
             how many got their first event within 1 s and how many got "[DONE]".
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 
 PROMPT = json.dumps(
@@ -20,8 +25,13 @@ PROMPT = json.dumps(
 ).encode()
 
 
-async def one_stream(port: int, path: str) -> tuple[float, float, bool]:
-    """(ttfb, total, completed) for one stream over a fresh connection."""
+STAMPS = re.compile(rb'"t": \[([0-9.]+), ([0-9.]+)\]')
+
+
+async def one_stream(
+    port: int, path: str
+) -> tuple[float, float, bool, tuple[float, float, float] | None]:
+    """(ttfb, total, completed, TTFB split) for one stream over a fresh connection."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -33,6 +43,7 @@ async def one_stream(port: int, path: str) -> tuple[float, float, bool]:
         )
         seen = b""
         ttfb = -1.0
+        split = None
         while True:
             data = await reader.read(65536)
             if not data:
@@ -40,9 +51,12 @@ async def one_stream(port: int, path: str) -> tuple[float, float, bool]:
             seen = (seen + data)[-256:]
             if ttfb < 0 and b"data:" in seen:
                 ttfb = time.perf_counter() - start
+            if split is None and ttfb >= 0 and (stamps := STAMPS.search(seen)):
+                rendered, written = float(stamps[1]), float(stamps[2])
+                split = (rendered - start, written - rendered, start + ttfb - written)
             if b"[DONE]" in seen:
                 break
-        return ttfb, time.perf_counter() - start, b"[DONE]" in seen
+        return ttfb, time.perf_counter() - start, b"[DONE]" in seen, split
     finally:
         writer.close()
 
@@ -57,6 +71,7 @@ def pct(values: list[float], p: float) -> float:
 async def stream_mode(args: argparse.Namespace) -> dict:
     ttfbs: list[float] = []
     totals: list[float] = []
+    splits: list[tuple[float, float, float]] = []
     errors = 0
     stop = time.perf_counter() + args.duration
 
@@ -65,7 +80,7 @@ async def stream_mode(args: argparse.Namespace) -> dict:
         await asyncio.sleep(args.stagger * index / args.conc)
         while time.perf_counter() < stop:
             try:
-                ttfb, total, done = await asyncio.wait_for(
+                ttfb, total, done, split = await asyncio.wait_for(
                     one_stream(args.port, args.path), args.duration + 10
                 )
             except (OSError, asyncio.TimeoutError):
@@ -75,6 +90,8 @@ async def stream_mode(args: argparse.Namespace) -> dict:
             if done and ttfb >= 0:
                 ttfbs.append(ttfb)
                 totals.append(total)
+                if split is not None:
+                    splits.append(split)
             else:
                 errors += 1
 
@@ -86,11 +103,14 @@ async def stream_mode(args: argparse.Namespace) -> dict:
         "ttfb_p90_ms": pct(ttfbs, 90) * 1000,
         "ttfb_p99_ms": pct(ttfbs, 99) * 1000,
         "total_p50_ms": pct(totals, 50) * 1000,
+        "to_backend_p50_ms": pct([s[0] for s in splits], 50) * 1000,
+        "backend_p50_ms": pct([s[1] for s in splits], 50) * 1000,
+        "from_backend_p50_ms": pct([s[2] for s in splits], 50) * 1000,
     }
 
 
 async def hold_mode(args: argparse.Namespace) -> dict:
-    results: list[tuple[float, float, bool]] = []
+    results: list[tuple[float, float, bool, object]] = []
     errors = 0
 
     async def holder(delay: float) -> None:
@@ -107,8 +127,8 @@ async def hold_mode(args: argparse.Namespace) -> dict:
         task.cancel()
     return {
         "opened": args.count,
-        "completed": sum(1 for _, _, ok in results if ok),
-        "first_event_within_1s": sum(1 for ttfb, _, _ in results if 0 <= ttfb < 1.0),
+        "completed": sum(1 for _, _, ok, _ in results if ok),
+        "first_event_within_1s": sum(1 for ttfb, _, _, _ in results if 0 <= ttfb < 1.0),
         "errors": errors,
         "unfinished_at_deadline": len(pending),
     }
