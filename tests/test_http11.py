@@ -498,6 +498,29 @@ class ResponseFramingTests(Http11Case):
         self.assertReason(fetched.reason, PotentialDataLoss)
         await self.assert_fresh_connection_works(client, url, backend)
 
+    async def test_body_in_the_read_with_the_head_is_there_when_the_response_is_told(self):
+        """The response is told once the read that carried its head is parsed, so the body
+        that came with the head is there at deliverBody (the relay writes both at once)."""
+        answering: list[ServerConnection] = []
+
+        def head_and_first(connection: ServerConnection, seen: Seen) -> None:
+            connection.transport.write(response(b"200 OK", b"Content-Length: 10", body=b"first"))
+            answering.append(connection)  # the rest once the test has looked
+
+        url, _ = self.serve(head_and_first)
+        reader = BodyReader()
+        at_once: list[bytes] = []
+
+        def got(answer: Any) -> None:
+            answer.deliverBody(reader)
+            at_once.append(reader.data)
+
+        await self.client().request(url).addCallback(got)
+        self.assertEqual(at_once, [b"first"])
+        answering[0].transport.write(b"later")
+        self.assertReason(await reader.ended(), ResponseDone)
+        self.assertEqual(reader.data, b"firstlater")
+
     async def test_body_delivered_after_it_ended_is_replayed(self):
         """deliverBody called after the whole body came in still gets it, then ResponseDone."""
         url, backend = self.serve(ok(b"early bird"), ok(b"second"))

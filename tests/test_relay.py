@@ -25,6 +25,7 @@ from tests.helpers import (
     RawClient,
     http_client,
     listen,
+    listen_sending_now,
     raw_connect,
     raw_request,
     start_signed_worker,
@@ -34,6 +35,7 @@ from tests.helpers import (
 from vespa.http11 import Response
 from vespa.names import NamedEndpoint
 from vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
+from vespa.sendnow import SendNowServer
 from vespa.worker.limits import GuardedRequest
 from vespa.worker.resource import QuietSite
 
@@ -63,6 +65,25 @@ class RelayTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
         self.assertEqual(body, b"")
+
+    async def test_the_head_and_the_first_event_leave_in_one_send(self):
+        """A backend that writes its head with the first event (one read for the worker): the
+        client gets both in one write, so one packet and one wake-up, not two."""
+        url = await listen_sending_now(self, self.worker.site)
+        writes: list[bytes] = []
+        write = SendNowServer.write
+
+        def recording(transport: SendNowServer, data: bytes) -> None:
+            writes.append(data)
+            write(transport, data)
+
+        self.patch(SendNowServer, "write", recording)
+        raw = await raw_request(
+            url, b"GET /sse?n=2 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        )
+        self.assertIn(b"data: event 1", raw)
+        self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
+        self.assertIn(b"data: event 0", writes[0])
 
     async def test_a_backend_named_by_host_name(self):
         """BACKEND_URL may name its host (the default is localhost): the reactor's own

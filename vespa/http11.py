@@ -182,6 +182,7 @@ class Response:
         for data in early:
             protocol.dataReceived(data)
         if self._ended is not None:
+            self._protocol = None  # as end() does: no cycle between the two
             protocol.connectionLost(self._ended)
         elif self._connection is not None:
             self._connection.body_to = protocol.dataReceived
@@ -244,6 +245,8 @@ class _Connection(Protocol):
         self._parser = HttpResponseParser(self)
         self._waiting: Deferred[IResponse] | None = None  # until the response headers
         self._response: Response | None = None  # until the response body ends
+        # A response whose head was parsed, told once the rest of that read is parsed too.
+        self._announce: tuple[Deferred[IResponse], Response] | None = None
         # The response's body protocol once it has one: each chunk goes straight there.
         self.body_to: Callable[[bytes], object] | None = None
         self._head = False
@@ -395,7 +398,9 @@ class _Connection(Protocol):
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
+            self._announce_response()
             self._broken(Failure(e))
+        self._announce_response()
         if self._splice is not None and not self._splice.started:
             self._start_splice()
 
@@ -441,11 +446,19 @@ class _Connection(Protocol):
         self._response = response
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            waiting.callback(response)
+            # Told after this read is parsed, with the body that came with the head (kept by
+            # the response): the relay then writes the head and that body in one send.
+            self._announce = (waiting, response)
         if self._head:
             # llhttp would wait for the Content-Length bytes a HEAD answer never has.
             self._reusable = False
             self._response_ended(_RESPONSE_DONE)
+
+    def _announce_response(self) -> None:
+        announce, self._announce = self._announce, None
+        if announce is not None:
+            waiting, response = announce
+            waiting.callback(response)
 
     def on_body(self, data: bytes) -> None:
         self._body_seen += len(data)
