@@ -44,21 +44,6 @@ class _Producer:
         pass
 
 
-class _Recording:
-    """A socket whose sends are recorded (each call's bytes)."""
-
-    def __init__(self, sock: socket.socket, sent: list[bytes]) -> None:
-        self._socket = sock
-        self._sent = sent
-
-    def send(self, data: bytes) -> int:
-        self._sent.append(bytes(data))
-        return self._socket.send(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._socket, name)
-
-
 def queued(transport) -> int:
     """Bytes the transport holds back for a later reactor turn."""
     return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
@@ -147,56 +132,6 @@ class SendNowTests(TestCase):
 
         _, client = await self.connect(script)
         self.assertEqual(await self.receive(client, 100), b"last words")
-
-    async def test_held_writes_leave_together_in_order(self) -> None:
-        """Between hold_writes and release_writes nothing is sent; then everything written,
-        by write or writeSequence, leaves in one send, in order."""
-        sent: list[bytes] = []
-
-        def script(transport):
-            send = transport.socket.send
-            transport.socket = _Recording(transport.socket, sent)
-            transport.write(b"before.")
-            transport.hold_writes()
-            transport.write(b"one.")
-            transport.writeSequence([b"two", b"."])
-            held = list(sent)
-            transport.release_writes()
-            transport.write(b"after")
-            transport.socket = send.__self__
-            return held
-
-        writer, client = await self.connect(script)
-        self.assertEqual(writer.queued, [b"before."])
-        self.assertEqual(sent, [b"before.", b"one.two.", b"after"])
-        self.assertEqual(await self.receive(client, 20), b"before.one.two.after")
-
-    async def test_close_while_holding_sends_what_was_held(self) -> None:
-        """loseConnection while writes are held sends them first, then closes; an abort drops
-        them, as it drops everything buffered."""
-
-        def script(transport):
-            transport.hold_writes()
-            transport.write(b"held then closed")
-            transport.loseConnection()
-            return queued(transport)
-
-        _, client = await self.connect(script)
-        self.assertEqual(await self.receive(client, 100), b"held then closed")
-
-        def aborting(transport):
-            transport.hold_writes()
-            transport.write(b"never sent")
-            transport.abortConnection()
-            transport.release_writes()  # as the backend connection does after its read
-            return queued(transport)
-
-        _, aborted = await self.connect(aborting)
-        try:
-            got = await self.receive(aborted, 100)
-        except ConnectionResetError:  # the abort's reset
-            got = b""
-        self.assertEqual(got, b"")
 
     def test_other_transports_write_as_usual(self) -> None:
         """send_now on a transport that is not TCP is a plain write."""

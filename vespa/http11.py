@@ -44,7 +44,6 @@ _LENGTH_REQUIRED = frozenset({b"POST", b"PUT", b"PATCH"})
 # Sent once more on a new connection when a kept-alive one turns out closed (as Agent does).
 _RETRY_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
-_LAST_CHUNK = b"0\r\n\r\n"  # how a chunked body ends (without trailers)
 
 Key = tuple[bytes, bytes]  # (scheme, netloc)
 # Read size of a backend connection (Twisted reads 64 KiB). Measured on 1 GiB downloads:
@@ -198,15 +197,6 @@ class Response:
         connection = self._connection
         return connection is not None and connection.splice_to(sink, moved)
 
-    def end_together(self, sink: Any) -> None:
-        """When one read brings the last of a chunked body and its end, what they make the
-        relay write to ``sink`` (the client's transport: the last chunk, then the answer's
-        end) leaves in one send. Only for a sink that can hold writes
-        (:class:`vespa.sendnow.SendNowServer`)."""
-        connection = self._connection
-        if connection is not None and self._ended is None and hasattr(sink, "hold_writes"):
-            connection._end_sink = sink
-
     def data(self, data: bytes) -> None:
         """Body that came before deliverBody: kept for it (after deliverBody, the connection
         hands each chunk straight to the protocol, ``body_to``)."""
@@ -257,9 +247,6 @@ class _Connection(Protocol):
         self._response: Response | None = None  # until the response body ends
         # A response whose head was parsed, told once the rest of that read is parsed too.
         self._announce: tuple[Deferred[IResponse], Response] | None = None
-        # The client's transport, when it can keep the writes of the read that ends the body
-        # (its last chunk and the answer's end) for one send (Response.end_together).
-        self._end_sink: Any = None
         # The response's body protocol once it has one: each chunk goes straight there.
         self.body_to: Callable[[bytes], object] | None = None
         self._head = False
@@ -408,19 +395,11 @@ class _Connection(Protocol):
         if not self._busy:
             self.abort()  # a backend talking out of turn: never reuse this connection
             return
-        sink = self._end_sink
-        if sink is not None and data.endswith(_LAST_CHUNK):  # this read ends a chunked body
-            sink.hold_writes()
-        else:
-            sink = None
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._announce_response()
             self._broken(Failure(e))
-        finally:
-            if sink is not None:
-                sink.release_writes()
         self._announce_response()
         if self._splice is not None and not self._splice.started:
             self._start_splice()
@@ -559,7 +538,6 @@ class _Connection(Protocol):
     def _response_ended(self, reason: Failure) -> None:
         response, self._response = self._response, None
         self.body_to = None
-        self._end_sink = None
         if self._paused:
             self.resume()
         if self._reusable and not self._gone:
@@ -582,7 +560,6 @@ class _Connection(Protocol):
             waiting.errback(Failure(ResponseNeverReceived([failure])))
         response, self._response = self._response, None
         self.body_to = None
-        self._end_sink = None
         if response is not None:
             response.end(Failure(ResponseFailed([failure])))
 

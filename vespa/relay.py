@@ -459,28 +459,14 @@ class ProxiedRequest:
             self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         # The body that came with the headers is written first, so that a server that writes
         # the head with the first data (the worker's) sends both in one packet; then status and
-        # headers go out in any case: SSE clients see them before the first event. What that
-        # read brought (the head, its chunks, maybe the end) leaves in one send.
-        transport: Any = request.transport
-        holding = hasattr(transport, "hold_writes")  # vespa.sendnow's connections
-        if holding:
-            transport.hold_writes()
-        try:
-            response.deliverBody(self._relay)
-            if not (request.startedWriting or request.finished or self._relay.client_lost):
-                request.write(b"")
-        finally:
-            if holding:
-                transport.release_writes()
+        # headers go out in any case: SSE clients see them before the first event.
+        response.deliverBody(self._relay)
+        if not (request.startedWriting or request.finished or self._relay.client_lost):
+            request.write(b"")
         # A big body of known length, passed on as it is: the kernel moves it (vespa.splice).
         splice_to = getattr(response, "splice_to", None)  # vespa.http11's responses
         if splice_to is not None and not (head or request.chunked or request.finished):
             splice_to(request.transport, self._relay.spliced)
-        # A chunked answer: its last chunk and its end, when they come in one read, go out in
-        # one send (the [DONE] event and the end of an SSE stream).
-        end_together = getattr(response, "end_together", None)  # vespa.http11's responses
-        if end_together is not None and request.chunked and not request.finished:
-            end_together(request.transport)
 
     def _body_done(self) -> None:
         relay = self._relay

@@ -66,48 +66,16 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
 class SendNowServer(tcp.Server):
     """An accepted TCP connection whose writes go out at once (see the module docstring)."""
 
-    _held: list[bytes] | None = None  # writes kept between hold_writes and release_writes
-
     def write(self, data: bytes) -> None:
-        held = self._held
-        if held is not None:
-            held.append(data)
-            return
         rest = _unsent(self, data)
         if rest:
             super().write(rest)
 
     def writeSequence(self, iovec: Any) -> None:
-        if self._held is not None:
-            self._held.append(b"".join(iovec))
-            return
         if self._tempDataLen or self.offset != len(self.dataBuffer):
             super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
             return
         self.write(b"".join(iovec))
-
-    def hold_writes(self) -> None:
-        """Keep what is written until :meth:`release_writes`, which sends it in one go: what
-        one backend read brings (an answer's last chunk and its end) leaves in one packet."""
-        if self._held is None:
-            self._held = []
-
-    def release_writes(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self.write(b"".join(held))
-
-    def loseConnection(self) -> None:
-        self.release_writes()  # what was written before the close goes first
-        super().loseConnection()
-
-    def loseWriteConnection(self) -> None:
-        self.release_writes()
-        super().loseWriteConnection()
-
-    def abortConnection(self) -> None:
-        self._held = None  # dropped, as everything still buffered is
-        super().abortConnection()
 
 
 @implementer(IStreamServerEndpoint)
