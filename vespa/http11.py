@@ -400,7 +400,8 @@ class _Connection(Protocol):
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._announce_response()
             self._broken(Failure(e))
-        self._announce_response()
+        if self._announce is not None:  # this read carried a response's head
+            self._announce_response()
         if self._splice is not None and not self._splice.started:
             self._start_splice()
 
