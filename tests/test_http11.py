@@ -42,7 +42,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tests.helpers import listen, until
-from vespa.http11 import READ_SIZE, BytesProducer, ConnectionPool, LeanAgent
+from vespa.http11 import READ_SIZE, BytesProducer, ConnectionPool, LeanAgent, Response
 from vespa.relay import backend_agent, backend_pool
 
 # ---- a scripted backend ------------------------------------------------------------------
@@ -520,6 +520,26 @@ class ResponseFramingTests(Http11Case):
         answering[0].transport.write(b"later")
         self.assertReason(await reader.ended(), ResponseDone)
         self.assertEqual(reader.data, b"firstlater")
+
+    def test_body_stopped_while_its_early_part_is_delivered_ends_once(self):
+        """A protocol that aborts the body while the part that came before deliverBody is
+        handed to it gets nothing more, and hears of the end once."""
+
+        class Connection:
+            aborted = False
+
+            def abort(self) -> None:
+                self.aborted = True
+
+        connection = Connection()
+        answer = Response(connection, 200, b"OK", Headers(), 10)  # type: ignore[arg-type]
+        answer.data(b"first")
+        answer.data(b"second")
+        reader = BodyReader(on_data=lambda reader: reader.transport.abortConnection())
+        answer.deliverBody(reader)
+        self.assertTrue(connection.aborted)
+        self.assertEqual(reader.chunks, [b"first"])
+        self.assertReason(reader.reason, ResponseFailed)  # once: a second would raise here
 
     async def test_body_delivered_after_it_ended_is_replayed(self):
         """deliverBody called after the whole body came in still gets it, then ResponseDone."""

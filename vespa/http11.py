@@ -176,15 +176,19 @@ class Response:
         """Not used: the relay never follows redirects."""
 
     def deliverBody(self, protocol: IProtocol) -> None:
-        self._protocol = protocol
         protocol.makeConnection(cast(Any, self))  # the transport: pause/resume/stop only
         early, self._early = self._early, []
+        ended = self._ended  # the whole body may be here already
         for data in early:
+            if self._ended is not ended:
+                break  # the protocol stopped the body meanwhile
             protocol.dataReceived(data)
         if self._ended is not None:
-            self._protocol = None  # as end() does: no cycle between the two
+            # Told here, once; the response never keeps the protocol (no cycle between them).
             protocol.connectionLost(self._ended)
-        elif self._connection is not None:
+            return
+        self._protocol = protocol
+        if self._connection is not None:
             self._connection.body_to = protocol.dataReceived
 
     def splice_to(self, sink: Any, moved: Callable[[int], object]) -> bool:
