@@ -195,6 +195,18 @@ class FormsTests(ClientTestCase):
         self.assertEqual(self.backend.seen[0].body, data)
         self.assertEqual(self.fake_workers[0].verified[0].form, "header")
 
+    async def test_json_nested_too_deeply_goes_byte_for_byte(self):
+        """JSON nested deeper than Python parses goes in the header form, untouched, as
+        JSON that does not parse does (it raised RecursionError: a 500 from the client)."""
+        url = self.start_client()
+        data = b"[" * 100_000 + b"]" * 100_000
+        response, _ = await self.call(
+            "POST", url + "/v1/x", data=data, headers={b"content-type": [b"application/json"]}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.backend.seen[0].body, data)
+        self.assertEqual(self.fake_workers[0].verified[0].form, "header")
+
     async def test_sse_streams(self):
         """Server-sent events stream through: headers first, each event as the worker sends
         it, then the end of the stream."""

@@ -80,6 +80,24 @@ class EnvelopeTests(SynchronousTestCase):
                 unwrap(b"PATCH", b"/", None, body(envelope))
             self.assertEqual(caught.exception.extra["invalid"], [name])
 
+    def test_json_nested_too_deeply_is_a_clean_error(self):
+        """auth_data or a payload nested deeper than the parser goes is refused like any
+        other JSON the worker cannot read (it raised RecursionError: a 500 and a traceback)."""
+        deep = b"[" * 100_000 + b"]" * 100_000
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b', "payload": 1}'))
+        self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
+        self.assertIn("recursion limit", caught.exception.detail)
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", None, body(b'{"auth_data": {}, "payload": ' + deep + b"}"))
+        self.assertEqual(caught.exception.code, 422)
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", b"[" * 8000 + b"]" * 8000, body(b""))
+        self.assertEqual(caught.exception.code, 400)
+        self.assertIn("recursion limit", caught.exception.detail)
+        unsecured = unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b"}"), True)
+        self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
+
     def test_header_form_keeps_the_body(self):
         """X-Serverless-Auth: the auth comes from the header and the body is not touched (any
         method); a bad header is 400."""

@@ -92,7 +92,7 @@ def json_payload(request: Request, content: _KeepOpen) -> bytes | None:
         return None
     try:
         json.loads(raw)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; too deep
         return None
     return raw
 

@@ -87,12 +87,19 @@ def _no_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
 
 
+TOO_DEEP = "nested deeper than Python's recursion limit"
+
+
 def loads(text: bytes | str) -> Any:
     """
     Strict JSON with ints kept as ints and floats as floats (``256`` and ``256.0`` sign
-    differently); NaN, Infinity and numbers that overflow to infinity are refused.
+    differently); NaN, Infinity and numbers that overflow to infinity are refused, and so is
+    JSON nested too deeply to parse (a ValueError, as for any other JSON it cannot read).
     """
-    return json.loads(text, parse_float=_finite, parse_int=int, parse_constant=_no_constant)
+    try:
+        return json.loads(text, parse_float=_finite, parse_int=int, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
 
 
 def check_auth(auth: Any, code: int, where: str) -> dict[str, Any]:
@@ -125,19 +132,26 @@ def check_auth(auth: Any, code: int, where: str) -> dict[str, Any]:
 def from_header(value: bytes, uri: bytes) -> Unwrapped:
     try:
         auth = loads(value)
-    except ValueError:
+    except ValueError as e:
         raise AuthError(
-            400, "malformed X-Serverless-Auth", "the header must hold the auth_data JSON object"
+            400,
+            "malformed X-Serverless-Auth",
+            "the header must hold the auth_data JSON object" + _why(e),
         ) from None
     return Unwrapped(check_auth(auth, 400, "X-Serverless-Auth"), uri, None, "header")
+
+
+def _why(error: ValueError) -> str:
+    """What to add to a JSON error's detail: the nesting limit, when that was the reason."""
+    return f" ({TOO_DEEP})" if str(error) == TOO_DEEP else ""
 
 
 def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
     try:
         document = loads(body)
-    except ValueError:
+    except ValueError as e:
         raise AuthError(
-            422, "invalid JSON", 'expected {"auth_data": {...}, "payload": ...}'
+            422, "invalid JSON", 'expected {"auth_data": {...}, "payload": ...}' + _why(e)
         ) from None
     if not isinstance(document, dict):
         raise AuthError(
@@ -149,7 +163,11 @@ def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
             422, "malformed envelope", "missing: " + ", ".join(missing), {"missing": missing}
         )
     auth = check_auth(document["auth_data"], 422, "auth_data")
-    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope")
+    try:
+        payload = dump_json(document["payload"])
+    except RecursionError:  # parsed near the limit, but written from a deeper stack
+        raise AuthError(422, "invalid JSON", f"the payload is {TOO_DEEP}") from None
+    return Unwrapped(auth, uri, payload, "envelope")
 
 
 def query_number(text: str) -> int | float:
