@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from urllib.parse import quote
 
 from hypothesis import given
@@ -12,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vespa.signing import canonical_message
 from vespa.worker import envelope
-from vespa.worker.envelope import AuthError, loads, unwrap
+from vespa.worker.envelope import AuthError, loads, unwrap, with_payload
 
 AUTH = {
     "cost": 256.0,
@@ -37,7 +38,9 @@ class EnvelopeTests(SynchronousTestCase):
         """POST with {"auth_data", "payload"}: the auth is taken, the payload goes on as JSON;
         extra keys such as session_id are ignored."""
         envelope = {"auth_data": AUTH, "payload": {"prompt": "hi"}, "session_id": None}
-        got = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
+        first = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
+        self.assertEqual((first.auth, first.body, first.form), (AUTH, None, "envelope"))
+        got = with_payload(first)  # the payload is read once the auth_data is verified
         self.assertEqual(got.auth, AUTH)
         self.assertEqual(json.loads(got.body), {"prompt": "hi"})
         self.assertEqual(got.target, b"/v1/x?a=1")
@@ -97,6 +100,77 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertIn("recursion limit", caught.exception.detail)
         unsecured = unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b"}"), True)
         self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
+
+    def test_a_leading_auth_data_is_read_alone_until_verified(self):
+        """Secured, an envelope that starts with auth_data is read no further than its first
+        bytes until the signature is checked: a forged one with a huge payload costs neither
+        the payload's parse (JSON can take 25 times its size in memory) nor its read."""
+        reads: list[int] = []
+
+        class Recording(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                data = super().read(size)
+                reads.append(len(data))
+                return data
+
+        payload = b"[" + b"{}," * 2_000_000 + b"{}]"  # 6 MB; parsed, about 150 MB
+        raw = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": ' + payload + b"}"
+        tracemalloc.start()
+        try:
+            got = unwrap(b"POST", b"/", None, Recording(raw))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual((got.auth, got.body), (AUTH, None))
+        self.assertEqual(reads, [envelope.PEEK])
+        self.assertLess(peak, 4 * envelope.PEEK)
+
+    def test_an_envelope_in_another_order_is_read_whole_up_to_a_limit(self):
+        """auth_data after the payload: read whole as before up to UNORDERED_LIMIT bytes,
+        refused with a 422 saying why above it (never parsed)."""
+        small = {"payload": {"prompt": "x" * 1000}, "auth_data": AUTH}
+        got = unwrap(b"POST", b"/", None, body(small))
+        self.assertEqual((got.auth, json.loads(got.body)), (AUTH, small["payload"]))
+        large = {"payload": {"prompt": "x" * envelope.UNORDERED_LIMIT}, "auth_data": AUTH}
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", None, body(large))
+        self.assertEqual(
+            (caught.exception.code, caught.exception.error), (422, "malformed envelope")
+        )
+        self.assertIn("must start with auth_data", caught.exception.detail)
+
+    def test_what_follows_a_leading_auth_data_is_checked_once_read(self):
+        """After the auth_data is verified, the rest must be a well-formed envelope, and a
+        second auth_data must not differ from the first (the one that was verified)."""
+        lead = b'{"auth_data": ' + json.dumps(AUTH).encode()
+        cases = [
+            (lead + b', "payload": ', "invalid JSON"),
+            (lead + b"}", "malformed envelope"),
+            (
+                lead
+                + b', "payload": 1, "auth_data": '
+                + json.dumps({**AUTH, "cost": 1}).encode()
+                + b"}",
+                "malformed envelope",
+            ),
+        ]
+        for raw, error in cases:
+            first = unwrap(b"POST", b"/", None, body(raw))
+            self.assertEqual(first.auth, AUTH)
+            with self.assertRaises(AuthError) as caught:
+                with_payload(first)
+            self.assertEqual((caught.exception.code, caught.exception.error), (422, error))
+        twice = lead + b', "payload": 1, "auth_data": ' + json.dumps(AUTH).encode() + b"}"
+        self.assertEqual(with_payload(unwrap(b"POST", b"/", None, body(twice))).body, b"1")
+
+    def test_a_character_cut_by_the_peek_does_not_hide_the_auth_data(self):
+        """The first PEEK bytes may end inside a UTF-8 character of the payload."""
+        lead = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": "'
+        filler = b"x" * (envelope.PEEK - len(lead) - 1)
+        raw = lead + filler + "é".encode() * 10 + b'"}'  # the peek ends inside the first é
+        got = with_payload(unwrap(b"POST", b"/", None, body(raw)))
+        self.assertEqual(got.auth, AUTH)
+        self.assertEqual(json.loads(got.body), (filler + "é".encode() * 10).decode())
 
     def test_header_form_keeps_the_body(self):
         """X-Serverless-Auth: the auth comes from the header and the body is not touched (any
@@ -212,8 +286,10 @@ class EnvelopePropertyTests(SynchronousTestCase):
     def test_envelope_round_trip(self, auth, payload):
         """Any valid envelope yields exactly its auth_data (types kept) and its payload."""
         raw = json.dumps({"auth_data": auth, "payload": payload}).encode()
-        got = unwrap(b"POST", b"/p", None, body(raw))
+        got = with_payload(unwrap(b"POST", b"/p", None, body(raw)))
         self.assertEqual(got.auth, auth)
+        reordered = json.dumps({"payload": payload, "auth_data": auth}).encode()
+        self.assertEqual(with_payload(unwrap(b"POST", b"/p", None, body(reordered))), got)
         self.assertEqual([type(v) for v in got.auth.values()], [type(v) for v in auth.values()])
         self.assertEqual(loads(got.body), payload)
         self.assertEqual(
@@ -224,7 +300,7 @@ class EnvelopePropertyTests(SynchronousTestCase):
     def test_any_body_is_auth_or_a_clean_error(self, raw):
         """No body makes the parser fail other than with a 422 AuthError."""
         try:
-            unwrap(b"POST", b"/", None, body(raw))
+            with_payload(unwrap(b"POST", b"/", None, body(raw)))
         except AuthError as e:
             self.assertEqual(e.code, 422)
 

@@ -29,7 +29,7 @@ from vespa.relay import BytesProducer, Outcome, RelayResult
 from vespa.signing import VerifiedCache, verify
 from vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vespa.worker.autoscaler import PublicKeyStore
-from vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap
+from vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap, with_payload
 from vespa.worker.metrics import WorkerMetrics, outcome_of
 from vespa.worker.resource import Forward, Rejection, client_address, passthrough
 
@@ -138,13 +138,7 @@ class SignedGate:
                 self._keys is None,
             )
         except AuthError as e:
-            self._log.info(
-                "{path} refused: {error}: {detail}",
-                path=request.path,
-                error=e.error,
-                detail=e.detail,
-            )
-            raise Rejection(e.code, e.error, e.detail, extra=e.extra) from None
+            raise self._malformed(request, e) from None
         keys = self._keys
         if keys is None:
             return self._admit(request, unwrapped)  # unsecured: nothing to check
@@ -179,6 +173,15 @@ class SignedGate:
             )
         raise self._bad_signature(request, auth)
 
+    def _malformed(self, request: Request, error: AuthError) -> Rejection:
+        self._log.info(
+            "{path} refused: {error}: {detail}",
+            path=request.path,
+            error=error.error,
+            detail=error.detail,
+        )
+        return Rejection(error.code, error.error, error.detail, extra=error.extra)
+
     def _bad_signature(self, request: Request, auth: dict[str, object]) -> Rejection:
         self._log.info(
             "{path} refused: signature does not verify (shapes {shapes}, url {url!r})",
@@ -201,6 +204,10 @@ class SignedGate:
                 "{path} refused: replayed reqnum {reqnum}", path=request.path, reqnum=auth["reqnum"]
             )
             raise Rejection(401, "replayed request", "this auth_data was used before")
+        try:
+            unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
+        except AuthError as e:
+            raise self._malformed(request, e) from None
         return self._admit(request, unwrapped)
 
     def _admit(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
