@@ -38,9 +38,7 @@ class EnvelopeTests(SynchronousTestCase):
         """POST with {"auth_data", "payload"}: the auth is taken, the payload goes on as JSON;
         extra keys such as session_id are ignored."""
         envelope = {"auth_data": AUTH, "payload": {"prompt": "hi"}, "session_id": None}
-        first = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
-        self.assertEqual((first.auth, first.body, first.form), (AUTH, None, "envelope"))
-        got = with_payload(first)  # the payload is read once the auth_data is verified
+        got = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
         self.assertEqual(got.auth, AUTH)
         self.assertEqual(json.loads(got.body), {"prompt": "hi"})
         self.assertEqual(got.target, b"/v1/x?a=1")
@@ -102,9 +100,10 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
 
     def test_a_leading_auth_data_is_read_alone_until_verified(self):
-        """Secured, an envelope that starts with auth_data is read no further than its first
-        bytes until the signature is checked: a forged one with a huge payload costs neither
-        the payload's parse (JSON can take 25 times its size in memory) nor its read."""
+        """Secured, a large envelope that starts with auth_data is read no further than its
+        first bytes until the signature is checked: a forged one with a huge payload costs
+        neither the payload's parse (JSON can take 25 times its size in memory) nor its read.
+        A small one is read whole at once."""
         reads: list[int] = []
 
         class Recording(io.BytesIO):
@@ -124,6 +123,9 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual((got.auth, got.body), (AUTH, None))
         self.assertEqual(reads, [envelope.PEEK])
         self.assertLess(peak, 4 * envelope.PEEK)
+        self.assertEqual(with_payload(got).body, payload.replace(b" ", b""))
+        small = unwrap(b"POST", b"/", None, body({"auth_data": AUTH, "payload": [1]}))
+        self.assertEqual((small.body, small.envelope), (b"[1]", None))
 
     def test_an_envelope_in_another_order_is_read_whole_up_to_a_limit(self):
         """auth_data after the payload: read whole as before up to UNORDERED_LIMIT bytes,
@@ -143,6 +145,7 @@ class EnvelopeTests(SynchronousTestCase):
         """After the auth_data is verified, the rest must be a well-formed envelope, and a
         second auth_data must not differ from the first (the one that was verified)."""
         lead = b'{"auth_data": ' + json.dumps(AUTH).encode()
+        lead += b', "pad": "' + b"x" * envelope.PEEK + b'"'  # large enough to be read in two
         cases = [
             (lead + b', "payload": ', "invalid JSON"),
             (lead + b"}", "malformed envelope"),

@@ -8,11 +8,12 @@ In order of precedence:
 1. header ``X-Serverless-Auth``: the auth_data object as JSON; the body passes byte for byte
    (any method; the form for multipart uploads, images, audio);
 2. the JSON envelope ``{"auth_data": {...}, "payload": ...}`` on POST/PUT/PATCH: only the
-   payload goes on, serialised once, as ``application/json``. Secured, an envelope that
-   starts with ``auth_data`` (as every Vast client writes it) is read no further until its
-   signature is checked (:func:`with_payload`): a forged envelope costs its first bytes, not
-   a parse of its whole body (JSON takes up to 25 times its size in memory). Any other order
-   is read whole, up to :data:`UNORDERED_LIMIT`;
+   payload goes on, serialised once, as ``application/json``. Secured, an envelope larger
+   than :data:`PEEK` that starts with ``auth_data`` (as every Vast client writes it) is read
+   no further until its signature is checked (:func:`with_payload`): a forged envelope costs
+   its first bytes, not a parse of its whole body (JSON takes up to 25 times its size in
+   memory, and seconds of CPU per 10 MB). In any other order it is read whole, up to
+   :data:`UNORDERED_LIMIT`. Smaller envelopes are read whole at once (at most a few ms);
 3. ``serverless_*`` query parameters on GET/DELETE/HEAD: removed from the query string, every
    other parameter passes unchanged and in order.
 
@@ -152,7 +153,9 @@ def _why(error: ValueError) -> str:
     return f" ({TOO_DEEP})" if str(error) == TOO_DEEP else ""
 
 
-def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
+def from_envelope(body: bytes, uri: bytes, verified: dict[str, Any] | None = None) -> Unwrapped:
+    """The envelope ``body``; ``verified``: its leading auth_data, already read and checked,
+    which any other auth_data in it must equal."""
     try:
         document = loads(body)
     except ValueError as e:
@@ -168,7 +171,12 @@ def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
         raise AuthError(
             422, "malformed envelope", "missing: " + ", ".join(missing), {"missing": missing}
         )
-    auth = check_auth(document["auth_data"], 422, "auth_data")
+    if verified is None:
+        auth = check_auth(document["auth_data"], 422, "auth_data")
+    elif document["auth_data"] == verified:
+        auth = verified
+    else:
+        raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
     try:
         payload = dump_json(document["payload"])
     except RecursionError:  # parsed near the limit, but written from a deeper stack
@@ -176,7 +184,7 @@ def from_envelope(body: bytes, uri: bytes) -> Unwrapped:
     return Unwrapped(auth, uri, payload, "envelope")
 
 
-PEEK = 1 << 16  # bytes read to find an envelope's leading auth_data (a real one: ~600)
+PEEK = 1 << 16  # envelopes up to this size are read whole; beyond, their leading auth_data
 UNORDERED_LIMIT = 1 << 20  # the largest envelope read whole before its signature is checked
 _LEADING_AUTH = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"auth_data"[ \t\r\n]*:[ \t\r\n]*')
 _DECODER = json.JSONDecoder(parse_float=_finite, parse_int=int, parse_constant=_no_constant)
@@ -215,10 +223,7 @@ def with_payload(unwrapped: Unwrapped) -> Unwrapped:
     if envelope is None:
         return unwrapped
     envelope.seek(0)
-    whole = from_envelope(envelope.read(), unwrapped.target)
-    if whole.auth != unwrapped.auth:
-        raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
-    return whole
+    return from_envelope(envelope.read(), unwrapped.target, unwrapped.auth)
 
 
 def query_number(text: str) -> int | float:
@@ -315,12 +320,13 @@ def unwrap(
                 return Unwrapped(None, uri)  # not JSON: never read a large upload whole
             if unsecured and not _mentions(body, ENVELOPE_KEY):
                 return Unwrapped(None, uri)  # plain JSON: neither parsed nor held in memory
-            if not unsecured:
+            if not unsecured and (size := _size(body)) > PEEK:
+                body.seek(0)
                 leading = _leading_auth(body.read(PEEK))
                 if leading is not None:
                     auth = check_auth(leading[0], 422, "auth_data")
                     return Unwrapped(auth, uri, None, "envelope", body)
-                if _size(body) > UNORDERED_LIMIT:
+                if size > UNORDERED_LIMIT:
                     raise AuthError(
                         422,
                         "malformed envelope",
