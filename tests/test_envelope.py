@@ -29,6 +29,19 @@ def body(data: object) -> io.BytesIO:
     return io.BytesIO(data if isinstance(data, bytes) else json.dumps(data).encode())
 
 
+class Recording(io.BytesIO):
+    """A body that notes the size of every read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads: list[int] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.reads.append(len(data))
+        return data
+
+
 def query(auth: dict) -> bytes:
     return "&".join(f"serverless_{k}={quote(str(v), safe='')}" for k, v in auth.items()).encode()
 
@@ -104,24 +117,17 @@ class EnvelopeTests(SynchronousTestCase):
         first bytes until the signature is checked: a forged one with a huge payload costs
         neither the payload's parse (JSON can take 25 times its size in memory) nor its read.
         A small one is read whole at once."""
-        reads: list[int] = []
-
-        class Recording(io.BytesIO):
-            def read(self, size: int | None = -1) -> bytes:
-                data = super().read(size)
-                reads.append(len(data))
-                return data
-
         payload = b"[" + b"{}," * 2_000_000 + b"{}]"  # 6 MB; parsed, about 150 MB
         raw = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": ' + payload + b"}"
+        recording = Recording(raw)
         tracemalloc.start()
         try:
-            got = unwrap(b"POST", b"/", None, Recording(raw))
+            got = unwrap(b"POST", b"/", None, recording)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         self.assertEqual((got.auth, got.body), (AUTH, None))
-        self.assertEqual(reads, [envelope.PEEK])
+        self.assertEqual(recording.reads, [envelope.PEEK])
         self.assertLess(peak, 4 * envelope.PEEK)
         self.assertEqual(with_payload(got).body, payload.replace(b" ", b""))
         small = unwrap(b"POST", b"/", None, body({"auth_data": AUTH, "payload": [1]}))
@@ -240,18 +246,11 @@ class EnvelopeTests(SynchronousTestCase):
     def test_unsecured_large_json_is_scanned_not_read_whole(self):
         """UNSECURED: a large plain JSON upload is never read into memory at once, and an
         envelope key split across two read chunks is still found."""
-        reads: list[int] = []
-
-        class Recording(io.BytesIO):
-            def read(self, size: int | None = -1) -> bytes:
-                data = super().read(size)
-                reads.append(len(data))
-                return data
-
         big = b'{"prompt": "' + b"x" * (5 * envelope.SCAN_CHUNK) + b'"}'
-        got = unwrap(b"POST", b"/", None, Recording(big), True)
+        recording = Recording(big)
+        got = unwrap(b"POST", b"/", None, recording, True)
         self.assertEqual((got.auth, got.body), (None, None))
-        self.assertLessEqual(max(reads), envelope.SCAN_CHUNK)
+        self.assertLessEqual(max(recording.reads), envelope.SCAN_CHUNK)
         split = envelope.SCAN_CHUNK - 5  # '"auth_data"' straddles the first chunk boundary
         raw = json.dumps({"payload": "y" * (split - 13), "auth_data": AUTH}).encode()
         start = raw.index(envelope.ENVELOPE_KEY)
