@@ -20,9 +20,13 @@ class WorkloadTests(SynchronousTestCase):
         self.assertEqual(workload(1, None), 1.0)
 
     def test_bad_costs(self):
-        """Negative, NaN or infinite costs are refused."""
-        for bad in (-1, math.nan, math.inf, -math.inf):
+        """Negative, NaN or infinite costs are refused, and so is an integer beyond any float
+        (it raised OverflowError: a 500), named in a detail of bounded length."""
+        for bad in (-1, math.nan, math.inf, -math.inf, 10**400, -(10**400)):
             self.assertRaises(BadCost, workload, bad, 100.0)
+        detail = str(self.assertRaises(BadCost, workload, 10**4000, None))
+        self.assertLess(len(detail), 100)
+        self.assertIn("4001 characters", detail)
 
 
 class WaitTests(SynchronousTestCase):

@@ -94,7 +94,7 @@ class SignedRequestTests(TestCase):
 
     async def test_malformed_requests(self):
         """422 for a body that is not JSON, a scalar, or an envelope missing fields (listed);
-        400 for bad query auth; 422 for a negative cost."""
+        400 for bad query auth; 422 for a negative cost or one beyond any float."""
         worker, backend = await self.worker()
         http = http_client(self)
         response = await http.post(worker.url + "/x", data=b"\x00binary")
@@ -111,9 +111,11 @@ class SignedRequestTests(TestCase):
         bad_cost = query(worker.auth()).replace("serverless_cost=10.0", "serverless_cost=ten")
         response = await http.get(worker.url + "/x?" + bad_cost)
         self.assertEqual(response.code, 400)
-        negative = {"auth_data": worker.auth("five-field", cost=-5.0), "payload": {}}
-        response = await self.post(worker, "/x", negative)
-        self.assertEqual((response.code, (await response.json())["error"]), (422, "invalid cost"))
+        for cost in (-5.0, 10**400):
+            bad = {"auth_data": worker.auth("five-field", cost=cost), "payload": {}}
+            response = await self.post(worker, "/x", bad)
+            error = (await response.json())["error"]
+            self.assertEqual((response.code, error), (422, "invalid cost"))
         self.assertEqual(backend.seen, [])
 
     async def test_query_auth_for_get_with_repeated_params(self):

@@ -21,9 +21,14 @@ class BadCost(ValueError):
 
 def workload(cost: float, default_cost: float | None) -> float:
     """The workload a request counts for: its cost, or DEFAULT_COST when cost <= 1 and set."""
-    value = float(cost)
+    try:
+        value = float(cost)
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
     if not math.isfinite(value) or value < 0:
-        raise BadCost(f"cost must be a finite number >= 0, got {cost!r}")
+        shown = repr(cost)
+        shown = shown if len(shown) <= 40 else shown[:20] + "..." + f" ({len(shown)} characters)"
+        raise BadCost(f"cost must be a finite number >= 0, got {shown}")
     if default_cost is not None and value <= 1:
         return default_cost
     return value
