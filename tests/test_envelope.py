@@ -112,6 +112,23 @@ class EnvelopeTests(SynchronousTestCase):
         unsecured = unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b"}"), True)
         self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
 
+    def test_a_payload_as_deep_as_the_parser_goes_is_forwarded(self):
+        """Every nesting depth the parser accepts is written out again for the backend, and
+        the first one it does not is a 422, not a RecursionError (a 500)."""
+        lead = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": '
+        for depth in range(500, 5000):
+            payload = b"[" * depth + b"]" * depth
+            try:
+                got = unwrap(b"POST", b"/", None, body(lead + payload + b"}"))
+            except AuthError as e:
+                self.assertEqual((e.code, e.error), (422, "invalid JSON"))
+                self.assertIn("recursion limit", e.detail)
+                break
+            self.assertEqual(got.body, payload)
+        else:
+            self.fail("no depth was refused")
+        self.assertGreater(depth, 500)
+
     def test_a_leading_auth_data_is_read_alone_until_verified(self):
         """Secured, a large envelope that starts with auth_data is read no further than its
         first bytes until the signature is checked: a forged one with a huge payload costs

@@ -27,7 +27,8 @@ def workload(cost: float, default_cost: float | None) -> float:
         value = math.inf
     if not math.isfinite(value) or value < 0:
         shown = repr(cost)
-        shown = shown if len(shown) <= 40 else shown[:20] + "..." + f" ({len(shown)} characters)"
+        if len(shown) > 40:
+            shown = f"{shown[:20]}... ({len(shown)} characters)"
         raise BadCost(f"cost must be a finite number >= 0, got {shown}")
     if default_cost is not None and value <= 1:
         return default_cost

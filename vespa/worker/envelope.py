@@ -95,6 +95,8 @@ def _no_constant(text: str) -> Any:
 
 
 TOO_DEEP = "nested deeper than Python's recursion limit"
+# Strict JSON: every number keeps its int/float form, no NaN or Infinity (loads, _leading_auth).
+_STRICT: dict[str, Any] = {"parse_float": _finite, "parse_int": int, "parse_constant": _no_constant}
 
 
 def loads(text: bytes | str) -> Any:
@@ -104,7 +106,7 @@ def loads(text: bytes | str) -> Any:
     JSON nested too deeply to parse (a ValueError, as for any other JSON it cannot read).
     """
     try:
-        return json.loads(text, parse_float=_finite, parse_int=int, parse_constant=_no_constant)
+        return json.loads(text, **_STRICT)
     except RecursionError:
         raise ValueError(TOO_DEEP) from None
 
@@ -177,17 +179,13 @@ def from_envelope(body: bytes, uri: bytes, verified: dict[str, Any] | None = Non
         auth = verified
     else:
         raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
-    try:
-        payload = dump_json(document["payload"])
-    except RecursionError:  # parsed near the limit, but written from a deeper stack
-        raise AuthError(422, "invalid JSON", f"the payload is {TOO_DEEP}") from None
-    return Unwrapped(auth, uri, payload, "envelope")
+    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope")
 
 
-PEEK = 1 << 16  # envelopes up to this size are read whole; beyond, their leading auth_data
+PEEK = 1 << 16  # larger envelopes have their leading auth_data read alone, and verified first
 UNORDERED_LIMIT = 1 << 20  # the largest envelope read whole before its signature is checked
 _LEADING_AUTH = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"auth_data"[ \t\r\n]*:[ \t\r\n]*')
-_DECODER = json.JSONDecoder(parse_float=_finite, parse_int=int, parse_constant=_no_constant)
+_DECODER = json.JSONDecoder(**_STRICT)
 
 
 def _leading_auth(start: bytes) -> tuple[Any] | None:
