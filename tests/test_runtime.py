@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vespa.runtime import (
     YOUNG_THRESHOLD,
-    _read,
     lean_event_dispatch,
+    read_ready,
     settle_gc,
     tune_once_running,
 )
@@ -118,17 +118,17 @@ class ReadEventTests(SynchronousTestCase):
 
     def test_read_that_goes_on(self) -> None:
         reactor, selectable = _Reactor(), _Selectable(7, None)
-        _read(reactor, selectable)  # type: ignore[arg-type]
+        read_ready(reactor, selectable)  # type: ignore[arg-type]
         self.assertEqual(reactor.disconnected, [])
 
     def test_read_that_ends_the_connection(self) -> None:
         reactor, selectable = _Reactor(), _Selectable(7, CONNECTION_DONE)
-        _read(reactor, selectable)  # type: ignore[arg-type]
+        read_ready(reactor, selectable)  # type: ignore[arg-type]
         self.assertEqual(reactor.disconnected, [(selectable, CONNECTION_DONE, True)])
 
     def test_descriptor_gone(self) -> None:
         reactor, selectable = _Reactor(), _Selectable(-1, None)
-        _read(reactor, selectable)  # type: ignore[arg-type]
+        read_ready(reactor, selectable)  # type: ignore[arg-type]
         self.assertEqual(reactor.disconnected, [(selectable, _NO_FILEDESC, True)])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from unittest import skipIf
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv6Address
@@ -15,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from vespa.sendnow import SendNowEndpoint, SendNowServer, send_now
+from vespa.sendnow import SendNowEndpoint, SendNowNoDelayServer, SendNowServer, send_now
 
 
 class _Writer(Protocol):
@@ -57,6 +58,7 @@ class SendNowTests(TestCase):
         self.addCleanup(port.stopListening)
         client = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(client.close)
+        client.sendall(b"\n")  # a client speaks first (the listener defers accepting until then)
         writer = await made
         self.addCleanup(writer.transport.abortConnection)
         return writer, client
@@ -185,10 +187,12 @@ class AcceptTests(TestCase):
         return port
 
     def connect(self, port, clients: int, host: str = "127.0.0.1") -> list[socket.socket]:
-        """``clients`` sockets connected (waiting in the listener's backlog until accepted)."""
+        """``clients`` sockets connected, each having sent a byte (waiting in the listener's
+        backlog until accepted)."""
         sockets = [socket.create_connection((host, port.getHost().port)) for _ in range(clients)]
         for client in sockets:
             self.addCleanup(client.close)
+            client.sendall(b"\n")
         return sockets
 
     async def read_all(self, port, clients: int, host: str = "127.0.0.1") -> list[bytes]:
@@ -278,6 +282,85 @@ class AcceptTests(TestCase):
         self.addCleanup(setattr, port, "socket", flaky._real)
         self.assertEqual(await self.read_all(port, 1), [b"hello"])
         self.assertEqual(flaky.failures, 0)
+
+
+class _Recording(Protocol):
+    """Records what it is sent; may stop reading as soon as it is connected."""
+
+    pause_at_once = False
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        if self.pause_at_once:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+@skipIf(not hasattr(socket, "TCP_DEFER_ACCEPT"), "TCP_DEFER_ACCEPT is Linux only")
+class DeferredAcceptTests(TestCase):
+    """On Linux a connection is accepted once its client has spoken, and what it said is
+    read in the same turn; accepted sockets inherit TCP_NODELAY from the listener."""
+
+    async def listen(self, protocol: type[_Recording] = _Recording):
+        made: list[_Recording] = []
+
+        def build() -> _Recording:
+            made.append(protocol())
+            return made[-1]
+
+        endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        port = await endpoint.listen(Factory.forProtocol(build))
+        self.addCleanup(port.stopListening)
+        return port, made
+
+    def client(self, port) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        return client
+
+    async def test_a_connection_is_accepted_once_its_client_speaks(self) -> None:
+        port, made = await self.listen()
+        client = self.client(port)
+        port.doRead()
+        self.assertEqual(made, [])  # connected, silent: still in the kernel
+        client.sendall(b"GET / HTTP/1.1\r\n")
+        port.doRead()
+        [protocol] = made
+        # Read in the same turn as the accept, without the reactor running in between.
+        self.assertEqual(protocol.received, b"GET / HTTP/1.1\r\n")
+        self.addCleanup(protocol.transport.abortConnection)
+
+    async def test_a_protocol_that_stops_reading_at_once_is_not_read(self) -> None:
+        class Pausing(_Recording):
+            pause_at_once = True
+
+        port, made = await self.listen(Pausing)
+        self.client(port).sendall(b"early")
+        port.doRead()
+        [protocol] = made
+        self.addCleanup(protocol.transport.abortConnection)
+        self.assertEqual(protocol.received, b"")
+        protocol.transport.resumeProducing()
+        while not protocol.received:
+            await _turn()
+        self.assertEqual(protocol.received, b"early")
+
+    async def test_accepted_sockets_have_no_delay_without_setting_it(self) -> None:
+        port, made = await self.listen()
+        self.client(port).sendall(b"x")
+        port.doRead()
+        [protocol] = made
+        transport = protocol.transport
+        self.addCleanup(transport.abortConnection)
+        self.assertIsInstance(transport, SendNowNoDelayServer)
+        self.assertTrue(transport.getTcpNoDelay())
+        transport.setTcpNoDelay(True)  # no system call: inherited
+        transport.setTcpNoDelay(False)  # still works the other way
+        self.assertFalse(transport.getTcpNoDelay())
 
 
 def _turn() -> Deferred:

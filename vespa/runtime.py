@@ -71,14 +71,14 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
             continue
         try:
             if event == EPOLLIN:
-                _read(self, selectable)
+                read_ready(self, selectable)
             else:
                 dispatch(selectable, fd, event)
         except Exception:
             _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
 
 
-def _read(reactor: EPollReactor, selectable: Any) -> None:
+def read_ready(reactor: EPollReactor, selectable: Any) -> None:
     """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
     selectable when the read says it is over or raises (logged with its traceback)."""
     why: Any
