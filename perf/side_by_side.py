@@ -1,5 +1,6 @@
 """
-Two builds of the worker under the S3 load at the same time: CPU per SSE stream, B ÷ A.
+Two builds of the worker under the S3 load at the same time: CPU per SSE stream (B ÷ A) and
+time to first byte (p50, B - A).
 
     python perf/side_by_side.py A_TREE B_TREE [--rounds 8] [--seconds 6] [--streams 100]
 
@@ -112,7 +113,7 @@ def main() -> None:
         }
         for name, port in ports.items():
             wait_healthy(port, f"worker {name}", logs)
-        ratios, per_stream = [], {"A": [], "B": []}
+        ratios, per_stream, ttfb_gaps = [], {"A": [], "B": []}, []
         for round_ in range(args.rounds):
             order = ("A", "B") if round_ % 2 == 0 else ("B", "A")
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -125,6 +126,7 @@ def main() -> None:
             for name in pids:
                 per_stream[name].append(cost[name])
             ratios.append(cost["B"] / cost["A"])
+            ttfb_gaps.append(results["B"]["ttfb_p50_ms"] - results["A"]["ttfb_p50_ms"])
             print(
                 f"round {round_}: A {cost['A']:.0f} µs/stream "
                 f"(TTFB {results['A']['ttfb_p50_ms']:.2f} ms), B {cost['B']:.0f} µs/stream "
@@ -134,7 +136,8 @@ def main() -> None:
         print(
             f"median B/A {statistics.median(ratios):.3f}: "
             f"A {statistics.median(per_stream['A']):.0f} µs, "
-            f"B {statistics.median(per_stream['B']):.0f} µs per stream (logs: {logs})"
+            f"B {statistics.median(per_stream['B']):.0f} µs per stream; "
+            f"TTFB p50 B - A {statistics.median(ttfb_gaps):+.3f} ms (logs: {logs})"
         )
     finally:
         children.stop_all()
