@@ -119,10 +119,12 @@ async def malformed(s: Soak, auth: bytes) -> str:
 
 
 async def burst(s: Soak) -> str:
-    """Open more connections than MAX_CONNECTIONS at once: the excess gets 503 and closes."""
+    """Open more connections than MAX_CONNECTIONS at once, each with the start of a request
+    (the listener hands a connection over once its client has spoken): the excess gets 503
+    and closes."""
     clients = await gatherResults(
         [
-            Deferred.fromCoroutine(raw_connect(s.url, RawClient(b"")))
+            Deferred.fromCoroutine(raw_connect(s.url, RawClient(b"GET /burst HTTP/1.1\r\n")))
             for _ in range(MAX_CONNECTIONS + 50)
         ]
     )
