@@ -349,6 +349,27 @@ class DeferredAcceptTests(TestCase):
             await _turn()
         self.assertEqual(protocol.received, b"early")
 
+    async def test_a_protocol_failing_on_its_first_bytes_spares_the_others(self) -> None:
+        """What a protocol raises on the bytes read at accept is logged and drops its
+        connection; the connections accepted with it are read all the same."""
+
+        class Failing(_Recording):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                if data == b"boom":
+                    raise ZeroDivisionError(data)
+
+        port, made = await self.listen(Failing)
+        first, second = self.client(port), self.client(port)
+        first.sendall(b"boom")
+        second.sendall(b"fine")
+        port.doRead()
+        self.assertEqual([protocol.received for protocol in made], [b"boom", b"fine"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertTrue(made[0].transport.disconnected)
+        self.assertFalse(made[1].transport.disconnected)
+        self.addCleanup(made[1].transport.abortConnection)
+
     async def test_accepted_sockets_have_no_delay_without_setting_it(self) -> None:
         port, made = await self.listen()
         self.client(port).sendall(b"x")
