@@ -24,7 +24,7 @@ VESPA_VENV=${VESPA_VENV:-$WORKSPACE_DIR/vespa-venv}
 VESPA_PYTHON=${VESPA_PYTHON:-python3}
 VESPA_SPEC=${VESPA_SPEC:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [ -z "$VESPA_SPEC" ] && grep -qs '^name = vespa$' "$HERE/setup.cfg"; then
+if [ -z "$VESPA_SPEC" ] && grep -qs '^name = vast-vespa$' "$HERE/setup.cfg"; then
     VESPA_SPEC=$HERE
 fi
 VESPA_PIP_ARGS=${VESPA_PIP_ARGS:-}

@@ -29,8 +29,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from vespa.settings import Settings
-from vespa.tap import build_worker
+from vast_vespa.settings import Settings
+from vast_vespa.tap import build_worker
 
 PROMPT = b'{"model": "bench", "prompt": "Hello, streaming world", "max_tokens": 20, "stream": true}'
 REQUEST = (

@@ -44,7 +44,7 @@ from tests.helpers import (  # noqa: E402
     raw_request,
     twistd_command,
 )
-from vespa.signing import generate_private_key, public_pem, sign  # noqa: E402
+from vast_vespa.signing import generate_private_key, public_pem, sign  # noqa: E402
 
 MAX_CONNECTIONS = 300
 UPLOAD = os.urandom(2 * 1024 * 1024)

@@ -10,9 +10,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import VECTORS, listen
-from vespa import signing
-from vespa.emulator import tap
-from vespa.emulator.registry import Endpoint, Registry
+from vast_vespa import signing
+from vast_vespa.emulator import tap
+from vast_vespa.emulator.registry import Endpoint, Registry
 
 with open(os.path.join(VECTORS, "test_private_key.pem"), "rb") as _f:
     PRIVATE = signing.load_private_key(_f.read())

@@ -449,7 +449,7 @@ class FakeRouter(Resource):
         return self._json(request, 200, {"success": True, "results": results})
 
     def render_POST(self, request: Request) -> bytes:
-        from vespa.signing import sign
+        from vast_vespa.signing import sign
 
         if request.path != b"/route/":
             return self._json(request, 404, {"error": "not found"})
@@ -517,7 +517,7 @@ class FakeSecuredWorker(Resource):
     def render(self, request: Request) -> bytes | int:
         from urllib.parse import parse_qsl
 
-        from vespa.signing import verify
+        from vast_vespa.signing import verify
 
         assert request.content is not None
         if self.busy:

@@ -25,13 +25,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler
-from vespa.relay import RelayResult, backend_agent, backend_pool
-from vespa.sendnow import SendNowEndpoint
-from vespa.settings import Settings, VastEnvironment
-from vespa.signing import generate_private_key, public_pem, sign
-from vespa.tap import build_worker
-from vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
-from vespa.worker.service import WorkerService
+from vast_vespa.relay import RelayResult, backend_agent, backend_pool
+from vast_vespa.sendnow import SendNowEndpoint
+from vast_vespa.settings import Settings, VastEnvironment
+from vast_vespa.signing import generate_private_key, public_pem, sign
+from vast_vespa.tap import build_worker
+from vast_vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
+from vast_vespa.worker.service import WorkerService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "vectors")  # copied from shared/vectors (throw-away key)
@@ -76,7 +76,7 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
 
 
 async def listen_sending_now(test: TestCase, site: Any) -> str:
-    """Serve ``site`` on 127.0.0.1 as the worker listens (:mod:`vespa.sendnow`: each
+    """Serve ``site`` on 127.0.0.1 as the worker listens (:mod:`vast_vespa.sendnow`: each
     connection's transport is the TCP connection itself, not a wrapper); the connections
     still open when the test ends are aborted. Returns the base URL."""
     built: list[Any] = []

@@ -25,9 +25,9 @@ from tests.helpers import (
     start_signed_worker,
     until,
 )
-from vespa import request_id
-from vespa.relay import Outcome, RelayResult
-from vespa.worker.service import WorkerService
+from vast_vespa import request_id
+from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.worker.service import WorkerService
 
 HELD = b"/slow?delay=1"
 

@@ -15,11 +15,11 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
-from vespa.relay import Outcome, RelayResult
-from vespa.settings import Settings
-from vespa.tap import build_worker
-from vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
-from vespa.worker.state import WorkerState
+from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.settings import Settings
+from vast_vespa.tap import build_worker
+from vast_vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
+from vast_vespa.worker.state import WorkerState
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -7,7 +7,7 @@ import math
 from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
+from vast_vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 
 
 class WorkloadTests(SynchronousTestCase):

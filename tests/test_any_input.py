@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, start_signed_worker, start_worker
-from vespa.signing import sign
+from vast_vespa.signing import sign
 
 PEER = IPv4Address("TCP", "127.0.0.1", 50000)
 HOST = IPv4Address("TCP", "127.0.0.1", 3000)

@@ -11,14 +11,14 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeAutoscaler
 from tests.helpers import http_client, listen, until
-from vespa.signing import generate_private_key, public_pem
-from vespa.worker.autoscaler import (
+from vast_vespa.signing import generate_private_key, public_pem
+from vast_vespa.worker.autoscaler import (
     AutoscalerClient,
     AutoscalerError,
     PublicKeyStore,
     pem_from,
 )
-from vespa.worker.metrics import Finished
+from vast_vespa.worker.metrics import Finished
 
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port
 

@@ -29,11 +29,11 @@ from tests.helpers import (
     until,
 )
 from tests.test_reporter import FakeClient
-from vespa.relay import Outcome
-from vespa.settings import VastEnvironment
-from vespa.worker.metrics import WorkerMetrics
-from vespa.worker.reporter import MetricsReporter
-from vespa.worker.state import WorkerState
+from vast_vespa.relay import Outcome
+from vast_vespa.settings import VastEnvironment
+from vast_vespa.worker.metrics import WorkerMetrics
+from vast_vespa.worker.reporter import MetricsReporter
+from vast_vespa.worker.state import WorkerState
 
 PATHS = {b"/worker_status/", b"/delete_requests/"}
 REQUESTS = 6  # served while the autoscaler is in trouble; request_idx 1..6, cost = idx

@@ -18,8 +18,8 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
-from vespa.relay import Outcome, backend_agent, backend_pool
-from vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
+from vast_vespa.relay import Outcome, backend_agent, backend_pool
+from vast_vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
 
 
 class _FlakyAgent:

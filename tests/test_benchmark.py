@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, spawn_worker, until
-from vespa import tap
-from vespa.benchmark import (
+from vast_vespa import tap
+from vast_vespa.benchmark import (
     BackendSession,
     BenchmarkError,
     check_aiohttp,
@@ -23,7 +23,7 @@ from vespa.benchmark import (
     load_benchmark,
     run_benchmark,
 )
-from vespa.settings import SettingsError
+from vast_vespa.settings import SettingsError
 
 NOT_CALLABLE = 3
 
@@ -58,6 +58,19 @@ class LoadTests(SynchronousTestCase):
         with self.assertRaises(SettingsError) as caught:
             load_benchmark("badbench:run")
         self.assertIn("RuntimeError: CUDA not found", str(caught.exception))
+
+    def test_shipped_alias(self) -> None:
+        """``benchmarks.openai:benchmark``, as Vast templates write it, is the shipped one;
+        another name under ``benchmarks.`` is imported as written."""
+        from vast_vespa.benchmarks import comfyui, openai, tgi
+
+        self.assertIs(load_benchmark("benchmarks.openai:benchmark"), openai.benchmark)
+        self.assertIs(load_benchmark("benchmarks.tgi:benchmark"), tgi.benchmark)
+        self.assertIs(load_benchmark("benchmarks.comfyui:benchmark"), comfyui.benchmark)
+        self.assertIs(load_benchmark("vast_vespa.benchmarks.openai:benchmark"), openai.benchmark)
+        with self.assertRaises(SettingsError) as caught:
+            load_benchmark("benchmarks.mine:run")
+        self.assertIn("No module named 'benchmarks'", str(caught.exception))
 
     def test_twistd_refuses_to_start(self) -> None:
         """makeService stops with one line naming a BENCHMARK that does not load."""

@@ -9,11 +9,11 @@ from twisted.internet import reactor
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
-from benchmarks import comfyui, openai, tgi
-from benchmarks.rounds import count, measure, prompt
 from tests.fakes import FakeInferenceAPI
 from tests.helpers import listen
-from vespa.benchmark import BackendSession, BenchmarkError
+from vast_vespa.benchmark import BackendSession, BenchmarkError
+from vast_vespa.benchmarks import comfyui, openai, tgi
+from vast_vespa.benchmarks.rounds import count, measure, prompt
 
 
 class ShippedBenchmarkTests(TestCase):

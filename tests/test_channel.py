@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from tests.helpers import RawClient, listen, raw_connect
-from vespa.worker.limits import PIPELINE_BUFFER, GuardedChannel, GuardedSite, Limits
+from vast_vespa.worker.limits import PIPELINE_BUFFER, GuardedChannel, GuardedSite, Limits
 
 
 class _Held(Resource):

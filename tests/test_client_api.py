@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from tests.test_client_e2e import ClientTestCase
-from vespa.client import VastClient
+from vast_vespa.client import VastClient
 
 
 class VastClientTests(ClientTestCase):

@@ -18,11 +18,11 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
-from vespa.client.routing import BACKOFF_CAP
-from vespa.client.service import ClientService
-from vespa.client.tap import build_client
-from vespa.settings import ClientSettings
-from vespa.signing import generate_private_key
+from vast_vespa.client.routing import BACKOFF_CAP
+from vast_vespa.client.service import ClientService
+from vast_vespa.client.tap import build_client
+from vast_vespa.settings import ClientSettings
+from vast_vespa.signing import generate_private_key
 
 KEY = generate_private_key()  # one per test run: real RSA, made here
 
@@ -392,7 +392,7 @@ class DisconnectTests(ClientTestCase):
 
 class RealWorkerTests(ClientTestCase):
     """The same client in front of a real secured Vespa worker (signature checked by
-    vespa.worker), itself in front of FakeBackend."""
+    vast_vespa.worker), itself in front of FakeBackend."""
 
     def setUp(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._set_up())

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeRouter
 from tests.helpers import http_client, listen
-from vespa.client.keys import (
+from vast_vespa.client.keys import (
     EndpointInfo,
     EndpointKey,
     KeyLookupError,
@@ -18,8 +18,8 @@ from vespa.client.keys import (
     list_endpoints,
     read_account_key,
 )
-from vespa.settings import ClientSettings, load_client_settings
-from vespa.signing import generate_private_key
+from vast_vespa.settings import ClientSettings, load_client_settings
+from vast_vespa.signing import generate_private_key
 
 
 class MaskTests(SynchronousTestCase):

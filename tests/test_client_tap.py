@@ -8,26 +8,26 @@ import sys
 from twisted.application.service import IServiceMaker
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-import vespa
+import vast_vespa
 from tests.fakes import FakeRouter
 from tests.helpers import ProcessWatcher, listen, spawn
-from vespa.client import tap
-from vespa.settings import CLIENT_OPTIONS, ClientSettings, client_option_fields
-from vespa.signing import generate_private_key
+from vast_vespa.client import tap
+from vast_vespa.settings import CLIENT_OPTIONS, ClientSettings, client_option_fields
+from vast_vespa.signing import generate_private_key
 
 
 class ClientPluginTests(SynchronousTestCase):
     def test_plugin_is_declared(self):
-        """The dropin installed with this vespa declares vespa-client -> vespa.client.tap (read
+        """The dropin installed with this vespa declares vespa-client -> vast_vespa.client.tap (read
         from the file: another vespa copy earlier on sys.path may shadow the module)."""
-        root = os.path.dirname(os.path.dirname(os.path.abspath(vespa.__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(vast_vespa.__file__)))
         namespace: dict[str, object] = {}
         with open(os.path.join(root, "twisted", "plugins", "vespa_plugins.py")) as f:
             exec(f.read(), namespace)  # noqa: S102 (our own dropin file)
         maker = namespace["vespa_client"]
         self.assertTrue(IServiceMaker.providedBy(maker))
         self.assertEqual(maker.tapname, "vespa-client")  # type: ignore[attr-defined]
-        self.assertEqual(maker.module, "vespa.client.tap")  # type: ignore[attr-defined]
+        self.assertEqual(maker.module, "vast_vespa.client.tap")  # type: ignore[attr-defined]
 
     def test_table_matches_settings(self):
         """Every ClientSettings field comes from exactly one client option, and back."""
@@ -110,7 +110,7 @@ class ConsoleScriptTests(TestCase):
         self.router_url = listen(self, self.router)
 
     def script(self, *args: str, **env: str) -> ProcessWatcher:
-        command = [sys.executable, "-c", "from vespa.client.tap import main; main()", *args]
+        command = [sys.executable, "-c", "from vast_vespa.client.tap import main; main()", *args]
         return spawn(self, command, {"HOME": self.mktemp(), **env})
 
     async def test_list(self):

@@ -19,10 +19,10 @@ from twisted.web.server import Site
 
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import http_client, listen
-from vespa.client.tap import build_client
-from vespa.client.tls import CertificateError, load_certificates
-from vespa.settings import ClientSettings
-from vespa.signing import generate_private_key
+from vast_vespa.client.tap import build_client
+from vast_vespa.client.tls import CertificateError, load_certificates
+from vast_vespa.settings import ClientSettings
+from vast_vespa.signing import generate_private_key
 
 
 def _name(text: str) -> x509.Name:

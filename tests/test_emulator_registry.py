@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.emulator_fixtures import ACCOUNT_KEY, ENDPOINT_KEY, PUBLIC, registry, report
-from vespa import signing
-from vespa.emulator.checks import delete_problems, report_problems
-from vespa.emulator.registry import RouteError
+from vast_vespa import signing
+from vast_vespa.emulator.checks import delete_problems, report_problems
+from vast_vespa.emulator.registry import RouteError
 
 ROUTE = {"endpoint": "my-endpoint", "cost": 256}
 

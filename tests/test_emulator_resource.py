@@ -12,8 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.emulator_fixtures import ACCOUNT_KEY, ENDPOINT_KEY, PRIVATE, report, start_emulator
 from tests.helpers import http_client, spawn, twistd_command
-from vespa import signing
-from vespa.emulator import tap
+from vast_vespa import signing
+from vast_vespa.emulator import tap
 
 BEARER = {"Authorization": f"Bearer {ENDPOINT_KEY}"}
 
@@ -260,7 +260,7 @@ class OptionsTests(SynchronousTestCase):
     def test_plugin_listed(self):
         """twistd finds vespa-autoscaler, and its help says it is not a production router."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-        self.assertEqual(makers["vespa-autoscaler"].module, "vespa.emulator.tap")
+        self.assertEqual(makers["vespa-autoscaler"].module, "vast_vespa.emulator.tap")
         self.assertIn("never a production router", str(tap.Options()))
 
 

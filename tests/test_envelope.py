@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.signing import canonical_message
-from vespa.worker import envelope
-from vespa.worker.envelope import AuthError, loads, unwrap, with_payload
+from vast_vespa.signing import canonical_message
+from vast_vespa.worker import envelope
+from vast_vespa.worker.envelope import AuthError, loads, unwrap, with_payload
 
 AUTH = {
     "cost": 256.0,

@@ -27,10 +27,10 @@ from tests.helpers import (
     worker_url,
 )
 from tests.test_admin import samples
-from vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
-from vespa.signing import generate_private_key, public_pem, sign
-from vespa.tap import build_worker
-from vespa.worker.gate import blocked, path_forms
+from vast_vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
+from vast_vespa.signing import generate_private_key, public_pem, sign
+from vast_vespa.tap import build_worker
+from vast_vespa.worker.gate import blocked, path_forms
 
 AUTH = {
     "cost": 10.0,

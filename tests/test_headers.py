@@ -3,7 +3,7 @@
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from vespa.headers import end_to_end, forwarded_request_headers
+from vast_vespa.headers import end_to_end, forwarded_request_headers
 
 
 class HeaderTests(SynchronousTestCase):

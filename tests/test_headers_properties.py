@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from vespa.headers import (
+from vast_vespa.headers import (
     HOP_BY_HOP,
     REQUEST_ONLY_DROPPED,
     connection_tokens,

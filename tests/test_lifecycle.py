@@ -18,10 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_worker, until
-from vespa.benchmark import BackendSession
-from vespa.settings import Settings
-from vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle, ProbeResult
-from vespa.worker.state import WorkerState
+from vast_vespa.benchmark import BackendSession
+from vast_vespa.settings import Settings
+from vast_vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle, ProbeResult
+from vast_vespa.worker.state import WorkerState
 
 
 class Answer:

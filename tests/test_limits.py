@@ -26,8 +26,8 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vespa.settings import load_settings
-from vespa.worker.limits import BODY_RATE_WINDOW, GuardedSite, Limits, limits_from
+from vast_vespa.settings import load_settings
+from vast_vespa.worker.limits import BODY_RATE_WINDOW, GuardedSite, Limits, limits_from
 
 
 class _Recorder(Resource):

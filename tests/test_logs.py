@@ -34,7 +34,7 @@ from tests.helpers import (
     start_worker,
     worker_url,
 )
-from vespa.logs import (
+from vast_vespa.logs import (
     FLUSH_AFTER,
     PREFORMATTED,
     TextLogForTwistd,
@@ -95,7 +95,7 @@ class AccessLogTests(TestCase):
     async def test_backend_failure_line_has_no_query_string(self) -> None:
         """When the backend fails, the warning names the backend path, never the query string
         (it may carry a signature or an app's key)."""
-        events = capture(self, "vespa.relay.ProxiedRequest")
+        events = capture(self, "vast_vespa.relay.ProxiedRequest")
         for path in ("/reset", "/break"):
             response = await self.http.get(self.url + path + "?api_key=s3cret")
             try:
@@ -172,10 +172,10 @@ class JsonLogTests(TestCase):
         self.assertEqual(json.loads(lines[1])["text"], "second")
 
     async def test_twistd_json_logger(self) -> None:
-        """`twistd --logger vespa.logs.json_stdout -n vespa` logs JSON lines on stdout; the
+        """`twistd --logger vast_vespa.logs.json_stdout -n vespa` logs JSON lines on stdout; the
         access line carries the request id."""
         backend = listen(self, FakeBackend(reactor))
-        process = spawn_worker(self, backend, twistd=("--logger", "vespa.logs.json_stdout"))
+        process = spawn_worker(self, backend, twistd=("--logger", "vast_vespa.logs.json_stdout"))
         url = await worker_url(process)
         await process.wait_for(rb"worker loaded")
         response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "json-1"})
@@ -201,7 +201,7 @@ class FlushCounting(io.StringIO):
 _LOGGED_WHILE_WRITING = """
 import io
 from twisted.internet.task import Clock
-from vespa.logs import text_observer
+from vast_vespa.logs import text_observer
 
 def event(text):
     return {"log_namespace": "vespa", "log_format": text, "log_time": 0.0}
@@ -257,14 +257,14 @@ class TextLogTests(TestCase):
         observe(
             {
                 **access_event("-"),
-                "log_namespace": "vespa.worker.lifecycle",
+                "log_namespace": "vast_vespa.worker.lifecycle",
                 "log_level": LogLevel.warn,
                 "log_format": "backend {state}",
                 "state": "down",
             }
         )
         self.assertRegex(
-            stream.flushed, r"GET /c 200\n.*\[vespa.worker.lifecycle#warn\] backend down\n$"
+            stream.flushed, r"GET /c 200\n.*\[vast_vespa.worker.lifecycle#warn\] backend down\n$"
         )
         clock.advance(FLUSH_AFTER)  # the pending timer finds nothing new
         self.assertEqual(stream.flushed, stream.getvalue())
@@ -311,7 +311,7 @@ class TextLogTests(TestCase):
 
         self.assertTrue(given())
         self.assertTrue(given(logfile="-"))
-        self.assertFalse(given(logger="vespa.logs.json_stdout"))
+        self.assertFalse(given(logger="vast_vespa.logs.json_stdout"))
         self.assertFalse(given(syslog=True))
         self.assertFalse(given(logfile="worker.log"))
         self.assertFalse(given(nodaemon=False))

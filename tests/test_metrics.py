@@ -7,12 +7,12 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.emulator.checks import delete_problems, report_problems
-from vespa.relay import Outcome, RelayResult
-from vespa.settings import VastEnvironment
-from vespa.worker.autoscaler import AutoscalerClient
-from vespa.worker.metrics import WorkerMetrics, outcome_of
-from vespa.worker.state import WorkerState
+from vast_vespa.emulator.checks import delete_problems, report_problems
+from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.settings import VastEnvironment
+from vast_vespa.worker.autoscaler import AutoscalerClient
+from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
+from vast_vespa.worker.state import WorkerState
 
 WIRE_ORDER = [
     "id",

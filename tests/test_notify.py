@@ -16,8 +16,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, start_worker, until
-from vespa.notify import SystemdNotifier, SystemdService
-from vespa.settings import SettingsError, SystemdEnvironment, load_settings
+from vast_vespa.notify import SystemdNotifier, SystemdService
+from vast_vespa.settings import SettingsError, SystemdEnvironment, load_settings
 
 UNITS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "systemd"
@@ -101,7 +101,7 @@ class NotifierTests(TestCase):
         events: list[LogEvent] = []
 
         def observe(event: LogEvent) -> None:
-            if event.get("log_namespace", "").startswith("vespa.notify"):
+            if event.get("log_namespace", "").startswith("vast_vespa.notify"):
                 events.append(event)
 
         globalLogPublisher.addObserver(observe)

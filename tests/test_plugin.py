@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stdout
+from importlib import metadata
+
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.plugin import getPlugins
@@ -10,15 +14,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, spawn, spawn_worker, twistd_command, worker_url
-from vespa import tap
+from vast_vespa import __version__, tap
 
 
 class PluginDiscoveryTests(SynchronousTestCase):
     def test_vespa_plugin_is_listed(self):
-        """twistd finds the vespa plugin, pointing at vespa.tap."""
+        """twistd finds the vespa plugin, pointing at vast_vespa.tap."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertIn("vespa", makers)
-        self.assertEqual(makers["vespa"].module, "vespa.tap")
+        self.assertEqual(makers["vespa"].module, "vast_vespa.tap")
 
     def test_options_flags(self):
         """Flags become settings; --listen is repeatable."""
@@ -46,9 +50,44 @@ class PluginDiscoveryTests(SynchronousTestCase):
             options.parseOptions(["--max-wait-time", "soon"])
         self.assertIn("--max-wait-time", str(caught.exception.code))
 
+    def test_version(self):
+        """--version prints Vespa's version (not Twisted's) and exits 0, on every command."""
+        from vast_vespa.client import tap as client_tap
+        from vast_vespa.emulator import tap as emulator_tap
+
+        for options in (tap.Options(), client_tap.Options(), emulator_tap.Options()):
+            output = io.StringIO()
+            with self.assertRaises(SystemExit) as caught, redirect_stdout(output):
+                options.parseOptions(["--version"])
+            self.assertEqual(caught.exception.code, 0)
+            self.assertTrue(output.getvalue().startswith(f"vast-vespa {__version__} (Twisted "))
+
     def test_unknown_flag(self):
         """An unknown flag is a usage error."""
         self.assertRaises(UsageError, tap.Options().parseOptions, ["--nope", "1"])
+
+
+class PackageTests(SynchronousTestCase):
+    def test_installs_only_vast_vespa(self):
+        """The installed distribution holds the ``vast_vespa`` package, the twistd dropin and
+        the licence: nothing else at top level (no ``vespa``, no ``benchmarks``)."""
+        # The installed wheel's RECORD (a checkout's egg-info, also on sys.path, has none).
+        [record] = [
+            text
+            for dist in metadata.distributions(name="vast-vespa")
+            if (text := dist.read_text("RECORD")) is not None
+        ]
+        names = {line.split(",")[0] for line in record.splitlines() if line}
+        tops = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+        tops -= {".."}  # the console script, in the environment's bin/
+        self.assertEqual(tops, {"vast_vespa", "twisted"})
+        self.assertEqual(
+            {name for name in names if name.startswith("twisted/") and ".pyc" not in name},
+            {"twisted/plugins/vespa_plugins.py"},
+        )
+        self.assertIn("vast_vespa/benchmarks/words.txt", names)
+        self.assertTrue(any(name.endswith("LICENSE") for name in names), names)
+        self.assertIn(f"vast_vespa-{__version__}.dist-info/METADATA", names)
 
 
 class TwistdTests(TestCase):
@@ -70,6 +109,12 @@ class TwistdTests(TestCase):
             await response.content(), b"data: event 0\n\ndata: event 1\n\ndata: [DONE]\n\n"
         )
         await process.wait_for(rb"POST /v1/echo 200 served")  # the access-log line
+
+    async def test_version_from_twistd(self):
+        """``twistd vespa --version`` prints Vespa's version."""
+        process = spawn(self, twistd_command("-n", "--pidfile=", "vespa", "--version"))
+        self.assertEqual(await process.ended, 0)
+        self.assertIn(f"vast-vespa {__version__} ".encode(), process.output)
 
     async def test_bad_setting_exits_before_listening(self):
         """A bad environment value stops twistd with one clear line and a non-zero exit."""

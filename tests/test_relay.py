@@ -32,12 +32,12 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vespa.http11 import Response
-from vespa.names import NamedEndpoint
-from vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
-from vespa.sendnow import SendNowServer
-from vespa.worker.limits import GuardedRequest
-from vespa.worker.resource import QuietSite
+from vast_vespa.http11 import Response
+from vast_vespa.names import NamedEndpoint
+from vast_vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
+from vast_vespa.sendnow import SendNowServer
+from vast_vespa.worker.limits import GuardedRequest
+from vast_vespa.worker.resource import QuietSite
 
 
 def seen_closed(cancelled: Deferred[None]) -> Deferred[None]:

@@ -9,11 +9,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.relay import Outcome
-from vespa.settings import VastEnvironment
-from vespa.worker.metrics import Finished, WorkerMetrics
-from vespa.worker.reporter import MetricsReporter
-from vespa.worker.state import WorkerState
+from vast_vespa.relay import Outcome
+from vast_vespa.settings import VastEnvironment
+from vast_vespa.worker.metrics import Finished, WorkerMetrics
+from vast_vespa.worker.reporter import MetricsReporter
+from vast_vespa.worker.state import WorkerState
 
 
 class FakeClient:

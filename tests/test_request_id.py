@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa import request_id
+from vast_vespa import request_id
 
 
 class FreshIdTests(SynchronousTestCase):

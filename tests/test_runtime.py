@@ -11,7 +11,7 @@ from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.runtime import (
+from vast_vespa.runtime import (
     YOUNG_THRESHOLD,
     lean_event_dispatch,
     read_ready,
@@ -25,7 +25,7 @@ class SettleGCTests(SynchronousTestCase):
         """In a fresh interpreter (not this test process): start-up objects are frozen and
         young collections come less often; collection still works."""
         code = (
-            "import gc; from vespa.runtime import settle_gc; settle_gc(); "
+            "import gc; from vast_vespa.runtime import settle_gc; settle_gc(); "
             "a = []; a.append(a); del a; "
             "print(gc.get_threshold()[0], gc.get_freeze_count() > 0, gc.collect() >= 1)"
         )
@@ -45,7 +45,7 @@ from twisted.internet import epollreactor
 epollreactor.install()
 from twisted.internet import protocol, reactor
 from twisted.logger import globalLogBeginner
-from vespa.runtime import lean_event_dispatch
+from vast_vespa.runtime import lean_event_dispatch
 
 errors = []
 globalLogBeginner.beginLoggingTo(
@@ -138,7 +138,7 @@ class TwistdWiringTests(SynchronousTestCase):
         Vespa's text observer when twistd would log text to stdout."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from vespa import tap
+        from vast_vespa import tap
 
         options = tap.Options()
         options.parseOptions(["--unsecured", "true"])

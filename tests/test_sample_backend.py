@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.helpers import http_client, listen
-from vespa.sample_backend import SampleBackend
+from vast_vespa.sample_backend import SampleBackend
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "say five words"}], "max_tokens": 5}
 

@@ -16,8 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.emulator_fixtures import report
 from tests.helpers import http_client, until
-from vespa import sandbox
-from vespa.sandbox import SandboxConfig, build_sandbox
+from vast_vespa import sandbox
+from vast_vespa.sandbox import SandboxConfig, build_sandbox
 
 CHAT = {"model": "vespa-sample", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -67,7 +67,7 @@ class WiringTests(SynchronousTestCase):
         self.assertFalse(settings.unsecured)
         self.assertEqual(settings.signature_shapes, ("url",))
         self.assertEqual(settings.listen, ("tcp:3002:interface=127.0.0.1",))
-        self.assertEqual(settings.benchmark_spec, "benchmarks.openai:benchmark")
+        self.assertEqual(settings.benchmark_spec, "vast_vespa.benchmarks.openai:benchmark")
         self.assertEqual(settings.benchmark_cache, "/s/worker-2.has_benchmark")
         self.assertEqual(settings.vast.report_addrs, ("http://127.0.0.1:8080",))
         self.assertEqual(settings.vast.public_url, "http://127.0.0.1:3002")
@@ -107,7 +107,7 @@ class WiringTests(SynchronousTestCase):
     def test_plugin_listed(self):
         """twistd finds vespa-sandbox."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-        self.assertEqual(makers["vespa-sandbox"].module, "vespa.sandbox")
+        self.assertEqual(makers["vespa-sandbox"].module, "vast_vespa.sandbox")
 
 
 class SandboxTests(TestCase):

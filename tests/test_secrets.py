@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_signed_worker
-from vespa.emulator.registry import same_secret
+from vast_vespa.emulator.registry import same_secret
 
 MASTER_TOKEN = "mtok-secret-value"  # what start_signed_worker sets
 

@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vespa.settings import OPTIONS, Settings, SettingsError, load_settings, option_fields
+from vast_vespa.settings import OPTIONS, Settings, SettingsError, load_settings, option_fields
 
 
 class SettingsTests(SynchronousTestCase):
@@ -102,7 +102,8 @@ class SettingsTests(SynchronousTestCase):
     def test_backend_preset_picks_benchmark(self):
         """BACKEND=tgi picks the shipped TGI benchmark unless BENCHMARK is set."""
         self.assertEqual(
-            load_settings({}, {"BACKEND": "tgi"}).benchmark_spec, "benchmarks.tgi:benchmark"
+            load_settings({}, {"BACKEND": "tgi"}).benchmark_spec,
+            "vast_vespa.benchmarks.tgi:benchmark",
         )
         env = {"BACKEND": "tgi", "BENCHMARK": "mine:bench"}
         self.assertEqual(load_settings({}, env).benchmark_spec, "mine:bench")

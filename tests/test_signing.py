@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import VECTORS
-from vespa import signing
+from vast_vespa import signing
 
 
 def _read(name: str) -> bytes:

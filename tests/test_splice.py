@@ -1,5 +1,5 @@
 """
-Big bodies moved by the kernel (vespa.splice) through a worker on real sockets: every byte in
+Big bodies moved by the kernel (vast_vespa.splice) through a worker on real sockets: every byte in
 order, the backend connection kept, a backend that breaks, a client that leaves, a client
 that reads slowly; small bodies go the usual way. The client-facing listener sends at once,
 as the worker's does, so the client's transport is the TCP connection itself.
@@ -17,9 +17,9 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, big_body
 from tests.helpers import RawClient, listen, listen_sending_now, raw_connect, until
-from vespa import splice
-from vespa.relay import Outcome, RelayResult, backend_agent, backend_pool
-from vespa.worker.resource import QuietSite, WorkerResource, passthrough
+from vast_vespa import splice
+from vast_vespa.relay import Outcome, RelayResult, backend_agent, backend_pool
+from vast_vespa.worker.resource import QuietSite, WorkerResource, passthrough
 
 MIB = 1 << 20
 

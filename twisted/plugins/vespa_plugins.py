@@ -4,14 +4,14 @@ from twisted.application.service import ServiceMaker
 
 vespa = ServiceMaker(
     "Vespa worker",
-    "vespa.tap",
+    "vast_vespa.tap",
     "Serverless worker: a signed, streaming HTTP proxy in front of an inference backend.",
     "vespa",
 )
 
 vespa_autoscaler = ServiceMaker(
     "Vespa autoscaler emulator",
-    "vespa.emulator.tap",
+    "vast_vespa.emulator.tap",
     "Local emulator of the Vast.ai autoscaler: a development and test tool, never a "
     "production router.",
     "vespa-autoscaler",
@@ -19,7 +19,7 @@ vespa_autoscaler = ServiceMaker(
 
 vespa_sandbox = ServiceMaker(
     "Vespa sandbox",
-    "vespa.sandbox",
+    "vast_vespa.sandbox",
     "The whole system locally in one process: sample backend, autoscaler emulator, signed "
     "workers and the client proxy on 127.0.0.1:8010.",
     "vespa-sandbox",
@@ -27,7 +27,7 @@ vespa_sandbox = ServiceMaker(
 
 vespa_client = ServiceMaker(
     "Vespa client",
-    "vespa.client.tap",
+    "vast_vespa.client.tap",
     "Local proxy to a Vast serverless endpoint: routes, signs and streams every request.",
     "vespa-client",
 )

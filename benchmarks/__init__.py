@@ -1,1 +1,0 @@
-"""Benchmarks shipped with Vespa: BENCHMARK=benchmarks.<name>:benchmark."""

@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.test_client_tap -*-
+"""
+``twistd vespa-client`` options and makeService, ``build_client`` (the one place the client's
+objects are wired) and the ``vespa-client`` console script (same flags, plus ``--list`` and an
+interactive endpoint prompt, without twistd's own flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO, cast
+
+from treq.client import HTTPClient
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from vast_vespa.cli import CommandOptions, installed_reactor, option_help
+from vast_vespa.client.keys import (
+    EndpointKey,
+    KeyLookupError,
+    choose_endpoint,
+    list_endpoints,
+    read_account_key,
+)
+from vast_vespa.client.resource import ClientResource
+from vast_vespa.client.routing import Router
+from vast_vespa.client.service import ClientService
+from vast_vespa.client.tls import WorkerTLSPolicy
+from vast_vespa.logs import log_access, use_text_log
+from vast_vespa.relay import backend_agent, backend_pool, quiet_pool
+from vast_vespa.runtime import tune_once_running
+from vast_vespa.sendnow import listen_service
+from vast_vespa.settings import (
+    CLIENT_OPTIONS,
+    ClientSettings,
+    SettingsError,
+    load_client_settings,
+)
+from vast_vespa.worker.resource import Observer, QuietSite
+
+_log = Logger()
+
+
+class Options(CommandOptions):
+    """``twistd vespa-client`` options: one flag per client setting (see vast_vespa.settings)."""
+
+    synopsis = "--endpoint NAME [--api-key KEY] [options]"
+    longdesc = (
+        "Run a local proxy to a Vast serverless endpoint: every request to it is routed through "
+        "the autoscaler to a worker, signed, and its answer streamed back. Every flag also reads "
+        "the environment variable shown in brackets; flags win."
+    )
+    optParameters = [
+        [o.flag, None, None, option_help(o)] for o in CLIENT_OPTIONS if o.name != "listen"
+    ]
+    # Declared here too, so that under twistd `--list` is not taken for an abbreviated --listen.
+    optFlags = [["list", None, "Print the account's endpoints and exit (vespa-client command)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.settings = ClientSettings()
+
+    def opt_listen(self, description: str) -> None:
+        """Listen here; repeatable [env VESPA_CLIENT_LISTEN; default tcp:8010 on 127.0.0.1]"""
+        self["listen"].append(description)
+
+    def flags(self) -> dict[str, str | None]:
+        flags: dict[str, str | None] = {o.name: self.get(o.flag) for o in CLIENT_OPTIONS}
+        flags["listen"] = " ".join(self["listen"]) or None
+        return flags
+
+    def endpoint_optional(self) -> bool:
+        """twistd has no prompt: the endpoint must be named."""
+        return False
+
+    def postOptions(self) -> None:
+        if self["list"] and not self.endpoint_optional():
+            raise SystemExit(
+                "vespa-client: --list only works with the vespa-client command: "
+                "run `vespa-client --list`"
+            )
+        try:
+            self.settings = load_client_settings(self.flags())
+        except SettingsError as e:
+            raise SystemExit(f"vespa-client: {e}") from None
+        if not self.settings.endpoint and not self.endpoint_optional():
+            raise SystemExit(
+                "vespa-client: no endpoint: pass --endpoint NAME or set VAST_ENDPOINT "
+                "(`vespa-client --list` shows your endpoints)"
+            )
+        if not self.endpoint_optional():
+            try:
+                has_key = bool(self.settings.api_key or read_account_key(self.settings))
+            except KeyLookupError as e:
+                raise SystemExit(f"vespa-client: {e}") from None
+            if not has_key:
+                raise SystemExit(
+                    "vespa-client: no key: pass --api-key (the endpoint key) or an account key "
+                    f"(--account-key, VAST_ACCOUNT_KEY or {self.settings.account_key_file})"
+                )
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point: the proxy described by the parsed options."""
+    reactor = installed_reactor(reactor)
+    tune_once_running(reactor)
+    return use_text_log(build_client(options.settings, reactor), options)
+
+
+def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client (and its pool) for control-plane calls: /route/, endpoints, the CA."""
+    pool = quiet_pool(reactor)
+    pool.cachedConnectionTimeout = 30
+    return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+def build_client(
+    settings: ClientSettings,
+    reactor: Any,
+    clock: IReactorTime | None = None,
+    rand: Callable[[], float] | None = None,
+) -> ClientService:
+    """
+    Wire the client's objects from its settings (tests and VastClient call this directly).
+    ``clock`` (default: the reactor) runs every timer; ``rand`` is the back-off jitter source.
+    """
+    clock = clock or cast(IReactorTime, reactor)
+    http, control_pool = control_client(reactor)
+    key = EndpointKey(settings, http, clock)
+    extra = {"rand": rand} if rand is not None else {}
+    router = Router(
+        http,
+        clock,
+        settings.route_base,
+        settings.endpoint,
+        key.get,
+        settings.route_retries,
+        settings.cold_start_timeout,
+        **extra,
+    )
+    tls = WorkerTLSPolicy(http, clock, settings.ca_file, settings.ca_cache)
+    worker_pool = backend_pool(reactor)
+    agent = backend_agent(reactor, worker_pool, tls=tls)
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    observers: tuple[Observer, ...] = (log_access,) if settings.client_access_log else ()
+    resource = ClientResource(
+        router,
+        agent,
+        clock,
+        cooperator,
+        tls,
+        settings.forward_authorization,
+        settings.worker_retries,
+        settings.client_timeout,
+        observers,
+        rand,
+    )
+    site = QuietSite(resource)
+    service = ClientService(clock, (worker_pool, control_pool), site, resource)
+    for index, description in enumerate(settings.listen):
+        listener = listen_service(description, site, reactor)
+        listener.setName(f"listen-{index}")
+        listener.setServiceParent(service)
+    return service
+
+
+class ScriptOptions(Options):
+    """``vespa-client``: the twistd flags; --list prints the endpoints, and on a terminal a
+    prompt offers them when no endpoint is named."""
+
+    def __init__(self, interactive: bool = False) -> None:
+        super().__init__()
+        self._interactive = interactive
+
+    def endpoint_optional(self) -> bool:
+        """--list needs no endpoint; on a terminal, a prompt offers the account's endpoints."""
+        return bool(self["list"]) or self._interactive
+
+
+async def _script(
+    reactor: Any, options: ScriptOptions, read: Callable[[str], str], out: TextIO
+) -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    settings = options.settings
+    http, pool = control_client(reactor)
+    try:
+        if options["list"] or not settings.endpoint:
+            account_key = read_account_key(settings)
+            if not account_key:
+                raise KeyLookupError(
+                    "listing endpoints needs an account key: --account-key, VAST_ACCOUNT_KEY "
+                    f"or {settings.account_key_file}"
+                )
+            endpoints = await list_endpoints(http, reactor, settings, account_key)
+            if options["list"]:
+                for endpoint in endpoints:
+                    out.write(endpoint.name + "\n")
+                return
+            chosen = choose_endpoint(endpoints, read, out)
+            options.settings = settings = dataclasses.replace(settings, endpoint=chosen.name)
+        await EndpointKey(settings, http, reactor).get()  # fail now, not on the 1st request
+    except KeyLookupError as e:
+        out.write(f"vespa-client: {e}\n")
+        raise SystemExit(1) from None  # react() exits with the code of a SystemExit only
+    finally:
+        await pool.closeCachedConnections()
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(out)])
+    service = build_client(settings, reactor)
+    service.startService()
+    _log.info(
+        "vespa-client: endpoint {endpoint} on {listen}",
+        endpoint=settings.endpoint,
+        listen=" ".join(settings.listen),
+    )
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    await Deferred()  # until the reactor stops (Ctrl-C)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``vespa-client`` console script."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    options = ScriptOptions(interactive=sys.stdin.isatty())
+    try:
+        options.parseOptions(argv if argv is not None else sys.argv[1:])
+    except usage.UsageError as e:
+        raise SystemExit(f"vespa-client: {e}\n{options}") from None
+
+    def run(reactor: Any) -> Deferred[None]:
+        return Deferred.fromCoroutine(_script(reactor, options, input, sys.stdout))
+
+    react(run)

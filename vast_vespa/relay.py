@@ -1,0 +1,559 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The streaming relay: one backend call per client request, its answer copied back chunk by
+chunk with backpressure in both directions. The only producer/consumer code in Vespa; the
+worker and the client proxy both use it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    RequestNotSent,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
+from zope.interface import implementer
+
+from vast_vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
+from vast_vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
+from vast_vespa.names import NamedEndpoint, RememberedNames
+
+# Bodies up to this size are read into memory and written in one go (no Cooperator round
+# trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
+SMALL_BODY = 256 * 1024
+JSON = b"application/json"
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per connection
+
+
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """A persistent Agent pool that logs nothing per connection (control-plane calls)."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+def backend_pool(reactor: Any) -> ConnectionPool:
+    """Keep-alive connections for backend calls: no new TCP connection per request."""
+    return ConnectionPool(reactor)
+
+
+# Either kind of pool the services close on the way out.
+AnyPool = HTTPConnectionPool | ConnectionPool
+
+# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
+POOL_CLOSE_TIMEOUT = 5.0
+
+
+def close_pool(pool: AnyPool, clock: IReactorTime) -> Deferred[None]:
+    """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
+    closed: Deferred[None] = pool.closeCachedConnections()
+    closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
+    return closed
+
+
+@implementer(IAgentEndpointFactory)
+class _CachedEndpoints:
+    """
+    One endpoint per (scheme, host, port), made once. Agent's default factory builds a new
+    endpoint (and its TLS options) for every request, about 4% of the worker's CPU per small
+    request, although the relay always talks to the same backend. The client proxy talks to
+    whichever workers the autoscaler routes to, so at most MAX_ENDPOINTS are kept (oldest out).
+
+    A host given as an IP address gets a plain TCP endpoint: ``HostnameEndpoint`` looks every
+    address up again on each new connection, in a thread (and makes a class per attempt),
+    which took a new connection from about 150 to 550 µs of CPU and of latency. A name
+    (``localhost``) gets a :class:`vast_vespa.names.NamedEndpoint`: each address it has is tried,
+    and look-ups are kept for a few seconds (one set per agent).
+    """
+
+    MAX_ENDPOINTS = 256
+
+    def __init__(
+        self, reactor: Any, connect_timeout: float | None, tls: IPolicyForHTTPS | None
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = tls or BrowserLikePolicyForHTTPS()
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._names: RememberedNames | None = None
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            if len(self._made) >= self.MAX_ENDPOINTS:
+                del self._made[next(iter(self._made))]
+            endpoint = self._tcp(uri.host.decode("ascii"), uri.port)
+            if uri.scheme == b"https":
+                creator = self._tls.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._made[key] = endpoint
+        return endpoint
+
+    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+        """A TCP endpoint to ``host``: straight to it when it is an IP address."""
+        timeout = 30 if self._timeout is None else self._timeout  # Twisted's default
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout)
+        if self._names is None:
+            self._names = RememberedNames(self._reactor.nameResolver, self._reactor)
+        return NamedEndpoint(self._reactor, self._names, host, port, timeout)
+
+
+def backend_agent(
+    reactor: Any,
+    pool: ConnectionPool,
+    connect_timeout: float | None = None,
+    tls: IPolicyForHTTPS | None = None,
+) -> IAgent:
+    """The relay's agent (:mod:`vast_vespa.http11`): connections from ``pool``, endpoints made
+    once per backend, giving up on a connection attempt after ``connect_timeout`` seconds
+    (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy)."""
+    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls))
+
+
+class Outcome(enum.Enum):
+    """How a request ended; every request ends in exactly one."""
+
+    SERVED = "served"  # the backend answered (any status) and the answer was relayed whole
+    ERRORED = "errored"  # the backend failed: unreachable, timed out, or broke mid-answer
+    CANCELLED = "cancelled"  # the client went away first
+    REJECTED = "rejected"  # refused before reaching the backend (auth, admission, limits)
+
+
+@dataclass
+class RelayResult:
+    """What happened to one request: the outcome, the status sent and the bytes relayed."""
+
+    outcome: Outcome
+    status: int = 0
+    bytes_out: int = 0
+    started: float = 0.0
+    first_byte: float | None = None  # when the backend's response headers arrived
+    finished: float = 0.0
+    reason: str = ""
+    # Set when ``retry_if`` claimed the answer: nothing was written to the client.
+    retry: bool = False
+
+
+def outcome_of(result: RelayResult) -> Outcome:
+    """How a finished request counts everywhere (reports, /metrics, the access log): a
+    relayed backend 5xx answer is an error, so a broken model shows as one."""
+    if result.outcome is Outcome.SERVED and result.status >= 500:
+        return Outcome.ERRORED
+    return result.outcome
+
+
+def body_producer(
+    content: IO[bytes], cooperator: Cooperator, required: bool
+) -> IBodyProducer | None:
+    """
+    A producer for a request body read from ``content`` (at its start), or None when the body
+    is empty and not ``required`` (GET without a body must go out without Content-Length).
+    """
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    if size == 0 and not required:
+        return None
+    if size <= SMALL_BODY:
+        return BytesProducer(content.read())
+    return FileBodyProducer(content, cooperator)
+
+
+def _without_query(url: bytes) -> bytes:
+    """``url`` fit for a log line: its query string may carry a signature or an app's key."""
+    return url.split(b"?", 1)[0]
+
+
+def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
+    """The JSON error body every Vespa-made error response carries."""
+    return json.dumps({"error": error, "detail": detail, **extra}).encode("utf-8")
+
+
+def write_error(
+    request: Request,
+    code: int,
+    error: str,
+    detail: str = "",
+    headers: dict[bytes, bytes] | None = None,
+    **extra: Any,
+) -> None:
+    """Answer ``request`` with a JSON error (if the client is still there)."""
+    if request.finished or request.channel is None or request.startedWriting:
+        return
+    body = error_body(error, detail, **extra)
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+@implementer(IPushProducer)
+class BodyRelay(Protocol):
+    """
+    Copies a backend response body into a twisted.web request. Registered on the request as a
+    push producer: when the client reads slowly, twisted.web pauses us and we pause the
+    backend connection.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        done: Callable[[], object],
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """``done()`` is called once the body is over, one way or another."""
+        self._request = request
+        self._done = done
+        # With a clock, when the last chunk came (for the stall timer) is kept in last_data.
+        self._seconds = clock.seconds if clock is not None else None
+        self.last_data = clock.seconds() if clock is not None else 0.0
+        self._backend: IPushProducer | None = None
+        self.client_lost = False
+        self.bytes_out = 0
+        self.failure: Failure | None = None  # why the backend body ended early, if it did
+
+    def connectionMade(self) -> None:
+        # Agent hands us a TransportProxyProducer: pause/resume/stopProducing only.
+        self._backend = cast(IPushProducer, self.transport)
+        self._request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._seconds is not None:
+            self.last_data = self._seconds()
+        if not self.client_lost:
+            self.bytes_out += len(data)
+            self._request.write(data)
+
+    def spliced(self, count: int) -> None:
+        """``count`` bytes of the body went to the client without passing through here
+        (:meth:`vast_vespa.http11.Response.splice_to`)."""
+        if self._seconds is not None:
+            self.last_data = self._seconds()
+        self.bytes_out += count
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.client_lost:
+            # The channel is gone: no unregisterProducer/finish (they would raise).
+            self._done()
+            return
+        self._request.unregisterProducer()
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not .check: slower
+            self._request.finish()
+        else:
+            # Truncated upstream: close without the final chunk so that the client sees a
+            # broken response, never a short clean one.
+            self.failure = reason
+            self._request.loseConnection()
+        self._done()
+
+    def client_gone(self) -> None:
+        """The client disconnected: stop reading from the backend and close its connection."""
+        self.client_lost = True
+        self.stopProducing()
+
+    def pauseProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._backend is not None:
+            self._backend.stopProducing()
+
+
+class ProxiedRequest:
+    """
+    Owns one proxied call: sends it with ``agent``, relays the response into ``request``,
+    cancels the backend call when the client leaves, and reports a :class:`RelayResult`.
+    The Deferred from :meth:`start` never fails.
+
+    Time limits (0 = none): ``timeout`` for the whole call, ``first_byte_timeout`` until the
+    response headers (both 504 while nothing was sent to the client), ``stall_timeout`` between
+    two body chunks (after the headers: both connections are cut). A request that provably
+    never left (``RequestNotSent``: a pooled connection that died just before) is sent once
+    more on a fresh connection; nothing else is retried, since the backend may have seen it.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        request: Request,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        timeout: float = 0.0,
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
+        retry_if: Callable[[int | None], bool] | None = None,
+    ) -> None:
+        """
+        ``retry_if(status)`` (status None: no response at all) may claim an answer before any
+        byte of it reaches the client: the result then has ``retry`` set and the caller may
+        send the request elsewhere (the client proxy re-routes on 429/503).
+        """
+        self._agent = agent
+        self._clock = clock
+        self._request = request
+        self._method = method
+        self._url = url
+        self._headers = headers
+        self._body = body
+        self._timeout = timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
+        self._retry_if = retry_if
+        self._pending: Deferred[IResponse] | None = None
+        self._relay: BodyRelay | None = None
+        self._timer: IDelayedCall | None = None
+        self._step_timer: IDelayedCall | None = None  # first byte, then stall
+        self._timed_out = ""  # which limit passed, if one did
+        self._retried = False
+        self._client_gone = False
+        self._result = RelayResult(Outcome.SERVED, started=clock.seconds())
+        self._done: Deferred[RelayResult] = Deferred()
+
+    def start(self) -> Deferred[RelayResult]:
+        """Send the request; the Deferred fires once the request is over, one way or another."""
+        self._request.notifyFinish().addErrback(self._client_disconnected)
+        if self._timeout:
+            self._timer = self._clock.callLater(
+                self._timeout, self._time_out, f"no response within {self._timeout:g} s"
+            )
+        if self._first_byte_timeout:
+            self._step_timer = self._clock.callLater(
+                self._first_byte_timeout,
+                self._time_out,
+                f"no response headers within {self._first_byte_timeout:g} s",
+            )
+        self._send()
+        return self._done
+
+    def _send(self) -> None:
+        try:
+            pending = self._agent.request(self._method, self._url, self._headers, self._body)
+        except Exception:  # an agent should fail its Deferred instead: a bug, not the backend
+            self._log.failure(
+                "{method} {url}: could not send to the backend",
+                method=self._method,
+                url=_without_query(self._url),
+            )
+            self._result.status = 500
+            write_error(self._request, 500, "internal error", "see the worker log")
+            self._finish(Outcome.ERRORED, "internal error")
+            return
+        self._pending = pending
+        pending.addCallbacks(self._got_response, self._no_response)
+
+    def _client_disconnected(self, reason: Failure) -> None:
+        if self._client_gone:
+            return
+        self._client_gone = True
+        if self._pending is not None:
+            self._pending.cancel()  # aborts the backend connection
+        elif self._relay is not None:
+            self._relay.client_gone()
+
+    def _time_out(self, why: str) -> None:
+        self._timed_out = why
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay is not None:
+            # Headers already went out: the only thing left is to cut both connections.
+            self._relay.stopProducing()
+
+    def _stalled(self) -> None:
+        # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
+        # fires, and only then looks at when the last chunk came.
+        assert self._relay is not None  # armed with the relay
+        quiet_until = self._relay.last_data + self._stall_timeout
+        now = self._clock.seconds()
+        if now < quiet_until:
+            self._step_timer = self._clock.callLater(quiet_until - now, self._stalled)
+            return
+        self._step_timer = None
+        self._time_out(f"response body stalled for {self._stall_timeout:g} s")
+
+    def _got_response(self, response: IResponse) -> None:
+        self._pending = None
+        self._cancel_step_timer()
+        request = self._request
+        self._result.first_byte = self._clock.seconds()
+        if self._client_gone:
+            response.deliverBody(_Discard())
+            return
+        self._result.status = response.code
+        if self._retry_if is not None and self._retry_if(response.code):
+            response.deliverBody(_Discard())
+            self._result.retry = True
+            self._finish(Outcome.ERRORED, f"answered {response.code}")
+            return
+        request.setResponseCode(response.code, response.phrase)
+        head = self._method == b"HEAD"
+        # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
+        dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
+        copied = request.responseHeaders
+        for name, values in end_to_end(response.headers, dropped):
+            if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
+                copied.setRawHeaders(name, values)
+        if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
+            copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
+        self._relay = BodyRelay(
+            request, self._body_done, self._clock if self._stall_timeout else None
+        )
+        if self._stall_timeout:
+            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
+        # The body that came with the headers is written first, so that a server that writes
+        # the head with the first data (the worker's) sends both in one packet; then status and
+        # headers go out in any case: SSE clients see them before the first event.
+        response.deliverBody(self._relay)
+        if not (request.startedWriting or request.finished or self._relay.client_lost):
+            request.write(b"")
+        # A big body of known length, passed on as it is: the kernel moves it (vast_vespa.splice).
+        splice_to = getattr(response, "splice_to", None)  # vast_vespa.http11's responses
+        if splice_to is not None and not (head or request.chunked or request.finished):
+            splice_to(request.transport, self._relay.spliced)
+
+    def _body_done(self) -> None:
+        relay = self._relay
+        assert relay is not None
+        self._result.bytes_out = relay.bytes_out
+        failure = relay.failure
+        if relay.client_lost:
+            self._finish(Outcome.CANCELLED, "client disconnected")
+        elif failure is not None:
+            why = self._timed_out or "backend broke mid-response"
+            self._log.warn(
+                "{method} {url}: {why}: {reason}",
+                method=self._method,
+                url=_without_query(self._url),
+                why=why,
+                reason=failure.getErrorMessage(),
+            )
+            self._finish(Outcome.ERRORED, why)
+        else:
+            self._finish(Outcome.SERVED)
+
+    def _no_response(self, failure: Failure) -> None:
+        self._pending = None
+        if self._client_gone:
+            self._finish(Outcome.CANCELLED, "client disconnected")
+            return
+        if failure.check(RequestNotSent) and not self._retried and not self._timed_out:
+            # Provably never sent (the pooled connection was already gone): one more try.
+            self._retried = True
+            self._send()
+            return
+        if self._timed_out:
+            code, error, detail = 504, "backend timeout", self._timed_out
+        elif _inner(failure).check(ConnectTimeout):
+            code, error, detail = 504, "backend timeout", "could not connect in time"
+        else:
+            code, error = 502, "backend unavailable"
+            detail = describe_failure(failure)
+            if self._retry_if is not None and self._retry_if(None):
+                self._result.retry = True
+                self._finish(Outcome.ERRORED, detail)
+                return
+        self._log.warn(
+            "{method} {url}: {error}: {detail}",
+            method=self._method,
+            url=_without_query(self._url),
+            error=error,
+            detail=detail,
+        )
+        self._result.status = code
+        write_error(self._request, code, error, detail)
+        self._finish(Outcome.ERRORED, error)
+
+    def _cancel_step_timer(self) -> None:
+        if self._step_timer is not None and self._step_timer.active():
+            self._step_timer.cancel()
+        self._step_timer = None
+
+    def _finish(self, outcome: Outcome, reason: str = "") -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._cancel_step_timer()
+        self._result.outcome = outcome
+        self._result.reason = reason
+        self._result.finished = self._clock.seconds()
+        self._relay = None  # it holds our _body_done: no cycle left for the garbage collector
+        self._done.callback(self._result)
+
+
+def _inner(failure: Failure) -> Failure:
+    """The first wrapped failure of ResponseNeverReceived / RequestTransmissionFailed."""
+    inner = getattr(failure.value, "reasons", None)
+    return cast(Failure, inner[0]) if inner else failure
+
+
+def describe_failure(failure: Failure) -> str:
+    """A short, user-facing description of why the backend call failed (no traceback)."""
+    value = _inner(failure).value
+    if isinstance(value, CancelledError):
+        return "request cancelled"
+    text = str(value) or type(value).__name__
+    return text.strip()
+
+
+class _Discard(Protocol):
+    """Drains and drops a response nobody wants any more (so its connection is released)."""
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()

@@ -1,0 +1,207 @@
+# -*- test-case-name: tests.test_plugin,tests.test_admin -*-
+"""twistd options and makeService for the worker: the one place its objects are wired."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import psutil
+from treq.client import HTTPClient
+from twisted.application import strports
+from twisted.application.service import IService, IServiceCollection
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.web.client import Agent
+
+from vast_vespa import __version__
+from vast_vespa.cli import CommandOptions, installed_reactor, option_help
+from vast_vespa.logs import log_access, use_text_log
+from vast_vespa.notify import SystemdNotifier, SystemdService
+from vast_vespa.relay import backend_agent, backend_pool, quiet_pool
+from vast_vespa.runtime import tune_once_running
+from vast_vespa.sendnow import listen_service
+from vast_vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vast_vespa.worker import admin
+from vast_vespa.worker.admission import Admission
+from vast_vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
+from vast_vespa.worker.gate import SignedGate
+from vast_vespa.worker.lifecycle import ReadinessGate, build_lifecycle
+from vast_vespa.worker.limits import limits_from
+from vast_vespa.worker.metrics import WorkerMetrics
+from vast_vespa.worker.reporter import MetricsReporter
+from vast_vespa.worker.resource import Observer, QuietSite, WorkerResource
+from vast_vespa.worker.service import DrainHook, WorkerService
+from vast_vespa.worker.state import WorkerState
+
+
+class Options(CommandOptions):
+    """``twistd vespa`` options: one flag per setting (see vast_vespa.settings)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a Vespa worker in front of an HTTP inference backend. Every flag also reads an "
+        "environment variable (shown in brackets) and its PYWORKER_ alias; flags win."
+    )
+    optParameters = [[o.flag, None, None, option_help(o)] for o in OPTIONS if o.name != "listen"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.settings = Settings()
+
+    def opt_listen(self, description: str) -> None:
+        """Listen here, e.g. tcp:3000; repeatable
+        [env LISTEN; default tcp:WORKER_PORT:backlog=1024]"""
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        flags = {o.name: self.get(o.flag) for o in OPTIONS}
+        flags["listen"] = " ".join(self["listen"]) or None
+        try:
+            self.settings = load_settings(flags)
+        except SettingsError as e:
+            # One clear line and a non-zero exit, before anything listens.
+            raise SystemExit(f"vespa: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """twistd's entry point: the worker described by the parsed options."""
+    try:
+        reactor = installed_reactor(reactor)
+        tune_once_running(reactor)
+        return use_text_log(build_worker(options.settings, reactor), options)
+    except SettingsError as e:
+        raise SystemExit(f"vespa: {e}") from None
+
+
+def build_worker(settings: Settings, reactor: Any) -> WorkerService:
+    """Wire the worker's objects from its settings (tests call this directly)."""
+    check_protocol(settings)
+    clock = cast(IReactorTime, reactor)
+    pool = backend_pool(reactor)
+    agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None)
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    state = WorkerState(started=clock.seconds())
+    metrics = admin.PrometheusMetrics(state, clock)
+    observers: tuple[Observer, ...] = (log_access,) if settings.access_log else ()
+    if settings.admin_listen:
+        observers += (metrics.observe,)  # nobody could scrape them without the listener
+    vast = settings.vast
+    load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
+    concurrency = settings.max_concurrency if settings.allow_parallel else 1
+    admission = Admission(
+        lambda: load.load, lambda: state.max_perf, settings.max_wait_time, concurrency
+    )
+    _register_load_metrics(metrics, load, admission)
+    children: list[IService] = []
+    client = None
+    control_pool = None
+    if vast.report_addrs:
+        control_pool = quiet_pool(reactor)
+        client = AutoscalerClient(
+            HTTPClient(Agent(reactor, pool=control_pool)),
+            clock,
+            vast.report_addrs,
+            vast.master_token,
+            vast.container_id,
+            delete_format=settings.delete_requests_format,
+        )
+        children.append(MetricsReporter(clock, load, client, settings.report_interval))
+    keys = None
+    if not settings.unsecured:
+        assert client is not None  # check_protocol: REPORT_ADDR is set
+        keys = PublicKeyStore(clock, client)
+        children.append(keys)
+    gate = SignedGate(
+        keys,
+        admission,
+        load,
+        cooperator,
+        settings.signature_shapes,
+        settings.default_cost,
+        settings.blocked_paths,
+        vast.public_url if settings.verify_url else None,
+        settings.replay_window,
+    )
+    resource = WorkerResource(
+        ReadinessGate(gate, state),
+        agent,
+        clock,
+        settings.backend_url,
+        settings.request_timeout,
+        observers,
+        settings.backend_first_byte_timeout,
+        settings.backend_stall_timeout,
+    )
+    site = QuietSite(resource, limits_from(settings), reactor=reactor)
+    metrics.register_gauge(
+        "vespa_open_connections",
+        "Client connections open on the worker listeners.",
+        lambda: site.open_connections,
+    )
+    service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
+    service.metrics = load
+    service.control_pool = control_pool
+    lifecycle = build_lifecycle(settings, reactor, state)
+    lifecycle.setServiceParent(service)
+    for child in children:
+        child.setServiceParent(cast(IServiceCollection, service))
+        if isinstance(child, MetricsReporter):
+            service.reporter = child
+            # The autoscaler learns of the drain at once.
+            service.add_drain_hook(cast(DrainHook, child.send_now))
+    for index, description in enumerate(settings.listen):
+        listener = listen_service(description, site, reactor)
+        listener.setName(f"listen-{index}")
+        listener.setServiceParent(service)
+    if settings.admin_listen:
+        sampler = metrics.lag_sampler()
+        sampler.setName("reactor-lag")
+        sampler.setServiceParent(service)
+        admin_site = admin.AdminSite(metrics, state)
+        listener = strports.service(settings.admin_listen, admin_site, reactor=reactor)
+        listener.setName("admin")
+        listener.setServiceParent(service)
+    notifier = SystemdNotifier(settings.systemd.notify_socket)
+    systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec)
+    systemd.setName("systemd")
+    systemd.setServiceParent(service)
+    lifecycle.when_loaded().addCallback(lambda _: notifier.ready())
+    lifecycle.when_failed().addCallback(notifier.failed)
+    service.add_drain_hook(notifier.stopping)
+    return service
+
+
+def _register_load_metrics(
+    metrics: admin.PrometheusMetrics, load: WorkerMetrics, admission: Admission
+) -> None:
+    """The serverless figures on /metrics, read at scrape time."""
+    metrics.register_gauge(
+        "vespa_workload_in_flight",
+        "Workload of admitted requests, queued ones included (cur_load).",
+        lambda: load.load,
+    )
+    metrics.register_gauge(
+        "vespa_requests_queued",
+        "Requests waiting for a concurrency slot.",
+        lambda: admission.queued,
+    )
+    metrics.register_gauge(
+        "vespa_estimated_wait_seconds",
+        "Workload in flight over max_perf: what MAX_WAIT_TIME is compared with.",
+        admission.estimated_wait,
+    )
+    metrics.register_gauge(
+        "vespa_pending_deletes",
+        "Finished request_idx not yet delivered to /delete_requests/.",
+        lambda: len(load.finished),
+    )
+
+
+def _disk_used() -> int:
+    """Bytes used on / (additional_disk_usage in reports); 0 if it cannot be read, so a
+    strange filesystem never stops the reports."""
+    try:
+        return int(psutil.disk_usage("/").used)
+    except OSError:
+        return 0

@@ -1,0 +1,304 @@
+# -*- test-case-name: tests.test_relay,tests.test_backend_faults,tests.test_cancellation -*-
+"""
+The worker's one resource: any method on any path. Each request goes through a gate (the
+verdict: lifecycle's readiness check around vast_vespa.worker.gate: auth form, signature unless
+UNSECURED, admission) and then through the relay; observers see every outcome exactly once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from vast_vespa import request_id
+from vast_vespa.headers import forwarded_request_headers
+from vast_vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
+from vast_vespa.worker.limits import GuardedSite
+
+
+@dataclass
+class Forward:
+    """An admitted request: what to send to the backend, and whom to tell when it is over."""
+
+    target: bytes  # path and query string, as sent to the backend
+    headers: Headers
+    body: IBodyProducer | None
+    workload: float = 0.0
+    on_done: Callable[[RelayResult], None] | None = None
+
+
+@dataclass
+class Rejection(Exception):
+    """A request refused before it reached the backend; rendered as a JSON error."""
+
+    code: int
+    error: str
+    detail: str = ""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
+    workload: float = 0.0
+
+
+class RequestGate(Protocol):
+    """Decides what happens to a request: a Forward (maybe later) or a Rejection."""
+
+    def admit(self, request: Request) -> Forward | Deferred[Forward]:
+        """Raise (or fail with) Rejection to refuse; a Deferred may wait for a slot."""
+
+
+Observer = Callable[[Request, RelayResult, "Forward | None"], None]
+
+
+def client_address(request: Request) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+def request_has_body(request: Request) -> bool:
+    headers = request.requestHeaders
+    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+
+
+def passthrough(
+    request: Request,
+    cooperator: Cooperator,
+    target: bytes | None = None,
+    drop: frozenset[bytes] = frozenset(),
+) -> Forward:
+    """The request as the client sent it (to ``target``, default its own): end-to-end headers
+    but ``drop``, and the body byte for byte."""
+    scheme = b"https" if request.isSecure() else b"http"
+    headers = forwarded_request_headers(
+        request.requestHeaders, client_address(request), scheme, drop
+    )
+    assert request.content is not None
+    body = body_producer(request.content, cooperator, request_has_body(request))
+    return Forward(request.uri if target is None else target, headers, body)
+
+
+class InFlight:
+    """The requests not answered yet (waiting for admission, relaying, streaming), so that a
+    shutdown can let them finish first. WorkerResource adds each request as it comes and
+    takes it out when its outcome is told (every request has exactly one), without a
+    Deferred per request."""
+
+    def __init__(self) -> None:
+        self.requests: set[Request] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def add(self, request: Request) -> None:
+        self.requests.add(request)
+
+    def done(self, request: Request) -> None:
+        self.requests.discard(request)
+        if not self.requests and self._idle:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (at once if none is)."""
+        waiter: Deferred[None] = Deferred()
+        if self.requests:
+            self._idle.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def abort(self) -> int:
+        """Cut the connections of the requests still in flight; returns how many."""
+        requests = list(self.requests)
+        for request in requests:
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return len(requests)
+
+
+class WorkerResource(Resource):
+    """Every method, every path: gate, then relay to the backend, then tell the observers."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        gate: RequestGate,
+        agent: IAgent,
+        clock: IReactorTime,
+        backend_url: str,
+        request_timeout: float = 0.0,
+        observers: tuple[Observer, ...] = (),
+        first_byte_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._first_byte_timeout = first_byte_timeout
+        self._stall_timeout = stall_timeout
+        self._gate = gate
+        self._agent = agent
+        self._clock = clock
+        self._backend = backend_url.encode("ascii")
+        self._timeout = request_timeout
+        self._observers = observers
+        self.in_flight = InFlight()
+
+    def render(self, request: Request) -> int:
+        request.defaultContentType = None  # never invent a Content-Type for the backend's body
+        self.in_flight.add(request)
+        started = self._clock.seconds()
+        request_id.assign(request)
+        if not request.uri.startswith(b"/"):
+            # Absolute-form or asterisk-form targets: the backend host is always BACKEND_URL.
+            self._refuse(request, Rejection(400, "bad request target", "expected a path"), started)
+            return NOT_DONE_YET
+        try:
+            verdict = self._gate.admit(request)
+        except Rejection as rejection:
+            self._refuse(request, rejection, started)
+            return NOT_DONE_YET
+        except Exception:
+            self._not_admitted(Failure(), request, started)
+            return NOT_DONE_YET
+        if isinstance(verdict, Deferred):
+            # Waiting for a slot: a client that leaves is taken out of the queue.
+            request.notifyFinish().addErrback(lambda _: verdict.cancel())
+            verdict.addCallbacks(
+                self._relay,
+                self._not_admitted,
+                callbackArgs=(request, started),
+                errbackArgs=(request, started),
+            )
+        else:
+            self._relay(verdict, request, started)
+        return NOT_DONE_YET
+
+    def _relay(self, forward: Forward, request: Request, started: float) -> None:
+        try:
+            proxied = ProxiedRequest(
+                self._agent,
+                self._clock,
+                request,
+                request.method,
+                self._backend + forward.target,
+                forward.headers,
+                forward.body,
+                self._timeout,
+                self._first_byte_timeout,
+                self._stall_timeout,
+            )
+            relayed = proxied.start()
+        except Exception:
+            # A bug; after a wait for a slot nothing above would answer the client or free
+            # the slot, so both happen here.
+            self._log.failure(
+                "could not relay {method} {path}", method=request.method, path=request.path
+            )
+            write_error(request, 500, "internal error", "see the worker log")
+            now = self._clock.seconds()
+            failed = RelayResult(Outcome.ERRORED, 500, 0, started, None, now, "internal error")
+            self._relayed(failed, request, forward, started)
+            return
+        relayed.addCallback(self._relayed, request, forward, started)
+
+    def _relayed(
+        self, result: RelayResult, request: Request, forward: Forward, started: float
+    ) -> None:
+        result.started = started
+        if forward.on_done is not None:
+            try:
+                forward.on_done(result)
+            except Exception:  # the observers and the drain must still hear of the request
+                self._log.failure(
+                    "recording how {method} {path} ended failed",
+                    method=request.method,
+                    path=request.path,
+                )
+        self._notify(request, result, forward)
+
+    def _not_admitted(self, failure: Failure, request: Request, started: float) -> None:
+        if failure.check(CancelledError):
+            result = RelayResult(Outcome.CANCELLED, 0, 0, started, None, self._clock.seconds())
+            self._notify(request, result, None)
+        elif isinstance(failure.value, Rejection):
+            self._refuse(request, failure.value, started)
+        else:
+            self._log.failure("request gate failed", failure)
+            self._refuse(request, Rejection(500, "internal error", "see the worker log"), started)
+
+    def _refuse(self, request: Request, rejection: Rejection, started: float) -> None:
+        write_error(
+            request,
+            rejection.code,
+            rejection.error,
+            rejection.detail,
+            rejection.headers,
+            **rejection.extra,
+        )
+        result = RelayResult(
+            Outcome.REJECTED,
+            rejection.code,
+            0,
+            started,
+            None,
+            self._clock.seconds(),
+            rejection.error,
+        )
+        self._notify(request, result, None)
+
+    def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
+        self.in_flight.done(request)
+        notify(self._observers, request, result, forward)
+
+
+def notify(
+    observers: tuple[Observer, ...],
+    request: Request,
+    result: RelayResult,
+    forward: Forward | None,
+) -> None:
+    """Tell every observer; one that raises is logged and the others still hear of it (the
+    relay's Deferred chains end here, so nothing would report the error otherwise)."""
+    for observer in observers:
+        try:
+            observer(request, result, forward)
+        except Exception:
+            _observer_log.failure("observer {observer!r} failed", observer=observer)
+
+
+_observer_log = Logger()
+
+
+_CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
+
+
+class QuietSite(GuardedSite):
+    """A Site with Vespa's framing checks and limits (vast_vespa.worker.limits), without
+    twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
+
+    displayTracebacks = False
+    noisy = False  # no "Starting factory" line
+
+    def __init__(self, resource: Resource, *args: Any, **kwargs: Any) -> None:
+        # A proxy never reads form fields: without this, twisted.web parses the Content-Type
+        # of every POST with the email package (about 10% of the CPU per small request) and
+        # reads url-encoded and multipart bodies into request.args. Older Twisted releases have no
+        # switch (and always parses).
+        if _CAN_SKIP_FORMS:
+            kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(resource, *args, **kwargs)
+
+    def log(self, request: object) -> None:
+        pass

@@ -1,6 +1,0 @@
-"""
-Vespa: any HTTP inference server (vLLM, TGI, Ollama, llama.cpp, ComfyUI, ...) as a
-Vast.ai serverless worker, built on Twisted.
-"""
-
-__version__ = "0.1.0"
