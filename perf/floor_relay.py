@@ -19,7 +19,7 @@ from httptools import HttpResponseParser
 from twisted.internet import reactor
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
-from vast_vespa.sendnow import send_now  # writes sent at once, as the worker's
+from vast_vespa.net.listen import send_now  # writes sent at once, as the worker's
 
 HOP_BY_HOP = (b"connection", b"transfer-encoding", b"content-length", b"keep-alive")
 

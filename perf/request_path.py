@@ -30,7 +30,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from vast_vespa.settings import Settings
-from vast_vespa.tap import build_worker
+from vast_vespa.worker.tap import build_worker
 
 PROMPT = b'{"model": "bench", "prompt": "Hello, streaming world", "max_tokens": 20, "stream": true}'
 REQUEST = (

@@ -25,13 +25,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler
-from vast_vespa.relay import RelayResult, backend_agent, backend_pool
-from vast_vespa.sendnow import SendNowEndpoint
+from vast_vespa.net.client import backend_agent, backend_pool
+from vast_vespa.net.listen import SendNowEndpoint
+from vast_vespa.outcome import RelayResult
 from vast_vespa.settings import Settings, VastEnvironment
 from vast_vespa.signing import generate_private_key, public_pem, sign
-from vast_vespa.tap import build_worker
-from vast_vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
+from vast_vespa.site import VespaSite
+from vast_vespa.worker.resource import Forward, WorkerResource, passthrough
 from vast_vespa.worker.service import WorkerService
+from vast_vespa.worker.tap import build_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "vectors")  # copied from shared/vectors (throw-away key)
@@ -76,7 +78,7 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
 
 
 async def listen_sending_now(test: TestCase, site: Any) -> str:
-    """Serve ``site`` on 127.0.0.1 as the worker listens (:mod:`vast_vespa.sendnow`: each
+    """Serve ``site`` on 127.0.0.1 as the worker listens (:mod:`vast_vespa.net.listen`: each
     connection's transport is the TCP connection itself, not a wrapper); the connections
     still open when the test ends are aborted. Returns the base URL."""
     built: list[Any] = []
@@ -123,7 +125,7 @@ def start_worker(
 def observed_worker(
     test: TestCase, backend_url: str, agent: Any = None, **timeouts: float
 ) -> tuple[str, list[RelayResult]]:
-    """A passthrough WorkerResource on a QuietSite whose observer records every RelayResult;
+    """A passthrough WorkerResource on a VespaSite whose observer records every RelayResult;
     returns (url, results). ``agent`` defaults to one with a persistent pool of its own."""
     if agent is None:
         pool = backend_pool(reactor)
@@ -139,7 +141,7 @@ def observed_worker(
         observers=(lambda request, result, forward: results.append(result),),
         **timeouts,
     )
-    return listen(test, QuietSite(resource)), results
+    return listen(test, VespaSite(resource)), results
 
 
 class _PassthroughGate:
@@ -304,7 +306,7 @@ def spawn_worker(
 
 async def worker_url(process: ProcessWatcher) -> str:
     """The URL of a worker started by :func:`spawn_worker`, once it listens."""
-    match = await process.wait_for(rb"QuietSite starting on (\d+)")
+    match = await process.wait_for(rb"worker starting on (\d+)")
     return f"http://127.0.0.1:{int(match.group(1))}"
 
 

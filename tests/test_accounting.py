@@ -26,7 +26,7 @@ from tests.helpers import (
     until,
 )
 from vast_vespa import request_id
-from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.worker.service import WorkerService
 
 HELD = b"/slow?delay=1"

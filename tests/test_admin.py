@@ -15,11 +15,11 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
-from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.settings import Settings
-from vast_vespa.tap import build_worker
 from vast_vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
 from vast_vespa.worker.state import WorkerState
+from vast_vespa.worker.tap import build_worker
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -29,7 +29,7 @@ from tests.helpers import (
     until,
 )
 from tests.test_reporter import FakeClient
-from vast_vespa.relay import Outcome
+from vast_vespa.outcome import Outcome
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter

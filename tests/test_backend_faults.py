@@ -18,8 +18,10 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
-from vast_vespa.relay import Outcome, backend_agent, backend_pool
-from vast_vespa.worker.resource import Forward, QuietSite, WorkerResource, passthrough
+from vast_vespa.net.client import backend_agent, backend_pool
+from vast_vespa.outcome import Outcome
+from vast_vespa.site import VespaSite
+from vast_vespa.worker.resource import Forward, WorkerResource, passthrough
 
 
 class _FlakyAgent:
@@ -73,7 +75,7 @@ class BackendFaultTests(TestCase):
     async def test_refused_then_flapping_backend(self):
         """A backend that refuses connections gives 502 (errored); when it comes back on the
         same port requests are served, and it can go away and come back again."""
-        factory = TrackingFactory(QuietSite(self.backend))
+        factory = TrackingFactory(VespaSite(self.backend))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         number = port.getHost().port
         url = self.worker(f"http://127.0.0.1:{number}")
@@ -216,7 +218,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(broken, lambda request, result, forward: seen.append(result.status)),
         )
-        url = listen(self, QuietSite(resource))
+        url = listen(self, VespaSite(resource))
         for path in ("/status/200", "/status/404"):
             response = await self.http.get(url + path)
             self.assertEqual(response.code, int(path[-3:]))
@@ -246,7 +248,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(lambda request, result, forward: seen.append(result.status),),
         )
-        url = listen(self, QuietSite(resource))
+        url = listen(self, VespaSite(resource))
         response = await self.http.get(url + "/status/200")
         await response.content()
         self.assertEqual(response.code, 200)
@@ -303,7 +305,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(lambda request, result, forward: seen.append(result),),
         )
-        url = listen(self, QuietSite(resource))
+        url = listen(self, VespaSite(resource))
         answer = self.http.get(url + "/x")
         reactor.callLater(0.01, slot.callback, None)
         response = await answer
@@ -324,7 +326,7 @@ class BackendFaultTests(TestCase):
                 raise RuntimeError("secret-token-1234 exploded")
 
         resource = WorkerResource(BrokenGate(), self.agent, reactor, self.backend_url)
-        url = listen(self, QuietSite(resource))
+        url = listen(self, VespaSite(resource))
         response = await self.http.get(url + "/x")
         body = await response.content()
         self.assertEqual(response.code, 500)

@@ -14,7 +14,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, spawn_worker, until
-from vast_vespa import tap
 from vast_vespa.benchmark import (
     BackendSession,
     BenchmarkError,
@@ -24,6 +23,7 @@ from vast_vespa.benchmark import (
     run_benchmark,
 )
 from vast_vespa.settings import SettingsError
+from vast_vespa.worker import tap
 
 NOT_CALLABLE = 3
 

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import RawClient, http_client, listen, observed_worker, raw_connect, until
-from vast_vespa.relay import Outcome
+from vast_vespa.outcome import Outcome
 
 
 class CancellationTests(TestCase):

@@ -24,7 +24,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from tests.helpers import RawClient, listen, raw_connect
-from vast_vespa.worker.limits import PIPELINE_BUFFER, GuardedChannel, GuardedSite, Limits
+from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
+from vast_vespa.site import VespaSite
 
 
 class _Held(Resource):
@@ -67,7 +68,7 @@ class ChannelTests(SynchronousTestCase):
     def connect(self, hold: bool = False, **limits):
         self.clock = Clock()
         self.resource = _Held(hold)
-        self.site = GuardedSite(self.resource, Limits(**limits), reactor=self.clock)
+        self.site = VespaSite(self.resource, Limits(**limits), reactor=self.clock)
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -471,7 +472,7 @@ class ContentFileTests(SynchronousTestCase):
     def test_small_bodies_in_memory_others_in_a_file(self):
         """A body of known length under 100 kB is kept in memory; a larger one, or a chunked
         one (length unknown), in a temporary file: what twisted.web does on its own."""
-        site = GuardedSite(_Held(), reactor=Clock())
+        site = VespaSite(_Held(), reactor=Clock())
         for length, in_memory in ((0, True), (99_999, True), (100_000, False), (None, False)):
             content = site.getContentFile(length)
             self.addCleanup(content.close)
@@ -484,7 +485,7 @@ class ContentFileTests(SynchronousTestCase):
 
 
 class ResponseHeadTests(SynchronousTestCase):
-    """GuardedRequest writes the head itself (one pass, one write): it must be the head
+    """LeanRequest writes the head itself (one pass, one write): it must be the head
     twisted.web writes for the same answer, byte for byte but the Date."""
 
     def exchange(self, site, raw: bytes) -> bytes:
@@ -500,7 +501,7 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_same_head_as_twisted_web(self):
         clock = Clock()
-        guarded = GuardedSite(_Shapes(), reactor=clock)
+        guarded = VespaSite(_Shapes(), reactor=clock)
         plain = Site(_Shapes(), reactor=clock)
         for path in (b"/no-type", b"/204", b"/304", b"/empty", b"/typed", b"/untyped", b"*"):
             for method, version in (
@@ -516,7 +517,7 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_date_is_the_site_clock_second(self):
         clock = Clock()
-        site = GuardedSite(_Shapes(), reactor=clock)
+        site = VespaSite(_Shapes(), reactor=clock)
         raw = b"GET /no-type HTTP/1.1\r\nHost: w\r\n\r\n"
         self.assertIn(b"\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n", self.exchange(site, raw))
         clock.advance(1_700_000_000.4)
@@ -568,7 +569,7 @@ class SocketChannelTests(TestCase):
         """Three requests written at once on a real socket come back as three answers, in
         order, on the same connection, which closes after the last (Connection: close)."""
         resource = _Held()
-        url = listen(self, GuardedSite(resource))
+        url = listen(self, VespaSite(resource))
         last = b"GET /3 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
         client = await raw_connect(url, RawClient(GET % 1 + GET % 2 + last))
         received = await client.closed
@@ -579,7 +580,7 @@ class SocketChannelTests(TestCase):
 
     async def test_pull_producer_is_driven(self):
         """A pull producer registered on a Request is asked for data until it is done."""
-        url = listen(self, GuardedSite(_PullResource()))
+        url = listen(self, VespaSite(_PullResource()))
         raw = b"GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
         received = await (await raw_connect(url, RawClient(raw))).closed
         self.assertTrue(received.endswith(b"1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n"), received)

@@ -19,8 +19,7 @@ from twisted.trial.unittest import TestCase
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
 from vast_vespa.client.routing import BACKOFF_CAP
-from vast_vespa.client.service import ClientService
-from vast_vespa.client.tap import build_client
+from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
 

@@ -137,7 +137,7 @@ class ConsoleScriptTests(TestCase):
             "tcp:0:interface=127.0.0.1",
             VAST_ACCOUNT_KEY=self.router.account_key,
         )
-        await watcher.wait_for(rb"Site starting on (\d+)")
+        await watcher.wait_for(rb"client proxy starting on (\d+)")
         await watcher.wait_for(rb"vespa-client: endpoint my-endpoint on tcp:0")
         self.assertNotIn(self.router.account_key.encode(), watcher.output)
         self.assertNotIn(self.router.api_key.encode(), watcher.output)

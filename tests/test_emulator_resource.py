@@ -276,7 +276,7 @@ class TwistdTests(TestCase):
                 "-n", "--pidfile=", "vespa-autoscaler", "--listen", "tcp:0:interface=127.0.0.1"
             ),
         )
-        match = await watcher.wait_for(rb"Site starting on (\d+)")
+        match = await watcher.wait_for(rb"autoscaler emulator starting on (\d+)")
         await watcher.wait_for(rb"never a production router")
         http = http_client(self)
         response = await http.get(f"http://127.0.0.1:{int(match.group(1))}/pubkey/")

@@ -26,8 +26,10 @@ from tests.helpers import (
     start_worker,
     until,
 )
+from vast_vespa.net.server import BODY_RATE_WINDOW, Limits
 from vast_vespa.settings import load_settings
-from vast_vespa.worker.limits import BODY_RATE_WINDOW, GuardedSite, Limits, limits_from
+from vast_vespa.site import VespaSite
+from vast_vespa.worker.tap import limits_from
 
 
 class _Recorder(Resource):
@@ -48,7 +50,7 @@ class ClockedLimitTests(SynchronousTestCase):
     def connect(self, **limits):
         self.clock = Clock()
         self.resource = _Recorder()
-        site = GuardedSite(self.resource, Limits(**limits), reactor=self.clock)
+        site = VespaSite(self.resource, Limits(**limits), reactor=self.clock)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -185,7 +187,7 @@ class ClockedLimitTests(SynchronousTestCase):
     def test_tls_never_negotiates_h2(self):
         """Over TLS only HTTP/1.1 is offered (ALPN), even with the h2 package installed: every
         connection goes through the checks above."""
-        self.assertEqual(GuardedSite(_Recorder()).acceptableProtocols(), [b"http/1.1"])
+        self.assertEqual(VespaSite(_Recorder()).acceptableProtocols(), [b"http/1.1"])
 
     def test_settings_reach_the_limits(self):
         """The MAX_* / *_TIMEOUT / MIN_BODY_RATE options end up in the worker's limits."""

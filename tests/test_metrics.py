@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from vast_vespa.emulator.checks import delete_problems, report_problems
-from vast_vespa.relay import Outcome, RelayResult
+from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.autoscaler import AutoscalerClient
 from vast_vespa.worker.metrics import WorkerMetrics, outcome_of

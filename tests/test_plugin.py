@@ -14,15 +14,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, spawn, spawn_worker, twistd_command, worker_url
-from vast_vespa import __version__, tap
+from vast_vespa import __version__
+from vast_vespa.worker import tap
 
 
 class PluginDiscoveryTests(SynchronousTestCase):
     def test_vespa_plugin_is_listed(self):
-        """twistd finds the vespa plugin, pointing at vast_vespa.tap."""
+        """twistd finds the vespa plugin, pointing at vast_vespa.worker.tap."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertIn("vespa", makers)
-        self.assertEqual(makers["vespa"].module, "vast_vespa.tap")
+        self.assertEqual(makers["vespa"].module, "vast_vespa.worker.tap")
 
     def test_options_flags(self):
         """Flags become settings; --listen is repeatable."""

@@ -32,12 +32,12 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vast_vespa.http11 import Response
-from vast_vespa.names import NamedEndpoint
-from vast_vespa.relay import BodyRelay, ProxiedRequest, _CachedEndpoints
-from vast_vespa.sendnow import SendNowServer
-from vast_vespa.worker.limits import GuardedRequest
-from vast_vespa.worker.resource import QuietSite
+from vast_vespa.net.client import Response, _CachedEndpoints
+from vast_vespa.net.listen import SendNowServer
+from vast_vespa.net.request import LeanRequest
+from vast_vespa.net.resolve import NamedEndpoint
+from vast_vespa.relay import BodyRelay, ProxiedRequest
+from vast_vespa.site import VespaSite
 
 
 def seen_closed(cancelled: Deferred[None]) -> Deferred[None]:
@@ -121,7 +121,7 @@ class RelayTests(TestCase):
         """Turn the garbage collector off for the test; weak references to each request,
         relay and backend response the worker sets up from now on."""
         made: list[weakref.ref[object]] = []
-        for cls in (GuardedRequest, ProxiedRequest, BodyRelay, Response):
+        for cls in (LeanRequest, ProxiedRequest, BodyRelay, Response):
             self.patch(cls, "__init__", _recording_init(cls.__init__, made))
         gc.collect()
         gc.disable()
@@ -327,7 +327,7 @@ class FormBodyTests(TestCase):
     def setUp(self):
         self.backend = FakeBackend(reactor)
         # The fake backend must not parse forms either (a default Site would answer 400).
-        self.url, self.worker = start_worker(self, listen(self, QuietSite(self.backend)))
+        self.url, self.worker = start_worker(self, listen(self, VespaSite(self.backend)))
         self.http = http_client(self)
 
     async def test_form_bodies_are_not_parsed(self):

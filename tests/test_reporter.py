@@ -9,7 +9,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.relay import Outcome
+from vast_vespa.outcome import Outcome
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.metrics import Finished, WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter

@@ -17,9 +17,9 @@ from zope.interface import implementer
 from tests.certs import self_signed
 from tests.fakes import FakeBackend
 from tests.helpers import listen
-from vast_vespa.sendnow import SendNowEndpoint
+from vast_vespa.net.listen import SendNowEndpoint
 from vast_vespa.settings import SettingsError, load_settings
-from vast_vespa.tap import build_worker
+from vast_vespa.worker.tap import build_worker
 
 
 @implementer(IPolicyForHTTPS)

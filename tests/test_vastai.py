@@ -17,8 +17,8 @@ from tests.emulator_fixtures import ACCOUNT_KEY, start_emulator
 from tests.helpers import HERE, listen, spawn, until
 from vast_vespa import sandbox
 from vast_vespa.sample_backend import SampleBackend
-from vast_vespa.tap import build_worker
 from vast_vespa.worker.lifecycle import BenchmarkCache
+from vast_vespa.worker.tap import build_worker
 
 
 def signed_worker(test: TestCase, shape: str, backend_url: str, emulator_url: str) -> str:

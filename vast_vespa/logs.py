@@ -33,7 +33,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vast_vespa import request_id
-from vast_vespa.relay import RelayResult, outcome_of
+from vast_vespa.outcome import RelayResult, outcome_of
 
 _access = Logger(namespace="vespa.access")
 

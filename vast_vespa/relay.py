@@ -7,184 +7,35 @@ worker and the client proxy both use it.
 
 from __future__ import annotations
 
-import enum
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, cast
 
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    RequestNotSent,
-    ResponseDone,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import FileBodyProducer, RequestNotSent, ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    UNKNOWN_LENGTH,
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IPolicyForHTTPS,
-    IResponse,
-)
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from vast_vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
-from vast_vespa.http11 import BytesProducer, ConnectionPool, LeanAgent
-from vast_vespa.names import NamedEndpoint, RememberedNames
+from vast_vespa.net.client import BytesProducer
+from vast_vespa.outcome import (
+    Outcome,
+    RelayResult,
+    describe_failure,
+    inner_failure,
+    write_error,
+)
 
 # Bodies up to this size are read into memory and written in one go (no Cooperator round
 # trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
 SMALL_BODY = 256 * 1024
-JSON = b"application/json"
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line per connection
-
-
-def quiet_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent Agent pool that logs nothing per connection (control-plane calls)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    return pool
-
-
-def backend_pool(reactor: Any) -> ConnectionPool:
-    """Keep-alive connections for backend calls: no new TCP connection per request."""
-    return ConnectionPool(reactor)
-
-
-# Either kind of pool the services close on the way out.
-AnyPool = HTTPConnectionPool | ConnectionPool
-
-# closeCachedConnections can hang (twisted#7738): never wait for it longer than this.
-POOL_CLOSE_TIMEOUT = 5.0
-
-
-def close_pool(pool: AnyPool, clock: IReactorTime) -> Deferred[None]:
-    """Close a pool's connections, waiting at most POOL_CLOSE_TIMEOUT seconds; never fails."""
-    closed: Deferred[None] = pool.closeCachedConnections()
-    closed.addTimeout(POOL_CLOSE_TIMEOUT, clock).addErrback(lambda _: None)
-    return closed
-
-
-@implementer(IAgentEndpointFactory)
-class _CachedEndpoints:
-    """
-    One endpoint per (scheme, host, port), made once. Agent's default factory builds a new
-    endpoint (and its TLS options) for every request, about 4% of the worker's CPU per small
-    request, although the relay always talks to the same backend. The client proxy talks to
-    whichever workers the autoscaler routes to, so at most MAX_ENDPOINTS are kept (oldest out).
-
-    A host given as an IP address gets a plain TCP endpoint: ``HostnameEndpoint`` looks every
-    address up again on each new connection, in a thread (and makes a class per attempt),
-    which took a new connection from about 150 to 550 µs of CPU and of latency. A name
-    (``localhost``) gets a :class:`vast_vespa.names.NamedEndpoint`: each address it has is tried,
-    and look-ups are kept for a few seconds (one set per agent).
-    """
-
-    MAX_ENDPOINTS = 256
-
-    def __init__(
-        self, reactor: Any, connect_timeout: float | None, tls: IPolicyForHTTPS | None
-    ) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls = tls or BrowserLikePolicyForHTTPS()
-        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-        self._names: RememberedNames | None = None
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._made.get(key)
-        if endpoint is None:
-            if len(self._made) >= self.MAX_ENDPOINTS:
-                del self._made[next(iter(self._made))]
-            endpoint = self._tcp(uri.host.decode("ascii"), uri.port)
-            if uri.scheme == b"https":
-                creator = self._tls.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
-            self._made[key] = endpoint
-        return endpoint
-
-    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
-        """A TCP endpoint to ``host``: straight to it when it is an IP address."""
-        timeout = 30 if self._timeout is None else self._timeout  # Twisted's default
-        if isIPAddress(host):
-            return TCP4ClientEndpoint(self._reactor, host, port, timeout)
-        if isIPv6Address(host):
-            return TCP6ClientEndpoint(self._reactor, host, port, timeout)
-        if self._names is None:
-            self._names = RememberedNames(self._reactor.nameResolver, self._reactor)
-        return NamedEndpoint(self._reactor, self._names, host, port, timeout)
-
-
-def backend_agent(
-    reactor: Any,
-    pool: ConnectionPool,
-    connect_timeout: float | None = None,
-    tls: IPolicyForHTTPS | None = None,
-) -> IAgent:
-    """The relay's agent (:mod:`vast_vespa.http11`): connections from ``pool``, endpoints made
-    once per backend, giving up on a connection attempt after ``connect_timeout`` seconds
-    (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy)."""
-    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls))
-
-
-class Outcome(enum.Enum):
-    """How a request ended; every request ends in exactly one."""
-
-    SERVED = "served"  # the backend answered (any status) and the answer was relayed whole
-    ERRORED = "errored"  # the backend failed: unreachable, timed out, or broke mid-answer
-    CANCELLED = "cancelled"  # the client went away first
-    REJECTED = "rejected"  # refused before reaching the backend (auth, admission, limits)
-
-
-@dataclass
-class RelayResult:
-    """What happened to one request: the outcome, the status sent and the bytes relayed."""
-
-    outcome: Outcome
-    status: int = 0
-    bytes_out: int = 0
-    started: float = 0.0
-    first_byte: float | None = None  # when the backend's response headers arrived
-    finished: float = 0.0
-    reason: str = ""
-    # Set when ``retry_if`` claimed the answer: nothing was written to the client.
-    retry: bool = False
-
-
-def outcome_of(result: RelayResult) -> Outcome:
-    """How a finished request counts everywhere (reports, /metrics, the access log): a
-    relayed backend 5xx answer is an error, so a broken model shows as one."""
-    if result.outcome is Outcome.SERVED and result.status >= 500:
-        return Outcome.ERRORED
-    return result.outcome
 
 
 def body_producer(
@@ -207,32 +58,6 @@ def body_producer(
 def _without_query(url: bytes) -> bytes:
     """``url`` fit for a log line: its query string may carry a signature or an app's key."""
     return url.split(b"?", 1)[0]
-
-
-def error_body(error: str, detail: str = "", **extra: Any) -> bytes:
-    """The JSON error body every Vespa-made error response carries."""
-    return json.dumps({"error": error, "detail": detail, **extra}).encode("utf-8")
-
-
-def write_error(
-    request: Request,
-    code: int,
-    error: str,
-    detail: str = "",
-    headers: dict[bytes, bytes] | None = None,
-    **extra: Any,
-) -> None:
-    """Answer ``request`` with a JSON error (if the client is still there)."""
-    if request.finished or request.channel is None or request.startedWriting:
-        return
-    body = error_body(error, detail, **extra)
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", JSON)
-    request.setHeader(b"content-length", b"%d" % len(body))
-    for name, value in (headers or {}).items():
-        request.setHeader(name, value)
-    request.write(body)
-    request.finish()
 
 
 @implementer(IPushProducer)
@@ -274,7 +99,7 @@ class BodyRelay(Protocol):
 
     def spliced(self, count: int) -> None:
         """``count`` bytes of the body went to the client without passing through here
-        (:meth:`vast_vespa.http11.Response.splice_to`)."""
+        (:meth:`vast_vespa.net.client.Response.splice_to`)."""
         if self._seconds is not None:
             self.last_data = self._seconds()
         self.bytes_out += count
@@ -463,8 +288,8 @@ class ProxiedRequest:
         response.deliverBody(self._relay)
         if not (request.startedWriting or request.finished or self._relay.client_lost):
             request.write(b"")
-        # A big body of known length, passed on as it is: the kernel moves it (vast_vespa.splice).
-        splice_to = getattr(response, "splice_to", None)  # vast_vespa.http11's responses
+        # A big body of known length, passed on as it is: the kernel moves it (net/splice.py).
+        splice_to = getattr(response, "splice_to", None)  # vast_vespa.net.client's responses
         if splice_to is not None and not (head or request.chunked or request.finished):
             splice_to(request.transport, self._relay.spliced)
 
@@ -500,7 +325,7 @@ class ProxiedRequest:
             return
         if self._timed_out:
             code, error, detail = 504, "backend timeout", self._timed_out
-        elif _inner(failure).check(ConnectTimeout):
+        elif inner_failure(failure).check(ConnectTimeout):
             code, error, detail = 504, "backend timeout", "could not connect in time"
         else:
             code, error = 502, "backend unavailable"
@@ -535,21 +360,6 @@ class ProxiedRequest:
         self._result.finished = self._clock.seconds()
         self._relay = None  # it holds our _body_done: no cycle left for the garbage collector
         self._done.callback(self._result)
-
-
-def _inner(failure: Failure) -> Failure:
-    """The first wrapped failure of ResponseNeverReceived / RequestTransmissionFailed."""
-    inner = getattr(failure.value, "reasons", None)
-    return cast(Failure, inner[0]) if inner else failure
-
-
-def describe_failure(failure: Failure) -> str:
-    """A short, user-facing description of why the backend call failed (no traceback)."""
-    value = _inner(failure).value
-    if isinstance(value, CancelledError):
-        return "request cancelled"
-    text = str(value) or type(value).__name__
-    return text.strip()
 
 
 class _Discard(Protocol):

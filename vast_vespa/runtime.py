@@ -1,40 +1,21 @@
-# -*- test-case-name: tests.test_runtime -*-
+# -*- test-case-name: tests.test_net_dispatch -*-
 """
 Process-wide settings for a twistd server process (the worker, the client proxy), applied by
 :func:`tune_once_running` from each twistd entry point.
 
 The garbage collector: Python runs a young collection every 700 new container objects and now
 and then walks every object alive, including the tens of thousands made at start-up (Twisted,
-the settings, the imported modules) that live until exit. Under load that was about 9 % of the
-worker's CPU per small request (perf's S1, c=64). Once the service is built,
+the settings, the imported modules) that live until exit. Once the service is built,
 :func:`settle_gc` moves those objects out of the collector's sight (``gc.freeze``, meant for
-this) and lets young collections come about 14 times less often; cycles are still collected,
-a little later.
-
-The event loop: Twisted's epoll reactor calls every ready socket inside
-``log.callWithLogger``, which builds a logging context (a dict copy and five nested calls) so
-that legacy ``log.msg`` lines written during the call carry the connection as their system.
-A proxy handles a socket event per relayed chunk; :func:`lean_event_dispatch` dispatches
-without that context (8 % less CPU per SSE stream, measured side by side). Errors are still
-logged, with the same tracebacks; only legacy log lines lose their ``[Protocol,fd,peer]``
-prefix (Vespa's own lines use ``twisted.logger`` namespaces and are unchanged).
+this) and lets young collections come less often; cycles are still collected, a little later.
 """
 
 from __future__ import annotations
 
-import errno
 import gc
-from select import EPOLLIN
-from types import MethodType
 from typing import Any
 
-from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.posixbase import _NO_FILEDESC
-from twisted.logger import Logger
-
 YOUNG_THRESHOLD = 10_000  # Python's default is 700
-
-_log = Logger()
 
 
 def settle_gc() -> None:
@@ -45,54 +26,11 @@ def settle_gc() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, older, oldest)
 
 
-def lean_event_dispatch(reactor: Any) -> bool:
-    """Make ``reactor`` (Twisted's epoll reactor; others are left alone) dispatch socket
-    events without a logging context per event. Returns whether it did."""
-    if not isinstance(reactor, EPollReactor):
-        return False
-    reactor.doIteration = MethodType(_poll_and_dispatch, reactor)  # type: ignore[method-assign]
-    return True
+def tune_once_running(reactor: Any, fast_path: bool = True) -> None:
+    """With the fast path, the lean event dispatch (:mod:`vast_vespa.net.dispatch`) now; and
+    :func:`settle_gc` once the reactor runs (after twistd has built everything)."""
+    if fast_path:
+        from vast_vespa.net.dispatch import lean_event_dispatch
 
-
-def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
-    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event; input alone
-    (nearly every event: a relayed chunk, a request) goes straight to ``doRead``."""
-    try:
-        ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
-    dispatch = self._doReadOrWrite  # catches and logs what a protocol raises
-    selectables = self._selectables
-    for fd, event in ready:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        try:
-            if event == EPOLLIN:
-                read_ready(self, selectable)
-            else:
-                dispatch(selectable, fd, event)
-        except Exception:
-            _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
-
-
-def read_ready(reactor: EPollReactor, selectable: Any) -> None:
-    """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
-    selectable when the read says it is over or raises (logged with its traceback)."""
-    why: Any
-    try:
-        why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
-    except BaseException as error:  # as Twisted: whatever a protocol raises drops its connection
-        why = error
-        _log.failure("error reading from {selectable!r}", selectable=selectable)
-    if why:
-        reactor._disconnectSelectable(selectable, why, True)
-
-
-def tune_once_running(reactor: Any) -> None:
-    """Lean event dispatch now, and :func:`settle_gc` once the reactor runs (after twistd
-    has built everything)."""
-    lean_event_dispatch(reactor)
+        lean_event_dispatch(reactor)
     reactor.callWhenRunning(settle_gc)

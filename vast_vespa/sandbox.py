@@ -20,7 +20,7 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 
 from vast_vespa.cli import CommandOptions, installed_reactor
-from vast_vespa.client.tap import build_client
+from vast_vespa.client.service import build_client
 from vast_vespa.emulator.registry import Endpoint
 from vast_vespa.emulator.tap import (
     DEFAULT_ACCOUNT_KEY,
@@ -40,9 +40,9 @@ from vast_vespa.settings import (
     parse_port,
     parse_positive_number,
 )
-from vast_vespa.tap import build_worker
-from vast_vespa.worker.resource import QuietSite
+from vast_vespa.site import VespaSite
 from vast_vespa.worker.service import WorkerService
+from vast_vespa.worker.tap import build_worker
 
 HOST = "127.0.0.1"
 SANDBOX_BENCHMARK = "vast_vespa.benchmarks.openai:benchmark"
@@ -198,9 +198,9 @@ def build_sandbox(config: SandboxConfig, reactor: Any) -> SandboxService:
     }
     backend = SampleBackend(reactor, config.tokens_per_second, config.max_tokens)
     sandbox = SandboxService(config, backend, urls)
-    strports.service(_listen(backend_port), QuietSite(backend), reactor=reactor).setServiceParent(
-        sandbox
-    )
+    strports.service(
+        _listen(backend_port), VespaSite(backend, name="sample backend"), reactor=reactor
+    ).setServiceParent(sandbox)
     sandbox.autoscaler = build_autoscaler(
         EmulatorConfig(
             listen=(_listen(autoscaler_port),),

@@ -283,7 +283,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "access_log", "ACCESS_LOG", "access-log", parse_bool, "true", "Log one line per request."
     ),
-    # Limits and hardening (vast_vespa.worker.limits)
+    # Limits and hardening (vast_vespa.net.server)
     Option(
         "max_body_size",
         "MAX_BODY_SIZE",

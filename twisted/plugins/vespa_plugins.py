@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 vespa = ServiceMaker(
     "Vespa worker",
-    "vast_vespa.tap",
+    "vast_vespa.worker.tap",
     "Serverless worker: a signed, streaming HTTP proxy in front of an inference backend.",
     "vespa",
 )

@@ -25,7 +25,7 @@ from twisted.web.http_headers import Headers
 
 from vast_vespa.client.keys import KeyLookupError
 from vast_vespa.logs import mask
-from vast_vespa.relay import describe_failure
+from vast_vespa.outcome import describe_failure
 
 # One /route/ HTTP call may take this long before it counts as a network error.
 ROUTE_CALL_TIMEOUT = 10.0

@@ -10,15 +10,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
-from treq.client import HTTPClient
 from twisted.application.service import IService
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from vast_vespa.cli import CommandOptions, installed_reactor, option_help
 from vast_vespa.client.keys import (
@@ -28,21 +24,15 @@ from vast_vespa.client.keys import (
     list_endpoints,
     read_account_key,
 )
-from vast_vespa.client.resource import ClientResource
-from vast_vespa.client.routing import Router
-from vast_vespa.client.service import ClientService
-from vast_vespa.client.tls import WorkerTLSPolicy
-from vast_vespa.logs import log_access, use_text_log
-from vast_vespa.relay import backend_agent, backend_pool, quiet_pool
+from vast_vespa.client.service import build_client, control_client
+from vast_vespa.logs import use_text_log
 from vast_vespa.runtime import tune_once_running
-from vast_vespa.sendnow import listen_service
 from vast_vespa.settings import (
     CLIENT_OPTIONS,
     ClientSettings,
     SettingsError,
     load_client_settings,
 )
-from vast_vespa.worker.resource import Observer, QuietSite
 
 _log = Logger()
 
@@ -112,63 +102,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     reactor = installed_reactor(reactor)
     tune_once_running(reactor)
     return use_text_log(build_client(options.settings, reactor), options)
-
-
-def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """A treq client (and its pool) for control-plane calls: /route/, endpoints, the CA."""
-    pool = quiet_pool(reactor)
-    pool.cachedConnectionTimeout = 30
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
-def build_client(
-    settings: ClientSettings,
-    reactor: Any,
-    clock: IReactorTime | None = None,
-    rand: Callable[[], float] | None = None,
-) -> ClientService:
-    """
-    Wire the client's objects from its settings (tests and VastClient call this directly).
-    ``clock`` (default: the reactor) runs every timer; ``rand`` is the back-off jitter source.
-    """
-    clock = clock or cast(IReactorTime, reactor)
-    http, control_pool = control_client(reactor)
-    key = EndpointKey(settings, http, clock)
-    extra = {"rand": rand} if rand is not None else {}
-    router = Router(
-        http,
-        clock,
-        settings.route_base,
-        settings.endpoint,
-        key.get,
-        settings.route_retries,
-        settings.cold_start_timeout,
-        **extra,
-    )
-    tls = WorkerTLSPolicy(http, clock, settings.ca_file, settings.ca_cache)
-    worker_pool = backend_pool(reactor)
-    agent = backend_agent(reactor, worker_pool, tls=tls)
-    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    observers: tuple[Observer, ...] = (log_access,) if settings.client_access_log else ()
-    resource = ClientResource(
-        router,
-        agent,
-        clock,
-        cooperator,
-        tls,
-        settings.forward_authorization,
-        settings.worker_retries,
-        settings.client_timeout,
-        observers,
-        rand,
-    )
-    site = QuietSite(resource)
-    service = ClientService(clock, (worker_pool, control_pool), site, resource)
-    for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor)
-        listener.setName(f"listen-{index}")
-        listener.setServiceParent(service)
-    return service
 
 
 class ScriptOptions(Options):

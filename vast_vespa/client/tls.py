@@ -4,24 +4,24 @@ TLS to workers (PROTOCOL.md 8.3): workers present certificates issued by the Vas
 the client trusts the system CAs plus that root. The root is taken from ``--ca-file``, else from
 the cache, else downloaded once from the console and cached. The Vast root carries a path length
 constraint without ``keyCertSign``, which OpenSSL's strict X.509 mode rejects (Python >= 3.13's
-``ssl.create_default_context`` turns that mode on); the contexts made here leave
-``X509_V_FLAG_X509_STRICT`` off, so the chain verifies while hostname/IP checks stay on.
+``ssl.create_default_context`` turns that mode on); the contexts made here (Twisted's, through
+pyOpenSSL) leave ``X509_V_FLAG_X509_STRICT`` off, so the chain verifies while hostname/IP checks
+stay on. The system CAs are read once from the platform's bundle (``ssl.get_default_verify_paths``).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
+from functools import cache
+from typing import Any
 
 from cryptography import x509
 from OpenSSL.crypto import X509
-from OpenSSL.SSL import Context
 from treq.client import HTTPClient
-
-# The interface optionsForClientTLS's trustRoot takes; Twisted only exposes it from here.
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
@@ -47,19 +47,18 @@ def load_certificates(data: bytes) -> list[X509]:
     return [X509.from_cryptography(c) for c in certificates]
 
 
-@implementer(IOpenSSLTrustRoot)
-class SystemAndExtraTrust:
-    """The platform's CAs plus ``extra`` certificates."""
-
-    def __init__(self, extra: list[X509]) -> None:
-        self._extra = extra
-
-    def _addCACertsToContext(self, context: Context) -> None:
-        context.set_default_verify_paths()
-        store = context.get_cert_store()
-        assert store is not None
-        for certificate in self._extra:
-            store.add_cert(certificate)
+@cache
+def system_certificates() -> tuple[X509, ...]:
+    """The platform's CA certificates (its PEM bundle), read once; none if there is no bundle."""
+    paths = ssl.get_default_verify_paths()
+    for bundle in (paths.cafile, paths.openssl_cafile):
+        if bundle and os.path.isfile(bundle):
+            try:
+                with open(bundle, "rb") as f:
+                    return tuple(load_certificates(f.read()))
+            except (OSError, CertificateError):
+                continue
+    return ()
 
 
 @implementer(IPolicyForHTTPS)
@@ -74,6 +73,8 @@ class WorkerTLSPolicy:
         self._ca_file = ca_file
         self._ca_cache = ca_cache
         self._extra: list[X509] = []
+        self._trust: Any = None  # system CAs plus the Vast root, made once they are loaded
+        self._trust_for: list[X509] | None = None
         self._waiters: list[Deferred[None]] = []
 
     def ready(self) -> Deferred[None]:
@@ -125,6 +126,8 @@ class WorkerTLSPolicy:
             raise CertificateError(f"cannot read {path}: {e.strerror}") from None
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return optionsForClientTLS(
-            hostname.decode("ascii"), trustRoot=SystemAndExtraTrust(self._extra)
-        )
+        if self._trust is None or self._trust_for is not self._extra:
+            certificates = [*system_certificates(), *self._extra]
+            self._trust = trustRootFromCertificates([Certificate(c) for c in certificates])
+            self._trust_for = self._extra
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust)

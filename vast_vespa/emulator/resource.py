@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from vast_vespa.emulator.registry import Registry, RouteError
-from vast_vespa.relay import error_body
+from vast_vespa.outcome import error_body
 
 JSON = b"application/json"
 

@@ -22,7 +22,7 @@ from vast_vespa.cli import CommandOptions, installed_reactor
 from vast_vespa.emulator.registry import Endpoint, Registry
 from vast_vespa.emulator.resource import AutoscalerResource
 from vast_vespa.settings import SIGNATURE_SHAPES, parse_listen, parse_positive_number
-from vast_vespa.worker.resource import QuietSite
+from vast_vespa.site import VespaSite
 
 DEFAULT_ENDPOINT = Endpoint("my-endpoint", "local-endpoint-key", 1)
 DEFAULT_ACCOUNT_KEY = "local-account-key"
@@ -152,7 +152,9 @@ class AutoscalerService(MultiService):
         super().__init__()
         self.config = config
         self.registry = registry
-        self.site = QuietSite(AutoscalerResource(registry))  # routes and refusals are logged
+        self.site = VespaSite(
+            AutoscalerResource(registry), name="autoscaler emulator"
+        )  # routes and refusals are logged
 
     def startService(self) -> None:
         self._log.info(

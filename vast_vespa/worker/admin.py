@@ -36,8 +36,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vast_vespa.relay import JSON, RelayResult, error_body, outcome_of
-from vast_vespa.worker.resource import QuietSite
+from vast_vespa.outcome import JSON, RelayResult, error_body, outcome_of
+from vast_vespa.site import VespaSite
 from vast_vespa.worker.state import WorkerState
 
 METHODS = frozenset(
@@ -285,8 +285,8 @@ class AdminResource(Resource):
         return self._missing
 
 
-class AdminSite(QuietSite):
-    """The admin listener's site (its own name in the logs: "AdminSite starting on 9090")."""
+class AdminSite(VespaSite):
+    """The admin listener's site (its own name in the logs: "admin starting on 9090")."""
 
     def __init__(self, metrics: PrometheusMetrics, state: WorkerState) -> None:
-        super().__init__(AdminResource(metrics, state))
+        super().__init__(AdminResource(metrics, state), name="admin")

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from vast_vespa.logs import mask
-from vast_vespa.relay import describe_failure
+from vast_vespa.outcome import describe_failure
 from vast_vespa.signing import load_public_key
 from vast_vespa.worker.envelope import dump_json, loads
 from vast_vespa.worker.metrics import Finished

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from vast_vespa.headers import forwarded_request_headers
-from vast_vespa.relay import BytesProducer, Outcome, RelayResult
+from vast_vespa.outcome import Outcome, RelayResult
+from vast_vespa.relay import BytesProducer
 from vast_vespa.signing import VerifiedCache, verify
 from vast_vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vast_vespa.worker.autoscaler import PublicKeyStore

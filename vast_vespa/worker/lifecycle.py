@@ -31,7 +31,7 @@ from vast_vespa.benchmark import (
     run_aiohttp_benchmark,
     run_benchmark,
 )
-from vast_vespa.relay import describe_failure
+from vast_vespa.outcome import describe_failure
 from vast_vespa.settings import Settings
 from vast_vespa.worker.resource import Forward, Rejection, RequestGate
 from vast_vespa.worker.state import WorkerState

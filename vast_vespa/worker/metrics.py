@@ -28,8 +28,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vast_vespa.relay import Outcome
-from vast_vespa.relay import outcome_of as outcome_of  # re-exported: the gate imports it here
+from vast_vespa.outcome import Outcome
+from vast_vespa.outcome import outcome_of as outcome_of  # re-exported: the gate imports it here
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.state import WorkerState
 

@@ -7,10 +7,9 @@ UNSECURED, admission) and then through the relay; observers see every outcome ex
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -20,12 +19,12 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from vast_vespa import request_id
 from vast_vespa.headers import forwarded_request_headers
-from vast_vespa.relay import Outcome, ProxiedRequest, RelayResult, body_producer, write_error
-from vast_vespa.worker.limits import GuardedSite
+from vast_vespa.outcome import Outcome, RelayResult, write_error
+from vast_vespa.relay import ProxiedRequest, body_producer
 
 
 @dataclass
@@ -279,26 +278,3 @@ def notify(
 
 
 _observer_log = Logger()
-
-
-_CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
-
-
-class QuietSite(GuardedSite):
-    """A Site with Vespa's framing checks and limits (vast_vespa.worker.limits), without
-    twisted.web's per-request access log (Vespa writes its own) and without tracebacks."""
-
-    displayTracebacks = False
-    noisy = False  # no "Starting factory" line
-
-    def __init__(self, resource: Resource, *args: Any, **kwargs: Any) -> None:
-        # A proxy never reads form fields: without this, twisted.web parses the Content-Type
-        # of every POST with the email package (about 10% of the CPU per small request) and
-        # reads url-encoded and multipart bodies into request.args. Older Twisted releases have no
-        # switch (and always parses).
-        if _CAN_SKIP_FORMS:
-            kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(resource, *args, **kwargs)
-
-    def log(self, request: object) -> None:
-        pass

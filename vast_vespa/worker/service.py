@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from vast_vespa.logs import TextLogForTwistd
-from vast_vespa.relay import AnyPool, close_pool
+from vast_vespa.net.client import AnyPool, close_pool
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import InFlight

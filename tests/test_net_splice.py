@@ -1,5 +1,5 @@
 """
-Big bodies moved by the kernel (vast_vespa.splice) through a worker on real sockets: every byte in
+Big bodies moved by the kernel (vast_vespa.net.splice) through a worker on real sockets: every byte in
 order, the backend connection kept, a backend that breaks, a client that leaves, a client
 that reads slowly; small bodies go the usual way. The client-facing listener sends at once,
 as the worker's does, so the client's transport is the TCP connection itself.
@@ -17,9 +17,11 @@ from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, big_body
 from tests.helpers import RawClient, listen, listen_sending_now, raw_connect, until
-from vast_vespa import splice
-from vast_vespa.relay import Outcome, RelayResult, backend_agent, backend_pool
-from vast_vespa.worker.resource import QuietSite, WorkerResource, passthrough
+from vast_vespa.net import splice
+from vast_vespa.net.client import backend_agent, backend_pool
+from vast_vespa.outcome import Outcome, RelayResult
+from vast_vespa.site import VespaSite
+from vast_vespa.worker.resource import WorkerResource, passthrough
 
 MIB = 1 << 20
 
@@ -95,7 +97,7 @@ class SpliceTests(TestCase):
         self.patch(splice.Splice, "start", recording_start)
 
     async def worker(self) -> str:
-        return await listen_sending_now(self, QuietSite(self.resource))
+        return await listen_sending_now(self, VespaSite(self.resource))
 
     async def get(self, url: str, path: str, read: bool = True) -> RawClient:
         request = b"GET %s HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n" % path.encode()

@@ -16,20 +16,21 @@ from twisted.web.client import Agent
 from vast_vespa import __version__
 from vast_vespa.cli import CommandOptions, installed_reactor, option_help
 from vast_vespa.logs import log_access, use_text_log
+from vast_vespa.net.client import backend_agent, backend_pool, quiet_pool
+from vast_vespa.net.listen import listen_service
+from vast_vespa.net.server import Limits
 from vast_vespa.notify import SystemdNotifier, SystemdService
-from vast_vespa.relay import backend_agent, backend_pool, quiet_pool
 from vast_vespa.runtime import tune_once_running
-from vast_vespa.sendnow import listen_service
 from vast_vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vast_vespa.site import VespaSite
 from vast_vespa.worker import admin
 from vast_vespa.worker.admission import Admission
 from vast_vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
 from vast_vespa.worker.gate import SignedGate
 from vast_vespa.worker.lifecycle import ReadinessGate, build_lifecycle
-from vast_vespa.worker.limits import limits_from
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
-from vast_vespa.worker.resource import Observer, QuietSite, WorkerResource
+from vast_vespa.worker.resource import Observer, WorkerResource
 from vast_vespa.worker.service import DrainHook, WorkerService
 from vast_vespa.worker.state import WorkerState
 
@@ -133,7 +134,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
     )
-    site = QuietSite(resource, limits_from(settings), reactor=reactor)
+    site = VespaSite(resource, limits_from(settings), name="worker", reactor=reactor)
     metrics.register_gauge(
         "vespa_open_connections",
         "Client connections open on the worker listeners.",
@@ -170,6 +171,18 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     lifecycle.when_failed().addCallback(notifier.failed)
     service.add_drain_hook(notifier.stopping)
     return service
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The client limits configured in ``settings``."""
+    return Limits(
+        settings.max_body_size,
+        settings.max_header_size,
+        settings.max_headers,
+        settings.head_timeout,
+        float(settings.min_body_rate),
+        settings.max_connections,
+    )
 
 
 def _register_load_metrics(

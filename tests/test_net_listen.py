@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from vast_vespa.sendnow import SendNowEndpoint, SendNowNoDelayServer, SendNowServer, send_now
+from vast_vespa.net.listen import SendNowEndpoint, SendNowNoDelayServer, SendNowServer, send_now
 
 
 class _Writer(Protocol):

@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vast_vespa.runtime import read_ready
+from vast_vespa.net.dispatch import read_ready
 
 _log = Logger()
 # Seconds the kernel holds a connection with no bytes from the client yet (Linux only).

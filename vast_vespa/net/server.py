@@ -29,12 +29,9 @@ the answer is done), so a pipelined request never reaches the resource early.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
-from tempfile import TemporaryFile
-from typing import IO, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.interfaces import (
@@ -48,18 +45,17 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import (
-    NO_BODY_CODES,
     _ChunkedTransferDecoder,
     _MalformedChunkedDataError,
-    datetimeToString,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request, Site
-from twisted.web.server import version as SERVER
+from twisted.web.server import Request
 from zope.interface import implementer
 
-from vast_vespa.relay import JSON, error_body
-from vast_vespa.settings import Settings
+from vast_vespa.outcome import JSON, error_body
+
+if TYPE_CHECKING:
+    from vast_vespa.site import VespaSite
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])")
@@ -108,18 +104,6 @@ class Limits:
     max_connections: int = 2048  # open client connections; 0 = no limit
 
 
-def limits_from(settings: Settings) -> Limits:
-    """The client limits configured in ``settings``."""
-    return Limits(
-        settings.max_body_size,
-        settings.max_header_size,
-        settings.max_headers,
-        settings.head_timeout,
-        float(settings.min_body_rate),
-        settings.max_connections,
-    )
-
-
 class _Refused(Exception):
     """Raised while a head is checked; its arguments are :meth:`GuardedChannel.refuse`'s."""
 
@@ -133,7 +117,7 @@ class GuardedChannel(Protocol):
     """One client connection: strict HTTP/1.1 parsing, :class:`Limits` (from its site), and the
     transport side of each twisted.web ``Request`` on it."""
 
-    site: GuardedSite
+    site: VespaSite
     requestFactory: Callable[[GuardedChannel], Request]
     timeOut: float | None = None  # idle timeout, set by the site (HTTPFactory.buildProtocol)
     callLater: Callable[..., IDelayedCall]  # the site's reactor, set by HTTPFactory.buildProtocol
@@ -637,162 +621,3 @@ _FRAMING = frozenset(
 def _asks_to_close(values: list[bytes]) -> bool:
     """Whether Connection header values carry the ``close`` option."""
     return any(token.strip().lower() == b"close" for value in values for token in value.split(b","))
-
-
-class GuardedRequest(Request):
-    """A twisted.web Request that never shows a traceback, and takes the short way through
-    the steps every relayed request goes through (twisted.web's way costs about a tenth of
-    the worker's CPU per request, measured with 100 SSE streams):
-
-    - a leaf root resource (the worker's, the client proxy's) is rendered without walking the
-      resource tree, so ``prepath`` and ``postpath`` are not set (those resources read
-      ``path`` and ``uri``); any other resource goes the twisted.web way;
-    - the response head is made in one pass over the headers (the same head), and goes out
-      in one write with the first data;
-    - once the head is out, a chunked body's data is framed here and written to the
-      connection (twisted.web's write, three calls deep, checks the same state each time).
-    """
-
-    channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
-    _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
-
-    def process(self) -> None:
-        site = self.channel.site
-        resource = site.resource
-        if not getattr(resource, "isLeaf", False):
-            super().process()
-            return
-        self.site = site
-        self.setHeader(b"Server", SERVER)
-        self.setHeader(b"Date", site.http_date())
-        if self.path == b"*":
-            self._handleStar()  # OPTIONS *: 200, anything else 405, as twisted.web answers
-            return
-        try:
-            self.render(resource)
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def write(self, data: bytes) -> None:
-        if self._chunks_go_straight and data:  # cleared by finish and connectionLost
-            self.sentLength += len(data)
-            transport = self.transport  # the connection's (TCP or TLS)
-            assert transport is not None
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-            return
-        if (
-            self.startedWriting
-            or self.finished
-            or self._disconnected
-            or self._encoder is not None
-            or self._inFakeHead
-            or self.lastModified is not None
-            or self.etag is not None
-            or self.cookies
-        ):
-            super().write(data)
-            return
-        head = self._head()
-        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
-            self.channel.write(head)
-            self.write = _no_body  # type: ignore[method-assign]  # as twisted.web
-            return
-        if data:  # in the same write as the head: one packet, one system call
-            self.sentLength = len(data)
-            head += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
-        self.channel.write(head)
-        self._chunks_go_straight = bool(self.chunked)
-
-    def finish(self) -> None:
-        self._chunks_go_straight = False
-        super().finish()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._chunks_go_straight = False
-        super().connectionLost(reason)
-
-    def _head(self) -> bytes:
-        """The status line and headers, as twisted.web writes them on a first write (a
-        default Content-Type when there is one and a body; chunked when HTTP/1.1 without a
-        Content-Length), made in one pass over the headers; the answer counts as started."""
-        self.startedWriting = 1
-        code = self.code
-        head = [self.clientproto, b" %d " % code, self.code_message, b"\r\n"]
-        length: bytes | None = None
-        has_type = False
-        for name, values in self.responseHeaders.getAllRawHeaders():  # canonical names
-            if name == b"Content-Length":
-                length = values[0]
-            elif name == b"Content-Type":
-                has_type = True
-            for value in values:
-                head += (name, b": ", value, b"\r\n")
-        body_allowed = code not in NO_BODY_CODES
-        default_type = self.defaultContentType
-        if body_allowed and not has_type and default_type is not None and length != b"0":
-            self.responseHeaders.setRawHeaders(b"Content-Type", [default_type])
-            head += (b"Content-Type: ", default_type, b"\r\n")
-        if (
-            self.clientproto == b"HTTP/1.1"
-            and length is None
-            and self.method != b"HEAD"
-            and body_allowed
-        ):
-            self.chunked = 1
-            head.append(b"Transfer-Encoding: chunked\r\n")
-        head.append(b"\r\n")
-        return b"".join(head)
-
-    def processingFailed(self, reason: Failure) -> Failure:
-        """An unexpected error while rendering: log it, answer a JSON 500 (no traceback)."""
-        self._log.failure("internal error rendering {uri}", failure=reason, uri=self.path)
-        if self.finished or self.channel is None:
-            return reason
-        if self.startedWriting:
-            self.loseConnection()  # headers are out: a truncated answer is the honest one
-            return reason
-        body = error_body("internal error", "see the worker log")
-        self.setResponseCode(500)
-        self.responseHeaders.setRawHeaders(b"content-type", [JSON])
-        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        self.write(body)
-        self.finish()
-        return reason
-
-
-def _no_body(data: bytes) -> None:
-    """A HEAD answer's or a 204's or 304's write: the body is not sent."""
-
-
-class GuardedSite(Site):
-    """A Site whose connections are :class:`GuardedChannel`; counts connections and refusals."""
-
-    protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 upgrade
-    requestFactory = GuardedRequest
-
-    def __init__(self, resource: Any, limits: Limits | None = None, **kwargs: Any) -> None:
-        super().__init__(resource, **kwargs)
-        self.limits = limits or Limits()
-        self.open_connections = 0
-        self.refusals: Counter[str] = Counter()
-        self._date = (-1, b"")  # (second, its Date value)
-
-    def getContentFile(self, length: int | None) -> IO[bytes]:
-        """Where a request body is kept, as twisted.web keeps it: in memory up to
-        ``IN_MEMORY_BODY`` bytes, in a temporary file when larger or of unknown length.
-        (twisted.web asks its site for this first, and a site without it raised and caught
-        an AttributeError per request.)"""
-        if length is not None and length < IN_MEMORY_BODY:
-            return BytesIO()
-        return TemporaryFile()
-
-    def http_date(self) -> bytes:
-        """The Date header's value, made once a second (twisted.web formats it per request)."""
-        now = int(self.reactor.seconds())
-        if now != self._date[0]:
-            self._date = (now, datetimeToString(now))
-        return self._date[1]
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """Over TLS, offer HTTP/1.1 only (ALPN): the limits above are HTTP/1.1 limits."""
-        return [b"http/1.1"]

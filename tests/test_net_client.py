@@ -1,5 +1,5 @@
 """
-vast_vespa.http11 against real sockets on 127.0.0.1: keep-alive, response framing, the request on
+vast_vespa.net.client against real sockets on 127.0.0.1: keep-alive, response framing, the request on
 the wire, failures, cancellation, flow control, the pool, and an answer that comes before the
 request body was sent. The backends are raw protocols sending exact bytes (httptools parses
 what they receive), so every framing case is the one written here.
@@ -42,8 +42,15 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tests.helpers import listen, until
-from vast_vespa.http11 import READ_SIZE, BytesProducer, ConnectionPool, LeanAgent, Response
-from vast_vespa.relay import backend_agent, backend_pool
+from vast_vespa.net.client import (
+    READ_SIZE,
+    BytesProducer,
+    ConnectionPool,
+    LeanAgent,
+    Response,
+    backend_agent,
+    backend_pool,
+)
 
 # ---- a scripted backend ------------------------------------------------------------------
 

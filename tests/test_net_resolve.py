@@ -1,5 +1,5 @@
 """
-Backend names looked up once every few seconds (vast_vespa.names): what is kept, for how long,
+Backend names looked up once every few seconds (vast_vespa.net.resolve): what is kept, for how long,
 what is forgotten, and real connections through NamedEndpoint.
 """
 
@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from vast_vespa.names import MAX_NAMES, NAME_TTL, NamedEndpoint, RememberedNames
+from vast_vespa.net.resolve import MAX_NAMES, NAME_TTL, NamedEndpoint, RememberedNames
 
 
 @implementer(IHostResolution)

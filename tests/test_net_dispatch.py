@@ -11,13 +11,8 @@ from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.runtime import (
-    YOUNG_THRESHOLD,
-    lean_event_dispatch,
-    read_ready,
-    settle_gc,
-    tune_once_running,
-)
+from vast_vespa.net.dispatch import lean_event_dispatch, read_ready
+from vast_vespa.runtime import YOUNG_THRESHOLD, settle_gc, tune_once_running
 
 
 class SettleGCTests(SynchronousTestCase):
@@ -45,7 +40,7 @@ from twisted.internet import epollreactor
 epollreactor.install()
 from twisted.internet import protocol, reactor
 from twisted.logger import globalLogBeginner
-from vast_vespa.runtime import lean_event_dispatch
+from vast_vespa.net.dispatch import lean_event_dispatch
 
 errors = []
 globalLogBeginner.beginLoggingTo(
@@ -138,7 +133,7 @@ class TwistdWiringTests(SynchronousTestCase):
         Vespa's text observer when twistd would log text to stdout."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from vast_vespa import tap
+        from vast_vespa.worker import tap
 
         options = tap.Options()
         options.parseOptions(["--unsecured", "true"])

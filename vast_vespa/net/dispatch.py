@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_net_dispatch -*-
+"""
+Socket events dispatched without a logging context each (the fast path).
+
+Twisted's epoll reactor calls every ready socket inside ``log.callWithLogger``, which builds a
+logging context (a dict copy and five nested calls) so that legacy ``log.msg`` lines written
+during the call carry the connection as their system. A proxy handles a socket event per
+relayed chunk; :func:`lean_event_dispatch` dispatches without that context. Errors are still
+logged, with the same tracebacks; only legacy log lines lose their ``[Protocol,fd,peer]``
+prefix (Vespa's own lines use ``twisted.logger`` namespaces and are unchanged).
+
+Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`): the epoll
+reactor's ``_poller``, ``_selectables``, ``_doReadOrWrite`` and ``_disconnectSelectable``, and
+``posixbase._NO_FILEDESC``; its ``doIteration`` is replaced on the running reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+from select import EPOLLIN
+from types import MethodType
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.logger import Logger
+
+_log = Logger()
+
+
+def lean_event_dispatch(reactor: Any) -> bool:
+    """Make ``reactor`` (Twisted's epoll reactor; others are left alone) dispatch socket
+    events without a logging context per event. Returns whether it did."""
+    if not isinstance(reactor, EPollReactor):
+        return False
+    reactor.doIteration = MethodType(_poll_and_dispatch, reactor)  # type: ignore[method-assign]
+    return True
+
+
+def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
+    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event; input alone
+    (nearly every event: a relayed chunk, a request) goes straight to ``doRead``."""
+    try:
+        ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    dispatch = self._doReadOrWrite  # catches and logs what a protocol raises
+    selectables = self._selectables
+    for fd, event in ready:
+        selectable = selectables.get(fd)
+        if selectable is None:
+            continue
+        try:
+            if event == EPOLLIN:
+                read_ready(self, selectable)
+            else:
+                dispatch(selectable, fd, event)
+        except Exception:
+            _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
+
+
+def read_ready(reactor: EPollReactor, selectable: Any) -> None:
+    """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
+    selectable when the read says it is over or raises (logged with its traceback)."""
+    why: Any
+    try:
+        why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
+    except BaseException as error:  # as Twisted: whatever a protocol raises drops its connection
+        why = error
+        _log.failure("error reading from {selectable!r}", selectable=selectable)
+    if why:
+        reactor._disconnectSelectable(selectable, why, True)

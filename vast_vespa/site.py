@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_channel,tests.test_limits -*-
+"""
+The twisted.web Site and Request every Vespa listener serves with (worker, client proxy,
+autoscaler emulator, admin listener, sample backend): connections parsed and limited by
+:class:`vast_vespa.net.server.GuardedChannel`, errors answered as JSON without a traceback,
+no twisted.web access log (Vespa writes its own), and its name in the log lines.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from io import BytesIO
+from tempfile import TemporaryFile
+from typing import IO, Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from vast_vespa.net.server import GuardedChannel, Limits
+from vast_vespa.outcome import JSON, error_body
+
+# Request bodies up to this size are kept in memory, larger ones in a temporary file (as
+# twisted.web does).
+IN_MEMORY_BODY = 100_000
+
+# A proxy never reads form fields: without this switch, twisted.web parses the Content-Type of
+# every POST with the email package and reads url-encoded and multipart bodies into
+# request.args. Twisted releases before 24.10 have no switch (and always parse).
+_CAN_SKIP_FORMS = "parsePOSTFormSubmission" in inspect.signature(Site.__init__).parameters
+
+_log = Logger()
+
+
+class VespaRequest(Request):
+    """A twisted.web Request that never shows a traceback: an error while rendering is logged
+    and answered with a JSON 500."""
+
+    channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """An unexpected error while rendering: log it, answer a JSON 500 (no traceback)."""
+        _log.failure("internal error rendering {uri}", failure=reason, uri=self.path)
+        if self.finished or self.channel is None:
+            return reason
+        if self.startedWriting:
+            self.loseConnection()  # headers are out: a truncated answer is the honest one
+            return reason
+        body = error_body("internal error", "see the log")
+        self.setResponseCode(500)
+        self.responseHeaders.setRawHeaders(b"content-type", [JSON])
+        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class VespaSite(Site):
+    """
+    A Site whose connections are :class:`GuardedChannel` (HTTP/1.1 only, with ``limits``);
+    counts open connections and refusals. ``name`` is how its log lines call it ("worker
+    starting on 3000"). With ``fast_path``, requests are
+    :class:`vast_vespa.net.request.LeanRequest` (the same answers, fewer steps).
+    """
+
+    protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 upgrade
+    displayTracebacks = False
+    noisy = False  # no "Starting factory" line
+
+    def __init__(
+        self,
+        resource: Resource,
+        limits: Limits | None = None,
+        *,
+        name: str = "site",
+        fast_path: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if _CAN_SKIP_FORMS:
+            kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(resource, **kwargs)
+        if fast_path:
+            from vast_vespa.net.request import LeanRequest
+
+            self.requestFactory = LeanRequest
+        else:
+            self.requestFactory = VespaRequest
+        self.name = name
+        self.limits = limits or Limits()
+        self.open_connections = 0
+        self.refusals: Counter[str] = Counter()
+        self._date = (-1, b"")  # (second, its Date value)
+
+    def logPrefix(self) -> str:
+        return self.name
+
+    def log(self, request: object) -> None:
+        """No twisted.web access log: Vespa's own (vast_vespa.logs) is one line per request."""
+
+    def getContentFile(self, length: int | None) -> IO[bytes]:
+        """Where a request body is kept, as twisted.web keeps it: in memory up to
+        ``IN_MEMORY_BODY`` bytes, in a temporary file when larger or of unknown length.
+        (twisted.web asks its site for this first, and a site without it raised and caught
+        an AttributeError per request.)"""
+        if length is not None and length < IN_MEMORY_BODY:
+            return BytesIO()
+        return TemporaryFile()
+
+    def http_date(self) -> bytes:
+        """The Date header's value, made once a second (twisted.web formats it per request)."""
+        now = int(self.reactor.seconds())
+        if now != self._date[0]:
+            self._date = (now, datetimeToString(now))
+        return self._date[1]
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """Over TLS, offer HTTP/1.1 only (ALPN): the limits are HTTP/1.1 limits."""
+        return [b"http/1.1"]
