@@ -542,6 +542,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # Operations
     Option(
+        "fast_path",
+        "FAST_PATH",
+        "fast-path",
+        parse_bool,
+        "true",
+        "Use Vespa's fast path through Twisted's internals (checked at start-up; false: stock "
+        "Twisted only).",
+    ),
+    Option(
         "admin_listen",
         "ADMIN_LISTEN",
         "admin-listen",
@@ -623,6 +632,7 @@ class Settings:
     healthcheck_interval: float = 10.0
     healthcheck_timeout: float = 10.0
     healthcheck_failures: int = 3
+    fast_path: bool = True
     admin_listen: str = "tcp:9090:interface=127.0.0.1"
     drain_timeout: float = 30.0
     vast: VastEnvironment = field(default_factory=VastEnvironment)
