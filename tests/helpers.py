@@ -28,12 +28,16 @@ from tests.fakes import FakeAutoscaler
 from vast_vespa.net.client import backend_agent, backend_pool
 from vast_vespa.net.listen import SendNowEndpoint
 from vast_vespa.outcome import RelayResult
-from vast_vespa.settings import Settings, VastEnvironment
+from vast_vespa.settings import Settings, VastEnvironment, parse_bool
 from vast_vespa.signing import generate_private_key, public_pem, sign
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.resource import Forward, WorkerResource, passthrough
 from vast_vespa.worker.service import WorkerService
 from vast_vespa.worker.tap import build_worker
+
+# The whole suite runs with the fast path (the default) and on stock Twisted (FAST_PATH=false,
+# tox -e stock): what the tests build follows it, and so do the workers they spawn.
+FAST_PATH = parse_bool(os.environ.get("FAST_PATH", "true"))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.join(HERE, "vectors")  # copied from shared/vectors (throw-away key)
@@ -110,7 +114,13 @@ def start_worker(
     """A worker with the given settings in front of ``backend_url``; returns (url, service).
     With ``loaded`` the worker skips its start-up sequence (tests/test_lifecycle.py covers it)
     and serves at once; by default its drain at the end of the test does not wait."""
-    changes = {"unsecured": True, "drain_timeout": 0.0, "admin_listen": "", **changes}
+    changes = {
+        "unsecured": True,
+        "drain_timeout": 0.0,
+        "admin_listen": "",
+        "fast_path": FAST_PATH,
+        **changes,
+    }
     settings = dataclasses.replace(Settings(), backend_url=backend_url, listen=(), **changes)
     service = build_worker(settings, reactor)
     if loaded:
@@ -130,7 +140,7 @@ def observed_worker(
     if agent is None:
         pool = backend_pool(reactor)
         test.addCleanup(pool.closeCachedConnections)
-        agent = backend_agent(reactor, pool, 5)
+        agent = backend_agent(reactor, pool, 5, fast_path=FAST_PATH)
     results: list[RelayResult] = []
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     resource = WorkerResource(
@@ -141,7 +151,7 @@ def observed_worker(
         observers=(lambda request, result, forward: results.append(result),),
         **timeouts,
     )
-    return listen(test, VespaSite(resource)), results
+    return listen(test, VespaSite(resource, fast_path=FAST_PATH)), results
 
 
 class _PassthroughGate:

@@ -17,7 +17,14 @@ from twisted.web.client import RequestNotSent, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
-from tests.helpers import TrackingFactory, http_client, listen, observed_worker, raw_request
+from tests.helpers import (
+    FAST_PATH,
+    TrackingFactory,
+    http_client,
+    listen,
+    observed_worker,
+    raw_request,
+)
 from vast_vespa.net.client import backend_agent, backend_pool
 from vast_vespa.outcome import Outcome
 from vast_vespa.site import VespaSite
@@ -46,7 +53,7 @@ class BackendFaultTests(TestCase):
         self.backend_url = listen(self, self.backend)
         pool = backend_pool(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        self.agent = backend_agent(reactor, pool, 5)
+        self.agent = backend_agent(reactor, pool, 5, fast_path=FAST_PATH)
         self.http = http_client(self)
 
     def worker(self, backend_url=None, agent=None, **timeouts) -> str:
@@ -75,7 +82,7 @@ class BackendFaultTests(TestCase):
     async def test_refused_then_flapping_backend(self):
         """A backend that refuses connections gives 502 (errored); when it comes back on the
         same port requests are served, and it can go away and come back again."""
-        factory = TrackingFactory(VespaSite(self.backend))
+        factory = TrackingFactory(VespaSite(self.backend, fast_path=FAST_PATH))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         number = port.getHost().port
         url = self.worker(f"http://127.0.0.1:{number}")
@@ -218,7 +225,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(broken, lambda request, result, forward: seen.append(result.status)),
         )
-        url = listen(self, VespaSite(resource))
+        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
         for path in ("/status/200", "/status/404"):
             response = await self.http.get(url + path)
             self.assertEqual(response.code, int(path[-3:]))
@@ -248,7 +255,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(lambda request, result, forward: seen.append(result.status),),
         )
-        url = listen(self, VespaSite(resource))
+        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
         response = await self.http.get(url + "/status/200")
         await response.content()
         self.assertEqual(response.code, 200)
@@ -305,7 +312,7 @@ class BackendFaultTests(TestCase):
             self.backend_url,
             observers=(lambda request, result, forward: seen.append(result),),
         )
-        url = listen(self, VespaSite(resource))
+        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
         answer = self.http.get(url + "/x")
         reactor.callLater(0.01, slot.callback, None)
         response = await answer
@@ -326,7 +333,7 @@ class BackendFaultTests(TestCase):
                 raise RuntimeError("secret-token-1234 exploded")
 
         resource = WorkerResource(BrokenGate(), self.agent, reactor, self.backend_url)
-        url = listen(self, VespaSite(resource))
+        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
         response = await self.http.get(url + "/x")
         body = await response.content()
         self.assertEqual(response.code, 500)

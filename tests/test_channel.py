@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
-from tests.helpers import RawClient, listen, raw_connect
+from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
 from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
 from vast_vespa.site import VespaSite
 
@@ -65,10 +65,12 @@ _FIELD_BYTES = frozenset(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x
 
 
 class ChannelTests(SynchronousTestCase):
-    def connect(self, hold: bool = False, **limits):
+    def connect(self, hold: bool = False, fast_path: bool = FAST_PATH, **limits):
         self.clock = Clock()
         self.resource = _Held(hold)
-        self.site = VespaSite(self.resource, Limits(**limits), reactor=self.clock)
+        self.site = VespaSite(
+            self.resource, Limits(**limits), reactor=self.clock, fast_path=fast_path
+        )
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -396,8 +398,8 @@ class ChannelTests(SynchronousTestCase):
 
     def test_first_data_goes_with_the_head(self):
         """The head and the first data leave in one write (one packet): chunked, or as they
-        are when the answer has a Content-Length."""
-        channel, transport = self.connect(hold=True)
+        are when the answer has a Content-Length (the fast path's LeanRequest)."""
+        channel, transport = self.connect(hold=True, fast_path=True)
         writes: list[bytes] = []
         original = transport.write
         transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
@@ -501,7 +503,7 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_same_head_as_twisted_web(self):
         clock = Clock()
-        guarded = VespaSite(_Shapes(), reactor=clock)
+        guarded = VespaSite(_Shapes(), reactor=clock, fast_path=True)
         plain = Site(_Shapes(), reactor=clock)
         for path in (b"/no-type", b"/204", b"/304", b"/empty", b"/typed", b"/untyped", b"*"):
             for method, version in (
@@ -517,7 +519,7 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_date_is_the_site_clock_second(self):
         clock = Clock()
-        site = VespaSite(_Shapes(), reactor=clock)
+        site = VespaSite(_Shapes(), reactor=clock, fast_path=True)
         raw = b"GET /no-type HTTP/1.1\r\nHost: w\r\n\r\n"
         self.assertIn(b"\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n", self.exchange(site, raw))
         clock.advance(1_700_000_000.4)

@@ -41,7 +41,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from tests.helpers import listen, until
+from tests.helpers import FAST_PATH, listen, until
 from vast_vespa.net.client import (
     READ_SIZE,
     BytesProducer,
@@ -411,7 +411,7 @@ class KeepAliveTests(Http11Case):
         url = listen(self, site).encode()
         pool = backend_pool(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        agent = backend_agent(reactor, pool, 5)
+        agent = backend_agent(reactor, pool, 5, fast_path=FAST_PATH)
         for path in (b"/a", b"/b"):
             answer = await agent.request(b"GET", url + path)
             reader = BodyReader()
@@ -744,7 +744,7 @@ class FailureTests(Http11Case):
         number = port.getHost().port
         await port.stopListening()
         pool = backend_pool(reactor)
-        agent = backend_agent(reactor, pool, 5)
+        agent = backend_agent(reactor, pool, 5, fast_path=FAST_PATH)
         request = agent.request(b"GET", b"http://127.0.0.1:%d/" % number)
         await self.assertFailure(request, ConnectionRefusedError)
 

@@ -57,7 +57,7 @@ class SpliceTests(TestCase):
         self.results: list[RelayResult] = []
         self.resource = WorkerResource(
             Gate(),
-            backend_agent(reactor, pool, 5),
+            backend_agent(reactor, pool, 5, fast_path=True),
             reactor,
             self.backend_url,
             observers=(lambda request, result, forward: self.results.append(result),),
@@ -97,7 +97,7 @@ class SpliceTests(TestCase):
         self.patch(splice.Splice, "start", recording_start)
 
     async def worker(self) -> str:
-        return await listen_sending_now(self, VespaSite(self.resource))
+        return await listen_sending_now(self, VespaSite(self.resource, fast_path=True))
 
     async def get(self, url: str, path: str, read: bool = True) -> RawClient:
         request = b"GET %s HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n" % path.encode()

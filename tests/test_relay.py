@@ -34,10 +34,9 @@ from tests.helpers import (
 )
 from vast_vespa.net.client import Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
-from vast_vespa.net.request import LeanRequest
 from vast_vespa.net.resolve import NamedEndpoint
 from vast_vespa.relay import BodyRelay, ProxiedRequest
-from vast_vespa.site import VespaSite
+from vast_vespa.site import VespaRequest, VespaSite
 
 
 def seen_closed(cancelled: Deferred[None]) -> Deferred[None]:
@@ -68,8 +67,10 @@ class RelayTests(TestCase):
 
     async def test_the_head_and_the_first_event_leave_in_one_send(self):
         """A backend that writes its head with the first event (one read for the worker): the
-        client gets both in one write, so one packet and one wake-up, not two."""
-        url = await listen_sending_now(self, self.worker.site)
+        client gets both in one write, so one packet and one wake-up, not two (the fast
+        path's write path and LeanRequest)."""
+        _, worker = start_worker(self, self.backend_url, fast_path=True)
+        url = await listen_sending_now(self, worker.site)
         writes: list[bytes] = []
         write = SendNowServer.write
 
@@ -121,7 +122,7 @@ class RelayTests(TestCase):
         """Turn the garbage collector off for the test; weak references to each request,
         relay and backend response the worker sets up from now on."""
         made: list[weakref.ref[object]] = []
-        for cls in (LeanRequest, ProxiedRequest, BodyRelay, Response):
+        for cls in (VespaRequest, ProxiedRequest, BodyRelay, Response):
             self.patch(cls, "__init__", _recording_init(cls.__init__, made))
         gc.collect()
         gc.disable()

@@ -215,12 +215,12 @@ class BackendSession:
     whose body has been read; ``timeout`` (seconds) covers the whole exchange.
     """
 
-    def __init__(self, reactor: Any, base_url: str) -> None:
+    def __init__(self, reactor: Any, base_url: str, *, fast_path: bool = False) -> None:
         from treq.client import HTTPClient
 
         self.base_url = base_url.rstrip("/")
         self._clock: IReactorTime = reactor
-        self._pool = quiet_pool(reactor)
+        self._pool = quiet_pool(reactor, fast_path=fast_path)
         self._pool.maxPersistentPerHost = 256  # a benchmark may run many requests at once
         self._pool.cachedConnectionTimeout = 4  # before uvicorn drops idle connections (5 s)
         self._http = HTTPClient(Agent(reactor, pool=self._pool))

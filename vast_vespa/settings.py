@@ -957,6 +957,16 @@ CLIENT_OPTIONS: tuple[Option, ...] = (
         prefixed=False,
     ),
     Option(
+        "fast_path",
+        "FAST_PATH",
+        "fast-path",
+        parse_bool,
+        "true",
+        "Use Vespa's fast path through Twisted's internals (checked at start-up; false: stock "
+        "Twisted only).",
+        prefixed=False,
+    ),
+    Option(
         "client_access_log",
         "VESPA_CLIENT_ACCESS_LOG",
         "access-log",
@@ -987,6 +997,7 @@ class ClientSettings:
     route_retries: int = 3
     worker_retries: int = 3
     client_timeout: float = 0.0
+    fast_path: bool = True
     client_access_log: bool = True
 
     @property

@@ -62,8 +62,8 @@ class VespaSite(Site):
     """
     A Site whose connections are :class:`GuardedChannel` (HTTP/1.1 only, with ``limits``);
     counts open connections and refusals. ``name`` is how its log lines call it ("worker
-    starting on 3000"). With ``fast_path``, requests are
-    :class:`vast_vespa.net.request.LeanRequest` (the same answers, fewer steps).
+    starting on 3000"). With ``fast_path`` (only where :mod:`vast_vespa.net.guard` chose it),
+    requests are :class:`vast_vespa.net.request.LeanRequest` (the same answers, fewer steps).
     """
 
     protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 upgrade
@@ -76,7 +76,7 @@ class VespaSite(Site):
         limits: Limits | None = None,
         *,
         name: str = "site",
-        fast_path: bool = True,
+        fast_path: bool = False,
         **kwargs: Any,
     ) -> None:
         if _CAN_SKIP_FORMS:

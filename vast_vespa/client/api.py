@@ -44,6 +44,7 @@ from twisted.web.http_headers import Headers
 
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.net.client import quiet_pool
+from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.settings import ClientSettings, load_client_settings
 
 # Flow control of a streamed body read by a blocking caller: pause the connection when this
@@ -199,7 +200,9 @@ class VastClient:
         self._port = await serverFromString(reactor, self._listen).listen(service.site)
         host = cast(IPv4Address, self._port.getHost())
         self.url = f"http://{host.host}:{host.port}"
-        self._pool = quiet_pool(reactor)
+        self._pool = quiet_pool(
+            reactor, fast_path=choose_fast_path(self.settings.fast_path, reactor)
+        )
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         return self.url
 

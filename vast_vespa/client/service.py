@@ -22,6 +22,7 @@ from vast_vespa.client.routing import Router
 from vast_vespa.client.tls import WorkerTLSPolicy
 from vast_vespa.logs import TextLogForTwistd, log_access
 from vast_vespa.net.client import AnyPool, backend_agent, backend_pool, close_pool, quiet_pool
+from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.settings import ClientSettings
 from vast_vespa.site import VespaSite
@@ -50,9 +51,9 @@ class ClientService(TextLogForTwistd, MultiService):
         return DeferredList([stopped, *closed]).addCallback(lambda _: None)
 
 
-def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+def control_client(reactor: Any, fast_path: bool) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client (and its pool) for control-plane calls: /route/, endpoints, the CA."""
-    pool = quiet_pool(reactor)
+    pool = quiet_pool(reactor, fast_path=fast_path)
     pool.cachedConnectionTimeout = 30
     return HTTPClient(Agent(reactor, pool=pool)), pool
 
@@ -68,7 +69,8 @@ def build_client(
     ``clock`` (default: the reactor) runs every timer; ``rand`` is the back-off jitter source.
     """
     clock = clock or cast(IReactorTime, reactor)
-    http, control_pool = control_client(reactor)
+    fast = choose_fast_path(settings.fast_path, reactor)
+    http, control_pool = control_client(reactor, fast)
     key = EndpointKey(settings, http, clock)
     extra = {"rand": rand} if rand is not None else {}
     router = Router(
@@ -83,7 +85,7 @@ def build_client(
     )
     tls = WorkerTLSPolicy(http, clock, settings.ca_file, settings.ca_cache)
     worker_pool = backend_pool(reactor)
-    agent = backend_agent(reactor, worker_pool, tls=tls)
+    agent = backend_agent(reactor, worker_pool, tls=tls, fast_path=fast)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     observers: tuple[Observer, ...] = (log_access,) if settings.client_access_log else ()
     resource = ClientResource(
@@ -98,10 +100,10 @@ def build_client(
         observers,
         rand,
     )
-    site = VespaSite(resource, name="client proxy")
+    site = VespaSite(resource, name="client proxy", fast_path=fast)
     service = ClientService(clock, (worker_pool, control_pool), site, resource)
     for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor)
+        listener = listen_service(description, site, reactor, fast_path=fast)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service

@@ -26,6 +26,7 @@ from vast_vespa.client.keys import (
 )
 from vast_vespa.client.service import build_client, control_client
 from vast_vespa.logs import use_text_log
+from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.runtime import tune_once_running
 from vast_vespa.settings import (
     CLIENT_OPTIONS,
@@ -100,7 +101,7 @@ class Options(CommandOptions):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the proxy described by the parsed options."""
     reactor = installed_reactor(reactor)
-    tune_once_running(reactor)
+    tune_once_running(reactor, choose_fast_path(options.settings.fast_path, reactor))
     return use_text_log(build_client(options.settings, reactor), options)
 
 
@@ -124,7 +125,7 @@ async def _script(
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     settings = options.settings
-    http, pool = control_client(reactor)
+    http, pool = control_client(reactor, choose_fast_path(settings.fast_path, reactor))
     try:
         if options["list"] or not settings.endpoint:
             account_key = read_account_key(settings)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_http11 -*-
+# -*- test-case-name: tests.test_net_client -*-
 """
 The relay's HTTP/1.1 client: an :class:`IAgent` for the backend calls (worker to backend,
 client proxy to worker). Profiled under load, Twisted's Agent spent about 40% of the worker's
@@ -10,6 +10,13 @@ The response offers what the relay uses of :class:`IResponse` (code, phrase, hea
 length, deliverBody) and ends the body protocol the way Agent does (``ResponseDone``,
 ``PotentialDataLoss`` for a body delimited by the connection closing, ``ResponseFailed``),
 so :class:`vast_vespa.relay.ProxiedRequest` works with either agent.
+
+With the fast path (``fast_path``, see :mod:`vast_vespa.net.guard`), a request goes out at once
+(:func:`vast_vespa.net.listen.send_now`), a big body is spliced (:mod:`vast_vespa.net.splice`),
+each connection skips the endpoint's ``_WrappingProtocol`` once connected (its private
+``_wrappedProtocol``), and :func:`quiet_pool` swaps the control pool's private ``_factory``
+for one that does not log every connection; stock, the same requests take Twisted's own write
+path and the control pool is Twisted's as it is.
 """
 
 from __future__ import annotations
@@ -262,9 +269,10 @@ class Response:
 class _Connection(Protocol):
     """One keep-alive connection to a backend, carrying one request at a time."""
 
-    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+    def __init__(self, pool: ConnectionPool, key: Key, fast_path: bool) -> None:
         self._pool = pool
         self._key = key
+        self._fast = fast_path
         self._parser = HttpResponseParser(self)
         self._waiting: Deferred[IResponse] | None = None  # until the response headers
         self._response: Response | None = None  # until the response body ends
@@ -292,7 +300,10 @@ class _Connection(Protocol):
         transport: Any = self.transport
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = READ_SIZE
-        if getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is self:
+        if (
+            self._fast
+            and getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is self
+        ):
             # The endpoint's wrapper only forwards once connected: each chunk of each answer
             # skips a call through it.
             transport.protocol = self
@@ -345,11 +356,11 @@ class _Connection(Protocol):
         assert transport is not None
         if body is None:
             parts.append(b"Content-Length: 0\r\n\r\n" if method in _LENGTH_REQUIRED else b"\r\n")
-            send_now(transport, b"".join(parts))
+            self._send(b"".join(parts))
             return waiting
         if isinstance(body, BytesProducer):
             parts += (b"Content-Length: %d\r\n\r\n" % body.length, body.body)
-            send_now(transport, b"".join(parts))
+            self._send(b"".join(parts))
             return waiting
         chunked = body.length is UNKNOWN_LENGTH
         if chunked:
@@ -363,6 +374,14 @@ class _Connection(Protocol):
         sent = body.startProducing(cast(IConsumer, consumer))
         sent.addCallbacks(self._body_sent, self._body_failed, (chunked,))
         return waiting
+
+    def _send(self, data: bytes) -> None:
+        """A request (head and body) in one write: out at once with the fast path."""
+        assert self.transport is not None
+        if self._fast:
+            send_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _body_sent(self, _: object, chunked: bool) -> None:
         if self._body is None:
@@ -507,7 +526,8 @@ class _Connection(Protocol):
         the response's head) is done, with what is left of the body then."""
         response = self._response
         if (
-            self._splice is not None
+            not self._fast
+            or self._splice is not None
             or response is None
             or self.body_to is None
             or not isinstance(response.length, int)
@@ -624,12 +644,13 @@ class _ChunkedConsumer:
 class _ConnectionFactory(Factory):
     noisy = False  # no "Starting factory" line per backend connection
 
-    def __init__(self, pool: ConnectionPool, key: Key) -> None:
+    def __init__(self, pool: ConnectionPool, key: Key, fast_path: bool) -> None:
         self._pool = pool
         self._key = key
+        self._fast = fast_path
 
     def buildProtocol(self, addr: Any) -> _Connection:
-        return _Connection(self._pool, self._key)
+        return _Connection(self._pool, self._key, self._fast)
 
 
 class _Backend:
@@ -648,9 +669,12 @@ class LeanAgent:
 
     MAX_BACKENDS = 256  # the client proxy talks to whichever workers it is routed to
 
-    def __init__(self, pool: ConnectionPool, endpoints: IAgentEndpointFactory) -> None:
+    def __init__(
+        self, pool: ConnectionPool, endpoints: IAgentEndpointFactory, fast_path: bool = True
+    ) -> None:
         self._pool = pool
         self._endpoints = endpoints
+        self._fast = fast_path
         self._backends: dict[Key, _Backend] = {}
 
     def request(
@@ -688,7 +712,9 @@ class LeanAgent:
         headers: Headers | None,
         body: IBodyProducer | None,
     ) -> Deferred[IResponse]:
-        connecting = backend.endpoint.connect(_ConnectionFactory(self._pool, backend.key))
+        connecting = backend.endpoint.connect(
+            _ConnectionFactory(self._pool, backend.key, self._fast)
+        )
         return connecting.addCallback(  # type: ignore[no-any-return]
             lambda connection: connection.send(method, target, backend.host, headers, body)
         )
@@ -723,10 +749,12 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per connection
 
 
-def quiet_pool(reactor: Any) -> HTTPConnectionPool:
-    """A persistent Agent pool that logs nothing per connection (control-plane calls)."""
+def quiet_pool(reactor: Any, *, fast_path: bool) -> HTTPConnectionPool:
+    """A persistent Agent pool for control-plane calls; with the fast path it logs nothing
+    per connection (stock Twisted logs "Starting factory" for each)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
+    if fast_path:
+        pool._factory = _QuietClientFactory
     return pool
 
 
@@ -805,8 +833,10 @@ def backend_agent(
     pool: ConnectionPool,
     connect_timeout: float | None = None,
     tls: IPolicyForHTTPS | None = None,
+    *,
+    fast_path: bool,
 ) -> IAgent:
     """The relay's agent (:class:`LeanAgent`): connections from ``pool``, endpoints made
     once per backend, giving up on a connection attempt after ``connect_timeout`` seconds
     (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy)."""
-    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls))
+    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls), fast_path)

@@ -1,16 +1,17 @@
-# -*- test-case-name: tests.test_sendnow -*-
+# -*- test-case-name: tests.test_net_listen -*-
 """
-TCP connections that send at once. A Twisted TCP transport queues every write and sends it
-on the next reactor turn, after asking epoll to watch the socket for writability and then
-to stop: two ``epoll_ctl`` calls and one more pass through the loop per write. A proxy
-writes once per relayed chunk (an SSE event, a response), so that was a third of the
-worker's CPU with 100 streams. Here a write goes straight to the socket when nothing is
-queued before it; only what the socket does not take is queued, the Twisted way, so order,
-backpressure (producers paused above ``bufferSize``), TLS and closing are unchanged.
+Listeners and TCP connections that send at once (the fast path; :func:`listen_service` without
+it is Twisted's own ``strports.service``).
+
+A Twisted TCP transport queues every write and sends it on the next reactor turn, after asking
+epoll to watch the socket for writability and then to stop: two ``epoll_ctl`` calls and one
+more pass through the loop per write, and a proxy writes once per relayed chunk (an SSE event,
+a response). Here a write goes straight to the socket when nothing is queued before it; only
+what the socket does not take is queued, the Twisted way, so order, backpressure (producers
+paused above ``bufferSize``), TLS and closing are unchanged.
 
 New connections are accepted by :func:`_accept_quickly` in place of ``tcp.Port.doRead``, which
-sets up a log-buffering context and a generator for every accept (3 % of the worker's CPU with
-100 SSE streams, a new connection each, measured side by side). Any error from ``accept`` is
+sets up a log-buffering context and a generator for every accept. Any error from ``accept`` is
 left to Twisted's own loop, so running out of file descriptors is handled the Twisted way.
 
 On Linux the listening socket is set up as nginx's ``listen ... deferred``: the kernel hands
@@ -19,6 +20,13 @@ first), and those bytes are read in the same turn of the reactor that accepted i
 one more turn (an ``epoll_wait``, often a wake-up) later. A client that connects and sends
 nothing waits in the kernel, not in the worker. ``TCP_NODELAY`` is set on the listening socket
 too: accepted sockets inherit it, which saves a system call per connection.
+
+Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`): a TCP connection's
+send queue (``_tempDataLen``, ``dataBuffer``, ``offset``) and closing state
+(``_writeDisconnecting``, ``_writeDisconnected``); ``tcp.Port``'s ``_buildAddr``, ``transport``
+and ``sessionno``, and its ``doRead`` replaced on the listening port; the epoll reactor's
+``_reads`` (through :mod:`vast_vespa.net.dispatch`); ``StreamServerEndpointService``'s
+``_raiseSynchronously`` (a bad port fails start-up, as ``strports.service`` does).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import socket
 from functools import partial
 from typing import Any, cast
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import tcp
@@ -186,8 +195,13 @@ def _connect(port: tcp.Port, client: socket.socket, address: Any) -> tcp.Server 
     return transport
 
 
-def listen_service(description: str, factory: IProtocolFactory, reactor: Any) -> IService:
-    """``strports.service(description, factory)`` with a :class:`SendNowEndpoint`."""
+def listen_service(
+    description: str, factory: IProtocolFactory, reactor: Any, *, fast_path: bool
+) -> IService:
+    """``strports.service(description, factory)``; with the fast path, through a
+    :class:`SendNowEndpoint`."""
+    if not fast_path:
+        return strports.service(description, factory, reactor=reactor)
     service = StreamServerEndpointService(
         SendNowEndpoint(serverFromString(reactor, description)), factory
     )

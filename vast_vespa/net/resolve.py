@@ -1,16 +1,18 @@
-# -*- test-case-name: tests.test_names -*-
+# -*- test-case-name: tests.test_net_resolve -*-
 """
 Backend host names looked up once every few seconds, not once per new connection.
 
 ``HostnameEndpoint`` asks the reactor's resolver on every connection attempt, and Twisted's
 resolver calls ``getaddrinfo`` in the reactor's thread pool (ten threads). The default
-``BACKEND_URL`` names its host (``localhost``), so a burst of new streams queued a look-up
-each behind those threads: 500 new streams at once waited 360-480 ms for their first byte
-(175-270 ms now, 75-175 ms with ``127.0.0.1``). :class:`NamedEndpoint` is
+``BACKEND_URL`` names its host (``localhost``), so a burst of new streams would queue a
+look-up each behind those threads. :class:`NamedEndpoint` is
 ``HostnameEndpoint`` (every address of the name is tried, IPv6 and IPv4 alike) with
 look-ups kept for :data:`NAME_TTL` seconds by a :class:`RememberedNames`; when no address
 can be connected to, what was kept is forgotten, so a backend that moved is looked up again
 on the next attempt.
+
+Public Twisted APIs only: it is in :mod:`vast_vespa.net` as part of the backend client, and
+serves with and without the fast path.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-# -*- test-case-name: tests.test_splice -*-
+# -*- test-case-name: tests.test_net_splice -*-
 """
 Big bodies moved from socket to socket inside the kernel (Linux ``splice(2)`` through a
 pipe), never copied into the worker.
 
-Relaying a big download, the worker spent its CPU on two copies per byte, into Python from
-the backend socket and back out to the client socket: about 0.9 s of CPU per GB, which is
-what held S4 near 1 GB/s on two cores. Spliced, the kernel hands the same pages from one
-socket to the other: 0.35-0.4 s per GB in the same test. :class:`Splice` does this for the
+Relaying a big download, the worker spends its CPU on two copies per byte, into Python from
+the backend socket and back out to the client socket. Spliced, the kernel hands the same pages
+from one socket to the other. :class:`Splice` does this for the
 rest of a body of known length between two plain TCP transports, reading only while the
 pipe can be emptied into the client (so backpressure is the kernel's: nothing is buffered
 in the worker), and gives both transports back to Twisted when the body has gone.
@@ -16,6 +15,10 @@ splice's; an error on the backend socket is returned to Twisted as a lost connec
 the backend connection ends the usual way. Where ``splice(2)`` turns out not to work between
 sockets (EINVAL, ENOSYS or EOPNOTSUPP before the first byte went: gVisor, unusual kernels),
 it is logged once, that body and every later one go the usual way, and nothing is lost.
+
+Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`): a TCP connection's
+send queue (``_tempDataLen``, ``dataBuffer``, ``offset``), and its ``doRead`` and ``doWrite``,
+replaced on the two live transports while a body is spliced. Used with the fast path only.
 """
 
 from __future__ import annotations

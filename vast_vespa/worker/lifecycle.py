@@ -413,14 +413,16 @@ class ReadinessGate:
         return self._inner.admit(request)
 
 
-def build_lifecycle(settings: Settings, reactor: Any, state: WorkerState) -> Lifecycle:
+def build_lifecycle(
+    settings: Settings, reactor: Any, state: WorkerState, fast_path: bool
+) -> Lifecycle:
     """
     The lifecycle for ``settings``: loads the benchmark now, so that a wrong BENCHMARK stops
-    start-up at once.
+    start-up at once. ``fast_path``: whether the fast path runs (its session's pool).
 
     @raise SettingsError: the benchmark cannot be loaded, or its session cannot be provided.
     """
-    session = BackendSession(reactor, settings.backend_url)
+    session = BackendSession(reactor, settings.backend_url, fast_path=fast_path)
     spec = settings.benchmark_spec
     benchmark: Callable[[], Deferred[float]] | None = None
     if spec:

@@ -17,6 +17,7 @@ from vast_vespa import __version__
 from vast_vespa.cli import CommandOptions, installed_reactor, option_help
 from vast_vespa.logs import log_access, use_text_log
 from vast_vespa.net.client import backend_agent, backend_pool, quiet_pool
+from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.net.server import Limits
 from vast_vespa.notify import SystemdNotifier, SystemdService
@@ -69,7 +70,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the worker described by the parsed options."""
     try:
         reactor = installed_reactor(reactor)
-        tune_once_running(reactor)
+        tune_once_running(reactor, choose_fast_path(options.settings.fast_path, reactor))
         return use_text_log(build_worker(options.settings, reactor), options)
     except SettingsError as e:
         raise SystemExit(f"vespa: {e}") from None
@@ -78,9 +79,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     """Wire the worker's objects from its settings (tests call this directly)."""
     check_protocol(settings)
+    fast = choose_fast_path(settings.fast_path, reactor)
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None)
+    agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None, fast_path=fast)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
     metrics = admin.PrometheusMetrics(state, clock)
@@ -98,7 +100,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     client = None
     control_pool = None
     if vast.report_addrs:
-        control_pool = quiet_pool(reactor)
+        control_pool = quiet_pool(reactor, fast_path=fast)
         client = AutoscalerClient(
             HTTPClient(Agent(reactor, pool=control_pool)),
             clock,
@@ -134,7 +136,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
     )
-    site = VespaSite(resource, limits_from(settings), name="worker", reactor=reactor)
+    site = VespaSite(
+        resource, limits_from(settings), name="worker", fast_path=fast, reactor=reactor
+    )
     metrics.register_gauge(
         "vespa_open_connections",
         "Client connections open on the worker listeners.",
@@ -143,7 +147,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = load
     service.control_pool = control_pool
-    lifecycle = build_lifecycle(settings, reactor, state)
+    lifecycle = build_lifecycle(settings, reactor, state, fast)
     lifecycle.setServiceParent(service)
     for child in children:
         child.setServiceParent(cast(IServiceCollection, service))
@@ -152,7 +156,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
             # The autoscaler learns of the drain at once.
             service.add_drain_hook(cast(DrainHook, child.send_now))
     for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor)
+        listener = listen_service(description, site, reactor, fast_path=fast)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     if settings.admin_listen:
