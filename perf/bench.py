@@ -18,14 +18,30 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from parts import PRELUDES
 from procs import Children, Probe, wait_healthy
 from report import plot, render
 
 # twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+@dataclass
+class Build:
+    """A Vespa to measure: its interpreter, environment and code run before twistd."""
+
+    name: str
+    python: str
+    env: dict[str, str] = field(default_factory=dict)
+    prelude: str = ""
+
+    def twistd(self) -> list[str]:
+        return [self.python, "-c", self.prelude + TWISTD]
+
+
 HERE = Path(__file__).resolve().parent
 # Loopback only, with the listen backlog of Vespa's default listener (--worker-port).
 VESPA_LISTEN = "tcp:{port}:interface=127.0.0.1:backlog=1024"
@@ -61,6 +77,7 @@ class Target:
     argv: list[str] | None = None  # None: the backend itself (direct)
     pid: int = 0
     signed: bool = False  # signed mode: only the signed-envelope scenario (S2) can use it
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class Bench:
@@ -192,19 +209,21 @@ class Bench:
         """The proxy targets (not yet started); direct is added by ``start_targets``."""
         base = self.args.port_base + 10
         found = [Target("nginx", base, [])]
-        for index, (name, python) in enumerate(self.builds):
-            argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa", "--unsecured", "true"]
+        for index, build in enumerate(self.builds):
+            argv = [*build.twistd(), "-n", "--pidfile=", "vespa", "--unsecured", "true"]
             argv += ["--backend-url", "{backend_url}", "--listen", VESPA_LISTEN]
-            found.append(Target(name, base + 1 + index, argv))
+            found.append(Target(build.name, base + 1 + index, argv, env=build.env))
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
         if signed and self.signed_envelope:
-            for index, (name, python) in enumerate(self.builds):
-                argv = [python, "-c", TWISTD, "-n", "--pidfile=", "vespa"]
+            for index, build in enumerate(self.builds):
+                argv = [*build.twistd(), "-n", "--pidfile=", "vespa"]
                 argv += ["--backend-url", "{backend_url}"]
                 argv += ["--listen", VESPA_LISTEN]
-                signed_name = name.replace("vespa", "vespa-signed", 1)
-                found.append(Target(signed_name, base + 40 + index, argv, signed=True))
+                signed_name = build.name.replace("vespa", "vespa-signed", 1)
+                found.append(
+                    Target(signed_name, base + 40 + index, argv, signed=True, env=build.env)
+                )
         return found
 
     def start_targets(
@@ -229,6 +248,7 @@ class Bench:
                 ]
                 # Each build its own admin port (older builds ignore the variable).
                 env = {"ADMIN_LISTEN": f"tcp:{target.port + 100}:interface=127.0.0.1"}
+                env.update(target.env)
                 if target.signed:
                     env.update(self.vast_env(target.port))
                 proc = self.children.start(f"{target.name}-{tag}", argv, env)
@@ -407,18 +427,22 @@ class Bench:
 
     def run(self) -> None:
         a = self.args
-        self.builds = [("vespa", sys.executable)]
+        self.builds = [Build("vespa", sys.executable)]
+        if a.stock:
+            self.builds.append(Build("vespa-stock", sys.executable, {"FAST_PATH": "false"}))
+        for part in a.parts:
+            self.builds.append(Build(f"vespa-no-{part}", sys.executable, prelude=PRELUDES[part]))
         for ref in a.compare:
-            self.builds.append((f"vespa@{ref}", self.build_ref(ref)))
+            self.builds.append(Build(f"vespa@{ref}", self.build_ref(ref)))
         self.results["targets"] = (
-            ["direct", "nginx"] + [n for n, _ in self.builds] + [n for n, _ in a.target]
+            ["direct", "nginx"] + [b.name for b in self.builds] + [n for n, _ in a.target]
         )
         self.start_backends()
         self.signed_envelope = ""
         if "S2" in a.scenarios and a.signed:
             self.start_autoscaler()
             self.results["targets"] += [
-                name.replace("vespa", "vespa-signed", 1) for name, _ in self.builds
+                b.name.replace("vespa", "vespa-signed", 1) for b in self.builds
             ]
         nginx_backend = (a.port_base, self.backend_pid)
         python_backend = (a.port_base + 1, self.sse_backend_pid)
@@ -486,6 +510,18 @@ def main() -> None:
         metavar=("NAME", "CMD"),
         help="an extra proxy: shell command with {backend_url} and {port}",
     )
+    parser.add_argument(
+        "--no-stock",
+        dest="stock",
+        action="store_false",
+        help="skip vespa-stock (this build with FAST_PATH=false, measured by default)",
+    )
+    parser.add_argument(
+        "--parts",
+        default="",
+        help="also measure this build with each of these fast-path parts turned off alone "
+        f"(comma-separated: {', '.join(PRELUDES)}, or all)",
+    )
     parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
     parser.add_argument(
         "--no-signed",
@@ -520,6 +556,10 @@ def main() -> None:
         print(render(results))
         return
     args.scenarios = [s.strip() for s in args.scenarios.split(",")]
+    args.parts = list(PRELUDES) if args.parts == "all" else [p for p in args.parts.split(",") if p]
+    unknown = set(args.parts) - set(PRELUDES)
+    if unknown:
+        parser.error(f"unknown --parts: {', '.join(sorted(unknown))}")
     args.s1_conc = [int(c) for c in args.s1_conc.split(",")]
     out = args.out or Path("perf-results") / time.strftime("%Y%m%d-%H%M%S")
     bench = Bench(args, out)

@@ -41,6 +41,17 @@ def cpu_per_request(runs: list[dict]) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
+def per_request_cpu_ratios(points: dict, target: str, base: str) -> list[float]:
+    """Per-round ratios of proxy CPU time per request, ``target / base``."""
+
+    def cost(run: dict) -> float | None:
+        return run["proxy_cpu_pct"] / run["rps"] if run.get("rps") else None
+
+    pairs = zip(points.get(target, []), points.get(base, []), strict=False)
+    costs = [(cost(a), cost(b)) for a, b in pairs]
+    return [a / b for a, b in costs if a is not None and b]
+
+
 def cpu_per_gb(runs: list[dict]) -> str:
     """Proxy CPU seconds per GB moved: the cost, whoever limited the speed."""
     values = [r["proxy_cpu_pct"] * 10 / r["mb_per_s"] for r in runs if r.get("mb_per_s")]
@@ -238,8 +249,62 @@ def render(results: dict) -> str:
             ],
             rows,
         )
+    out += fast_path_parts(results)
     out += check(results)
     return "\n".join(out)
+
+
+def fast_path_parts(results: dict) -> list[str]:
+    """Each other Vespa variant of this build (vespa-stock, vespa-no-<part>) against "vespa"
+    (the fast path whole), measured in the same rounds: what the fast path and each part buy."""
+    s = results["scenarios"]
+    variants = [t for t in results["targets"] if t == "vespa-stock" or t.startswith("vespa-no-")]
+    if not variants:
+        return []
+    rows = []
+    for target in variants:
+        s1 = ratios(s.get("S1", {}).get("c=64", {}), target, "vespa", "rps")
+        s1_cpu = per_request_cpu_ratios(s.get("S1", {}).get("c=64", {}), target, "vespa")
+        ttfb, s3_cpu = [], []
+        for by_target in s.get("S3", {}).values():
+            mine, whole = by_target.get(target, []), by_target.get("vespa", [])
+            direct = by_target.get("direct", [])
+            ttfb += [
+                b - a
+                for a, b in zip(added_ttfb(whole, direct), added_ttfb(mine, direct), strict=False)
+            ]
+            s3_cpu += ratios(by_target, target, "vespa", "proxy_cpu_pct")
+        s4 = []
+        for point, by_target in s.get("S4", {}).items():
+            if point != "upload":
+                s4 += ratios(by_target, target, "vespa", "mb_per_s")
+        rows.append(
+            [
+                target,
+                ratio_text(s1),
+                ratio_text(s1_cpu),
+                f"{statistics.median(ttfb):+.2f} ms" if ttfb else "-",
+                ratio_text(s3_cpu),
+                ratio_text(s4),
+            ]
+        )
+    header = [
+        "variant (÷ vespa, same rounds)",
+        "S1 c=64 req/s",
+        "S1 CPU/request",
+        "S3 TTFB p50",
+        "S3 proxy CPU",
+        "S4 download MB/s",
+    ]
+    intro = [
+        "## The fast path, whole and part by part",
+        "",
+        "vespa-stock runs with FAST_PATH=false; vespa-no-<part> turns one part off alone "
+        "(perf/parts.py). Each figure is the variant's over the whole fast path's: req/s below 1, "
+        "CPU above 1 and TTFB above +0 ms are what the fast path (or that part) buys.",
+        "",
+    ]
+    return intro + table(header, rows)
 
 
 def check(results: dict) -> list[str]:

@@ -1,0 +1,39 @@
+"""
+The fast path's parts, each turned off alone for ``bench.py --parts``: a few lines of Python run
+in the worker process before twistd starts, replacing one part with Twisted's own way. These
+exist for measurement only (the worker has one switch, FAST_PATH, for the whole fast path); the
+table they give is "what each part buys" in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+PRELUDES: dict[str, str] = {
+    # The reactor's own event dispatch (log.callWithLogger around each event).
+    "dispatch": (
+        "import vast_vespa.net.dispatch as m\nm.lean_event_dispatch = lambda reactor: False\n"
+    ),
+    # Twisted's own accept loop, no deferred accept (connections still send at once).
+    "accept": (
+        "import vast_vespa.net.listen as m\n"
+        "from twisted.internet import tcp\n"
+        "def only_send_now(port):\n"
+        "    if isinstance(port, tcp.Port) and port.transport is tcp.Server:\n"
+        "        port.transport = m.SendNowServer\n"
+        "    return port\n"
+        "m._send_now = only_send_now\n"
+    ),
+    # Twisted's own write path: every write queued for the next reactor turn.
+    "send-now": (
+        "import vast_vespa.net.listen as m, vast_vespa.net.client as c\n"
+        "from twisted.internet import tcp\n"
+        "m.SendNowServer.write = tcp.Server.write\n"
+        "m.SendNowServer.writeSequence = tcp.Server.writeSequence\n"
+        "c.send_now = lambda transport, data: transport.write(data)\n"
+    ),
+    # Big bodies copied through the worker instead of spliced in the kernel.
+    "splice": "import vast_vespa.net.client as c\nc.can_splice = lambda transport: False\n",
+    # twisted.web's own Request steps (resource walk, head writing, write checks).
+    "lean-request": (
+        "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"
+    ),
+}
