@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.http import Request
 
 JSON = b"application/json"
+
+# Told how each request ended: the request, its result, and what was forwarded for it (the
+# worker's Forward, with its workload) or None.
+Observer = Callable[[server.Request, "RelayResult", Any], None]
+_log = Logger()
 
 
 class Outcome(enum.Enum):
@@ -90,3 +98,15 @@ def describe_failure(failure: Failure) -> str:
         return "request cancelled"
     text = str(value) or type(value).__name__
     return text.strip()
+
+
+def notify(
+    observers: tuple[Observer, ...], request: server.Request, result: RelayResult, forward: Any
+) -> None:
+    """Tell every observer; one that raises is logged and the others still hear of it (the
+    relay's Deferred chains end here, so nothing would report the error otherwise)."""
+    for observer in observers:
+        try:
+            observer(request, result, forward)
+        except Exception:
+            _log.failure("observer {observer!r} failed", observer=observer)

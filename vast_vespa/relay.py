@@ -55,6 +55,12 @@ def body_producer(
     return FileBodyProducer(content, cooperator)
 
 
+def request_has_body(request: Request) -> bool:
+    """Whether the client sent a body (even an empty one): its framing headers say so."""
+    headers = request.requestHeaders
+    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+
+
 def _without_query(url: bytes) -> bytes:
     """``url`` fit for a log line: its query string may carry a signature or an app's key."""
     return url.split(b"?", 1)[0]

@@ -36,9 +36,17 @@ from vast_vespa import request_id
 from vast_vespa.client.routing import Route, RouteError, Router, backoff
 from vast_vespa.client.tls import CertificateError, WorkerTLSPolicy
 from vast_vespa.headers import forwarded_request_headers
-from vast_vespa.outcome import JSON, Outcome, RelayResult, error_body, outcome_of, write_error
-from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer
-from vast_vespa.worker.resource import Observer, notify, request_has_body
+from vast_vespa.outcome import (
+    JSON,
+    Observer,
+    Outcome,
+    RelayResult,
+    error_body,
+    notify,
+    outcome_of,
+    write_error,
+)
+from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"

@@ -24,9 +24,9 @@ from vast_vespa.logs import TextLogForTwistd, log_access
 from vast_vespa.net.client import AnyPool, backend_agent, backend_pool, close_pool, quiet_pool
 from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
+from vast_vespa.outcome import Observer
 from vast_vespa.settings import ClientSettings
 from vast_vespa.site import VespaSite
-from vast_vespa.worker.resource import Observer
 
 
 class ClientService(TextLogForTwistd, MultiService):

@@ -23,8 +23,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vast_vespa import request_id
 from vast_vespa.headers import forwarded_request_headers
-from vast_vespa.outcome import Outcome, RelayResult, write_error
-from vast_vespa.relay import ProxiedRequest, body_producer
+from vast_vespa.outcome import Observer, Outcome, RelayResult, notify, write_error
+from vast_vespa.relay import ProxiedRequest, body_producer, request_has_body
 
 
 @dataclass
@@ -57,17 +57,9 @@ class RequestGate(Protocol):
         """Raise (or fail with) Rejection to refuse; a Deferred may wait for a slot."""
 
 
-Observer = Callable[[Request, RelayResult, "Forward | None"], None]
-
-
 def client_address(request: Request) -> str | None:
     peer = request.getClientAddress()
     return getattr(peer, "host", None)
-
-
-def request_has_body(request: Request) -> bool:
-    headers = request.requestHeaders
-    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
 
 
 def passthrough(
@@ -260,21 +252,3 @@ class WorkerResource(Resource):
     def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
         self.in_flight.done(request)
         notify(self._observers, request, result, forward)
-
-
-def notify(
-    observers: tuple[Observer, ...],
-    request: Request,
-    result: RelayResult,
-    forward: Forward | None,
-) -> None:
-    """Tell every observer; one that raises is logged and the others still hear of it (the
-    relay's Deferred chains end here, so nothing would report the error otherwise)."""
-    for observer in observers:
-        try:
-            observer(request, result, forward)
-        except Exception:
-            _observer_log.failure("observer {observer!r} failed", observer=observer)
-
-
-_observer_log = Logger()

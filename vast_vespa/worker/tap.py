@@ -21,6 +21,7 @@ from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.net.server import Limits
 from vast_vespa.notify import SystemdNotifier, SystemdService
+from vast_vespa.outcome import Observer
 from vast_vespa.runtime import tune_once_running
 from vast_vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
 from vast_vespa.site import VespaSite
@@ -31,7 +32,7 @@ from vast_vespa.worker.gate import SignedGate
 from vast_vespa.worker.lifecycle import ReadinessGate, build_lifecycle
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
-from vast_vespa.worker.resource import Observer, WorkerResource
+from vast_vespa.worker.resource import WorkerResource
 from vast_vespa.worker.service import DrainHook, WorkerService
 from vast_vespa.worker.state import WorkerState
 
