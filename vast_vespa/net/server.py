@@ -19,8 +19,11 @@ follows on the connection can be trusted), and never seen by the resource:
   more, a ``Transfer-Encoding`` other than a single ``chunked`` (``identity`` included),
   malformed chunks (a chunk size of 2^64 or more included), more than ``max_header_size``
   bytes of chunk extensions and trailers in a row, an upgrade request with a body;
-- 405 (with ``Allow``): CONNECT, TRACE and any method llhttp does not know (lowercase ones
-  included); 505: an HTTP version other than 1.0 and 1.1 (the HTTP/2 preface included);
+- 405 (with ``Allow``): CONNECT, TRACE and any method llhttp does not know (it knows the
+  registered ones, as Node.js's server; lowercase names are not methods); 505: an HTTP
+  version other than 1.0 and 1.1 (the HTTP/2 preface included; llhttp also reads RTSP/1.0 and
+  ICE/1.0 in a request line, answered as HTTP/1.0: nothing of the client's framing reaches the
+  backend);
 - 414/431: a request line or head over the size limit, too many headers; 413: a body over the
   size limit (from ``Content-Length`` before it is read, or while a chunked body arrives);
 - 408: a head not complete within its deadline (slowloris), a body slower than the minimum
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from httptools import (
+    HttpParserCallbackError,
     HttpParserError,
     HttpParserInvalidMethodError,
     HttpParserUpgrade,
@@ -395,9 +399,12 @@ class GuardedChannel(Protocol):
                 if data:
                     continue
             except HttpParserError as error:
-                if not self._parse_stopped:  # not stopped by a callback: llhttp refused it
-                    sniff = data if began_idle and completed == self._completed else None
-                    self._refuse_in_turn(*_parse_refusal(error, sniff))
+                if self._parse_stopped:  # a callback stopped it
+                    return
+                if isinstance(error, HttpParserCallbackError):
+                    raise  # a callback failed: a bug here, not the client's
+                sniff = data if began_idle and completed == self._completed else None
+                self._refuse_in_turn(*_parse_refusal(error, sniff))
                 return
             break
         if self._parse_stopped:
