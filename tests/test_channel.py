@@ -336,6 +336,18 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen[1][:2], (b"POST", b"/2"))
         self.assertEqual(len(self.resource.seen[1][2]), 20000)
 
+    def test_requests_pipelined_in_one_read_count_towards_the_buffer(self):
+        """Requests parsed in the same read as the one now answered are held like input that
+        comes later: past PIPELINE_BUFFER the connection is not read until they are answered."""
+        channel, transport = self.connect(hold=True)
+        count = PIPELINE_BUFFER // len(GET % 1) + 1  # more than PIPELINE_BUFFER bytes
+        channel.dataReceived(b"".join(GET % i for i in range(count)))
+        self.assertEqual(transport.producerState, "paused")
+        while self.resource.waiting:
+            self.resource.release()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/%d" % i for i in range(count)])
+
     def test_full_send_buffer_pauses_the_answer_then_the_client(self):
         """The transport's pause reaches the answer's producer; between requests it also
         stops reading the client, who must read its answers before sending more."""
@@ -535,6 +547,18 @@ class ChannelTests(SynchronousTestCase):
             [call.func for call in self.clock.getDelayedCalls()], [channel._idle_check]
         )
 
+    def test_failing_pull_producer_is_unregistered(self):
+        """A pull producer that raises is logged and asked for nothing more."""
+        channel, _ = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        request, _ = self.resource.waiting.pop(0)
+        failing = _Failing()
+        request.registerProducer(failing, False)
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.clock.advance(1)
+        self.assertEqual(failing.calls, 1)
+
 
 class PublicTwistedTests(SynchronousTestCase):
     def test_the_channel_uses_no_private_twisted_name(self):
@@ -651,6 +675,18 @@ class _Producer:
 
     def stopProducing(self):
         self.state = "stopped"
+
+
+@implementer(IPullProducer)
+class _Failing:
+    calls = 0
+
+    def resumeProducing(self):
+        self.calls += 1
+        raise ValueError("no data today")
+
+    def stopProducing(self):
+        pass
 
 
 @implementer(IPullProducer)

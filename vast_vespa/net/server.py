@@ -350,10 +350,9 @@ class GuardedChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._drop_input or self._parse_stopped:
             return
-        if self._answering:
-            self._held_size += len(data)
-            if self._held_size > PIPELINE_BUFFER:
-                self._pause_reading()
+        answering = self._answering
+        if answering:
+            self._hold(len(data))
         elif self._request is not None:
             self._window_bytes += len(data)
         chunk: bytes | bytearray = data
@@ -366,7 +365,15 @@ class GuardedChannel(Protocol):
             chunk, self._partial_line = cast(bytearray, self._partial_line) + data, None
         self._parse(chunk, len(data))
         self._apply()
+        if self._events and self._answering and not answering:
+            self._hold(len(data))  # requests behind the one now answered came in this read
         self._arm_input_timers()
+
+    def _hold(self, size: int) -> None:
+        """Count input that waits for an answer; past ``PIPELINE_BUFFER``, stop reading."""
+        self._held_size += size
+        if self._held_size > PIPELINE_BUFFER:
+            self._pause_reading()
 
     def _keep_partial_line(self, data: bytes) -> None:
         """Hold input without a line end while a head is open (it cannot complete it)."""
