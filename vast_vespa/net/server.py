@@ -583,7 +583,7 @@ class GuardedChannel(Protocol):
         self._last = not persistent
         expect = expect and version == b"HTTP/1.1"
         self._events.append(
-            (_HEAD, method, target, version, headers, length, chunked, persistent, expect, cookies)
+            (_HEAD, method, target, version, headers, length, persistent, expect, cookies)
         )
 
     def on_body(self, body: bytes) -> None:
@@ -637,12 +637,12 @@ class GuardedChannel(Protocol):
         version: bytes,
         headers: Headers,
         length: int | None,
-        chunked: bool,
         persistent: bool,
         expect: bool,
         cookies: bool,
     ) -> None:
-        """A head: create its twisted.web Request (the body, if any, follows)."""
+        """A head: create its twisted.web Request (the body, if any, follows; ``length`` is
+        None for a chunked one)."""
         if self._head_timer is not None:
             if self._head_timer.active():
                 self._head_timer.cancel()
