@@ -7,6 +7,8 @@ task.Clock; one case through a real socket.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import time
 from io import BytesIO
 
@@ -24,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
+from vast_vespa.net import server
 from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
 from vast_vespa.site import VespaSite
 
@@ -335,6 +338,18 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen[1][:2], (b"POST", b"/2"))
         self.assertEqual(len(self.resource.seen[1][2]), 20000)
 
+    def test_requests_pipelined_in_one_read_count_towards_the_buffer(self):
+        """Requests parsed in the same read as the one now answered are held like input that
+        comes later: past PIPELINE_BUFFER the connection is not read until they are answered."""
+        channel, transport = self.connect(hold=True)
+        count = PIPELINE_BUFFER // len(GET % 1) + 1  # more than PIPELINE_BUFFER bytes
+        channel.dataReceived(b"".join(GET % i for i in range(count)))
+        self.assertEqual(transport.producerState, "paused")
+        while self.resource.waiting:
+            self.resource.release()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/%d" % i for i in range(count)])
+
     def test_full_send_buffer_pauses_the_answer_then_the_client(self):
         """The transport's pause reaches the answer's producer; between requests it also
         stops reading the client, who must read its answers before sending more."""
@@ -440,6 +455,129 @@ class ChannelTests(SynchronousTestCase):
         second.write(b"after the client left")
         self.assertEqual(transport.value(), b"")
 
+    def test_upgrade_request_without_a_body_is_answered_as_a_plain_request(self):
+        """Vespa never upgrades: `Connection: upgrade` without a body gets an ordinary answer,
+        and the request pipelined after it is parsed afresh and answered (llhttp would have
+        skipped it as the upgraded protocol's data)."""
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            + GET % 2
+        )
+        self.assertEqual(self.answers(transport), [b"200 OK | GET /1 0", b"200 OK | GET /2 0"])
+        self.assertFalse(transport.disconnecting)
+
+    def test_error_in_a_pipelined_request_is_answered_in_turn(self):
+        """A malformed request parsed behind one being answered is answered after it, and
+        nothing more is read meanwhile."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1 + b"GET /2 HTTP/1.1\r\nHost: w\r\nX-A: \x01\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.producerState, "paused")
+        self.resource.release()
+        self.assertEqual(
+            [answer.split(b" | ")[0] for answer in self.answers(transport)],
+            [b"200 OK", b"400 Bad Request"],
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+
+    def test_pipelined_head_over_the_limit_is_refused_in_turn(self):
+        """A head that begins behind another request in one read is still held to the size
+        limit as it grows over the next reads."""
+        channel, transport = self.connect(max_header_size=200)
+        channel.dataReceived(GET % 1 + b"GET /2 HTTP/1.1\r\nHost: w\r\nX-A: " + b"a" * 50)
+        self.assertEqual(self.answers(transport), [b"200 OK | GET /1 0"])
+        channel.dataReceived(b"a" * 100)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"a" * 100)
+        self.assertIn(b"HTTP/1.1 431 Request Header Fields Too Large", transport.value())
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+
+    def test_a_head_sent_in_pieces_is_parsed_a_line_at_a_time(self):
+        """A head arriving a byte at a time is given to llhttp only once each line is whole:
+        the cost stays linear in its size (llhttp's callbacks would copy a partly received
+        header again for every piece)."""
+        channel, transport = self.connect()
+        fed: list[bytes] = []
+        parser = channel._parser
+
+        class Recording:
+            def feed_data(self, data):
+                fed.append(bytes(data))
+                parser.feed_data(data)
+
+            def __getattr__(self, name):
+                return getattr(parser, name)
+
+        channel._parser = Recording()
+        head = b"GET / HTTP/1.1\r\nHost: w\r\nX-A: " + b"a" * 3000 + b"\r\n\r\n"
+        for byte in head:
+            channel.dataReceived(bytes([byte]))
+        self.assertEqual(self.answers(transport), [b"200 OK | GET / 0"])
+        self.assertLessEqual(len(fed), head.count(b"\n") + 1, fed[:5])
+
+    def test_chunk_framing_without_data_is_limited(self):
+        """Trailers (or chunk extensions) arriving read after read with no body data are
+        refused past the head size limit: llhttp would gather a trailer without end."""
+        channel, transport = self.connect(max_header_size=1000)
+        channel.dataReceived(
+            b"POST /t HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        )
+        channel.dataReceived(b"X-T: " + b"t" * 600)
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"t" * 600)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
+        self.assertEqual(self.resource.seen, [])
+
+    def test_pull_producer_is_driven_on_the_site_reactor(self):
+        """A pull producer is asked for data by a task on the site's reactor, not while the
+        connection's send buffer is full, and not after it unregisters."""
+        channel, transport = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        request, _ = self.resource.waiting.pop(0)
+        pull = _Pull(request, [b"a", b"b"])
+        request.registerProducer(pull, False)
+        channel.pauseProducing()
+        self.clock.advance(1)
+        self.assertEqual(pull.parts, [b"a", b"b"])
+        channel.resumeProducing()
+        self.clock.advance(0)
+        self.assertTrue(pull.done)
+        self.assertTrue(transport.value().endswith(b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n"))
+        self.assertEqual(
+            [call.func for call in self.clock.getDelayedCalls()], [channel._idle_check]
+        )
+
+    def test_failing_pull_producer_is_unregistered(self):
+        """A pull producer that raises is logged and asked for nothing more."""
+        channel, _ = self.connect(hold=True)
+        channel.dataReceived(GET % 1)
+        request, _ = self.resource.waiting.pop(0)
+        failing = _Failing()
+        request.registerProducer(failing, False)
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.clock.advance(1)
+        self.assertEqual(failing.calls, 1)
+
+
+class PublicTwistedTests(SynchronousTestCase):
+    def test_the_channel_uses_no_private_twisted_name(self):
+        """vast_vespa/net/server.py imports nothing private from Twisted and reads no private
+        attribute of anything but its own objects, as its docstring says."""
+        tree = ast.parse(inspect.getsource(server))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("twisted"):
+                names = [*(node.module or "").split("."), *(a.name for a in node.names)]
+                self.assertEqual([n for n in names if n.startswith("_")], [], node.module)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                owner = node.value
+                self.assertTrue(
+                    isinstance(owner, ast.Name) and owner.id == "self", ast.unparse(node)
+                )
+        self.assertIn("uses no private names", " ".join((server.__doc__ or "").split()))
+
 
 class _Shapes(Resource):
     """Answers of every shape a response head takes, chosen by the path."""
@@ -539,6 +677,18 @@ class _Producer:
 
     def stopProducing(self):
         self.state = "stopped"
+
+
+@implementer(IPullProducer)
+class _Failing:
+    calls = 0
+
+    def resumeProducing(self):
+        self.calls += 1
+        raise ValueError("no data today")
+
+    def stopProducing(self):
+        pass
 
 
 @implementer(IPullProducer)

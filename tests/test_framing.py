@@ -9,15 +9,23 @@ from __future__ import annotations
 import json
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, raw_request, start_worker
+from vast_vespa.site import VespaSite
 
 POST = b"POST /x HTTP/1.1\r\nHost: w\r\n"
 GET = b"GET /x HTTP/1.1\r\nHost: w\r\n"
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: w\r\n\r\n"
 
-# name -> (raw request, expected status). Twisted's own checks: see vespa/worker/limits.py.
+# name -> (raw request, expected status). The checks: llhttp's and vast_vespa/net/server.py's.
 # (Absolute-form targets are well framed: WorkerResource answers them 400 with a request id on
 # a connection that stays open; see test_relay and test_logs.)
 CASES: dict[str, tuple[bytes, int]] = {
@@ -32,7 +40,12 @@ CASES: dict[str, tuple[bytes, int]] = {
     "CL -1": (POST + b"Content-Length: -1\r\n\r\na", 400),
     "CL empty": (POST + b"Content-Length: \r\n\r\n", 400),
     "CL hex": (POST + b"Content-Length: 0x3\r\n\r\nabc", 400),
-    "CL overflow": (POST + b"Content-Length: 99999999999999999999999999\r\n\r\n", 413),
+    "CL overflow": (POST + b"Content-Length: 99999999999999999999999999\r\n\r\n", 400),
+    "CL of 5000 digits": (POST + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+    "CL 2^64": (POST + b"Content-Length: 18446744073709551616\r\n\r\n", 400),
+    "CL 2^64 - 1": (POST + b"Content-Length: 18446744073709551615\r\n\r\n", 413),
+    "TE identity": (POST + b"Transfer-Encoding: identity\r\n\r\n", 400),
+    "TE chunked, identity": (POST + b"Transfer-Encoding: chunked, identity\r\n\r\n", 400),
     "TE gzip": (POST + b"Transfer-Encoding: gzip\r\n\r\n", 400),
     "TE gzip, chunked": (POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
     "TE twice": (
@@ -49,8 +62,8 @@ CASES: dict[str, tuple[bytes, int]] = {
         400,
     ),
     "chunk without CRLF": (POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", 400),
-    "chunk size line too long": (
-        POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 2000 + b"3\r\nabc\r\n0\r\n\r\n",
+    "chunk size of 2^64": (
+        POST + b"Transfer-Encoding: chunked\r\n\r\n10000000000000000\r\n",
         400,
     ),
     "control byte in name": (GET + b"X-A\x01b: 1\r\n\r\n", 400),
@@ -89,7 +102,30 @@ CASES: dict[str, tuple[bytes, int]] = {
     "DEL in target": (b"GET /a\x7fb HTTP/1.1\r\nHost: w\r\n\r\n", 400),
     "tab in target": (b"GET /a\tb HTTP/1.1\r\nHost: w\r\n\r\n", 400),
     "lowercase trace": (b"trace /x HTTP/1.1\r\nHost: w\r\n\r\n", 405),
+    "unknown method": (b"BREW /x HTTP/1.1\r\nHost: w\r\n\r\n", 405),
+    "LF-only line ends": (b"GET /x HTTP/1.1\nHost: w\n\n", 400),
+    "LF-only end of head": (GET + b"\n", 400),
+    "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    "upgrade with a body": (
+        POST
+        + b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(SMUGGLED), SMUGGLED),
+        400,
+    ),
+    "upgrade with a chunked body": (
+        POST + b"Connection: upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        400,
+    ),
 }
+# Refused by llhttp at once (the old parser waited for a deadline, raised, or let them through).
+IMMEDIATE = (
+    "CL of 5000 digits",
+    "TE identity",
+    "chunk size of 2^64",
+    "LF-only line ends",
+    "LF-only end of head",
+)
 
 
 class FramingTests(TestCase):
@@ -128,9 +164,8 @@ class FramingTests(TestCase):
     async def test_smuggled_request_after_refusal_never_runs(self):
         """A second request pipelined behind a refused one (the classic smuggling shape) is
         never parsed: the connection is closed after the error."""
-        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: w\r\n\r\n"
         payload = (
-            POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled
+            POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED
         )
         raw = await raw_request(self.url, payload)
         self.assertEqual(raw.count(b"HTTP/1.1 "), 1, raw)
@@ -143,15 +178,53 @@ class FramingTests(TestCase):
 
     async def test_lenient_but_unambiguous_input_is_served(self):
         """What RFC 9112 allows stays allowed: OWS around Content-Length, a TAB inside a value,
-        `Chunked` in any case, HTTP/1.0 without Host."""
+        `Chunked` in any case, HTTP/1.0 without Host, a chunk size with leading zeros (llhttp
+        reads it in constant memory; the body reaches the backend decoded, never as chunks)."""
+        chunked = POST + b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n"
         cases = [
             POST + b"Content-Length:  3 \r\nConnection: close\r\n\r\nabc",
             GET + b"X-A: a\tb\r\nConnection: close\r\n\r\n",
-            POST + b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            chunked + b"3\r\nabc\r\n0\r\n\r\n",
             b"GET /x HTTP/1.0\r\n\r\n",
+            chunked + b"0" * 2000 + b"3\r\nabc\r\n0\r\n\r\n",
         ]
         for payload in cases:
             raw = await raw_request(self.url, payload)
             self.assertTrue(raw.startswith(b"HTTP/1.1 200") or raw.startswith(b"HTTP/1.0 200"), raw)
-        self.assertEqual([s.body for s in self.backend.seen], [b"abc", b"", b"abc", b""])
+        self.assertEqual([s.body for s in self.backend.seen], [b"abc", b"", b"abc", b"", b"abc"])
         self.assertEqual(self.backend.seen[1].headers[b"x-a"], [b"a\tb"])
+
+
+class _Seen(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes] = []
+
+    def render(self, request):
+        self.seen.append(request.uri)
+        return b"ok"
+
+
+class ImmediateRefusalTests(SynchronousTestCase):
+    def test_refused_as_soon_as_it_arrives(self):
+        """A Content-Length of thousands of digits, `Transfer-Encoding: identity`, a chunk size
+        of 2^64 and LF-only line ends are answered 400 in the read that brings them: no
+        deadline has to pass, nothing raises, nothing reaches the resource."""
+        for name in IMMEDIATE:
+            payload, code = CASES[name]
+            resource = _Seen()
+            clock = Clock()
+            site = VespaSite(resource, reactor=clock)
+            channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            channel.dataReceived(payload)
+            status = transport.value().split(b"\r\n", 1)[0]
+            self.assertEqual(status, b"HTTP/1.1 %d Bad Request" % code, name)
+            self.assertTrue(transport.disconnecting, name)
+            self.assertEqual(resource.seen, [], name)
+            self.assertEqual(site.refusals["bad request"], 1, name)
+            channel.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(clock.getDelayedCalls(), [], name)

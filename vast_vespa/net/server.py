@@ -1,53 +1,74 @@
 # -*- test-case-name: tests.test_framing,tests.test_limits,tests.test_channel -*-
 """
-The worker's HTTP/1.1 edge: each client connection, parsed strictly and held to resource
-limits before anything is handed to the resource (and so to the backend).
+The HTTP/1.1 edge of every Vespa listener: each client connection, parsed strictly and held to
+resource limits before anything is handed to the resource (and so to the backend).
 
 :class:`GuardedChannel` is to twisted.web's ``Request`` what ``HTTPChannel`` is (its transport,
-consumer and producer), with its own parser: a request head is split and checked with a few
-bytes operations and compiled patterns, not line by line through ``LineReceiver``, which cost
-about a tenth of the worker's CPU per request. Chunked bodies go through twisted.web's own
-chunk decoder. What is refused, always as a JSON error followed by closing the connection
-(after a framing error nothing that follows on the connection can be trusted):
+consumer and producer). Requests are parsed by llhttp (``httptools.HttpRequestParser``, strict
+by default, maintained and fuzzed; one parser per connection), with Vespa's limits, deadlines
+and refusals on top. This module uses no private names: it imports nothing private from
+Twisted and reads no private attribute of a Twisted object (``_respondToBadRequestAndDisconnect``
+is not used but provided: twisted.web's Request calls it on its channel). What is refused,
+always as a JSON error followed by closing the connection (after a framing error nothing that
+follows on the connection can be trusted), and never seen by the resource:
 
-- 400: a malformed request line, a header name that is not a token, control characters other
-  than HTAB in a value, obs-fold, duplicate or missing ``Host``, ``Content-Length`` with
-  ``Transfer-Encoding``, two ``Content-Length`` headers or one that is not digits, a
-  ``Transfer-Encoding`` other than ``chunked``, malformed chunks;
-- 405: CONNECT and TRACE; 505: an HTTP version other than 1.0 and 1.1;
-- 414/431: a request line or head over the size limit, too many headers;
-- 413: a body over the size limit (from ``Content-Length`` before it is read, or while a
-  chunked body arrives);
+- 400: a malformed request line or target (control characters, spaces, bytes that are not
+  ASCII), a header name that is not a token, control characters other than HTAB in a value,
+  obs-fold, lines not ended by CRLF, duplicate or missing ``Host``, ``Content-Length`` with
+  ``Transfer-Encoding``, two ``Content-Length`` headers or one that is not digits or is 2^64 or
+  more, a ``Transfer-Encoding`` other than a single ``chunked`` (``identity`` included),
+  malformed chunks (a chunk size of 2^64 or more included), more than ``max_header_size``
+  bytes of chunk extensions and trailers in a row, an upgrade request with a body;
+- 405 (with ``Allow``): CONNECT, TRACE and any method llhttp does not know (it knows the
+  registered ones, as Node.js's server; lowercase names are not methods); 505: an HTTP
+  version other than 1.0 and 1.1 (the HTTP/2 preface included; llhttp also reads RTSP/1.0 and
+  ICE/1.0 in a request line, answered as HTTP/1.0: nothing of the client's framing reaches the
+  backend);
+- 414/431: a request line or head over the size limit, too many headers; 413: a body over the
+  size limit (from ``Content-Length`` before it is read, or while a chunked body arrives);
 - 408: a head not complete within its deadline (slowloris), a body slower than the minimum
   rate; 503: connections over the cap.
 
-Requests on a connection are answered in order. While one is answered, what the client sends
-next waits unparsed (up to ``PIPELINE_BUFFER`` bytes; then the connection is not read until
-the answer is done), so a pipelined request never reaches the resource early.
+llhttp parses all it is given: what it finds behind a request being answered (requests,
+bodies, a refusal) is queued and handed out in order once the answer is done, so a pipelined
+request never reaches the resource early and an error in one is answered after the answers
+before it. Past ``PIPELINE_BUFFER`` bytes received during an answer, the connection is not read
+until the queue is empty. llhttp has no limit on a head's size: it is counted here, exactly
+from read to read, and within one read from what llhttp reports (whitespace it skips is not
+counted); while a head is open, input without a line end is kept (not parsed) until one comes,
+so a head sent in small pieces costs linear time. Vespa never upgrades a connection: an upgrade
+request without a body is answered as a plain request, and the parser starts afresh on what
+follows it (llhttp would skip it); one with a body is refused, so its body is never parsed as a
+request.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from twisted.internet._producer_helpers import _PullToPush
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProducer,
+    IPullProducer,
     IPushProducer,
     ISSLTransport,
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import (
-    _ChunkedTransferDecoder,
-    _MalformedChunkedDataError,
-)
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -57,28 +78,17 @@ from vast_vespa.outcome import JSON, error_body
 if TYPE_CHECKING:
     from vast_vespa.site import VespaSite
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])")
-# Header values may carry visible characters, obs-text, SP and HTAB only (RFC 9110 section
-# 5.5); other control bytes are what smuggling differentials between parsers are made of.
-# One class to the end of the line, with no choice where whitespace belongs (the caller strips
-# it): a line is matched in one pass. Patterns with whitespace both inside and around the value
-# backtrack over runs of spaces: a 4 KiB line of spaces ending in a control byte took 66 s of
-# CPU to refuse.
-_HEADER = re.compile(rb"(" + _TOKEN + rb"):([^\x00-\x08\x0a-\x1f\x7f]*)")
-_SUPPORTED = (b"HTTP/1.0", b"HTTP/1.1")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 REFUSED_METHODS = (b"CONNECT", b"TRACE")
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # How often the body rate is checked, and how long a refused client may keep sending before
 # its connection is cut (so that it can read the error instead of getting a reset).
 BODY_RATE_WINDOW = 10.0
 LINGER = 2.0
-# Pipelined input held while a request is answered before the connection stops being read;
-# and how long a timed-out connection gets to close cleanly before it is aborted.
+# Input received while a request is answered before the connection stops being read; and how
+# long a timed-out connection gets to close cleanly before it is aborted.
 PIPELINE_BUFFER = 0x4000
-# Request bodies up to this size are kept in memory, larger ones in a temporary file (as
-# twisted.web does).
-IN_MEMORY_BODY = 100_000
 ABORT_TIMEOUT = 15.0
 REASONS = {
     400: b"Bad Request",
@@ -90,6 +100,42 @@ REASONS = {
     503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
+_BAD = "bad request"
+_LINE_ENDS = "lines must end with CRLF (no bare CR or LF)"
+_REQUEST_LINE = "malformed request line: expected METHOD TARGET HTTP/1.1"
+_FOLDING = "obsolete line folding in headers is not accepted"
+_NAME = "malformed header: a name that is not a token"
+# llhttp's reasons for refusing input (llhttp 9) -> the answer's detail: the first entry whose
+# fragment the reason holds. The version's are answered 505, the others 400.
+_VERSION_ERRORS = (
+    ("Invalid HTTP version", "use HTTP/1.1"),
+    ("PRI/Upgrade", "HTTP/2 is not served here: use HTTP/1.1"),
+)
+_PARSE_ERRORS = (
+    ("Chunk size overflow", "malformed chunked body: a chunk size of 2^64 or more"),
+    ("after chunk data", "malformed chunked body: chunk data not followed by CRLF"),
+    ("chunk size", "malformed chunked body: a chunk size that is not hex digits"),
+    ("chunk extension", "malformed chunked body: a malformed chunk extension"),
+    ("chunk", "malformed chunked body ({reason})"),
+    ("Content-Length overflow", "Content-Length is too large a number (2^64 or more)"),
+    ("Duplicate Content-Length", "a request may have one Content-Length"),
+    ("can't be present", "a request may not have both Content-Length and Transfer-Encoding"),
+    ("Content-Length", "Content-Length must be a decimal number"),
+    ("Transfer-Encoding", "only one Transfer-Encoding: chunked is accepted"),
+    ("whitespace after header value", _FOLDING),
+    ("space after start line", _FOLDING + " (a header line starts with a space)"),
+    ("header token", _NAME),
+    ("header field char", _NAME),
+    ("header value char", "malformed header: control characters in a value"),
+    ("CR", _LINE_ENDS),
+    ("LF", _LINE_ENDS),
+    ("url", "malformed request target: control characters, spaces or non-ASCII bytes"),
+    ("Expected", _REQUEST_LINE),
+    ("version", _REQUEST_LINE),
+)
+# What the parser found, queued in order until it is handed to twisted.web (see _apply).
+_HEAD, _BODY, _END, _REFUSE = range(4)
+_END_EVENT = (_END,)
 
 
 @dataclass(frozen=True)
@@ -104,18 +150,15 @@ class Limits:
     max_connections: int = 2048  # open client connections; 0 = no limit
 
 
-class _Refused(Exception):
-    """Raised while a head is checked; its arguments are :meth:`GuardedChannel.refuse`'s."""
-
-
-def _bad(detail: str) -> _Refused:
-    return _Refused(400, "bad request", detail)
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp (a refusal is queued, or the last request
+    was parsed)."""
 
 
 @implementer(IPushProducer)
 class GuardedChannel(Protocol):
-    """One client connection: strict HTTP/1.1 parsing, :class:`Limits` (from its site), and the
-    transport side of each twisted.web ``Request`` on it."""
+    """One client connection: strict HTTP/1.1 parsing (llhttp), :class:`Limits` (from its
+    site), and the transport side of each twisted.web ``Request`` on it."""
 
     site: VespaSite
     requestFactory: Callable[[GuardedChannel], Request]
@@ -126,21 +169,32 @@ class GuardedChannel(Protocol):
     # The state of a connection, as class defaults (only what changes is stored per
     # connection; S3 makes a connection per stream).
     _transport: Any = None  # TCP or TLS, from connectionMade
-    _request: Request | None = None  # from a complete head until it is answered
+    _limits: Limits
+    _parser: HttpRequestParser  # from connectionMade
+    # What the parser is in (parser callbacks):
+    _in_head = False  # a request has begun and its head is not complete
+    _in_body = False  # its head is complete and its body is not
+    _url = b""
+    _fields: list[tuple[bytes, bytes]]  # the head's header fields, from on_message_begin
+    _line_done = False  # the open head's request line is complete
+    _head_size = 0  # bytes of the open head known so far (0: none arriving)
+    _partial_line: bytearray | None = None  # input held (not parsed) until a line end comes
+    _body_size = 0
+    _framing_run = 0  # chunk framing (size lines, extensions, trailers) since the last data
+    _last = False  # the request parsed last asks to close the connection
+    _completed = 0  # requests parsed to their end
+    _parse_stopped = False  # nothing more is parsed: a refusal is queued, or the last request
+    # What twisted.web has of it (_apply):
+    _request: Request | None = None  # from a head handed out until it is answered
     _command = _path = _version = b""
     _persistent = True
-    _remaining = 0  # body bytes still to come (Content-Length)
-    _chunks: _ChunkedTransferDecoder | None = None
-    _chunks_rest: bytes | None = None  # what followed the last chunk, once it came
-    _body_bytes = 0
     _window_bytes = 0
     _answering = False  # the request has gone to the resource and is not finished
-    _parsing = False
-    _held_size = 0
+    _applying = False
+    _held_size = 0  # bytes received while a request is answered
     _reading_paused = False
     _waiting_for_transport = False
     _producer: IPushProducer | None = None  # the answer's, registered by its Request
-    _producer_streaming = True
     _drop_input = False
     _refused = False
     _counted = False
@@ -152,12 +206,7 @@ class GuardedChannel(Protocol):
     _linger: IDelayedCall | None = None
 
     def __init__(self) -> None:
-        self._head = bytearray()  # the start of a request head not complete yet
-        self._held: list[bytes] = []  # pipelined input, parsed once the answer is done
-
-    @property
-    def limits(self) -> Limits:
-        return self.site.limits
+        self._events: deque[tuple[Any, ...]] = deque()  # parsed, not handed out yet
 
     # The connection
 
@@ -171,15 +220,17 @@ class GuardedChannel(Protocol):
         transport.registerProducer(self, True)
         self._counted = True
         self.site.open_connections += 1
-        limit = self.limits.max_connections
-        if limit and self.site.open_connections > limit:
+        limits = self._limits = self.site.limits
+        if limits.max_connections and self.site.open_connections > limits.max_connections:
             self.refuse(
                 503,
                 "too many connections",
-                f"this worker accepts at most {limit} open connections; retry shortly",
+                f"this worker accepts at most {limits.max_connections} open connections; "
+                "retry shortly",
                 [(b"retry-after", b"1")],
             )
             return
+        self._parser = HttpRequestParser(self)
         if self.timeOut:
             self._last_seen = self.site.reactor.seconds()
             self._idle_timer = self.callLater(self.timeOut, self._idle_check)
@@ -193,6 +244,11 @@ class GuardedChannel(Protocol):
                 timer.cancel()
         self._head_timer = self._rate_timer = self._idle_timer = self._linger = None
         self._drop_input = True
+        self._events.clear()
+        try:
+            del self._parser  # it holds this channel's methods: leave no cycle behind
+        except AttributeError:
+            pass  # (a connection refused at once never had one)
         request, self._request = self._request, None
         if request is not None:
             request.connectionLost(reason)
@@ -201,7 +257,7 @@ class GuardedChannel(Protocol):
         """A connection with no request for ``timeOut`` seconds is closed (checked lazily: no
         timer is reset per request)."""
         assert self.timeOut is not None
-        if self._answering or self._request is not None or self._head:
+        if self._answering or self._request is not None or self._head_size:
             # A request arriving or being answered: its own deadlines apply, look again later.
             self._idle_timer = self.callLater(self.timeOut, self._idle_check)
             return
@@ -228,6 +284,8 @@ class GuardedChannel(Protocol):
         if self._refused:
             return
         self._refused = self._drop_input = True
+        self._events.clear()
+        self._partial_line = None
         self.site.refusals[error] += 1
         self._log.info(
             "refused {peer}: {code} {error}",
@@ -262,46 +320,173 @@ class GuardedChannel(Protocol):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # What twisted.web's Request calls on input it cannot use.
-        self.refuse(400, "bad request", "malformed HTTP request")
+        self.refuse(400, _BAD, "malformed HTTP request")
+
+    def _refuse_in_turn(
+        self,
+        code: int,
+        error: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
+    ) -> None:
+        """Queue a refusal behind what was parsed before it, and parse nothing more."""
+        self._events.append((_REFUSE, code, error, detail, headers))
+        self._parse_stopped = True
+        self._partial_line = None
+
+    def _stop(
+        self,
+        code: int,
+        error: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
+    ) -> NoReturn:
+        """In a parser callback: refuse in turn, and stop llhttp where it is."""
+        self._refuse_in_turn(code, error, detail, headers)
+        raise _Stop()
 
     # Input
 
     def dataReceived(self, data: bytes) -> None:
-        if self._drop_input:
+        if self._drop_input or self._parse_stopped:
             return
-        if self._answering:
-            self._hold(data)
-            return
-        if self._request is not None:
+        answering = self._answering
+        if answering:
+            self._hold(len(data))
+        elif self._request is not None:
             self._window_bytes += len(data)
-        self._consume(data)
+        chunk: bytes | bytearray = data
+        if self._in_head and (self._partial_line is not None or b"\n" not in data):
+            # A head is open: give llhttp whole lines (its callbacks would otherwise gather a
+            # header sent in many pieces by copying it again for each piece).
+            if b"\n" not in data:
+                self._keep_partial_line(data)
+                return
+            chunk, self._partial_line = cast(bytearray, self._partial_line) + data, None
+        self._parse(chunk, len(data))
+        self._apply()
+        if self._events and self._answering and not answering:
+            self._hold(len(data))  # requests behind the one now answered came in this read
         self._arm_input_timers()
 
-    def _hold(self, data: bytes) -> None:
-        """Keep input that came while a request is answered; stop reading past a limit."""
-        self._held.append(data)
-        self._held_size += len(data)
-        if self._held_size > PIPELINE_BUFFER and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pauseProducing()
+    def _hold(self, size: int) -> None:
+        """Count input that waits for an answer; past ``PIPELINE_BUFFER``, stop reading."""
+        self._held_size += size
+        if self._held_size > PIPELINE_BUFFER:
+            self._pause_reading()
 
-    def _consume(self, data: bytes) -> None:
-        """Parse ``data`` as far as it goes: heads, bodies, and each complete request to the
-        resource; what comes while a request is answered is held."""
-        self._parsing = True
-        try:
-            while data and not self._drop_input:
-                if self._answering:
-                    self._hold(data)
+    def _keep_partial_line(self, data: bytes) -> None:
+        """Hold input without a line end while a head is open (it cannot complete it)."""
+        if self._partial_line is None:
+            self._partial_line = bytearray(data)
+        else:
+            self._partial_line += data
+        self._head_size += len(data)
+        self._check_open_head()
+        self._apply()
+        self._arm_input_timers()
+
+    def _parse(self, data: bytes | bytearray | memoryview, received: int) -> None:
+        """Feed llhttp; what it finds is queued (see the parser callbacks below). ``received``
+        is how much of ``data`` came in this read (the rest was held for a line end)."""
+        began_idle = not self._in_head and not self._in_body
+        in_body = self._in_body
+        completed = self._completed
+        body_size = self._body_size
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except HttpParserUpgrade as upgrade:
+                # llhttp stops after an upgrade request, and would skip what follows it. Only
+                # a request without a body gets here: what follows is the next request.
+                if self._parse_stopped:
                     return
-                if self._request is None:
-                    data = self._receive_head(data)
-                elif self._chunks is not None:
-                    data = self._receive_chunks(data)
-                else:
-                    data = self._receive_body(data)
-        finally:
-            self._parsing = False
+                self._parser = HttpRequestParser(self)
+                data = memoryview(data)[upgrade.args[0] :]
+                if data:
+                    continue
+            except HttpParserError as error:
+                if self._parse_stopped:  # a callback stopped it
+                    return
+                if isinstance(error, HttpParserCallbackError):
+                    raise  # a callback failed: a bug here, not the client's
+                sniff = data if began_idle and completed == self._completed else None
+                self._refuse_in_turn(*_parse_refusal(error, sniff))
+                return
+            break
+        if self._parse_stopped:
+            return
+        if self._in_head:
+            if completed == self._completed:
+                # No request ended in this input: all of it went into the open head.
+                self._head_size += received
+                if not self._line_done:
+                    rest = data if began_idle else b"\n"
+                    self._line_done = b"\n" in bytes(rest).lstrip(b"\r\n")
+            else:
+                # It began behind another request in this input: count what llhttp reported.
+                # (Its request line is complete if a line end follows its target.)
+                url = self._url
+                end = bytes(data).rfind(url) + len(url) if url else len(data)
+                self._line_done = bool(self._fields) or b"\n" in data[end:]
+                self._head_size = 16 + len(self._url) + _fields_size(self._fields)
+            self._check_open_head()
+        elif in_body and self._in_body and completed == self._completed:
+            if self._body_size == body_size:
+                self._framing_run += received
+                if self._framing_run > self._limits.max_header_size:
+                    self._refuse_in_turn(
+                        400,
+                        _BAD,
+                        "malformed chunked body: chunk extensions and trailers are limited to "
+                        f"{self._limits.max_header_size} bytes",
+                    )
+            else:
+                self._framing_run = 0
+
+    def _check_open_head(self) -> None:
+        limits = self._limits
+        if self._head_size > limits.max_header_size:
+            self._refuse_in_turn(*self._head_too_large(not self._line_done))
+        elif len(self._fields) > limits.max_headers:
+            self._refuse_in_turn(*self._too_many_headers())
+
+    def _head_too_large(self, line_too_long: bool) -> tuple[int, str, str]:
+        detail = f"request line and headers are limited to {self._limits.max_header_size} bytes"
+        if line_too_long:
+            return 414, "request line too long", detail
+        return 431, "request headers too large", detail
+
+    def _too_many_headers(self) -> tuple[int, str, str]:
+        return 431, "too many headers", f"at most {self._limits.max_headers} headers are accepted"
+
+    def _too_large(self) -> tuple[int, str, str]:
+        return (
+            413,
+            "request body too large",
+            f"request bodies are limited to {self._limits.max_body_size} bytes",
+        )
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self.refuse(
+            408,
+            "request timeout",
+            f"request headers not complete within {self._limits.head_timeout:g} s",
+        )
+
+    def _check_body_rate(self) -> None:
+        self._rate_timer = None
+        needed = self._limits.min_body_rate * BODY_RATE_WINDOW
+        if self._window_bytes < needed:
+            self.refuse(
+                408,
+                "request timeout",
+                f"request body arrived slower than {self._limits.min_body_rate:g} bytes/s",
+            )
+            return
+        self._window_bytes = 0
+        self._rate_timer = self.callLater(BODY_RATE_WINDOW, self._check_body_rate)
 
     def _arm_input_timers(self) -> None:
         """Input stopped mid-head or mid-body: start its deadline (never armed for a request
@@ -309,209 +494,171 @@ class GuardedChannel(Protocol):
         if self._drop_input or self._answering:
             return
         if self._request is None:
-            if self._head and self._head_timer is None:
-                self._head_timer = self.callLater(self.limits.head_timeout, self._head_too_slow)
-        elif self._rate_timer is None and self.limits.min_body_rate:
+            if self._head_size and self._head_timer is None:
+                self._head_timer = self.callLater(self._limits.head_timeout, self._head_too_slow)
+        elif self._rate_timer is None and self._limits.min_body_rate:
             self._window_bytes = 0
             self._rate_timer = self.callLater(BODY_RATE_WINDOW, self._check_body_rate)
 
-    # The request head
+    # llhttp's callbacks (httptools.HttpRequestParser): they only check and queue, so that no
+    # resource code runs inside the parser.
 
-    def _receive_head(self, data: bytes) -> bytes:
-        """Buffer ``data`` until the head is complete; then check it and start the request.
-        Returns what follows the head."""
-        seen = len(self._head)
-        if seen:
-            self._head += data  # a bytearray: a head sent byte by byte costs linear time
-            buffer: bytes | bytearray = self._head
-        else:
-            buffer = data.lstrip(b"\r\n") if data[:1] in (b"\r", b"\n") else data
-            # (empty lines before a request line are ignored)
-        end = buffer.find(b"\r\n\r\n", max(seen - 3, 0))
-        limit = self.limits.max_header_size
-        if end < 0:
-            if len(buffer) > limit:
-                self._head_too_large(buffer)
-            elif not seen and buffer:
-                self._head = bytearray(buffer)
-            return b""
-        head, rest = bytes(buffer[:end]), bytes(buffer[end + 4 :])
-        self._head = bytearray()
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
-        if end > limit:
-            self._head_too_large(head)
-            return b""
-        try:
-            self._start_request(head)
-        except _Refused as refusal:
-            self.refuse(*refusal.args)
-            return b""
-        return rest
+    def on_message_begin(self) -> None:
+        if self._parse_stopped:
+            raise _Stop()  # nothing after a last request is parsed
+        self._in_head = True
+        self._url = b""
+        self._fields = []
+        self._line_done = False
 
-    def _head_too_large(self, buffer: bytes | bytearray) -> None:
-        detail = f"request line and headers are limited to {self.limits.max_header_size} bytes"
-        line_end = buffer.find(b"\r\n")
-        if line_end < 0 or line_end > self.limits.max_header_size:
-            self.refuse(414, "request line too long", detail)
-        else:
-            self.refuse(431, "request headers too large", detail)
+    def on_url(self, url: bytes) -> None:
+        self._url += url
 
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        self.refuse(
-            408,
-            "request timeout",
-            f"request headers not complete within {self.limits.head_timeout:g} s",
-        )
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))  # trailers too, after the head: ignored
 
-    def _start_request(self, head: bytes) -> None:
-        """Check a complete head (without its final blank line) and create its Request."""
-        lines = head.split(b"\r\n")
-        line = _REQUEST_LINE.fullmatch(lines[0])
-        if line is None:
-            raise _bad("malformed request line")
-        method, target, version = line.groups()
-        if version not in _SUPPORTED:
-            raise _Refused(505, "HTTP version not supported", "use HTTP/1.1")
-        if method.upper() in REFUSED_METHODS:
-            raise _Refused(
-                405,
-                "method not allowed",
-                f"{method.decode('ascii')} is not relayed",
-                [(b"allow", ALLOW)],
-            )
-        limits = self.limits
-        if len(lines) > limits.max_headers + 1:
-            raise _Refused(
-                431, "too many headers", f"at most {limits.max_headers} headers are accepted"
-            )
+    def on_headers_complete(self) -> None:
+        """A head is complete: check it as a whole, and queue it for twisted.web."""
+        self._in_head = False
+        self._in_body = True
+        self._body_size = self._framing_run = 0
+        parser = self._parser
+        limits = self._limits
+        method = parser.get_method()
+        target = self._url
+        fields = self._fields
+        http_version = parser.get_http_version()
+        version = _VERSIONS.get(http_version)
+        if version is None:
+            if http_version == "0.9":
+                self._stop(400, _BAD, "malformed request line: no HTTP version")
+            self._stop(505, "HTTP version not supported", "use HTTP/1.1")
+        if method in REFUSED_METHODS:
+            self._stop(*_method_not_allowed(method))
+        size = len(method) + len(target) + 14  # two spaces, the version, three line ends
         headers = Headers()
         length: int | None = 0
-        has_length = chunked = False
+        chunked = connection = expect = cookies = upgrade = False
         hosts = 0
-        connection: list[bytes] = []
-        expect = cookies = False
-        for raw in lines[1:]:
-            header = _HEADER.fullmatch(raw)
-            if header is None:
-                if raw[:1] in (b" ", b"\t"):
-                    raise _bad("obsolete line folding in headers is not accepted")
-                raise _bad("malformed header: a name that is not a token, or control characters")
-            name, value = header.groups()
-            value = value.strip(b" \t")
+        for name, value in fields:
+            size += len(name) + len(value) + 4
+            value = value.rstrip(b" \t")  # llhttp drops the whitespace before a value only
             lower = name.lower()
             if lower in _FRAMING:
                 if lower == b"host":
                     hosts += 1
                 elif lower == b"content-length":
-                    if has_length or chunked:
-                        raise _bad("a request may have one Content-Length and no Transfer-Encoding")
-                    if not value.isdigit():
-                        raise _bad("Content-Length must be a decimal number")
-                    has_length, length = True, int(value)
+                    length = int(value)  # digits: llhttp checked it
                 elif lower == b"transfer-encoding":
-                    coding = value.lower()
-                    if coding == b"identity":
-                        continue  # twisted.web accepts it, as a no-op
-                    if coding != b"chunked" or has_length or chunked:
-                        raise _bad("only one Transfer-Encoding: chunked, without Content-Length")
+                    if value.lower() != b"chunked":  # no coding of ours to undo (RFC 9112 6.3)
+                        self._stop(400, _BAD, "only one Transfer-Encoding: chunked is accepted")
                     chunked, length = True, None
                 elif lower == b"connection":
-                    connection.append(value)
+                    connection = True
                 elif lower == b"expect":
                     expect = expect or value.lower() == b"100-continue"
+                elif lower == b"upgrade":
+                    upgrade = True
                 else:
                     cookies = True
             headers.addRawHeader(name, value)
+        size = max(size, self._head_size)
+        self._head_size = 0
+        if size > limits.max_header_size:
+            self._stop(
+                *self._head_too_large(len(method) + len(target) + 12 > limits.max_header_size)
+            )
+        if len(fields) > limits.max_headers:
+            self._stop(*self._too_many_headers())
         if hosts > 1 or (not hosts and version == b"HTTP/1.1"):
-            raise _bad("an HTTP/1.1 request needs exactly one Host header")
+            self._stop(400, _BAD, "an HTTP/1.1 request needs exactly one Host header")
+        if upgrade and (chunked or length) and parser.should_upgrade():
+            # llhttp would skip the body: never let it be parsed as a request.
+            self._stop(
+                400, _BAD, "this server does not upgrade: an Upgrade request may not have a body"
+            )
         if length is not None and length > limits.max_body_size:
-            raise self._too_large()
+            self._stop(*self._too_large())
+        persistent = version == b"HTTP/1.1" and not (connection and not parser.should_keep_alive())
+        self._last = not persistent
+        expect = expect and version == b"HTTP/1.1"
+        self._events.append(
+            (_HEAD, method, target, version, headers, length, persistent, expect, cookies)
+        )
+
+    def on_body(self, body: bytes) -> None:
+        size = self._body_size = self._body_size + len(body)
+        if size > self._limits.max_body_size:  # a chunked body (llhttp holds others to CL)
+            self._stop(*self._too_large())
+        self._events.append((_BODY, body))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._completed += 1
+        self._events.append(_END_EVENT)
+        if self._last:
+            self._parse_stopped = True
+
+    # Handing requests to twisted.web
+
+    def _apply(self) -> None:
+        """Hand what was parsed to twisted.web, in order, up to the next request to answer."""
+        if self._applying:
+            return  # (a request answered at once, from inside this loop)
+        self._applying = True
+        events = self._events
+        try:
+            while events and not self._answering and not self._drop_input:
+                event = events.popleft()
+                kind = event[0]
+                if kind == _BODY:
+                    cast(Request, self._request).handleContentChunk(event[1])
+                elif kind == _HEAD:
+                    self._start_request(*event[1:])
+                elif kind == _END:
+                    self._all_content_received()
+                else:
+                    self.refuse(*event[1:])
+        finally:
+            self._applying = False
+        if events and self._parse_stopped:
+            self._pause_reading()  # a refusal or a last request waits its turn: read no more
+        elif not events and self._held_size and not self._drop_input:
+            # Everything received during the answers is handed out: read again.
+            self._held_size = 0
+            if self._reading_paused and not self._waiting_for_transport:
+                self._reading_paused = False
+                self._transport.resumeProducing()
+
+    def _start_request(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        length: int | None,
+        persistent: bool,
+        expect: bool,
+        cookies: bool,
+    ) -> None:
+        """A head: create its twisted.web Request (the body, if any, follows; ``length`` is
+        None for a chunked one)."""
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
         request = self.requestFactory(self)
         request.requestHeaders = headers
         self._request = request
         self._command, self._path, self._version = method, target, version
-        self._persistent = version == b"HTTP/1.1" and not _asks_to_close(connection)
-        if version == b"HTTP/1.1" and not self._persistent:
+        self._persistent = persistent
+        if version == b"HTTP/1.1" and not persistent:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         if cookies:
             request.parseCookies()
         request.gotLength(length)
-        if expect and version == b"HTTP/1.1":
+        if expect:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._body_bytes = 0
-        if chunked:
-            self._chunks_rest = None
-            self._chunks = _ChunkedTransferDecoder(self._chunk_received, self._chunks_done)
-        elif length:
-            self._remaining = length
-        else:
-            self._all_content_received()
-
-    # The request body
-
-    def _too_large(self) -> _Refused:
-        return _Refused(
-            413,
-            "request body too large",
-            f"request bodies are limited to {self.limits.max_body_size} bytes",
-        )
-
-    def _receive_body(self, data: bytes) -> bytes:
-        """A body of known length; returns what follows it."""
-        request = cast(Request, self._request)
-        remaining = self._remaining
-        if len(data) < remaining:
-            self._remaining = remaining - len(data)
-            request.handleContentChunk(data)
-            return b""
-        request.handleContentChunk(data if len(data) == remaining else data[:remaining])
-        self._remaining = 0
-        self._all_content_received()
-        return data[remaining:]
-
-    def _receive_chunks(self, data: bytes) -> bytes:
-        """A chunked body; returns what follows its last chunk."""
-        chunks = cast(_ChunkedTransferDecoder, self._chunks)
-        try:
-            chunks.dataReceived(data)
-        except _MalformedChunkedDataError as error:
-            self.refuse(400, "bad request", f"malformed chunked body: {error}")
-            return b""
-        rest = self._chunks_rest
-        if rest is None or self._drop_input:
-            return b""
-        self._chunks = self._chunks_rest = None
-        self._all_content_received()
-        return rest
-
-    def _chunk_received(self, data: bytes) -> None:
-        if self._drop_input:
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > self.limits.max_body_size:
-            self.refuse(*self._too_large().args)
-            return
-        cast(Request, self._request).handleContentChunk(data)
-
-    def _chunks_done(self, rest: bytes) -> None:
-        self._chunks_rest = rest
-
-    def _check_body_rate(self) -> None:
-        self._rate_timer = None
-        needed = self.limits.min_body_rate * BODY_RATE_WINDOW
-        if self._window_bytes < needed:
-            self.refuse(
-                408,
-                "request timeout",
-                f"request body arrived slower than {self.limits.min_body_rate:g} bytes/s",
-            )
-            return
-        self._window_bytes = 0
-        self._rate_timer = self.callLater(BODY_RATE_WINDOW, self._check_body_rate)
 
     def _all_content_received(self) -> None:
         """The request is complete: hand it to the resource (twisted.web's requestReceived)."""
@@ -523,6 +670,11 @@ class GuardedChannel(Protocol):
         if not self._persistent:
             self._drop_input = True  # nothing after a last request is read
         cast(Request, self._request).requestReceived(self._command, self._path, self._version)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pauseProducing()
 
     # What twisted.web's Request calls
 
@@ -537,13 +689,10 @@ class GuardedChannel(Protocol):
             return
         if self.timeOut:
             self._last_seen = self.site.reactor.seconds()
-        held, self._held, self._held_size = self._held, [], 0
-        if self._reading_paused and not self._waiting_for_transport:
-            self._reading_paused = False
-            self._transport.resumeProducing()
-        if held and not self._parsing:
-            self._consume(b"".join(held))
-            self._arm_input_timers()
+        if self._applying:
+            return  # answered at once: the loop handing out requests goes on
+        self._apply()
+        self._arm_input_timers()
 
     def getPeer(self) -> Any:
         return self._peer
@@ -574,20 +723,19 @@ class GuardedChannel(Protocol):
         transport.loseConnection()
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        """The answer's producer: paused and resumed with this connection's send buffer."""
+        """The answer's producer: paused and resumed with this connection's send buffer (a
+        pull producer is asked for data by a cooperative task, see :class:`PullDriver`)."""
         if self._producer is not None:
             raise RuntimeError(f"{self._producer!r} is still registered")
-        if not streaming:
-            pull = _PullToPush(producer, self)
-            pull.startStreaming()
-            producer = pull
-        self._producer = cast(IPushProducer, producer)
-        self._producer_streaming = streaming
+        if streaming:
+            self._producer = cast(IPushProducer, producer)
+        else:
+            self._producer = PullDriver(cast(IPullProducer, producer), self)
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None and not self._producer_streaming:
-            cast(_PullToPush, producer).stopStreaming()
+        if isinstance(producer, PullDriver):
+            producer.stop()
 
     # IPushProducer, for the transport: its send buffer is full, or has room again
 
@@ -595,10 +743,9 @@ class GuardedChannel(Protocol):
         self._waiting_for_transport = True
         if self._producer is not None:
             self._producer.pauseProducing()
-        if not self._answering and not self._reading_paused:
+        if not self._answering:
             # A client that does not read its answers does not get to send more requests.
-            self._reading_paused = True
-            self._transport.pauseProducing()
+            self._pause_reading()
 
     def resumeProducing(self) -> None:
         self._waiting_for_transport = False
@@ -613,11 +760,93 @@ class GuardedChannel(Protocol):
             self._producer.stopProducing()
 
 
+@implementer(IPushProducer)
+class PullDriver:
+    """A pull producer registered with a channel, driven as a push producer: a cooperative
+    task on the site's reactor asks it for data, paused and resumed with the connection's send
+    buffer, until it is unregistered (what Twisted's own channel does with a private helper)."""
+
+    _log = Logger()
+    _paused = False
+    _stopped = False
+
+    def __init__(self, producer: IPullProducer, channel: GuardedChannel) -> None:
+        self._producer = producer
+        self._channel = channel
+        cooperator = Cooperator(scheduler=lambda work: channel.callLater(0, work))
+        self._task = cooperator.cooperate(self._pull())
+
+    def _pull(self) -> Iterator[None]:
+        while True:
+            try:
+                self._producer.resumeProducing()
+            except Exception:
+                self._log.failure("producer {producer} failed", producer=self._producer)
+                self._channel.unregisterProducer()  # which stops this task
+            yield None
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._task.stop()
+
+    def pauseProducing(self) -> None:
+        if not self._paused and not self._stopped:
+            self._paused = True
+            self._task.pause()
+
+    def resumeProducing(self) -> None:
+        if self._paused and not self._stopped:
+            self._paused = False
+            self._task.resume()
+
+    def stopProducing(self) -> None:
+        self.stop()
+        self._producer.stopProducing()
+
+
 _FRAMING = frozenset(
-    (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"cookie")
+    (
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"cookie",
+    )
 )
 
 
-def _asks_to_close(values: list[bytes]) -> bool:
-    """Whether Connection header values carry the ``close`` option."""
-    return any(token.strip().lower() == b"close" for value in values for token in value.split(b","))
+def _fields_size(fields: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in fields)
+
+
+def _method_not_allowed(method: bytes) -> tuple[int, str, str, list[tuple[bytes, bytes]]]:
+    return (
+        405,
+        "method not allowed",
+        f"{method.decode('ascii')} is not relayed",
+        [(b"allow", ALLOW)],
+    )
+
+
+def _parse_refusal(
+    error: HttpParserError, sniff: bytes | bytearray | memoryview | None
+) -> tuple[Any, ...]:
+    """The answer to input llhttp refused. ``sniff`` is the input, when the refused request
+    starts it: an unknown method is then named (405) if it is a token at all."""
+    reason = str(error)
+    if isinstance(error, HttpParserInvalidMethodError) or "Invalid method for HTTP" in reason:
+        if sniff is not None:
+            method, space, _ = bytes(sniff[:200]).lstrip(b"\r\n").partition(b" ")
+            if space and _TOKEN.fullmatch(method):
+                return _method_not_allowed(method)
+        return 400, _BAD, "malformed request line: an unknown or malformed method"
+    for fragment, detail in _VERSION_ERRORS:
+        if fragment in reason:
+            return 505, "HTTP version not supported", detail
+    for fragment, detail in _PARSE_ERRORS:
+        if fragment in reason:
+            return 400, _BAD, detail.format(reason=reason)
+    return 400, _BAD, f"malformed request ({reason})"
