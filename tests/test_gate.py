@@ -27,7 +27,8 @@ from tests.helpers import (
     worker_url,
 )
 from tests.test_admin import samples
-from vast_vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
+from vast_vespa.options import SettingsError
+from vast_vespa.settings import Settings, VastEnvironment, check_protocol
 from vast_vespa.signing import generate_private_key, public_pem, sign
 from vast_vespa.worker.gate import blocked, path_forms
 from vast_vespa.worker.tap import build_worker

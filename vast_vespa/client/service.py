@@ -19,11 +19,12 @@ from twisted.web.server import Site
 from vast_vespa.client.keys import EndpointKey
 from vast_vespa.client.resource import ClientResource
 from vast_vespa.client.routing import Router
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.client.tls import WorkerTLSPolicy
 from vast_vespa.logs import TextLogForTwistd, log_access
 from vast_vespa.net.client import AnyPool, backend_agent, backend_pool, close_pool, quiet_pool
 from vast_vespa.net.listen import listen_service
-from vast_vespa.settings import ClientSettings
+from vast_vespa.options import declaration
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.resource import Observer
 
@@ -55,6 +56,9 @@ def control_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
     pool = quiet_pool(reactor)
     pool.cachedConnectionTimeout = 30
     return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+_LISTEN = declaration(ClientSettings, "listen").naming
 
 
 def build_client(
@@ -101,7 +105,7 @@ def build_client(
     site = VespaSite(resource, name="client proxy")
     service = ClientService(clock, (worker_pool, control_pool), site, resource)
     for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor)
+        listener = listen_service(description, site, reactor, "vespa-client", _LISTEN)
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service

@@ -33,6 +33,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -186,10 +187,77 @@ def _connect(port: tcp.Port, client: socket.socket, address: Any) -> tcp.Server 
     return transport
 
 
-def listen_service(description: str, factory: IProtocolFactory, reactor: Any) -> IService:
-    """``strports.service(description, factory)`` with a :class:`SendNowEndpoint`."""
-    service = StreamServerEndpointService(
-        SendNowEndpoint(serverFromString(reactor, description)), factory
-    )
-    service._raiseSynchronously = True  # as strports.service: a bad port fails start-up
-    return service
+class ListenFailed(SystemExit, CannotListenError):
+    """
+    A listener could not start, in one line for the user: ``vespa: cannot listen on tcp:3000:
+    address already in use (set --listen / LISTEN)``.
+
+    A :class:`SystemExit`, so that the process ends with that line and no traceback (twistd,
+    ``react``), and a :class:`CannotListenError`, so that what cleans up after an ``Exception``
+    still does (twistd's pid file and a daemon's start-up report; the sandbox's stop).
+    """
+
+    def __init__(self, program: str, description: str, reason: str, setting: str) -> None:
+        CannotListenError.__init__(self, None, description, reason)
+        self.program = program
+        self.description = description
+        self.reason = reason
+        self.setting = setting
+        self.code = f"{program}: cannot listen on {description}: {reason} (set {setting})"
+        self.args = (self.code,)
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+class _Listener(StreamServerEndpointService):
+    """Listens on ``description`` as ``strports.service`` does: at start-up, failing then (not
+    later, in a log line) when the port cannot be had, with :class:`ListenFailed`."""
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        description: str,
+        program: str,
+        setting: str,
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.program = program
+        self.setting = setting
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise ListenFailed(
+                self.program, self.description, _reason(e.socketError), self.setting
+            ) from None
+
+
+def _reason(error: object) -> str:
+    """Why a socket could not listen, in a few words: ``address already in use``."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return str(error)
+
+
+def listen_service(
+    description: str,
+    factory: IProtocolFactory,
+    reactor: Any,
+    program: str,
+    setting: str,
+    send_now: bool = True,
+) -> IService:
+    """
+    ``strports.service(description, factory)``, with a :class:`SendNowEndpoint` unless
+    ``send_now`` is false. If it cannot listen, starting it raises :class:`ListenFailed` naming
+    ``program`` and the ``setting`` to change (``--listen / LISTEN``).
+    """
+    endpoint = serverFromString(reactor, description)
+    if send_now:
+        endpoint = SendNowEndpoint(endpoint)
+    return _Listener(endpoint, factory, description, program, setting)
