@@ -64,6 +64,8 @@ class SettingsTests(SynchronousTestCase):
 
     def test_listen_default_and_port(self):
         """--listen defaults to tcp:$WORKER_PORT, and a tcp: listener sets the port."""
+        self.assertEqual(load_settings({}, {}).listen, ("tcp:3000:backlog=1024",))
+        self.assertEqual(load_settings({}, {"LISTEN": " "}).listen, ("tcp:3000:backlog=1024",))
         self.assertEqual(
             load_settings({}, {"WORKER_PORT": "4000"}).listen, ("tcp:4000:backlog=1024",)
         )

@@ -27,6 +27,7 @@ from vast_vespa.client.keys import (
 from vast_vespa.client.service import build_client, control_client
 from vast_vespa.client.settings import ClientSettings, load_client_settings
 from vast_vespa.logs import use_text_log
+from vast_vespa.net.listen import ListenFailed
 from vast_vespa.options import SettingsError
 from vast_vespa.runtime import tune_once_running
 
@@ -137,7 +138,12 @@ async def _script(
         await pool.closeCachedConnections()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(out)])
     service = build_client(settings, reactor)
-    service.startService()
+    try:
+        service.startService()
+    except ListenFailed as e:
+        # react() sees a SystemExit only when it is not also an Exception: say it here.
+        out.write(f"{e}\n")
+        raise SystemExit(1) from None
     _log.info(
         "vespa-client: endpoint {endpoint} on {listen}",
         endpoint=settings.endpoint,

@@ -201,7 +201,7 @@ class Options(CommandOptions):
     )
     optParameters = [
         ["state-dir", None, None, "Directory keeping the signing key [default .vespa-autoscaler]."],
-        ["key", None, None, "PEM private key to sign with (default: made in --state-dir)."],
+        ["key", None, None, "PEM private key to sign with [default: made in --state-dir]."],
         ["account-key", None, None, f"Account API key [default {DEFAULT_ACCOUNT_KEY}]."],
         ["shape", None, None, "Signed message shape: url or five-field [default url]."],
         [
@@ -215,7 +215,7 @@ class Options(CommandOptions):
             None,
             None,
             "JSON file with any of: listen, state_dir, key_file, "
-            "endpoints, account_key, shape, stale_after (flags win).",
+            "endpoints, account_key, shape, stale_after (flags win) [default none].",
         ],
     ]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sendnow -*-
+# -*- test-case-name: tests.test_net_listen,tests.test_cli -*-
 """
 TCP connections that send at once. A Twisted TCP transport queues every write and sends it
 on the next reactor turn, after asking epoll to watch the socket for writability and then
@@ -19,6 +19,10 @@ first), and those bytes are read in the same turn of the reactor that accepted i
 one more turn (an ``epoll_wait``, often a wake-up) later. A client that connects and sends
 nothing waits in the kernel, not in the worker. ``TCP_NODELAY`` is set on the listening socket
 too: accepted sockets inherit it, which saves a system call per connection.
+
+:func:`listen_service` starts every Vespa listener as ``strports.service`` does (setting the
+service's private ``_raiseSynchronously``: a port that cannot be had fails start-up), and tells
+that failure in one line naming the flag to change (:class:`ListenFailed`).
 """
 
 from __future__ import annotations
