@@ -215,7 +215,12 @@ def build_sandbox(config: SandboxConfig, reactor: Any) -> SandboxService:
     }
     backend_site = VespaSite(backend, name="sample backend")
     listen_service(
-        _listen(backend_port), backend_site, reactor, "vespa-sandbox", "--backend-port", False
+        _listen(backend_port),
+        backend_site,
+        reactor,
+        "vespa-sandbox",
+        "--backend-port",
+        send_now=False,
     ).setServiceParent(sandbox)
     sandbox.autoscaler = build_autoscaler(
         EmulatorConfig(
