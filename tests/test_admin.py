@@ -55,7 +55,7 @@ class AdminListenerTests(TestCase):
         self.url, self.service = start_worker(
             self, listen(self, self.backend), admin_listen="tcp:0:interface=127.0.0.1"
         )
-        admin = self.service.getServiceNamed("admin")
+        admin = self.service.getServiceNamed("admin").listening
         self.admin = listen(self, admin.factory)  # type: ignore[attr-defined]
         self.http = http_client(self)
 

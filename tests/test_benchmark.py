@@ -22,7 +22,7 @@ from vast_vespa.benchmark import (
     load_benchmark,
     run_benchmark,
 )
-from vast_vespa.settings import SettingsError
+from vast_vespa.options import SettingsError
 from vast_vespa.worker import tap
 
 NOT_CALLABLE = 3

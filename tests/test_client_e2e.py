@@ -20,7 +20,7 @@ from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
 from vast_vespa.client.routing import BACKOFF_CAP
 from vast_vespa.client.service import ClientService, build_client
-from vast_vespa.settings import ClientSettings
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
 
 KEY = generate_private_key()  # one per test run: real RSA, made here

@@ -18,7 +18,7 @@ from vast_vespa.client.keys import (
     list_endpoints,
     read_account_key,
 )
-from vast_vespa.settings import ClientSettings, load_client_settings
+from vast_vespa.client.settings import ClientSettings, load_client_settings
 from vast_vespa.signing import generate_private_key
 
 

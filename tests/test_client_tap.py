@@ -12,7 +12,7 @@ import vast_vespa
 from tests.fakes import FakeRouter
 from tests.helpers import ProcessWatcher, listen, spawn
 from vast_vespa.client import tap
-from vast_vespa.settings import CLIENT_OPTIONS, ClientSettings, client_option_fields
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
 
 
@@ -28,12 +28,6 @@ class ClientPluginTests(SynchronousTestCase):
         self.assertTrue(IServiceMaker.providedBy(maker))
         self.assertEqual(maker.tapname, "vespa-client")  # type: ignore[attr-defined]
         self.assertEqual(maker.module, "vast_vespa.client.tap")  # type: ignore[attr-defined]
-
-    def test_table_matches_settings(self):
-        """Every ClientSettings field comes from exactly one client option, and back."""
-        names = [o.name for o in CLIENT_OPTIONS]
-        self.assertEqual(len(names), len(set(names)))
-        self.assertEqual(set(names), client_option_fields())
 
     def test_flags(self):
         """Flags become settings; --instance picks the default URLs; --listen is repeatable."""

@@ -20,8 +20,8 @@ from twisted.web.server import Site
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import http_client, listen
 from vast_vespa.client.service import build_client
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.client.tls import CertificateError, load_certificates
-from vast_vespa.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
 
 

@@ -27,7 +27,8 @@ from tests.helpers import (
     worker_url,
 )
 from tests.test_admin import samples
-from vast_vespa.settings import Settings, SettingsError, VastEnvironment, check_protocol
+from vast_vespa.options import SettingsError
+from vast_vespa.settings import Settings, VastEnvironment, check_protocol
 from vast_vespa.signing import generate_private_key, public_pem, sign
 from vast_vespa.worker.gate import blocked, path_forms
 from vast_vespa.worker.tap import build_worker
@@ -299,7 +300,7 @@ class AdminGaugeTests(TestCase):
             allow_parallel=False,
             report_interval=60.0,
         )
-        admin = listen(self, worker.service.getServiceNamed("admin").factory)
+        admin = listen(self, worker.service.getServiceNamed("admin").listening.factory)
         http = http_client(self)
         envelope = {"auth_data": worker.auth(cost=50.0, request_idx=5), "payload": {}}
         held = http.post(worker.url + "/slow?delay=0.3", data=json.dumps(envelope).encode())

@@ -80,10 +80,10 @@ class GuardTests(SynchronousTestCase):
         )
         fast = tap.makeService(options, MemoryReactorClock())
         self.assertIs(fast.site.requestFactory, LeanRequest)
-        self.assertIsInstance(fast.getServiceNamed("listen-0").endpoint, SendNowEndpoint)
+        self.assertIsInstance(fast.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint)
 
         self.patch(guard, "_chosen", {})
         self.patch(tcp.Connection, "_writeDisconnected", None)
         stock = tap.makeService(options, MemoryReactorClock())
         self.assertIs(stock.site.requestFactory, VespaRequest)
-        self.assertNotIsInstance(stock.getServiceNamed("listen-0").endpoint, SendNowEndpoint)
+        self.assertNotIsInstance(stock.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint)

@@ -10,13 +10,21 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from vast_vespa.net.listen import SendNowEndpoint, SendNowNoDelayServer, SendNowServer, send_now
+from vast_vespa.net.listen import (
+    ListenFailed,
+    SendNowEndpoint,
+    SendNowNoDelayServer,
+    SendNowServer,
+    listen_service,
+    send_now,
+)
 
 
 class _Writer(Protocol):
@@ -389,3 +397,32 @@ def _turn() -> Deferred:
     turn: Deferred = Deferred()
     reactor.callLater(0.001, turn.callback, None)
     return turn
+
+
+class ListenServiceTests(TestCase):
+    async def test_taken_port_is_one_line(self) -> None:
+        """A listener whose port is taken fails to start with ListenFailed: one line naming the
+        program, the endpoint, why and what to set; a SystemExit (no traceback) that is also
+        a CannotListenError (an Exception, so twistd still cleans up)."""
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        description = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        for fast in (True, False):
+            service = listen_service(
+                description,
+                Factory.forProtocol(Protocol),
+                reactor,
+                "prog",
+                "--x / X",
+                fast_path=fast,
+            )
+            with self.assertRaises(ListenFailed) as caught:
+                service.privilegedStartService()
+            failed = caught.exception
+            expected = f"prog: cannot listen on {description}: address already in use (set --x / X)"
+            self.assertEqual((str(failed), failed.code), (expected, expected))
+            self.assertIsInstance(failed, SystemExit)
+            self.assertIsInstance(failed, CannotListenError)
+            self.assertIsInstance(failed, Exception)

@@ -17,7 +17,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.fakes import FakeBackend
 from tests.helpers import listen, start_worker, until
 from vast_vespa.notify import SystemdNotifier, SystemdService
-from vast_vespa.settings import SettingsError, SystemdEnvironment, load_settings
+from vast_vespa.options import SettingsError
+from vast_vespa.settings import SystemdEnvironment, load_settings
 
 UNITS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "systemd"

@@ -1,23 +1,58 @@
-"""The README stays true: every option is documented with its env var and flag."""
+"""The README stays true: its option tables are the ones the declarations print."""
 
 import os
+import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.settings import OPTIONS
+from vast_vespa.client.settings import ClientSettings
+from vast_vespa.options import declared, markdown_table
+from vast_vespa.settings import Settings
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
+# (README marker, settings class, the command that prints its table)
+TABLES = [
+    ("options-table", Settings, "python -m vast_vespa.settings --markdown"),
+    ("client-options-table", ClientSettings, "python -m vast_vespa.client.settings --markdown"),
+]
+
+
+def readme() -> str:
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_table(marker: str) -> str:
+    """What README.md holds between ``<!-- marker -->`` and ``<!-- /marker -->``."""
+    match = re.search(f"<!-- {marker} -->\n(.*?)<!-- /{marker} -->", readme(), re.DOTALL)
+    assert match is not None, f"README.md has no <!-- {marker} --> ... <!-- /{marker} -->"
+    return match.group(1)
+
 
 class ReadmeTests(SynchronousTestCase):
+    def test_tables_are_generated(self):
+        """Each options table in README.md is exactly what its command prints."""
+        for marker, settings_class, command in TABLES:
+            self.assertEqual(
+                readme_table(marker),
+                markdown_table(settings_class),
+                f"README.md's {marker} is out of date: replace it with the output of `{command}`",
+            )
+
     def test_every_option_is_documented(self):
-        """Each setting's env var and flag appear in the README's options table."""
-        with open(README, encoding="utf-8") as f:
-            text = f.read()
-        missing = [o.env for o in OPTIONS if f"`{o.env}` | `--{o.flag}`" not in text]
-        self.assertEqual(missing, [])
+        """Each option's env var and flag appear in a row of its README table."""
+        for marker, settings_class, _ in TABLES:
+            rows = readme_table(marker).splitlines()
+            missing = [
+                o.env
+                for _, o in declared(settings_class)
+                if not any(
+                    row.startswith(f"| `{o.env}`") and f"| `--{o.flag}` |" in row for row in rows
+                )
+            ]
+            self.assertEqual(missing, [], marker)
 
     def test_two_setup_commands(self):
         """The README names the test command that .ci/run runs."""
-        with open(README, encoding="utf-8") as f:
-            self.assertIn("pip install tox && tox", f.read())
+        self.assertIn("pip install tox && tox", readme())

@@ -214,12 +214,20 @@ class SandboxEndToEndTests(TestCase):
 
 class PortTakenTests(TestCase):
     async def test_taken_port_stops_cleanly(self):
-        """A sandbox whose worker port is taken fails to start with CannotListenError, and
-        stopping it leaves nothing listening or scheduled (trial checks the reactor)."""
+        """A sandbox whose worker port is taken fails to start with CannotListenError, saying
+        which sandbox flag sets that port, and stopping it leaves nothing listening or
+        scheduled (trial checks the reactor)."""
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         self.addCleanup(taken.close)
-        service = build_sandbox(config(self, worker_port=taken.getsockname()[1]), reactor)
-        self.assertRaises(CannotListenError, service.startService)
+        port = taken.getsockname()[1]
+        service = build_sandbox(config(self, worker_port=port), reactor)
+        with self.assertRaises(CannotListenError) as caught:
+            service.startService()
+        self.assertEqual(
+            str(caught.exception),
+            f"vespa-sandbox: cannot listen on tcp:{port}:interface=127.0.0.1: address already "
+            "in use (set --worker-port)",
+        )
         await service.stopService()

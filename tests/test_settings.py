@@ -1,22 +1,12 @@
-"""Settings: one table, flag > PYWORKER_ env > env > default, clear errors."""
+"""Worker settings: flag > PYWORKER_ env > env > default, old spellings, clear errors."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.settings import OPTIONS, Settings, SettingsError, load_settings, option_fields
+from vast_vespa.options import SettingsError
+from vast_vespa.settings import load_settings
 
 
 class SettingsTests(SynchronousTestCase):
-    def test_table_matches_settings(self):
-        """Every Settings field comes from exactly one option, and every option has a field."""
-        names = [o.name for o in OPTIONS]
-        self.assertEqual(len(names), len(set(names)))
-        self.assertEqual(set(names), option_fields())
-        self.assertEqual(len({o.flag for o in OPTIONS}), len(OPTIONS))
-
-    def test_defaults_are_the_dataclass_defaults(self):
-        """With nothing set, the table's defaults give the documented Settings()."""
-        self.assertEqual(load_settings({}, {}), Settings())
-
     def test_precedence(self):
         """A flag beats PYWORKER_X, which beats X, which beats the default."""
         env = {"MAX_WAIT_TIME": "5", "PYWORKER_MAX_WAIT_TIME": "6"}
@@ -74,6 +64,8 @@ class SettingsTests(SynchronousTestCase):
 
     def test_listen_default_and_port(self):
         """--listen defaults to tcp:$WORKER_PORT, and a tcp: listener sets the port."""
+        self.assertEqual(load_settings({}, {}).listen, ("tcp:3000:backlog=1024",))
+        self.assertEqual(load_settings({}, {"LISTEN": " "}).listen, ("tcp:3000:backlog=1024",))
         self.assertEqual(
             load_settings({}, {"WORKER_PORT": "4000"}).listen, ("tcp:4000:backlog=1024",)
         )

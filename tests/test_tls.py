@@ -18,7 +18,8 @@ from tests.certs import self_signed
 from tests.fakes import FakeBackend
 from tests.helpers import listen
 from vast_vespa.net.listen import SendNowEndpoint
-from vast_vespa.settings import SettingsError, load_settings
+from vast_vespa.options import SettingsError
+from vast_vespa.settings import load_settings
 from vast_vespa.worker.tap import build_worker
 
 

@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from vast_vespa.net.client import close_pool, quiet_pool
-from vast_vespa.settings import SettingsError
+from vast_vespa.options import SettingsError
 
 Benchmark = Callable[[str, Any], Any]
 

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 
 from vast_vespa.cli import CommandOptions, installed_reactor
 from vast_vespa.client.service import build_client
+from vast_vespa.client.settings import load_client_settings
 from vast_vespa.emulator.registry import Endpoint
 from vast_vespa.emulator.tap import (
     DEFAULT_ACCOUNT_KEY,
@@ -29,17 +29,10 @@ from vast_vespa.emulator.tap import (
     EmulatorConfig,
     build_autoscaler,
 )
+from vast_vespa.net.listen import ListenFailed, listen_service
+from vast_vespa.options import choice, parse_count, parse_port, parse_positive_number
 from vast_vespa.sample_backend import SampleBackend
-from vast_vespa.settings import (
-    SIGNATURE_SHAPES,
-    Settings,
-    choice,
-    load_client_settings,
-    load_settings,
-    parse_count,
-    parse_port,
-    parse_positive_number,
-)
+from vast_vespa.settings import SIGNATURE_SHAPES, Settings, load_settings
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.service import WorkerService
 from vast_vespa.worker.tap import build_worker
@@ -137,16 +130,32 @@ class SandboxService(MultiService):
         self.autoscaler: AutoscalerService | None = None
         self.workers: list[WorkerService] = []
         self.client: IService | None = None  # set by build_sandbox
+        # Listener description -> the sandbox flag that sets its port (set by build_sandbox).
+        self.port_flags: dict[str, str] = {}
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenFailed as e:
+            raise self._port_taken(e) from None
 
     def startService(self) -> None:
         try:
             super().startService()
-        except Exception:
+        except Exception as e:
             # A port was taken: forget what never started, so that stopService stops exactly
             # what did (MultiService would also "stop" the services that never started).
             _forget_unstarted(self)
+            if isinstance(e, ListenFailed):
+                raise self._port_taken(e) from None
             raise
         self._log.info("{text}", text=instructions(self.config, self.urls))
+
+    def _port_taken(self, failed: ListenFailed) -> ListenFailed:
+        """The failure of a worker's, the client's, ... listener, told in the sandbox's terms:
+        which of its flags to set."""
+        setting = self.port_flags.get(failed.description, failed.setting)
+        return ListenFailed("vespa-sandbox", failed.description, failed.reason, setting)
 
 
 def _forget_unstarted(collection: MultiService) -> None:
@@ -198,8 +207,20 @@ def build_sandbox(config: SandboxConfig, reactor: Any) -> SandboxService:
     }
     backend = SampleBackend(reactor, config.tokens_per_second, config.max_tokens)
     sandbox = SandboxService(config, backend, urls)
-    strports.service(
-        _listen(backend_port), VespaSite(backend, name="sample backend"), reactor=reactor
+    sandbox.port_flags = {
+        _listen(backend_port): "--backend-port",
+        _listen(autoscaler_port): "--autoscaler-port",
+        _listen(config.client_port): "--client-port",
+        **{_listen(port): "--worker-port" for port in worker_ports},
+    }
+    backend_site = VespaSite(backend, name="sample backend")
+    listen_service(
+        _listen(backend_port),
+        backend_site,
+        reactor,
+        "vespa-sandbox",
+        "--backend-port",
+        fast_path=False,
     ).setServiceParent(sandbox)
     sandbox.autoscaler = build_autoscaler(
         EmulatorConfig(

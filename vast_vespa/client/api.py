@@ -43,9 +43,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from vast_vespa.client.service import ClientService, build_client
+from vast_vespa.client.settings import ClientSettings, load_client_settings
 from vast_vespa.net.client import quiet_pool
 from vast_vespa.net.guard import choose_fast_path
-from vast_vespa.settings import ClientSettings, load_client_settings
 
 # Flow control of a streamed body read by a blocking caller: pause the connection when this
 # many chunks wait in the queue, resume when the reader has caught up.

@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.logs import mask
-from vast_vespa.settings import ClientSettings
 
 LIST_TIMEOUT = 10.0
 

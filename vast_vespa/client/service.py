@@ -19,13 +19,14 @@ from twisted.web.server import Site
 from vast_vespa.client.keys import EndpointKey
 from vast_vespa.client.resource import ClientResource
 from vast_vespa.client.routing import Router
+from vast_vespa.client.settings import ClientSettings
 from vast_vespa.client.tls import WorkerTLSPolicy
 from vast_vespa.logs import TextLogForTwistd, log_access
 from vast_vespa.net.client import AnyPool, backend_agent, backend_pool, close_pool, quiet_pool
 from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
+from vast_vespa.options import declaration
 from vast_vespa.outcome import Observer
-from vast_vespa.settings import ClientSettings
 from vast_vespa.site import VespaSite
 
 
@@ -56,6 +57,9 @@ def control_client(reactor: Any, fast_path: bool) -> tuple[HTTPClient, HTTPConne
     pool = quiet_pool(reactor, fast_path=fast_path)
     pool.cachedConnectionTimeout = 30
     return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+_LISTEN = declaration(ClientSettings, "listen").naming
 
 
 def build_client(
@@ -103,7 +107,9 @@ def build_client(
     site = VespaSite(resource, name="client proxy", fast_path=fast)
     service = ClientService(clock, (worker_pool, control_pool), site, resource)
     for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor, fast_path=fast)
+        listener = listen_service(
+            description, site, reactor, "vespa-client", _LISTEN, fast_path=fast
+        )
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service

@@ -16,7 +16,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from vast_vespa.cli import CommandOptions, installed_reactor, option_help
+from vast_vespa.cli import SettingsOptions, flag_parameters, installed_reactor
 from vast_vespa.client.keys import (
     EndpointKey,
     KeyLookupError,
@@ -25,47 +25,35 @@ from vast_vespa.client.keys import (
     read_account_key,
 )
 from vast_vespa.client.service import build_client, control_client
+from vast_vespa.client.settings import ClientSettings, load_client_settings
 from vast_vespa.logs import use_text_log
 from vast_vespa.net.guard import choose_fast_path
+from vast_vespa.net.listen import ListenFailed
+from vast_vespa.options import SettingsError
 from vast_vespa.runtime import tune_once_running
-from vast_vespa.settings import (
-    CLIENT_OPTIONS,
-    ClientSettings,
-    SettingsError,
-    load_client_settings,
-)
 
 _log = Logger()
 
 
-class Options(CommandOptions):
-    """``twistd vespa-client`` options: one flag per client setting (see vast_vespa.settings)."""
+class Options(SettingsOptions):
+    """``twistd vespa-client`` options: one flag per client setting (see
+    vast_vespa.client.settings)."""
 
     synopsis = "--endpoint NAME [--api-key KEY] [options]"
     longdesc = (
         "Run a local proxy to a Vast serverless endpoint: every request to it is routed through "
         "the autoscaler to a worker, signed, and its answer streamed back. Every flag also reads "
-        "the environment variable shown in brackets; flags win."
+        "the environment variable shown in brackets; flags win. A true/false flag given alone "
+        "means true (--forward-authorization is --forward-authorization=true)."
     )
-    optParameters = [
-        [o.flag, None, None, option_help(o)] for o in CLIENT_OPTIONS if o.name != "listen"
-    ]
+    settings_class = ClientSettings
+    optParameters = flag_parameters(ClientSettings)
     # Declared here too, so that under twistd `--list` is not taken for an abbreviated --listen.
     optFlags = [["list", None, "Print the account's endpoints and exit (vespa-client command)."]]
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
         self.settings = ClientSettings()
-
-    def opt_listen(self, description: str) -> None:
-        """Listen here; repeatable [env VESPA_CLIENT_LISTEN; default tcp:8010 on 127.0.0.1]"""
-        self["listen"].append(description)
-
-    def flags(self) -> dict[str, str | None]:
-        flags: dict[str, str | None] = {o.name: self.get(o.flag) for o in CLIENT_OPTIONS}
-        flags["listen"] = " ".join(self["listen"]) or None
-        return flags
 
     def endpoint_optional(self) -> bool:
         """twistd has no prompt: the endpoint must be named."""
@@ -109,6 +97,8 @@ class ScriptOptions(Options):
     """``vespa-client``: the twistd flags; --list prints the endpoints, and on a terminal a
     prompt offers them when no endpoint is named."""
 
+    synopsis = "Usage: vespa-client [options]"
+
     def __init__(self, interactive: bool = False) -> None:
         super().__init__()
         self._interactive = interactive
@@ -149,7 +139,12 @@ async def _script(
         await pool.closeCachedConnections()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(out)])
     service = build_client(settings, reactor)
-    service.startService()
+    try:
+        service.startService()
+    except ListenFailed as e:
+        # react() sees a SystemExit only when it is not also an Exception: say it here.
+        out.write(f"{e}\n")
+        raise SystemExit(1) from None
     _log.info(
         "vespa-client: endpoint {endpoint} on {listen}",
         endpoint=settings.endpoint,

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
@@ -21,7 +20,9 @@ from vast_vespa import signing
 from vast_vespa.cli import CommandOptions, installed_reactor
 from vast_vespa.emulator.registry import Endpoint, Registry
 from vast_vespa.emulator.resource import AutoscalerResource
-from vast_vespa.settings import SIGNATURE_SHAPES, parse_listen, parse_positive_number
+from vast_vespa.net.listen import listen_service
+from vast_vespa.options import parse_listen, parse_positive_number
+from vast_vespa.settings import SIGNATURE_SHAPES
 from vast_vespa.site import VespaSite
 
 DEFAULT_ENDPOINT = Endpoint("my-endpoint", "local-endpoint-key", 1)
@@ -180,7 +181,9 @@ def build_autoscaler(config: EmulatorConfig, reactor: Any) -> AutoscalerService:
     )
     service = AutoscalerService(config, registry)
     for index, description in enumerate(config.listen):
-        listener = strports.service(description, service.site, reactor=reactor)
+        listener = listen_service(
+            description, service.site, reactor, "vespa-autoscaler", "--listen", fast_path=False
+        )
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     return service
@@ -198,7 +201,7 @@ class Options(CommandOptions):
     )
     optParameters = [
         ["state-dir", None, None, "Directory keeping the signing key [default .vespa-autoscaler]."],
-        ["key", None, None, "PEM private key to sign with (default: made in --state-dir)."],
+        ["key", None, None, "PEM private key to sign with [default: made in --state-dir]."],
         ["account-key", None, None, f"Account API key [default {DEFAULT_ACCOUNT_KEY}]."],
         ["shape", None, None, "Signed message shape: url or five-field [default url]."],
         [
@@ -212,7 +215,7 @@ class Options(CommandOptions):
             None,
             None,
             "JSON file with any of: listen, state_dir, key_file, "
-            "endpoints, account_key, shape, stale_after (flags win).",
+            "endpoints, account_key, shape, stale_after (flags win) [default none].",
         ],
     ]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_net_listen -*-
+# -*- test-case-name: tests.test_net_listen,tests.test_cli -*-
 """
 Listeners and TCP connections that send at once (the fast path; :func:`listen_service` without
 it is Twisted's own ``strports.service``).
@@ -27,21 +27,27 @@ send queue (``_tempDataLen``, ``dataBuffer``, ``offset``) and closing state
 and ``sessionno``, and its ``doRead`` replaced on the listening port; the epoll reactor's
 ``_reads`` (through :mod:`vast_vespa.net.dispatch`); ``StreamServerEndpointService``'s
 ``_raiseSynchronously`` (a bad port fails start-up, as ``strports.service`` does).
+
+:func:`listen_service` starts every Vespa listener as ``strports.service`` does (on stock
+Twisted, it is ``strports.service``), and tells a port that cannot be had in one line naming the
+flag to change (:class:`ListenFailed`).
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -195,15 +201,87 @@ def _connect(port: tcp.Port, client: socket.socket, address: Any) -> tcp.Server 
     return transport
 
 
+class ListenFailed(SystemExit, CannotListenError):
+    """
+    A listener could not start, in one line for the user: ``vespa: cannot listen on tcp:3000:
+    address already in use (set --listen / LISTEN)``.
+
+    A :class:`SystemExit`, so that the process ends with that line and no traceback (twistd,
+    ``react``), and a :class:`CannotListenError`, so that what cleans up after an ``Exception``
+    still does (twistd's pid file and a daemon's start-up report; the sandbox's stop).
+    """
+
+    def __init__(self, program: str, description: str, reason: str, setting: str) -> None:
+        CannotListenError.__init__(self, None, description, reason)
+        self.program = program
+        self.description = description
+        self.reason = reason
+        self.setting = setting
+        self.code = f"{program}: cannot listen on {description}: {reason} (set {setting})"
+        self.args = (self.code,)
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+class _Listener(Service):
+    """Starts the listening service it wraps, turning a port that cannot be had into
+    :class:`ListenFailed`."""
+
+    def __init__(self, listening: IService, description: str, program: str, setting: str) -> None:
+        self.listening = listening
+        self.description = description
+        self.program = program
+        self.setting = setting
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._start(self.listening.privilegedStartService)
+
+    def startService(self) -> None:
+        super().startService()
+        self._start(self.listening.startService)
+
+    def _start(self, start: Callable[[], None]) -> None:
+        try:
+            start()
+        except CannotListenError as e:
+            raise ListenFailed(
+                self.program, self.description, _reason(e.socketError), self.setting
+            ) from None
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        stopped: Deferred[None] | None = self.listening.stopService()
+        return stopped
+
+
+def _reason(error: object) -> str:
+    """Why a socket could not listen, in a few words: ``address already in use``."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return str(error)
+
+
 def listen_service(
-    description: str, factory: IProtocolFactory, reactor: Any, *, fast_path: bool
+    description: str,
+    factory: IProtocolFactory,
+    reactor: Any,
+    program: str,
+    setting: str,
+    *,
+    fast_path: bool,
 ) -> IService:
-    """``strports.service(description, factory)``; with the fast path, through a
-    :class:`SendNowEndpoint`."""
-    if not fast_path:
-        return strports.service(description, factory, reactor=reactor)
-    service = StreamServerEndpointService(
-        SendNowEndpoint(serverFromString(reactor, description)), factory
-    )
-    service._raiseSynchronously = True  # as strports.service: a bad port fails start-up
-    return service
+    """
+    ``strports.service(description, factory)``; with the fast path, through a
+    :class:`SendNowEndpoint`. If it cannot listen, starting it raises :class:`ListenFailed`
+    naming ``program`` and the ``setting`` to change (``--listen / LISTEN``).
+    """
+    if fast_path:
+        listening = StreamServerEndpointService(
+            SendNowEndpoint(serverFromString(reactor, description)), factory
+        )
+        listening._raiseSynchronously = True  # as strports.service: a bad port fails start-up
+    else:
+        listening = strports.service(description, factory, reactor=reactor)
+    return _Listener(listening, description, program, setting)

@@ -7,23 +7,23 @@ from typing import Any, cast
 
 import psutil
 from treq.client import HTTPClient
-from twisted.application import strports
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.web.client import Agent
 
 from vast_vespa import __version__
-from vast_vespa.cli import CommandOptions, installed_reactor, option_help
+from vast_vespa.cli import SettingsOptions, flag_parameters, installed_reactor
 from vast_vespa.logs import log_access, use_text_log
 from vast_vespa.net.client import backend_agent, backend_pool, quiet_pool
 from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.net.server import Limits
 from vast_vespa.notify import SystemdNotifier, SystemdService
+from vast_vespa.options import SettingsError, declaration
 from vast_vespa.outcome import Observer
 from vast_vespa.runtime import tune_once_running
-from vast_vespa.settings import OPTIONS, Settings, SettingsError, check_protocol, load_settings
+from vast_vespa.settings import Settings, check_protocol, load_settings
 from vast_vespa.site import VespaSite
 from vast_vespa.worker import admin
 from vast_vespa.worker.admission import Admission
@@ -37,31 +37,25 @@ from vast_vespa.worker.service import DrainHook, WorkerService
 from vast_vespa.worker.state import WorkerState
 
 
-class Options(CommandOptions):
+class Options(SettingsOptions):
     """``twistd vespa`` options: one flag per setting (see vast_vespa.settings)."""
 
     synopsis = "[options]"
     longdesc = (
         "Run a Vespa worker in front of an HTTP inference backend. Every flag also reads an "
-        "environment variable (shown in brackets) and its PYWORKER_ alias; flags win."
+        "environment variable (shown in brackets) and its PYWORKER_ alias; flags win. A "
+        "true/false flag given alone means true (--unsecured is --unsecured=true)."
     )
-    optParameters = [[o.flag, None, None, option_help(o)] for o in OPTIONS if o.name != "listen"]
+    settings_class = Settings
+    optParameters = flag_parameters(Settings)
 
     def __init__(self) -> None:
         super().__init__()
-        self["listen"] = []
         self.settings = Settings()
 
-    def opt_listen(self, description: str) -> None:
-        """Listen here, e.g. tcp:3000; repeatable
-        [env LISTEN; default tcp:WORKER_PORT:backlog=1024]"""
-        self["listen"].append(description)
-
     def postOptions(self) -> None:
-        flags = {o.name: self.get(o.flag) for o in OPTIONS}
-        flags["listen"] = " ".join(self["listen"]) or None
         try:
-            self.settings = load_settings(flags)
+            self.settings = load_settings(self.flags())
         except SettingsError as e:
             # One clear line and a non-zero exit, before anything listens.
             raise SystemExit(f"vespa: {e}") from None
@@ -157,7 +151,9 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
             # The autoscaler learns of the drain at once.
             service.add_drain_hook(cast(DrainHook, child.send_now))
     for index, description in enumerate(settings.listen):
-        listener = listen_service(description, site, reactor, fast_path=fast)
+        listener = listen_service(
+            description, site, reactor, "vespa", _naming("listen"), fast_path=fast
+        )
         listener.setName(f"listen-{index}")
         listener.setServiceParent(service)
     if settings.admin_listen:
@@ -165,7 +161,14 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         sampler.setName("reactor-lag")
         sampler.setServiceParent(service)
         admin_site = admin.AdminSite(metrics, state)
-        listener = strports.service(settings.admin_listen, admin_site, reactor=reactor)
+        listener = listen_service(
+            settings.admin_listen,
+            admin_site,
+            reactor,
+            "vespa",
+            _naming("admin_listen"),
+            fast_path=False,
+        )
         listener.setName("admin")
         listener.setServiceParent(service)
     notifier = SystemdNotifier(settings.systemd.notify_socket)
@@ -176,6 +179,11 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     lifecycle.when_failed().addCallback(notifier.failed)
     service.add_drain_hook(notifier.stopping)
     return service
+
+
+def _naming(name: str) -> str:
+    """How to change a worker option, for messages: ``--listen / LISTEN``."""
+    return declaration(Settings, name).naming
 
 
 def limits_from(settings: Settings) -> Limits:
