@@ -12,13 +12,14 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
-from vast_vespa.client.routing import BACKOFF_CAP
+from vast_vespa.client.routing import BACKOFF_CAP, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
@@ -387,6 +388,34 @@ class DisconnectTests(ClientTestCase):
         client.transport.loseConnection()
         await until(lambda: self.service.resource.in_flight == 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ResolvingHTTP:
+    """An HTTP client whose calls never end unless cancelled, and then fail as Twisted's
+    HostnameEndpoint does when cancelled during its name look-up: DNSLookupError."""
+
+    def __init__(self) -> None:
+        self.calls: list[Deferred[Any]] = []
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        call: Deferred[Any] = Deferred(lambda d: d.errback(DNSLookupError("no address")))
+        self.calls.append(call)
+        return call
+
+
+class RouteCancelTests(TestCase):
+    def test_cancelled_while_connecting_stops(self):
+        """A /route/ call cancelled while it connects (the app hung up) ends the routing with
+        CancelledError, whatever error the HTTP stack reports for it: no retry is scheduled."""
+        clock = Clock()
+        http = ResolvingHTTP()
+        router = Router(http, clock, "http://127.0.0.1:1", "e", lambda: succeed("key"))
+        routed = router.route(1.0)
+        self.assertEqual(len(http.calls), 1)
+        routed.cancel()
+        self.failureResultOf(routed, CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(len(http.calls), 1)
 
 
 class RealWorkerTests(ClientTestCase):
