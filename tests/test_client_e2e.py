@@ -12,16 +12,18 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
-from vast_vespa.client.routing import BACKOFF_CAP
+from vast_vespa.client.routing import BACKOFF_CAP, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
 from vast_vespa.signing import generate_private_key
+from vast_vespa.worker.envelope import MAX_DEPTH
 
 KEY = generate_private_key()  # one per test run: real RSA, made here
 
@@ -195,16 +197,20 @@ class FormsTests(ClientTestCase):
         self.assertEqual(self.fake_workers[0].verified[0].form, "header")
 
     async def test_json_nested_too_deeply_goes_byte_for_byte(self):
-        """JSON nested deeper than Python parses goes in the header form, untouched, as
-        JSON that does not parse does (it raised RecursionError: a 500 from the client)."""
+        """JSON nested deeper than a worker reads in an envelope (MAX_DEPTH - 1 levels: the
+        envelope is one more) goes in the header form, untouched, as JSON that does not parse
+        does, on every Python (it raised RecursionError: a 500 from the client); JSON as deep
+        as that goes in the envelope."""
         url = self.start_client()
-        data = b"[" * 100_000 + b"]" * 100_000
-        response, _ = await self.call(
-            "POST", url + "/v1/x", data=data, headers={b"content-type": [b"application/json"]}
-        )
-        self.assertEqual(response.code, 200)
-        self.assertEqual(self.backend.seen[0].body, data)
-        self.assertEqual(self.fake_workers[0].verified[0].form, "header")
+        deepest = MAX_DEPTH - 1
+        for depth, form in ((deepest, "json"), (deepest + 1, "header"), (100_000, "header")):
+            data = b"[" * depth + b"]" * depth
+            response, _ = await self.call(
+                "POST", url + "/v1/x", data=data, headers={b"content-type": [b"application/json"]}
+            )
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.backend.seen[-1].body, data)
+            self.assertEqual(self.fake_workers[0].verified[-1].form, form)
 
     async def test_sse_streams(self):
         """Server-sent events stream through: headers first, each event as the worker sends
@@ -389,6 +395,34 @@ class DisconnectTests(ClientTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class ResolvingHTTP:
+    """An HTTP client whose calls never end unless cancelled, and then fail as Twisted's
+    HostnameEndpoint does when cancelled during its name look-up: DNSLookupError."""
+
+    def __init__(self) -> None:
+        self.calls: list[Deferred[Any]] = []
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        call: Deferred[Any] = Deferred(lambda d: d.errback(DNSLookupError("no address")))
+        self.calls.append(call)
+        return call
+
+
+class RouteCancelTests(TestCase):
+    def test_cancelled_while_connecting_stops(self):
+        """A /route/ call cancelled while it connects (the app hung up) ends the routing with
+        CancelledError, whatever error the HTTP stack reports for it: no retry is scheduled."""
+        clock = Clock()
+        http = ResolvingHTTP()
+        router = Router(http, clock, "http://127.0.0.1:1", "e", lambda: succeed("key"))
+        routed = router.route(1.0)
+        self.assertEqual(len(http.calls), 1)
+        routed.cancel()
+        self.failureResultOf(routed, CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(len(http.calls), 1)
+
+
 class RealWorkerTests(ClientTestCase):
     """The same client in front of a real secured Vespa worker (signature checked by
     vast_vespa.worker), itself in front of FakeBackend."""
@@ -428,6 +462,19 @@ class RealWorkerTests(ClientTestCase):
         self.assertEqual(json.loads(seen[0].body), json.loads(payload))
         self.assertEqual([s.body for s in seen[1:]], [b"", data])
         self.assertEqual(seen[1].uri, b"/v1/models?a=1&a=2")
+
+    async def test_json_as_deep_as_the_limit_through_a_real_worker(self):
+        """JSON nested MAX_DEPTH - 1 levels, arrays and objects, goes in an envelope through a
+        real worker, parsed and written again there from within a request, on every Python."""
+        url = self.start_client()
+        half = (MAX_DEPTH - 2) // 2
+        payload = b"[" + b'{"a":[' * half + b"]}" * half + b"]"
+        response, _ = await self.call(
+            "POST", url + "/v1/x", data=payload, headers={b"content-type": [b"application/json"]}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(self.backend.seen[0].body), json.loads(payload))
+        self.assertEqual(self.backend.seen[0].headers[b"content-type"], [b"application/json"])
 
     async def test_request_id_shared_with_the_worker(self):
         """The proxy gives each request an X-Request-ID (or keeps the app's), and the worker

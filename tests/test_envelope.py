@@ -94,40 +94,68 @@ class EnvelopeTests(SynchronousTestCase):
                 unwrap(b"PATCH", b"/", None, body(envelope))
             self.assertEqual(caught.exception.extra["invalid"], [name])
 
-    def test_json_nested_too_deeply_is_a_clean_error(self):
-        """auth_data or a payload nested deeper than the parser goes is refused like any
-        other JSON the worker cannot read (it raised RecursionError: a 500 and a traceback)."""
+    def test_json_nested_too_deeply_is_invalid_json(self):
+        """JSON nested more than MAX_DEPTH levels is refused as JSON the worker cannot read,
+        on every Python (each one's parser gives up at another depth, or raised
+        RecursionError: a 500): 422 in an envelope, 400 in the header, and unsecured the
+        request passes untouched."""
         deep = b"[" * 100_000 + b"]" * 100_000
+        for raw in (
+            b'{"auth_data": ' + deep + b', "payload": 1}',
+            b'{"auth_data": {}, "payload": ' + deep + b"}",
+            b'{"payload": ' + deep + b', "auth_data": {}}',
+        ):
+            with self.assertRaises(AuthError) as caught:
+                unwrap(b"POST", b"/", None, body(raw))
+            self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
+            self.assertIn("nested more than 512 levels deep", caught.exception.detail)
         with self.assertRaises(AuthError) as caught:
-            unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b', "payload": 1}'))
-        self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
-        self.assertIn("recursion limit", caught.exception.detail)
-        with self.assertRaises(AuthError) as caught:
-            unwrap(b"POST", b"/", None, body(b'{"auth_data": {}, "payload": ' + deep + b"}"))
-        self.assertEqual(caught.exception.code, 422)
-        with self.assertRaises(AuthError) as caught:
-            unwrap(b"POST", b"/", b"[" * 8000 + b"]" * 8000, body(b""))
+            unwrap(b"POST", b"/", b"[" * 513 + b"]" * 513, body(b""))
         self.assertEqual(caught.exception.code, 400)
-        self.assertIn("recursion limit", caught.exception.detail)
+        self.assertIn("nested more than 512 levels deep", caught.exception.detail)
         unsecured = unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b"}"), True)
         self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
 
-    def test_a_payload_as_deep_as_the_parser_goes_is_forwarded(self):
-        """Every nesting depth the parser accepts is written out again for the backend, and
-        the first one it does not is a 422, not a RecursionError (a 500)."""
+    def test_a_payload_as_deep_as_the_limit_is_forwarded(self):
+        """A payload nested MAX_DEPTH - 1 levels (the envelope is one more) is written out
+        again for the backend, arrays, objects or both; one level more is a 422."""
         lead = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": '
-        for depth in range(500, 5000):
-            payload = b"[" * depth + b"]" * depth
-            try:
-                got = unwrap(b"POST", b"/", None, body(lead + payload + b"}"))
-            except AuthError as e:
-                self.assertEqual((e.code, e.error), (422, "invalid JSON"))
-                self.assertIn("recursion limit", e.detail)
-                break
-            self.assertEqual(got.body, payload)
-        else:
-            self.fail("no depth was refused")
-        self.assertGreater(depth, 500)
+        shapes = (
+            lambda n: b"[" * n + b"]" * n,
+            lambda n: b'{"a":' * n + b"0" + b"}" * n,
+            lambda n: b"[" * (n % 2) + b'{"[":[' * (n // 2) + b"]}" * (n // 2) + b"]" * (n % 2),
+        )
+        self.assertEqual(envelope.MAX_DEPTH, 512)
+        for shape in shapes:
+            payload = shape(envelope.MAX_DEPTH - 1)
+            got = unwrap(b"POST", b"/", None, body(lead + payload + b"}"))
+            self.assertEqual(loads(got.body), json.loads(payload))
+            with self.assertRaises(AuthError) as caught:
+                unwrap(b"POST", b"/", None, body(lead + shape(envelope.MAX_DEPTH) + b"}"))
+            self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
+
+    def test_a_large_envelope_nested_too_deeply_is_refused_from_its_start(self):
+        """Secured, a large envelope whose first bytes already nest too deeply is refused from
+        them (the same 422), before any parse."""
+        raw = b'{"auth_data": ' + b"[" * 600 + b" " * envelope.PEEK * 2 + b"]" * 600 + b"}"
+        with self.assertRaises(AuthError) as caught:
+            unwrap(b"POST", b"/", None, body(raw))
+        self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
+        self.assertIn("nested more than 512 levels deep", caught.exception.detail)
+
+    def test_nesting_is_counted_outside_strings(self):
+        """Brackets inside strings, escaped quotes and escaped backslashes included, nest
+        nothing; a truncated document counts as deep as it got."""
+        deeper = envelope.nested_deeper
+        self.assertFalse(deeper(b"[" * 3 + b"]" * 3, 3))
+        self.assertTrue(deeper(b"[" * 4 + b"]" * 4, 3))
+        self.assertTrue(deeper(b'[{"a": [[', 3))
+        self.assertFalse(deeper(b'["[[[[", "{{{{"]', 1))
+        self.assertFalse(deeper(b'["\\\\[[[["]', 1))  # an escaped backslash ends no string
+        self.assertFalse(deeper(b'["\\"[[[[\\"", 1]', 1))  # escaped quotes stay in the string
+        self.assertTrue(deeper(b'["\\\\", [[]]]', 2))  # nor does it escape the closing quote
+        self.assertTrue(deeper(b'["]]]]", [[[]]]]', 3))  # closers in a string hide nothing
+        self.assertFalse(deeper(b"", 0))
 
     def test_a_leading_auth_data_is_read_alone_until_verified(self):
         """Secured, a large envelope that starts with auth_data is read no further than its
@@ -288,6 +316,17 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
+
+
+def depth(value: object) -> int:
+    """How deep arrays and objects nest in ``value`` (a list or dict alone: 1)."""
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    return 0
+
+
 auth_values = st.fixed_dictionaries(
     {
         "cost": st.integers(0, 10**9) | st.floats(0, 1e9, allow_nan=False),
@@ -314,6 +353,12 @@ class EnvelopePropertyTests(SynchronousTestCase):
         self.assertEqual(
             canonical_message(got.auth, "five-field"), canonical_message(auth, "five-field")
         )
+
+    @given(json_values, st.integers(0, 6))
+    def test_nesting_depth_is_the_values(self, value, limit):
+        """nested_deeper tells exactly whether a JSON document nests deeper than the limit."""
+        text = json.dumps(value, ensure_ascii=False).encode()
+        self.assertEqual(envelope.nested_deeper(text, limit), depth(value) > limit)
 
     @given(st.binary(max_size=64))
     def test_any_body_is_auth_or_a_clean_error(self, raw):

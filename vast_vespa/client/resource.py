@@ -47,6 +47,7 @@ from vast_vespa.outcome import (
     write_error,
 )
 from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
+from vast_vespa.worker.envelope import MAX_DEPTH, nested_deeper
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"
@@ -81,17 +82,19 @@ def _media_type(request: Request) -> bytes:
 
 def json_payload(request: Request, content: _KeepOpen) -> bytes | None:
     """The app's body when it goes in the JSON envelope: a body that parses as JSON, sent
-    with a JSON content type (or none); else None (it goes byte for byte, header form)."""
+    with a JSON content type (or none), and that the worker reads in an envelope (nested at
+    most MAX_DEPTH - 1 levels: the envelope is one more); else None (it goes byte for byte,
+    header form)."""
     media = _media_type(request)
     if media and media != JSON and not media.endswith(b"+json"):
         return None
     content.seek(0)
     raw = content.read()
-    if not raw.strip():
+    if not raw.strip() or nested_deeper(raw, MAX_DEPTH - 1):
         return None
     try:
         json.loads(raw)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; too deep
+    except ValueError:  # UnicodeDecodeError is one too
         return None
     return raw
 
