@@ -19,7 +19,8 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/v1/chat/completions``: a tiny OpenAI-style chat completion (SSE chunks with ``stream``);
 - anything else: echoes the request as JSON.
 
-Every request is recorded in ``seen`` as a :class:`SeenRequest`.
+Every request is recorded in ``seen`` as a :class:`SeenRequest`; ``when(predicate)`` says when
+something has happened (see :class:`Waiters`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -45,6 +46,32 @@ class SeenRequest:
     headers: dict[bytes, list[bytes]]
     body: bytes
     client_port: int = 0  # which connection it came on
+
+
+class Waiters:
+    """
+    ``when(predicate)``: a Deferred that fires once ``predicate()`` holds, checked at once and
+    after each request the fake has handled. It fires on the clock's next turn, never in the
+    middle of the fake's own work, so a test that goes on from there sees the fake at rest.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._waiters: list[tuple[Callable[[], object], Deferred[None]]] = []
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append((predicate, waiter))
+        self.check()
+        return waiter
+
+    def check(self) -> None:
+        """Fire the waiters whose predicate now holds."""
+        for entry in list(self._waiters):
+            predicate, waiter = entry
+            if predicate():
+                self._waiters.remove(entry)
+                self._clock.callLater(0, waiter.callback, None)
 
 
 def big_body(total: int) -> bytes:
@@ -114,8 +141,23 @@ class FakeBackend(Resource):
         self.health_code = 200
         self.firehoses: list[Firehose] = []
         self.cancelled: list[Deferred[None]] = []  # one per /slow or /sse request
+        self._waiters = Waiters(reactor)
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        """Fires once ``predicate()`` holds (checked after each request the backend takes)."""
+        return self._waiters.when(predicate)
+
+    def arrived(self, count: int = 1) -> Deferred[None]:
+        """Fires once ``count`` requests have reached the backend."""
+        return self.when(lambda: len(self.seen) >= count)
 
     def render(self, request: Request) -> bytes | int:
+        try:
+            return self._render(request)
+        finally:
+            self._waiters.check()
+
+    def _render(self, request: Request) -> bytes | int:
         assert request.content is not None
         body = request.content.read()
         self.seen.append(
@@ -296,27 +338,46 @@ class FakeAutoscaler(Resource):
     ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
     ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` does not
     answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP;
-    ``refuse(body)`` true: that /delete_requests/ body gets a 500.
+    ``refuse(body)`` true: that /delete_requests/ body gets a 500. ``when(predicate)`` says
+    when something has happened (checked after each request; ``reactor`` runs its callbacks,
+    by default the global one).
     """
 
     isLeaf = True
 
-    def __init__(self, pubkey: bytes | None = None) -> None:
+    def __init__(self, pubkey: bytes | None = None, reactor: IReactorTime | None = None) -> None:
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default
+
+            reactor = default
+        self._waiters = Waiters(reactor)
         self.pubkey = pubkey
         self.codes: dict[bytes, int] = {}
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
+        self._left: list[Request] = []  # hung requests whose client went away
         self.garbage: set[bytes] = set()
         self.refuse: Callable[[dict], bool] | None = None
         self.pubkey_requests = 0
         self.statuses: list[dict] = []
         self.deletes: list[dict] = []
 
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        """Fires once ``predicate()`` holds (checked after each request the fake takes)."""
+        return self._waiters.when(predicate)
+
     def render(self, request: Request) -> bytes | int:
+        try:
+            return self._render(request)
+        finally:
+            self._waiters.check()
+
+    def _render(self, request: Request) -> bytes | int:
         path = request.path
         if path in self.hang:
             self.hung.append(request)
+            request.notifyFinish().addErrback(lambda _: self._left.append(request))
             return NOT_DONE_YET
         if path in self.garbage:
             request.channel.transport.write(b"\x00\xffnot http\r\n\r\n")
@@ -348,9 +409,10 @@ class FakeAutoscaler(Resource):
         self.hang.clear()
         hung, self.hung = self.hung, []
         for request in hung:
-            if not request._disconnected:
+            if request not in self._left:
                 request.write(self.render(request))
                 request.finish()
+        self._waiters.check()
 
     def deleted(self) -> dict[int, bool]:
         """request_idx -> success flag, from every /delete_requests/ body received."""

@@ -172,7 +172,8 @@ def http_client(test: TestCase) -> HTTPClient:
 
 
 class RawClient(Protocol):
-    """Sends raw bytes, collects everything the server sends until it closes."""
+    """Sends raw bytes, collects everything the server sends until it closes; ``when``
+    says when what arrived is enough."""
 
     def __init__(self, payload: bytes, read: bool = True) -> None:
         self.payload = payload
@@ -181,6 +182,21 @@ class RawClient(Protocol):
         self.count = 0  # bytes received so far
         self.closed: Deferred[bytes] = Deferred()
         self.got_data: Deferred[None] = Deferred()
+        self._waiters: list[tuple[Any, Deferred[None]]] = []
+
+    def when(self, predicate: Any) -> Deferred[None]:
+        """Fires (on the reactor's next turn) once ``predicate()`` holds, checked as data
+        arrives; fails if the connection closes first."""
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append((predicate, waiter))
+        self._check()
+        return waiter
+
+    def _check(self) -> None:
+        for entry in list(self._waiters):
+            if entry[0]():
+                self._waiters.remove(entry)
+                reactor.callLater(0, entry[1].callback, None)
 
     def connectionMade(self) -> None:
         if not self.read:
@@ -196,8 +212,12 @@ class RawClient(Protocol):
         self.count += len(data)
         if not self.got_data.called:
             self.got_data.callback(None)
+        self._check()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        waiting, self._waiters = self._waiters, []
+        for _, waiter in waiting:
+            waiter.errback(AssertionError(f"closed first, after {self.received[-200:]!r}"))
         self.closed.callback(self.received)
 
 
@@ -332,16 +352,24 @@ class SignedWorker:
 
     def auth(self, shape: str = "url", **fields: Any) -> dict[str, Any]:
         """auth_data as the router hands it out, signed in ``shape``."""
-        auth = {
-            "cost": 10.0,
-            "endpoint": "my-endpoint",
-            "reqnum": 1,
-            "request_idx": 1,
-            "url": self.public_url,
-            **fields,
-        }
-        auth["signature"] = sign(self.key, auth, shape)
-        return {**auth, "__request_id": "0f8e4b0a"}
+        return signed_auth(self.key, self.public_url, shape, **fields)
+
+
+def signed_auth(
+    key: rsa.RSAPrivateKey, public_url: str, shape: str, /, **fields: Any
+) -> dict[str, Any]:
+    """auth_data as the router hands it out for the worker at ``public_url``, signed with
+    ``key`` in ``shape``; ``fields`` change the defaults (cost 10, reqnum 1, request_idx 1)."""
+    auth = {
+        "cost": 10.0,
+        "endpoint": "my-endpoint",
+        "reqnum": 1,
+        "request_idx": 1,
+        "url": public_url,
+        **fields,
+    }
+    auth["signature"] = sign(key, auth, shape)
+    return {**auth, "__request_id": "0f8e4b0a"}
 
 
 async def start_signed_worker(
@@ -364,5 +392,6 @@ async def start_signed_worker(
     service.state.max_perf = 100.0
     if serve_key:
         keys = service.getServiceNamed("pubkey")
-        await until(lambda: keys.key is not None)
+        if keys.key is None:
+            await keys.refresh()  # joins the fetch its start began
     return SignedWorker(url, service, autoscaler, key, public_url)
