@@ -290,12 +290,17 @@ class MemoryWorker:
 
     def flush(self) -> None:
         """Let everything that can happen now happen: bytes between the worker, the backend
-        and the autoscaler, and the clock's calls that are due."""
+        and the autoscaler, the clock's calls that are due, and the end of the client
+        connections the worker closed (as the reactor reports a closed socket)."""
         for _ in range(1000):
             self._backend_agent.flush()
             self._autoscaler_agent.flush()
+            closing = [c for c in self.connections if c.transport.disconnecting and not c.lost]
+            for connection in closing:
+                connection.close()
             now = self.clock.seconds()
-            if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
+            due = any(call.getTime() <= now for call in self.clock.getDelayedCalls())
+            if not (closing or due):
                 return
             self.clock.advance(0)
         raise AssertionError("still busy after 1000 rounds")
