@@ -61,6 +61,9 @@ class TrackingFactory(WrappingFactory):
         p._vespa_gone.callback(None)
 
 
+_tracking: dict[str, TrackingFactory] = {}  # base URL -> its listener's connections
+
+
 def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     """Serve on 127.0.0.1 (a free port) until the test ends; returns the base URL."""
     factory = (
@@ -70,6 +73,9 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     )
     tracking = TrackingFactory(factory)
     port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    _tracking[url] = tracking
+    test.addCleanup(_tracking.pop, url, None)
 
     async def close() -> None:
         await port.stopListening()
@@ -78,7 +84,13 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
         await gatherResults(tracking.gone)
 
     test.addCleanup(lambda: Deferred.fromCoroutine(close()))
-    return f"http://127.0.0.1:{port.getHost().port}"
+    return url
+
+
+def server_side_closed(url: str) -> Deferred[Any]:
+    """Fires once every connection accepted so far by :func:`listen`'s server at ``url`` is
+    closed on the server's side too (its protocol told of the loss)."""
+    return gatherResults(list(_tracking[url].gone))
 
 
 async def listen_sending_now(test: TestCase, site: Any) -> str:

@@ -166,7 +166,7 @@ class RefusingAgent:
     """A backend nobody listens for: every connection attempt is refused."""
 
     def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return fail(ConnectionRefusedError("Connection was refused by other side"))
+        return fail(ConnectionRefusedError())
 
 
 class Recorder:
