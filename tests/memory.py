@@ -30,8 +30,10 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.iweb import IAgent
+from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from tests.fakes import FakeAutoscaler, FakeBackend
@@ -162,11 +164,50 @@ class Connection:
 
 
 @implementer(IAgent)
-class RefusingAgent:
-    """A backend nobody listens for: every connection attempt is refused."""
+class MemoryNetwork:
+    """
+    An IAgent for servers in memory: each base URL served (:meth:`serve`) is a resource behind
+    treq's RequestTraversalAgent (HTTP/1.1 client and server protocols, connected in memory);
+    a connection to any other address is refused.
+    """
 
-    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return fail(ConnectionRefusedError())
+    def __init__(self) -> None:
+        self._servers: dict[bytes, RequestTraversalAgent] = {}
+        self._down: set[bytes] = set()
+
+    def serve(self, url: str, resource: Resource) -> str:
+        self._servers[URI.fromBytes(url.encode()).netloc] = RequestTraversalAgent(resource)
+        return url
+
+    def down(self, url: str) -> None:
+        """Nothing listens at ``url`` any more: new connections are refused."""
+        self._down.add(URI.fromBytes(url.encode()).netloc)
+
+    def up(self, url: str) -> None:
+        self._down.discard(URI.fromBytes(url.encode()).netloc)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        netloc = URI.fromBytes(uri).netloc
+        server = self._servers.get(netloc)
+        if server is None or netloc in self._down:
+            return fail(ConnectionRefusedError())
+        return server.request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        """Move every byte waiting between clients and servers."""
+        for server in self._servers.values():
+            server.flush()
+
+
+def memory_http(network: MemoryNetwork) -> HTTPClient:
+    """A treq client on ``network`` (its bodies written at once, not through a Cooperator)."""
+    return HTTPClient(network, data_to_body_producer=BytesProducer)
 
 
 class Recorder:
@@ -198,8 +239,9 @@ class MemoryWorker:
     A worker's request path in memory: readiness gate, signed gate (``signed``; otherwise
     UNSECURED), admission, metrics, relay and observers, on one Clock, in front of a
     FakeBackend (``backend_down``: a refused connection) and reporting to a FakeAutoscaler
-    that serves a fresh key (unless not ``serve_key``). Loaded with ``max_perf`` unless not
-    ``loaded``. The other keywords are the settings of the same name.
+    that serves a fresh key (unless not ``serve_key``), both on a :class:`MemoryNetwork`.
+    Loaded with ``max_perf`` unless not ``loaded``. The other keywords are the settings of
+    the same name.
     """
 
     def __init__(
@@ -225,11 +267,13 @@ class MemoryWorker:
     ) -> None:
         self._test = test
         self.clock = Clock()
+        self.network = MemoryNetwork()
         self.backend = FakeBackend(self.clock)
-        self._backend_agent = RequestTraversalAgent(self.backend)
+        if not backend_down:
+            self.network.serve(BACKEND_URL, self.backend)
         self.key = generate_private_key()
-        self.autoscaler = FakeAutoscaler(public_pem(self.key) if serve_key else None)
-        self._autoscaler_agent = RequestTraversalAgent(self.autoscaler)
+        self.autoscaler = FakeAutoscaler(public_pem(self.key) if serve_key else None, self.clock)
+        self.network.serve(AUTOSCALER_URL, self.autoscaler)
         self.state = WorkerState()
         if loaded:
             self.state.mark_loaded(0.0, max_perf)
@@ -240,7 +284,7 @@ class MemoryWorker:
             lambda: self.metrics.load, lambda: self.state.max_perf, max_wait_time, concurrency
         )
         client = AutoscalerClient(
-            HTTPClient(self._autoscaler_agent, data_to_body_producer=BytesProducer),
+            memory_http(self.network),
             self.clock,
             (AUTOSCALER_URL,),
             MASTER_TOKEN,
@@ -266,7 +310,7 @@ class MemoryWorker:
         self.recorder = Recorder()
         self.resource = WorkerResource(
             ReadinessGate(gate, self.state),
-            RefusingAgent() if backend_down else self._backend_agent,
+            self.network,
             self.clock,
             BACKEND_URL,
             request_timeout,
@@ -293,8 +337,7 @@ class MemoryWorker:
         and the autoscaler, the clock's calls that are due, and the end of the client
         connections the worker closed (as the reactor reports a closed socket)."""
         for _ in range(1000):
-            self._backend_agent.flush()
-            self._autoscaler_agent.flush()
+            self.network.flush()
             closing = [c for c in self.connections if c.transport.disconnecting and not c.lost]
             for connection in closing:
                 connection.close()
