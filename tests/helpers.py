@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Cooperator, deferLater
+from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -265,6 +266,23 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
             raise AssertionError(f"condition not met after {timeout} s")
         await deferLater(reactor, 0.01, lambda: None)
         waited += 0.01
+
+
+def logged(test: TestCase, text: str, count: int = 1) -> Deferred[None]:
+    """Fires (on the reactor's next turn) once ``count`` log events whose format contains
+    ``text`` have been emitted from now on (for what only the log tells)."""
+    seen: list[dict[str, Any]] = []
+    fired: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if text in (event.get("log_format") or "") and len(seen) < count:
+            seen.append(event)
+            if len(seen) == count:
+                reactor.callLater(0, fired.callback, None)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return fired
 
 
 def twistd_command(*args: str) -> list[str]:

@@ -174,6 +174,7 @@ class MemoryNetwork:
     def __init__(self) -> None:
         self._servers: dict[bytes, RequestTraversalAgent] = {}
         self._down: set[bytes] = set()
+        self.requested: list[bytes] = []  # every URL asked for, refused or not
 
     def serve(self, url: str, resource: Resource) -> str:
         self._servers[URI.fromBytes(url.encode()).netloc] = RequestTraversalAgent(resource)
@@ -193,6 +194,7 @@ class MemoryNetwork:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
+        self.requested.append(uri)
         netloc = URI.fromBytes(uri).netloc
         server = self._servers.get(netloc)
         if server is None or netloc in self._down:
