@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -72,6 +73,34 @@ class Waiters:
             if predicate():
                 self._waiters.remove(entry)
                 self._clock.callLater(0, waiter.callback, None)
+
+
+class WatchedClock(Clock):
+    """A task.Clock that says when something is scheduled on it, for code that runs on the
+    real reactor but sleeps on this clock (:meth:`scheduled`)."""
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._watching: list[Deferred[None]] = []
+
+    def scheduled(self) -> Deferred[None]:
+        """Fires (on the reactor's next turn) after the next call scheduled on this clock."""
+        waiter: Deferred[None] = Deferred()
+        self._watching.append(waiter)
+        return waiter
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args, **kw):  # type: ignore[no-untyped-def]
+        call = super().callLater(delay, callable, *args, **kw)
+        watching, self._watching = self._watching, []
+        for waiter in watching:
+            self._reactor.callLater(0, _fire_once, waiter)
+        return call
+
+
+def _fire_once(waiter: Deferred[None]) -> None:
+    if not waiter.called:
+        waiter.callback(None)
 
 
 def big_body(total: int) -> bytes:
