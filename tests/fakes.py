@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import Clock
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
@@ -73,6 +73,26 @@ class Waiters:
             if predicate():
                 self._waiters.remove(entry)
                 self._clock.callLater(0, waiter.callback, None)
+
+
+class Watched(Resource):
+    """Serves the resource tree ``root`` unchanged; ``when(predicate)`` is checked each time
+    it has answered a request (for servers that are not fakes, such as the emulator: put it
+    in place of a site's ``resource``)."""
+
+    isLeaf = True
+
+    def __init__(self, root: Resource, clock: IReactorTime) -> None:
+        super().__init__()
+        self._root = root
+        self._waiters = Waiters(clock)
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        return self._waiters.when(predicate)
+
+    def render(self, request: Request) -> bytes | int:
+        request.notifyFinish().addBoth(lambda _: self._waiters.check())
+        return getChildForRequest(self._root, request).render(request)
 
 
 class WatchedClock(Clock):
