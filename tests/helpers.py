@@ -193,6 +193,7 @@ class RawClient(Protocol):
         self.read = read
         self.chunks: list[bytes] = []
         self.count = 0  # bytes received so far
+        self.made: Deferred[None] = Deferred()  # fires once connected
         self.closed: Deferred[bytes] = Deferred()
         self.got_data: Deferred[None] = Deferred()
         self._waiters: list[tuple[Any, Deferred[None]]] = []
@@ -215,6 +216,7 @@ class RawClient(Protocol):
         if not self.read:
             self.transport.pauseProducing()  # a client that does not read
         self.transport.write(self.payload)
+        self.made.callback(None)
 
     @property
     def received(self) -> bytes:
@@ -237,17 +239,8 @@ class RawClient(Protocol):
 async def raw_connect(url: str, client: RawClient) -> RawClient:
     """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT)."""
     port = int(url.rsplit(":", 1)[1])
-    factory = ClientFactory.forProtocol(lambda: client)
-    connected: Deferred[None] = Deferred()
-    original = client.connectionMade
-
-    def made() -> None:
-        original()
-        connected.callback(None)
-
-    client.connectionMade = made  # type: ignore[method-assign]
-    reactor.connectTCP("127.0.0.1", port, factory)
-    await connected
+    reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+    await client.made
     return client
 
 
@@ -258,8 +251,10 @@ async def raw_request(url: str, payload: bytes) -> bytes:
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """Wait, turn by turn of the reactor, until ``predicate()`` is true (for cross-process or
-    cross-connection effects that no Deferred announces)."""
+    """Wait, polling every 10 ms, until ``predicate()`` is true: only for what nothing in
+    this process is told of (bytes in a kernel buffer, another process's state); say why
+    where it is used. Anything else has a Deferred that says when (``when``/``arrived`` on
+    the fakes, RawClient.when, notifyFinish, a service's stop, InFlight.idle, a Clock)."""
     waited = 0.0
     while not predicate():
         if waited > timeout:
