@@ -18,6 +18,7 @@ sockets (a few end-to-end tests per feature).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ from vast_vespa.worker.gate import SignedGate
 from vast_vespa.worker.lifecycle import ReadinessGate
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
-from vast_vespa.worker.resource import Forward, Observer, WorkerResource
+from vast_vespa.worker.resource import Forward, Observer, RequestGate, WorkerResource
 from vast_vespa.worker.service import WorkerService
 from vast_vespa.worker.state import WorkerState
 
@@ -242,8 +243,9 @@ class MemoryWorker:
     UNSECURED), admission, metrics, relay and observers, on one Clock, in front of a
     FakeBackend (``backend_down``: a refused connection) and reporting to a FakeAutoscaler
     that serves a fresh key (unless not ``serve_key``), both on a :class:`MemoryNetwork`.
-    Loaded with ``max_perf`` unless not ``loaded``. The other keywords are the settings of
-    the same name.
+    Loaded with ``max_perf`` unless not ``loaded``. ``gate`` replaces the readiness and
+    signed gates; ``wrap_agent`` wraps the agent that reaches the backend. The other keywords
+    are the settings of the same name.
     """
 
     def __init__(
@@ -266,6 +268,8 @@ class MemoryWorker:
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
         observers: tuple[Observer, ...] = (),
+        gate: RequestGate | None = None,
+        wrap_agent: Callable[[IAgent], IAgent] = lambda agent: agent,
     ) -> None:
         self._test = test
         self.clock = Clock()
@@ -299,7 +303,7 @@ class MemoryWorker:
             self.keys.startService()
             test.addCleanup(self.keys.stopService)
         cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
-        gate = SignedGate(
+        signed_gate = SignedGate(
             self.keys,
             self.admission,
             self.metrics,
@@ -311,8 +315,8 @@ class MemoryWorker:
         )
         self.recorder = Recorder()
         self.resource = WorkerResource(
-            ReadinessGate(gate, self.state),
-            self.network,
+            gate or ReadinessGate(signed_gate, self.state),
+            wrap_agent(self.network),
             self.clock,
             BACKEND_URL,
             request_timeout,
