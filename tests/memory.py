@@ -5,14 +5,19 @@ is a ``task.Clock`` the test advances, and everything that can happen by then ha
 when :meth:`MemoryWorker.advance` returns.
 
 - a client connection is the worker's :class:`VespaSite` channel on a ``StringTransport``
-  (raw HTTP/1.1 in, bytes out, parsed into an :class:`Answer`);
-- the backend is a :class:`FakeBackend` behind treq's ``RequestTraversalAgent`` (Twisted's
-  HTTP/1.1 client and server protocols, connected in memory);
-- the autoscaler is a :class:`FakeAutoscaler` reached the same way by the real
-  ``AutoscalerClient``; the ``MetricsReporter`` sends when told (:meth:`MemoryWorker.report`).
+  (raw HTTP/1.1 in, bytes out, parsed into an :class:`Answer`); the worker closing it is
+  reported back to it, as the reactor would;
+- the backend is a :class:`FakeBackend` on a :class:`MemoryNetwork` (treq's
+  ``RequestTraversalAgent``: Twisted's HTTP/1.1 client and server protocols, connected in
+  memory), or nothing (connection refused);
+- the autoscaler is a :class:`FakeAutoscaler` on the same network, reached by the real
+  ``AutoscalerClient``; the ``MetricsReporter`` sends when told (:meth:`MemoryWorker.report`)
+  or, once started, on the Clock.
 
 The objects are the ones ``build_worker`` wires; the wiring itself is tested through real
-sockets (a few end-to-end tests per feature).
+sockets (a few end-to-end tests per feature). Timers scheduled at the same time as they are
+due run without a flush in between (``Clock.advance``): step through a stream in its own
+intervals.
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        """The server closed (or aborted) the connection."""
+        """The connection is closing or gone (the worker closed it, or the client left)."""
         return self.transport.disconnecting or self.lost
 
     def leave(self) -> None:
