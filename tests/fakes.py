@@ -19,7 +19,8 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/v1/chat/completions``: a tiny OpenAI-style chat completion (SSE chunks with ``stream``);
 - anything else: echoes the request as JSON.
 
-Every request is recorded in ``seen`` as a :class:`SeenRequest`.
+Every request is recorded in ``seen`` as a :class:`SeenRequest`; ``when(predicate)`` says when
+something has happened (see :class:`Waiters`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.web.resource import Resource
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
@@ -45,6 +47,80 @@ class SeenRequest:
     headers: dict[bytes, list[bytes]]
     body: bytes
     client_port: int = 0  # which connection it came on
+
+
+class Waiters:
+    """
+    ``when(predicate)``: a Deferred that fires once ``predicate()`` holds, checked at once and
+    after each request the fake has handled. It fires on the clock's next turn, never in the
+    middle of the fake's own work, so a test that goes on from there sees the fake at rest.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._waiters: list[tuple[Callable[[], object], Deferred[None]]] = []
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append((predicate, waiter))
+        self.check()
+        return waiter
+
+    def check(self) -> None:
+        """Fire the waiters whose predicate now holds."""
+        for entry in list(self._waiters):
+            predicate, waiter = entry
+            if predicate():
+                self._waiters.remove(entry)
+                self._clock.callLater(0, waiter.callback, None)
+
+
+class Watched(Resource):
+    """Serves the resource tree ``root`` unchanged; ``when(predicate)`` is checked each time
+    it has answered a request (for servers that are not fakes, such as the emulator: put it
+    in place of a site's ``resource``)."""
+
+    isLeaf = True
+
+    def __init__(self, root: Resource, clock: IReactorTime) -> None:
+        super().__init__()
+        self._root = root
+        self._waiters = Waiters(clock)
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        return self._waiters.when(predicate)
+
+    def render(self, request: Request) -> bytes | int:
+        request.notifyFinish().addBoth(lambda _: self._waiters.check())
+        return getChildForRequest(self._root, request).render(request)
+
+
+class WatchedClock(Clock):
+    """A task.Clock that says when something is scheduled on it, for code that runs on the
+    real reactor but sleeps on this clock (:meth:`scheduled`)."""
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._watching: list[Deferred[None]] = []
+
+    def scheduled(self) -> Deferred[None]:
+        """Fires (on the reactor's next turn) after the next call scheduled on this clock."""
+        waiter: Deferred[None] = Deferred()
+        self._watching.append(waiter)
+        return waiter
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args, **kw):  # type: ignore[no-untyped-def]
+        call = super().callLater(delay, callable, *args, **kw)
+        watching, self._watching = self._watching, []
+        for waiter in watching:
+            self._reactor.callLater(0, _fire_once, waiter)
+        return call
+
+
+def _fire_once(waiter: Deferred[None]) -> None:
+    if not waiter.called:
+        waiter.callback(None)
 
 
 def big_body(total: int) -> bytes:
@@ -114,8 +190,23 @@ class FakeBackend(Resource):
         self.health_code = 200
         self.firehoses: list[Firehose] = []
         self.cancelled: list[Deferred[None]] = []  # one per /slow or /sse request
+        self._waiters = Waiters(reactor)
+
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        """Fires once ``predicate()`` holds (checked after each request the backend takes)."""
+        return self._waiters.when(predicate)
+
+    def arrived(self, count: int = 1) -> Deferred[None]:
+        """Fires once ``count`` requests have reached the backend."""
+        return self.when(lambda: len(self.seen) >= count)
 
     def render(self, request: Request) -> bytes | int:
+        try:
+            return self._render(request)
+        finally:
+            self._waiters.check()
+
+    def _render(self, request: Request) -> bytes | int:
         assert request.content is not None
         body = request.content.read()
         self.seen.append(
@@ -296,27 +387,46 @@ class FakeAutoscaler(Resource):
     ``/worker_status/`` and ``/delete_requests/`` record their JSON bodies in ``statuses`` and
     ``deletes``. ``codes[path]`` overrides the answer's status; a path in ``hang`` does not
     answer until :meth:`release`; a path in ``garbage`` answers bytes that are not HTTP;
-    ``refuse(body)`` true: that /delete_requests/ body gets a 500.
+    ``refuse(body)`` true: that /delete_requests/ body gets a 500. ``when(predicate)`` says
+    when something has happened (checked after each request; ``reactor`` runs its callbacks,
+    by default the global one).
     """
 
     isLeaf = True
 
-    def __init__(self, pubkey: bytes | None = None) -> None:
+    def __init__(self, pubkey: bytes | None = None, reactor: IReactorTime | None = None) -> None:
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default
+
+            reactor = default
+        self._waiters = Waiters(reactor)
         self.pubkey = pubkey
         self.codes: dict[bytes, int] = {}
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
+        self._left: list[Request] = []  # hung requests whose client went away
         self.garbage: set[bytes] = set()
         self.refuse: Callable[[dict], bool] | None = None
         self.pubkey_requests = 0
         self.statuses: list[dict] = []
         self.deletes: list[dict] = []
 
+    def when(self, predicate: Callable[[], object]) -> Deferred[None]:
+        """Fires once ``predicate()`` holds (checked after each request the fake takes)."""
+        return self._waiters.when(predicate)
+
     def render(self, request: Request) -> bytes | int:
+        try:
+            return self._render(request)
+        finally:
+            self._waiters.check()
+
+    def _render(self, request: Request) -> bytes | int:
         path = request.path
         if path in self.hang:
             self.hung.append(request)
+            request.notifyFinish().addErrback(lambda _: self._left.append(request))
             return NOT_DONE_YET
         if path in self.garbage:
             request.channel.transport.write(b"\x00\xffnot http\r\n\r\n")
@@ -348,9 +458,10 @@ class FakeAutoscaler(Resource):
         self.hang.clear()
         hung, self.hung = self.hung, []
         for request in hung:
-            if not request._disconnected:
+            if request not in self._left:
                 request.write(self.render(request))
                 request.finish()
+        self._waiters.check()
 
     def deleted(self) -> dict[int, bool]:
         """request_idx -> success flag, from every /delete_requests/ body received."""

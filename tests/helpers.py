@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Cooperator, deferLater
+from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -61,6 +62,9 @@ class TrackingFactory(WrappingFactory):
         p._vespa_gone.callback(None)
 
 
+_tracking: dict[str, TrackingFactory] = {}  # base URL -> its listener's connections
+
+
 def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     """Serve on 127.0.0.1 (a free port) until the test ends; returns the base URL."""
     factory = (
@@ -70,6 +74,9 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
     )
     tracking = TrackingFactory(factory)
     port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    _tracking[url] = tracking
+    test.addCleanup(_tracking.pop, url, None)
 
     async def close() -> None:
         await port.stopListening()
@@ -78,7 +85,13 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
         await gatherResults(tracking.gone)
 
     test.addCleanup(lambda: Deferred.fromCoroutine(close()))
-    return f"http://127.0.0.1:{port.getHost().port}"
+    return url
+
+
+def server_side_closed(url: str) -> Deferred[Any]:
+    """Fires once every connection accepted so far by :func:`listen`'s server at ``url`` is
+    closed on the server's side too (its protocol told of the loss)."""
+    return gatherResults(list(_tracking[url].gone))
 
 
 async def listen_sending_now(test: TestCase, site: Any) -> str:
@@ -172,20 +185,38 @@ def http_client(test: TestCase) -> HTTPClient:
 
 
 class RawClient(Protocol):
-    """Sends raw bytes, collects everything the server sends until it closes."""
+    """Sends raw bytes, collects everything the server sends until it closes; ``when``
+    says when what arrived is enough."""
 
     def __init__(self, payload: bytes, read: bool = True) -> None:
         self.payload = payload
         self.read = read
         self.chunks: list[bytes] = []
         self.count = 0  # bytes received so far
+        self.made: Deferred[None] = Deferred()  # fires once connected
         self.closed: Deferred[bytes] = Deferred()
         self.got_data: Deferred[None] = Deferred()
+        self._waiters: list[tuple[Any, Deferred[None]]] = []
+
+    def when(self, predicate: Any) -> Deferred[None]:
+        """Fires (on the reactor's next turn) once ``predicate()`` holds, checked as data
+        arrives; fails if the connection closes first."""
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append((predicate, waiter))
+        self._check()
+        return waiter
+
+    def _check(self) -> None:
+        for entry in list(self._waiters):
+            if entry[0]():
+                self._waiters.remove(entry)
+                reactor.callLater(0, entry[1].callback, None)
 
     def connectionMade(self) -> None:
         if not self.read:
             self.transport.pauseProducing()  # a client that does not read
         self.transport.write(self.payload)
+        self.made.callback(None)
 
     @property
     def received(self) -> bytes:
@@ -196,25 +227,20 @@ class RawClient(Protocol):
         self.count += len(data)
         if not self.got_data.called:
             self.got_data.callback(None)
+        self._check()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        waiting, self._waiters = self._waiters, []
+        for _, waiter in waiting:
+            waiter.errback(AssertionError(f"closed first, after {self.received[-200:]!r}"))
         self.closed.callback(self.received)
 
 
 async def raw_connect(url: str, client: RawClient) -> RawClient:
     """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT)."""
     port = int(url.rsplit(":", 1)[1])
-    factory = ClientFactory.forProtocol(lambda: client)
-    connected: Deferred[None] = Deferred()
-    original = client.connectionMade
-
-    def made() -> None:
-        original()
-        connected.callback(None)
-
-    client.connectionMade = made  # type: ignore[method-assign]
-    reactor.connectTCP("127.0.0.1", port, factory)
-    await connected
+    reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+    await client.made
     return client
 
 
@@ -225,14 +251,33 @@ async def raw_request(url: str, payload: bytes) -> bytes:
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """Wait, turn by turn of the reactor, until ``predicate()`` is true (for cross-process or
-    cross-connection effects that no Deferred announces)."""
+    """Wait, polling every 10 ms, until ``predicate()`` is true: only for what nothing in
+    this process is told of (bytes in a kernel buffer, another process's state); say why
+    where it is used. Anything else has a Deferred that says when (``when``/``arrived`` on
+    the fakes, RawClient.when, notifyFinish, a service's stop, InFlight.idle, a Clock)."""
     waited = 0.0
     while not predicate():
         if waited > timeout:
             raise AssertionError(f"condition not met after {timeout} s")
         await deferLater(reactor, 0.01, lambda: None)
         waited += 0.01
+
+
+def logged(test: TestCase, text: str, count: int = 1) -> Deferred[None]:
+    """Fires (on the reactor's next turn) once ``count`` log events whose format contains
+    ``text`` have been emitted from now on (for what only the log tells)."""
+    seen: list[dict[str, Any]] = []
+    fired: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if text in (event.get("log_format") or "") and len(seen) < count:
+            seen.append(event)
+            if len(seen) == count:
+                reactor.callLater(0, fired.callback, None)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return fired
 
 
 def twistd_command(*args: str) -> list[str]:
@@ -332,16 +377,24 @@ class SignedWorker:
 
     def auth(self, shape: str = "url", **fields: Any) -> dict[str, Any]:
         """auth_data as the router hands it out, signed in ``shape``."""
-        auth = {
-            "cost": 10.0,
-            "endpoint": "my-endpoint",
-            "reqnum": 1,
-            "request_idx": 1,
-            "url": self.public_url,
-            **fields,
-        }
-        auth["signature"] = sign(self.key, auth, shape)
-        return {**auth, "__request_id": "0f8e4b0a"}
+        return signed_auth(self.key, self.public_url, shape, **fields)
+
+
+def signed_auth(
+    key: rsa.RSAPrivateKey, public_url: str, shape: str, /, **fields: Any
+) -> dict[str, Any]:
+    """auth_data as the router hands it out for the worker at ``public_url``, signed with
+    ``key`` in ``shape``; ``fields`` change the defaults (cost 10, reqnum 1, request_idx 1)."""
+    auth = {
+        "cost": 10.0,
+        "endpoint": "my-endpoint",
+        "reqnum": 1,
+        "request_idx": 1,
+        "url": public_url,
+        **fields,
+    }
+    auth["signature"] = sign(key, auth, shape)
+    return {**auth, "__request_id": "0f8e4b0a"}
 
 
 async def start_signed_worker(
@@ -364,5 +417,6 @@ async def start_signed_worker(
     service.state.max_perf = 100.0
     if serve_key:
         keys = service.getServiceNamed("pubkey")
-        await until(lambda: keys.key is not None)
+        if keys.key is None:
+            await keys.refresh()  # joins the fetch its start began
     return SignedWorker(url, service, autoscaler, key, public_url)

@@ -3,6 +3,7 @@ Accounting, proved through what the autoscaler received: every request that pass
 authentication ends in exactly one of served / errored / cancelled / rejected, its workload is
 counted once, its request_idx reaches /delete_requests/ exactly once with the right success
 flag, cur_load returns to 0, and traffic that did not pass authentication moves nothing.
+In memory (tests/memory.py), then once through real sockets.
 """
 
 from __future__ import annotations
@@ -13,130 +14,86 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeBackend
-from tests.helpers import (
-    RawClient,
-    SignedWorker,
-    http_client,
-    listen,
-    raw_connect,
-    start_signed_worker,
-    until,
-)
+from tests.helpers import SignedWorker, http_client, start_signed_worker
+from tests.memory import MemoryWorker
 from vast_vespa import request_id
 from vast_vespa.outcome import Outcome, RelayResult
-from vast_vespa.worker.service import WorkerService
 
 HELD = b"/slow?delay=1"
 
-
-def observe(service: WorkerService) -> list[tuple[str, RelayResult]]:
-    """Every (X-Request-ID, RelayResult) the worker's observers are told about."""
-    seen: list[tuple[str, RelayResult]] = []
-    resource = service.site.resource
-    resource._observers = (
-        *resource._observers,
-        lambda request, result, forward: seen.append((request_id.of(request), result)),
-    )
-    return seen
+Seen = list[tuple[str, RelayResult]]
 
 
-def envelope(worker: SignedWorker, cost: float, idx: int, **auth: Any) -> bytes:
+def observer(seen: Seen) -> Any:
+    """An observer recording every (X-Request-ID, RelayResult) it is told about."""
+    return lambda request, result, forward: seen.append((request_id.of(request), result))
+
+
+def envelope(worker: MemoryWorker | SignedWorker, cost: float, idx: int, **auth: Any) -> bytes:
     """A signed envelope; reqnum follows request_idx so a replay window tells them apart."""
     signed = worker.auth(cost=cost, request_idx=idx, reqnum=idx, **auth)
     return json.dumps({"auth_data": signed, "payload": {"n": idx}}).encode()
 
 
-def raw_post(path: str, rid: str, body: bytes) -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: w\r\nX-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-        path.encode(),
-        rid.encode(),
-        len(body),
-        body,
-    )
+def assert_once_each(test: SynchronousTestCase, seen: Seen, expected: dict) -> None:
+    """Exactly one RelayResult per X-Request-ID, with the expected outcome."""
+    counts = Counter(rid for rid, _ in seen)
+    test.assertEqual({rid: n for rid, n in counts.items() if n != 1}, {})
+    test.assertEqual({rid: r.outcome for rid, r in seen}, expected)
 
 
-class AccountingTests(TestCase):
-    timeout = 30
+class AccountingTests(SynchronousTestCase):
+    def worker(self, seen: Seen, **changes: Any) -> MemoryWorker:
+        return MemoryWorker(self, observers=(observer(seen),), **changes)
 
-    async def worker(self, backend_url: str, **changes: Any) -> SignedWorker:
-        # One report window for the whole test (a beat at start, then send_now at the end),
-        # so each workload figure must equal exactly what the requests carried.
-        changes = {"report_interval": 60.0, **changes}
-        return await start_signed_worker(self, backend_url, **changes)
+    def post(self, worker: MemoryWorker, path: str, rid: str, body: bytes) -> int:
+        return worker.call("POST", path, body, {"X-Request-ID": rid}).code
 
-    async def post(self, worker: SignedWorker, path: str, rid: str, body: bytes) -> int:
-        response = await http_client(self).post(
-            worker.url + path, data=body, headers={b"x-request-id": [rid.encode()]}
-        )
-        await response.content()
-        return response.code
+    def send(self, worker: MemoryWorker, path: str, rid: str, body: bytes):
+        return worker.request("POST", path, body, {"X-Request-ID": rid})
 
-    async def settle(self, worker: SignedWorker) -> list[dict]:
-        """Wait until nothing is in flight, report, return the statuses received."""
-        metrics = worker.service.metrics
-        await until(lambda: not metrics.in_flight)
-        await worker.service.reporter.send_now()
-        return worker.autoscaler.statuses
-
-    def assert_once_each(self, seen: list[tuple[str, RelayResult]], expected: dict) -> None:
-        """Exactly one RelayResult per X-Request-ID, with the expected outcome."""
-        counts = Counter(rid for rid, _ in seen)
-        self.assertEqual({rid: n for rid, n in counts.items() if n != 1}, {})
-        self.assertEqual({rid: r.outcome for rid, r in seen}, expected)
-
-    async def test_every_outcome_counted_once(self):
+    def test_every_outcome_counted_once(self):
         """Served, backend 5xx, reset before headers, broken mid-answer, cancelled mid-stream,
         cancelled while queued behind a slow request, 429 over MAX_WAIT_TIME, and beside them
         forged, unsigned, malformed, blocked and replayed requests: each authenticated
         request_idx is deleted exactly once with its flag, the workload sums are exactly the
         costs sent per outcome, cur_load is back to 0, and the refused traffic counts nowhere
         and never reaches the backend."""
-        backend = FakeBackend(reactor)
-        worker = await self.worker(
-            listen(self, backend),
+        seen: Seen = []
+        worker = self.worker(
+            seen,
             max_concurrency=1,
             max_wait_time=5.0,
             blocked_paths=("/admin*",),
             replay_window=100,
         )
-        metrics = worker.service.metrics
-        seen = observe(worker.service)
-        self.assertEqual(await self.post(worker, "/ok", "served", envelope(worker, 1, 1)), 200)
-        self.assertEqual(await self.post(worker, "/status/503", "5xx", envelope(worker, 2, 2)), 503)
-        self.assertEqual(await self.post(worker, "/reset", "reset", envelope(worker, 4, 3)), 502)
-        broken = await raw_connect(
-            worker.url, RawClient(raw_post("/break", "broken", envelope(worker, 8, 4)))
-        )
-        await broken.closed
-        streaming = await raw_connect(
-            worker.url,
-            RawClient(raw_post("/sse?n=100&interval=0.05", "left", envelope(worker, 16, 5))),
-        )
-        await until(lambda: streaming.count > 200)
-        streaming.transport.abortConnection()
-        await streaming.closed
-        await until(lambda: not metrics.in_flight)
+        metrics = worker.metrics
+        self.assertEqual(self.post(worker, "/ok", "served", envelope(worker, 1, 1)), 200)
+        self.assertEqual(self.post(worker, "/status/503", "5xx", envelope(worker, 2, 2)), 503)
+        self.assertEqual(self.post(worker, "/reset", "reset", envelope(worker, 4, 3)), 502)
+        broken = self.send(worker, "/break", "broken", envelope(worker, 8, 4))
+        self.assertTrue(broken.closed)
+        self.assertIn(b"data: one", broken.received)
+        streaming = self.send(worker, "/sse?n=100&interval=0.05", "left", envelope(worker, 16, 5))
+        while len(streaming.received) <= 200:
+            worker.advance(0.05)
+        streaming.leave()
+        worker.flush()
+        self.assertEqual(metrics.in_flight, {})
 
-        worker.service.state.max_perf = 10.0  # from here the wait estimate matters
-        held = await raw_connect(
-            worker.url, RawClient(raw_post(HELD.decode(), "held", envelope(worker, 32, 6)))
-        )
-        await until(lambda: len(metrics.in_flight) == 1)
-        queued = await raw_connect(
-            worker.url, RawClient(raw_post("/queued", "queued", envelope(worker, 64, 7)))
-        )
-        await until(lambda: len(metrics.in_flight) == 2)  # waiting for the one slot
+        worker.state.max_perf = 10.0  # from here the wait estimate matters
+        held = self.send(worker, HELD.decode(), "held", envelope(worker, 32, 6))
+        self.assertEqual(len(metrics.in_flight), 1)
+        queued = self.send(worker, "/queued", "queued", envelope(worker, 64, 7))
+        self.assertEqual(len(metrics.in_flight), 2)  # waiting for the one slot
         # (32 + 64) / 10 = 9.6 s of estimated wait, over MAX_WAIT_TIME 5 s
-        self.assertEqual(await self.post(worker, "/x", "busy", envelope(worker, 128, 8)), 429)
-        queued.transport.abortConnection()
-        await queued.closed
-        await until(lambda: b"slow done" in held.received)
-        held.transport.loseConnection()
-        self.assertIn(b" 200 OK", await held.closed)
-        worker.service.state.max_perf = 100.0
+        self.assertEqual(self.post(worker, "/x", "busy", envelope(worker, 128, 8)), 429)
+        queued.leave()
+        worker.advance(1)
+        self.assertEqual(worker.answered(held).body, b"slow done")
+        worker.state.max_perf = 100.0
 
         forged = json.loads(envelope(worker, 256, 1001))
         forged["auth_data"]["cost"] = 1e6  # no longer what was signed (url shape: url only)
@@ -149,10 +106,13 @@ class AccountingTests(TestCase):
             "replayed": ("/ok", envelope(worker, 1, 1), 401),
         }
         for rid, (path, body, code) in refused.items():
-            self.assertEqual(await self.post(worker, path, rid, body), code, rid)
+            self.assertEqual(self.post(worker, path, rid, body), code, rid)
 
-        statuses = await self.settle(worker)
-        self.assert_once_each(
+        self.assertEqual(metrics.in_flight, {})
+        worker.report()
+        statuses = worker.autoscaler.statuses
+        assert_once_each(
+            self,
             seen,
             {
                 "served": Outcome.SERVED,
@@ -184,47 +144,59 @@ class AccountingTests(TestCase):
         self.assertEqual(last["num_requests_recieved"], 8)
         self.assertEqual(metrics.load, 0.0)
         self.assertEqual(
-            [s.uri for s in backend.seen],
+            [s.uri for s in worker.backend.seen],
             [b"/ok", b"/status/503", b"/reset", b"/break", b"/sse?n=100&interval=0.05", HELD],
         )
 
-    async def test_backend_unreachable_is_errored(self):
-        """A backend that refuses connections: 502 to the client, the request counts as
-        errored (new_load, not cur_perf), its request_idx is deleted once as a failure."""
-        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-        port = closed.getHost().port
-        await closed.stopListening()
-        worker = await self.worker(f"http://127.0.0.1:{port}")
-        seen = observe(worker.service)
-        self.assertEqual(await self.post(worker, "/x", "down", envelope(worker, 5, 77)), 502)
-        statuses = await self.settle(worker)
-        self.assert_once_each(seen, {"down": Outcome.ERRORED})
-        self.assertEqual(worker.autoscaler.delete_entries(), [(77, False)])
-        self.assertEqual(sum(s["cur_perf"] for s in statuses), 0)
-        self.assertEqual(sum(s["new_load"] for s in statuses), 5)
-        self.assertEqual(statuses[-1]["cur_load"], 0)
-
-    async def test_refused_traffic_moves_nothing(self):
+    def test_refused_traffic_moves_nothing(self):
         """A flood of forged, unsigned and blocked requests, some with huge costs and other
         workers' request_idx: every load figure the autoscaler receives stays 0 and nothing
         is deleted, while the requests were refused (and the load never moved meanwhile)."""
-        backend = FakeBackend(reactor)
-        worker = await self.worker(listen(self, backend), blocked_paths=("/admin*",))
-        metrics = worker.service.metrics
+        seen: Seen = []
+        worker = self.worker(seen, blocked_paths=("/admin*",))
         loads: list[float] = []
-        seen = observe(worker.service)
         for n in range(20):
             forged = json.loads(envelope(worker, 1e9, 5000 + n))
             forged["auth_data"]["signature"] = forged["auth_data"]["signature"][::-1]
             body = json.dumps(forged).encode()
-            self.assertEqual(await self.post(worker, "/x", f"f{n}", body), 401)
+            self.assertEqual(self.post(worker, "/x", f"f{n}", body), 401)
             blocked = envelope(worker, 1e9, 6000 + n)
-            self.assertEqual(await self.post(worker, "/admin", f"b{n}", blocked), 403)
-            loads.append(metrics.load)
-        statuses = await self.settle(worker)
+            self.assertEqual(self.post(worker, "/admin", f"b{n}", blocked), 403)
+            loads.append(worker.metrics.load)
+        worker.report()
         self.assertEqual(len(seen), 40)
         self.assertEqual(set(loads), {0.0})
         for field in ("cur_load", "new_load", "rej_load", "cur_perf", "num_requests_recieved"):
-            self.assertEqual({s[field] for s in statuses}, {0}, field)
+            self.assertEqual({s[field] for s in worker.autoscaler.statuses}, {0}, field)
         self.assertEqual(worker.autoscaler.deletes, [])
-        self.assertEqual(backend.seen, [])
+        self.assertEqual(worker.backend.seen, [])
+
+
+class AccountingEndToEndTests(TestCase):
+    timeout = 30
+
+    async def test_backend_unreachable_is_errored(self):
+        """Through real sockets, a backend that refuses connections: 502 to the client, the
+        request counts as errored (new_load, not cur_perf), its request_idx is deleted once
+        as a failure."""
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        port = closed.getHost().port
+        await closed.stopListening()
+        # One report window for the whole test (a beat at start, then send_now at the end).
+        worker = await start_signed_worker(self, f"http://127.0.0.1:{port}", report_interval=60.0)
+        seen: Seen = []
+        resource = worker.service.site.resource
+        resource._observers = (*resource._observers, observer(seen))
+        response = await http_client(self).post(
+            worker.url + "/x", data=envelope(worker, 5, 77), headers={b"x-request-id": [b"down"]}
+        )
+        self.assertEqual(response.code, 502)
+        await response.content()
+        await worker.service.in_flight.idle()
+        await worker.service.reporter.send_now()
+        statuses = worker.autoscaler.statuses
+        assert_once_each(self, seen, {"down": Outcome.ERRORED})
+        self.assertEqual(worker.autoscaler.delete_entries(), [(77, False)])
+        self.assertEqual(sum(s["cur_perf"] for s in statuses), 0)
+        self.assertEqual(sum(s["new_load"] for s in statuses), 5)
+        self.assertEqual(statuses[-1]["cur_load"], 0)

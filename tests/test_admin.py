@@ -1,20 +1,23 @@
-"""The admin listener: /metrics (Prometheus), /healthz and /readyz, and the metrics seam."""
+"""The admin listener: /metrics (Prometheus), /healthz and /readyz, and the metrics seam; in
+memory on the worker build_worker wires, and its traffic counts through real sockets."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
-from tests.helpers import RawClient, http_client, listen, raw_connect, start_worker, until
+from tests.helpers import FAST_PATH, http_client, listen, start_worker
+from tests.memory import Answer, Connection, raw_http
 from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.settings import Settings
 from vast_vespa.worker.admin import LAG_INTERVAL, PrometheusMetrics
@@ -49,35 +52,123 @@ class WithoutListenerTests(TestCase):
             self.assertEqual("admin" in service.namedServices, wanted, admin_listen)
 
 
-class AdminListenerTests(TestCase):
+class AdminSiteTests(SynchronousTestCase):
+    """The admin site of a worker as build_worker wires it, on a memory reactor."""
+
     def setUp(self) -> None:
-        self.backend = FakeBackend(reactor)
-        self.url, self.service = start_worker(
-            self, listen(self, self.backend), admin_listen="tcp:0:interface=127.0.0.1"
+        self.reactor = MemoryReactorClock()
+        settings = dataclasses.replace(
+            Settings(),
+            unsecured=True,
+            listen=(),
+            admin_listen="tcp:0:interface=127.0.0.1",
+            fast_path=FAST_PATH,
         )
-        admin = self.service.getServiceNamed("admin").listening
-        self.admin = listen(self, admin.factory)  # type: ignore[attr-defined]
-        self.http = http_client(self)
+        self.service = build_worker(settings, self.reactor)
+        self.service.state.mark_loaded(0.0, 0.0)
+        self.admin = self.service.getServiceNamed("admin").listening.factory  # type: ignore[attr-defined]
 
-    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        response = await self.http.get(self.admin + "/metrics")
-        self.assertEqual(response.code, 200)
-        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/"))
-        return samples((await response.content()).decode())
+    def connect(self, site: Any) -> Connection:
+        connection = Connection(site, 50000)
+        self.addCleanup(connection.close)
+        return connection
 
+    def call(self, path: str, method: str = "GET") -> Answer:
+        connection = self.connect(self.admin)
+        connection.send(raw_http(method, path, b"x" if method == "POST" else b""))
+        answer = connection.answer
+        assert answer is not None, connection.received
+        return answer
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        answer = self.call("/metrics")
+        self.assertEqual(answer.code, 200)
+        self.assertTrue(answer.header(b"content-type")[0].startswith(b"text/"))
+        return samples(answer.body.decode())
+
+    def test_open_connections(self) -> None:
+        """vespa_open_connections follows client connections as they open and close."""
+        client = self.connect(self.service.site)
+        self.assertEqual(self.scrape()[("vespa_open_connections", ())], 1)
+        client.close()
+        self.assertEqual(self.scrape()[("vespa_open_connections", ())], 0)
+
+    def test_every_metric_is_documented(self) -> None:
+        """Each metric family on /metrics has a row in the README's metrics table."""
+        families = text_string_to_metric_families(self.call("/metrics").body.decode())
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        names = [f.name for f in families if not f.name.endswith("_created")]  # client's own
+        self.assertIn("vespa_pending_deletes", names)
+        missing = [name for name in names if f"`{name}" not in readme]
+        self.assertEqual(missing, [])
+
+    def test_health_and_readiness(self) -> None:
+        """/healthz answers while the reactor runs; /readyz is 503 until the worker is loaded
+        with a healthy backend, 200 then, and 503 again while draining."""
+        answer = self.call("/healthz")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.json()["status"], "alive")
+        state = self.service.state
+        state.loaded = False
+        answer = self.call("/readyz")
+        self.assertEqual(answer.code, 503)
+        self.assertEqual(answer.json()["ready"], False)
+        state.mark_loaded(1.0, 12.5)
+        answer = self.call("/readyz")
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.json()["ready"], True)
+        metrics = self.scrape()
+        self.assertEqual(metrics[("vespa_benchmark_max_perf", ())], 12.5)
+        self.assertEqual(metrics[("vespa_backend_healthy", ())], 1)
+        state.backend_healthy = False
+        answer = self.call("/readyz")
+        self.assertEqual(answer.code, 503)
+        self.assertEqual(answer.json()["backend_healthy"], False)
+        state.backend_healthy = True
+        state.draining = True
+        answer = self.call("/readyz")
+        self.assertEqual(answer.code, 503)
+        self.assertEqual(answer.json()["draining"], True)
+
+    def test_unknown_admin_path(self) -> None:
+        """Other admin paths are a JSON 404; the backend never sees admin traffic."""
+        answer = self.call("/v1/models")
+        self.assertEqual(answer.code, 404)
+        self.assertEqual(answer.json()["error"], "not found")
+        self.assertEqual(self.reactor.tcpClients, [])  # no connection to the backend
+
+    def test_other_methods_are_a_json_405(self) -> None:
+        """POST to an admin path is a JSON 405 naming the allowed methods, not an HTML page."""
+        answer = self.call("/metrics", "POST")
+        self.assertEqual(answer.code, 405)
+        self.assertEqual(answer.header(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(set(answer.json()), {"error", "detail"})
+
+
+class AdminListenerTests(TestCase):
     async def test_metrics_count_traffic(self) -> None:
-        """/metrics parses as Prometheus text and counts exactly the traffic just sent: by
-        method, status class and outcome (a backend 5xx is errored), with latency/TTFB histograms and bytes in/out."""
+        """Through real sockets, /metrics on the admin listener parses as Prometheus text and
+        counts exactly the traffic just sent to the worker: by method, status class and
+        outcome (a backend 5xx is errored), with latency/TTFB histograms and bytes in/out."""
+        backend = FakeBackend(reactor)
+        url, service = start_worker(
+            self, listen(self, backend), admin_listen="tcp:0:interface=127.0.0.1"
+        )
+        admin = listen(self, service.getServiceNamed("admin").listening.factory)  # type: ignore[attr-defined]
+        http = http_client(self)
         body = b'{"prompt": "hello"}'
-        r1 = await self.http.post(self.url + "/v1/echo", data=body)
+        r1 = await http.post(url + "/v1/echo", data=body)
         out1 = await r1.content()
-        r2 = await self.http.get(self.url + "/status/404")
+        r2 = await http.get(url + "/status/404")
         out2 = await r2.content()
         # (a registered method, as the edge accepts: llhttp's, the set Node.js serves)
-        r3 = await self.http.request("PROPFIND", self.url + "/status/503")
+        r3 = await http.request("PROPFIND", url + "/status/503")
         await r3.content()
         self.assertEqual(r3.code, 503)
-        metrics = await self.scrape()
+        await service.in_flight.idle()
+        response = await http.get(admin + "/metrics")
+        self.assertEqual(response.code, 200)
+        metrics = samples((await response.content()).decode())
 
         def requests(method: str, status: str, outcome: str = "served") -> float:
             labels = (("method", method), ("outcome", outcome), ("status", status))
@@ -94,69 +185,7 @@ class AdminListenerTests(TestCase):
         self.assertEqual(metrics[("vespa_request_bytes_total", ())], len(body))
         self.assertEqual(metrics[("vespa_loaded", ())], 1)
         self.assertIn(("vespa_reactor_lag_seconds", ()), metrics)
-
-    async def test_open_connections(self) -> None:
-        """vespa_open_connections follows client connections as they open and close."""
-        client = await raw_connect(self.url, RawClient(b"", read=True))
-        metrics = await self.scrape()
-        self.assertEqual(metrics[("vespa_open_connections", ())], 1)
-        client.transport.loseConnection()
-        await client.closed
-        await until(lambda: self.service.site.open_connections == 0)  # noticed a moment later
-        metrics = await self.scrape()
-        self.assertEqual(metrics[("vespa_open_connections", ())], 0)
-
-    async def test_every_metric_is_documented(self) -> None:
-        """Each metric family on /metrics has a row in the README's metrics table."""
-        response = await self.http.get(self.admin + "/metrics")
-        families = text_string_to_metric_families((await response.content()).decode())
-        readme = (Path(__file__).parent.parent / "README.md").read_text()
-        names = [f.name for f in families if not f.name.endswith("_created")]  # client's own
-        self.assertIn("vespa_pending_deletes", names)
-        missing = [name for name in names if f"`{name}" not in readme]
-        self.assertEqual(missing, [])
-
-    async def test_health_and_readiness(self) -> None:
-        """/healthz answers while the reactor runs; /readyz is 503 until the worker is loaded
-        with a healthy backend, 200 then, and 503 again while draining."""
-        response = await self.http.get(self.admin + "/healthz")
-        self.assertEqual(response.code, 200)
-        self.assertEqual((await response.json())["status"], "alive")
-        state = self.service.state
-        state.loaded = False
-        response = await self.http.get(self.admin + "/readyz")
-        self.assertEqual(response.code, 503)
-        self.assertEqual((await response.json())["ready"], False)
-        state.mark_loaded(reactor.seconds(), 12.5)
-        response = await self.http.get(self.admin + "/readyz")
-        self.assertEqual(response.code, 200)
-        self.assertEqual((await response.json())["ready"], True)
-        metrics = await self.scrape()
-        self.assertEqual(metrics[("vespa_benchmark_max_perf", ())], 12.5)
-        self.assertEqual(metrics[("vespa_backend_healthy", ())], 1)
-        state.backend_healthy = False
-        response = await self.http.get(self.admin + "/readyz")
-        self.assertEqual(response.code, 503)
-        self.assertEqual((await response.json())["backend_healthy"], False)
-        state.backend_healthy = True
-        state.draining = True
-        response = await self.http.get(self.admin + "/readyz")
-        self.assertEqual(response.code, 503)
-        self.assertEqual((await response.json())["draining"], True)
-
-    async def test_unknown_admin_path(self) -> None:
-        """Other admin paths are a JSON 404; the backend never sees admin traffic."""
-        response = await self.http.get(self.admin + "/v1/models")
-        self.assertEqual(response.code, 404)
-        self.assertEqual((await response.json())["error"], "not found")
-        self.assertEqual(self.backend.seen, [])
-
-    async def test_other_methods_are_a_json_405(self) -> None:
-        """POST to an admin path is a JSON 405 naming the allowed methods, not an HTML page."""
-        response = await self.http.post(self.admin + "/metrics", data=b"x")
-        self.assertEqual(response.code, 405)
-        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
-        self.assertEqual(set(await response.json()), {"error", "detail"})
+        self.assertEqual(backend.seen[-1].method, b"PROPFIND")
 
 
 class PrometheusMetricsTests(TestCase):

@@ -44,7 +44,9 @@ AUTH = st.one_of(
         }
     ),
 )
-METHOD = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"BREW"])
+METHOD = st.sampled_from(
+    [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PROPFIND", b"BREW"]
+)
 TARGET = st.sampled_from(
     [
         b"/",

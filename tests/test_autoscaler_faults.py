@@ -1,14 +1,15 @@
 """
 The autoscaler down, hanging, answering 500 or answering something that is not HTTP: requests
 keep being served meanwhile, reports resume once it recovers with nothing lost (the window
-totals and every request_idx arrive, each exactly once), and what waits is bounded.
+totals and every request_idx arrive, each exactly once), and what waits is bounded. In
+memory (tests/memory.py), then the autoscaler down and back through real sockets.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
@@ -21,13 +22,13 @@ from twisted.web.server import Site
 
 from tests.fakes import FakeAutoscaler, FakeBackend
 from tests.helpers import (
-    SignedWorker,
     TrackingFactory,
     http_client,
     listen,
+    logged,
     start_signed_worker,
-    until,
 )
+from tests.memory import AUTOSCALER_URL, MemoryWorker
 from tests.test_reporter import FakeClient
 from vast_vespa.outcome import Outcome
 from vast_vespa.settings import VastEnvironment
@@ -37,12 +38,6 @@ from vast_vespa.worker.state import WorkerState
 
 PATHS = {b"/worker_status/", b"/delete_requests/"}
 REQUESTS = 6  # served while the autoscaler is in trouble; request_idx 1..6, cost = idx
-
-
-async def done(step: Awaitable[None] | None) -> None:
-    """Wait for a fault step that may or may not be asynchronous."""
-    if step is not None:
-        await step
 
 
 class Switch:
@@ -75,41 +70,46 @@ class Switch:
         await gatherResults(self._factory.gone)
 
 
-class AutoscalerFaultTests(TestCase):
-    timeout = 30
+class AutoscalerFaultTests(SynchronousTestCase):
+    """Each fault in memory (tests/memory.py), the reporter beating every second."""
 
-    async def worker(self, **kwargs: Any) -> SignedWorker:
-        backend = FakeBackend(reactor)
-        return await start_signed_worker(
-            self, listen(self, backend), report_interval=0.05, **kwargs
-        )
+    def worker(self) -> MemoryWorker:
+        worker = MemoryWorker(self)
+        worker.reporter.startService()
+        self.addCleanup(worker.reporter.stopService)
+        return worker
 
-    async def through_fault(
+    def status_attempts(self, worker: MemoryWorker) -> int:
+        return sum(uri.endswith(b"/worker_status/") for uri in worker.network.requested)
+
+    def through_fault(
         self,
-        worker: SignedWorker,
-        start: Callable[[], Awaitable[None] | None],
+        worker: MemoryWorker,
+        start: Callable[[], None],
         faulted: Callable[[], bool],
-        end: Callable[[], Awaitable[None] | None],
+        end: Callable[[], None],
     ) -> None:
-        """Serve REQUESTS signed requests while the fault lasts (each must be a 200), wait
-        until the reporter has met the fault, end it, and check that the autoscaler got
-        everything exactly once."""
-        metrics = worker.service.metrics
-        reporter = worker.service.reporter
-        await until(lambda: worker.autoscaler.statuses)  # reporting works before the fault
-        await done(start())
-        http = http_client(self)
+        """Serve REQUESTS signed requests while the fault lasts (each must be a 200), one
+        every half second so that the reporter meets the fault meanwhile (4 s in all: before
+        the client's 5 s timeout), end it, and check that the autoscaler got everything
+        exactly once."""
+        metrics = worker.metrics
+        worker.flush()
+        self.assertEqual(len(worker.autoscaler.statuses), 1)  # reporting works before the fault
+        start()
         for idx in range(1, REQUESTS + 1):
             auth = worker.auth(cost=float(idx), request_idx=idx, reqnum=idx)
-            body = json.dumps({"auth_data": auth, "payload": {}}).encode()
-            response = await http.post(worker.url + "/ok", data=body)
-            self.assertEqual(response.code, 200, "requests keep flowing during the fault")
-            await response.content()
-        await until(faulted)
+            answer = worker.post("/ok", {"auth_data": auth, "payload": {}})
+            self.assertEqual(answer.code, 200, "requests keep flowing during the fault")
+            worker.advance(0.5)
+        worker.advance(1)
+        self.assertTrue(faulted())
         self.assertEqual(len(metrics.finished), REQUESTS, "nothing is forgotten meanwhile")
-        await done(end())
-        await until(lambda: not metrics.finished and not metrics.changed)
-        await reporter.send_now()
+        end()
+        for _ in range(12):  # the longest backoff is 10 s
+            worker.advance(1)
+        self.assertEqual((len(metrics.finished), metrics.changed), (0, False))
+        worker.report()
         statuses = worker.autoscaler.statuses
         entries = worker.autoscaler.delete_entries()
         expected = {(idx, True): 1 for idx in range(1, REQUESTS + 1)}
@@ -120,72 +120,118 @@ class AutoscalerFaultTests(TestCase):
         self.assertEqual(statuses[-1]["cur_load"], 0)
         self.assertEqual(statuses[-1]["num_requests_recieved"], REQUESTS)
 
-    def failing(self, worker: SignedWorker) -> Callable[[], bool]:
-        """True once the reporter has failed twice in a row (it is backing off)."""
-        return lambda: worker.service.reporter._failures >= 2
+    def failing(self, worker: MemoryWorker) -> Callable[[], bool]:
+        """True once the reporter has tried twice more without delivering (it backs off)."""
+        before = self.status_attempts(worker), len(worker.autoscaler.statuses)
+        return lambda: (
+            self.status_attempts(worker) >= before[0] + 2
+            and len(worker.autoscaler.statuses) == before[1]
+        )
 
-    async def test_down(self):
-        """The autoscaler stops listening (connection refused) and comes back on its port."""
-        switch = Switch(self)
-        worker = await self.worker(serve=switch.serve)
-        await self.through_fault(worker, switch.down, self.failing(worker), switch.up)
+    def test_down(self):
+        """The autoscaler stops listening (connection refused) and comes back."""
+        worker = self.worker()
+        network = worker.network
+        self.through_fault(
+            worker,
+            lambda: network.down(AUTOSCALER_URL),
+            self.failing(worker),
+            lambda: network.up(AUTOSCALER_URL),
+        )
 
-    async def test_answers_500(self):
+    def test_answers_500(self):
         """Both report calls answer 500 for a while."""
-        worker = await self.worker()
+        worker = self.worker()
         codes = worker.autoscaler.codes
+        self.through_fault(
+            worker,
+            lambda: codes.update(dict.fromkeys(PATHS, 500)),
+            self.failing(worker),
+            codes.clear,
+        )
 
-        def start() -> None:
-            codes.update(dict.fromkeys(PATHS, 500))
-
-        await self.through_fault(worker, start, self.failing(worker), codes.clear)
-
-    async def test_answers_garbage(self):
+    def test_answers_garbage(self):
         """Both report calls get bytes that are not HTTP and a closed connection."""
-        worker = await self.worker()
+        worker = self.worker()
         garbage = worker.autoscaler.garbage
+        self.through_fault(
+            worker, lambda: garbage.update(PATHS), self.failing(worker), garbage.clear
+        )
 
-        def start() -> None:
-            garbage.update(PATHS)
-
-        await self.through_fault(worker, start, self.failing(worker), garbage.clear)
-
-    async def test_hangs(self):
+    def test_hangs(self):
         """The autoscaler takes a report call and does not answer until it recovers: exactly
         one send waits (the beat does not pile up sends) and requests are not held up."""
-        worker = await self.worker()
+        worker = self.worker()
         autoscaler = worker.autoscaler
-
-        def start() -> None:
-            autoscaler.hang.update(PATHS)
-
-        await self.through_fault(
-            worker, start, lambda: len(autoscaler.hung) == 1, autoscaler.release
+        self.through_fault(
+            worker,
+            lambda: autoscaler.hang.update(PATHS),
+            lambda: len(autoscaler.hung) == 1,
+            autoscaler.release,
         )
         self.assertEqual(autoscaler.hung, [])
 
 
-class PartialFailureTests(TestCase):
+class AutoscalerDownEndToEndTests(TestCase):
     timeout = 30
 
-    async def test_half_delivered_deletes_are_not_sent_twice(self):
+    async def test_down_and_back_on_its_port(self):
+        """Through real sockets: the autoscaler stops listening (connection refused, open
+        connections cut) while requests are served, and comes back on the same port;
+        the reports resume with nothing lost."""
+        switch = Switch(self)
+        backend = FakeBackend(reactor)
+        worker = await start_signed_worker(
+            self, listen(self, backend), report_interval=0.05, serve=switch.serve
+        )
+        autoscaler = worker.autoscaler
+        await autoscaler.when(lambda: autoscaler.statuses)  # reporting works before the fault
+        failed_twice = logged(self, "autoscaler report failed", 2)
+        await switch.down()
+        http = http_client(self)
+        for idx in range(1, REQUESTS + 1):
+            auth = worker.auth(cost=float(idx), request_idx=idx, reqnum=idx)
+            body = json.dumps({"auth_data": auth, "payload": {}}).encode()
+            response = await http.post(worker.url + "/ok", data=body)
+            self.assertEqual(response.code, 200, "requests keep flowing during the fault")
+            await response.content()
+        await failed_twice
+        self.assertEqual(len(worker.service.metrics.finished), REQUESTS)
+        switch.up()
+        await autoscaler.when(lambda: len(autoscaler.delete_entries()) >= REQUESTS)
+        await worker.service.reporter.send_now()
+        self.assertEqual(
+            Counter(autoscaler.delete_entries()),
+            Counter({(idx, True): 1 for idx in range(1, REQUESTS + 1)}),
+        )
+        total = sum(range(1, REQUESTS + 1))
+        self.assertEqual(sum(s["cur_perf"] for s in autoscaler.statuses), total)
+        self.assertEqual(autoscaler.statuses[-1]["cur_load"], 0)
+
+
+class PartialFailureTests(SynchronousTestCase):
+    def test_half_delivered_deletes_are_not_sent_twice(self):
         """The autoscaler takes the body of successful request_idx but answers 500 to the
         one of failed ones (DELETE_REQUESTS_FORMAT=batches sends the two apart): once it
         recovers, only the failed ones are sent again, so each request_idx arrives once."""
-        backend = FakeBackend(reactor)
-        worker = await start_signed_worker(self, listen(self, backend), report_interval=0.05)
+        worker = MemoryWorker(self)
+        worker.reporter.startService()
+        self.addCleanup(worker.reporter.stopService)
         autoscaler = worker.autoscaler
         autoscaler.refuse = lambda body: body.get("success") is False
-        http = http_client(self)
         for idx, path in ((1, "/ok"), (2, "/status/500")):
             auth = worker.auth(cost=1.0, request_idx=idx, reqnum=idx)
-            body = json.dumps({"auth_data": auth, "payload": {}}).encode()
-            response = await http.post(worker.url + path, data=body)
-            await response.content()
-        await until(lambda: worker.service.reporter._failures >= 3)
+            worker.post(path, {"auth_data": auth, "payload": {}})
+        for _ in range(8):
+            worker.advance(1)
+        deletes = [uri for uri in worker.network.requested if uri.endswith(b"/delete_requests/")]
+        self.assertGreaterEqual(len(deletes), 1 + 3)  # the failed ones refused 3 times or more
+        self.assertEqual(autoscaler.delete_entries(), [(1, True)])
         autoscaler.refuse = None
-        await until(lambda: not worker.service.metrics.finished)
-        await worker.service.reporter.send_now()
+        for _ in range(11):  # the longest backoff is 10 s
+            worker.advance(1)
+        self.assertEqual(len(worker.metrics.finished), 0)
+        worker.report()
         self.assertEqual(
             Counter(autoscaler.delete_entries()), Counter({(1, True): 1, (2, False): 1})
         )

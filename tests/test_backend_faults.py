@@ -1,20 +1,17 @@
 """
 Backend faults through real sockets: each ends in a defined answer for the client and one
 defined RelayResult for the observers, and the next request is served (the pool is healthy).
+(The resource's own faults, in memory, are in tests/test_resource.py.)
 """
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import fail, gatherResults
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import RequestNotSent, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -28,7 +25,6 @@ from tests.helpers import (
 from vast_vespa.net.client import backend_agent, backend_pool
 from vast_vespa.outcome import Outcome
 from vast_vespa.site import VespaSite
-from vast_vespa.worker.resource import Forward, WorkerResource, passthrough
 
 
 class _FlakyAgent:
@@ -203,144 +199,3 @@ class BackendFaultTests(TestCase):
         code, _ = await self.get(self.worker(agent=agent) + "/x")
         self.assertEqual(code, 502)
         self.assertEqual(agent.calls, 1)
-
-    async def test_broken_observer_is_logged_and_others_still_see_requests(self):
-        """An observer that raises is logged once per request with its name, the next
-        observer still sees every request, and the client gets its answer."""
-        seen = []
-
-        def broken(request, result, forward):
-            raise RuntimeError("observer bug")
-
-        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-
-        class Gate:
-            def admit(self, request):
-                return passthrough(request, cooperator)
-
-        resource = WorkerResource(
-            Gate(),
-            self.agent,
-            reactor,
-            self.backend_url,
-            observers=(broken, lambda request, result, forward: seen.append(result.status)),
-        )
-        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
-        for path in ("/status/200", "/status/404"):
-            response = await self.http.get(url + path)
-            self.assertEqual(response.code, int(path[-3:]))
-            await response.content()
-        self.assertEqual(seen, [200, 404])
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
-
-    async def test_failed_accounting_still_ends_the_request(self):
-        """If recording a finished request's outcome (the gate's ``on_done``) raises, the
-        error is logged, and the observers and the drain still hear that it ended."""
-        seen = []
-        cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-
-        def broken(result):
-            raise RuntimeError("accounting bug")
-
-        class Gate:
-            def admit(self, request):
-                forward = passthrough(request, cooperator)
-                forward.on_done = broken
-                return forward
-
-        resource = WorkerResource(
-            Gate(),
-            self.agent,
-            reactor,
-            self.backend_url,
-            observers=(lambda request, result, forward: seen.append(result.status),),
-        )
-        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
-        response = await self.http.get(url + "/status/200")
-        await response.content()
-        self.assertEqual(response.code, 200)
-        self.assertEqual(seen, [200])
-        self.assertEqual(resource.in_flight.requests, set())
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-
-    async def test_an_agent_that_raises_is_an_internal_error(self):
-        """An agent that raises instead of failing its Deferred (a bug, not a backend fault)
-        gives the client a JSON 500 and the observers an errored result; the traceback is
-        logged, no time limit is left running, and the next request is served."""
-
-        class RaisingOnce(_FlakyAgent):
-            def request(self, method, uri, headers=None, bodyProducer=None):
-                self.calls += 1
-                if self.calls == 1:
-                    raise RuntimeError("agent bug")
-                return self.agent.request(method, uri, headers, bodyProducer)
-
-        url = self.worker(
-            agent=RaisingOnce(self.agent, None), request_timeout=30, first_byte_timeout=30
-        )
-        code, body = await self.get(url + "/x")
-        self.assertEqual(
-            (code, body), (500, {"error": "internal error", "detail": "see the worker log"})
-        )
-        self.assert_result(Outcome.ERRORED, 500, "internal error")
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        relay_timers = [
-            call
-            for call in reactor.getDelayedCalls()
-            if type(getattr(call.func, "__self__", None)).__name__ == "ProxiedRequest"
-        ]
-        self.assertEqual(relay_timers, [])
-        await self.assert_healthy_after(url)
-
-    async def test_a_relay_that_cannot_start_after_a_wait_is_answered(self):
-        """A request admitted after a wait for a slot, whose relay then cannot even start (a
-        bug), is answered with a JSON 500; its slot is given back (``on_done``), and the
-        observers and the drain hear that it ended."""
-        done, seen = [], []
-        slot = Deferred()
-
-        class Gate:
-            def admit(self, request):
-                forward = Forward("not bytes", Headers(), None)  # type: ignore[arg-type]
-                forward.on_done = done.append
-                return slot.addCallback(lambda _: forward)
-
-        resource = WorkerResource(
-            Gate(),
-            self.agent,
-            reactor,
-            self.backend_url,
-            observers=(lambda request, result, forward: seen.append(result),),
-        )
-        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
-        answer = self.http.get(url + "/x")
-        reactor.callLater(0.01, slot.callback, None)
-        response = await answer
-        self.assertEqual(response.code, 500)
-        self.assertEqual((await response.json())["error"], "internal error")
-        self.assertEqual([(r.outcome, r.status) for r in done], [(Outcome.ERRORED, 500)])
-        self.assertEqual(seen, done)
-        self.assertEqual(resource.in_flight.requests, set())
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
-        self.assertEqual(self.backend.seen, [])
-
-    async def test_internal_error_body_has_no_traceback(self):
-        """An unexpected error inside the worker gives a JSON 500 with no traceback and no
-        internals in the body (the details go to the log)."""
-
-        class BrokenGate:
-            def admit(self, request):
-                raise RuntimeError("secret-token-1234 exploded")
-
-        resource = WorkerResource(BrokenGate(), self.agent, reactor, self.backend_url)
-        url = listen(self, VespaSite(resource, fast_path=FAST_PATH))
-        response = await self.http.get(url + "/x")
-        body = await response.content()
-        self.assertEqual(response.code, 500)
-        self.assertEqual(
-            json.loads(body), {"error": "internal error", "detail": "see the worker log"}
-        )
-        self.assertNotIn(b"Traceback", body)
-        self.assertNotIn(b"secret-token", body)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(resource.in_flight.requests, set())  # a drain would not wait for it

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import listen, spawn_worker, until
+from tests.helpers import listen, spawn_worker
 from vast_vespa.benchmark import (
     BackendSession,
     BenchmarkError,
@@ -177,7 +177,7 @@ class SessionTests(TestCase):
                         return 1.0
 
         running = run_benchmark(stubborn, "s", self.url, self.session)
-        await until(lambda: self.backend.cancelled)
+        await self.backend.arrived()
         running.cancel()
         await self.backend.cancelled[0]
         self.assertEqual(attempts, ["CancelledError", "CancelledError"])

@@ -17,11 +17,13 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
-from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker, until
+from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
+from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
+from tests.memory import Recorder
 from vast_vespa.client.routing import BACKOFF_CAP, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
+from vast_vespa.outcome import Outcome
 from vast_vespa.signing import generate_private_key
 from vast_vespa.worker.envelope import MAX_DEPTH
 
@@ -35,20 +37,25 @@ def _backoffs(clock: Clock) -> list[float]:
     return [t for t in times if t - now <= BACKOFF_CAP]
 
 
-async def pump(clock: Clock, done: Deferred[Any]) -> None:
+async def pump(clock: WatchedClock, done: Deferred[Any]) -> None:
     """Advance ``clock`` whenever the client sleeps on it, until ``done`` has a result
     (``done.called`` is already true while it waits on an inner Deferred)."""
     finished: list[bool] = []
+    wake: Deferred[None] = Deferred()
 
     def mark(result: object) -> object:
         finished.append(True)
+        if not wake.called:
+            wake.callback(None)
         return result
 
     done.addBoth(mark)
     while not finished:
-        await until(lambda: bool(finished) or bool(_backoffs(clock)))
-        if not finished:
+        if _backoffs(clock):
             clock.advance(min(_backoffs(clock)) - clock.seconds())
+            continue
+        wake = clock.scheduled()  # a back-off (or a call timeout) scheduled, or the end
+        await wake
 
 
 class ClientTestCase(TestCase):
@@ -64,7 +71,7 @@ class ClientTestCase(TestCase):
         worker_urls = [listen(self, worker) for worker in self.fake_workers]
         self.autoscaler = FakeRouter(KEY, worker_urls)
         self.autoscaler_url = listen(self, self.autoscaler)
-        self.clock = Clock()
+        self.clock = WatchedClock(reactor)
         self.http = http_client(self)
 
     def start_client(self, **changes: Any) -> str:
@@ -84,12 +91,19 @@ class ClientTestCase(TestCase):
         self.addCleanup(self.service.stopService)
         return listen(self, self.service.site)
 
+    def recorder(self) -> Recorder:
+        """Records what the client proxy's observers are told from now on."""
+        recorder = Recorder()
+        resource = self.service.resource
+        resource._observers = (*resource._observers, recorder)
+        return recorder
+
     async def hang_up_during_slow_request(self, url: str) -> None:
         """Start a slow request through the client, hang up, wait for the backend to see it."""
         client = await raw_connect(
             url, RawClient(b"GET /slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
         )
-        await until(lambda: self.backend.cancelled)
+        await self.backend.arrived()
         client.transport.loseConnection()
         await self.backend.cancelled[0]
 
@@ -379,19 +393,29 @@ class RerouteTests(ClientTestCase):
 
 
 class DisconnectTests(ClientTestCase):
+    timeout = 10
+
     async def test_app_disconnect_cancels_worker_request(self):
         """When the app hangs up, the worker's (and so the backend's) request is cancelled."""
-        await self.hang_up_during_slow_request(self.start_client())
-        await until(lambda: self.service.resource.in_flight == 0)
+        url = self.start_client()
+        ended = self.recorder().wait()
+        await self.hang_up_during_slow_request(url)
+        [result] = await ended
+        self.assertEqual(result.outcome, Outcome.CANCELLED)
+        self.assertEqual(self.service.resource.in_flight, 0)
 
     async def test_app_disconnect_while_waiting_for_a_worker(self):
         """An app that hangs up during a cold start stops the polling."""
         self.autoscaler.waiting = 10_000
         url = self.start_client()
+        ended = self.recorder().wait()
         client = await raw_connect(url, RawClient(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
-        await until(lambda: bool(self.clock.getDelayedCalls()))
+        while not _backoffs(self.clock):  # until it waits before asking for a worker again
+            await self.clock.scheduled()
         client.transport.loseConnection()
-        await until(lambda: self.service.resource.in_flight == 0)
+        [result] = await ended
+        self.assertEqual(result.outcome, Outcome.CANCELLED)
+        self.assertEqual(self.service.resource.in_flight, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
@@ -436,7 +460,7 @@ class RealWorkerTests(ClientTestCase):
         signed = await start_signed_worker(self, backend_url)
         self.autoscaler = FakeRouter(signed.key, [signed.url])
         self.autoscaler_url = listen(self, self.autoscaler)
-        self.clock = Clock()
+        self.clock = WatchedClock(reactor)
         self.http = http_client(self)
 
     async def test_three_forms_through_a_real_worker(self):

@@ -1,67 +1,72 @@
-"""Graceful drain on shutdown: in-flight requests and streams finish, new ones are refused."""
+"""Graceful drain on shutdown: in-flight requests and streams finish, new ones are refused.
+In memory (tests/memory.py), then `twistd vespa` and SIGTERM."""
 
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseFailed
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import http_client, listen, spawn_worker, start_worker, until, worker_url
+from tests.helpers import http_client, listen, spawn_worker, worker_url
+from tests.memory import Answer, MemoryWorker
 
 
-class DrainTests(TestCase):
+class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.backend = FakeBackend(reactor)
-        self.backend_url = listen(self, self.backend)
-        self.http = http_client(self)
+        self.worker = MemoryWorker(self, signed=False)
 
-    async def test_stream_in_flight_finishes(self) -> None:
+    def test_stream_in_flight_finishes(self) -> None:
         """On stop, a stream in flight runs to its end, the drain hooks run first with the
         worker marked draining, new requests get 503 "draining", and the stop waits for it."""
-        url, service = start_worker(self, self.backend_url, drain_timeout=10.0)
-        seen = []
+        worker = self.worker
+        service = worker.service(drain_timeout=10.0)
+        seen: list[bool | Answer] = []
 
-        def hook() -> Deferred[None]:
-            seen.append(service.state.draining)
-            return self.http.get(url + "/v1/late").addCallback(seen.append)
+        def hook() -> None:
+            seen.append(worker.state.draining)
+            seen.append(worker.get("/v1/late"))
 
         service.add_drain_hook(hook)
-        response = await self.http.get(url + "/sse?n=4&interval=0.1")
+        stream = worker.request("GET", "/sse?n=4&interval=0.1")
         stopped = service.stopService()
-        await until(lambda: len(seen) == 2)
-        self.assertNoResult(stopped)
-        late = seen[1]
         self.assertEqual(seen[0], True)
+        late = seen[1]
+        assert isinstance(late, Answer)
         self.assertEqual(late.code, 503)
-        self.assertEqual(late.headers.getRawHeaders(b"retry-after"), [b"1"])
-        self.assertEqual((await late.json())["error"], "draining")
-        body = await response.content()
+        self.assertEqual(late.header(b"retry-after"), [b"1"])
+        self.assertEqual(late.json()["error"], "draining")
+        worker.advance(0.1)
+        worker.advance(0.1)
+        self.assertNoResult(stopped)
+        worker.advance(0.1)
+        body = worker.answered(stream).body
         self.assertEqual(body.count(b"data: event"), 4)
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
-        await stopped
+        self.successResultOf(stopped)
         self.assertEqual(service.in_flight.requests, set())
 
-    async def test_drain_timeout_aborts_the_rest(self) -> None:
+    def test_drain_timeout_aborts_the_rest(self) -> None:
         """A request still in flight when DRAIN_TIMEOUT ends is cut, and its backend call
         cancelled; the stop then completes."""
-        url, service = start_worker(self, self.backend_url, drain_timeout=0.2)
-        pending = self.http.get(url + "/slow?delay=30")
-        await until(lambda: self.backend.cancelled)
-        started = reactor.seconds()
-        await service.stopService()
-        self.assertGreaterEqual(reactor.seconds() - started, 0.2)
-        await self.backend.cancelled[0]
-        with self.assertRaises(ResponseFailed):
-            await pending
+        worker = self.worker
+        service = worker.service(drain_timeout=0.2)
+        pending = worker.request("GET", "/slow?delay=30")
+        stopped = service.stopService()
+        worker.advance(0.19)
+        self.assertNoResult(stopped)
+        self.assertFalse(pending.closed)
+        worker.advance(0.01)
+        self.successResultOf(stopped)
+        self.successResultOf(worker.backend.cancelled[0])
+        self.assertTrue(pending.closed)
+        self.assertIsNone(pending.answer)
 
-    async def test_failing_hook_does_not_block_the_drain(self) -> None:
+    def test_failing_hook_does_not_block_the_drain(self) -> None:
         """A drain hook that fails is logged; the shutdown goes on."""
-        _, service = start_worker(self, self.backend_url)
+        service = self.worker.service()
         service.add_drain_hook(lambda: 1 / 0)
-        await service.stopService()
+        self.successResultOf(service.stopService())
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 

@@ -1,6 +1,7 @@
 """
 The worker's start-up sequence, health monitor and readiness gate: every timer on a
-``task.Clock`` with a scripted backend, then end to end through real sockets.
+``task.Clock`` with a scripted backend, the gate's answers in memory, then end to end through
+real sockets.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import http_client, listen, start_worker, until
+from tests.helpers import http_client, listen, start_worker
+from tests.memory import Answer, MemoryWorker
 from vast_vespa.benchmark import BackendSession
+from vast_vespa.outcome import Outcome
 from vast_vespa.settings import Settings
 from vast_vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle, ProbeResult
 from vast_vespa.worker.state import WorkerState
 
 
-class Answer:
+class HealthAnswer:
     def __init__(self, code: int) -> None:
         self.code = code
 
@@ -44,7 +47,7 @@ class ScriptedBackend:
             return Deferred()
         if isinstance(self.code, Exception):
             return fail(self.code)
-        return succeed(Answer(self.code))
+        return succeed(HealthAnswer(self.code))
 
 
 def messages(events: list[dict[str, Any]]) -> list[str]:
@@ -325,6 +328,43 @@ class LifecycleClockTests(SynchronousTestCase):
         self.assertEqual(self.state.error_msg, "something else")
 
 
+class ReadinessGateTests(SynchronousTestCase):
+    """Which answer a request gets for the worker's state, in memory (tests/memory.py)."""
+
+    def setUp(self) -> None:
+        self.worker = MemoryWorker(self, signed=False, loaded=False)
+        self.state = self.worker.state
+
+    def assert_refused(self, error: str, retry_after: list[bytes] | None) -> Answer:
+        answer = self.worker.get("/v1/models")
+        self.assertEqual((answer.code, answer.json()["error"]), (503, error))
+        self.assertEqual(answer.header(b"retry-after"), retry_after)
+        result = self.worker.results[-1]
+        self.assertEqual((result.outcome, result.status), (Outcome.REJECTED, 503))
+        self.assertEqual(self.worker.backend.seen, [])
+        return answer
+
+    def test_loading(self) -> None:
+        """Until the worker is loaded: 503 "loading", retry in 10 s."""
+        self.assert_refused("loading", [b"10"])
+
+    def test_failed_to_start(self) -> None:
+        """A start-up that failed: 503 saying why, no Retry-After (retrying will not help)."""
+        self.state.mark_errored("worker failed to start: benchmark x failed")
+        answer = self.assert_refused("failed to start", None)
+        self.assertEqual(answer.json()["detail"], "worker failed to start: benchmark x failed")
+
+    def test_loaded_then_draining(self) -> None:
+        """Loaded: the request goes through, once; draining: 503, retry at once elsewhere."""
+        self.state.mark_loaded(1.0, 10.0)
+        self.assertEqual(self.worker.get("/v1/models").code, 200)
+        self.assertEqual(len(self.worker.backend.seen), 1)
+        self.worker.backend.seen.clear()
+        self.state.draining = True
+        self.assert_refused("draining", [b"1"])
+        self.assertEqual(len(self.worker.results), 2)
+
+
 class CachedBenchmarks:
     """Benchmarks loaded by BENCHMARK=tests.test_lifecycle:... in the end-to-end tests."""
 
@@ -410,7 +450,7 @@ class LifecycleEndToEndTests(TestCase):
         get 503 saying why."""
         self.backend.health_code = 200
         url, service = self.start("tests.test_lifecycle:broken_benchmark")
-        await until(lambda: service.state.error_msg)
+        await service.getServiceNamed("lifecycle").when_failed()
         response = await self.http.get(url + "/v1/models")
         body = await response.json()
         self.assertEqual(response.code, 503)

@@ -196,28 +196,39 @@ def in_pieces(*pieces: bytes, close: bool = False) -> Answer:
 
 @implementer(IStreamClientEndpoint)
 class _RecordingEndpoint:
-    def __init__(self, endpoint: TCP4ClientEndpoint, made: list[Any]) -> None:
+    def __init__(self, endpoint: TCP4ClientEndpoint, recording: RecordingEndpoints) -> None:
         self._endpoint = endpoint
-        self._made = made
+        self._recording = recording
 
     def connect(self, factory: Factory) -> Deferred[Any]:
-        def record(protocol: Any) -> Any:
-            self._made.append(protocol)
-            return protocol
-
-        return self._endpoint.connect(factory).addCallback(record)
+        return self._endpoint.connect(factory).addCallback(self._recording.record)
 
 
 @implementer(IAgentEndpointFactory)
 class RecordingEndpoints:
-    """TCP endpoints that remember every client connection they made."""
+    """TCP endpoints that remember every client connection they made, and when each was
+    lost (``closed[i]``)."""
 
     def __init__(self) -> None:
         self.connections: list[Any] = []
+        self.closed: list[Deferred[None]] = []
 
     def endpointForURI(self, uri: Any) -> _RecordingEndpoint:
         endpoint = TCP4ClientEndpoint(reactor, uri.host.decode(), uri.port, timeout=5)
-        return _RecordingEndpoint(endpoint, self.connections)
+        return _RecordingEndpoint(endpoint, self)
+
+    def record(self, protocol: Any) -> Any:
+        lost: Deferred[None] = Deferred()
+        told = protocol.connectionLost
+
+        def connection_lost(reason: Failure) -> None:
+            told(reason)
+            lost.callback(None)
+
+        protocol.connectionLost = connection_lost  # the pool's own connection class
+        self.connections.append(protocol)
+        self.closed.append(lost)
+        return protocol
 
 
 class BodyReader(Protocol):
@@ -228,6 +239,7 @@ class BodyReader(Protocol):
         self.chunks: list[bytes] = []
         self.on_data = on_data
         self.done: Deferred[None] = Deferred()
+        self.got_data: Deferred[None] = Deferred()  # fires with the first piece
         self.reason: Failure | None = None
 
     @property
@@ -238,6 +250,8 @@ class BodyReader(Protocol):
         self.chunks.append(data)
         if self.on_data is not None:
             self.on_data(self)
+        if not self.got_data.called:
+            self.got_data.callback(None)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.reason = reason
@@ -355,7 +369,7 @@ class Http11Case(TestCase):
             for connection in client.connections:
                 if connection.transport.connected:
                     connection.transport.abortConnection()
-            await until(lambda: not any(c.transport.connected for c in client.connections))
+            await gatherResults(client.endpoints.closed)
 
         self.addCleanup(lambda: Deferred.fromCoroutine(close()))
         return client
@@ -818,9 +832,10 @@ class FlowControlTests(Http11Case):
         answer = await client.request(url)
         reader = BodyReader(lambda reader: reader.transport.pauseProducing())
         answer.deliverBody(reader)
-        await until(lambda: reader.chunks)
+        await reader.got_data
         backend.connections[0].transport.write(b"b" * 990)
         connection = client.connections[0]
+        # Polled: bytes reaching the kernel's buffer of a paused socket tell no one.
         await until(lambda: unread(connection) > 0 or len(reader.data) > 10)
         await deferLater(reactor, 0, lambda: None)
         self.assertEqual(reader.data, b"a" * 10)
@@ -912,7 +927,7 @@ class PoolTests(Http11Case):
         await client.fetch(url)
         backend.connections[0].transport.loseConnection()
         await backend.connections[0].closed
-        await until(lambda: not client.connections[0].transport.connected)
+        await client.endpoints.closed[0]
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertIsNone(client.pool.take((b"http", netloc(url))))
         await self.assert_fresh_connection_works(client, url, backend, body=b"ok")

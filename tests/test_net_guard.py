@@ -86,4 +86,6 @@ class GuardTests(SynchronousTestCase):
         self.patch(tcp.Connection, "_writeDisconnected", None)
         stock = tap.makeService(options, MemoryReactorClock())
         self.assertIs(stock.site.requestFactory, VespaRequest)
-        self.assertNotIsInstance(stock.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint)
+        self.assertNotIsInstance(
+            stock.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint
+        )

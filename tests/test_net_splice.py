@@ -11,15 +11,17 @@ import errno
 import os
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Cooperator
 from twisted.trial.unittest import TestCase
 
 from tests.fakes import FakeBackend, big_body
-from tests.helpers import RawClient, listen, listen_sending_now, raw_connect, until
+from tests.helpers import RawClient, listen, listen_sending_now, raw_connect
+from tests.memory import Recorder
 from vast_vespa.net import splice
 from vast_vespa.net.client import backend_agent, backend_pool
-from vast_vespa.outcome import Outcome, RelayResult
+from vast_vespa.outcome import Outcome
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.resource import WorkerResource, passthrough
 
@@ -54,16 +56,18 @@ class SpliceTests(TestCase):
             def admit(self, request):
                 return passthrough(request, cooperator)
 
-        self.results: list[RelayResult] = []
+        self.recorder = Recorder()
+        self.results = self.recorder.results
         self.resource = WorkerResource(
             Gate(),
             backend_agent(reactor, pool, 5, fast_path=True),
             reactor,
             self.backend_url,
-            observers=(lambda request, result, forward: self.results.append(result),),
+            observers=(self.recorder,),
         )
         self.spliced = 0  # calls of splice(2)
         self.client_full = 0  # times the client's socket took nothing
+        self.client_was_full: Deferred[None] = Deferred()  # ...the first time
         self.break_client = False  # splicing into the client's socket fails (EPIPE)
         self.unsupported = ""  # "backend" or "client": splicing from or to it gives EINVAL
         self.patch(splice, "_supported", True)
@@ -81,20 +85,32 @@ class SpliceTests(TestCase):
             except BlockingIOError:
                 if sink not in pipe_ends:
                     self.client_full += 1
+                    if not self.client_was_full.called:
+                        self.client_was_full.callback(None)
                 raise
 
         pipe_ends: set[int] = set()
         self.pipes: set[str] = set()  # the splices' pipes
-        start = splice.Splice.start
+        self.stopped: list[Deferred[None]] = []  # one per splice, fired when it stops
+        start, stop = splice.Splice.start, splice.Splice.stop
 
         def recording_start(self_, length):
             start(self_, length)
             pipe_ends.clear()
             pipe_ends.update(self_._pipe)
             self.pipes.update(os.readlink(f"/proc/self/fd/{end}") for end in self_._pipe)
+            self_.stopped_for_test = Deferred()
+            self.stopped.append(self_.stopped_for_test)
+
+        def recording_stop(self_):
+            stop(self_)
+            stopped = getattr(self_, "stopped_for_test", None)
+            if stopped is not None and not stopped.called:
+                stopped.callback(None)
 
         self.patch(splice, "_splice", counting)
         self.patch(splice.Splice, "start", recording_start)
+        self.patch(splice.Splice, "stop", recording_stop)
 
     async def worker(self) -> str:
         return await listen_sending_now(self, VespaSite(self.resource, fast_path=True))
@@ -105,7 +121,8 @@ class SpliceTests(TestCase):
 
     async def assert_no_pipe_left(self) -> None:
         self.assertTrue(self.pipes)
-        await until(lambda: not _open(self.pipes))
+        await gatherResults(self.stopped).addTimeout(10, reactor)  # every splice stopped...
+        self.assertEqual(_open(self.pipes), set())  # ...and closed its pipe
 
     async def test_a_big_body_goes_through_the_kernel(self):
         """A 4 MiB body of known length reaches the client byte for byte, moved by
@@ -167,9 +184,9 @@ class SpliceTests(TestCase):
         result is cancelled, and the pipe is closed."""
         url = await self.worker()
         client = await self.get(url, f"/big?total={64 * MIB}")
-        await until(lambda: client.count > MIB)
+        await client.when(lambda: client.count > MIB)
         client.transport.abortConnection()
-        await until(lambda: self.results)
+        await self.recorder.wait()
         [result] = self.results
         self.assertEqual(result.outcome, Outcome.CANCELLED)
         self.assertLess(result.bytes_out, 64 * MIB)
@@ -182,7 +199,7 @@ class SpliceTests(TestCase):
         url = await self.worker()
         total = 16 * MIB
         client = await self.get(url, f"/big?total={total}", read=False)
-        await until(lambda: self.client_full)
+        await self.client_was_full
         client.transport.resumeProducing()
         body = _split(await client.closed)[1]
         self.assertEqual(len(body), total)
@@ -214,7 +231,7 @@ class SpliceTests(TestCase):
         head, body = _split(await client.closed)
         self.assertIn(b"200 OK", head)
         self.assertLess(len(body), 4 * MIB)
-        await until(lambda: self.results)
+        await self.recorder.wait()
         [result] = self.results
         self.assertEqual(
             (result.outcome, result.reason), (Outcome.CANCELLED, "client disconnected")
@@ -226,9 +243,9 @@ class SpliceTests(TestCase):
         socket is stopped, the backend call cut, the pipe closed."""
         url = await self.worker()
         client = await self.get(url, f"/big?total={64 * MIB}", read=False)
-        await until(lambda: self.client_full)
+        await self.client_was_full
         client.transport.abortConnection()
-        await until(lambda: self.results)
+        await self.recorder.wait()
         self.assertEqual(self.results[0].outcome, Outcome.CANCELLED)
         await self.assert_no_pipe_left()
 
@@ -263,7 +280,7 @@ class CanSpliceTests(TestCase):
         port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         client = await raw_connect(f"http://127.0.0.1:{port.getHost().port}", RawClient(b""))
-        await until(lambda: server.transport is not None)
+        await server.made
         transport = server.transport
         self.assertTrue(splice.can_splice(transport))
         self.assertFalse(splice.can_splice(object()))

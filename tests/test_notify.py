@@ -15,7 +15,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.fakes import FakeBackend
-from tests.helpers import listen, start_worker, until
+from tests.helpers import listen, start_worker
 from vast_vespa.notify import SystemdNotifier, SystemdService
 from vast_vespa.options import SettingsError
 from vast_vespa.settings import SystemdEnvironment, load_settings
@@ -150,10 +150,10 @@ class WorkerNotifyTests(TestCase):
             "healthcheck_retry_interval": 0.01,
         }
         _, service = start_worker(self, listen(self, backend), loaded=False, **changes)
-        await until(lambda: backend.seen)  # probing the backend: not ready yet
+        await backend.arrived()  # probing the backend: not ready yet
         self.assertEqual(systemd.messages(), [["STATUS=waiting for the backend"]])
         backend.health_code = 200
-        await until(lambda: service.state.loaded)
+        await service.getServiceNamed("lifecycle").when_loaded()
         self.assertEqual(systemd.messages(), [["READY=1", "STATUS=serving"]])
         await service.stopService()
         self.assertEqual(systemd.messages(), [["STOPPING=1", "STATUS=draining"]])
@@ -170,7 +170,7 @@ class WorkerNotifyTests(TestCase):
             "benchmark_cache": os.path.abspath(self.mktemp()),
         }
         _, service = start_worker(self, listen(self, backend), loaded=False, **changes)
-        await until(lambda: service.state.error_msg)
+        await service.getServiceNamed("lifecycle").when_failed()
         self.flushLoggedErrors(ValueError)
         self.assertEqual(
             systemd.messages(),

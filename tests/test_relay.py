@@ -1,10 +1,10 @@
-"""The relay through real sockets: a worker in passthrough mode in front of a fake backend."""
+"""The relay through real sockets: a worker in passthrough mode in front of a fake backend;
+its answers when the backend cannot answer, in memory."""
 
 from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import weakref
 from typing import Any
@@ -13,9 +13,8 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -28,10 +27,11 @@ from tests.helpers import (
     listen_sending_now,
     raw_connect,
     raw_request,
+    server_side_closed,
     start_signed_worker,
     start_worker,
-    until,
 )
+from tests.memory import MemoryWorker
 from vast_vespa.net.client import Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.net.resolve import NamedEndpoint
@@ -59,7 +59,7 @@ class RelayTests(TestCase):
             self.url, RawClient(b"GET /sse?n=1&first=30 HTTP/1.1\r\nHost: w\r\n\r\n")
         )
         self.addCleanup(client.transport.abortConnection)
-        await until(lambda: b"\r\n\r\n" in client.received)
+        await client.when(lambda: b"\r\n\r\n" in client.received)
         head, _, body = client.received.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
@@ -104,7 +104,7 @@ class RelayTests(TestCase):
             self.url, b"GET /sse?n=2 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
         )
         self.assertIn(b"data: event 1", raw)
-        await self.all_freed(made)
+        await self.all_freed(made, self.url)
 
     async def test_a_signed_request_is_freed_without_the_garbage_collector(self):
         """The same for a request in signed mode (envelope parsed and verified, workload
@@ -116,7 +116,7 @@ class RelayTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         await response.content()
-        await self.all_freed(made)
+        await self.all_freed(made, worker.url)
 
     def without_collector(self) -> list[weakref.ref[object]]:
         """Turn the garbage collector off for the test; weak references to each request,
@@ -129,10 +129,10 @@ class RelayTests(TestCase):
         self.addCleanup(gc.enable)
         return made
 
-    async def all_freed(self, made: list[weakref.ref[object]]) -> None:
+    async def all_freed(self, made: list[weakref.ref[object]], url: str) -> None:
         self.assertEqual(len(made), 4)  # one of each
-        # The worker's side of a closed connection goes on the reactor's next turn.
-        await until(lambda: all(ref() is None for ref in made), timeout=1.0)
+        await server_side_closed(url)  # the worker's side of the connection is gone too
+        self.assertEqual([ref() for ref in made], [None] * 4)
 
     async def test_every_method_path_and_query(self):
         """Every method reaches the backend with the same path and query string."""
@@ -238,12 +238,12 @@ class RelayTests(TestCase):
         total = 64 * 1024 * 1024
         request = b"GET /firehose?total=%d HTTP/1.1\r\nHost: x\r\n\r\n" % total
         client = await raw_connect(self.url, RawClient(request, read=False))
-        await until(lambda: self.backend.firehoses)
+        await self.backend.arrived()
         firehose = self.backend.firehoses[0]
         sent_when_paused = await firehose.was_paused
         self.assertLess(sent_when_paused, total // 2)
         client.transport.resumeProducing()
-        await until(lambda: client.count > total)
+        await client.when(lambda: client.count > total)
         self.assertEqual(firehose.sent, total)
         client.transport.loseConnection()
 
@@ -252,22 +252,9 @@ class RelayTests(TestCase):
         client = await raw_connect(
             self.url, RawClient(b"GET /slow?delay=60 HTTP/1.1\r\nHost: x\r\n\r\n")
         )
-        await until(lambda: self.backend.cancelled)
+        await self.backend.arrived()
         client.transport.loseConnection()
         await seen_closed(self.backend.cancelled[0])
-
-    async def test_backend_down_is_502(self):
-        """An unreachable backend gives a 502 with a JSON error."""
-        factory = Factory.forProtocol(Protocol)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        dead = f"http://127.0.0.1:{port.getHost().port}"
-        await port.stopListening()
-        url, _ = start_worker(self, dead)
-        response = await self.http.post(url + "/v1/x", data=b"{}")
-        self.assertEqual(response.code, 502)
-        body = await response.json()
-        self.assertEqual(body["error"], "backend unavailable")
-        self.assertIn("detail", body)
 
     async def test_backend_reset_before_headers_is_502(self):
         """A backend that drops the connection before answering gives a 502."""
@@ -296,22 +283,40 @@ class RelayTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual((await response.json())["method"], "POST")
 
-    async def test_request_timeout_is_504(self):
-        """With REQUEST_TIMEOUT set, a backend that does not answer in time gives a 504."""
-        url, _ = start_worker(self, self.backend_url, request_timeout=0.2)
-        response = await self.http.get(url + "/slow?delay=30")
-        self.assertEqual(response.code, 504)
-        self.assertEqual((await response.json())["error"], "backend timeout")
-        await seen_closed(self.backend.cancelled[-1])
 
-    async def test_absolute_form_target_is_refused(self):
+class RelayDecisionTests(SynchronousTestCase):
+    """Which answer the relay gives when the backend cannot, in memory (tests/memory.py)."""
+
+    def test_absolute_form_target_is_refused(self):
         """An absolute-form target is a 400: the backend host is always BACKEND_URL."""
-        raw = await raw_request(
-            self.url, b"GET http://evil.example/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        worker = MemoryWorker(self, signed=False)
+        answer = worker.answered(
+            worker.send(b"GET http://evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n")
         )
-        self.assertTrue(raw.startswith(b"HTTP/1.1 400"), raw)
-        self.assertEqual(self.backend.seen, [])
-        self.assertEqual(json.loads(raw.partition(b"\r\n\r\n")[2])["error"], "bad request target")
+        self.assertEqual(answer.code, 400)
+        self.assertEqual(answer.json()["error"], "bad request target")
+        self.assertEqual(worker.backend.seen, [])
+
+    def test_backend_down_is_502(self):
+        """An unreachable backend gives a 502 with a JSON error."""
+        worker = MemoryWorker(self, signed=False, backend_down=True)
+        answer = worker.post("/v1/x", {})
+        self.assertEqual(answer.code, 502)
+        self.assertEqual(answer.json()["error"], "backend unavailable")
+        self.assertEqual(answer.json()["detail"], "Connection was refused by other side.")
+
+    def test_request_timeout_is_504(self):
+        """With REQUEST_TIMEOUT set, a backend that does not answer in time gives a 504 and
+        its call is cancelled."""
+        worker = MemoryWorker(self, signed=False, request_timeout=0.2)
+        client = worker.request("GET", "/slow?delay=30")
+        worker.advance(0.19)
+        self.assertIsNone(client.answer)
+        worker.advance(0.01)
+        answer = worker.answered(client)
+        self.assertEqual(answer.code, 504)
+        self.assertEqual(answer.json()["error"], "backend timeout")
+        self.successResultOf(worker.backend.cancelled[-1])
 
 
 def _recording_init(original: Any, made: list[weakref.ref[object]]) -> Any:

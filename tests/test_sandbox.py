@@ -11,11 +11,13 @@ from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.emulator_fixtures import report
-from tests.helpers import http_client, until
+from tests.fakes import Watched
+from tests.helpers import http_client
 from vast_vespa import sandbox
 from vast_vespa.sandbox import SandboxConfig, build_sandbox
 
@@ -151,12 +153,14 @@ class SandboxEndToEndTests(TestCase):
         service = start(self, shape=shape, workers=workers)
         assert service.autoscaler is not None
         registry = service.autoscaler.registry
+        site = service.autoscaler.site
+        self.emulator = site.resource = Watched(site.resource, reactor)
 
         def all_ready() -> bool:
             states = [w["state"] for w in registry.status()["workers"]]
             return states.count("ready") == workers
 
-        await until(all_ready, timeout=90)
+        await self.emulator.when(all_ready)  # reported by the workers
         return service
 
     async def chat(self, service, stream=False):
@@ -175,7 +179,10 @@ class SandboxEndToEndTests(TestCase):
         self.assertEqual(code, 200, body)
         self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body)
         status = service.autoscaler.registry.status
-        await until(lambda: [r["state"] for r in status()["requests"]] == ["success"] * 2)
+        # The workers' /delete_requests/ say so.
+        await self.emulator.when(
+            lambda: [r["state"] for r in status()["requests"]] == ["success"] * 2
+        )
 
     async def test_plain_and_streaming_url_shape(self):
         """Signed in the url shape (workers accept only that), a plain and a streamed chat
@@ -206,7 +213,10 @@ class SandboxEndToEndTests(TestCase):
             code, body = await self.chat(service)
             self.assertEqual(code, 200, body)
         registry = service.autoscaler.registry
-        await until(lambda: registry.workers[1].state(reactor.seconds(), 2) != "ready", timeout=10)
+        stopped = registry.workers[1]
+        silent_at = stopped.last_report + 2  # stale_after: 2 s without a report
+        await deferLater(reactor, max(silent_at - reactor.seconds(), 0.0) + 0.01, lambda: None)
+        self.assertNotEqual(stopped.state(reactor.seconds(), 2), "ready")
         code, _ = await self.chat(service)
         self.assertEqual(code, 200)
         self.assertEqual(registry.status()["requests"][0]["worker_id"], 2)

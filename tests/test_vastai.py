@@ -14,7 +14,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from tests.emulator_fixtures import ACCOUNT_KEY, start_emulator
-from tests.helpers import HERE, listen, spawn, until
+from tests.fakes import Watched
+from tests.helpers import HERE, listen, spawn
 from vast_vespa import sandbox
 from vast_vespa.sample_backend import SampleBackend
 from vast_vespa.worker.lifecycle import BenchmarkCache
@@ -44,6 +45,7 @@ class VastaiClientTests(TestCase):
 
     async def sdk_request(self, shape: str) -> None:
         emulator_url, emulator = start_emulator(self, shape)
+        watched = emulator.site.resource = Watched(emulator.site.resource, reactor)
         backend_url = listen(self, SampleBackend(reactor, tokens_per_second=2000))
         watcher = spawn(
             self,
@@ -56,7 +58,7 @@ class VastaiClientTests(TestCase):
             ],
         )
         registry = emulator.registry
-        await until(lambda: len(registry.recent) > 0, timeout=30)  # the SDK is polling
+        await watched.when(lambda: len(registry.recent) > 0)  # the SDK is polling
         self.assertEqual(registry.status()["requests"][0]["state"], "waiting")
         worker_url = signed_worker(self, shape, backend_url, emulator_url)
         match = await watcher.wait_for(rb"RESULT (.*)\n", timeout=40)
@@ -66,7 +68,7 @@ class VastaiClientTests(TestCase):
         self.assertEqual(result["workers"], [[1, "ready", 100.0]])
         # The worker verified the signature (it accepts nothing else) and told the emulator
         # the request succeeded, through its own /delete_requests/.
-        await until(lambda: registry.status()["requests"][0]["state"] == "success")
+        await watched.when(lambda: registry.status()["requests"][0]["state"] == "success")
 
     async def test_sdk_url_shape(self) -> None:
         """The SDK finds the endpoint with the account key, waits while no worker is ready,
