@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
@@ -20,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
 from tests.memory import Recorder
-from vast_vespa.client.routing import BACKOFF_CAP, Router
+from vast_vespa.client.routing import BACKOFF_CAP, RouteError, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
 from vast_vespa.outcome import Outcome
@@ -445,6 +446,29 @@ class RouteCancelTests(TestCase):
         self.failureResultOf(routed, CancelledError)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(len(http.calls), 1)
+
+
+class AnsweringHTTP:
+    """An HTTP client whose every call answers 200 with ``body`` at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        response = SimpleNamespace(code=200, content=lambda: succeed(self.body))
+        return succeed(response)
+
+
+class RouteReplyTests(TestCase):
+    def test_deep_reply_is_not_json(self):
+        """A /route/ reply nested deeper than any JSON Vespa reads is "not JSON" on every
+        Python (a retryable failure, then a 502), never a RecursionError."""
+        for depth in (600, 100_000):
+            http = AnsweringHTTP(b"[" * depth + b"]" * depth)
+            router = Router(http, Clock(), "http://a", "e", lambda: succeed("key"), retries=0)
+            failure = self.failureResultOf(router.route(1.0), RouteError)
+            self.assertEqual(failure.value.code, 502)
+            self.assertIn("reply is not JSON", str(failure.value))
 
 
 class RealWorkerTests(ClientTestCase):

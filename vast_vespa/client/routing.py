@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 from vast_vespa.client.keys import KeyLookupError
 from vast_vespa.logs import mask
 from vast_vespa.outcome import describe_failure
+from vast_vespa.worker.envelope import loads
 
 # One /route/ HTTP call may take this long before it counts as a network error.
 ROUTE_CALL_TIMEOUT = 10.0
@@ -215,7 +216,7 @@ class Router:
         if code >= 400:
             raise self._refused(code, key, text)
         try:
-            reply = json.loads(text)
+            reply = loads(text)
         except ValueError:
             raise _Retryable("reply is not JSON") from None
         if not isinstance(reply, dict):
@@ -245,7 +246,7 @@ class Router:
 def _reason(text: bytes) -> str:
     """The autoscaler's error text, short: its JSON ``error``/``detail`` or the raw start."""
     try:
-        parsed = json.loads(text)
+        parsed = loads(text)
     except ValueError:
         parsed = None
     if isinstance(parsed, dict):

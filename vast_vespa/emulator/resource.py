@@ -19,6 +19,7 @@ from twisted.web.server import Request
 
 from vast_vespa.emulator.registry import Registry, RouteError
 from vast_vespa.outcome import error_body
+from vast_vespa.worker.envelope import loads
 
 JSON = b"application/json"
 
@@ -36,8 +37,8 @@ def _json_body(request: Request) -> Any:
     assert request.content is not None
     raw = request.content.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return loads(raw)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
         raise BadRequest(400, error_body("invalid JSON", f"the body is not JSON: {e}")) from None
 
 
