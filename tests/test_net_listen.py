@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.listen import (
     ListenFailed,
     SendNowEndpoint,
@@ -25,6 +26,7 @@ from vast_vespa.net.listen import (
     listen_service,
     send_now,
 )
+from vast_vespa.net.splice import has_unsent
 
 
 class _Writer(Protocol):
@@ -51,6 +53,22 @@ class _Producer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class _CountingSocket:
+    """A socket whose sends are counted (by size); anything else goes to the real one."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.sizes: list[int] = []
+
+    def send(self, data: bytes) -> int:
+        sent = self.real.send(data)
+        self.sizes.append(sent)
+        return sent
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
 
 
 def queued(transport) -> int:
@@ -142,6 +160,108 @@ class SendNowTests(TestCase):
 
         _, client = await self.connect(script)
         self.assertEqual(await self.receive(client, 100), b"last words")
+
+    async def held(self, script) -> tuple[_Writer, socket.socket, list[int]]:
+        """Connect, then run ``script(transport)`` as if in a turn of the reactor's lean
+        dispatch (the outbox open); returns the sizes of the socket sends made meanwhile."""
+        writer, client = await self.connect(lambda transport: 0)
+        transport = writer.transport
+        sends = _CountingSocket(transport.socket)
+        transport.socket = sends
+        OUTBOX.open = True
+        try:
+            script(transport)
+        finally:
+            self.addCleanup(setattr, OUTBOX, "open", False)
+        return writer, client, sends.sizes
+
+    async def test_writes_in_a_turn_leave_together(self) -> None:
+        """While the reactor dispatches a turn's events, a connection's writes wait; when the
+        turn is over they leave in one send, in order."""
+        _, client, sizes = await self.held(
+            lambda transport: (
+                transport.write(b"head "),
+                transport.writeSequence([b"body ", b"more "]),
+                transport.write(b"end"),
+            )
+        )
+        self.assertEqual(sizes, [])
+        client.setblocking(False)
+        self.assertRaises(BlockingIOError, client.recv, 100)
+        OUTBOX.send_all()
+        self.assertFalse(OUTBOX.open)
+        self.assertEqual(sizes, [len(b"head body more end")])
+        self.assertEqual(await self.receive(client, 18), b"head body more end")
+
+    async def test_close_in_a_turn_sends_what_is_held_first(self) -> None:
+        """loseConnection in the same turn as held writes: they are sent, then it closes."""
+        _, client, _ = await self.held(
+            lambda transport: (transport.write(b"last words"), transport.loseConnection())
+        )
+        OUTBOX.send_all()
+        self.assertEqual(await self.receive(client, 100), b"last words")
+
+    async def test_abort_in_a_turn_drops_what_is_held(self) -> None:
+        """abortConnection drops what the turn's writes hold: nothing more is sent."""
+        _, client, sizes = await self.held(
+            lambda transport: (transport.write(b"never"), transport.abortConnection())
+        )
+        OUTBOX.send_all()
+        self.assertEqual(sizes, [])
+        try:
+            got = await self.receive(client, 100)
+        except ConnectionResetError:  # an abort resets the connection
+            got = b""
+        self.assertEqual(got, b"")
+
+    async def test_queued_data_is_not_held(self) -> None:
+        """With bytes already queued the Twisted way, a write in a turn is queued behind them,
+        not held (Twisted's own doWrite may send and close later in the same turn)."""
+        big = b"x" * (8 << 20)  # more than a socket buffer holds: some is queued
+
+        def script(transport):
+            transport.write(big)
+            OUTBOX.open = True
+            transport.write(b"tail")
+
+        OUTBOX.open = False
+        writer, client = await self.connect(lambda transport: 0)
+        script(writer.transport)
+        self.assertEqual(OUTBOX.waiting, [])
+        OUTBOX.send_all()
+        self.assertEqual(await self.receive(client, len(big) + 4), big + b"tail")
+
+    async def test_splice_sends_what_is_held_first(self) -> None:
+        """Before bytes are spliced into a connection, what its writes hold is sent: the
+        spliced bytes go after it."""
+        _, client, sizes = await self.held(lambda transport: transport.write(b"head"))
+        writer_transport = OUTBOX.waiting[0]
+        self.assertFalse(has_unsent(writer_transport))
+        self.assertEqual(sizes, [4])
+        OUTBOX.send_all()
+        self.assertEqual(sizes, [4])
+        self.assertEqual(await self.receive(client, 4), b"head")
+
+    def test_a_failing_connection_spares_the_others(self) -> None:
+        """A connection that raises while its held writes are sent is logged; the others in
+        the outbox are still sent."""
+
+        class Failing:
+            def send_held(self) -> None:
+                raise OSError("broken")
+
+        class Fine:
+            sent = False
+
+            def send_held(self) -> None:
+                self.sent = True
+
+        fine = Fine()
+        OUTBOX.waiting[:] = [Failing(), fine]
+        OUTBOX.send_all()
+        self.assertTrue(fine.sent)
+        self.assertEqual(OUTBOX.waiting, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_other_transports_write_as_usual(self) -> None:
         """send_now on a transport that is not TCP is a plain write."""

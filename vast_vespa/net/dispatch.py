@@ -9,6 +9,9 @@ relayed chunk; :func:`lean_event_dispatch` dispatches without that context. Erro
 logged, with the same tracebacks; only legacy log lines lose their ``[Protocol,fd,peer]``
 prefix (Vespa's own lines use ``twisted.logger`` namespaces and are unchanged).
 
+While it dispatches a turn's events, writes on the fast path's connections wait in
+:data:`OUTBOX` and leave when the turn is over (see :class:`Outbox`).
+
 Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`): the epoll
 reactor's ``_poller``, ``_selectables``, ``_doReadOrWrite`` and ``_disconnectSelectable``, and
 ``posixbase._NO_FILEDESC``; its ``doIteration`` is replaced on the running reactor.
@@ -19,13 +22,47 @@ from __future__ import annotations
 import errno
 from select import EPOLLIN
 from types import MethodType
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 
 _log = Logger()
+
+
+class Holding(Protocol):
+    """A connection that holds its writes while :data:`OUTBOX` is open."""
+
+    def send_held(self) -> None: ...
+
+
+class Outbox:
+    """
+    Writes held while the reactor dispatches one turn's events, sent when the turn is over.
+
+    A connection that writes several times in a turn (a head and a body, a chunked body's end,
+    the answers to pipelined requests) then makes one system call, and the answers of a busy
+    turn leave together, as Twisted's queued writes do, but without asking epoll to watch each
+    socket for writability and then to stop. Writes made outside a turn (timers) leave at once.
+    """
+
+    def __init__(self) -> None:
+        self.open = False
+        self.waiting: list[Holding] = []
+
+    def send_all(self) -> None:
+        """Close the outbox and send what every waiting connection holds."""
+        self.open = False
+        waiting, self.waiting = self.waiting, []
+        for connection in waiting:
+            try:
+                connection.send_held()
+            except Exception:
+                _log.failure("error sending to {connection!r}", connection=connection)
+
+
+OUTBOX = Outbox()
 
 
 def lean_event_dispatch(reactor: Any) -> bool:
@@ -39,7 +76,8 @@ def lean_event_dispatch(reactor: Any) -> bool:
 
 def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
     """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event; input alone
-    (nearly every event: a relayed chunk, a request) goes straight to ``doRead``."""
+    (nearly every event: a relayed chunk, a request) goes straight to ``doRead``. Writes made
+    meanwhile leave when all the events are dispatched (:class:`Outbox`)."""
     try:
         ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
     except OSError as err:
@@ -48,17 +86,21 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
         raise
     dispatch = self._doReadOrWrite  # catches and logs what a protocol raises
     selectables = self._selectables
-    for fd, event in ready:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        try:
-            if event == EPOLLIN:
-                read_ready(self, selectable)
-            else:
-                dispatch(selectable, fd, event)
-        except Exception:
-            _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
+    OUTBOX.open = True
+    try:
+        for fd, event in ready:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                if event == EPOLLIN:
+                    read_ready(self, selectable)
+                else:
+                    dispatch(selectable, fd, event)
+            except Exception:
+                _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
+    finally:
+        OUTBOX.send_all()
 
 
 def read_ready(reactor: EPollReactor, selectable: Any) -> None:

@@ -52,7 +52,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vast_vespa.net.dispatch import read_ready
+from vast_vespa.net.dispatch import OUTBOX, read_ready
 
 _log = Logger()
 # Seconds the kernel holds a connection with no bytes from the client yet (Linux only).
@@ -71,18 +71,8 @@ def send_now(transport: Any, data: bytes) -> None:
 def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     """What is left of ``data`` after sending what the socket takes, when nothing is queued
     before it (order is kept) and nothing is in the way (TLS, closing). A socket that would
-    block, or a broken one, takes nothing: the queued rest reports the error. One function,
-    not three: it runs for every relayed chunk."""
-    if not (
-        data
-        and connection.connected
-        and not connection.TLS
-        and not connection.disconnecting
-        and not connection._writeDisconnecting
-        and not connection._writeDisconnected
-        and not connection._tempDataLen
-        and connection.offset == len(connection.dataBuffer)
-    ):
+    block, or a broken one, takes nothing: the queued rest reports the error."""
+    if not (data and _clear(connection)):
         return data
     try:
         sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
@@ -91,19 +81,57 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     return data[sent:] if sent < len(data) else b""
 
 
+def _clear(connection: tcp.Connection) -> bool:
+    """Whether a write on ``connection`` may skip Twisted's queue: it is open, plain TCP, not
+    closing, and has nothing queued. One expression: it runs for every relayed chunk."""
+    return bool(
+        connection.connected
+        and not connection.TLS
+        and not connection.disconnecting
+        and not connection._writeDisconnecting
+        and not connection._writeDisconnected
+        and not connection._tempDataLen
+        and connection.offset == len(connection.dataBuffer)
+    )
+
+
 class SendNowServer(tcp.Server):
-    """An accepted TCP connection whose writes go out at once (see the module docstring)."""
+    """An accepted TCP connection whose writes go out at once (see the module docstring), or,
+    while the reactor dispatches a turn's events, together when the turn is over
+    (:class:`vast_vespa.net.dispatch.Outbox`)."""
+
+    _held: list[bytes] | None = None  # writes waiting for the end of the turn, in order
 
     def write(self, data: bytes) -> None:
-        rest = _unsent(self, data)
-        if rest:
-            super().write(rest)
+        if self._held is not None:
+            self._held.append(data)
+        elif OUTBOX.open and data and _clear(self):
+            # Held only with nothing queued and no close begun: Twisted's own doWrite, later
+            # in the same turn, then has nothing to send or close before this is sent.
+            self._held = [data]
+            OUTBOX.waiting.append(self)
+        else:
+            rest = _unsent(self, data)
+            if rest:
+                super().write(rest)
 
     def writeSequence(self, iovec: Any) -> None:
-        if self._tempDataLen or self.offset != len(self.dataBuffer):
+        if self._held is None and (self._tempDataLen or self.offset != len(self.dataBuffer)):
             super().writeSequence(iovec)  # queued behind earlier data: no copy into one string
             return
         self.write(b"".join(iovec))
+
+    def send_held(self) -> None:
+        """Send (or queue the Twisted way) what this connection's writes hold."""
+        held, self._held = self._held, None
+        if held:
+            rest = _unsent(self, b"".join(held))
+            if rest:
+                super().write(rest)
+
+    def abortConnection(self) -> None:
+        self._held = None  # an aborted connection sends nothing more
+        super().abortConnection()
 
 
 class SendNowNoDelayServer(SendNowServer):

@@ -33,6 +33,8 @@ from typing import Any
 from twisted.internet import main, tcp
 from twisted.logger import Logger
 
+from vast_vespa.net.listen import SendNowServer
+
 # Bodies with at least this much still to come are spliced (a pipe costs a few system calls).
 SPLICE_MIN = 256 * 1024
 PIPE_SIZE = 1 << 20  # asked for; Linux's default limit for an unprivileged process
@@ -69,7 +71,10 @@ def can_splice(transport: Any) -> bool:
 
 
 def has_unsent(transport: tcp.Connection) -> bool:
-    """Whether Twisted still holds bytes to send on ``transport`` (they must go first)."""
+    """Whether Twisted still holds bytes to send on ``transport`` (they must go first), once
+    what its writes hold for the end of the reactor's turn is sent."""
+    if isinstance(transport, SendNowServer):
+        transport.send_held()
     return bool(transport._tempDataLen or transport.offset != len(transport.dataBuffer))
 
 
