@@ -30,6 +30,11 @@ PRELUDES: dict[str, str] = {
         "m.SendNowServer.writeSequence = tcp.Server.writeSequence\n"
         "c.send_now = lambda transport, data: transport.write(data)\n"
     ),
+    # Writes made during a turn sent at once, not together when the turn is over.
+    "outbox": (
+        "import vast_vespa.net.listen as m, vast_vespa.net.dispatch as d\n"
+        "m.OUTBOX = d.Outbox()  # never opened: nothing is held\n"
+    ),
     # Big bodies copied through the worker instead of spliced in the kernel.
     "splice": "import vast_vespa.net.client as c\nc.can_splice = lambda transport: False\n",
     # twisted.web's own Request steps (resource walk, head writing, write checks).
