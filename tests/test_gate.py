@@ -223,6 +223,45 @@ class SignedRequestTests(SynchronousTestCase):
         )
 
 
+class WorkloadTests(SynchronousTestCase):
+    def new_load(self, worker: MemoryWorker) -> float:
+        worker.report()
+        return sum(status["new_load"] for status in worker.autoscaler.statuses)
+
+    def test_estimated_where_cost_is_not_signed(self):
+        """WORKLOAD=openai: a url-only signature does not cover cost, so the payload decides
+        the workload (max_tokens 50 + an 8-character prompt: 52), whatever cost says; a
+        five-field signature covers it, and the signed cost counts."""
+        payload = {"prompt": "12345678", "max_tokens": 50}
+        worker = MemoryWorker(self, workload="openai")
+        answer = worker.post("/v1/completions", envelope(worker.auth("url", cost=1e6), payload))
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(self.new_load(worker), 52)
+        worker = MemoryWorker(self, workload="openai")
+        worker.post("/v1/completions", envelope(worker.auth("five-field", cost=7.0), payload))
+        self.assertEqual(self.new_load(worker), 7)
+
+    def test_header_form_and_unsecured(self):
+        """The header form's JSON body is estimated too, and so is an unsecured request that
+        carries auth (its cost is no one's word); a non-JSON body counts the default."""
+        worker = MemoryWorker(self, workload="tgi")
+        auth = json.dumps(worker.auth("url", cost=1.0))
+        body = b'{"inputs": "1234", "parameters": {"max_new_tokens": 9}}'
+        answer = worker.call("POST", "/generate", body, {"x-serverless-auth": auth})
+        self.assertEqual(answer.code, 200)
+        worker.call("POST", "/upload", b"\x89PNG...", {"x-serverless-auth": auth})
+        self.assertEqual(self.new_load(worker), 10 + 100)
+        worker = MemoryWorker(self, signed=False, workload="openai")
+        worker.post("/v1/completions", envelope(AUTH, {"max_tokens": 3}))
+        self.assertEqual(self.new_load(worker), 3)
+
+    def test_cost_mode_keeps_the_declared_cost(self):
+        """WORKLOAD=cost (the default without BACKEND): the declared cost, as before."""
+        worker = MemoryWorker(self)
+        worker.post("/v1/completions", envelope(worker.auth("url", cost=12.0), {"max_tokens": 3}))
+        self.assertEqual(self.new_load(worker), 12)
+
+
 class UnsecuredTests(SynchronousTestCase):
     def test_envelope_unwrapped_rest_passes(self):
         """UNSECURED: an envelope is unwrapped without a signature check; any other body

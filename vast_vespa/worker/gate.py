@@ -30,9 +30,17 @@ from vast_vespa.relay import BytesProducer
 from vast_vespa.signing import VerifiedCache, verify
 from vast_vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vast_vespa.worker.autoscaler import PublicKeyStore
-from vast_vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap, with_payload
+from vast_vespa.worker.envelope import (
+    AUTH_HEADER,
+    ENVELOPE_METHODS,
+    AuthError,
+    Unwrapped,
+    unwrap,
+    with_payload,
+)
 from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
 from vast_vespa.worker.resource import Forward, Rejection, client_address, passthrough
+from vast_vespa.workload import PARSE_LIMIT, Workload
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
 JSON = b"application/json"
@@ -87,6 +95,10 @@ class ReplayWindow:
         return False
 
 
+# Signature shapes that cover ``cost`` (PROTOCOL.md 3.2): with the others (url-only) and
+# unsecured, the declared cost is anyone's guess and WORKLOAD estimates the request instead.
+COST_SIGNED = frozenset({"five-field"})
+
 # The auth header is Vespa's, never the backend's.
 AUTH_ONLY = frozenset({AUTH_HEADER})
 
@@ -110,6 +122,7 @@ class SignedGate:
         blocked_paths: tuple[str, ...] = (),
         public_url: str | None = None,
         replay_window: int = 0,
+        workload_estimator: Workload | None = None,
     ) -> None:
         self._keys = keys
         self._admission = admission
@@ -121,6 +134,7 @@ class SignedGate:
         self._public_url = public_url
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
         self._signatures = VerifiedCache()
+        self._workload = workload_estimator or Workload("cost")
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         pattern = blocked(request.uri, self._blocked)
@@ -164,8 +178,9 @@ class SignedGate:
                 "the autoscaler's public key has not been fetched yet",
                 {b"retry-after": KEY_RETRY_AFTER},
             )
-        if verify(keys.key, auth, self._shapes, self._signatures) is not None:
-            return self._hardened(request, unwrapped)
+        shape = verify(keys.key, auth, self._shapes, self._signatures)
+        if shape is not None:
+            return self._hardened(request, unwrapped, shape in COST_SIGNED)
         if refresh and keys.stale():
             # Maybe the key was rotated: fetch it again, then check once more.
             refreshed = keys.refresh()
@@ -192,7 +207,9 @@ class SignedGate:
         )
         return Rejection(401, "invalid signature", "auth_data is not signed by the autoscaler")
 
-    def _hardened(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
+    def _hardened(
+        self, request: Request, unwrapped: Unwrapped, cost_signed: bool
+    ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         assert auth is not None
         if self._public_url is not None and auth["url"] != self._public_url:
@@ -209,9 +226,11 @@ class SignedGate:
             unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
         except AuthError as e:
             raise self._malformed(request, e) from None
-        return self._admit(request, unwrapped)
+        return self._admit(request, unwrapped, cost_signed)
 
-    def _admit(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
+    def _admit(
+        self, request: Request, unwrapped: Unwrapped, cost_signed: bool = False
+    ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         request_idx = None
         if auth is None:
@@ -222,6 +241,8 @@ class SignedGate:
                 work = workload(auth["cost"], self._default_cost)
             except BadCost as e:
                 raise Rejection(422, "invalid cost", str(e)) from None
+            if not cost_signed and not self._workload.uses_cost:
+                work = self._workload.of_body(self._payload(request, unwrapped))
         try:
             self._admission.check()
         except TooBusy as busy:
@@ -242,6 +263,24 @@ class SignedGate:
             return self._admitted(slot, forward, token)
         slot.addErrback(self._left_queue, token)
         return slot.addCallback(self._admitted, forward, token)
+
+    @staticmethod
+    def _payload(request: Request, unwrapped: Unwrapped) -> bytes | None:
+        """What the backend gets as body, when it can be a JSON payload worth estimating."""
+        if unwrapped.body is not None:
+            return unwrapped.body
+        content = request.content
+        if content is None or request.method not in ENVELOPE_METHODS:
+            return None
+        content.seek(0, 2)
+        if content.tell() > PARSE_LIMIT:
+            return None  # never read a large upload into memory to estimate it
+        content.seek(0)
+        if content.read(64).lstrip()[:1] not in (b"{", b"["):
+            return None  # not JSON: an upload, an image
+        content.seek(0)
+        body: bytes = content.read()
+        return body
 
     def _left_queue(self, failure: Failure, token: int) -> Failure:
         if failure.check(CancelledError):
