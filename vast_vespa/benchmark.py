@@ -14,7 +14,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -129,9 +136,12 @@ def check_aiohttp(reactor: Any) -> None:
         )
 
 
-def run_aiohttp_benchmark(function: Benchmark, spec: str, backend_url: str) -> Deferred[float]:
+def run_aiohttp_benchmark(
+    function: Benchmark, spec: str, backend_url: str, concurrency_limit: int = 0
+) -> Deferred[float]:
     """Run an existing PyWorker benchmark unchanged: as an asyncio task, with a real
-    ``aiohttp.ClientSession`` whose base URL is the backend (requires the asyncio reactor)."""
+    ``aiohttp.ClientSession`` whose base URL is the backend (requires the asyncio reactor);
+    ``concurrency_limit`` (0: aiohttp's default) caps its connections, so its requests."""
     import asyncio
     import inspect
 
@@ -140,7 +150,10 @@ def run_aiohttp_benchmark(function: Benchmark, spec: str, backend_url: str) -> D
     async def run() -> Any:
         # No total timeout, like the reference worker's session.
         timeout = aiohttp.ClientTimeout(total=None)
-        async with aiohttp.ClientSession(base_url=backend_url, timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(limit=concurrency_limit) if concurrency_limit else None
+        async with aiohttp.ClientSession(
+            base_url=backend_url, timeout=timeout, connector=connector
+        ) as session:
             value = function(backend_url, session)
             if isinstance(value, Deferred):
                 value = value.asFuture(asyncio.get_running_loop())
@@ -215,10 +228,22 @@ class BackendSession:
     whose body has been read; ``timeout`` (seconds) covers the whole exchange.
     """
 
-    def __init__(self, reactor: Any, base_url: str, *, fast_path: bool = False) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        base_url: str,
+        *,
+        fast_path: bool = False,
+        concurrency_limit: int = 0,
+    ) -> None:
+        """``concurrency_limit`` (0: none): requests at the backend at once, as admission will
+        allow once the worker serves (more wait their turn; their timeout starts when sent).
+        A benchmark that sent more at once would measure a throughput the worker never has."""
         from treq.client import HTTPClient
 
         self.base_url = base_url.rstrip("/")
+        self.concurrency_limit = concurrency_limit
+        self._slots = DeferredSemaphore(concurrency_limit) if concurrency_limit > 0 else None
         self._clock: IReactorTime = reactor
         self._pool = quiet_pool(reactor, fast_path=fast_path)
         self._pool.maxPersistentPerHost = 256  # a benchmark may run many requests at once
@@ -248,9 +273,7 @@ class BackendSession:
             return fail(CancelledError("the worker is stopping"))
         options = {"json": json, "data": data, "headers": headers, "params": params}
         given = {name: value for name, value in options.items() if value is not None}
-        sent = Deferred.fromCoroutine(self._exchange(method, self.url(path), given))
-        if timeout:
-            sent.addTimeout(timeout, self._clock)
+        sent = Deferred.fromCoroutine(self._send(method, self.url(path), given, timeout))
         self._in_flight.add(sent)
         sent.addBoth(self._forget, sent)
         return sent
@@ -258,6 +281,21 @@ class BackendSession:
     def _forget(self, result: Any, sent: Deferred[SessionResponse]) -> Any:
         self._in_flight.discard(sent)
         return result
+
+    async def _send(
+        self, method: str, url: str, options: dict[str, Any], timeout: float | None
+    ) -> SessionResponse:
+        """The exchange, once a slot is free (under a concurrency limit)."""
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            exchange = Deferred.fromCoroutine(self._exchange(method, url, options))
+            if timeout:
+                exchange.addTimeout(timeout, self._clock)
+            return await exchange
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
         try:

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -423,16 +423,27 @@ def build_lifecycle(
     @raise SettingsError: the benchmark cannot be loaded, or its session cannot be provided.
     """
     session = BackendSession(reactor, settings.backend_url, fast_path=fast_path)
+    # The benchmark gets no more requests at once than admission will let through.
+    limit = settings.max_concurrency if settings.allow_parallel else 1
     spec = settings.benchmark_spec
     benchmark: Callable[[], Deferred[float]] | None = None
+    sessions = [session]
     if spec:
         function = load_benchmark(spec)
+        url = settings.backend_url
         if settings.benchmark_session == "aiohttp":
             check_aiohttp(reactor)
-            benchmark = partial(run_aiohttp_benchmark, function, spec, settings.backend_url)
+            benchmark = partial(run_aiohttp_benchmark, function, spec, url, limit)
         else:
-            benchmark = partial(run_benchmark, function, spec, settings.backend_url, session)
+            measuring = BackendSession(reactor, url, fast_path=fast_path, concurrency_limit=limit)
+            sessions.append(measuring)
+            benchmark = partial(run_benchmark, function, spec, url, measuring)
     probe = HealthProbe(
         lambda: session.get(settings.healthcheck_endpoint), reactor, settings.healthcheck_timeout
     )
-    return Lifecycle(settings, state, reactor, probe, benchmark, session.close)
+
+    def close() -> Deferred[None]:
+        closed = DeferredList([each.close() for each in sessions])
+        return closed.addCallback(lambda _: None)
+
+    return Lifecycle(settings, state, reactor, probe, benchmark, close)
