@@ -7,6 +7,7 @@ workload units per second, never a made-up 1.0).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json as jsonlib  # `json` is a parameter name of the session's methods
 import math
@@ -251,6 +252,17 @@ class BackendSession:
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._closed = False
         self._in_flight: set[Deferred[SessionResponse]] = set()
+
+    def limited(self, concurrency_limit: int) -> BackendSession:
+        """A session on this one's connections (a benchmark right after the health probe
+        reuses its connection) that sends at most ``concurrency_limit`` requests at once, and
+        whose :meth:`abandon` leaves this one alone. Closing this one closes both."""
+        view = copy.copy(self)
+        view.concurrency_limit = concurrency_limit
+        view._slots = DeferredSemaphore(concurrency_limit) if concurrency_limit > 0 else None
+        view._closed = False
+        view._in_flight = set()
+        return view
 
     def url(self, path: str) -> str:
         """The backend URL of ``path`` (relative to the backend's base URL)."""

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -427,7 +427,6 @@ def build_lifecycle(
     limit = settings.max_concurrency if settings.allow_parallel else 1
     spec = settings.benchmark_spec
     benchmark: Callable[[], Deferred[float]] | None = None
-    sessions = [session]
     if spec:
         function = load_benchmark(spec)
         url = settings.backend_url
@@ -435,15 +434,8 @@ def build_lifecycle(
             check_aiohttp(reactor)
             benchmark = partial(run_aiohttp_benchmark, function, spec, url, limit)
         else:
-            measuring = BackendSession(reactor, url, fast_path=fast_path, concurrency_limit=limit)
-            sessions.append(measuring)
-            benchmark = partial(run_benchmark, function, spec, url, measuring)
+            benchmark = partial(run_benchmark, function, spec, url, session.limited(limit))
     probe = HealthProbe(
         lambda: session.get(settings.healthcheck_endpoint), reactor, settings.healthcheck_timeout
     )
-
-    def close() -> Deferred[None]:
-        closed = DeferredList([each.close() for each in sessions])
-        return closed.addCallback(lambda _: None)
-
-    return Lifecycle(settings, state, reactor, probe, benchmark, close)
+    return Lifecycle(settings, state, reactor, probe, benchmark, session.close)
