@@ -262,6 +262,41 @@ class WorkloadTests(SynchronousTestCase):
         self.assertEqual(self.new_load(worker), 12)
 
 
+class EndpointKeyTests(SynchronousTestCase):
+    KEY = "endpoint-key-0123456789"
+
+    def test_official_client_key_stays_here(self):
+        """Secured: the official client's ?api_key=<endpoint key> and the Authorization
+        header carrying the same key never reach the backend; the rest of the query does."""
+        worker = MemoryWorker(self)
+        bearer = {"authorization": f"Bearer {self.KEY}"}
+        path = f"/v1/chat?api_key={self.KEY}&stream=0"
+        answer = worker.post(path, envelope(worker.auth(), {"p": 1}), bearer)
+        self.assertEqual(answer.code, 200)
+        answer = worker.get(f"/v1/models?{query(worker.auth())}&api_key={self.KEY}", bearer)
+        self.assertEqual(answer.code, 200)
+        for seen, uri in zip(
+            worker.backend.seen, (b"/v1/chat?stream=0", b"/v1/models"), strict=True
+        ):
+            self.assertEqual(seen.uri, uri)
+            self.assertNotIn(b"authorization", seen.headers)
+            self.assertNotIn(self.KEY.encode(), seen.uri)
+
+    def test_other_authorization_passes(self):
+        """An Authorization that is not the endpoint key (the app's own backend key) passes;
+        so does everything unsecured, where no endpoint key is involved."""
+        worker = MemoryWorker(self)
+        own = {"authorization": "Bearer sk-backend"}
+        worker.post(f"/v1/x?api_key={self.KEY}", envelope(worker.auth()), own)
+        self.assertEqual(worker.backend.seen[-1].headers[b"authorization"], [b"Bearer sk-backend"])
+        worker = MemoryWorker(self, signed=False)
+        bearer = {"authorization": f"Bearer {self.KEY}"}
+        worker.post(f"/v1/x?api_key={self.KEY}", envelope(AUTH), bearer)
+        seen = worker.backend.seen[-1]
+        self.assertEqual(seen.uri, f"/v1/x?api_key={self.KEY}".encode())
+        self.assertEqual(seen.headers[b"authorization"], [bearer["authorization"].encode()])
+
+
 class UnsecuredTests(SynchronousTestCase):
     def test_envelope_unwrapped_rest_passes(self):
         """UNSECURED: an envelope is unwrapped without a signature check; any other body

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from vast_vespa.headers import forwarded_request_headers
+from vast_vespa.headers import carries_key, forwarded_request_headers, without_api_key
 from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.relay import BytesProducer
 from vast_vespa.signing import VerifiedCache, verify
@@ -99,8 +99,11 @@ class ReplayWindow:
 # unsecured, the declared cost is anyone's guess and WORKLOAD estimates the request instead.
 COST_SIGNED = frozenset({"five-field"})
 
-# The auth header is Vespa's, never the backend's.
+# The auth header is Vespa's, never the backend's; nor is the endpoint key (secured: the
+# official client sends it as ?api_key= and as Authorization: Bearer), which would land in the
+# backend's access log, and make a backend started with its own --api-key answer 401.
 AUTH_ONLY = frozenset({AUTH_HEADER})
+AUTH_AND_KEY = frozenset({AUTH_HEADER, b"authorization"})
 
 
 class SignedGate:
@@ -298,12 +301,18 @@ class SignedGate:
         return forward
 
     def _forward(self, request: Request, unwrapped: Unwrapped) -> Forward:
-        """The backend request: the client's, minus the auth; an envelope's payload as body."""
+        """The backend request: the client's, minus the auth (and, secured, the endpoint key
+        the official client adds to every request); an envelope's payload as body."""
+        target, drop = unwrapped.target, AUTH_ONLY
+        if self._keys is not None:
+            target, keys = without_api_key(target)
+            if keys and carries_key(request.requestHeaders, keys):
+                drop = AUTH_AND_KEY
         if unwrapped.body is None:
-            return passthrough(request, self._cooperator, unwrapped.target, AUTH_ONLY)
+            return passthrough(request, self._cooperator, target, drop)
         scheme = b"https" if request.isSecure() else b"http"
         headers = forwarded_request_headers(
-            request.requestHeaders, client_address(request), scheme, AUTH_ONLY
+            request.requestHeaders, client_address(request), scheme, drop, forwarded_host=True
         )
         headers.setRawHeaders(b"content-type", [JSON])
-        return Forward(unwrapped.target, headers, BytesProducer(unwrapped.body))
+        return Forward(target, headers, BytesProducer(unwrapped.body))

@@ -132,6 +132,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         observers,
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
+        vast.public_url,
     )
     site = VespaSite(
         resource, limits_from(settings), name="worker", fast_path=fast, reactor=reactor
