@@ -31,6 +31,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -332,11 +333,14 @@ class FakeInferenceAPI(Resource):
 
     - ``GET /v1/models``: one model, ``model_id``;
     - ``POST /v1/chat/completions`` (OpenAI): ``usage.completion_tokens`` = ``max_tokens // 2``;
+    - ``POST /v1/completions``, ``POST /v1/embeddings`` (OpenAI);
     - ``POST /generate`` (TGI): a ``generated_text``;
     - ``POST /generate/sync`` (ComfyUI JSON API wrapper): a completed job.
 
     ``payloads`` records every JSON body; with ``fail_status`` set, every ``fail_every``-th
-    request (all of them by default) is answered with that status instead.
+    request (all of them by default) is answered with that status instead. With ``context``
+    (tokens; a word is a token), an OpenAI request whose prompt and ``max_tokens`` exceed it
+    gets llama-cpp-python's 400; ``max_model_len`` is said in ``/v1/models`` (as vLLM does).
     """
 
     isLeaf = True
@@ -347,13 +351,35 @@ class FakeInferenceAPI(Resource):
         self.payloads: list[tuple[bytes, dict]] = []
         self.fail_status: int | None = None
         self.fail_every = 1
+        self.context: int | None = None
+        self.max_model_len: int | None = None
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         if request.path != b"/v1/models":
             request.setResponseCode(404)
             return b'{"error": "not found"}'
-        return json.dumps({"object": "list", "data": [{"id": self.model_id}]}).encode()
+        model: dict[str, Any] = {"id": self.model_id}
+        if self.max_model_len is not None:
+            model["max_model_len"] = self.max_model_len
+        return json.dumps({"object": "list", "data": [model]}).encode()
+
+    def _too_long(self, payload: dict) -> bytes | None:
+        """llama-cpp-python's answer to a request over ``context``, or None."""
+        if self.context is None:
+            return None
+        texts = [m["content"] for m in payload.get("messages", [])]
+        texts += [payload.get("prompt", ""), payload.get("input", "")]
+        prompt = sum(len(text.split()) for text in texts)
+        answer = payload.get("max_tokens", 0)
+        if prompt + answer <= self.context:
+            return None
+        message = (
+            f"This model's maximum context length is {self.context} tokens. However, you "
+            f"requested {prompt + answer} tokens ({prompt} in the messages, {answer} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+        return json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
 
     def render_POST(self, request: Request) -> bytes:
         assert request.content is not None
@@ -363,7 +389,11 @@ class FakeInferenceAPI(Resource):
         if self.fail_status is not None and len(self.payloads) % self.fail_every == 0:
             request.setResponseCode(self.fail_status)
             return b'{"error": "overloaded"}'
-        if request.path == b"/v1/chat/completions":
+        too_long = self._too_long(payload) if request.path.startswith(b"/v1/") else None
+        if too_long is not None:
+            request.setResponseCode(400)
+            return too_long
+        if request.path in (b"/v1/chat/completions", b"/v1/completions"):
             tokens = payload["max_tokens"] // 2
             answer = {
                 "object": "chat.completion",
@@ -371,6 +401,8 @@ class FakeInferenceAPI(Resource):
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": tokens},
             }
+        elif request.path == b"/v1/embeddings":
+            answer = {"object": "list", "data": [{"object": "embedding", "embedding": [0.5]}]}
         elif request.path == b"/generate":
             answer = {"generated_text": "ok"}
         elif request.path == b"/generate/sync":

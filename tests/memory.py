@@ -58,6 +58,7 @@ from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import Forward, Observer, RequestGate, WorkerResource
 from vast_vespa.worker.service import WorkerService
 from vast_vespa.worker.state import WorkerState
+from vast_vespa.workload import Workload
 
 BACKEND_URL = "http://127.0.0.1:8000"
 AUTOSCALER_URL = "http://127.0.0.1:9000"
@@ -269,6 +270,7 @@ class MemoryWorker:
         blocked_paths: tuple[str, ...] = (),
         verify_url: bool = False,
         replay_window: int = 0,
+        workload: str = "cost",
         request_timeout: float = 0.0,
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
@@ -317,6 +319,7 @@ class MemoryWorker:
             blocked_paths=blocked_paths,
             public_url=PUBLIC_URL if verify_url else None,
             replay_window=replay_window,
+            workload_estimator=Workload(workload),
         )
         self.recorder = Recorder()
         self.resource = WorkerResource(

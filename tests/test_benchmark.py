@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -9,6 +10,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -23,7 +25,10 @@ from vast_vespa.benchmark import (
     run_benchmark,
 )
 from vast_vespa.options import SettingsError
+from vast_vespa.settings import Settings
 from vast_vespa.worker import tap
+from vast_vespa.worker.lifecycle import build_lifecycle
+from vast_vespa.worker.state import WorkerState
 
 NOT_CALLABLE = 3
 
@@ -120,6 +125,30 @@ class ResultTests(SynchronousTestCase):
         failure.trap(BenchmarkError)
 
 
+SESSIONS: list[Any] = []
+
+
+def record_session(url: str, session: Any) -> float:
+    SESSIONS.append(session)
+    return 1.0
+
+
+class BenchmarkConcurrencyTests(SynchronousTestCase):
+    def test_session_limited_as_admission(self) -> None:
+        """The benchmark's session sends no more at once than admission will: 1 with
+        ALLOW_PARALLEL=false, MAX_CONCURRENCY otherwise (0: no limit)."""
+        spec = "tests.test_benchmark:record_session"
+        cases = [({"allow_parallel": False, "max_concurrency": 4}, 1), ({"max_concurrency": 3}, 3)]
+        cases.append(({}, 0))
+        for changes, limit in cases:
+            settings = dataclasses.replace(Settings(), benchmark=spec, **changes)
+            lifecycle = build_lifecycle(settings, MemoryReactorClock(), WorkerState(), False)
+            assert lifecycle._benchmark is not None
+            self.successResultOf(lifecycle._benchmark())
+            self.assertEqual(SESSIONS[-1].concurrency_limit, limit)
+            lifecycle._close()
+
+
 class SessionTests(TestCase):
     def setUp(self) -> None:
         self.backend = FakeBackend(reactor)
@@ -183,6 +212,21 @@ class SessionTests(TestCase):
         self.assertEqual(attempts, ["CancelledError", "CancelledError"])
         self.assertEqual(len(self.backend.cancelled), 1)
         self.assertTrue(running.called)
+
+    async def test_concurrency_limit(self) -> None:
+        """With a concurrency limit (what admission allows), requests beyond it wait their
+        turn; a waiting request's timeout starts when it is sent."""
+        session = BackendSession(reactor, self.url, concurrency_limit=1)
+        self.addCleanup(session.close)
+        first = session.get("/slow?delay=0.3")
+        second = session.get("/slow?delay=0.01", timeout=0.2)
+        await self.backend.arrived()
+        # Proving that something did not happen takes a while: the second is still waiting.
+        await deferLater(reactor, 0.05)
+        self.assertEqual(len(self.backend.seen), 1)
+        self.assertEqual((await first).code, 200)
+        self.assertEqual((await second).code, 200)
+        self.assertEqual(len(self.backend.seen), 2)
 
     def test_only_relative_paths(self) -> None:
         """An absolute URL is refused: the session only talks to the backend."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.logger import capturedLogs, formatEvent
@@ -14,6 +16,7 @@ from tests.helpers import listen
 from vast_vespa.benchmark import BackendSession, BenchmarkError
 from vast_vespa.benchmarks import comfyui, openai, tgi
 from vast_vespa.benchmarks.rounds import count, measure, prompt
+from vast_vespa.workload import comfyui_workload, openai_workload, tgi_workload
 
 
 class ShippedBenchmarkTests(TestCase):
@@ -30,14 +33,26 @@ class ShippedBenchmarkTests(TestCase):
     def paths(self) -> list[bytes]:
         return [path for path, _ in self.api.payloads]
 
+    def counted(self, module: Any) -> list[tuple[int, int, float]]:
+        """Replace ``module``'s measure: record (rounds, concurrency, workload of one
+        request) instead of measuring."""
+        calls: list[tuple[int, int, float]] = []
+
+        async def measure(name: str, send: Any, rounds: int, concurrency: int) -> float:
+            calls.append((rounds, concurrency, await send(0)))
+            return 1.0
+
+        self.patch(module, "measure", measure)
+        return calls
+
     async def test_openai(self) -> None:
-        """Warm-up, then rounds of concurrent chat completions with the server's model;
-        the result is completion tokens per second."""
+        """Warm-up (full size: a request the server cannot hold shows at once), then rounds
+        of concurrent chat completions with the server's model."""
         result = await openai.benchmark(self.url, self.session)
         self.assertGreater(result, 0)
         self.assertEqual(self.paths(), [b"/v1/chat/completions"] * 7)
         warm_up, first = self.api.payloads[0][1], self.api.payloads[1][1]
-        self.assertEqual(warm_up["max_tokens"], 100)
+        self.assertEqual(warm_up["max_tokens"], 500)
         self.assertEqual(first["max_tokens"], 500)
         self.assertEqual(first["model"], "org/model-7b")
         self.assertEqual(len(first["messages"][1]["content"].split()), 250)
@@ -49,6 +64,97 @@ class ShippedBenchmarkTests(TestCase):
         payload = self.api.payloads[-1][1]
         self.assertEqual(payload["model"], "mine")
         self.assertEqual(payload["max_tokens"], 40)
+
+    async def test_workload_is_the_estimators(self) -> None:
+        """Each shipped benchmark counts a request with the estimator WORKLOAD uses for its
+        backend, on the payload it sent: max_perf and admission share one unit."""
+        for module, estimate in (
+            (openai, openai_workload),
+            (tgi, tgi_workload),
+            (comfyui, comfyui_workload),
+        ):
+            calls = self.counted(module)
+            await module.benchmark(self.url, self.session)
+            sent = self.api.payloads[-1][1]
+            self.assertEqual(calls[-1][2], estimate(sent))
+        self.assertGreater(openai_workload(self.api.payloads[0][1]), 500)
+
+    async def test_openai_routes(self) -> None:
+        """BENCHMARK_ROUTE picks completions or embeddings instead of chat."""
+        self.environ(BENCHMARK_ROUTE="completions", BENCHMARK_PROMPT_WORDS="20")
+        calls = self.counted(openai)
+        await openai.benchmark(self.url, self.session)
+        path, sent = self.api.payloads[-1]
+        self.assertEqual(path, b"/v1/completions")
+        self.assertEqual(len(sent["prompt"].split()), 20)
+        self.assertEqual(calls[-1][2], openai_workload(sent))
+        self.environ(BENCHMARK_ROUTE="Embeddings")
+        await openai.benchmark(self.url, self.session)
+        path, sent = self.api.payloads[-1]
+        self.assertEqual(path, b"/v1/embeddings")
+        self.assertNotIn("max_tokens", sent)
+        self.environ(BENCHMARK_ROUTE="images")
+        with self.assertRaises(BenchmarkError) as caught:
+            await openai.benchmark(self.url, self.session)
+        self.assertIn("BENCHMARK_ROUTE='images'", str(caught.exception))
+
+    async def test_concurrency_capped_by_admission(self) -> None:
+        """A session limited to what admission lets through (ALLOW_PARALLEL=false: 1) caps
+        BENCHMARK_CONCURRENCY, and the log says why."""
+        session = BackendSession(reactor, self.url, concurrency_limit=1)
+        self.addCleanup(session.close)
+        self.environ(BENCHMARK_CONCURRENCY="10")
+        for module in (openai, tgi, comfyui):
+            calls = self.counted(module)
+            with capturedLogs() as events:
+                await module.benchmark(self.url, session)
+            self.assertEqual(calls[-1][1], 1)
+            self.assertTrue(any("not BENCHMARK_CONCURRENCY=10" in formatEvent(e) for e in events))
+        calls = self.counted(openai)
+        await openai.benchmark(self.url, self.session)  # no limit
+        self.assertEqual(calls[-1][1], 10)
+
+    async def test_context_from_models(self) -> None:
+        """vLLM says max_model_len in /v1/models: the request is made to fit, and said so."""
+        self.api.max_model_len = 512
+        with capturedLogs() as events:
+            await openai.benchmark(self.url, self.session)
+        sent = self.api.payloads[-1][1]
+        words = len(sent["messages"][1]["content"].split())
+        self.assertLessEqual(words * 2 + sent["max_tokens"], 512)
+        self.assertTrue(any("context is 512 tokens" in formatEvent(e) for e in events))
+
+    async def test_context_from_the_refusal(self) -> None:
+        """A server that says its context only in its 400 (llama-cpp-python): the benchmark
+        fits the request to it and measures."""
+        self.api.context = 512
+        result = await openai.benchmark(self.url, self.session)
+        self.assertGreater(result, 0)
+        refused, *served = self.api.payloads
+        self.assertEqual(refused[1]["max_tokens"], 500)
+        sent = served[-1][1]
+        prompt = sum(len(m["content"].split()) for m in sent["messages"])
+        self.assertLessEqual(prompt + sent["max_tokens"], 512)
+        self.assertEqual(len(served), 7)
+
+    async def test_context_too_small_names_the_knobs(self) -> None:
+        """A 400 about the context without a number: the error names the knobs."""
+        self.api.context = 40
+        self.patch(openai, "_CONTEXT", re.compile(rb"never matches"))
+        with self.assertRaises(BenchmarkError) as caught:
+            await openai.benchmark(self.url, self.session)
+        message = str(caught.exception)
+        self.assertIn("maximum context length is 40 tokens", message)
+        self.assertIn("BENCHMARK_PROMPT_WORDS (now 250)", message)
+        self.assertIn("BENCHMARK_MAX_TOKENS (now 500)", message)
+
+    def test_fit(self) -> None:
+        """fit() keeps what fits, shrinks what does not, and gives up when nothing can."""
+        sizes = openai.Sizes(250, 500)
+        self.assertEqual(openai.fit(sizes, 4096), sizes)
+        self.assertEqual(openai.fit(sizes, 512), openai.Sizes(103, 206))
+        self.assertEqual(openai.fit(sizes, 512, prompt_tokens=250), openai.Sizes(206, 206))
+        self.assertIsNone(openai.fit(sizes, 50))
 
     async def test_openai_all_failed_is_an_error(self) -> None:
         """A server refusing every request makes the benchmark fail with the server's answer,

@@ -145,7 +145,8 @@ class FormsTests(ClientTestCase):
         self.assertNotIn(b"authorization", seen.headers)
         auth = self.fake_workers[0].verified[0].auth_data
         self.assertEqual(auth["__request_id"], "req-1")  # route reply passed verbatim
-        self.assertEqual(self.autoscaler.calls[0], {"endpoint": "my-endpoint", "cost": 1.0})
+        # No X-Serverless-Cost and no max_tokens: the openai estimate's default, 100.
+        self.assertEqual(self.autoscaler.calls[0], {"endpoint": "my-endpoint", "cost": 100.0})
 
     async def test_forward_authorization_when_asked(self):
         """With --forward-authorization the app's Authorization header reaches the worker."""
@@ -182,7 +183,7 @@ class FormsTests(ClientTestCase):
         url = self.start_client()
         response, _ = await self.call("DELETE", url + "/items/3")
         self.assertEqual(response.code, 200)
-        self.assertEqual(self.fake_workers[0].verified[0].auth_data["cost"], 1)
+        self.assertEqual(self.fake_workers[0].verified[0].auth_data["cost"], 100)
 
     async def test_binary_upload_byte_for_byte(self):
         """A binary upload (not JSON) goes with the X-Serverless-Auth header form, byte for

@@ -52,3 +52,19 @@ class OpenAISDKTests(ClientTestCase):
             return [c.choices[0].delta.content for c in chunks if c.choices]
 
         self.assertEqual(await deferToThread(stream), ["Hello", " there"])
+
+    async def test_route_cost_from_payload(self):
+        """Without X-Serverless-Cost, the /route/ cost is the request's workload as the worker
+        counts it (WORKLOAD=openai): max_tokens plus the prompt's tokens."""
+        sdk = self.sdk()
+
+        def complete(max_tokens: int) -> None:
+            sdk.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "Say hello to me"}],  # 15 chars: 4 tokens
+                max_tokens=max_tokens,
+            )
+
+        await deferToThread(complete, 500)
+        await deferToThread(complete, 20)
+        self.assertEqual([call["cost"] for call in self.autoscaler.calls], [504.0, 24.0])

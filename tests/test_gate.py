@@ -223,6 +223,80 @@ class SignedRequestTests(SynchronousTestCase):
         )
 
 
+class WorkloadTests(SynchronousTestCase):
+    def new_load(self, worker: MemoryWorker) -> float:
+        worker.report()
+        return sum(status["new_load"] for status in worker.autoscaler.statuses)
+
+    def test_estimated_where_cost_is_not_signed(self):
+        """WORKLOAD=openai: a url-only signature does not cover cost, so the payload decides
+        the workload (max_tokens 50 + an 8-character prompt: 52), whatever cost says; a
+        five-field signature covers it, and the signed cost counts."""
+        payload = {"prompt": "12345678", "max_tokens": 50}
+        worker = MemoryWorker(self, workload="openai")
+        answer = worker.post("/v1/completions", envelope(worker.auth("url", cost=1e6), payload))
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(self.new_load(worker), 52)
+        worker = MemoryWorker(self, workload="openai")
+        worker.post("/v1/completions", envelope(worker.auth("five-field", cost=7.0), payload))
+        self.assertEqual(self.new_load(worker), 7)
+
+    def test_header_form_and_unsecured(self):
+        """The header form's JSON body is estimated too, and so is an unsecured request that
+        carries auth (its cost is no one's word); a non-JSON body counts the default."""
+        worker = MemoryWorker(self, workload="tgi")
+        auth = json.dumps(worker.auth("url", cost=1.0))
+        body = b'{"inputs": "1234", "parameters": {"max_new_tokens": 9}}'
+        answer = worker.call("POST", "/generate", body, {"x-serverless-auth": auth})
+        self.assertEqual(answer.code, 200)
+        worker.call("POST", "/upload", b"\x89PNG...", {"x-serverless-auth": auth})
+        self.assertEqual(self.new_load(worker), 10 + 100)
+        worker = MemoryWorker(self, signed=False, workload="openai")
+        worker.post("/v1/completions", envelope(AUTH, {"max_tokens": 3}))
+        self.assertEqual(self.new_load(worker), 3)
+
+    def test_cost_mode_keeps_the_declared_cost(self):
+        """WORKLOAD=cost (the default without BACKEND): the declared cost, as before."""
+        worker = MemoryWorker(self)
+        worker.post("/v1/completions", envelope(worker.auth("url", cost=12.0), {"max_tokens": 3}))
+        self.assertEqual(self.new_load(worker), 12)
+
+
+class EndpointKeyTests(SynchronousTestCase):
+    KEY = "endpoint-key-0123456789"
+
+    def test_official_client_key_stays_here(self):
+        """Secured: the official client's ?api_key=<endpoint key> and the Authorization
+        header carrying the same key never reach the backend; the rest of the query does."""
+        worker = MemoryWorker(self)
+        bearer = {"authorization": f"Bearer {self.KEY}"}
+        path = f"/v1/chat?api_key={self.KEY}&stream=0"
+        answer = worker.post(path, envelope(worker.auth(), {"p": 1}), bearer)
+        self.assertEqual(answer.code, 200)
+        answer = worker.get(f"/v1/models?{query(worker.auth())}&api_key={self.KEY}", bearer)
+        self.assertEqual(answer.code, 200)
+        for seen, uri in zip(
+            worker.backend.seen, (b"/v1/chat?stream=0", b"/v1/models"), strict=True
+        ):
+            self.assertEqual(seen.uri, uri)
+            self.assertNotIn(b"authorization", seen.headers)
+            self.assertNotIn(self.KEY.encode(), seen.uri)
+
+    def test_other_authorization_passes(self):
+        """An Authorization that is not the endpoint key (the app's own backend key) passes;
+        so does everything unsecured, where no endpoint key is involved."""
+        worker = MemoryWorker(self)
+        own = {"authorization": "Bearer sk-backend"}
+        worker.post(f"/v1/x?api_key={self.KEY}", envelope(worker.auth()), own)
+        self.assertEqual(worker.backend.seen[-1].headers[b"authorization"], [b"Bearer sk-backend"])
+        worker = MemoryWorker(self, signed=False)
+        bearer = {"authorization": f"Bearer {self.KEY}"}
+        worker.post(f"/v1/x?api_key={self.KEY}", envelope(AUTH), bearer)
+        seen = worker.backend.seen[-1]
+        self.assertEqual(seen.uri, f"/v1/x?api_key={self.KEY}".encode())
+        self.assertEqual(seen.headers[b"authorization"], [bearer["authorization"].encode()])
+
+
 class UnsecuredTests(SynchronousTestCase):
     def test_envelope_unwrapped_rest_passes(self):
         """UNSECURED: an envelope is unwrapped without a signature check; any other body

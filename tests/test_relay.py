@@ -17,6 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from tests.fakes import FakeBackend
@@ -32,6 +34,7 @@ from tests.helpers import (
     start_worker,
 )
 from tests.memory import MemoryWorker
+from tests.test_gate import query
 from vast_vespa.net.client import Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.net.resolve import NamedEndpoint
@@ -398,3 +401,59 @@ class BackendEndpointTests(TestCase):
         self.assertEqual(len(endpoints._made), limit)
         self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:1/")), first)
         self.assertEqual(len(asked), 2)  # the first was dropped and made again
+
+
+class Redirecting(Resource):
+    """A backend that builds absolute URLs from its own address (as uvicorn's redirect_slashes
+    and many frameworks do), and says which X-Forwarded-Host/Port it got."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = ""
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(307)
+        request.setHeader(b"location", (self.base + "/docs/?page=2").encode())
+        request.setHeader(b"content-location", (self.base + "/docs/index.json").encode())
+        request.setHeader(b"link", (self.base + "/unchanged").encode())
+        forwarded = [request.getHeader(b"x-forwarded-host"), request.getHeader(b"x-forwarded-port")]
+        return b" ".join(value or b"-" for value in forwarded)
+
+
+class LocationRewriteTests(TestCase):
+    def setUp(self) -> None:
+        self.backend = Redirecting()
+        self.backend.base = listen(self, self.backend)
+        self.http = http_client(self)
+
+    async def test_rewritten_to_the_url_the_client_used(self) -> None:
+        """Without a public URL, Location and Content-Location that point at the backend
+        point at the Host the client asked for; the backend is told it in X-Forwarded-*."""
+        url, _ = start_worker(self, self.backend.base)
+        port = url.rsplit(":", 1)[1]
+        response = await self.http.get(url + "/docs", allow_redirects=False)
+        self.assertEqual(response.code, 307)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"location"), [f"{url}/docs/?page=2".encode()]
+        )
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-location"),
+            [f"{url}/docs/index.json".encode()],
+        )
+        self.assertEqual(
+            response.headers.getRawHeaders(b"link"), [f"{self.backend.base}/unchanged".encode()]
+        )
+        self.assertEqual(await response.content(), f"127.0.0.1:{port} {port}".encode())
+
+    async def test_rewritten_to_the_public_url(self) -> None:
+        """A worker that knows its public URL (PUBLIC_IPADDR, VAST_TCP_PORT_<port>) puts it."""
+        worker = await start_signed_worker(self, self.backend.base)
+        response = await self.http.get(
+            worker.url + "/docs?" + query(worker.auth()), allow_redirects=False
+        )
+        self.assertEqual(
+            response.headers.getRawHeaders(b"location"),
+            [worker.public_url.encode() + b"/docs/?page=2"],
+        )

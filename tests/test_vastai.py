@@ -12,6 +12,8 @@ import sys
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from tests.emulator_fixtures import ACCOUNT_KEY, start_emulator
 from tests.fakes import Watched
@@ -38,6 +40,22 @@ def signed_worker(test: TestCase, shape: str, backend_url: str, emulator_url: st
     return settings.vast.public_url
 
 
+class KeyWatch(Resource):
+    """``inner``, recording the target and Authorization of each non-probe request."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[tuple[bytes, bytes | None]] = []
+
+    def render(self, request: Request) -> bytes | int:
+        if request.path != b"/health":
+            self.seen.append((request.uri, request.getHeader(b"authorization")))
+        return self.inner.render(request)
+
+
 class VastaiClientTests(TestCase):
     timeout = 60
     if importlib.util.find_spec("vastai") is None:
@@ -46,7 +64,8 @@ class VastaiClientTests(TestCase):
     async def sdk_request(self, shape: str) -> None:
         emulator_url, emulator = start_emulator(self, shape)
         watched = emulator.site.resource = Watched(emulator.site.resource, reactor)
-        backend_url = listen(self, SampleBackend(reactor, tokens_per_second=2000))
+        backend = KeyWatch(SampleBackend(reactor, tokens_per_second=2000))
+        backend_url = listen(self, backend)
         watcher = spawn(
             self,
             [
@@ -69,6 +88,9 @@ class VastaiClientTests(TestCase):
         # The worker verified the signature (it accepts nothing else) and told the emulator
         # the request succeeded, through its own /delete_requests/.
         await watched.when(lambda: registry.status()["requests"][0]["state"] == "success")
+        # The SDK sent the endpoint key as ?api_key= and as a Bearer: neither reached the
+        # backend.
+        self.assertEqual(backend.seen, [(b"/v1/chat/completions", None)])
 
     async def test_sdk_url_shape(self) -> None:
         """The SDK finds the endpoint with the account key, waits while no worker is ready,

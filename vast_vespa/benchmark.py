@@ -7,6 +7,7 @@ workload units per second, never a made-up 1.0).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json as jsonlib  # `json` is a parameter name of the session's methods
 import math
@@ -14,7 +15,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -129,9 +137,12 @@ def check_aiohttp(reactor: Any) -> None:
         )
 
 
-def run_aiohttp_benchmark(function: Benchmark, spec: str, backend_url: str) -> Deferred[float]:
+def run_aiohttp_benchmark(
+    function: Benchmark, spec: str, backend_url: str, concurrency_limit: int = 0
+) -> Deferred[float]:
     """Run an existing PyWorker benchmark unchanged: as an asyncio task, with a real
-    ``aiohttp.ClientSession`` whose base URL is the backend (requires the asyncio reactor)."""
+    ``aiohttp.ClientSession`` whose base URL is the backend (requires the asyncio reactor);
+    ``concurrency_limit`` (0: aiohttp's default) caps its connections, so its requests."""
     import asyncio
     import inspect
 
@@ -140,7 +151,10 @@ def run_aiohttp_benchmark(function: Benchmark, spec: str, backend_url: str) -> D
     async def run() -> Any:
         # No total timeout, like the reference worker's session.
         timeout = aiohttp.ClientTimeout(total=None)
-        async with aiohttp.ClientSession(base_url=backend_url, timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(limit=concurrency_limit) if concurrency_limit else None
+        async with aiohttp.ClientSession(
+            base_url=backend_url, timeout=timeout, connector=connector
+        ) as session:
             value = function(backend_url, session)
             if isinstance(value, Deferred):
                 value = value.asFuture(asyncio.get_running_loop())
@@ -215,10 +229,22 @@ class BackendSession:
     whose body has been read; ``timeout`` (seconds) covers the whole exchange.
     """
 
-    def __init__(self, reactor: Any, base_url: str, *, fast_path: bool = False) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        base_url: str,
+        *,
+        fast_path: bool = False,
+        concurrency_limit: int = 0,
+    ) -> None:
+        """``concurrency_limit`` (0: none): requests at the backend at once, as admission will
+        allow once the worker serves (more wait their turn; their timeout starts when sent).
+        A benchmark that sent more at once would measure a throughput the worker never has."""
         from treq.client import HTTPClient
 
         self.base_url = base_url.rstrip("/")
+        self.concurrency_limit = concurrency_limit
+        self._slots = DeferredSemaphore(concurrency_limit) if concurrency_limit > 0 else None
         self._clock: IReactorTime = reactor
         self._pool = quiet_pool(reactor, fast_path=fast_path)
         self._pool.maxPersistentPerHost = 256  # a benchmark may run many requests at once
@@ -226,6 +252,17 @@ class BackendSession:
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._closed = False
         self._in_flight: set[Deferred[SessionResponse]] = set()
+
+    def limited(self, concurrency_limit: int) -> BackendSession:
+        """A session on this one's connections (a benchmark right after the health probe
+        reuses its connection) that sends at most ``concurrency_limit`` requests at once, and
+        whose :meth:`abandon` leaves this one alone. Closing this one closes both."""
+        view = copy.copy(self)
+        view.concurrency_limit = concurrency_limit
+        view._slots = DeferredSemaphore(concurrency_limit) if concurrency_limit > 0 else None
+        view._closed = False
+        view._in_flight = set()
+        return view
 
     def url(self, path: str) -> str:
         """The backend URL of ``path`` (relative to the backend's base URL)."""
@@ -248,9 +285,7 @@ class BackendSession:
             return fail(CancelledError("the worker is stopping"))
         options = {"json": json, "data": data, "headers": headers, "params": params}
         given = {name: value for name, value in options.items() if value is not None}
-        sent = Deferred.fromCoroutine(self._exchange(method, self.url(path), given))
-        if timeout:
-            sent.addTimeout(timeout, self._clock)
+        sent = Deferred.fromCoroutine(self._send(method, self.url(path), given, timeout))
         self._in_flight.add(sent)
         sent.addBoth(self._forget, sent)
         return sent
@@ -258,6 +293,21 @@ class BackendSession:
     def _forget(self, result: Any, sent: Deferred[SessionResponse]) -> Any:
         self._in_flight.discard(sent)
         return result
+
+    async def _send(
+        self, method: str, url: str, options: dict[str, Any], timeout: float | None
+    ) -> SessionResponse:
+        """The exchange, once a slot is free (under a concurrency limit)."""
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            exchange = Deferred.fromCoroutine(self._exchange(method, url, options))
+            if timeout:
+                exchange.addTimeout(timeout, self._clock)
+            return await exchange
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
         try:

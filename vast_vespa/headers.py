@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.web.http_headers import Headers
 
@@ -56,11 +57,18 @@ def _union(first: frozenset[bytes], second: frozenset[bytes]) -> frozenset[bytes
 
 
 def forwarded_request_headers(
-    headers: Headers, client_ip: str | None, scheme: bytes, drop: frozenset[bytes] = frozenset()
+    headers: Headers,
+    client_ip: str | None,
+    scheme: bytes,
+    drop: frozenset[bytes] = frozenset(),
+    forwarded_host: bool = False,
 ) -> Headers:
     """
     Headers for the backend request: the client's end-to-end headers (minus ``drop``), plus
-    ``X-Forwarded-For`` (appended to any the client sent) and ``X-Forwarded-Proto``.
+    ``X-Forwarded-For`` (appended to any the client sent) and ``X-Forwarded-Proto``; with
+    ``forwarded_host``, ``X-Forwarded-Host`` and ``X-Forwarded-Port`` (the Host the client
+    asked for, replacing any it sent: this proxy is the edge), so that a backend that builds
+    absolute URLs can build ones the client reaches.
     """
     out = Headers()
     for name, values in end_to_end(headers, _union(REQUEST_ONLY_DROPPED, drop)):
@@ -71,4 +79,94 @@ def forwarded_request_headers(
         chain = b", ".join([*previous, client]) if previous else client
         out.setRawHeaders(b"x-forwarded-for", [chain])
     out.setRawHeaders(b"x-forwarded-proto", [scheme])
+    if forwarded_host:
+        host = headers.getRawHeaders(b"host")
+        if host:
+            out.setRawHeaders(b"x-forwarded-host", [host[0]])
+            out.setRawHeaders(b"x-forwarded-port", [host_port(host[0], scheme)])
+        else:
+            out.removeHeader(b"x-forwarded-host")
+            out.removeHeader(b"x-forwarded-port")
     return out
+
+
+DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
+
+
+def host_port(host: bytes, scheme: bytes) -> bytes:
+    """The port a Host header names (``[::1]:3000`` too), else the scheme's default."""
+    name, colon, port = host.rpartition(b":")
+    if colon and port.isdigit() and (not name.startswith(b"[") or name.endswith(b"]")):
+        return port
+    return DEFAULT_PORTS.get(scheme, b"80")
+
+
+API_KEY_PARAMETER = b"api_key"
+
+
+def without_api_key(target: bytes) -> tuple[bytes, frozenset[bytes]]:
+    """``target`` without its ``api_key`` query parameters (the official client appends the
+    endpoint key to every worker URL), and their decoded values."""
+    path, question, query = target.partition(b"?")
+    if not question or API_KEY_PARAMETER not in query:
+        return target, frozenset()
+    kept: list[bytes] = []
+    keys: set[bytes] = set()
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == API_KEY_PARAMETER:
+            keys.add(unquote_to_bytes(value.replace(b"+", b" ")))
+        else:
+            kept.append(part)
+    if not keys:
+        return target, frozenset()
+    return path + (b"?" + b"&".join(kept) if kept else b""), frozenset(keys)
+
+
+def carries_key(headers: Headers, keys: frozenset[bytes]) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <one of keys>``."""
+    for value in headers.getRawHeaders(b"authorization") or ():
+        scheme, _, credentials = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and credentials.strip() in keys:
+            return True
+    return False
+
+
+class LocationRewriter:
+    """
+    ``Location`` and ``Content-Location`` values that point at the backend (an absolute URL
+    under BACKEND_URL: unreachable for the client) rewritten to the same path under the URL the
+    client used, as nginx's default ``proxy_redirect`` does. Scheme and host compare without
+    case, the default port written or not.
+    """
+
+    NAMES = frozenset({b"location", b"content-location"})
+
+    def __init__(self, backend_url: str) -> None:
+        parts = urlsplit(backend_url)
+        scheme = parts.scheme.lower().encode("ascii")
+        host = (parts.hostname or "").lower().encode("idna")
+        if b":" in host:
+            host = b"[" + host + b"]"
+        port = parts.port
+        default = int(DEFAULT_PORTS.get(scheme, b"80"))
+        authorities = {host + b":%d" % (port or default)}
+        if port in (None, default):
+            authorities.add(host)
+        self._origins = tuple(scheme + b"://" + authority for authority in authorities)
+        self._path = parts.path.rstrip("/").encode("ascii")
+
+    def rewrite(self, value: bytes, public: bytes) -> bytes:
+        """``value`` with the backend's origin and base path replaced by ``public``."""
+        lowered = value[:300].lower()
+        for origin in self._origins:
+            if not lowered.startswith(origin):
+                continue
+            rest = value[len(origin) :]
+            if rest[:1] not in (b"", b"/", b"?", b"#") or not rest.startswith(self._path):
+                continue
+            rest = rest[len(self._path) :]
+            if rest[:1] not in (b"", b"/", b"?", b"#"):
+                continue
+            return public.rstrip(b"/") + (rest if rest[:1] == b"/" else b"/" + rest)
+        return value

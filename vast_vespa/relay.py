@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from vast_vespa.headers import RESPONSE_ONLY_DROPPED, end_to_end
+from vast_vespa.headers import RESPONSE_ONLY_DROPPED, LocationRewriter, end_to_end
 from vast_vespa.net.client import BytesProducer
 from vast_vespa.outcome import (
     Outcome,
@@ -171,12 +171,15 @@ class ProxiedRequest:
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
         retry_if: Callable[[int | None], bool] | None = None,
+        locations: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """
         ``retry_if(status)`` (status None: no response at all) may claim an answer before any
         byte of it reaches the client: the result then has ``retry`` set and the caller may
-        send the request elsewhere (the client proxy re-routes on 429/503).
+        send the request elsewhere (the client proxy re-routes on 429/503). ``locations``
+        rewrites each ``Location`` and ``Content-Location`` value of the response.
         """
+        self._locations = locations
         self._agent = agent
         self._clock = clock
         self._request = request
@@ -278,7 +281,10 @@ class ProxiedRequest:
         # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
         copied = request.responseHeaders
+        locations = self._locations
         for name, values in end_to_end(response.headers, dropped):
+            if locations is not None and name.lower() in LocationRewriter.NAMES:
+                values = [locations(value) for value in values]
             if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
                 copied.setRawHeaders(name, values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):

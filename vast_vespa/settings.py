@@ -43,6 +43,7 @@ from vast_vespa.options import (
     parse_words,
     read_options,
 )
+from vast_vespa.workload import parse_workload_spec, workload_spec
 
 ENV_PREFIX = "PYWORKER_"
 
@@ -289,6 +290,15 @@ class Settings:
         "",
         "Workload used when a request's cost is <= 1.",
     )
+    workload: str = worker_option(
+        "WORKLOAD",
+        "workload",
+        parse_workload_spec,
+        "",
+        "How a request's workload is counted where its cost is not signed: openai, tgi, "
+        "comfyui (estimated from the payload), cost (the declared cost) or "
+        "module.path:function (payload -> number); default from BACKEND, else cost.",
+    )
     max_wait_time: float = worker_option(
         "MAX_WAIT_TIME",
         "max-wait-time",
@@ -465,6 +475,11 @@ class Settings:
     )
     vast: VastEnvironment = field(default_factory=VastEnvironment)
     systemd: SystemdEnvironment = field(default_factory=SystemdEnvironment)
+
+    @property
+    def workload_spec(self) -> str:
+        """The workload estimator: WORKLOAD, else the one BACKEND implies, else cost."""
+        return workload_spec(self.workload, self.backend)
 
     @property
     def benchmark_spec(self) -> str:

@@ -4,7 +4,8 @@ ComfyUI behind its JSON API wrapper: ``BENCHMARK=vast_vespa.benchmarks.comfyui:b
 
 ``POST /generate/sync`` with the workflow in ``COMFYUI_BENCHMARK_FILE`` (a JSON workflow), or
 else a default text-to-image request (``BENCHMARK_TEST_WIDTH``/``_HEIGHT``/``_STEPS``). Each job
-is 100 workload units ("100 % of a standard job"); jobs run one at a time by default.
+counts the workload ``WORKLOAD=comfyui`` gives it (100, "100 % of a standard job"); jobs run one
+at a time by default.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import random
 from typing import Any
 
 from vast_vespa.benchmark import BenchmarkError
-from vast_vespa.benchmarks.rounds import count, failure_text, measure, setting
+from vast_vespa.benchmarks.rounds import concurrency, count, failure_text, measure, setting
+from vast_vespa.workload import comfyui_workload
 
 PROMPTS = (
     "a lighthouse on a cliff at sunset, oil painting",
@@ -28,7 +30,6 @@ PROMPTS = (
     "a steampunk airship above the clouds",
     "a close-up of a hummingbird drinking nectar",
 )
-JOB_WORKLOAD = 100.0
 REQUEST_TIMEOUT = 600.0
 
 
@@ -46,7 +47,7 @@ def workflow() -> Any:
 
 async def benchmark(backend_url: str, session: Any) -> float:
     rounds = count("BENCHMARK_ROUNDS", 3)
-    concurrency = count("BENCHMARK_CONCURRENCY", 1)
+    at_once = concurrency(session, 1)
     width = count("BENCHMARK_TEST_WIDTH", 512)
     height = count("BENCHMARK_TEST_HEIGHT", 512)
     steps = count("BENCHMARK_TEST_STEPS", 20)
@@ -65,15 +66,14 @@ async def benchmark(backend_url: str, session: Any) -> float:
                 "steps": steps,
                 "seed": random.randrange(2**32),
             }
-        response = await session.post(
-            "/generate/sync", json={"input": job}, timeout=REQUEST_TIMEOUT
-        )
+        body = {"input": job}
+        response = await session.post("/generate/sync", json=body, timeout=REQUEST_TIMEOUT)
         body = await response.content()
         if response.status != 200:
             raise RuntimeError(failure_text(response.status, body))
         answer = json.loads(body)
         if isinstance(answer, dict) and answer.get("status") in ("failed", "error"):
             raise RuntimeError(f"job failed: {body[:200].decode('utf-8', 'replace')}")
-        return JOB_WORKLOAD
+        return comfyui_workload(body)
 
-    return await measure("comfyui benchmark", send, rounds, concurrency)
+    return await measure("comfyui benchmark", send, rounds, at_once)

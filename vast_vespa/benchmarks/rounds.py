@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib.resources import files
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -52,6 +53,32 @@ def prompt(size: int, rng: random.Random | None = None) -> str:
     return " ".join((rng or random).choices(_words(), k=size))
 
 
+def session_limit(session: Any) -> int:
+    """How many requests ``session`` sends at once (0: no limit): the built-in session's
+    ``concurrency_limit``, an aiohttp session's connector limit."""
+    limit = getattr(session, "concurrency_limit", None)
+    if limit is None:
+        limit = getattr(getattr(session, "connector", None), "limit", 0)
+    return limit if isinstance(limit, int) and limit > 0 else 0
+
+
+def concurrency(session: Any, default: int) -> int:
+    """BENCHMARK_CONCURRENCY, capped by what the worker's admission lets through at once
+    (ALLOW_PARALLEL=false: 1; MAX_CONCURRENCY): more would measure a throughput the worker
+    never delivers."""
+    wanted = count("BENCHMARK_CONCURRENCY", default)
+    limit = session_limit(session)
+    if limit and wanted > limit:
+        log.info(
+            "benchmarking {limit} request(s) at a time, not BENCHMARK_CONCURRENCY={wanted}: "
+            "the worker sends no more at once (ALLOW_PARALLEL, MAX_CONCURRENCY)",
+            limit=limit,
+            wanted=wanted,
+        )
+        return limit
+    return wanted
+
+
 def failure_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
@@ -66,9 +93,12 @@ async def _attempt(send: Send, number: int) -> tuple[float, str]:
 async def measure(name: str, send: Send, rounds: int, concurrency: int) -> float:
     """Warm up with one request, then ``rounds`` rounds of ``concurrency`` simultaneous
     requests; return the best round's workload per second."""
-    _, error = await _attempt(send, -1)
-    if error:
-        raise BenchmarkError(f"{name}: the warm-up request failed: {error}")
+    try:
+        await send(-1)
+    except Exception as e:  # the cause stays attached: a benchmark may act on it
+        raise BenchmarkError(
+            f"{name}: the warm-up request failed: {str(e) or type(e).__name__}"
+        ) from e
     best, failed, last_error = 0.0, 0, ""
     for round_number in range(rounds):
         started = time.monotonic()

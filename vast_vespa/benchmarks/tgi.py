@@ -2,20 +2,21 @@
 Hugging Face text-generation-inference, native API:
 ``BENCHMARK=vast_vespa.benchmarks.tgi:benchmark`` (or ``BACKEND=tgi``).
 
-Concurrent ``POST /generate``; workload = ``max_new_tokens`` of each successful request (the
-unit TGI request costs are usually given in).
+Concurrent ``POST /generate``; each successful request counts the workload ``WORKLOAD=tgi``
+gives its payload (``inputs`` tokens + ``max_new_tokens``), the unit admission counts in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vast_vespa.benchmarks.rounds import count, failure_text, measure, prompt
+from vast_vespa.benchmarks.rounds import concurrency, count, failure_text, measure, prompt
+from vast_vespa.workload import tgi_workload
 
 
 async def benchmark(backend_url: str, session: Any) -> float:
     rounds = count("BENCHMARK_ROUNDS", 8)
-    concurrency = count("BENCHMARK_CONCURRENCY", 10)
+    at_once = concurrency(session, 10)
     words = count("BENCHMARK_PROMPT_WORDS", 250)
     max_new_tokens = count("BENCHMARK_MAX_TOKENS", 256)
 
@@ -31,6 +32,6 @@ async def benchmark(backend_url: str, session: Any) -> float:
         response = await session.post("/generate", json=payload)
         if response.status != 200:
             raise RuntimeError(failure_text(response.status, await response.content()))
-        return float(max_new_tokens)
+        return tgi_workload(payload)
 
-    return await measure("tgi benchmark", send, rounds, concurrency)
+    return await measure("tgi benchmark", send, rounds, at_once)

@@ -48,6 +48,7 @@ from vast_vespa.outcome import (
 )
 from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
 from vast_vespa.worker.envelope import MAX_DEPTH, nested_deeper
+from vast_vespa.workload import Workload
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"
@@ -60,10 +61,10 @@ RETRY_STATUSES = frozenset({429, 503})
 T = TypeVar("T")
 
 
-def parse_cost(values: Sequence[bytes] | None) -> float:
-    """The workload from ``X-Serverless-Cost`` (default 1.0); ValueError when malformed."""
+def parse_cost(values: Sequence[bytes] | None) -> float | None:
+    """The workload from ``X-Serverless-Cost`` (None: not sent); ValueError when malformed."""
     if not values:
-        return 1.0
+        return None
     if len(values) > 1:
         raise ValueError("expected one X-Serverless-Cost header")
     try:
@@ -229,8 +230,12 @@ class ClientResource(Resource):
         request_timeout: float = 0.0,
         observers: tuple[Observer, ...] = (),
         rand: Callable[[], float] | None = None,
+        workload: Workload | None = None,
     ) -> None:
+        """``workload``: the /route/ cost of a request sent without X-Serverless-Cost
+        (default: the openai estimator)."""
         super().__init__()
+        self._workload = workload or Workload("openai")
         self._router = router
         self._agent = agent
         self._clock = clock
@@ -264,6 +269,8 @@ class ClientResource(Resource):
             self._done(self._refuse(request, error, started), request)
             return NOT_DONE_YET
         form = RequestForm(request, self._cooperator, self._forward_authorization)
+        if cost is None:  # the app did not say: estimated (WORKLOAD=cost: 1.0, as before)
+            cost = 1.0 if self._workload.uses_cost else self._workload.of_body(form.payload)
         served = Deferred.fromCoroutine(self._serve(request, form, cost, started))
         served.addCallback(self._done, request)
         return NOT_DONE_YET

@@ -28,6 +28,7 @@ from vast_vespa.net.listen import listen_service
 from vast_vespa.options import declaration
 from vast_vespa.outcome import Observer
 from vast_vespa.site import VespaSite
+from vast_vespa.workload import Workload
 
 
 class ClientService(TextLogForTwistd, MultiService):
@@ -103,6 +104,7 @@ def build_client(
         settings.client_timeout,
         observers,
         rand,
+        Workload(settings.workload or "openai"),
     )
     site = VespaSite(resource, name="client proxy", fast_path=fast)
     service = ClientService(clock, (worker_pool, control_pool), site, resource)

@@ -25,6 +25,7 @@ from vast_vespa.options import (
     parse_text,
     read_options,
 )
+from vast_vespa.workload import parse_workload_spec
 
 INSTANCES = {
     # instance: (autoscaler /route/ base URL, console base URL for the endpoints API)
@@ -154,6 +155,14 @@ class ClientSettings:
         parse_seconds,
         "0",
         "Give up on a worker call after this many seconds (504); 0 = no limit.",
+    )
+    workload: str = option(
+        "VESPA_WORKLOAD",
+        "workload",
+        parse_workload_spec,
+        "openai",
+        "/route/ cost of a request without X-Serverless-Cost: openai, tgi, comfyui (estimated "
+        "from the payload, as the worker does), cost (1.0) or module.path:function.",
     )
     client_access_log: bool = option(
         "VESPA_CLIENT_ACCESS_LOG",

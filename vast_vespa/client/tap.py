@@ -90,7 +90,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """twistd's entry point: the proxy described by the parsed options."""
     reactor = installed_reactor(reactor)
     tune_once_running(reactor, choose_fast_path(options.settings.fast_path, reactor))
-    return use_text_log(build_client(options.settings, reactor), options)
+    try:
+        service = build_client(options.settings, reactor)
+    except SettingsError as e:  # a WORKLOAD function that cannot be loaded
+        raise SystemExit(f"vespa-client: {e}") from None
+    return use_text_log(service, options)
 
 
 class ScriptOptions(Options):

@@ -24,15 +24,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from vast_vespa.headers import forwarded_request_headers
+from vast_vespa.headers import carries_key, forwarded_request_headers, without_api_key
 from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.relay import BytesProducer
 from vast_vespa.signing import VerifiedCache, verify
 from vast_vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
 from vast_vespa.worker.autoscaler import PublicKeyStore
-from vast_vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap, with_payload
+from vast_vespa.worker.envelope import (
+    AUTH_HEADER,
+    ENVELOPE_METHODS,
+    AuthError,
+    Unwrapped,
+    unwrap,
+    with_payload,
+)
 from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
 from vast_vespa.worker.resource import Forward, Rejection, client_address, passthrough
+from vast_vespa.workload import PARSE_LIMIT, Workload
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
 JSON = b"application/json"
@@ -87,8 +95,15 @@ class ReplayWindow:
         return False
 
 
-# The auth header is Vespa's, never the backend's.
+# Signature shapes that cover ``cost`` (PROTOCOL.md 3.2): with the others (url-only) and
+# unsecured, the declared cost is anyone's guess and WORKLOAD estimates the request instead.
+COST_SIGNED = frozenset({"five-field"})
+
+# The auth header is Vespa's, never the backend's; nor is the endpoint key (secured: the
+# official client sends it as ?api_key= and as Authorization: Bearer), which would land in the
+# backend's access log, and make a backend started with its own --api-key answer 401.
 AUTH_ONLY = frozenset({AUTH_HEADER})
+AUTH_AND_KEY = frozenset({AUTH_HEADER, b"authorization"})
 
 
 class SignedGate:
@@ -110,6 +125,7 @@ class SignedGate:
         blocked_paths: tuple[str, ...] = (),
         public_url: str | None = None,
         replay_window: int = 0,
+        workload_estimator: Workload | None = None,
     ) -> None:
         self._keys = keys
         self._admission = admission
@@ -121,6 +137,7 @@ class SignedGate:
         self._public_url = public_url
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
         self._signatures = VerifiedCache()
+        self._workload = workload_estimator or Workload("cost")
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         pattern = blocked(request.uri, self._blocked)
@@ -164,8 +181,9 @@ class SignedGate:
                 "the autoscaler's public key has not been fetched yet",
                 {b"retry-after": KEY_RETRY_AFTER},
             )
-        if verify(keys.key, auth, self._shapes, self._signatures) is not None:
-            return self._hardened(request, unwrapped)
+        shape = verify(keys.key, auth, self._shapes, self._signatures)
+        if shape is not None:
+            return self._hardened(request, unwrapped, shape in COST_SIGNED)
         if refresh and keys.stale():
             # Maybe the key was rotated: fetch it again, then check once more.
             refreshed = keys.refresh()
@@ -192,7 +210,9 @@ class SignedGate:
         )
         return Rejection(401, "invalid signature", "auth_data is not signed by the autoscaler")
 
-    def _hardened(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
+    def _hardened(
+        self, request: Request, unwrapped: Unwrapped, cost_signed: bool
+    ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         assert auth is not None
         if self._public_url is not None and auth["url"] != self._public_url:
@@ -209,9 +229,11 @@ class SignedGate:
             unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
         except AuthError as e:
             raise self._malformed(request, e) from None
-        return self._admit(request, unwrapped)
+        return self._admit(request, unwrapped, cost_signed)
 
-    def _admit(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
+    def _admit(
+        self, request: Request, unwrapped: Unwrapped, cost_signed: bool = False
+    ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         request_idx = None
         if auth is None:
@@ -222,6 +244,8 @@ class SignedGate:
                 work = workload(auth["cost"], self._default_cost)
             except BadCost as e:
                 raise Rejection(422, "invalid cost", str(e)) from None
+            if not cost_signed and not self._workload.uses_cost:
+                work = self._workload.of_body(self._payload(request, unwrapped))
         try:
             self._admission.check()
         except TooBusy as busy:
@@ -243,6 +267,24 @@ class SignedGate:
         slot.addErrback(self._left_queue, token)
         return slot.addCallback(self._admitted, forward, token)
 
+    @staticmethod
+    def _payload(request: Request, unwrapped: Unwrapped) -> bytes | None:
+        """What the backend gets as body, when it can be a JSON payload worth estimating."""
+        if unwrapped.body is not None:
+            return unwrapped.body
+        content = request.content
+        if content is None or request.method not in ENVELOPE_METHODS:
+            return None
+        content.seek(0, 2)
+        if content.tell() > PARSE_LIMIT:
+            return None  # never read a large upload into memory to estimate it
+        content.seek(0)
+        if content.read(64).lstrip()[:1] not in (b"{", b"["):
+            return None  # not JSON: an upload, an image
+        content.seek(0)
+        body: bytes = content.read()
+        return body
+
     def _left_queue(self, failure: Failure, token: int) -> Failure:
         if failure.check(CancelledError):
             self._metrics.finish(token, Outcome.CANCELLED)
@@ -259,12 +301,18 @@ class SignedGate:
         return forward
 
     def _forward(self, request: Request, unwrapped: Unwrapped) -> Forward:
-        """The backend request: the client's, minus the auth; an envelope's payload as body."""
+        """The backend request: the client's, minus the auth (and, secured, the endpoint key
+        the official client adds to every request); an envelope's payload as body."""
+        target, drop = unwrapped.target, AUTH_ONLY
+        if self._keys is not None:
+            target, keys = without_api_key(target)
+            if keys and carries_key(request.requestHeaders, keys):
+                drop = AUTH_AND_KEY
         if unwrapped.body is None:
-            return passthrough(request, self._cooperator, unwrapped.target, AUTH_ONLY)
+            return passthrough(request, self._cooperator, target, drop)
         scheme = b"https" if request.isSecure() else b"http"
         headers = forwarded_request_headers(
-            request.requestHeaders, client_address(request), scheme, AUTH_ONLY
+            request.requestHeaders, client_address(request), scheme, drop, forwarded_host=True
         )
         headers.setRawHeaders(b"content-type", [JSON])
-        return Forward(unwrapped.target, headers, BytesProducer(unwrapped.body))
+        return Forward(target, headers, BytesProducer(unwrapped.body))

@@ -423,15 +423,18 @@ def build_lifecycle(
     @raise SettingsError: the benchmark cannot be loaded, or its session cannot be provided.
     """
     session = BackendSession(reactor, settings.backend_url, fast_path=fast_path)
+    # The benchmark gets no more requests at once than admission will let through.
+    limit = settings.max_concurrency if settings.allow_parallel else 1
     spec = settings.benchmark_spec
     benchmark: Callable[[], Deferred[float]] | None = None
     if spec:
         function = load_benchmark(spec)
+        url = settings.backend_url
         if settings.benchmark_session == "aiohttp":
             check_aiohttp(reactor)
-            benchmark = partial(run_aiohttp_benchmark, function, spec, settings.backend_url)
+            benchmark = partial(run_aiohttp_benchmark, function, spec, url, limit)
         else:
-            benchmark = partial(run_benchmark, function, spec, settings.backend_url, session)
+            benchmark = partial(run_benchmark, function, spec, url, session.limited(limit))
     probe = HealthProbe(
         lambda: session.get(settings.healthcheck_endpoint), reactor, settings.healthcheck_timeout
     )

@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from vast_vespa import request_id
-from vast_vespa.headers import forwarded_request_headers
+from vast_vespa.headers import LocationRewriter, forwarded_request_headers
 from vast_vespa.outcome import Observer, Outcome, RelayResult, notify, write_error
 from vast_vespa.relay import ProxiedRequest, body_producer, request_has_body
 
@@ -72,7 +72,7 @@ def passthrough(
     but ``drop``, and the body byte for byte."""
     scheme = b"https" if request.isSecure() else b"http"
     headers = forwarded_request_headers(
-        request.requestHeaders, client_address(request), scheme, drop
+        request.requestHeaders, client_address(request), scheme, drop, forwarded_host=True
     )
     assert request.content is not None
     body = body_producer(request.content, cooperator, request_has_body(request))
@@ -134,8 +134,14 @@ class WorkerResource(Resource):
         observers: tuple[Observer, ...] = (),
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
+        public_url: str | None = None,
     ) -> None:
+        """``public_url``: where clients reach this worker (PUBLIC_IPADDR and
+        VAST_TCP_PORT_<port>); absolute URLs the backend answers with are rewritten to it, or
+        without it to the scheme and Host the client used."""
         super().__init__()
+        self._locations = LocationRewriter(backend_url)
+        self._public = public_url.encode("ascii") if public_url else None
         self._first_byte_timeout = first_byte_timeout
         self._stall_timeout = stall_timeout
         self._gate = gate
@@ -189,6 +195,7 @@ class WorkerResource(Resource):
                 self._timeout,
                 self._first_byte_timeout,
                 self._stall_timeout,
+                locations=self._location_rewriting(request),
             )
             relayed = proxied.start()
         except Exception:
@@ -203,6 +210,17 @@ class WorkerResource(Resource):
             self._relayed(failed, request, forward, started)
             return
         relayed.addCallback(self._relayed, request, forward, started)
+
+    def _location_rewriting(self, request: Request) -> Callable[[bytes], bytes] | None:
+        """Backend URLs to the worker's: its public URL, else the URL the client used."""
+        public = self._public
+        if public is None:
+            host = request.getHeader(b"host")
+            if not host:
+                return None
+            public = (b"https://" if request.isSecure() else b"http://") + host
+        rewrite = self._locations.rewrite
+        return lambda value: rewrite(value, public)
 
     def _relayed(
         self, result: RelayResult, request: Request, forward: Forward, started: float

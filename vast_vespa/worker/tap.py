@@ -35,6 +35,7 @@ from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import WorkerResource
 from vast_vespa.worker.service import DrainHook, WorkerService
 from vast_vespa.worker.state import WorkerState
+from vast_vespa.workload import Workload
 
 
 class Options(SettingsOptions):
@@ -120,6 +121,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         settings.blocked_paths,
         vast.public_url if settings.verify_url else None,
         settings.replay_window,
+        Workload(settings.workload_spec),
     )
     resource = WorkerResource(
         ReadinessGate(gate, state),
@@ -130,6 +132,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         observers,
         settings.backend_first_byte_timeout,
         settings.backend_stall_timeout,
+        vast.public_url,
     )
     site = VespaSite(
         resource, limits_from(settings), name="worker", fast_path=fast, reactor=reactor
