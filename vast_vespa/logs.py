@@ -107,8 +107,8 @@ class _ClassicText:
     """
     Twisted's classic text line (``textFileLogObserver``: RFC 3339 time, ``[system]``,
     message), made cheaply for pre-formatted events: the time string is made once per second
-    and the message is taken as it is. Twisted's formatter costs about 20 µs per line, a
-    tenth of the worker's CPU per small request with the access log on.
+    and the message is taken as it is. Twisted's formatter does far more work per line, and
+    the access log writes one line per request.
     """
 
     def __init__(self) -> None:
