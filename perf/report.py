@@ -139,8 +139,8 @@ def render(results: dict) -> str:
                 if not runs:
                     continue
                 added = added_ttfb(runs, direct)
-                # The reference: 15 % where nginx took 6 %, so 2.5x; a ratio drifts far
-                # less than the CPU % itself when the machine is busier.
+                # The target is set against nginx in the same run (docs/performance.md): a ratio
+                # drifts far less than the CPU % itself when the machine is busier.
                 to_nginx = (
                     []
                     if target == "direct"

@@ -4,10 +4,10 @@ backend call (which goes to a stub: no socket, no backend), for the S3 request.
 
     python perf/request_path.py [--requests 20000] [--profile]
 
-Under load the same path costs several times as much (S3: about 190 µs per request, against
-about 30 µs here): between two requests the worker relays other streams' events and sleeps,
-so the code and data of a request are out of the caches when it comes. The ratio is about the
-same for every step, so this figure, repeatable to a few tenths of a µs, tells whether a change
+Under load the same path costs several times as much (under S3 against here): between two
+requests the worker relays other streams' events and sleeps, so the code and data of a request
+are out of the caches when it comes. The ratio is about the same for every step, so this
+figure, repeatable far more closely than a load test, tells whether a change
 to the request path makes it cheaper; the side-by-side run (perf/side_by_side.py) tells by how
 much under load. ``--profile`` lists the functions the time goes to (cProfile).
 """

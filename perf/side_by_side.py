@@ -9,8 +9,8 @@ one backend (perf/backend.py) and get the same load in parallel (perf/sse_load.p
 prompt POSTed on a new connection per stream, 20 events 50 ms apart), the start order
 alternating by round. CPU per stream comes from ``/proc/<pid>/schedstat``. Because both are
 measured in the same seconds, the machine's drift cancels: two copies of one build give
-1.00 ± 0.03 per round, and the median over 8 rounds moves by about 1 %. This is how the
-README's "What made the difference" figures were measured. ``--prelude-b CODE`` runs Python
+about 1.00 per round. This is how most changes in docs/performance.md were judged.
+``--prelude-b CODE`` runs Python
 code in worker B before twistd starts (a monkeypatch, to measure an idea before writing it);
 ``--python-b PATH`` runs worker B on another interpreter (with Vespa's dependencies).
 """

@@ -39,6 +39,8 @@ from vast_vespa.logs import (
     PREFORMATTED,
     TextLogForTwistd,
     json_observer,
+    log_access,
+    log_client_access,
     mask,
     text_observer,
     twistd_writes_text_to_stdout,
@@ -146,6 +148,46 @@ class AccessLogTests(TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "))
         self.assertRegex(answer.lower(), rb"\r\nx-request-id: [0-9a-f]{32}\r\n")
         self.assertIn(" 400 rejected ", formatEvent(self.events[-1]))
+
+
+class AccessNamespaceTests(SynchronousTestCase):
+    def test_worker_and_client_lines_told_apart(self) -> None:
+        """The worker's access line is in ``vespa.access``, the client proxy's in
+        ``vespa-client.access`` (in the sandbox both go to one stream); the same line else."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from vast_vespa.outcome import Outcome, RelayResult
+
+        worker_events = capture(self, "vespa.access")
+        client_events = capture(self, "vespa-client.access")
+        result = RelayResult(Outcome.SERVED, 200, 3, 1.0, 1.0, 1.5)
+        for log in (log_access, log_client_access):
+            request = DummyRequest([b"x"])
+            request.path = b"/x"
+            log(request, result, None)
+        [worker_event], [client_event] = worker_events, client_events
+        self.assertEqual(
+            formatEvent(worker_event).split(" id=")[0], formatEvent(client_event).split(" id=")[0]
+        )
+        stream, clock = io.StringIO(), Clock()
+        observe = text_observer(stream, clock)
+        observe(dict(worker_event))
+        observe(dict(client_event))
+        clock.advance(FLUSH_AFTER)
+        self.assertEqual(
+            [line.split("] ")[0].split(" [")[1] for line in stream.getvalue().splitlines()],
+            ["vespa.access#info", "vespa-client.access#info"],
+        )
+
+    def test_client_lines_batched_too(self) -> None:
+        """The client's access lines wait for the batch's flush like the worker's."""
+        clock = Clock()
+        stream = FlushCounting()
+        observe = text_observer(stream, clock)
+        observe({**access_event("GET /a 200"), "log_namespace": "vespa-client.access"})
+        self.assertEqual(stream.flushed, "")
+        clock.advance(FLUSH_AFTER)
+        self.assertIn("[vespa-client.access#info] GET /a 200", stream.flushed)
 
 
 class JsonLogTests(TestCase):

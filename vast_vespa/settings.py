@@ -581,7 +581,7 @@ def check_protocol(settings: Settings) -> None:
 
 
 # Twisted listens with a backlog of 50: a burst of new connections (100 SSE clients at once)
-# overflows it and the excess wait for a SYN retry (S3 p99 564 ms; 115 ms with 1024).
+# overflows it and the excess wait for a SYN retry, which shows in the tail latency.
 LISTEN_BACKLOG = 1024
 
 

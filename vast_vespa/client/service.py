@@ -21,7 +21,7 @@ from vast_vespa.client.resource import ClientResource
 from vast_vespa.client.routing import Router
 from vast_vespa.client.settings import ClientSettings
 from vast_vespa.client.tls import WorkerTLSPolicy
-from vast_vespa.logs import TextLogForTwistd, log_access
+from vast_vespa.logs import TextLogForTwistd, log_client_access
 from vast_vespa.net.client import AnyPool, backend_agent, backend_pool, close_pool, quiet_pool
 from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
@@ -92,7 +92,7 @@ def build_client(
     worker_pool = backend_pool(reactor)
     agent = backend_agent(reactor, worker_pool, tls=tls, fast_path=fast)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
-    observers: tuple[Observer, ...] = (log_access,) if settings.client_access_log else ()
+    observers: tuple[Observer, ...] = (log_client_access,) if settings.client_access_log else ()
     resource = ClientResource(
         router,
         agent,

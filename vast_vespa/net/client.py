@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_net_client -*-
 """
 The relay's HTTP/1.1 client: an :class:`IAgent` for the backend calls (worker to backend,
-client proxy to worker). Profiled under load, Twisted's Agent spent about 40% of the worker's
-CPU on a small request: per-request URI parsing, a state machine of Deferreds, and a
+client proxy to worker). Profiled under load, Twisted's Agent was a large part of the
+worker's CPU on a small request: per-request URI parsing, a state machine of Deferreds, and a
 pure-Python response parser. Here the request head goes out in one write, llhttp (through
 httptools, C) parses the response, and keep-alive connections wait in a pool per backend.
 
@@ -72,9 +72,9 @@ _RETRY_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
 Key = tuple[bytes, bytes]  # (scheme, netloc)
-# Read size of a backend connection (Twisted reads 64 KiB). Measured on 1 GiB downloads:
-# 120 KiB is fastest; from 128 KiB on, each read's buffer is above glibc's mmap threshold
-# and costs fresh pages (256 KiB halved a chunked download).
+# Read size of a backend connection (Twisted reads 64 KiB): larger reads mean fewer system
+# calls on big downloads, but from 128 KiB on each read's buffer is above glibc's mmap
+# threshold and costs fresh pages, which slows big downloads down.
 READ_SIZE = 120 * 1024
 
 # One for every clean end, as Twisted's own connectionDone (a Failure costs microseconds).
@@ -111,7 +111,7 @@ class ConnectionPool:
     is closed after ``idle_timeout`` seconds (before typical server keep-alive timeouts:
     uvicorn closes idle connections after 5 s) and beyond ``max_idle_per_backend``. One timer
     for the whole pool closes what has been idle too long (a timer per connection was armed
-    and cancelled on every request: 3 % of the worker's CPU with 100 streams a second).
+    and cancelled on every request, work that showed under a load of many short streams).
     """
 
     def __init__(
@@ -781,13 +781,13 @@ def close_pool(pool: AnyPool, clock: IReactorTime) -> Deferred[None]:
 class _CachedEndpoints:
     """
     One endpoint per (scheme, host, port), made once. Agent's default factory builds a new
-    endpoint (and its TLS options) for every request, about 4% of the worker's CPU per small
-    request, although the relay always talks to the same backend. The client proxy talks to
+    endpoint (and its TLS options) for every request, work that showed on small requests,
+    although the relay always talks to the same backend. The client proxy talks to
     whichever workers the autoscaler routes to, so at most MAX_ENDPOINTS are kept (oldest out).
 
     A host given as an IP address gets a plain TCP endpoint: ``HostnameEndpoint`` looks every
     address up again on each new connection, in a thread (and makes a class per attempt),
-    which took a new connection from about 150 to 550 µs of CPU and of latency. A name
+    which added CPU and latency to every new connection. A name
     (``localhost``) gets a :class:`.resolve.NamedEndpoint`: each address it has is tried,
     and look-ups are kept for a few seconds (one set per agent).
     """

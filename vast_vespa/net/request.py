@@ -20,8 +20,8 @@ from vast_vespa.site import VespaRequest
 
 class LeanRequest(VespaRequest):
     """A :class:`VespaRequest` that takes the short way through
-    the steps every relayed request goes through (twisted.web's way costs about a tenth of
-    the worker's CPU per request, measured with 100 SSE streams):
+    the steps every relayed request goes through (twisted.web's way does more work per
+    request than a relay needs; docs/performance.md has what this buys):
 
     - a leaf root resource (the worker's, the client proxy's) is rendered without walking the
       resource tree, so ``prepath`` and ``postpath`` are not set (those resources read

@@ -7,7 +7,7 @@ outside signature checks and admission and shadows no backend path.
 Request metrics come from the WorkerResource observer hook (every outcome exactly once, O(1)
 per request). They are plain numbers, made into Prometheus families only when scraped:
 prometheus_client's labelled Counter and Histogram take a lock and check labels on every update,
-about 40 µs of the worker's CPU per request under load (S3 of ``tox -e perf``). Other parts
+which is too much work to do per request. Other parts
 of the worker plug in gauges with :meth:`PrometheusMetrics.register_gauge` (a name, a help
 text and a callable read at scrape time).
 """

@@ -11,9 +11,9 @@ In order of precedence:
    payload goes on, serialised once, as ``application/json``. Secured, an envelope larger
    than :data:`PEEK` that starts with ``auth_data`` (as every Vast client writes it) is read
    no further until its signature is checked (:func:`with_payload`): a forged envelope costs
-   its first bytes, not a parse of its whole body (JSON takes up to 25 times its size in
-   memory, and seconds of CPU per 10 MB). In any other order it is read whole, up to
-   :data:`UNORDERED_LIMIT`. Smaller envelopes are read whole at once (at most a few ms);
+   its first bytes, not a parse of its whole body (parsed JSON takes many times its size in
+   memory, and a big body seconds of CPU). In any other order it is read whole, up to
+   :data:`UNORDERED_LIMIT`. Smaller envelopes are read whole at once (cheap to parse);
 3. ``serverless_*`` query parameters on GET/DELETE/HEAD: removed from the query string, every
    other parameter passes unchanged and in order.
 
