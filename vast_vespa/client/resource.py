@@ -81,11 +81,11 @@ def _media_type(request: Request) -> bytes:
     return value.split(b";", 1)[0].strip().lower()
 
 
-def json_payload(request: Request, content: _KeepOpen) -> bytes | None:
-    """The app's body when it goes in the JSON envelope: a body that parses as JSON, sent
-    with a JSON content type (or none), and that the worker reads in an envelope (nested at
-    most MAX_DEPTH - 1 levels: the envelope is one more); else None (it goes byte for byte,
-    header form)."""
+def json_payload(request: Request, content: _KeepOpen) -> tuple[bytes, Any] | None:
+    """The app's body when it goes in the JSON envelope, and that body parsed: a body that
+    parses as JSON, sent with a JSON content type (or none), and that the worker reads in an
+    envelope (nested at most MAX_DEPTH - 1 levels: the envelope is one more); else None (it
+    goes byte for byte, header form)."""
     media = _media_type(request)
     if media and media != JSON and not media.endswith(b"+json"):
         return None
@@ -94,10 +94,9 @@ def json_payload(request: Request, content: _KeepOpen) -> bytes | None:
     if not raw.strip() or nested_deeper(raw, MAX_DEPTH - 1):
         return None
     try:
-        json.loads(raw)
+        return raw, json.loads(raw)
     except ValueError:  # UnicodeDecodeError is one too
         return None
-    return raw
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,10 @@ class RequestForm:
         assert request.content is not None
         self._content = _KeepOpen(request.content)
         self._has_body = request_has_body(request) and _size(self._content) > 0
-        self.payload = None if not self._has_body else json_payload(request, self._content)
+        found = json_payload(request, self._content) if self._has_body else None
+        # The body for the envelope, and the same parsed (the workload estimate reads it).
+        self.payload: bytes | None = found[0] if found is not None else None
+        self.document: Any = found[1] if found is not None else None
         drop = {AUTH_HEADER} | (set() if forward_authorization else {b"authorization"})
         scheme = b"https" if request.isSecure() else b"http"
         self._headers = forwarded_request_headers(
@@ -270,7 +272,7 @@ class ClientResource(Resource):
             return NOT_DONE_YET
         form = RequestForm(request, self._cooperator, self._forward_authorization)
         if cost is None:  # the app did not say: estimated (WORKLOAD=cost: 1.0, as before)
-            cost = 1.0 if self._workload.uses_cost else self._workload.of_body(form.payload)
+            cost = 1.0 if self._workload.uses_cost else self._workload.of_payload(form.document)
         served = Deferred.fromCoroutine(self._serve(request, form, cost, started))
         served.addCallback(self._done, request)
         return NOT_DONE_YET

@@ -85,6 +85,8 @@ class Unwrapped:
     form: str = "none"  # "header", "envelope", "query" or "none"
     # An envelope whose leading auth_data alone was read: its payload comes from with_payload.
     envelope: IO[bytes] | None = None
+    # An envelope's payload as parsed (``body`` is it serialised): the workload estimate reads it.
+    payload: Any = None
 
 
 def _finite(text: str) -> float:
@@ -204,7 +206,8 @@ def from_envelope(body: bytes, uri: bytes, verified: dict[str, Any] | None = Non
         auth = verified
     else:
         raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
-    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope")
+    payload = document["payload"]
+    return Unwrapped(auth, uri, dump_json(payload), "envelope", payload=payload)
 
 
 PEEK = 1 << 16  # larger envelopes have their leading auth_data read alone, and verified first

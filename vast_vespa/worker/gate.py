@@ -245,7 +245,7 @@ class SignedGate:
             except BadCost as e:
                 raise Rejection(422, "invalid cost", str(e)) from None
             if not cost_signed and not self._workload.uses_cost:
-                work = self._workload.of_body(self._payload(request, unwrapped))
+                work = self._estimate(request, unwrapped)
         try:
             self._admission.check()
         except TooBusy as busy:
@@ -267,11 +267,16 @@ class SignedGate:
         slot.addErrback(self._left_queue, token)
         return slot.addCallback(self._admitted, forward, token)
 
-    @staticmethod
-    def _payload(request: Request, unwrapped: Unwrapped) -> bytes | None:
-        """What the backend gets as body, when it can be a JSON payload worth estimating."""
+    def _estimate(self, request: Request, unwrapped: Unwrapped) -> float:
+        """WORKLOAD's estimate of what the backend gets: an envelope's payload (parsed
+        already), else the request's own body when it can be JSON."""
         if unwrapped.body is not None:
-            return unwrapped.body
+            return self._workload.of_payload(unwrapped.payload)
+        return self._workload.of_body(self._json_body(request))
+
+    @staticmethod
+    def _json_body(request: Request) -> bytes | None:
+        """The request's body when it can be a JSON payload worth estimating."""
         content = request.content
         if content is None or request.method not in ENVELOPE_METHODS:
             return None
