@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 
 # Lower-case names. The relay's agent writes its own Host and framing headers, so the client's
@@ -142,7 +143,10 @@ class LocationRewriter:
 
     NAMES = frozenset({b"location", b"content-location"})
 
-    def __init__(self, backend_url: str) -> None:
+    def __init__(self, backend_url: str, public_url: str | None = None) -> None:
+        """``public_url``: where clients reach the proxy; without it, the scheme and Host
+        each client used."""
+        self._public = public_url.encode("ascii") if public_url else None
         parts = urlsplit(backend_url)
         scheme = parts.scheme.lower().encode("ascii")
         host = (parts.hostname or "").lower().encode("idna")
@@ -155,6 +159,16 @@ class LocationRewriter:
             authorities.add(host)
         self._origins = tuple(scheme + b"://" + authority for authority in authorities)
         self._path = parts.path.rstrip("/").encode("ascii")
+
+    def __call__(self, request: Request, value: bytes) -> bytes:
+        """``value``, a header of the answer to ``request``, rewritten."""
+        public = self._public
+        if public is None:
+            host = request.getHeader(b"host")
+            if not host:
+                return value
+            public = (b"https://" if request.isSecure() else b"http://") + host
+        return self.rewrite(value, public)
 
     def rewrite(self, value: bytes, public: bytes) -> bytes:
         """``value`` with the backend's origin and base path replaced by ``public``."""

@@ -171,13 +171,14 @@ class ProxiedRequest:
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
         retry_if: Callable[[int | None], bool] | None = None,
-        locations: Callable[[bytes], bytes] | None = None,
+        locations: Callable[[Request, bytes], bytes] | None = None,
     ) -> None:
         """
         ``retry_if(status)`` (status None: no response at all) may claim an answer before any
         byte of it reaches the client: the result then has ``retry`` set and the caller may
         send the request elsewhere (the client proxy re-routes on 429/503). ``locations``
-        rewrites each ``Location`` and ``Content-Location`` value of the response.
+        rewrites each ``Location`` and ``Content-Location`` value of the response to
+        ``request``.
         """
         self._locations = locations
         self._agent = agent
@@ -284,7 +285,7 @@ class ProxiedRequest:
         locations = self._locations
         for name, values in end_to_end(response.headers, dropped):
             if locations is not None and name.lower() in LocationRewriter.NAMES:
-                values = [locations(value) for value in values]
+                values = [locations(request, value) for value in values]
             if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
                 copied.setRawHeaders(name, values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):

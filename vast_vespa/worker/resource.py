@@ -140,8 +140,7 @@ class WorkerResource(Resource):
         VAST_TCP_PORT_<port>); absolute URLs the backend answers with are rewritten to it, or
         without it to the scheme and Host the client used."""
         super().__init__()
-        self._locations = LocationRewriter(backend_url)
-        self._public = public_url.encode("ascii") if public_url else None
+        self._locations = LocationRewriter(backend_url, public_url)
         self._first_byte_timeout = first_byte_timeout
         self._stall_timeout = stall_timeout
         self._gate = gate
@@ -195,7 +194,7 @@ class WorkerResource(Resource):
                 self._timeout,
                 self._first_byte_timeout,
                 self._stall_timeout,
-                locations=self._location_rewriting(request),
+                locations=self._locations,
             )
             relayed = proxied.start()
         except Exception:
@@ -210,17 +209,6 @@ class WorkerResource(Resource):
             self._relayed(failed, request, forward, started)
             return
         relayed.addCallback(self._relayed, request, forward, started)
-
-    def _location_rewriting(self, request: Request) -> Callable[[bytes], bytes] | None:
-        """Backend URLs to the worker's: its public URL, else the URL the client used."""
-        public = self._public
-        if public is None:
-            host = request.getHeader(b"host")
-            if not host:
-                return None
-            public = (b"https://" if request.isSecure() else b"http://") + host
-        rewrite = self._locations.rewrite
-        return lambda value: rewrite(value, public)
 
     def _relayed(
         self, result: RelayResult, request: Request, forward: Forward, started: float
