@@ -8,10 +8,8 @@ workload units per second, never a made-up 1.0).
 from __future__ import annotations
 
 import copy
-import importlib
 import json as jsonlib  # `json` is a parameter name of the session's methods
 import math
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from vast_vespa.net.client import close_pool, quiet_pool
-from vast_vespa.options import SettingsError
+from vast_vespa.options import SettingsError, load_function
 
 Benchmark = Callable[[str, Any], Any]
 
@@ -55,31 +53,13 @@ class BenchmarkError(Exception):
 
 def load_benchmark(spec: str) -> Benchmark:
     """
-    Import ``module.path:function`` (split on the last colon); ``benchmarks.openai`` (and the
-    other shipped names) is an alias of ``vast_vespa.benchmarks.openai``.
+    Import ``module.path:function``; ``benchmarks.openai`` (and the other shipped names) is an
+    alias of ``vast_vespa.benchmarks.openai``.
 
     @raise SettingsError: naming the spec and what went wrong (missing module, attribute, ...).
     """
-    module_name, _, attribute = spec.rpartition(":")
-    if not module_name or not attribute:
-        raise SettingsError(f"invalid BENCHMARK={spec!r}: expected module.path:function")
-    try:
-        module = importlib.import_module(shipped_module(module_name))
-    except Exception as e:
-        # Show where the user's module broke (their code), not our import machinery.
-        where = traceback.format_exception_only(type(e), e)[-1].strip()
-        raise SettingsError(f"cannot load BENCHMARK={spec!r}: {where}") from None
-    function: Any = module
-    for name in attribute.split("."):
-        try:
-            function = getattr(function, name)
-        except AttributeError:
-            raise SettingsError(
-                f"cannot load BENCHMARK={spec!r}: {module_name} has no attribute {attribute!r}"
-            ) from None
-    if not callable(function):
-        raise SettingsError(f"cannot load BENCHMARK={spec!r}: {attribute} is not callable")
-    return function  # type: ignore[no-any-return]
+    function: Benchmark = load_function("BENCHMARK", spec, shipped_module)
+    return function
 
 
 def check_result(spec: str, value: object) -> float:

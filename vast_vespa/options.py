@@ -15,9 +15,11 @@ and the value.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -291,3 +293,33 @@ def markdown_command(settings_class: type, program: str, argv: Sequence[str]) ->
         return 2
     sys.stdout.write(markdown_table(settings_class))
     return 0
+
+
+def load_function(setting: str, spec: str, module_name: Callable[[str], str] = str) -> Any:
+    """
+    The function a setting names as ``module.path:function`` (split on the last colon; the
+    module's name passed through ``module_name`` first), imported now.
+
+    @raise SettingsError: naming the setting, the spec and what went wrong (missing module,
+        attribute, a module that raises on import, something not callable).
+    """
+    name, _, attribute = spec.rpartition(":")
+    if not name or not attribute:
+        raise SettingsError(f"invalid {setting}={spec!r}: expected module.path:function")
+    try:
+        module = importlib.import_module(module_name(name))
+    except Exception as e:
+        # Show where the user's module broke (their code), not our import machinery.
+        where = traceback.format_exception_only(type(e), e)[-1].strip()
+        raise SettingsError(f"cannot load {setting}={spec!r}: {where}") from None
+    function: Any = module
+    for part in attribute.split("."):
+        try:
+            function = getattr(function, part)
+        except AttributeError:
+            raise SettingsError(
+                f"cannot load {setting}={spec!r}: {name} has no attribute {attribute!r}"
+            ) from None
+    if not callable(function):
+        raise SettingsError(f"cannot load {setting}={spec!r}: {attribute} is not callable")
+    return function

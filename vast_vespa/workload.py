@@ -14,7 +14,6 @@ a non-number counts :data:`DEFAULT_WORKLOAD`; every estimate is within [0, :data
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 import orjson
 from twisted.logger import Logger
 
-from vast_vespa.options import SettingsError
+from vast_vespa.options import load_function
 
 log = Logger()
 
@@ -168,18 +167,8 @@ def load_estimator(spec: str) -> Estimator:
     @raise SettingsError: naming the spec when ``module.path:function`` cannot be loaded."""
     if spec in BUILT_IN_ESTIMATORS:
         return BUILT_IN_ESTIMATORS[spec]
-    module_name, _, attribute = spec.rpartition(":")
-    try:
-        found: Any = importlib.import_module(module_name)
-        for name in attribute.split("."):
-            found = getattr(found, name)
-    except Exception as e:
-        raise SettingsError(
-            f"cannot load WORKLOAD={spec!r}: {type(e).__name__}: {e}".rstrip(": ")
-        ) from None
-    if not callable(found):
-        raise SettingsError(f"cannot load WORKLOAD={spec!r}: {attribute} is not callable")
-    return found  # type: ignore[no-any-return]
+    function: Estimator = load_function("WORKLOAD", spec)
+    return function
 
 
 class Workload:
