@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from vast_vespa.options import (
@@ -48,28 +49,9 @@ from vast_vespa.workload import parse_workload_spec, workload_spec
 ENV_PREFIX = "PYWORKER_"
 
 
-def worker_option(
-    env: str,
-    flag: str,
-    parse: Callable[[str], Any],
-    default: str,
-    help: str,
-    *,
-    old_env: tuple[str, ...] = (),
-    repeatable: bool = False,
-) -> Any:
-    """An option of the worker: :func:`~vast_vespa.options.option`, also read as
-    ``PYWORKER_<NAME>``."""
-    return option(
-        env,
-        flag,
-        parse,
-        default,
-        help,
-        old_env=old_env,
-        env_prefix=ENV_PREFIX,
-        repeatable=repeatable,
-    )
+# An option of the worker: :func:`~vast_vespa.options.option`, also read as ``PYWORKER_<NAME>``
+# (the alias Vast templates set).
+worker_option = partial(option, env_prefix=ENV_PREFIX)
 
 
 def parse_optional_listen(text: str) -> tuple[str, ...]:

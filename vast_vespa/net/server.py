@@ -80,6 +80,8 @@ if TYPE_CHECKING:
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+# Headers a refusal adds to its answer (name, value).
+ExtraHeaders = list[tuple[bytes, bytes]] | tuple[()]
 REFUSED_METHODS = (b"CONNECT", b"TRACE")
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # How often the body rate is checked, and how long a refused client may keep sending before
@@ -278,7 +280,7 @@ class GuardedChannel(Protocol):
         code: int,
         error: str,
         detail: str,
-        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
+        headers: ExtraHeaders = (),
     ) -> None:
         """Answer with a JSON error and close; everything the client sends after is ignored."""
         if self._refused:
@@ -327,7 +329,7 @@ class GuardedChannel(Protocol):
         code: int,
         error: str,
         detail: str,
-        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
+        headers: ExtraHeaders = (),
     ) -> None:
         """Queue a refusal behind what was parsed before it, and parse nothing more."""
         self._events.append((_REFUSE, code, error, detail, headers))
@@ -339,7 +341,7 @@ class GuardedChannel(Protocol):
         code: int,
         error: str,
         detail: str,
-        headers: list[tuple[bytes, bytes]] | tuple[()] = (),
+        headers: ExtraHeaders = (),
     ) -> NoReturn:
         """In a parser callback: refuse in turn, and stop llhttp where it is."""
         self._refuse_in_turn(code, error, detail, headers)
