@@ -26,7 +26,7 @@ from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
 from vast_vespa.outcome import Outcome
 from vast_vespa.signing import generate_private_key
-from vast_vespa.worker.envelope import MAX_DEPTH
+from vast_vespa.strict_json import MAX_DEPTH
 
 KEY = generate_private_key()  # one per test run: real RSA, made here
 

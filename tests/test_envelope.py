@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from vast_vespa import strict_json
 from vast_vespa.signing import canonical_message
+from vast_vespa.strict_json import loads
 from vast_vespa.worker import envelope
-from vast_vespa.worker.envelope import AuthError, loads, unwrap, with_payload
+from vast_vespa.worker.envelope import AuthError, unwrap, with_payload
 
 AUTH = {
     "cost": 256.0,
@@ -125,13 +127,13 @@ class EnvelopeTests(SynchronousTestCase):
             lambda n: b'{"a":' * n + b"0" + b"}" * n,
             lambda n: b"[" * (n % 2) + b'{"[":[' * (n // 2) + b"]}" * (n // 2) + b"]" * (n % 2),
         )
-        self.assertEqual(envelope.MAX_DEPTH, 512)
+        self.assertEqual(strict_json.MAX_DEPTH, 512)
         for shape in shapes:
-            payload = shape(envelope.MAX_DEPTH - 1)
+            payload = shape(strict_json.MAX_DEPTH - 1)
             got = unwrap(b"POST", b"/", None, body(lead + payload + b"}"))
             self.assertEqual(loads(got.body), json.loads(payload))
             with self.assertRaises(AuthError) as caught:
-                unwrap(b"POST", b"/", None, body(lead + shape(envelope.MAX_DEPTH) + b"}"))
+                unwrap(b"POST", b"/", None, body(lead + shape(strict_json.MAX_DEPTH) + b"}"))
             self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
 
     def test_a_large_envelope_nested_too_deeply_is_refused_from_its_start(self):
@@ -146,7 +148,7 @@ class EnvelopeTests(SynchronousTestCase):
     def test_nesting_is_counted_outside_strings(self):
         """Brackets inside strings, escaped quotes and escaped backslashes included, nest
         nothing; a truncated document counts as deep as it got."""
-        deeper = envelope.nested_deeper
+        deeper = strict_json.nested_deeper
         self.assertFalse(deeper(b"[" * 3 + b"]" * 3, 3))
         self.assertTrue(deeper(b"[" * 4 + b"]" * 4, 3))
         self.assertTrue(deeper(b'[{"a": [[', 3))
@@ -358,7 +360,7 @@ class EnvelopePropertyTests(SynchronousTestCase):
     def test_nesting_depth_is_the_values(self, value, limit):
         """nested_deeper tells exactly whether a JSON document nests deeper than the limit."""
         text = json.dumps(value, ensure_ascii=False).encode()
-        self.assertEqual(envelope.nested_deeper(text, limit), depth(value) > limit)
+        self.assertEqual(strict_json.nested_deeper(text, limit), depth(value) > limit)
 
     @given(st.binary(max_size=64))
     def test_any_body_is_auth_or_a_clean_error(self, raw):

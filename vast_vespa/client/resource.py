@@ -47,7 +47,7 @@ from vast_vespa.outcome import (
     write_error,
 )
 from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
-from vast_vespa.worker.envelope import MAX_DEPTH, nested_deeper
+from vast_vespa.strict_json import MAX_DEPTH, nested_deeper
 from vast_vespa.workload import Workload
 
 RESERVED_PREFIX = b"/.vespa/"

@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from vast_vespa.client.keys import KeyLookupError
 from vast_vespa.logs import mask
 from vast_vespa.outcome import describe_failure
-from vast_vespa.worker.envelope import loads
+from vast_vespa.strict_json import loads
 
 # One /route/ HTTP call may take this long before it counts as a network error.
 ROUTE_CALL_TIMEOUT = 10.0

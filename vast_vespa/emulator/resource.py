@@ -19,7 +19,7 @@ from twisted.web.server import Request
 
 from vast_vespa.emulator.registry import Registry, RouteError
 from vast_vespa.outcome import error_body
-from vast_vespa.worker.envelope import loads
+from vast_vespa.strict_json import loads
 
 JSON = b"application/json"
 
