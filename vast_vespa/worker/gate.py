@@ -213,17 +213,10 @@ class SignedGate:
 
     def _admit(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
-        request_idx = None
-        if auth is None:
-            work = 0.0  # unsecured and not a serverless request: no workload to account
-        else:
-            request_idx = auth["request_idx"]
-            try:
-                work = workload(auth["cost"], self._default_cost)
-            except BadCost as e:
-                raise Rejection(422, "invalid cost", str(e)) from None
+        request_idx = None if auth is None else auth["request_idx"]
+        work = self._workload(unwrapped)
         try:
-            self._admission.check()
+            self._admission.check(work)
         except TooBusy as busy:
             self._metrics.reject(work, request_idx)
             raise Rejection(
@@ -242,6 +235,20 @@ class SignedGate:
             return self._admitted(slot, forward, token)
         slot.addErrback(self._left_queue, token)
         return slot.addCallback(self._admitted, forward, token)
+
+    def _workload(self, unwrapped: Unwrapped) -> float:
+        """The workload of this request, the one place it is decided: its ``cost`` (with the
+        DEFAULT_COST rule), bounded by what the worker serves within MAX_WAIT_TIME, since a
+        url-shape signature does not cover ``cost``. A payload-based estimate plugs in here.
+
+        @raise Rejection: 422 for a cost that cannot be a workload."""
+        if unwrapped.auth is None:
+            return 0.0  # unsecured and not a serverless request: no workload to account
+        try:
+            work = workload(unwrapped.auth["cost"], self._default_cost)
+        except BadCost as e:
+            raise Rejection(422, "invalid cost", str(e)) from None
+        return self._admission.bound(work)
 
     def _left_queue(self, failure: Failure, token: int) -> Failure:
         if failure.check(CancelledError):
