@@ -249,6 +249,7 @@ class ProxiedRequest:
             or request.startedWriting
             or request.finished
             or self._client_gone
+            or request.channel is None
         ):
             return
         forwarded = Headers()

@@ -489,7 +489,8 @@ class _Connection(Protocol):
                 size = self._max_head_size
                 self._broken(Failure(BadResponseHead(f"response head over {size} bytes")))
             elif not self._gone:
-                self._feed(data[left:])
+                self.dataReceived(data[left:])  # the body, or what follows a HEAD answer
+                return
         else:
             if left is not None:
                 self._head_left = left - len(data)
