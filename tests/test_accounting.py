@@ -83,12 +83,12 @@ class AccountingTests(SynchronousTestCase):
         worker.flush()
         self.assertEqual(metrics.in_flight, {})
 
-        worker.state.max_perf = 10.0  # from here the wait estimate matters
+        worker.state.max_perf = 32.0  # from here the wait estimate matters
         held = self.send(worker, HELD.decode(), "held", envelope(worker, 32, 6))
         self.assertEqual(len(metrics.in_flight), 1)
         queued = self.send(worker, "/queued", "queued", envelope(worker, 64, 7))
         self.assertEqual(len(metrics.in_flight), 2)  # waiting for the one slot
-        # (32 + 64) / 10 = 9.6 s of estimated wait, over MAX_WAIT_TIME 5 s
+        # (32 + 64 + its own 128) / 32 = 7 s of estimated wait, over MAX_WAIT_TIME 5 s
         self.assertEqual(self.post(worker, "/x", "busy", envelope(worker, 128, 8)), 429)
         queued.leave()
         worker.advance(1)

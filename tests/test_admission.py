@@ -7,7 +7,14 @@ import math
 from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.worker.admission import Admission, BadCost, Slot, TooBusy, workload
+from vast_vespa.worker.admission import (
+    UNMEASURED_CEILING,
+    Admission,
+    BadCost,
+    Slot,
+    TooBusy,
+    workload,
+)
 
 
 class WorkloadTests(SynchronousTestCase):
@@ -42,6 +49,33 @@ class WaitTests(SynchronousTestCase):
             admission.check()
         self.assertAlmostEqual(caught.exception.wait, 7.2)
         self.assertEqual(caught.exception.retry_after, 3)
+
+    def test_own_workload_counts(self):
+        """The request's own workload is part of its wait: one that would take the queue past
+        MAX_WAIT_TIME is refused even when what is in flight alone is under it."""
+        admission = Admission(lambda: 40.0, lambda: 10.0, 5.0)
+        admission.check(10.0)  # (40 + 10) / 10 = 5 s: fine
+        with self.assertRaises(TooBusy) as caught:
+            admission.check(30.0)
+        self.assertAlmostEqual(caught.exception.wait, 7.0)
+
+    def test_retry_after_capped(self):
+        """Retry-After never exceeds MAX_WAIT_TIME (rounded up), whatever the estimate."""
+        self.assertEqual(TooBusy(1e15, 10.0).retry_after, 10)
+        self.assertEqual(TooBusy(1e15, 2.5).retry_after, 3)
+        self.assertEqual(TooBusy(10.2, 10.0).retry_after, 1)
+
+    def test_workload_bounded_by_what_is_served_within_max_wait(self):
+        """A claimed workload is clamped to max_perf x MAX_WAIT_TIME (a fixed ceiling when
+        either is 0), so that on an idle worker the clamped request is still admitted."""
+        admission = Admission(lambda: 0.0, lambda: 10.0, 5.0)
+        self.assertEqual(admission.ceiling(), 50.0)
+        self.assertEqual(admission.bound(20.0), 20.0)
+        self.assertEqual(admission.bound(1e15), 50.0)
+        self.assertEqual(admission.clamped, 1)
+        admission.check(admission.bound(1e15))  # idle: still admitted
+        self.assertEqual(Admission(lambda: 0.0, lambda: 0.0, 5.0).bound(1e15), UNMEASURED_CEILING)
+        self.assertEqual(Admission(lambda: 0.0, lambda: 9.0, 0.0).bound(1e15), UNMEASURED_CEILING)
 
     def test_not_benchmarked_or_off(self):
         """Without a benchmark (max_perf 0), or with MAX_WAIT_TIME 0, nothing is refused."""

@@ -181,12 +181,44 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual((answer.code, answer.json()["error"]), (401, "replayed request"))
         self.assertEqual(len(worker.backend.seen), 1)
 
+    def test_forged_cost_is_clamped(self):
+        """A url-shape signature does not cover cost: a request claiming 1e15 counts for what
+        the worker serves within MAX_WAIT_TIME (max_perf 10 x 5 s), is served on an idle
+        worker, and neither the 429 of the next request nor the report shows 1e15."""
+        worker = self.worker(max_wait_time=5.0, max_perf=10.0)
+        held = worker.envelope("/slow?delay=1", cost=1e15, request_idx=1)
+        self.assertEqual(len(worker.backend.seen), 1)
+        self.assertEqual(worker.metrics.load, 50.0)
+        answer = worker.post("/x", envelope(worker.auth(cost=1e15, request_idx=2)))
+        self.assertEqual(answer.code, 429)
+        self.assertEqual(answer.header(b"retry-after"), [b"5"])
+        self.assertEqual(answer.json()["estimated_wait"], 10.0)
+        worker.report()
+        status = worker.autoscaler.statuses[-1]
+        self.assertEqual((status["cur_load"], status["rej_load"]), (50.0, 50.0))
+        worker.advance(1)
+        self.assertEqual(worker.answered(held).code, 200)
+
+    def test_copied_request_idx_does_not_end_another_request(self):
+        """A url-shape signature does not cover request_idx: a request bringing an idx in
+        flight is served, but only the first request's end is reported under it."""
+        worker = self.worker()
+        held = worker.envelope("/slow?delay=1", request_idx=7)
+        copy = envelope(worker.auth(request_idx=7))
+        self.assertEqual(worker.post("/status/500", copy).code, 500)
+        worker.report()
+        self.assertEqual(worker.autoscaler.deleted(), {})
+        worker.advance(1)
+        self.assertEqual(worker.answered(held).code, 200)
+        worker.report()
+        self.assertEqual(worker.autoscaler.deleted(), {7: True})
+
     def test_reports_add_up(self):
         """One at a time (ALLOW_PARALLEL=false): a held request, a queued one whose client
         leaves (never reaches the backend), a 429 with the estimate, a served one and a
         backend 500. The reports add up to exactly the workload served, rejected and
         cancelled, and every request_idx is deleted with its success flag."""
-        worker = self.worker(allow_parallel=False, max_wait_time=5.0, max_perf=1.0)
+        worker = self.worker(allow_parallel=False, max_wait_time=5.0, max_perf=10.0)
         metrics = worker.metrics
         held = worker.envelope("/slow?delay=0.5", cost=2.0, request_idx=1)
         self.assertEqual(len(worker.backend.seen), 1)
@@ -194,8 +226,8 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual((len(metrics.in_flight), worker.admission.queued), (2, 1))
         answer = worker.post("/x", envelope(worker.auth(cost=40.0, request_idx=3)))
         self.assertEqual(answer.code, 429)
-        self.assertEqual(answer.header(b"retry-after"), [b"27"])
-        self.assertEqual(answer.json()["estimated_wait"], 32.0)
+        self.assertEqual(answer.header(b"retry-after"), [b"3"])  # (2 + 30 + 40) / 10 - 5
+        self.assertEqual(answer.json()["estimated_wait"], 7.2)
         queued.leave()
         self.assertEqual(len(metrics.in_flight), 1)
         worker.advance(0.5)
@@ -351,8 +383,9 @@ class AdminGaugeTests(SynchronousTestCase):
         auth = {**AUTH, "cost": 50.0, "request_idx": 5, "url": "http://w"}
         auth["signature"] = sign(key, auth, "url")
         body = json.dumps(envelope(auth)).encode()
+        other = json.dumps(envelope({**auth, "request_idx": 6})).encode()
         held = request(service.site, raw_http("POST", "/held", body))
-        queued = request(service.site, raw_http("POST", "/queued", body))
+        queued = request(service.site, raw_http("POST", "/queued", other))
         metrics = scrape()
         self.assertEqual(metrics[("vespa_workload_in_flight", ())], 100.0)
         self.assertEqual(metrics[("vespa_requests_queued", ())], 1)

@@ -44,6 +44,42 @@ def make(backlog: int = 100) -> tuple[Clock, WorkerState, WorkerMetrics, list[in
     return clock, state, metrics, disk
 
 
+class RequestIdxTests(SynchronousTestCase):
+    """A url-shape signature does not cover request_idx: the first request to bring an idx
+    owns it, and a copy can neither end the owner's entry nor change its success flag."""
+
+    def test_copy_in_flight_is_not_reported(self):
+        _, _, metrics, _ = make()
+        owner = metrics.start(10.0, 7)
+        copy = metrics.start(10.0, 7)
+        metrics.reject(10.0, 7)  # a 429 with the copied idx
+        metrics.finish(copy, Outcome.ERRORED)
+        self.assertEqual(list(metrics.finished), [])
+        self.assertEqual(metrics.report().body["working_request_idxs"], [7])
+        metrics.finish(owner, Outcome.SERVED)
+        self.assertEqual([(f.request_idx, f.success) for f in metrics.finished], [(7, True)])
+        self.assertEqual(metrics.idx_copies, 2)
+
+    def test_copy_after_the_end_is_not_reported_again(self):
+        _, _, metrics, _ = make()
+        metrics.finish(metrics.start(1.0, 7), Outcome.SERVED)
+        metrics.reject(1.0, 8)
+        metrics.finish(metrics.start(1.0, 7), Outcome.ERRORED)
+        metrics.reject(1.0, 8)
+        self.assertEqual(
+            [(f.request_idx, f.success) for f in metrics.finished], [(7, True), (8, False)]
+        )
+        self.assertEqual(metrics.report().body["num_requests_recieved"], 4)
+
+    def test_finished_idx_forgotten_beyond_the_backlog(self):
+        """The set of finished idx is bounded like the backlog."""
+        _, _, metrics, _ = make(backlog=2)
+        for idx in (1, 2, 3):
+            metrics.reject(1.0, idx)
+        metrics.reject(1.0, 1)
+        self.assertEqual([f.request_idx for f in metrics.finished], [3, 1])
+
+
 class MetricsTests(SynchronousTestCase):
     def test_wire_order_and_identity(self):
         """The body has every /worker_status/ field in the reference order."""

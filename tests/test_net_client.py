@@ -44,6 +44,7 @@ from zope.interface import implementer
 from tests.helpers import FAST_PATH, listen, until
 from vast_vespa.net.client import (
     READ_SIZE,
+    BadResponseHead,
     BytesProducer,
     ConnectionPool,
     LeanAgent,
@@ -274,10 +275,10 @@ class Client:
     """A LeanAgent with its own pool; its connections are recorded (server-side counts say
     whether a connection was reused)."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, limits: tuple[int, int] | None = None) -> None:
         self.pool = pool
         self.endpoints = RecordingEndpoints()
-        self.agent = LeanAgent(pool, self.endpoints)
+        self.agent = LeanAgent(pool, self.endpoints, True, *(limits or ()))
 
     @property
     def connections(self) -> list[Any]:
@@ -359,11 +360,14 @@ class Http11Case(TestCase):
         backend = ScriptedBackend(answers, on_headers)
         return listen(self, backend).encode(), backend
 
-    def client(self, clock: Clock | None = None, **pool_options: Any) -> Client:
+    def client(
+        self, clock: Clock | None = None, limits: tuple[int, int] | None = None, **pool_options: Any
+    ) -> Client:
         """A client whose connections are aborted at the end of the test. Its pool's idle
         timers run on ``clock`` (a Clock nobody advances by default: a connection that is
-        wrongly kept is not rescued by the idle timeout)."""
-        client = Client(ConnectionPool(clock or Clock(), **pool_options))
+        wrongly kept is not rescued by the idle timeout); ``limits``: the largest response
+        head and the most headers."""
+        client = Client(ConnectionPool(clock or Clock(), **pool_options), limits)
 
         async def close() -> None:
             for connection in client.connections:
@@ -632,6 +636,99 @@ class ResponseFramingTests(Http11Case):
         """A 103 with headers, then the 200 in a later write: the 200 alone is the answer."""
         hints = response(b"103 Early Hints", b"Link: </style.css>; rel=preload")
         await self.assert_interim_skipped(in_pieces(hints, ok(b"real")))
+
+
+class ResponseHeadTests(Http11Case):
+    """What of a backend's response head is refused, rewritten or passed on."""
+
+    async def assert_bad_head(self, answer: Answer, why: str, **options: Any) -> None:
+        """``answer`` fails the call with BadResponseHead saying ``why``; the connection goes
+        and the next request is served on a new one."""
+        url, backend = self.serve(answer, ok(b"after"))
+        client = self.client(**options)
+        failure = await self.assertFailure(client.request(url), ResponseNeverReceived)
+        self.assertTrue(failure.reasons[0].check(BadResponseHead), failure.reasons)
+        self.assertIn(why, str(failure.reasons[0].value))
+        await self.assert_fresh_connection_works(client, url, backend)
+
+    async def test_head_over_the_limit(self):
+        """A header line larger than the limit, in one write or in pieces, is refused."""
+        big = b"X-Big: " + b"a" * 2000
+        await self.assert_bad_head(ok(b"x", big), "over 1000 bytes", limits=(1000, 100))
+        pieces = in_pieces(*(ok(b"x", big)[i : i + 100] for i in range(0, 2100, 100)))
+        await self.assert_bad_head(pieces, "over 1000 bytes", limits=(1000, 100))
+
+    async def test_interim_heads_count(self):
+        """1xx heads count towards the same limit: endless 103s are refused."""
+        hint = response(b"103 Early Hints", b"Link: </a.css>; rel=preload")
+        await self.assert_bad_head(hint * 100 + ok(), "over 1000 bytes", limits=(1000, 100))
+
+    async def test_too_many_headers(self):
+        headers = [b"X-%d: 1" % i for i in range(11)]
+        await self.assert_bad_head(ok(b"x", *headers), "more than 10", limits=(16384, 10))
+
+    async def test_head_at_the_limit_is_served(self):
+        """A head of exactly the limit, with its body in the same read, is served."""
+        answer = ok(b"body", b"X-Pad: " + b"a" * 100)
+        head_size = len(answer) - len(b"body")
+        url, _ = self.serve(answer)
+        fetched = await self.client(limits=(head_size, 3)).fetch(url)
+        self.assertEqual((fetched.response.code, fetched.body), (200, b"body"))
+
+    async def test_default_limits(self):
+        """16 KiB and 100 headers, as on the request side."""
+        await self.assert_bad_head(ok(b"x", b"X-Big: " + b"a" * 20000), "over 16384 bytes")
+        headers = [b"X-%d: 1" % i for i in range(101)]
+        await self.assert_bad_head(ok(b"x", *headers), "more than 100")
+
+    async def test_status_below_100(self):
+        await self.assert_bad_head(ok().replace(b"200 OK", b"099 Odd"), "status 99")
+        await self.assert_bad_head(ok().replace(b"200 OK", b"000 Zero"), "status 0")
+
+    async def test_control_bytes_in_the_phrase_are_not_passed_on(self):
+        """A phrase with a control byte is replaced with the standard one; a clean one stays,
+        obs-text included."""
+        url, _ = self.serve(
+            ok().replace(b"200 OK", b"200 O\x1b[2Jk"), ok().replace(b"OK", b"Fine \xe9")
+        )
+        client = self.client()
+        self.assertEqual((await client.fetch(url)).response.phrase, b"OK")
+        self.assertEqual((await client.fetch(url)).response.phrase, b"Fine \xe9")
+
+    async def test_identity_body_ends_at_close(self):
+        """Transfer-Encoding other than a final chunked does not frame the body: it is read
+        to the close, whole (PotentialDataLoss, as any close-delimited body)."""
+        for coding in (b"identity", b"chunked, identity", b"gzip"):
+            url, _ = self.serve(
+                in_pieces(
+                    response(b"200 OK", b"Transfer-Encoding: " + coding),
+                    b"0\r\n\r\npart one, ",
+                    b"part two",
+                    close=True,
+                )
+            )
+            fetched = await self.client().fetch(url)
+            self.assertEqual(fetched.body, b"0\r\n\r\npart one, part two", coding)
+            self.assertReason(fetched.reason, PotentialDataLoss)
+
+    async def test_interim_answers_are_told(self):
+        """request_with_interim tells of each 1xx (phrase and headers) before the answer."""
+        hints = response(b"103 Early Hints", b"Link: </style.css>; rel=preload")
+        url, _ = self.serve(hints + response(b"102 Processing") + ok(b"real"))
+        told: list[tuple[int, bytes, list[bytes] | None]] = []
+        client = self.client()
+        answer = await client.agent.request_with_interim(
+            b"GET",
+            url,
+            interim=lambda code, phrase, headers: told.append(
+                (code, phrase, headers.getRawHeaders(b"link"))
+            ),
+        )
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(
+            told,
+            [(103, b"Early Hints", [b"</style.css>; rel=preload"]), (102, b"Processing", None)],
+        )
 
 
 # ---- 5. the request on the wire -------------------------------------------------------------

@@ -219,8 +219,15 @@ class ProxiedRequest:
         return self._done
 
     def _send(self) -> None:
+        # vast_vespa.net.client's agent tells of interim answers; Twisted's Agent drops them.
+        with_interim = getattr(self._agent, "request_with_interim", None)
         try:
-            pending = self._agent.request(self._method, self._url, self._headers, self._body)
+            if with_interim is not None:
+                pending = with_interim(
+                    self._method, self._url, self._headers, self._body, self._interim
+                )
+            else:
+                pending = self._agent.request(self._method, self._url, self._headers, self._body)
         except Exception:  # an agent should fail its Deferred instead: a bug, not the backend
             self._log.failure(
                 "{method} {url}: could not send to the backend",
@@ -233,6 +240,26 @@ class ProxiedRequest:
             return
         self._pending = pending
         pending.addCallbacks(self._got_response, self._no_response)
+
+    def _interim(self, code: int, phrase: bytes, headers: Headers) -> None:
+        """A 1xx answer from the backend (103 Early Hints, 102 Processing) goes on to an
+        HTTP/1.1 client before the final one (RFC 9110 15.2), with its end-to-end headers.
+        Not 100 Continue: the worker answers a client's Expect itself and never sends one on,
+        so a backend's 100 answers the worker's request, not the client's."""
+        request = self._request
+        if (
+            code == 100
+            or request.clientproto != b"HTTP/1.1"  # HTTP/1.0 clients get no 1xx (15.2)
+            or request.startedWriting
+            or request.finished
+            or self._client_gone
+            or request.channel is None
+        ):
+            return
+        forwarded = Headers()
+        for name, values in end_to_end(headers, frozenset()):
+            forwarded.setRawHeaders(name, values)
+        request.channel.writeHeaders(b"HTTP/1.1", b"%d" % code, phrase, forwarded)
 
     def _client_disconnected(self, reason: Failure) -> None:
         if self._client_gone:

@@ -249,6 +249,21 @@ class Settings:
         "0",
         "Seconds for the backend's response headers to arrive (504 after); 0 = no limit.",
     )
+    backend_max_header_size: int = worker_option(
+        "BACKEND_MAX_HEADER_SIZE",
+        "backend-max-header-size",
+        parse_size,
+        "16k",
+        "Largest backend response head (status line, headers, 1xx heads before it), in bytes "
+        "(502 beyond it).",
+    )
+    backend_max_headers: int = worker_option(
+        "BACKEND_MAX_HEADERS",
+        "backend-max-headers",
+        parse_count,
+        "100",
+        "Most header lines accepted in one backend response (502 beyond it).",
+    )
     backend_stall_timeout: float = worker_option(
         "BACKEND_STALL_TIMEOUT",
         "backend-stall-timeout",

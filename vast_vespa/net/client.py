@@ -49,7 +49,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     UNKNOWN_LENGTH,
@@ -81,6 +81,34 @@ READ_SIZE = 120 * 1024
 _RESPONSE_DONE = Failure(ResponseDone())
 # Timers may fire this early (float rounding); an idle connection this close to expiry goes.
 _TIMER_SLACK = 0.001
+# Limits of a backend's response head (interim 1xx heads included), as on the request side.
+MAX_HEAD_SIZE = 16 * 1024
+MAX_HEADERS = 100
+# What a reason phrase may hold (RFC 9112 4: HTAB, SP, VCHAR, obs-text): no control bytes.
+_PHRASE_CONTROLS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+
+# Told of each interim (1xx other than 101) answer: code, phrase, headers.
+Interim = Callable[[int, bytes, Headers], object]
+
+
+class BadResponseHead(Exception):
+    """A response head the relay will not pass on: too large, too many headers, or a status
+    below 100 (the relay answers 502 with this text as the detail)."""
+
+
+def reason_phrase(code: int, phrase: bytes) -> bytes:
+    """``phrase``, or the standard one for ``code`` when it holds control bytes (a phrase is
+    relayed to clients, and a CR or NUL in it could break their parsers)."""
+    if phrase.translate(None, _PHRASE_CONTROLS) != phrase:
+        return RESPONSES.get(code, b"")
+    return phrase
+
+
+def chunked_last(values: list[bytes]) -> bool:
+    """Whether the Transfer-Encoding ``values`` end with ``chunked``: only then does the
+    encoding frame the body (RFC 9112 6.3); any other ends at the connection's close."""
+    codings = b",".join(values).split(b",")
+    return codings[-1].strip().lower() == b"chunked"
 
 
 @implementer(IBodyProducer)
@@ -269,10 +297,21 @@ class Response:
 class _Connection(Protocol):
     """One keep-alive connection to a backend, carrying one request at a time."""
 
-    def __init__(self, pool: ConnectionPool, key: Key, fast_path: bool) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        key: Key,
+        fast_path: bool,
+        max_head_size: int = MAX_HEAD_SIZE,
+        max_headers: int = MAX_HEADERS,
+    ) -> None:
         self._pool = pool
         self._key = key
         self._fast = fast_path
+        self._max_head_size = max_head_size
+        self._max_headers = max_headers
+        self._head_left: int | None = None  # bytes the head may still take; None: past it
+        self._interim: Interim | None = None  # told of 1xx answers to the request in flight
         self._parser = HttpResponseParser(self)
         self._waiting: Deferred[IResponse] | None = None  # until the response headers
         self._response: Response | None = None  # until the response body ends
@@ -337,13 +376,16 @@ class _Connection(Protocol):
         host: bytes,
         headers: Headers | None,
         body: IBodyProducer | None,
+        interim: Interim | None = None,
     ) -> Deferred[IResponse]:
         waiting: Deferred[IResponse] = Deferred(lambda _: self.abort())
         if self._gone:
             waiting.errback(Failure(RequestNotSent()))
             return waiting
         self._waiting = waiting
+        self._interim = interim
         self._head = method == b"HEAD"
+        self._head_left = self._max_head_size
         self._phrase = b""
         self._headers = []
         self._body_seen = 0
@@ -437,21 +479,42 @@ class _Connection(Protocol):
         if not self._busy:
             self.abort()  # a backend talking out of turn: never reuse this connection
             return
+        left = self._head_left
+        if left is not None and len(data) > left:
+            # The head may not grow past its limit: the parser gets what fits, and the rest
+            # only if the head ended within it (it never holds an oversized head).
+            self._feed(data[:left])
+            if self._head_left is not None and not self._gone:
+                self._head_left = None
+                size = self._max_head_size
+                self._broken(Failure(BadResponseHead(f"response head over {size} bytes")))
+            elif not self._gone:
+                self.dataReceived(data[left:])  # the body, or what follows a HEAD answer
+                return
+        else:
+            if left is not None:
+                self._head_left = left - len(data)
+            self._feed(data)
+        if self._splice is not None and not self._splice.started:
+            self._start_splice()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._announce_response()
-            self._broken(Failure(e))
+            error = e.__context__ if isinstance(e.__context__, BadResponseHead) else e
+            self._broken(Failure(error))
         if self._announce is not None:  # this read carried a response's head
             self._announce_response()
-        if self._splice is not None and not self._splice.started:
-            self._start_splice()
 
     def on_status(self, phrase: bytes) -> None:
         self._phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(self._headers) > self._max_headers:
+            raise BadResponseHead(f"more than {self._max_headers} response headers")
 
     def on_headers_complete(self) -> None:
         if not self._busy:  # more after a complete answer, in the same read
@@ -462,13 +525,13 @@ class _Connection(Protocol):
             why = "101 Switching Protocols, but the relay never asks to upgrade a connection"
             self._broken(Failure(HttpParserError(why)))
             return
-        if 100 <= code < 200:
-            self._phrase = b""
-            self._headers = []
-            return  # informational (100 Continue, 103 Early Hints): the answer follows
+        if code < 100:
+            self._broken(Failure(BadResponseHead(f"status {code} is not an HTTP status")))
+            return
         headers = Headers()
         length: Any = UNKNOWN_LENGTH
         framed = False
+        codings: list[bytes] = []
         for name, value in self._headers:
             headers.addRawHeader(name, value)
             lower = name.lower()
@@ -476,16 +539,28 @@ class _Connection(Protocol):
                 framed = True
                 length = int(value)
             elif lower == b"transfer-encoding":
-                framed = True
-                length = UNKNOWN_LENGTH
+                codings.append(value)
         self._headers = []
+        phrase, self._phrase = reason_phrase(code, self._phrase), b""
+        if code < 200:
+            # Interim (100 Continue, 103 Early Hints): the answer follows. Its head counts
+            # against the same limit as the final one.
+            if self._interim is not None:
+                self._interim(code, phrase, headers)
+            return
+        if codings and chunked_last(codings):
+            # llhttp refuses Content-Length beside Transfer-Encoding (ambiguous framing).
+            framed = True
+            length = UNKNOWN_LENGTH
+        self._head_left = None
+        self._interim = None
         no_body = self._head or code in _NO_BODY_STATUS
         if no_body and length is UNKNOWN_LENGTH:
             length = 0
         self._delimited_by_close = not framed and not no_body
         if not self._parser.should_keep_alive() or self._delimited_by_close:
             self._reusable = False
-        response = Response(self, code, self._phrase, headers, length)
+        response = Response(self, code, phrase, headers, length)
         self._response = response
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
@@ -598,6 +673,8 @@ class _Connection(Protocol):
         self._fail_in_flight(failure)
 
     def _fail_in_flight(self, failure: Failure) -> None:
+        self._head_left = None
+        self._interim = None
         self._stop_body()
         waiting, self._waiting = self._waiting, None
         if waiting is not None and not waiting.called:
@@ -644,13 +721,15 @@ class _ChunkedConsumer:
 class _ConnectionFactory(Factory):
     noisy = False  # no "Starting factory" line per backend connection
 
-    def __init__(self, pool: ConnectionPool, key: Key, fast_path: bool) -> None:
-        self._pool = pool
+    def __init__(self, agent: LeanAgent, key: Key) -> None:
+        self._agent = agent
         self._key = key
-        self._fast = fast_path
 
     def buildProtocol(self, addr: Any) -> _Connection:
-        return _Connection(self._pool, self._key, self._fast)
+        agent = self._agent
+        return _Connection(
+            agent.pool, self._key, agent.fast_path, agent.max_head_size, agent.max_headers
+        )
 
 
 class _Backend:
@@ -670,11 +749,18 @@ class LeanAgent:
     MAX_BACKENDS = 256  # the client proxy talks to whichever workers it is routed to
 
     def __init__(
-        self, pool: ConnectionPool, endpoints: IAgentEndpointFactory, fast_path: bool = True
+        self,
+        pool: ConnectionPool,
+        endpoints: IAgentEndpointFactory,
+        fast_path: bool = True,
+        max_head_size: int = MAX_HEAD_SIZE,
+        max_headers: int = MAX_HEADERS,
     ) -> None:
-        self._pool = pool
+        self.pool = pool
         self._endpoints = endpoints
-        self._fast = fast_path
+        self.fast_path = fast_path
+        self.max_head_size = max_head_size
+        self.max_headers = max_headers
         self._backends: dict[Key, _Backend] = {}
 
     def request(
@@ -684,6 +770,18 @@ class LeanAgent:
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
+        return self.request_with_interim(method, uri, headers, bodyProducer)
+
+    def request_with_interim(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+        interim: Interim | None = None,
+    ) -> Deferred[IResponse]:
+        """:meth:`request`, with ``interim`` told of each 1xx answer (but 101) before the
+        response."""
         scheme, sep, rest = uri.partition(b"://")
         if not sep or scheme not in (b"http", b"https"):
             return fail(ValueError(f"not an http(s) URL: {uri!r}"))
@@ -696,12 +794,12 @@ class LeanAgent:
         if target[:1] != b"/":
             target = b"/" + target
         backend = self._backend(scheme, netloc)
-        connection = self._pool.take(backend.key)
+        connection = self.pool.take(backend.key)
         if connection is None:
-            return self._connect(backend, method, target, headers, bodyProducer)
-        sent = connection.send(method, target, backend.host, headers, bodyProducer)
+            return self._connect(backend, method, target, headers, bodyProducer, interim)
+        sent = connection.send(method, target, backend.host, headers, bodyProducer, interim)
         if bodyProducer is None and method in _RETRY_SAFE:
-            sent.addErrback(self._closed_while_idle, backend, method, target, headers)
+            sent.addErrback(self._closed_while_idle, backend, method, target, headers, interim)
         return sent
 
     def _connect(
@@ -711,12 +809,11 @@ class LeanAgent:
         target: bytes,
         headers: Headers | None,
         body: IBodyProducer | None,
+        interim: Interim | None,
     ) -> Deferred[IResponse]:
-        connecting = backend.endpoint.connect(
-            _ConnectionFactory(self._pool, backend.key, self._fast)
-        )
+        connecting = backend.endpoint.connect(_ConnectionFactory(self, backend.key))
         return connecting.addCallback(  # type: ignore[no-any-return]
-            lambda connection: connection.send(method, target, backend.host, headers, body)
+            lambda connection: connection.send(method, target, backend.host, headers, body, interim)
         )
 
     def _closed_while_idle(
@@ -726,12 +823,13 @@ class LeanAgent:
         method: bytes,
         target: bytes,
         headers: Headers | None,
+        interim: Interim | None,
     ) -> Failure | Deferred[IResponse]:
         """A kept-alive connection the backend had closed just before (its FIN not read yet):
         a body-less idempotent request is sent again on a new connection."""
         reasons = getattr(failure.value, "reasons", None)
         if failure.check(ResponseNeverReceived) and reasons and reasons[0].check(ConnectionClosed):
-            return self._connect(backend, method, target, headers, None)
+            return self._connect(backend, method, target, headers, None, interim)
         return failure
 
     def _backend(self, scheme: bytes, netloc: bytes) -> _Backend:
@@ -835,8 +933,12 @@ def backend_agent(
     tls: IPolicyForHTTPS | None = None,
     *,
     fast_path: bool,
+    max_head_size: int = MAX_HEAD_SIZE,
+    max_headers: int = MAX_HEADERS,
 ) -> IAgent:
     """The relay's agent (:class:`LeanAgent`): connections from ``pool``, endpoints made
     once per backend, giving up on a connection attempt after ``connect_timeout`` seconds
-    (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy)."""
-    return LeanAgent(pool, _CachedEndpoints(reactor, connect_timeout, tls), fast_path)
+    (None: Twisted's 30), https checked by ``tls`` (None: Twisted's browser-like policy),
+    response heads refused beyond ``max_head_size`` bytes or ``max_headers`` headers."""
+    endpoints = _CachedEndpoints(reactor, connect_timeout, tls)
+    return LeanAgent(pool, endpoints, fast_path, max_head_size, max_headers)

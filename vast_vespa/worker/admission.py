@@ -3,6 +3,11 @@
 Admission (PROTOCOL.md section 5): a request's workload, the estimated wait before the backend
 gets to it, and the concurrency slots (FIFO when ALLOW_PARALLEL is false or MAX_CONCURRENCY is
 set). No reactor: the in-flight load and the benchmarked throughput are read through callables.
+
+A url-shape signature does not cover ``cost`` (PROTOCOL 3.2), so the workload a request claims
+is bounded: never more than the worker serves within MAX_WAIT_TIME (:meth:`Admission.bound`,
+clamped rather than refused, so that a genuine large request on an idle worker is still
+served), and the request's own workload counts in its wait check.
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+# The workload ceiling when it cannot be derived (no benchmark, or MAX_WAIT_TIME 0): large
+# enough for any real request in any benchmark's units, small enough that a forged cost
+# cannot make the autoscaler's figures meaningless.
+UNMEASURED_CEILING = 1e6
+CLAMP_LOG_EVERY = 1000  # one log line per this many clamped costs
 
 
 class BadCost(ValueError):
@@ -44,8 +56,10 @@ class TooBusy(Exception):
 
     @property
     def retry_after(self) -> int:
-        """Whole seconds until the queue should have drained below the limit."""
-        return max(1, math.ceil(self.wait - self.limit))
+        """Whole seconds until the queue should have drained below the limit; never more than
+        the limit itself (a client told to wait longer than MAX_WAIT_TIME would not come back,
+        and an estimate that large only comes from a figure gone wrong)."""
+        return max(1, min(math.ceil(self.wait - self.limit), math.ceil(self.limit)))
 
 
 class Slot:
@@ -61,7 +75,10 @@ class Slot:
 
 
 class Admission:
-    """Wait-time check and concurrency slots for requests that passed authentication."""
+    """Workload ceiling, wait-time check and concurrency slots for requests that passed
+    authentication."""
+
+    _log = Logger()
 
     def __init__(
         self,
@@ -83,21 +100,49 @@ class Admission:
         self._free = concurrency
         self._limited = concurrency > 0
         self._queue: deque[Deferred[Slot]] = deque()
+        self.clamped = 0  # costs cut down to the ceiling so far
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def estimated_wait(self) -> float:
-        """Seconds before a new request would start: the load in flight over the throughput."""
+    def ceiling(self) -> float:
+        """The most workload one request counts for: what the worker serves within
+        MAX_WAIT_TIME (max_perf x MAX_WAIT_TIME), or :data:`UNMEASURED_CEILING` when either
+        is 0."""
         perf = self._max_perf()
-        return self._load() / perf if perf > 0 else 0.0
+        if perf > 0 and self._max_wait > 0:
+            return perf * self._max_wait
+        return UNMEASURED_CEILING
 
-    def check(self) -> None:
-        """@raise TooBusy: when the estimated wait is over MAX_WAIT_TIME."""
+    def bound(self, work: float) -> float:
+        """``work`` clamped to the :meth:`ceiling` (logged the first time and every
+        :data:`CLAMP_LOG_EVERY` times after)."""
+        ceiling = self.ceiling()
+        if work <= ceiling:
+            return work
+        self.clamped += 1
+        if self.clamped % CLAMP_LOG_EVERY == 1:
+            self._log.info(
+                "cost {cost:g} clamped to {ceiling:g}, the workload this worker serves within "
+                "MAX_WAIT_TIME ({clamped} clamped so far)",
+                cost=work,
+                ceiling=ceiling,
+                clamped=self.clamped,
+            )
+        return ceiling
+
+    def estimated_wait(self, work: float = 0.0) -> float:
+        """Seconds before the backend would be done with what is in flight plus ``work``."""
+        perf = self._max_perf()
+        return (self._load() + work) / perf if perf > 0 else 0.0
+
+    def check(self, work: float = 0.0) -> None:
+        """@param work: the request's own workload, which counts in its wait.
+        @raise TooBusy: when the estimated wait is over MAX_WAIT_TIME."""
         if self._max_wait <= 0:
             return
-        wait = self.estimated_wait()
+        wait = self.estimated_wait(work)
         if wait > self._max_wait:
             raise TooBusy(wait, self._max_wait)
 

@@ -235,19 +235,10 @@ class SignedGate:
         self, request: Request, unwrapped: Unwrapped, cost_signed: bool = False
     ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
-        request_idx = None
-        if auth is None:
-            work = 0.0  # unsecured and not a serverless request: no workload to account
-        else:
-            request_idx = auth["request_idx"]
-            try:
-                work = workload(auth["cost"], self._default_cost)
-            except BadCost as e:
-                raise Rejection(422, "invalid cost", str(e)) from None
-            if not cost_signed and not self._workload.uses_cost:
-                work = self._estimate(request, unwrapped)
+        request_idx = None if auth is None else auth["request_idx"]
+        work = self._work_of(request, unwrapped, cost_signed)
         try:
-            self._admission.check()
+            self._admission.check(work)
         except TooBusy as busy:
             self._metrics.reject(work, request_idx)
             raise Rejection(
@@ -266,6 +257,22 @@ class SignedGate:
             return self._admitted(slot, forward, token)
         slot.addErrback(self._left_queue, token)
         return slot.addCallback(self._admitted, forward, token)
+
+    def _work_of(self, request: Request, unwrapped: Unwrapped, cost_signed: bool) -> float:
+        """The workload of this request, the one place it is decided: its ``cost`` (with the
+        DEFAULT_COST rule), or WORKLOAD's estimate where the cost is not signed, bounded by
+        what the worker serves within MAX_WAIT_TIME so a forged cost cannot block the queue.
+
+        @raise Rejection: 422 for a cost that cannot be a workload."""
+        if unwrapped.auth is None:
+            return 0.0  # unsecured and not a serverless request: no workload to account
+        try:
+            work = workload(unwrapped.auth["cost"], self._default_cost)
+        except BadCost as e:
+            raise Rejection(422, "invalid cost", str(e)) from None
+        if not cost_signed and not self._workload.uses_cost:
+            work = self._estimate(request, unwrapped)
+        return self._admission.bound(work)
 
     def _estimate(self, request: Request, unwrapped: Unwrapped) -> float:
         """WORKLOAD's estimate of what the backend gets: an envelope's payload (parsed

@@ -14,13 +14,17 @@ Accounting choices (README "What is reported"):
 - ``loadtime`` is sent in every report once loaded (as the SDK does), so a lost report
   cannot lose it;
 - ``num_requests_recieved`` counts the requests received since start (B34);
-- the in-flight table is keyed by a per-request id, never by ``reqnum`` (B31).
+- the in-flight table is keyed by a per-request id, never by ``reqnum`` (B31);
+- a ``request_idx`` belongs to the first request that brings it: a later request with an
+  idx in flight or already finished is served and counted but never reported under it
+  (a url-shape signature does not cover ``request_idx``, so a copied idx must not end
+  another client's request in /delete_requests/ or turn its success into a failure).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,12 +141,20 @@ class WorkerMetrics:
         self._seen_changes = 0  # ...as of the last delivered report
         self._state_sent: tuple[object, ...] | None = None  # STATE_FIELDS of that report
         self._disk_sent: int | None = None
+        self._idx_owners: dict[int, int] = {}  # request_idx in flight -> its owner's token
+        self._idx_done: OrderedDict[int, None] = OrderedDict()  # the last finished, oldest first
+        self.idx_copies = 0  # requests whose request_idx was someone else's
 
     # Recording (called by the gate)
 
     def start(self, workload: float, request_idx: int | None) -> int:
         """A request was admitted (it may still wait for a slot); returns its id."""
         token = next(self._ids)
+        if request_idx is not None:
+            if self._taken(request_idx):
+                request_idx = None
+            else:
+                self._idx_owners[request_idx] = token
         self.in_flight[token] = Admitted(workload, request_idx, self._clock.seconds())
         self.load += workload
         self.window.received += workload
@@ -172,6 +184,8 @@ class WorkerMetrics:
         else:
             self.window.errored += w
         self._changes += 1
+        if entry.request_idx is not None:
+            del self._idx_owners[entry.request_idx]
         self._finished(entry.request_idx, outcome, entry.entered, entry.started)
 
     def reject(self, workload: float, request_idx: int | None) -> None:
@@ -180,13 +194,31 @@ class WorkerMetrics:
         self.received_count += 1
         self._changes += 1
         now = self._clock.seconds()
-        self._finished(request_idx, Outcome.REJECTED, now, 0.0)
+        if request_idx is not None and not self._taken(request_idx):
+            self._finished(request_idx, Outcome.REJECTED, now, 0.0)
+
+    def _taken(self, request_idx: int) -> bool:
+        """Whether ``request_idx`` is another request's, in flight or finished lately."""
+        if request_idx not in self._idx_owners and request_idx not in self._idx_done:
+            return False
+        self.idx_copies += 1
+        if self.idx_copies % DROP_LOG_EVERY == 1:
+            self._log.info(
+                "request_idx {idx} arrived again: the request is served but not reported "
+                "under it ({copies} such requests so far)",
+                idx=request_idx,
+                copies=self.idx_copies,
+            )
+        return True
 
     def _finished(
         self, request_idx: int | None, outcome: Outcome, entered: float, started: float
     ) -> None:
         if request_idx is None:
-            return  # unsecured requests without auth_data: nothing to tell the autoscaler
+            return  # no auth_data, or someone else's request_idx: nothing to report
+        self._idx_done[request_idx] = None
+        if len(self._idx_done) > self._backlog:
+            self._idx_done.popitem(last=False)
         if len(self.finished) >= self._backlog:
             oldest = self.finished.popleft()
             self.dropped += 1

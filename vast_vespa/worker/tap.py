@@ -78,7 +78,14 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     fast = choose_fast_path(settings.fast_path, reactor)
     clock = cast(IReactorTime, reactor)
     pool = backend_pool(reactor)
-    agent = backend_agent(reactor, pool, settings.backend_connect_timeout or None, fast_path=fast)
+    agent = backend_agent(
+        reactor,
+        pool,
+        settings.backend_connect_timeout or None,
+        fast_path=fast,
+        max_head_size=settings.backend_max_header_size,
+        max_headers=settings.backend_max_headers,
+    )
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
     state = WorkerState(started=clock.seconds())
     metrics = admin.PrometheusMetrics(state, clock)
