@@ -27,7 +27,8 @@ follows on the connection can be trusted), and never seen by the resource:
 - 414/431: a request line or head over the size limit, too many headers; 413: a body over the
   size limit (from ``Content-Length`` before it is read, or while a chunked body arrives);
 - 408: a head not complete within its deadline (slowloris), a body slower than the minimum
-  rate; 503: connections over the cap.
+  rate; 503: connections over the cap (in all, or from one address) when no idle connection
+  could be closed to make room (:class:`ConnectionTable`).
 
 llhttp parses all it is given: what it finds behind a request being answered (requests,
 bodies, a refusal) is queued and handed out in order once the answer is done, so a pipelined
@@ -45,7 +46,7 @@ request.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -148,6 +149,77 @@ class Limits:
     head_timeout: float = 30.0  # seconds from a request's first byte to its last header
     min_body_rate: float = 1024.0  # bytes per second, averaged over BODY_RATE_WINDOW; 0 = off
     max_connections: int = 2048  # open client connections; 0 = no limit
+    max_connections_per_address: int = 0  # open connections from one client address; 0 = off
+
+
+class ConnectionTable:
+    """A site's open client connections: how many, from which address, and which are idle
+    (no request arriving or being answered, one that has sent nothing included), oldest idle
+    first. At ``max_connections``, or at an address's cap, the oldest idle connection (of that
+    address, for its cap) is closed to make room before a new one is refused, as nginx closes
+    idle keep-alive connections: silent connections cannot lock other clients out."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.reclaimed = 0  # idle connections closed to make room
+        self._by_address: Counter[str] = Counter()
+        self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
+        self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
+
+    def opened(self, address: str | None, limits: Limits) -> tuple[int, str] | None:
+        """Count a new connection from ``address``; None if it may stay, else the cap it is
+        over that no idle connection could be closed for: (the cap, "" or " from one
+        address")."""
+        self.open += 1
+        per_address = limits.max_connections_per_address
+        if address is not None:
+            self._by_address[address] += 1
+            if per_address and self._by_address[address] > per_address:
+                if not self._reclaim(self._idle_by_address.get(address)):
+                    return per_address, " from one address"
+        if limits.max_connections and self.open > limits.max_connections:
+            if not self._reclaim(self._idle):
+                return limits.max_connections, ""
+        return None
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def from_address(self, address: str) -> int:
+        return self._by_address[address]
+
+    def closed(self, channel: GuardedChannel, address: str | None) -> None:
+        self.busy(channel, address)
+        self.open -= 1
+        if address is not None:
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
+
+    def idle(self, channel: GuardedChannel, address: str | None) -> None:
+        self._idle[channel] = None
+        if address is not None:
+            self._idle_by_address.setdefault(address, {})[channel] = None
+
+    def busy(self, channel: GuardedChannel, address: str | None) -> None:
+        self._idle.pop(channel, None)
+        if address is not None:
+            idle = self._idle_by_address.get(address)
+            if idle is not None:
+                idle.pop(channel, None)
+                if not idle:
+                    del self._idle_by_address[address]
+
+    def _reclaim(self, idle: dict[GuardedChannel, None] | None) -> bool:
+        """Close the oldest of ``idle``; False if there is none."""
+        if not idle:
+            return False
+        self.reclaimed += 1
+        next(iter(idle)).reclaim()  # which takes it out of this table
+        return True
 
 
 class _Stop(Exception):
@@ -198,6 +270,8 @@ class GuardedChannel(Protocol):
     _drop_input = False
     _refused = False
     _counted = False
+    _listed_idle = False  # in the site's ConnectionTable as idle
+    _address: str | None = None  # the client's IP address, for the per-address cap
     _secure = False
     _last_seen = 0.0
     _head_timer: IDelayedCall | None = None
@@ -219,17 +293,20 @@ class GuardedChannel(Protocol):
         self._host = transport.getHost()
         transport.registerProducer(self, True)
         self._counted = True
-        self.site.open_connections += 1
+        self._address = getattr(self._peer, "host", None)
         limits = self._limits = self.site.limits
-        if limits.max_connections and self.site.open_connections > limits.max_connections:
+        over = self.site.connections.opened(self._address, limits)
+        if over is not None:
+            cap, which = over
             self.refuse(
                 503,
                 "too many connections",
-                f"this worker accepts at most {limits.max_connections} open connections; "
-                "retry shortly",
+                f"this worker accepts at most {cap} open connections{which}; retry shortly",
                 [(b"retry-after", b"1")],
             )
             return
+        self._listed_idle = True
+        self.site.connections.idle(self, self._address)
         self._parser = HttpRequestParser(self)
         if self.timeOut:
             self._last_seen = self.site.reactor.seconds()
@@ -237,8 +314,8 @@ class GuardedChannel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
-            self._counted = False
-            self.site.open_connections -= 1
+            self._counted = self._listed_idle = False
+            self.site.connections.closed(self, self._address)
         for timer in (self._head_timer, self._rate_timer, self._idle_timer, self._linger):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -271,6 +348,41 @@ class GuardedChannel(Protocol):
         self._linger = self.callLater(ABORT_TIMEOUT, transport.abortConnection)
         self.loseConnection()
 
+    def reclaim(self) -> None:
+        """Closed, idle, to make room for a new connection (see :class:`ConnectionTable`)."""
+        self._counted = self._listed_idle = False
+        self.site.connections.closed(self, self._address)
+        self._drop_input = True
+        self._log.info("Closing idle client {peer} to make room", peer=str(self._peer))
+        for timer in (self._idle_timer, self._head_timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._head_timer = self._rate_timer = None
+        self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
+        self.loseConnection()
+
+    def _is_idle(self) -> bool:
+        """No request arriving, queued or being answered, and more may come."""
+        return not (
+            self._request is not None
+            or self._in_head
+            or self._in_body
+            or self._events
+            or self._partial_line is not None
+            or self._drop_input
+            or self._parse_stopped
+        )
+
+    def _set_busy(self) -> None:
+        if self._listed_idle:
+            self._listed_idle = False
+            self.site.connections.busy(self, self._address)
+
+    def _set_idle_if_idle(self) -> None:
+        if not self._listed_idle and self._counted and self._is_idle():
+            self._listed_idle = True
+            self.site.connections.idle(self, self._address)
+
     # Refusing
 
     def refuse(
@@ -284,6 +396,7 @@ class GuardedChannel(Protocol):
         if self._refused:
             return
         self._refused = self._drop_input = True
+        self._set_busy()
         self._events.clear()
         self._partial_line = None
         self.site.refusals[error] += 1
@@ -348,6 +461,12 @@ class GuardedChannel(Protocol):
     # Input
 
     def dataReceived(self, data: bytes) -> None:
+        if self._listed_idle:
+            self._set_busy()
+        self._received(data)
+        self._set_idle_if_idle()
+
+    def _received(self, data: bytes) -> None:
         if self._drop_input or self._parse_stopped:
             return
         answering = self._answering
@@ -693,6 +812,7 @@ class GuardedChannel(Protocol):
             return  # answered at once: the loop handing out requests goes on
         self._apply()
         self._arm_input_timers()
+        self._set_idle_if_idle()
 
     def getPeer(self) -> Any:
         return self._peer
