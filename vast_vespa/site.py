@@ -20,7 +20,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from vast_vespa.net.server import ConnectionTable, GuardedChannel, Limits
+from vast_vespa.net.server import ConnectionTable, EarlyVerdict, GuardedChannel, Limits
 from vast_vespa.outcome import JSON, error_body
 
 # Request bodies up to this size are kept in memory, larger ones in a temporary file (as
@@ -91,6 +91,7 @@ class VespaSite(Site):
         self.name = name
         self.limits = limits or Limits()
         self.connections = ConnectionTable()
+        self.early_verdict: EarlyVerdict | None = None  # the worker's, when secured
         self.refusals: Counter[str] = Counter()
         self._date = (-1, b"")  # (second, its Date value)
 

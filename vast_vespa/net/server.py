@@ -50,6 +50,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import Protocol as Interface
 
 from httptools import (
     HttpParserCallbackError,
@@ -222,6 +223,30 @@ class ConnectionTable:
         return True
 
 
+class EarlyVerdict(Interface):
+    """What may refuse a request before its body is read (the worker's signature check, set
+    as its site's ``early_verdict``). A request refused early goes to the resource at once,
+    without its body (the verdict keeps the refusal for the resource to answer); no ``100
+    Continue`` is sent, the rest of the body is read and dropped for a moment while the answer
+    goes out, and the connection is closed."""
+
+    def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
+        """Whether the request is refused whatever its body, from its head alone (its
+        headers are set; its method and target come with it)."""
+
+    def refuses_body_start(
+        self, request: Request, method: bytes, target: bytes, start: bytes
+    ) -> bool | None:
+        """Whether the request is refused from the first bytes of its body; None: cannot
+        tell yet, ask again with more."""
+
+
+# While an early verdict waits for a body's first bytes: how many it is first asked with,
+# and how many it is asked with at most (each time it is asked again, twice as many).
+EARLY_FIRST = 512
+EARLY_LIMIT = 1 << 16
+
+
 class _Stop(Exception):
     """Raised in a parser callback to stop llhttp (a refusal is queued, or the last request
     was parsed)."""
@@ -269,6 +294,9 @@ class GuardedChannel(Protocol):
     _producer: IPushProducer | None = None  # the answer's, registered by its Request
     _drop_input = False
     _refused = False
+    _answered_early = False  # refused by the site's early verdict: close lingering when done
+    _body_start: bytearray | None = None  # a body's first bytes, for the early verdict
+    _body_ask = 0  # the size of _body_start at which the early verdict is asked next
     _counted = False
     _listed_idle = False  # in the site's ConnectionTable as idle
     _address: str | None = None  # the client's IP address, for the per-address cap
@@ -420,6 +448,10 @@ class GuardedChannel(Protocol):
         ]
         transport = self._transport  # a TCP or TLS transport
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        transport = self._transport
         transport.unregisterProducer()
         # Half-close and keep reading (and dropping) for a moment: closing with unread input
         # would send a reset that can destroy the answer before the client reads it.
@@ -430,6 +462,19 @@ class GuardedChannel(Protocol):
         close_write()
         transport.resumeProducing()
         self._linger = self.callLater(LINGER, transport.abortConnection)
+
+    def _answer_early(self) -> None:
+        """The early verdict refused the request: hand it to the resource now, its body (the
+        rest of it) unread; see :class:`EarlyVerdict`."""
+        self._body_start = None
+        self._persistent = False
+        self._answered_early = True
+        self._events.clear()
+        self._parse_stopped = True
+        if self._reading_paused and not self._waiting_for_transport:
+            self._reading_paused = False  # read (and drop) while the answer goes out
+            self._transport.resumeProducing()
+        self._all_content_received()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # What twisted.web's Request calls on input it cannot use.
@@ -731,10 +776,13 @@ class GuardedChannel(Protocol):
                 event = events.popleft()
                 kind = event[0]
                 if kind == _BODY:
+                    if self._body_start is not None and self._watch_body_start(event[1]):
+                        break
                     cast(Request, self._request).handleContentChunk(event[1])
                 elif kind == _HEAD:
                     self._start_request(*event[1:])
                 elif kind == _END:
+                    self._body_start = None
                     self._all_content_received()
                 else:
                     self.refuse(*event[1:])
@@ -776,8 +824,34 @@ class GuardedChannel(Protocol):
         if cookies:
             request.parseCookies()
         request.gotLength(length)
+        verdict = self.site.early_verdict
+        if verdict is not None:
+            if verdict.refuses_head(request, method, target):
+                self._answer_early()
+                return
+            if length != 0:
+                self._body_start, self._body_ask = bytearray(), EARLY_FIRST
         if expect:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _watch_body_start(self, data: bytes) -> bool:
+        """Keep a body's first bytes for the early verdict, and ask it at each doubling of
+        them (asking costs a parse of what is kept): True when it refused the request."""
+        start = cast(bytearray, self._body_start)
+        start += data[: EARLY_LIMIT - len(start)]
+        if len(start) < self._body_ask and len(start) < EARLY_LIMIT:
+            return False
+        self._body_ask = 2 * len(start)
+        request = cast(Request, self._request)
+        verdict = cast(EarlyVerdict, self.site.early_verdict)
+        refused = verdict.refuses_body_start(request, self._command, self._path, bytes(start))
+        if refused is None and len(start) < EARLY_LIMIT:
+            return False
+        if refused:
+            self._answer_early()
+            return True
+        self._body_start = None
+        return False
 
     def _all_content_received(self) -> None:
         """The request is complete: hand it to the resource (twisted.web's requestReceived)."""
@@ -803,6 +877,9 @@ class GuardedChannel(Protocol):
             raise TypeError(f"{request!r} is not this connection's current request")
         self._request = None
         self._answering = False
+        if self._answered_early:
+            self._close_lingering()
+            return
         if not self._persistent:
             self.loseConnection()
             return

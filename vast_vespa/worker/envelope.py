@@ -119,7 +119,7 @@ def nested_deeper(text: bytes, limit: int = MAX_DEPTH) -> bool:
     return max(accumulate(array("b", brackets.translate(_STEPS))), default=0) > limit
 
 
-# Strict JSON: every number keeps its int/float form, no NaN or Infinity (loads, _leading_auth).
+# Strict JSON: every number keeps its int/float form, no NaN or Infinity (loads, leading_auth).
 _STRICT: dict[str, Any] = {"parse_float": _finite, "parse_int": int, "parse_constant": _no_constant}
 
 
@@ -213,7 +213,7 @@ _LEADING_AUTH = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"auth_data"[ \t\r\n]*:[ \t\r
 _DECODER = json.JSONDecoder(**_STRICT)
 
 
-def _leading_auth(start: bytes) -> tuple[Any] | None:
+def leading_auth(start: bytes) -> tuple[Any] | None:
     """The value of ``auth_data`` when it is the first key of the envelope ``start`` begins
     (in a 1-tuple), or None when it is not or cannot be read from ``start`` alone.
 
@@ -349,7 +349,7 @@ def unwrap(
                 return Unwrapped(None, uri)  # plain JSON: neither parsed nor held in memory
             if not unsecured and (size := _size(body)) > PEEK:
                 body.seek(0)
-                leading = _leading_auth(body.read(PEEK))
+                leading = leading_auth(body.read(PEEK))
                 if leading is not None:
                     auth = check_auth(leading[0], 422, "auth_data")
                     return Unwrapped(auth, uri, None, "envelope", body)

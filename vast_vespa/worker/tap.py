@@ -134,6 +134,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     site = VespaSite(
         resource, limits_from(settings), name="worker", fast_path=fast, reactor=reactor
     )
+    if keys is not None:
+        site.early_verdict = gate  # auth refused from the head, before the body is read
     metrics.register_gauge(
         "vespa_open_connections",
         "Client connections open on the worker listeners.",
