@@ -11,8 +11,11 @@ from io import BytesIO
 from typing import IO
 from urllib.parse import urlencode
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.fakes import FakeBackend
+from tests.helpers import listen, raw_request, signed_auth, start_signed_worker
 from tests.memory import MemoryWorker
 
 EXPECT = b"Expect: 100-continue\r\n"
@@ -171,3 +174,21 @@ class EarlyAuthTests(SynchronousTestCase):
         raw = self.head(json.dumps(self.forged()), 5).replace(EXPECT, b"") + b"hello"
         self.assertEqual(worker.answered(worker.send(raw)).code, 200)
         self.assertEqual([seen.body for seen in worker.backend.seen], [b"hello"])
+
+
+class EarlyAuthSocketTests(TestCase):
+    async def test_forged_header_with_expect_gets_401_before_sending_its_body(self) -> None:
+        """A real secured worker (as built for twistd): a forged X-Serverless-Auth with
+        Expect: 100-continue and a 64 MiB Content-Length is answered 401 while the client
+        has sent only the head, and the connection is closed."""
+        backend = FakeBackend(reactor)
+        worker = await start_signed_worker(self, listen(self, backend))
+        auth = signed_auth(worker.key, "http://elsewhere:1", "url")
+        head = (
+            b"POST /x HTTP/1.1\r\nHost: w\r\nX-Serverless-Auth: %s\r\nContent-Length: %d\r\n%s\r\n"
+            % (json.dumps({**auth, "url": worker.public_url}).encode(), 64 << 20, EXPECT)
+        )
+        raw = await raw_request(worker.url, head)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:200])
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertEqual(backend.seen, [])
