@@ -240,8 +240,12 @@ class SignedGate:
         except AuthError as e:
             raise self._malformed(request.uri, e) from None
         keys = self._keys
-        if keys is None:
-            return self._admit(request, unwrapped)  # unsecured: nothing to check
+        if keys is None:  # unsecured: nothing to check
+            try:
+                unwrapped = with_payload(unwrapped)
+            except AuthError:
+                unwrapped = Unwrapped(None, request.uri)  # malformed: passes untouched
+            return self._admit(request, unwrapped)
         if unwrapped.auth is None:
             raise Rejection(
                 401,
