@@ -93,6 +93,7 @@ class VespaSite(Site):
         self.connections = ConnectionTable()
         self.early_verdict: EarlyVerdict | None = None  # the worker's, when secured
         self.refusals: Counter[str] = Counter()
+        self.dropped_headers = 0  # request header fields with _ in the name (GuardedChannel)
         self._date = (-1, b"")  # (second, its Date value)
 
     @property

@@ -14,8 +14,8 @@ follows on the connection can be trusted), and never seen by the resource:
 
 - 400: a malformed request line or target (control characters, spaces, bytes that are not
   ASCII), a header name that is not a token, control characters other than HTAB in a value,
-  obs-fold, lines not ended by CRLF, duplicate or missing ``Host``, ``Content-Length`` with
-  ``Transfer-Encoding``, two ``Content-Length`` headers or one that is not digits or is 2^64 or
+  obs-fold, lines not ended by CRLF, a ``*`` target (``OPTIONS *``), duplicate or missing
+  ``Host``, ``Content-Length`` with ``Transfer-Encoding``, two ``Content-Length`` headers or one that is not digits or is 2^64 or
   more, a ``Transfer-Encoding`` other than a single ``chunked`` (``identity`` included),
   malformed chunks (a chunk size of 2^64 or more included), more than ``max_header_size``
   bytes of chunk extensions and trailers in a row, an upgrade request with a body;
@@ -29,6 +29,10 @@ follows on the connection can be trusted), and never seen by the resource:
 - 408: a head not complete within its deadline (slowloris), a body slower than the minimum
   rate; 503: connections over the cap (in all, or from one address) when no idle connection
   could be closed to make room (:class:`ConnectionTable`).
+
+Header fields whose name holds an underscore are dropped (counted in the site's
+``dropped_headers``), as nginx drops them: a WSGI/ASGI backend would read ``X_Forwarded_For``
+as ``X-Forwarded-For``.
 
 llhttp parses all it is given: what it finds behind a request being answered (requests,
 bodies, a refusal) is queued and handed out in order once the answer is done, so a pipelined
@@ -699,13 +703,22 @@ class GuardedChannel(Protocol):
             self._stop(505, "HTTP version not supported", "use HTTP/1.1")
         if method in REFUSED_METHODS:
             self._stop(*_method_not_allowed(method))
+        if target[:1] == b"*":
+            # Asterisk-form (OPTIONS *) asks about this server: Vespa has nothing to say about
+            # the backend's, and twisted.web would answer it 200 itself.
+            self._stop(400, _BAD, "malformed request target: expected a path, not *")
         size = len(method) + len(target) + 14  # two spaces, the version, three line ends
         headers = Headers()
         length: int | None = 0
         chunked = connection = expect = cookies = upgrade = False
-        hosts = 0
+        hosts = underscored = 0
         for name, value in fields:
             size += len(name) + len(value) + 4
+            if b"_" in name:
+                # Dropped, as nginx does: WSGI/ASGI backends read X_Forwarded_For as the
+                # X-Forwarded-For the worker writes.
+                underscored += 1
+                continue
             value = value.rstrip(b" \t")  # llhttp drops the whitespace before a value only
             lower = name.lower()
             if lower in _FRAMING:
@@ -728,6 +741,13 @@ class GuardedChannel(Protocol):
             headers.addRawHeader(name, value)
         size = max(size, self._head_size)
         self._head_size = 0
+        if underscored:
+            self.site.dropped_headers += underscored
+            self._log.debug(
+                "dropped {count} header(s) with _ in the name from {peer}",
+                count=underscored,
+                peer=getattr(self._peer, "host", "?"),
+            )
         if size > limits.max_header_size:
             self._stop(
                 *self._head_too_large(len(method) + len(target) + 12 > limits.max_header_size)
