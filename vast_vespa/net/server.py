@@ -17,8 +17,9 @@ follows on the connection can be trusted), and never seen by the resource:
   obs-fold, lines not ended by CRLF, a ``*`` target (``OPTIONS *``), duplicate or missing
   ``Host``, ``Content-Length`` with ``Transfer-Encoding``, two ``Content-Length`` headers or
   one that is not digits or is 2^64 or more, a ``Transfer-Encoding`` other than a single
-  ``chunked`` (``identity`` included), malformed chunks (a chunk size of 2^64 or more included), more than ``max_header_size``
-  bytes of chunk extensions and trailers in a row, an upgrade request with a body;
+  ``chunked`` (``identity`` included), malformed chunks (a chunk size of 2^64 or more
+  included), more than ``max_header_size`` bytes of chunk extensions and trailers in a row,
+  an upgrade request with a body;
 - 405 (with ``Allow``): CONNECT, TRACE and any method llhttp does not know (it knows the
   registered ones, as Node.js's server; lowercase names are not methods); 505: an HTTP
   version other than 1.0 and 1.1 (the HTTP/2 preface included; llhttp also reads RTSP/1.0 and
