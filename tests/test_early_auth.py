@@ -65,6 +65,7 @@ class EarlyAuthTests(SynchronousTestCase):
         self.assertEqual(answer.code, code, connection.received[:300])
         self.assertNotIn(b"100 Continue", connection.received)
         self.assertTrue(connection.closed)
+        self.assertEqual(answer.header(b"connection"), [b"close"])  # a client's pool drops it
         self.assertEqual(self.worker.backend.seen, [])
         # What the client sends on is read and dropped, never kept.
         if not connection.lost:

@@ -474,6 +474,9 @@ class GuardedChannel(Protocol):
         self._body_start = None
         self._persistent = False
         self._answered_early = True
+        if self._version == b"HTTP/1.1":
+            request = cast(Request, self._request)
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         self._events.clear()
         self._parse_stopped = True
         if self._reading_paused and not self._waiting_for_transport:
