@@ -27,7 +27,7 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vast_vespa.net.server import BODY_RATE_WINDOW, Limits
+from vast_vespa.net.server import BODY_RATE_WINDOW, RECLAIM_AFTER, Limits
 from vast_vespa.settings import load_settings
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.tap import limits_from
@@ -244,6 +244,7 @@ class ConnectionCapTests(SynchronousTestCase):
         """At the cap, a new connection closes the oldest idle one (silent ones are idle) and
         is served; the others stay open."""
         (_, first), (_, second), (_, third) = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER)
         channel, transport = self.connect("127.0.0.2")
         self.assertTrue(first.disconnecting)
         self.assertFalse(second.disconnecting or third.disconnecting)
@@ -256,7 +257,9 @@ class ConnectionCapTests(SynchronousTestCase):
         """A connection that was answered is idle from its answer on: one silent since before
         is closed first."""
         (first_channel, first), (_, second), _ = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER)
         first_channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.clock.advance(RECLAIM_AFTER)
         self.connect()
         self.assertFalse(first.disconnecting)
         self.assertTrue(second.disconnecting)
@@ -265,6 +268,7 @@ class ConnectionCapTests(SynchronousTestCase):
         """Connections with a head or a body arriving are not idle: at the cap a new one gets
         503 and those are kept."""
         heads = [self.connect() for _ in range(2)]
+        self.clock.advance(RECLAIM_AFTER)
         heads[0][0].dataReceived(b"GET /x HTTP/1.1\r\nHo")
         heads[1][0].dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 9\r\n\r\nab")
         busy = self.connect()
@@ -281,6 +285,7 @@ class ConnectionCapTests(SynchronousTestCase):
         self.site.limits = Limits(max_connections=10, max_connections_per_address=2)
         _, other = self.connect("127.0.0.2")
         (_, first), (_, second) = self.connect(), self.connect()
+        self.clock.advance(RECLAIM_AFTER)
         _, third = self.connect()
         self.assertTrue(first.disconnecting)
         self.assertFalse(other.disconnecting or second.disconnecting or third.disconnecting)
@@ -296,6 +301,19 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertIn(b"open connections from one address", transport.value())
         _, fine = self.connect("127.0.0.2")
         self.assertFalse(self.refused(fine) or fine.disconnecting)
+
+    def test_connection_idle_for_a_moment_only_is_kept(self):
+        """A connection idle for less than RECLAIM_AFTER (a keep-alive connection just
+        answered, about to carry its client's next request) is not closed: 503 instead."""
+        connections = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER / 2)
+        _, transport = self.connect("127.0.0.2")
+        self.assertTrue(self.refused(transport))
+        self.assertFalse(any(kept.disconnecting for _, kept in connections))
+        self.clock.advance(RECLAIM_AFTER / 2)
+        _, transport = self.connect("127.0.0.2")
+        self.assertFalse(self.refused(transport))
+        self.assertTrue(connections[0][1].disconnecting)
 
     def test_per_address_cap_zero_is_off(self):
         self.site.limits = Limits(max_connections=0, max_connections_per_address=0)
@@ -353,12 +371,16 @@ class SocketLimitTests(TestCase):
 
     async def test_silent_connections_from_one_address_do_not_lock_out_another(self):
         """Many connections from one address that send nothing (more than MAX_CONNECTIONS)
-        do not keep a client at another address out: it is served, the flood's oldest idle
-        connections are closed to make room, and the flood's address is held to its cap."""
+        do not keep a client at another address out: it is served, and the flood's address is
+        held to its cap (MAX_CONNECTIONS / 8 by default)."""
         url, service = start_worker(self, self.backend_url, max_connections=8)
         flood = [await raw_connect(url, RawClient(b"")) for _ in range(12)]
-        # (the worker's accepts happen in the kernel's order: nothing here says when)
-        await until(lambda: service.site.connections.reclaimed >= 4)
+        # (the worker's accepts happen in the kernel's order, silent ones after the listener's
+        # TCP_DEFER_ACCEPT second: nothing here says when)
+        site = service.site
+        await until(
+            lambda: site.connections.reclaimed + site.refusals["too many connections"] >= 11
+        )
         port = int(url.rsplit(":", 1)[1])
         other = RawClient(b"GET /other HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
         reactor.connectTCP(

@@ -90,7 +90,7 @@ class VespaSite(Site):
             self.requestFactory = VespaRequest
         self.name = name
         self.limits = limits or Limits()
-        self.connections = ConnectionTable()
+        self.connections = ConnectionTable(self.reactor)
         self.early_verdict: EarlyVerdict | None = None  # the worker's, when secured
         self.refusals: Counter[str] = Counter()
         self.dropped_headers = 0  # request header fields with _ in the name (GuardedChannel)

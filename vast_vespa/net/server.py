@@ -69,6 +69,7 @@ from twisted.internet.interfaces import (
     IProducer,
     IPullProducer,
     IPushProducer,
+    IReactorTime,
     ISSLTransport,
     ITCPTransport,
 )
@@ -158,14 +159,22 @@ class Limits:
     max_connections_per_address: int = 0  # open connections from one client address; 0 = off
 
 
+# How long a connection must have been idle to be closed to make room: a keep-alive connection
+# that has just been answered is likely to carry its client's next request at once (closing it
+# then races that request), while idle floods have long been idle.
+RECLAIM_AFTER = 1.0
+
+
 class ConnectionTable:
     """A site's open client connections: how many, from which address, and which are idle
     (no request arriving or being answered, one that has sent nothing included), oldest idle
     first. At ``max_connections``, or at an address's cap, the oldest idle connection (of that
     address, for its cap) is closed to make room before a new one is refused, as nginx closes
-    idle keep-alive connections: silent connections cannot lock other clients out."""
+    idle keep-alive connections, if it has been idle for :data:`RECLAIM_AFTER`: silent
+    connections cannot lock other clients out."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
         self.open = 0
         self.reclaimed = 0  # idle connections closed to make room
         self._by_address: Counter[str] = Counter()
@@ -206,6 +215,7 @@ class ConnectionTable:
                 del self._by_address[address]
 
     def idle(self, channel: GuardedChannel, address: str | None) -> None:
+        channel.idle_since = self._clock.seconds()
         self._idle[channel] = None
         if address is not None:
             self._idle_by_address.setdefault(address, {})[channel] = None
@@ -220,11 +230,15 @@ class ConnectionTable:
                     del self._idle_by_address[address]
 
     def _reclaim(self, idle: dict[GuardedChannel, None] | None) -> bool:
-        """Close the oldest of ``idle``; False if there is none."""
+        """Close the oldest of ``idle`` if it has been idle for RECLAIM_AFTER; False if none
+        has."""
         if not idle:
             return False
+        oldest = next(iter(idle))
+        if self._clock.seconds() - oldest.idle_since < RECLAIM_AFTER:
+            return False
         self.reclaimed += 1
-        next(iter(idle)).reclaim()  # which takes it out of this table
+        oldest.reclaim()  # which takes it out of this table
         return True
 
 
@@ -304,6 +318,7 @@ class GuardedChannel(Protocol):
     _body_ask = 0  # the size of _body_start at which the early verdict is asked next
     _counted = False
     _listed_idle = False  # in the site's ConnectionTable as idle
+    idle_since = 0.0  # when it was listed as idle (the site's clock)
     _address: str | None = None  # the client's IP address, for the per-address cap
     _secure = False
     _last_seen = 0.0
