@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -215,6 +216,13 @@ class ClockedLimitTests(SynchronousTestCase):
             self.assertEqual(limits.max_connections_per_address, expected, environment)
 
 
+class _Hanging(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return NOT_DONE_YET
+
+
 class ConnectionCapTests(SynchronousTestCase):
     """MAX_CONNECTIONS and MAX_CONNECTIONS_PER_ADDRESS: idle connections are closed, oldest
     first, to make room; connections with a request in progress never are."""
@@ -278,6 +286,18 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertIn(b"at most 3 open connections;", transport.value())
         for _, kept in [*heads, busy]:
             self.assertFalse(kept.disconnecting)
+
+    def test_connection_being_answered_is_never_closed(self):
+        """A request waiting for its answer (the backend is slow) keeps its connection busy,
+        however long it waits."""
+        self.site.resource = _Hanging()
+        waiting = [self.connect() for _ in range(3)]
+        for channel, _ in waiting:
+            channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.clock.advance(10 * RECLAIM_AFTER)
+        _, transport = self.connect("127.0.0.2")
+        self.assertTrue(self.refused(transport))
+        self.assertFalse(any(kept.disconnecting or kept.value() for _, kept in waiting))
 
     def test_per_address_cap_closes_that_address_idle_connection(self):
         """Over the per-address cap, that address's oldest idle connection makes room;
