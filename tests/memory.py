@@ -333,6 +333,8 @@ class MemoryWorker:
             stall_timeout,
         )
         self.site = VespaSite(self.resource, name="worker", fast_path=FAST_PATH, reactor=self.clock)
+        if signed and gate is None:
+            self.site.early_verdict = signed_gate  # as vast_vespa.worker.tap does
         self.connections: list[Connection] = []
         test.addCleanup(self._close)
         self.flush()

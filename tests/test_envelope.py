@@ -290,21 +290,31 @@ class EnvelopeTests(SynchronousTestCase):
         got = unwrap(b"GET", b"/x?serverless_cost=abc", None, body(b""), True)
         self.assertEqual((got.auth, got.target), (None, b"/x?serverless_cost=abc"))
 
-    def test_unsecured_large_json_is_scanned_not_read_whole(self):
-        """UNSECURED: a large plain JSON upload is never read into memory at once, and an
-        envelope key split across two read chunks is still found."""
-        big = b'{"prompt": "' + b"x" * (5 * envelope.SCAN_CHUNK) + b'"}'
-        recording = Recording(big)
-        got = unwrap(b"POST", b"/", None, recording, True)
-        self.assertEqual((got.auth, got.body), (None, None))
-        self.assertLessEqual(max(recording.reads), envelope.SCAN_CHUNK)
-        split = envelope.SCAN_CHUNK - 5  # '"auth_data"' straddles the first chunk boundary
-        raw = json.dumps({"payload": "y" * (split - 13), "auth_data": AUTH}).encode()
-        start = raw.index(envelope.ENVELOPE_KEY)
-        self.assertLess(start, envelope.SCAN_CHUNK)
-        self.assertGreater(start + len(envelope.ENVELOPE_KEY), envelope.SCAN_CHUNK)
+    def test_unsecured_large_json_is_never_parsed_whole(self):
+        """UNSECURED: a 20 MB JSON body that mentions "auth_data" (not leading) is passed
+        through untouched: only its first bytes are read, nothing is parsed as JSON. One that
+        leads with auth_data is an envelope, its payload read once it is needed."""
+        self.patch(envelope, "loads", _never)
+        for raw in (
+            b'{"prompt": "' + b"x" * (20 << 20) + b'", "note": "auth_data"}',
+            b'{"prompt": "' + b"x" * (20 << 20) + b'", "auth_data": {}}',
+        ):
+            recording = Recording(raw)
+            got = unwrap(b"POST", b"/", None, recording, True)
+            self.assertEqual((got.auth, got.body, got.envelope), (None, None, None))
+            self.assertLessEqual(sum(recording.reads), envelope.PEEK + 1024)
+        raw = json.dumps({"auth_data": AUTH, "payload": "y" * (2 << 20)}).encode()
+        got = unwrap(b"POST", b"/", None, Recording(raw), True)
+        self.assertEqual((got.auth, got.body, got.form), (AUTH, None, "envelope"))
+
+    def test_unsecured_unordered_envelope_up_to_the_limit_is_unwrapped(self):
+        raw = json.dumps({"payload": "y" * (envelope.PEEK * 2), "auth_data": AUTH}).encode()
         got = unwrap(b"POST", b"/", None, io.BytesIO(raw), True)
         self.assertEqual(got.auth, AUTH)
+
+
+def _never(text: bytes) -> None:
+    raise AssertionError("a large body was parsed whole")
 
 
 json_values = st.recursive(

@@ -13,12 +13,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, raw_request, start_worker
+from tests.memory import MemoryWorker
 from vast_vespa.site import VespaSite
 
 POST = b"POST /x HTTP/1.1\r\nHost: w\r\n"
@@ -42,6 +44,7 @@ CASES: dict[str, tuple[bytes, int]] = {
     "CL hex": (POST + b"Content-Length: 0x3\r\n\r\nabc", 400),
     "CL overflow": (POST + b"Content-Length: 99999999999999999999999999\r\n\r\n", 400),
     "CL of 5000 digits": (POST + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+    "CL of 20 digits": (POST + b"Content-Length: " + b"9" * 20 + b"\r\n\r\n", 400),
     "CL 2^64": (POST + b"Content-Length: 18446744073709551616\r\n\r\n", 400),
     "CL 2^64 - 1": (POST + b"Content-Length: 18446744073709551615\r\n\r\n", 413),
     "TE identity": (POST + b"Transfer-Encoding: identity\r\n\r\n", 400),
@@ -106,6 +109,8 @@ CASES: dict[str, tuple[bytes, int]] = {
     "LF-only line ends": (b"GET /x HTTP/1.1\nHost: w\n\n", 400),
     "LF-only end of head": (GET + b"\n", 400),
     "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    "OPTIONS *": (b"OPTIONS * HTTP/1.1\r\nHost: w\r\n\r\n", 400),
+    "GET *": (b"GET *?a=1 HTTP/1.1\r\nHost: w\r\n\r\n", 400),
     "upgrade with a body": (
         POST
         + b"Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: %d\r\n\r\n%s"
@@ -121,6 +126,8 @@ CASES: dict[str, tuple[bytes, int]] = {
 # Refused by llhttp at once (the old parser waited for a deadline, raised, or let them through).
 IMMEDIATE = (
     "CL of 5000 digits",
+    "CL of 20 digits",
+    "OPTIONS *",
     "TE identity",
     "chunk size of 2^64",
     "LF-only line ends",
@@ -209,9 +216,13 @@ class _Seen(Resource):
 
 class ImmediateRefusalTests(SynchronousTestCase):
     def test_refused_as_soon_as_it_arrives(self):
-        """A Content-Length of thousands of digits, `Transfer-Encoding: identity`, a chunk size
-        of 2^64 and LF-only line ends are answered 400 in the read that brings them: no
-        deadline has to pass, nothing raises, nothing reaches the resource."""
+        """A Content-Length of thousands of digits (or 20), `Transfer-Encoding: identity`, a
+        chunk size of 2^64, LF-only line ends and `OPTIONS *` are answered 400 in the read
+        that brings them: no deadline has to pass, nothing raises (no error or traceback in
+        the log), nothing reaches the resource."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for name in IMMEDIATE:
             payload, code = CASES[name]
             resource = _Seen()
@@ -228,3 +239,20 @@ class ImmediateRefusalTests(SynchronousTestCase):
             self.assertEqual(site.refusals["bad request"], 1, name)
             channel.connectionLost(Failure(ConnectionDone()))
             self.assertEqual(clock.getDelayedCalls(), [], name)
+        loud = [e for e in events if e["log_level"] >= LogLevel.warn or "log_failure" in e]
+        self.assertEqual(loud, [])
+
+
+class UnderscoreHeaderTests(SynchronousTestCase):
+    def test_header_names_with_underscores_are_dropped(self):
+        """`X_Forwarded_For` (read as X-Forwarded-For by WSGI/ASGI backends) never reaches
+        the backend; other headers do; the drop is counted."""
+        worker = MemoryWorker(self, signed=False)
+        answer = worker.get("/x", {"X_Forwarded_For": "6.6.6.6", "X-Kept": "1", "a_b": "2"})
+        self.assertEqual(answer.code, 200)
+        [seen] = worker.backend.seen
+        names = {name.lower() for name in seen.headers}
+        self.assertIn(b"x-kept", names)
+        self.assertFalse([name for name in names if b"_" in name], names)
+        self.assertNotIn(b"6.6.6.6", b"".join(seen.headers[b"x-forwarded-for"]))
+        self.assertEqual(worker.site.dropped_headers, 2)

@@ -342,6 +342,17 @@ class UnsecuredTests(SynchronousTestCase):
         self.assertEqual(worker.backend.seen[-1].body, b'{"p": 2}')
         self.assertEqual(worker.backend.seen[-1].uri, b"/b?serverless_cost=1")
 
+    def test_large_bodies_relayed_as_sent_or_unwrapped(self):
+        """UNSECURED: a 20 MB JSON body mentioning auth_data (not leading) reaches the backend
+        byte for byte; a large envelope leading with auth_data is unwrapped (its payload)."""
+        worker = MemoryWorker(self, signed=False)
+        raw = b'{"prompt": "' + b"x" * (20 << 20) + b'", "note": "auth_data"}'
+        self.assertEqual(worker.call("POST", "/big", raw).code, 200)
+        self.assertEqual(worker.backend.seen[-1].body, raw)
+        payload = {"p": "y" * (1 << 17)}
+        self.assertEqual(worker.post("/env", envelope(AUTH, payload)).code, 200)
+        self.assertEqual(json.loads(worker.backend.seen[-1].body), payload)
+
     def test_nothing_reports_without_report_addr(self):
         """UNSECURED without REPORT_ADDR: the worker has no reporter."""
         settings = dataclasses.replace(Settings(), unsecured=True, listen=(), admin_listen="")

@@ -10,11 +10,13 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -26,7 +28,7 @@ from tests.helpers import (
     start_worker,
     until,
 )
-from vast_vespa.net.server import BODY_RATE_WINDOW, Limits
+from vast_vespa.net.server import BODY_RATE_WINDOW, RECLAIM_AFTER, Limits
 from vast_vespa.settings import load_settings
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.tap import limits_from
@@ -200,9 +202,143 @@ class ClockedLimitTests(SynchronousTestCase):
                 "HEAD_TIMEOUT": "5",
                 "MIN_BODY_RATE": "0",
                 "MAX_CONNECTIONS": "10",
+                "MAX_CONNECTIONS_PER_ADDRESS": "4",
             },
         )
-        self.assertEqual(limits_from(settings), Limits(2 << 20, 8192, 50, 5.0, 0.0, 10))
+        self.assertEqual(limits_from(settings), Limits(2 << 20, 8192, 50, 5.0, 0.0, 10, 4))
+
+    def test_per_address_cap_defaults_to_an_eighth(self):
+        """MAX_CONNECTIONS_PER_ADDRESS defaults to MAX_CONNECTIONS / 8; 0 turns it off."""
+        cases = [({}, 256), ({"MAX_CONNECTIONS": "100"}, 12), ({"MAX_CONNECTIONS": "0"}, 0)]
+        cases.append(({"MAX_CONNECTIONS_PER_ADDRESS": "0"}, 0))
+        for environment, expected in cases:
+            limits = limits_from(load_settings({}, environment))
+            self.assertEqual(limits.max_connections_per_address, expected, environment)
+
+
+class _Hanging(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return NOT_DONE_YET
+
+
+class ConnectionCapTests(SynchronousTestCase):
+    """MAX_CONNECTIONS and MAX_CONNECTIONS_PER_ADDRESS: idle connections are closed, oldest
+    first, to make room; connections with a request in progress never are."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.site = VespaSite(_Recorder(), Limits(max_connections=3), reactor=self.clock)
+        self.site.timeOut = None
+        self.channels = []
+
+    def tearDown(self):
+        for channel, _ in self.channels:
+            channel.connectionLost(Failure(ConnectionError("test over")))
+        self.assertEqual(self.site.open_connections, 0)
+
+    def connect(self, host="127.0.0.1"):
+        channel = self.site.buildProtocol(IPv4Address("TCP", host, 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4000))
+        channel.makeConnection(transport)
+        self.channels.append((channel, transport))
+        return channel, transport
+
+    def refused(self, transport):
+        return transport.value().startswith(b"HTTP/1.1 503 ")
+
+    def test_oldest_idle_connection_makes_room(self):
+        """At the cap, a new connection closes the oldest idle one (silent ones are idle) and
+        is served; the others stay open."""
+        (_, first), (_, second), (_, third) = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER)
+        channel, transport = self.connect("127.0.0.2")
+        self.assertTrue(first.disconnecting)
+        self.assertFalse(second.disconnecting or third.disconnecting)
+        self.assertFalse(self.refused(transport))
+        self.assertEqual((self.site.open_connections, self.site.connections.reclaimed), (3, 1))
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_connection_idle_again_goes_to_the_back(self):
+        """A connection that was answered is idle from its answer on: one silent since before
+        is closed first."""
+        (first_channel, first), (_, second), _ = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER)
+        first_channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.clock.advance(RECLAIM_AFTER)
+        self.connect()
+        self.assertFalse(first.disconnecting)
+        self.assertTrue(second.disconnecting)
+
+    def test_connection_with_a_request_in_progress_is_never_closed(self):
+        """Connections with a head or a body arriving are not idle: at the cap a new one gets
+        503 and those are kept."""
+        heads = [self.connect() for _ in range(2)]
+        self.clock.advance(RECLAIM_AFTER)
+        heads[0][0].dataReceived(b"GET /x HTTP/1.1\r\nHo")
+        heads[1][0].dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 9\r\n\r\nab")
+        busy = self.connect()
+        busy[0].dataReceived(b"G")
+        _, transport = self.connect("127.0.0.2")
+        self.assertTrue(self.refused(transport))
+        self.assertIn(b"at most 3 open connections;", transport.value())
+        for _, kept in [*heads, busy]:
+            self.assertFalse(kept.disconnecting)
+
+    def test_connection_being_answered_is_never_closed(self):
+        """A request waiting for its answer (the backend is slow) keeps its connection busy,
+        however long it waits."""
+        self.site.resource = _Hanging()
+        waiting = [self.connect() for _ in range(3)]
+        for channel, _ in waiting:
+            channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.clock.advance(10 * RECLAIM_AFTER)
+        _, transport = self.connect("127.0.0.2")
+        self.assertTrue(self.refused(transport))
+        self.assertFalse(any(kept.disconnecting or kept.value() for _, kept in waiting))
+
+    def test_per_address_cap_closes_that_address_idle_connection(self):
+        """Over the per-address cap, that address's oldest idle connection makes room;
+        another address's older idle connection is left alone."""
+        self.site.limits = Limits(max_connections=10, max_connections_per_address=2)
+        _, other = self.connect("127.0.0.2")
+        (_, first), (_, second) = self.connect(), self.connect()
+        self.clock.advance(RECLAIM_AFTER)
+        _, third = self.connect()
+        self.assertTrue(first.disconnecting)
+        self.assertFalse(other.disconnecting or second.disconnecting or third.disconnecting)
+
+    def test_per_address_cap_refuses_when_none_is_idle(self):
+        """With all its connections busy, an address over its cap gets 503; another address
+        is served."""
+        self.site.limits = Limits(max_connections=10, max_connections_per_address=2)
+        for _ in range(2):
+            self.connect()[0].dataReceived(b"G")
+        _, transport = self.connect()
+        self.assertTrue(self.refused(transport))
+        self.assertIn(b"open connections from one address", transport.value())
+        _, fine = self.connect("127.0.0.2")
+        self.assertFalse(self.refused(fine) or fine.disconnecting)
+
+    def test_connection_idle_for_a_moment_only_is_kept(self):
+        """A connection idle for less than RECLAIM_AFTER (a keep-alive connection just
+        answered, about to carry its client's next request) is not closed: 503 instead."""
+        connections = [self.connect() for _ in range(3)]
+        self.clock.advance(RECLAIM_AFTER / 2)
+        _, transport = self.connect("127.0.0.2")
+        self.assertTrue(self.refused(transport))
+        self.assertFalse(any(kept.disconnecting for _, kept in connections))
+        self.clock.advance(RECLAIM_AFTER / 2)
+        _, transport = self.connect("127.0.0.2")
+        self.assertFalse(self.refused(transport))
+        self.assertTrue(connections[0][1].disconnecting)
+
+    def test_per_address_cap_zero_is_off(self):
+        self.site.limits = Limits(max_connections=0, max_connections_per_address=0)
+        transports = [self.connect()[1] for _ in range(20)]
+        self.assertFalse(any(t.disconnecting for t in transports))
 
 
 class SocketLimitTests(TestCase):
@@ -230,10 +366,15 @@ class SocketLimitTests(TestCase):
         self.assertEqual((await response.json())["body_length"], 1024)
 
     async def test_connections_over_the_limit_get_503_and_worker_stays_responsive(self):
-        """Beyond MAX_CONNECTIONS, a new connection gets a 503 with Retry-After and is closed;
-        once a slot frees up, requests are served again."""
-        url, service = start_worker(self, self.backend_url, max_connections=3)
-        idle = [await raw_connect(url, RawClient(b"")) for _ in range(3)]
+        """Beyond MAX_CONNECTIONS of busy connections (heads arriving), a new connection gets
+        a 503 with Retry-After and is closed; once a slot frees up, requests are served
+        again."""
+        url, service = start_worker(
+            self, self.backend_url, max_connections=3, max_connections_per_address=0
+        )
+        idle = [await raw_connect(url, RawClient(b"GET /x HTTP/1.1\r\n")) for _ in range(3)]
+        # (the worker is told of the heads' first bytes by the kernel: nothing here says when)
+        await until(lambda: service.site.connections.idle_count == 0)
         raw = await raw_request(url, b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 503 "), raw[:100])
         self.assertIn(b"retry-after: 1", raw)
@@ -247,3 +388,30 @@ class SocketLimitTests(TestCase):
             client.transport.loseConnection()
             await client.closed
         self.assertEqual([s.uri for s in self.backend.seen], [b"/ok"])
+
+    async def test_silent_connections_from_one_address_do_not_lock_out_another(self):
+        """Many connections from one address that send nothing (more than MAX_CONNECTIONS)
+        do not keep a client at another address out: it is served, and the flood's address is
+        held to its cap (MAX_CONNECTIONS / 8 by default)."""
+        url, service = start_worker(self, self.backend_url, max_connections=8)
+        flood = [await raw_connect(url, RawClient(b"")) for _ in range(12)]
+        # (the worker's accepts happen in the kernel's order, silent ones after the listener's
+        # TCP_DEFER_ACCEPT second: nothing here says when)
+        site = service.site
+        await until(
+            lambda: site.connections.reclaimed + site.refusals["too many connections"] >= 11
+        )
+        port = int(url.rsplit(":", 1)[1])
+        other = RawClient(b"GET /other HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+        reactor.connectTCP(
+            "127.0.0.1",
+            port,
+            ClientFactory.forProtocol(lambda: other),
+            bindAddress=("127.0.0.2", 0),
+        )
+        raw = await other.closed
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:100])
+        self.assertEqual([s.uri for s in self.backend.seen], [b"/other"])
+        self.assertLessEqual(service.site.connections.from_address("127.0.0.1"), 1)
+        for client in flood:
+            client.transport.loseConnection()

@@ -50,13 +50,13 @@ class GuardTests(SynchronousTestCase):
 
     def test_a_changed_shape_turns_the_fast_path_off(self) -> None:
         """A name that is there but no longer what the fast path expects counts as missing."""
-        self.patch(server.Request, "_handleStar", lambda self, extra: None)
+        self.patch(server.Request, "_encoder", "no")
         self.patch(server.Request, "_inFakeHead", "no")
         unmet = {str(need) for need in guard.missing(reactor)}
         self.assertEqual(
             unmet,
             {
-                "twisted.web.server.Request._handleStar (a method)",
+                "twisted.web.server.Request._encoder (None)",
                 "twisted.web.server.Request._inFakeHead (a bool)",
             },
         )

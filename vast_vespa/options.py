@@ -89,6 +89,11 @@ def parse_count(text: str) -> int:
     return value
 
 
+def parse_optional_count(text: str) -> int | None:
+    """A whole number >= 0, or empty for "the default derived from another option"."""
+    return parse_count(text) if text.strip() else None
+
+
 def parse_size(text: str) -> int:
     """A size in bytes: a whole number, optionally with a k/M/G suffix (powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text.lower())

@@ -33,6 +33,7 @@ from vast_vespa.options import (
     parse_count,
     parse_http_url,
     parse_listen,
+    parse_optional_count,
     parse_optional_positive_number,
     parse_path,
     parse_port,
@@ -233,7 +234,17 @@ class Settings:
         "max-connections",
         parse_count,
         "2048",
-        "Most open client connections; beyond it new ones get 503 and are closed. 0 = off.",
+        "Most open client connections; at it the oldest idle one is closed to make room, "
+        "and a new one gets 503 if none is idle. 0 = off.",
+    )
+    max_connections_per_address: int | None = worker_option(
+        "MAX_CONNECTIONS_PER_ADDRESS",
+        "max-connections-per-address",
+        parse_optional_count,
+        "",
+        "Most open connections from one client IP address (that address's oldest idle one is "
+        "closed to make room, else 503); empty = MAX_CONNECTIONS / 8, 0 = off (clients "
+        "behind one NAT).",
     )
     backend_connect_timeout: float = worker_option(
         "BACKEND_CONNECT_TIMEOUT",

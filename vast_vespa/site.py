@@ -20,7 +20,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from vast_vespa.net.server import GuardedChannel, Limits
+from vast_vespa.net.server import ConnectionTable, EarlyVerdict, GuardedChannel, Limits
 from vast_vespa.outcome import JSON, error_body
 
 # Request bodies up to this size are kept in memory, larger ones in a temporary file (as
@@ -90,9 +90,15 @@ class VespaSite(Site):
             self.requestFactory = VespaRequest
         self.name = name
         self.limits = limits or Limits()
-        self.open_connections = 0
+        self.connections = ConnectionTable(self.reactor)
+        self.early_verdict: EarlyVerdict | None = None  # the worker's, when secured
         self.refusals: Counter[str] = Counter()
+        self.dropped_headers = 0  # request header fields with _ in the name (GuardedChannel)
         self._date = (-1, b"")  # (second, its Date value)
+
+    @property
+    def open_connections(self) -> int:
+        return self.connections.open
 
     def logPrefix(self) -> str:
         return self.name

@@ -137,8 +137,7 @@ NEEDS: tuple[Need, ...] = (
         _kind(Protocol),
         "the protocol it wraps",
     ),
-    # net/request.py: the state Request.write keeps, and OPTIONS *
-    Need("twisted.web.server:Request", "_handleStar", _method(), "a method"),
+    # net/request.py: the state Request.write keeps
     Need("twisted.web.server:Request", "_disconnected", _kind(bool), "a bool"),
     Need("twisted.web.server:Request", "_encoder", lambda v: v is None, "None"),
     Need("twisted.web.server:Request", "_inFakeHead", _kind(bool), "a bool"),

@@ -4,7 +4,7 @@ The fast path's twisted.web Request: the same answers as :class:`vast_vespa.site
 in fewer steps, for the requests every listener relays.
 
 Twisted private names it relies on (checked at start-up by :mod:`vast_vespa.net.guard`):
-``Request._handleStar`` (``OPTIONS *``), and the state ``Request.write`` keeps about an answer
+the state ``Request.write`` keeps about an answer
 (``_disconnected``, ``_encoder``, ``_inFakeHead``), read to know when its own head writing
 applies; anything else goes to twisted.web's own ``write``.
 """
@@ -43,9 +43,6 @@ class LeanRequest(VespaRequest):
         self.site = site
         self.setHeader(b"Server", SERVER)
         self.setHeader(b"Date", site.http_date())
-        if self.path == b"*":
-            self._handleStar()  # OPTIONS *: 200, anything else 405, as twisted.web answers
-            return
         try:
             self.render(resource)
         except BaseException:

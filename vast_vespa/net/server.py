@@ -14,11 +14,12 @@ follows on the connection can be trusted), and never seen by the resource:
 
 - 400: a malformed request line or target (control characters, spaces, bytes that are not
   ASCII), a header name that is not a token, control characters other than HTAB in a value,
-  obs-fold, lines not ended by CRLF, duplicate or missing ``Host``, ``Content-Length`` with
-  ``Transfer-Encoding``, two ``Content-Length`` headers or one that is not digits or is 2^64 or
-  more, a ``Transfer-Encoding`` other than a single ``chunked`` (``identity`` included),
-  malformed chunks (a chunk size of 2^64 or more included), more than ``max_header_size``
-  bytes of chunk extensions and trailers in a row, an upgrade request with a body;
+  obs-fold, lines not ended by CRLF, a ``*`` target (``OPTIONS *``), duplicate or missing
+  ``Host``, ``Content-Length`` with ``Transfer-Encoding``, two ``Content-Length`` headers or
+  one that is not digits or is 2^64 or more, a ``Transfer-Encoding`` other than a single
+  ``chunked`` (``identity`` included), malformed chunks (a chunk size of 2^64 or more
+  included), more than ``max_header_size`` bytes of chunk extensions and trailers in a row,
+  an upgrade request with a body;
 - 405 (with ``Allow``): CONNECT, TRACE and any method llhttp does not know (it knows the
   registered ones, as Node.js's server; lowercase names are not methods); 505: an HTTP
   version other than 1.0 and 1.1 (the HTTP/2 preface included; llhttp also reads RTSP/1.0 and
@@ -27,7 +28,12 @@ follows on the connection can be trusted), and never seen by the resource:
 - 414/431: a request line or head over the size limit, too many headers; 413: a body over the
   size limit (from ``Content-Length`` before it is read, or while a chunked body arrives);
 - 408: a head not complete within its deadline (slowloris), a body slower than the minimum
-  rate; 503: connections over the cap.
+  rate; 503: connections over the cap (in all, or from one address) when no idle connection
+  could be closed to make room (:class:`ConnectionTable`).
+
+Header fields whose name holds an underscore are dropped (counted in the site's
+``dropped_headers``), as nginx drops them: a WSGI/ASGI backend would read ``X_Forwarded_For``
+as ``X-Forwarded-For``.
 
 llhttp parses all it is given: what it finds behind a request being answered (requests,
 bodies, a refusal) is queued and handed out in order once the answer is done, so a pipelined
@@ -45,10 +51,11 @@ request.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import Protocol as Interface
 
 from httptools import (
     HttpParserCallbackError,
@@ -62,6 +69,7 @@ from twisted.internet.interfaces import (
     IProducer,
     IPullProducer,
     IPushProducer,
+    IReactorTime,
     ISSLTransport,
     ITCPTransport,
 )
@@ -142,7 +150,7 @@ _END_EVENT = (_END,)
 
 @dataclass(frozen=True)
 class Limits:
-    """What one client may send, and how slowly; see the README's "Limits and hardening"."""
+    """What one client may send, and how slowly; see "Limits and hardening" in docs/protocol.md."""
 
     max_body_size: int = 1 << 30
     max_header_size: int = 16384  # request line plus all header lines, in bytes
@@ -150,6 +158,114 @@ class Limits:
     head_timeout: float = 30.0  # seconds from a request's first byte to its last header
     min_body_rate: float = 1024.0  # bytes per second, averaged over BODY_RATE_WINDOW; 0 = off
     max_connections: int = 2048  # open client connections; 0 = no limit
+    max_connections_per_address: int = 0  # open connections from one client address; 0 = off
+
+
+# How long a connection must have been idle to be closed to make room: a keep-alive connection
+# that has just been answered is likely to carry its client's next request at once (closing it
+# then races that request), while idle floods have long been idle.
+RECLAIM_AFTER = 1.0
+
+
+class ConnectionTable:
+    """A site's open client connections: how many, from which address, and which are idle
+    (no request arriving or being answered, one that has sent nothing included), oldest idle
+    first. At ``max_connections``, or at an address's cap, the oldest idle connection (of that
+    address, for its cap) is closed to make room before a new one is refused, as nginx closes
+    idle keep-alive connections, if it has been idle for :data:`RECLAIM_AFTER`: silent
+    connections cannot lock other clients out."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.open = 0
+        self.reclaimed = 0  # idle connections closed to make room
+        self._by_address: Counter[str] = Counter()
+        self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
+        self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
+
+    def opened(self, address: str | None, limits: Limits) -> tuple[int, str] | None:
+        """Count a new connection from ``address``; None if it may stay, else the cap it is
+        over that no idle connection could be closed for: (the cap, "" or " from one
+        address")."""
+        self.open += 1
+        per_address = limits.max_connections_per_address
+        if address is not None:
+            self._by_address[address] += 1
+            if per_address and self._by_address[address] > per_address:
+                if not self._reclaim(self._idle_by_address.get(address)):
+                    return per_address, " from one address"
+        if limits.max_connections and self.open > limits.max_connections:
+            if not self._reclaim(self._idle):
+                return limits.max_connections, ""
+        return None
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def from_address(self, address: str) -> int:
+        return self._by_address[address]
+
+    def closed(self, channel: GuardedChannel, address: str | None) -> None:
+        self.busy(channel, address)
+        self.open -= 1
+        if address is not None:
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
+
+    def idle(self, channel: GuardedChannel, address: str | None) -> None:
+        channel.idle_since = self._clock.seconds()
+        self._idle[channel] = None
+        if address is not None:
+            self._idle_by_address.setdefault(address, {})[channel] = None
+
+    def busy(self, channel: GuardedChannel, address: str | None) -> None:
+        self._idle.pop(channel, None)
+        if address is not None:
+            idle = self._idle_by_address.get(address)
+            if idle is not None:
+                idle.pop(channel, None)
+                if not idle:
+                    del self._idle_by_address[address]
+
+    def _reclaim(self, idle: dict[GuardedChannel, None] | None) -> bool:
+        """Close the oldest of ``idle`` if it has been idle for RECLAIM_AFTER; False if none
+        has."""
+        if not idle:
+            return False
+        oldest = next(iter(idle))
+        if self._clock.seconds() - oldest.idle_since < RECLAIM_AFTER:
+            return False
+        self.reclaimed += 1
+        oldest.reclaim()  # which takes it out of this table
+        return True
+
+
+class EarlyVerdict(Interface):
+    """What may refuse a request before its body is read (the worker's signature check, set
+    as its site's ``early_verdict``). A request refused early goes to the resource at once,
+    without its body (the verdict keeps the refusal for the resource to answer); no ``100
+    Continue`` is sent, the rest of the body is read and dropped for a moment while the answer
+    goes out, and the connection is closed."""
+
+    def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
+        """Whether the request is refused whatever its body, from its head alone (its
+        headers are set; its method and target come with it)."""
+
+    def refuses_body_start(
+        self, request: Request, method: bytes, target: bytes, start: bytes
+    ) -> bool | None:
+        """Whether the request is refused from the first bytes of its body; None: cannot
+        tell yet, ask again with more."""
+
+
+# While an early verdict waits for a body's first bytes: how many it is first asked with,
+# and how many it is asked with at most (each time it is asked again, twice as many).
+EARLY_FIRST = 512
+EARLY_LIMIT = 1 << 16
 
 
 class _Stop(Exception):
@@ -199,7 +315,13 @@ class GuardedChannel(Protocol):
     _producer: IPushProducer | None = None  # the answer's, registered by its Request
     _drop_input = False
     _refused = False
+    _answered_early = False  # refused by the site's early verdict: close lingering when done
+    _body_start: bytearray | None = None  # a body's first bytes, for the early verdict
+    _body_ask = 0  # the size of _body_start at which the early verdict is asked next
     _counted = False
+    _listed_idle = False  # in the site's ConnectionTable as idle
+    idle_since = 0.0  # when it was listed as idle (the site's clock)
+    _address: str | None = None  # the client's IP address, for the per-address cap
     _secure = False
     _last_seen = 0.0
     _head_timer: IDelayedCall | None = None
@@ -221,17 +343,20 @@ class GuardedChannel(Protocol):
         self._host = transport.getHost()
         transport.registerProducer(self, True)
         self._counted = True
-        self.site.open_connections += 1
+        self._address = getattr(self._peer, "host", None)
         limits = self._limits = self.site.limits
-        if limits.max_connections and self.site.open_connections > limits.max_connections:
+        over = self.site.connections.opened(self._address, limits)
+        if over is not None:
+            cap, which = over
             self.refuse(
                 503,
                 "too many connections",
-                f"this worker accepts at most {limits.max_connections} open connections; "
-                "retry shortly",
+                f"this worker accepts at most {cap} open connections{which}; retry shortly",
                 [(b"retry-after", b"1")],
             )
             return
+        self._listed_idle = True
+        self.site.connections.idle(self, self._address)
         self._parser = HttpRequestParser(self)
         if self.timeOut:
             self._last_seen = self.site.reactor.seconds()
@@ -239,8 +364,8 @@ class GuardedChannel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
-            self._counted = False
-            self.site.open_connections -= 1
+            self._counted = self._listed_idle = False
+            self.site.connections.closed(self, self._address)
         for timer in (self._head_timer, self._rate_timer, self._idle_timer, self._linger):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -273,6 +398,41 @@ class GuardedChannel(Protocol):
         self._linger = self.callLater(ABORT_TIMEOUT, transport.abortConnection)
         self.loseConnection()
 
+    def reclaim(self) -> None:
+        """Closed, idle, to make room for a new connection (see :class:`ConnectionTable`)."""
+        self._counted = self._listed_idle = False
+        self.site.connections.closed(self, self._address)
+        self._drop_input = True
+        self._log.info("Closing idle client {peer} to make room", peer=str(self._peer))
+        for timer in (self._idle_timer, self._head_timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._head_timer = self._rate_timer = None
+        self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
+        self.loseConnection()
+
+    def _is_idle(self) -> bool:
+        """No request arriving, queued or being answered, and more may come."""
+        return not (
+            self._request is not None
+            or self._in_head
+            or self._in_body
+            or self._events
+            or self._partial_line is not None
+            or self._drop_input
+            or self._parse_stopped
+        )
+
+    def _set_busy(self) -> None:
+        if self._listed_idle:
+            self._listed_idle = False
+            self.site.connections.busy(self, self._address)
+
+    def _set_idle_if_idle(self) -> None:
+        if not self._listed_idle and self._counted and self._is_idle():
+            self._listed_idle = True
+            self.site.connections.idle(self, self._address)
+
     # Refusing
 
     def refuse(
@@ -286,6 +446,7 @@ class GuardedChannel(Protocol):
         if self._refused:
             return
         self._refused = self._drop_input = True
+        self._set_busy()
         self._events.clear()
         self._partial_line = None
         self.site.refusals[error] += 1
@@ -309,6 +470,10 @@ class GuardedChannel(Protocol):
         ]
         transport = self._transport  # a TCP or TLS transport
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        transport = self._transport
         transport.unregisterProducer()
         # Half-close and keep reading (and dropping) for a moment: closing with unread input
         # would send a reset that can destroy the answer before the client reads it.
@@ -319,6 +484,22 @@ class GuardedChannel(Protocol):
         close_write()
         transport.resumeProducing()
         self._linger = self.callLater(LINGER, transport.abortConnection)
+
+    def _answer_early(self) -> None:
+        """The early verdict refused the request: hand it to the resource now, its body (the
+        rest of it) unread; see :class:`EarlyVerdict`."""
+        self._body_start = None
+        self._persistent = False
+        self._answered_early = True
+        if self._version == b"HTTP/1.1":
+            request = cast(Request, self._request)
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self._events.clear()
+        self._parse_stopped = True
+        if self._reading_paused and not self._waiting_for_transport:
+            self._reading_paused = False  # read (and drop) while the answer goes out
+            self._transport.resumeProducing()
+        self._all_content_received()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # What twisted.web's Request calls on input it cannot use.
@@ -350,6 +531,12 @@ class GuardedChannel(Protocol):
     # Input
 
     def dataReceived(self, data: bytes) -> None:
+        if self._listed_idle:
+            self._set_busy()
+        self._received(data)
+        self._set_idle_if_idle()
+
+    def _received(self, data: bytes) -> None:
         if self._drop_input or self._parse_stopped:
             return
         answering = self._answering
@@ -537,13 +724,22 @@ class GuardedChannel(Protocol):
             self._stop(505, "HTTP version not supported", "use HTTP/1.1")
         if method in REFUSED_METHODS:
             self._stop(*_method_not_allowed(method))
+        if target[:1] == b"*":
+            # Asterisk-form (OPTIONS *) asks about this server: Vespa has nothing to say about
+            # the backend's, and twisted.web would answer it 200 itself.
+            self._stop(400, _BAD, "malformed request target: expected a path, not *")
         size = len(method) + len(target) + 14  # two spaces, the version, three line ends
         headers = Headers()
         length: int | None = 0
         chunked = connection = expect = cookies = upgrade = False
-        hosts = 0
+        hosts = underscored = 0
         for name, value in fields:
             size += len(name) + len(value) + 4
+            if b"_" in name:
+                # Dropped, as nginx does: WSGI/ASGI backends read X_Forwarded_For as the
+                # X-Forwarded-For the worker writes.
+                underscored += 1
+                continue
             value = value.rstrip(b" \t")  # llhttp drops the whitespace before a value only
             lower = name.lower()
             if lower in _FRAMING:
@@ -566,6 +762,13 @@ class GuardedChannel(Protocol):
             headers.addRawHeader(name, value)
         size = max(size, self._head_size)
         self._head_size = 0
+        if underscored:
+            self.site.dropped_headers += underscored
+            self._log.debug(
+                "dropped {count} header(s) with _ in the name from {peer}",
+                count=underscored,
+                peer=getattr(self._peer, "host", "?"),
+            )
         if size > limits.max_header_size:
             self._stop(
                 *self._head_too_large(len(method) + len(target) + 12 > limits.max_header_size)
@@ -614,10 +817,13 @@ class GuardedChannel(Protocol):
                 event = events.popleft()
                 kind = event[0]
                 if kind == _BODY:
+                    if self._body_start is not None and self._watch_body_start(event[1]):
+                        break
                     cast(Request, self._request).handleContentChunk(event[1])
                 elif kind == _HEAD:
                     self._start_request(*event[1:])
                 elif kind == _END:
+                    self._body_start = None
                     self._all_content_received()
                 else:
                     self.refuse(*event[1:])
@@ -659,8 +865,34 @@ class GuardedChannel(Protocol):
         if cookies:
             request.parseCookies()
         request.gotLength(length)
+        verdict = self.site.early_verdict
+        if verdict is not None:
+            if verdict.refuses_head(request, method, target):
+                self._answer_early()
+                return
+            if length != 0:
+                self._body_start, self._body_ask = bytearray(), EARLY_FIRST
         if expect:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _watch_body_start(self, data: bytes) -> bool:
+        """Keep a body's first bytes for the early verdict, and ask it at each doubling of
+        them (asking costs a parse of what is kept): True when it refused the request."""
+        start = cast(bytearray, self._body_start)
+        start += data[: EARLY_LIMIT - len(start)]
+        if len(start) < self._body_ask and len(start) < EARLY_LIMIT:
+            return False
+        self._body_ask = 2 * len(start)
+        request = cast(Request, self._request)
+        verdict = cast(EarlyVerdict, self.site.early_verdict)
+        refused = verdict.refuses_body_start(request, self._command, self._path, bytes(start))
+        if refused is None and len(start) < EARLY_LIMIT:
+            return False
+        if refused:
+            self._answer_early()
+            return True
+        self._body_start = None
+        return False
 
     def _all_content_received(self) -> None:
         """The request is complete: hand it to the resource (twisted.web's requestReceived)."""
@@ -686,6 +918,9 @@ class GuardedChannel(Protocol):
             raise TypeError(f"{request!r} is not this connection's current request")
         self._request = None
         self._answering = False
+        if self._answered_early:
+            self._close_lingering()
+            return
         if not self._persistent:
             self.loseConnection()
             return
@@ -695,6 +930,7 @@ class GuardedChannel(Protocol):
             return  # answered at once: the loop handing out requests goes on
         self._apply()
         self._arm_input_timers()
+        self._set_idle_if_idle()
 
     def getPeer(self) -> Any:
         return self._peer

@@ -8,12 +8,14 @@ In order of precedence:
 1. header ``X-Serverless-Auth``: the auth_data object as JSON; the body passes byte for byte
    (any method; the form for multipart uploads, images, audio);
 2. the JSON envelope ``{"auth_data": {...}, "payload": ...}`` on POST/PUT/PATCH: only the
-   payload goes on, serialised once, as ``application/json``. Secured, an envelope larger
-   than :data:`PEEK` that starts with ``auth_data`` (as every Vast client writes it) is read
-   no further until its signature is checked (:func:`with_payload`): a forged envelope costs
-   its first bytes, not a parse of its whole body (parsed JSON takes many times its size in
-   memory, and a big body seconds of CPU). In any other order it is read whole, up to
-   :data:`UNORDERED_LIMIT`. Smaller envelopes are read whole at once (cheap to parse);
+   payload goes on, serialised once, as ``application/json``. An envelope larger than
+   :data:`PEEK` that starts with ``auth_data`` (as every Vast client writes it) is read no
+   further until its signature is checked (:func:`with_payload`): a forged envelope costs
+   its first bytes, not a parse of its whole body (JSON takes up to 25 times its size in
+   memory, and seconds of CPU per 10 MB). In any other order it is read whole, up to
+   :data:`UNORDERED_LIMIT` (beyond it: 422 secured; unsecured, the body passes untouched,
+   so that a large JSON body that merely mentions ``auth_data`` is never parsed in the event
+   loop). Smaller envelopes are read whole at once (at most a few ms);
 3. ``serverless_*`` query parameters on GET/DELETE/HEAD: removed from the query string, every
    other parameter passes unchanged and in order.
 
@@ -167,7 +169,7 @@ _LEADING_AUTH = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"auth_data"[ \t\r\n]*:[ \t\r
 _DECODER = json.JSONDecoder(**STRICT)
 
 
-def _leading_auth(start: bytes) -> tuple[Any] | None:
+def leading_auth(start: bytes) -> tuple[Any] | None:
     """The value of ``auth_data`` when it is the first key of the envelope ``start`` begins
     (in a 1-tuple), or None when it is not or cannot be read from ``start`` alone.
 
@@ -260,19 +262,6 @@ def from_query(uri: bytes) -> Unwrapped | None:
 
 
 ENVELOPE_KEY = b'"auth_data"'
-SCAN_CHUNK = 1 << 20
-
-
-def _mentions(body: IO[bytes], needle: bytes) -> bool:
-    """Whether ``needle`` occurs in ``body``, read a chunk at a time (a large upload in
-    unsecured mode must not be read whole just to learn that it is not an envelope)."""
-    body.seek(0)
-    tail = b""
-    while chunk := body.read(SCAN_CHUNK):
-        if needle in tail + chunk[: len(needle)] or needle in chunk:
-            return True
-        tail = chunk[-(len(needle) - 1) :]
-    return False
 
 
 def unwrap(
@@ -299,15 +288,15 @@ def unwrap(
             body.seek(0)
             if unsecured and body.read(1024).lstrip()[:1] != b"{":
                 return Unwrapped(None, uri)  # not JSON: never read a large upload whole
-            if unsecured and not _mentions(body, ENVELOPE_KEY):
-                return Unwrapped(None, uri)  # plain JSON: neither parsed nor held in memory
-            if not unsecured and (size := _size(body)) > PEEK:
+            if (size := _size(body)) > PEEK:
                 body.seek(0)
-                leading = _leading_auth(body.read(PEEK))
+                leading = leading_auth(body.read(PEEK))
                 if leading is not None:
                     auth = check_auth(leading[0], 422, "auth_data")
                     return Unwrapped(auth, uri, None, "envelope", body)
                 if size > UNORDERED_LIMIT:
+                    if unsecured:
+                        return Unwrapped(None, uri)  # not an envelope as clients write one
                     raise AuthError(
                         422,
                         "malformed envelope",
@@ -316,7 +305,10 @@ def unwrap(
                         '{"auth_data": {...}, "payload": ...}',
                     )
             body.seek(0)
-            return from_envelope(body.read(), uri)
+            text = body.read()  # at most UNORDERED_LIMIT bytes, or an envelope in order
+            if unsecured and ENVELOPE_KEY not in text:
+                return Unwrapped(None, uri)  # plain JSON: not parsed
+            return from_envelope(text, uri)
         if method in QUERY_METHODS:
             found = from_query(uri)
             if found is not None:

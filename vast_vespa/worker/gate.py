@@ -16,7 +16,9 @@ from __future__ import annotations
 import posixpath
 from collections import OrderedDict
 from fnmatch import fnmatchcase
+from typing import Any, cast
 from urllib.parse import unquote
+from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Cooperator
@@ -33,8 +35,13 @@ from vast_vespa.worker.autoscaler import PublicKeyStore
 from vast_vespa.worker.envelope import (
     AUTH_HEADER,
     ENVELOPE_METHODS,
+    QUERY_METHODS,
     AuthError,
     Unwrapped,
+    check_auth,
+    from_header,
+    from_query,
+    leading_auth,
     unwrap,
     with_payload,
 )
@@ -95,6 +102,20 @@ class ReplayWindow:
         return False
 
 
+def _path(target: bytes) -> bytes:
+    """A request target's path, for the log."""
+    return target.partition(b"?")[0]
+
+
+def _not_ready() -> Rejection:
+    return Rejection(
+        503,
+        "not ready",
+        "the autoscaler's public key has not been fetched yet",
+        {b"retry-after": KEY_RETRY_AFTER},
+    )
+
+
 # Signature shapes that cover ``cost`` (PROTOCOL.md 3.2): with the others (url-only) and
 # unsecured, the declared cost is anyone's guess and WORKLOAD estimates the request instead.
 COST_SIGNED = frozenset({"five-field"})
@@ -138,14 +159,85 @@ class SignedGate:
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
         self._signatures = VerifiedCache()
         self._workload = workload_estimator or Workload("cost")
+        # Requests refused by the early verdict (from their head or their body's first
+        # bytes), until admit answers them.
+        self._refused_early: WeakKeyDictionary[Request, Rejection] = WeakKeyDictionary()
+
+    # The early verdict (vast_vespa.net.server.EarlyVerdict), secured only: a request whose
+    # auth fails is refused before its body is read, and before 100 Continue (RFC 9110
+    # 10.1.1). Only what is decided without waiting is decided here (a signature that fails
+    # while the key may have been rotated waits for the key, in admit); the replay window is
+    # left to admit, which records what it sees.
+
+    def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
+        if self._keys is None:
+            return False
+        rejection = self._blocked_path(target)
+        if rejection is None:
+            header = request.getHeader(AUTH_HEADER)
+            try:
+                if header is not None:
+                    unwrapped: Unwrapped | None = from_header(header, target)
+                elif method in QUERY_METHODS:
+                    unwrapped = from_query(target)
+                else:
+                    return False  # an envelope: see refuses_body_start
+            except AuthError as e:
+                rejection = self._malformed(target, e)
+            else:
+                if unwrapped is None:
+                    return False
+                rejection = self._forged(target, cast(dict[str, Any], unwrapped.auth))
+        if rejection is None:
+            return False
+        self._refused_early[request] = rejection
+        return True
+
+    def refuses_body_start(
+        self, request: Request, method: bytes, target: bytes, start: bytes
+    ) -> bool | None:
+        if (
+            self._keys is None
+            or method not in ENVELOPE_METHODS
+            or request.getHeader(AUTH_HEADER) is not None
+        ):
+            return False
+        try:
+            leading = leading_auth(start)
+            if leading is None:
+                return None  # not there yet, or not leading: admit reads the whole envelope
+            rejection = self._forged(target, check_auth(leading[0], 422, "auth_data"))
+        except AuthError as e:
+            rejection = self._malformed(target, e)
+        if rejection is None:
+            return False
+        self._refused_early[request] = rejection
+        return True
+
+    def _forged(self, target: bytes, auth: dict[str, Any]) -> Rejection | None:
+        """The refusal of ``auth`` if it is known now not to pass (no key yet, a signature
+        that does not verify with a fresh key, signed for another worker)."""
+        keys = self._keys
+        assert keys is not None
+        if keys.key is None:
+            return _not_ready()
+        if verify(keys.key, auth, self._shapes, self._signatures) is None:
+            return None if keys.stale() else self._bad_signature(target, auth)
+        if self._public_url is not None and auth["url"] != self._public_url:
+            return self._wrong_worker(target, auth)
+        return None
+
+    def _blocked_path(self, target: bytes) -> Rejection | None:
+        pattern = blocked(target, self._blocked)
+        if pattern is None:
+            return None
+        self._log.info("{path} refused: blocked by {pattern}", path=_path(target), pattern=pattern)
+        return Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
-        pattern = blocked(request.uri, self._blocked)
-        if pattern is not None:
-            self._log.info(
-                "{path} refused: blocked by {pattern}", path=request.path, pattern=pattern
-            )
-            raise Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
+        rejection = self._refused_early.pop(request, None) or self._blocked_path(request.uri)
+        if rejection is not None:
+            raise rejection
         assert request.content is not None
         try:
             unwrapped = unwrap(
@@ -156,10 +248,14 @@ class SignedGate:
                 self._keys is None,
             )
         except AuthError as e:
-            raise self._malformed(request, e) from None
+            raise self._malformed(request.uri, e) from None
         keys = self._keys
-        if keys is None:
-            return self._admit(request, unwrapped)  # unsecured: nothing to check
+        if keys is None:  # unsecured: nothing to check
+            try:
+                unwrapped = with_payload(unwrapped)
+            except AuthError:
+                unwrapped = Unwrapped(None, request.uri)  # malformed: passes untouched
+            return self._admit(request, unwrapped)
         if unwrapped.auth is None:
             raise Rejection(
                 401,
@@ -175,12 +271,7 @@ class SignedGate:
         auth = unwrapped.auth
         assert auth is not None
         if keys.key is None:
-            raise Rejection(
-                503,
-                "not ready",
-                "the autoscaler's public key has not been fetched yet",
-                {b"retry-after": KEY_RETRY_AFTER},
-            )
+            raise _not_ready()
         shape = verify(keys.key, auth, self._shapes, self._signatures)
         if shape is not None:
             return self._hardened(request, unwrapped, shape in COST_SIGNED)
@@ -190,25 +281,29 @@ class SignedGate:
             return refreshed.addCallback(
                 lambda _: self._verified(request, unwrapped, keys, refresh=False)
             )
-        raise self._bad_signature(request, auth)
+        raise self._bad_signature(request.uri, auth)
 
-    def _malformed(self, request: Request, error: AuthError) -> Rejection:
+    def _malformed(self, target: bytes, error: AuthError) -> Rejection:
         self._log.info(
             "{path} refused: {error}: {detail}",
-            path=request.path,
+            path=_path(target),
             error=error.error,
             detail=error.detail,
         )
         return Rejection(error.code, error.error, error.detail, extra=error.extra)
 
-    def _bad_signature(self, request: Request, auth: dict[str, object]) -> Rejection:
+    def _bad_signature(self, target: bytes, auth: dict[str, object]) -> Rejection:
         self._log.info(
             "{path} refused: signature does not verify (shapes {shapes}, url {url!r})",
-            path=request.path,
+            path=_path(target),
             shapes=",".join(self._shapes),
             url=auth.get("url"),
         )
         return Rejection(401, "invalid signature", "auth_data is not signed by the autoscaler")
+
+    def _wrong_worker(self, target: bytes, auth: dict[str, Any]) -> Rejection:
+        self._log.info("{path} refused: signed for {url!r}", path=_path(target), url=auth["url"])
+        return Rejection(401, "wrong worker", "auth_data was signed for another worker URL")
 
     def _hardened(
         self, request: Request, unwrapped: Unwrapped, cost_signed: bool
@@ -216,8 +311,7 @@ class SignedGate:
         auth = unwrapped.auth
         assert auth is not None
         if self._public_url is not None and auth["url"] != self._public_url:
-            self._log.info("{path} refused: signed for {url!r}", path=request.path, url=auth["url"])
-            raise Rejection(401, "wrong worker", "auth_data was signed for another worker URL")
+            raise self._wrong_worker(request.uri, auth)
         if self._replays is not None and self._replays.seen_before(
             auth["reqnum"], auth["signature"]
         ):
@@ -228,7 +322,7 @@ class SignedGate:
         try:
             unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
         except AuthError as e:
-            raise self._malformed(request, e) from None
+            raise self._malformed(request.uri, e) from None
         return self._admit(request, unwrapped, cost_signed)
 
     def _admit(

@@ -144,6 +144,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     site = VespaSite(
         resource, limits_from(settings), name="worker", fast_path=fast, reactor=reactor
     )
+    if keys is not None:
+        site.early_verdict = gate  # auth refused from the head, before the body is read
     metrics.register_gauge(
         "vespa_open_connections",
         "Client connections open on the worker listeners.",
@@ -205,7 +207,17 @@ def limits_from(settings: Settings) -> Limits:
         settings.head_timeout,
         float(settings.min_body_rate),
         settings.max_connections,
+        per_address_cap(settings.max_connections, settings.max_connections_per_address),
     )
+
+
+def per_address_cap(max_connections: int, per_address: int | None) -> int:
+    """MAX_CONNECTIONS_PER_ADDRESS, default an eighth of MAX_CONNECTIONS (256 of 2048): room
+    for a client's large connection pool, while one address can hold at most an eighth of
+    the slots with requests in progress (its idle ones are closed as needed anyway)."""
+    if per_address is not None:
+        return per_address
+    return max(1, max_connections // 8) if max_connections else 0
 
 
 def _register_load_metrics(
