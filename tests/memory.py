@@ -57,6 +57,7 @@ from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import Forward, Observer, RequestGate, WorkerResource
 from vast_vespa.worker.service import WorkerService
+from vast_vespa.worker.sessions import Sessions, backend_poster
 from vast_vespa.worker.state import WorkerState
 
 BACKEND_URL = "http://127.0.0.1:8000"
@@ -269,6 +270,7 @@ class MemoryWorker:
         blocked_paths: tuple[str, ...] = (),
         verify_url: bool = False,
         replay_window: int = 0,
+        max_sessions: int = 0,
         request_timeout: float = 0.0,
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
@@ -290,9 +292,21 @@ class MemoryWorker:
             self.state.mark_loaded(0.0, max_perf)
         vast = VastEnvironment(MASTER_TOKEN, (AUTOSCALER_URL,), 4242, PUBLIC_URL)
         self.metrics = WorkerMetrics(self.clock, self.state, vast, "test")
+        self.sessions: Sessions | None = None
+        if max_sessions:
+            self.sessions = Sessions(
+                self.clock,
+                self.metrics,
+                max_sessions,
+                post_to_backend=backend_poster(wrap_agent(self.network), BACKEND_URL),
+            )
+            test.addCleanup(self.sessions.stopService)
         concurrency = max_concurrency if allow_parallel else 1
         self.admission = Admission(
-            lambda: self.metrics.load, lambda: self.state.max_perf, max_wait_time, concurrency
+            lambda: self.metrics.load - (self.sessions.load if self.sessions else 0.0),
+            lambda: self.state.max_perf,
+            max_wait_time,
+            concurrency,
         )
         client = AutoscalerClient(
             memory_http(self.network),
@@ -317,6 +331,7 @@ class MemoryWorker:
             blocked_paths=blocked_paths,
             public_url=PUBLIC_URL if verify_url else None,
             replay_window=replay_window,
+            sessions=self.sessions,
         )
         self.recorder = Recorder()
         self.resource = WorkerResource(

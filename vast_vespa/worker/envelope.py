@@ -85,6 +85,7 @@ class Unwrapped:
     form: str = "none"  # "header", "envelope", "query" or "none"
     # An envelope whose leading auth_data alone was read: its payload comes from with_payload.
     envelope: IO[bytes] | None = None
+    session_id: str | None = None  # the envelope's top-level session_id (PROTOCOL 5.6)
 
 
 def _finite(text: str) -> float:
@@ -204,7 +205,10 @@ def from_envelope(body: bytes, uri: bytes, verified: dict[str, Any] | None = Non
         auth = verified
     else:
         raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
-    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope")
+    session_id = document.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise AuthError(422, "malformed envelope", "session_id must be a string or null")
+    return Unwrapped(auth, uri, dump_json(document["payload"]), "envelope", None, session_id)
 
 
 PEEK = 1 << 16  # larger envelopes have their leading auth_data read alone, and verified first

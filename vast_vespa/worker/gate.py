@@ -33,6 +33,9 @@ from vast_vespa.worker.autoscaler import PublicKeyStore
 from vast_vespa.worker.envelope import AUTH_HEADER, AuthError, Unwrapped, unwrap, with_payload
 from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
 from vast_vespa.worker.resource import Forward, Rejection, client_address, passthrough
+from vast_vespa.worker.sessions import CREATE as SESSION_CREATE
+from vast_vespa.worker.sessions import PATHS as SESSION_PATHS
+from vast_vespa.worker.sessions import Sessions
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
 JSON = b"application/json"
@@ -110,6 +113,7 @@ class SignedGate:
         blocked_paths: tuple[str, ...] = (),
         public_url: str | None = None,
         replay_window: int = 0,
+        sessions: Sessions | None = None,
     ) -> None:
         self._keys = keys
         self._admission = admission
@@ -121,8 +125,14 @@ class SignedGate:
         self._public_url = public_url
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
         self._signatures = VerifiedCache()
+        self._sessions = sessions  # None: MAX_SESSIONS=0, /session/* goes to the backend
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
+        if self._sessions is not None and request.path in SESSION_PATHS:
+            if request.path != SESSION_CREATE:  # authenticated by the session's auth_data
+                return self._sessions.manage(request)
+            if request.method != b"POST":
+                raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
         pattern = blocked(request.uri, self._blocked)
         if pattern is not None:
             self._log.info(
@@ -198,17 +208,20 @@ class SignedGate:
         if self._public_url is not None and auth["url"] != self._public_url:
             self._log.info("{path} refused: signed for {url!r}", path=request.path, url=auth["url"])
             raise Rejection(401, "wrong worker", "auth_data was signed for another worker URL")
-        if self._replays is not None and self._replays.seen_before(
-            auth["reqnum"], auth["signature"]
+        try:
+            unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
+        except AuthError as e:
+            raise self._malformed(request, e) from None
+        # A session's requests all carry the auth_data that opened it: not replays.
+        if (
+            self._replays is not None
+            and unwrapped.session_id is None
+            and self._replays.seen_before(auth["reqnum"], auth["signature"])
         ):
             self._log.info(
                 "{path} refused: replayed reqnum {reqnum}", path=request.path, reqnum=auth["reqnum"]
             )
             raise Rejection(401, "replayed request", "this auth_data was used before")
-        try:
-            unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
-        except AuthError as e:
-            raise self._malformed(request, e) from None
         return self._admit(request, unwrapped)
 
     def _admit(self, request: Request, unwrapped: Unwrapped) -> Forward | Deferred[Forward]:
@@ -222,6 +235,14 @@ class SignedGate:
                 work = workload(auth["cost"], self._default_cost)
             except BadCost as e:
                 raise Rejection(422, "invalid cost", str(e)) from None
+        session = None
+        if self._sessions is not None and request.path == SESSION_CREATE:
+            return self._sessions.create(auth, unwrapped.body, work)
+        if unwrapped.session_id is not None:
+            if self._sessions is None:
+                raise Rejection(410, "invalid session", "sessions are off (MAX_SESSIONS=0)")
+            session = self._sessions.use(unwrapped.session_id, auth)
+            request_idx = None  # the session reports its request_idx, not its requests
         try:
             self._admission.check()
         except TooBusy as busy:
@@ -237,6 +258,9 @@ class SignedGate:
         forward = self._forward(request, unwrapped)
         forward.workload = work
         token = self._metrics.start(work, request_idx)
+        if session is not None:
+            assert self._sessions is not None
+            self._sessions.began(session, request)
         slot = self._admission.acquire()
         if isinstance(slot, Slot):
             return self._admitted(slot, forward, token)
