@@ -116,6 +116,19 @@ class SessionTests(SynchronousTestCase):
         worker.advance(1)
         self.assertEqual(worker.post("/session/health", health).json(), {"ok": False})
 
+    def test_sessions_do_not_count_in_the_wait(self):
+        """An open session's workload is not a queue: a request in it is admitted where
+        the session's cost alone would exceed MAX_WAIT_TIME."""
+        worker = self.worker(max_wait_time=1.0, max_perf=100.0)
+        answer, auth = self.create(worker, cost=1000.0)
+        session_id = answer.json()["session_id"]
+        slow = worker.request("POST", "/slow?delay=5", json.dumps(envelope(auth, {})).encode())
+        used = worker.post("/x", envelope(auth, {}, session_id))
+        self.assertEqual(used.code, 429)  # the slow request (1000 over 100/s) is a queue
+        worker.advance(5)
+        self.assertEqual(worker.answered(slow).code, 200)
+        self.assertEqual(worker.post("/x", envelope(auth, {}, session_id)).code, 200)
+
     def test_max_sessions_is_429(self):
         """Beyond MAX_SESSIONS, /session/create is 429 (counted as rejected with its cost);
         once one ends there is room again."""

@@ -111,7 +111,9 @@ def _answer(code: int, document: Any) -> Forward:
 
 class Sessions(Service):
     """The open sessions of this worker: at most ``max_sessions``, each closed when its TTL
-    runs out with no request in flight, or when ended."""
+    runs out with no request in flight, or when ended. Their workload (``load``) is in
+    cur_load, but no request waits behind a session: admission leaves it out of the wait
+    estimate, as the official worker does."""
 
     name = "sessions"
     _log = Logger()
@@ -132,13 +134,8 @@ class Sessions(Service):
         self._max_ttl = max_ttl
         self._post = post_to_backend
         self.open: dict[str, Session] = {}
+        self.load = 0.0  # workload of the open sessions (read on every admission check)
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> why it closed
-
-    @property
-    def load(self) -> float:
-        """Workload of the open sessions: reported in cur_load, but no request waits for a
-        session (the wait estimate leaves it out, as the official worker does)."""
-        return sum(session.workload for session in self.open.values())
 
     def stopService(self) -> None:
         """Cancel the expiry timers; the sessions end with the process."""
@@ -191,6 +188,7 @@ class Sessions(Service):
         )
         session.timer = self._clock.callLater(lifetime, self._expired, session)
         self.open[session_id] = session
+        self.load += work
         self._log.info(
             "session {id} opened for request_idx {idx} ({lifetime:g} s TTL, workload {work:g})",
             id=session_id,
@@ -267,6 +265,7 @@ class Sessions(Service):
         if self.open.pop(session.session_id, None) is None:
             return None
         self._closed[session.session_id] = why
+        self.load = self.load - session.workload if self.open else 0.0  # no drift when none
         if len(self._closed) > CLOSED_REMEMBERED:
             self._closed.popitem(last=False)
         if session.timer is not None and session.timer.active():
