@@ -7,10 +7,14 @@ import io
 import json
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.fakes import FakeBackend
+from tests.helpers import http_client, listen, start_signed_worker
 from tests.memory import Answer, MemoryWorker
+from vast_vespa import sandbox
 from vast_vespa.worker.sessions import SessionEndResource
 
 
@@ -262,3 +266,31 @@ class SessionTests(SynchronousTestCase):
         code, answer_body = call(b"/session/end", {**body, "session_auth": auth})
         self.assertEqual((code, answer_body["ended"]), (200, True))
         self.assertEqual(worker.sessions.open, {})
+
+
+class SessionSocketTests(TestCase):
+    async def test_wired_by_build_worker(self):
+        """Through real sockets, as build_worker wires it: a signed worker opens a session,
+        relays a request in it, and SESSION_LISTEN's plain-HTTP listener ends it."""
+        backend_url = listen(self, FakeBackend(reactor))
+        port = sandbox._port(0)
+        worker = await start_signed_worker(
+            self, backend_url, session_listen=f"tcp:{port}:interface=127.0.0.1"
+        )
+        client = http_client(self)
+        auth = worker.auth(request_idx=5)
+
+        async def post(url: str, document: Any) -> tuple[int, Any]:
+            response = await client.post(url, json=document)
+            return response.code, await response.json()
+
+        code, created = await post(worker.url + "/session/create", envelope(auth, {}))
+        self.assertEqual(code, 201)
+        session_id = created["session_id"]
+        code, echoed = await post(worker.url + "/v1/x", envelope(auth, {"a": 1}, session_id))
+        self.assertEqual((code, echoed["uri"]), (200, "/v1/x"))
+        end = {"session_id": session_id, "session_auth": auth}
+        code, ended = await post(f"http://127.0.0.1:{port}/session/end", end)
+        self.assertEqual((code, ended["ended"]), (200, True))
+        code, _ = await post(worker.url + "/v1/x", envelope(auth, {}, session_id))
+        self.assertEqual(code, 410)
