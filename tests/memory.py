@@ -57,6 +57,7 @@ from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import Forward, Observer, RequestGate, WorkerResource
 from vast_vespa.worker.service import WorkerService
+from vast_vespa.worker.sessions import Sessions, backend_poster
 from vast_vespa.worker.state import WorkerState
 from vast_vespa.workload import Workload
 
@@ -271,6 +272,7 @@ class MemoryWorker:
         verify_url: bool = False,
         replay_window: int = 0,
         workload: str = "cost",
+        max_sessions: int = 0,
         request_timeout: float = 0.0,
         first_byte_timeout: float = 0.0,
         stall_timeout: float = 0.0,
@@ -292,9 +294,21 @@ class MemoryWorker:
             self.state.mark_loaded(0.0, max_perf)
         vast = VastEnvironment(MASTER_TOKEN, (AUTOSCALER_URL,), 4242, PUBLIC_URL)
         self.metrics = WorkerMetrics(self.clock, self.state, vast, "test")
+        self.sessions: Sessions | None = None
+        if max_sessions:
+            self.sessions = Sessions(
+                self.clock,
+                self.metrics,
+                max_sessions,
+                post_to_backend=backend_poster(wrap_agent(self.network), BACKEND_URL),
+            )
+            test.addCleanup(self.sessions.stopService)
         concurrency = max_concurrency if allow_parallel else 1
         self.admission = Admission(
-            lambda: self.metrics.load, lambda: self.state.max_perf, max_wait_time, concurrency
+            lambda: self.metrics.load - (self.sessions.load if self.sessions else 0.0),
+            lambda: self.state.max_perf,
+            max_wait_time,
+            concurrency,
         )
         client = AutoscalerClient(
             memory_http(self.network),
@@ -320,6 +334,7 @@ class MemoryWorker:
             public_url=PUBLIC_URL if verify_url else None,
             replay_window=replay_window,
             workload_estimator=Workload(workload),
+            sessions=self.sessions,
         )
         self.recorder = Recorder()
         self.resource = WorkerResource(

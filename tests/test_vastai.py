@@ -1,7 +1,7 @@
 """The official vastai SDK serverless client (optional: `tox -e vastai`) against the emulator
 and a real Vespa worker in signed mode reporting to it: the SDK lists endpoints, polls /route/
 through a cold start, and completes a request that the worker verified with the emulator's
-public key."""
+public key; and a session (endpoint.session()) created, used and ended on that worker."""
 
 from __future__ import annotations
 
@@ -101,3 +101,44 @@ class VastaiClientTests(TestCase):
     async def test_sdk_five_field_shape(self) -> None:
         """The same with the older five-field signed message."""
         await self.sdk_request("five-field")
+
+
+class VastaiSessionTests(TestCase):
+    timeout = 60
+    if importlib.util.find_spec("vastai") is None:
+        skip = "the vastai SDK is not installed (pip install vastai, or tox -e vastai)"
+
+    async def test_sdk_session(self) -> None:
+        """endpoint.session() through the emulator and a signed worker: the worker creates
+        the session (nothing reaches the backend), serves a request in it, says it is open,
+        ends it, and answers 410 for a request after the end; the emulator hears of the
+        session's request_idx as a success."""
+        emulator_url, emulator = start_emulator(self, "url")
+        watched = emulator.site.resource = Watched(emulator.site.resource, reactor)
+        backend = SampleBackend(reactor, tokens_per_second=2000)
+        backend_url = listen(self, backend)
+        worker_url = signed_worker(self, "url", backend_url, emulator_url)
+        registry = emulator.registry
+        await watched.when(lambda: [w["state"] for w in registry.status()["workers"]] == ["ready"])
+        watcher = spawn(
+            self,
+            [
+                sys.executable,
+                os.path.join(HERE, "vastai_client.py"),
+                emulator_url,
+                ACCOUNT_KEY,
+                "my-endpoint",
+                "session",
+            ],
+        )
+        match = await watcher.wait_for(rb"SESSION (.*)\n", timeout=40)
+        result = json.loads(match.group(1))
+        self.assertEqual(result["request"], {"ok": True, "status": 200, "url": worker_url})
+        self.assertEqual(result["completion_tokens"], 16)
+        self.assertTrue(result["is_open"])
+        self.assertFalse(result["open_after_close"])
+        self.assertEqual(result["after_close"]["status"], 410)
+        self.assertEqual(result["after_close"]["response"]["error"], "invalid session")
+        # The one routed request is the session; the worker reported it done.
+        await watched.when(lambda: registry.status()["requests"][0]["state"] == "success")
+        self.assertEqual(len(registry.status()["requests"]), 1)

@@ -363,6 +363,37 @@ class Settings:
         "1",
         "Seconds between autoscaler report checks.",
     )
+    # Sessions (vast_vespa.worker.sessions)
+    max_sessions: int = worker_option(
+        "MAX_SESSIONS",
+        "max-sessions",
+        parse_count,
+        "10",
+        "Open sessions at once; /session/create answers 429 beyond (0 = sessions off, "
+        "/session/* goes to the backend).",
+    )
+    session_ttl: float = worker_option(
+        "SESSION_TTL",
+        "session-ttl",
+        parse_positive_number,
+        "60",
+        "Seconds a session lives after its last request when /session/create gives no lifetime.",
+    )
+    session_max_ttl: float = worker_option(
+        "SESSION_MAX_TTL",
+        "session-max-ttl",
+        parse_positive_number,
+        "3600",
+        "Largest session lifetime a client may ask for (422 above).",
+    )
+    session_listen: str = worker_option(
+        "SESSION_LISTEN",
+        "session-listen",
+        parse_admin_listen,
+        "none",
+        "Endpoint of a plain-HTTP listener serving only POST /session/end (the official "
+        "WORKER_HTTP_PORT), for the model server; none = off.",
+    )
 
     # Lifecycle
     backend: str = worker_option(

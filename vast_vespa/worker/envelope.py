@@ -88,6 +88,7 @@ class Unwrapped:
     envelope: IO[bytes] | None = None
     # An envelope's payload as parsed (``body`` is it serialised): the workload estimate reads it.
     payload: Any = None
+    session_id: str | None = None  # the envelope's top-level session_id (PROTOCOL.md 5.6)
 
 
 def check_auth(auth: Any, code: int, where: str) -> dict[str, Any]:
@@ -159,8 +160,13 @@ def from_envelope(body: bytes, uri: bytes, verified: dict[str, Any] | None = Non
         auth = verified
     else:
         raise AuthError(422, "malformed envelope", "auth_data is given twice, with two values")
+    session_id = document.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise AuthError(422, "malformed envelope", "session_id must be a string or null")
     payload = document["payload"]
-    return Unwrapped(auth, uri, dump_json(payload), "envelope", payload=payload)
+    return Unwrapped(
+        auth, uri, dump_json(payload), "envelope", payload=payload, session_id=session_id
+    )
 
 
 PEEK = 1 << 16  # larger envelopes have their leading auth_data read alone, and verified first

@@ -47,6 +47,9 @@ from vast_vespa.worker.envelope import (
 )
 from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
 from vast_vespa.worker.resource import Forward, Rejection, client_address, passthrough
+from vast_vespa.worker.sessions import CREATE as SESSION_CREATE
+from vast_vespa.worker.sessions import PATHS as SESSION_PATHS
+from vast_vespa.worker.sessions import Sessions
 from vast_vespa.workload import PARSE_LIMIT, Workload
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
@@ -147,6 +150,7 @@ class SignedGate:
         public_url: str | None = None,
         replay_window: int = 0,
         workload_estimator: Workload | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self._keys = keys
         self._admission = admission
@@ -159,6 +163,7 @@ class SignedGate:
         self._replays = ReplayWindow(replay_window) if replay_window > 0 else None
         self._signatures = VerifiedCache()
         self._workload = workload_estimator or Workload("cost")
+        self._sessions = sessions  # None: MAX_SESSIONS=0, /session/* goes to the backend
         # Requests refused by the early verdict (from their head or their body's first
         # bytes), until admit answers them.
         self._refused_early: WeakKeyDictionary[Request, Rejection] = WeakKeyDictionary()
@@ -170,7 +175,7 @@ class SignedGate:
     # left to admit, which records what it sees.
 
     def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
-        if self._keys is None:
+        if self._keys is None or self._is_session_path(_path(target)):
             return False
         rejection = self._blocked_path(target)
         if rejection is None:
@@ -199,6 +204,7 @@ class SignedGate:
         if (
             self._keys is None
             or method not in ENVELOPE_METHODS
+            or self._is_session_path(_path(target))
             or request.getHeader(AUTH_HEADER) is not None
         ):
             return False
@@ -234,7 +240,17 @@ class SignedGate:
         self._log.info("{path} refused: blocked by {pattern}", path=_path(target), pattern=pattern)
         return Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
 
+    def _is_session_path(self, path: bytes) -> bool:
+        """Whether ``path`` is one the worker's own sessions answer (MAX_SESSIONS > 0)."""
+        return self._sessions is not None and path in SESSION_PATHS
+
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
+        if self._is_session_path(request.path):
+            if request.path != SESSION_CREATE:  # authenticated by the session's auth_data
+                assert self._sessions is not None
+                return self._sessions.manage(request)
+            if request.method != b"POST":
+                raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
         rejection = self._refused_early.pop(request, None) or self._blocked_path(request.uri)
         if rejection is not None:
             raise rejection
@@ -312,17 +328,20 @@ class SignedGate:
         assert auth is not None
         if self._public_url is not None and auth["url"] != self._public_url:
             raise self._wrong_worker(request.uri, auth)
-        if self._replays is not None and self._replays.seen_before(
-            auth["reqnum"], auth["signature"]
+        try:
+            unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
+        except AuthError as e:
+            raise self._malformed(request.uri, e) from None
+        # A session's requests all carry the auth_data that opened it: not replays.
+        if (
+            self._replays is not None
+            and unwrapped.session_id is None
+            and self._replays.seen_before(auth["reqnum"], auth["signature"])
         ):
             self._log.info(
                 "{path} refused: replayed reqnum {reqnum}", path=request.path, reqnum=auth["reqnum"]
             )
             raise Rejection(401, "replayed request", "this auth_data was used before")
-        try:
-            unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
-        except AuthError as e:
-            raise self._malformed(request.uri, e) from None
         return self._admit(request, unwrapped, cost_signed)
 
     def _admit(
@@ -331,6 +350,14 @@ class SignedGate:
         auth = unwrapped.auth
         request_idx = None if auth is None else auth["request_idx"]
         work = self._work_of(request, unwrapped, cost_signed)
+        session = None
+        if self._sessions is not None and request.path == SESSION_CREATE:
+            return self._sessions.create(auth, unwrapped.body, work)
+        if unwrapped.session_id is not None:
+            if self._sessions is None:
+                raise Rejection(410, "invalid session", "sessions are off (MAX_SESSIONS=0)")
+            session = self._sessions.use(unwrapped.session_id, auth)
+            request_idx = None  # the session reports its request_idx, not its requests
         try:
             self._admission.check(work)
         except TooBusy as busy:
@@ -346,6 +373,9 @@ class SignedGate:
         forward = self._forward(request, unwrapped)
         forward.workload = work
         token = self._metrics.start(work, request_idx)
+        if session is not None:
+            assert self._sessions is not None
+            self._sessions.began(session, request)
         slot = self._admission.acquire()
         if isinstance(slot, Slot):
             return self._admitted(slot, forward, token)

@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vast_vespa import request_id
 from vast_vespa.headers import LocationRewriter, forwarded_request_headers
-from vast_vespa.outcome import Observer, Outcome, RelayResult, notify, write_error
+from vast_vespa.outcome import JSON, Observer, Outcome, RelayResult, notify, write_error
 from vast_vespa.relay import ProxiedRequest, body_producer, request_has_body
 
 
@@ -36,6 +36,8 @@ class Forward:
     body: IBodyProducer | None
     workload: float = 0.0
     on_done: Callable[[RelayResult], None] | None = None
+    # A JSON answer (status, body) the worker gives itself (the session routes): no relay.
+    answer: tuple[int, bytes] | None = None
 
 
 @dataclass
@@ -182,6 +184,9 @@ class WorkerResource(Resource):
         return NOT_DONE_YET
 
     def _relay(self, forward: Forward, request: Request, started: float) -> None:
+        if forward.answer is not None:
+            self._answer(forward, forward.answer, request, started)
+            return
         try:
             proxied = ProxiedRequest(
                 self._agent,
@@ -209,6 +214,24 @@ class WorkerResource(Resource):
             self._relayed(failed, request, forward, started)
             return
         relayed.addCallback(self._relayed, request, forward, started)
+
+    def _answer(
+        self, forward: Forward, answer: tuple[int, bytes], request: Request, started: float
+    ) -> None:
+        code, body = answer
+        if not request.finished and request.channel is not None:
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", JSON)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+        now = self._clock.seconds()
+        self._relayed(
+            RelayResult(Outcome.SERVED, code, len(body), started, now, now),
+            request,
+            forward,
+            started,
+        )
 
     def _relayed(
         self, result: RelayResult, request: Request, forward: Forward, started: float

@@ -11,6 +11,7 @@ from twisted.application.service import IService, IServiceCollection
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.web.client import Agent
+from twisted.web.server import Site
 
 from vast_vespa import __version__
 from vast_vespa.cli import SettingsOptions, flag_parameters, installed_reactor
@@ -34,6 +35,7 @@ from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import WorkerResource
 from vast_vespa.worker.service import DrainHook, WorkerService
+from vast_vespa.worker.sessions import SessionEndResource, Sessions, backend_poster
 from vast_vespa.worker.state import WorkerState
 from vast_vespa.workload import Workload
 
@@ -94,12 +96,30 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         observers += (metrics.observe,)  # nobody could scrape them without the listener
     vast = settings.vast
     load = WorkerMetrics(clock, state, vast, __version__, _disk_used)
+    sessions = None
+    if settings.max_sessions > 0:
+        sessions = Sessions(
+            clock,
+            load,
+            settings.max_sessions,
+            settings.session_ttl,
+            settings.session_max_ttl,
+            backend_poster(agent, settings.backend_url),
+        )
     concurrency = settings.max_concurrency if settings.allow_parallel else 1
     admission = Admission(
-        lambda: load.load, lambda: state.max_perf, settings.max_wait_time, concurrency
+        (lambda: load.load - sessions.load) if sessions is not None else (lambda: load.load),
+        lambda: state.max_perf,
+        settings.max_wait_time,
+        concurrency,
     )
     _register_load_metrics(metrics, load, admission)
     children: list[IService] = []
+    if sessions is not None:
+        children.append(sessions)
+        metrics.register_gauge(
+            "vespa_sessions_open", "Sessions open on this worker.", lambda: len(sessions.open)
+        )
     client = None
     control_pool = None
     if vast.report_addrs:
@@ -129,6 +149,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         vast.public_url if settings.verify_url else None,
         settings.replay_window,
         Workload(settings.workload_spec),
+        sessions,
     )
     resource = WorkerResource(
         ReadinessGate(gate, state),
@@ -167,6 +188,17 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
             description, site, reactor, "vespa", _naming("listen"), fast_path=fast
         )
         listener.setName(f"listen-{index}")
+        listener.setServiceParent(service)
+    if sessions is not None and settings.session_listen:
+        listener = listen_service(
+            settings.session_listen,
+            Site(SessionEndResource(sessions)),
+            reactor,
+            "vespa",
+            _naming("session_listen"),
+            fast_path=False,
+        )
+        listener.setName("session-end")
         listener.setServiceParent(service)
     if settings.admin_listen:
         sampler = metrics.lag_sampler()
