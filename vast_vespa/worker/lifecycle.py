@@ -388,7 +388,10 @@ class Lifecycle(Service):
 
     def _not_ready(self, url: str, timeout: float, result: ProbeResult) -> str:
         if not result.healthy:
-            return f"backend not healthy after {timeout:g} s: {url} (last probe: {result.detail})"
+            text = f"backend not healthy after {timeout:g} s: {url} (last probe: {result.detail})"
+            if self._model_log is not None and self._model_log.waits_for_load:
+                text += f"; {self._model_log.status()}"
+            return text
         assert self._model_log is not None
         return (
             f"no load line in the model log after {timeout:g} s: {self._model_log.status()} "
