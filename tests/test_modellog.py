@@ -153,6 +153,15 @@ class ModelLogTests(SynchronousTestCase):
             ],
         )
 
+    def test_a_long_log_is_caught_up_without_waiting_for_ticks(self) -> None:
+        """A log much longer than one tick's budget is read in bounded pieces, each at once
+        after the previous one, not one per tick interval."""
+        write(self.path, ("x" * 99 + "\n") * (3 * TICK_BUDGET // 100))
+        write(self.path, "Application startup complete.\n")
+        waiter = self.log.when_loaded()
+        self.clock.advance(0.25)  # one tick: 4 budgets' worth, read one after the other
+        self.successResultOf(waiter)
+
     def test_info_lines_rate_limited(self) -> None:
         """Info lines are copied into the worker's log at most once a second; the latest one
         waits for its turn, saying how many were not shown."""

@@ -3,7 +3,8 @@
 The model server's log (``MODEL_LOG``), followed as Vast's own workers follow it: from its
 start, whether it exists yet or not, through rotation (another file at the path: a new inode)
 and truncation (a size below what was read). A LoopingCall reads what is new in small
-non-blocking reads, a bounded amount per tick, so that a huge log never holds up the reactor.
+non-blocking reads, a bounded amount per tick, so that a huge log never holds up the reactor;
+while behind, the next tick comes at once (after what else the reactor has to do).
 
 Each line (``\\n`` or ``\\r`` ends one: download progress bars rewrite their line with ``\\r``)
 is matched against the substrings of :class:`~vast_vespa.backends.LogLines`: error first, then
@@ -17,7 +18,7 @@ import re
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -44,6 +45,7 @@ class LogFollower:
         self.path = path
         self.opened = False  # the file has been opened at least once
         self.problem = ""  # why it could not be opened last time (other than "missing")
+        self.behind = False  # the last poll stopped at its budget, not at the end of the file
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
         self._offset = 0
@@ -51,6 +53,7 @@ class LogFollower:
 
     def poll(self, budget: int = TICK_BUDGET) -> list[str]:
         lines: list[str] = []
+        self.behind = False
         for _ in range(2):  # after a rotation or truncation, read the new content at once
             if self._fd is None and not self._open():
                 break
@@ -62,6 +65,7 @@ class LogFollower:
                 break
             budget -= len(data)
             lines += self._split(data)
+            self.behind = not at_end
             if not at_end or budget <= 0 or not self._restarted(lines):
                 break
         return lines
@@ -160,6 +164,7 @@ class ModelLog:
         self._info_at = -INFO_EVERY
         self._pending_info = ""
         self._skipped = 0
+        self._catch_up: IDelayedCall | None = None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -201,9 +206,14 @@ class ModelLog:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._catch_up is not None and self._catch_up.active():
+            self._catch_up.cancel()
         self._follower.close()
 
     def _tick(self) -> None:
+        if self._catch_up is not None and self._catch_up.active():  # the loop came first
+            self._catch_up.cancel()
+        self._catch_up = None
         errors: list[str] = []
         in_traceback = False
         for line in self._follower.poll():
@@ -220,6 +230,8 @@ class ModelLog:
             elif any(text in line for text in self.lines.info):
                 self._info(line)
         self._flush_info()
+        if self._follower.behind and self._loop.running and self._catch_up is None:
+            self._catch_up = self._clock.callLater(0, self._tick)
         if errors:
             self._on_error(" | ".join(dict.fromkeys(errors))[:MAX_ERROR])
 
