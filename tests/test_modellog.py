@@ -308,6 +308,7 @@ class ModelLogLifecycleTests(SynchronousTestCase):
         self.assertEqual(self.state.phase, Phase.ERRORED)
         self.assertEqual(self.progress[-1], self.state.error_msg)
         self.assertTrue(self.state.loaded)
+        self.assertEqual(readiness(self.state, self.clock)()[0], 503)
         self.assertNoResult(lifecycle.when_failed())
 
     def test_rotated_log_old_lines_do_not_count(self) -> None:

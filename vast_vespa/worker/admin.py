@@ -38,7 +38,7 @@ from twisted.web.server import Request
 
 from vast_vespa.outcome import JSON, RelayResult, error_body, outcome_of
 from vast_vespa.site import VespaSite
-from vast_vespa.worker.state import WorkerState
+from vast_vespa.worker.state import Phase, WorkerState
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
@@ -251,11 +251,16 @@ def health(metrics: PrometheusMetrics) -> Answer:
 
 
 def readiness(state: WorkerState, clock: IReactorTime) -> Answer:
-    """Ready to take requests: loaded, backend healthy, not draining (503 otherwise); with
-    where start-up stands."""
+    """Ready to take requests: loaded, backend healthy, not draining, not errored by the model
+    log (503 otherwise); with where start-up stands."""
 
     def answer() -> tuple[int, bytes, bytes]:
-        ready = state.loaded and state.backend_healthy and not state.draining
+        ready = (
+            state.loaded
+            and state.backend_healthy
+            and not state.draining
+            and state.phase is not Phase.ERRORED  # a MODEL_LOG error line: never again
+        )
         body = {
             "ready": ready,
             "loaded": state.loaded,
