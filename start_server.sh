@@ -2,17 +2,24 @@
 # Vast.ai template entry point for a Vespa worker.
 #
 #   1. checks the variables Vast provides (one message naming everything missing);
-#   2. creates (or reuses) a virtualenv under $WORKSPACE_DIR and installs Vespa ($VESPA_SPEC);
-#   3. with USE_SSL=true: makes a key + CSR and has the Vast console sign the instance
+#   2. rotates MODEL_LOG (appended to $MODEL_LOG.old, then emptied) so that lines of an earlier
+#      run (before a reboot) do not decide this start;
+#   3. creates (or reuses) a virtualenv under $WORKSPACE_DIR and installs Vespa ($VESPA_SPEC);
+#   4. with USE_SSL=true: makes a key + CSR and has the Vast console sign the instance
 #      certificate; an answer that is not a PEM certificate stops the start (never saved);
-#   4. runs `twistd -n --pidfile= vespa` on tcp:$WORKER_PORT or ssl:$WORKER_PORT.
+#   5. runs `twistd -n --pidfile= vespa` on tcp:$WORKER_PORT or ssl:$WORKER_PORT.
+# The script works on its own (a Vast template downloads just this file): with PYWORKER_REPO
+# (a git URL of this repository) and optionally PYWORKER_REF (a branch, tag or commit), Vespa
+# is installed from there.
 # When any step fails, or Vespa exits with an error, an error beacon (a /worker_status/ body
 # with error_msg and the worker's public url) is posted to EVERY address in REPORT_ADDR.
 #
 # Overridable (besides Vespa's own settings, which twistd reads from the environment):
 #   WORKSPACE_DIR (/workspace)  VESPA_VENV ($WORKSPACE_DIR/vespa-venv)  VESPA_PYTHON (python3)
-#   VESPA_SPEC (what pip installs: a path or git+https://HOST/REPO@REF; default: the checkout
+#   VESPA_SPEC (what pip installs: a path or git+https://HOST/REPO@REF; default:
+#              git+$PYWORKER_REPO@$PYWORKER_REF when PYWORKER_REPO is set, else the checkout
 #              this script is in. Not "vespa": that PyPI name is an unrelated project.)
+#   MODEL_LOG (also MODEL_LOG_FILE; the model server's log, rotated at start)
 #   VESPA_PIP_ARGS (extra pip arguments)  VESPA_ARGS (extra twistd vespa arguments)
 #   SIGN_CERT_URL (https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID)
 #   SIGN_CERT_RETRIES (3: curl retries on transient errors, with 1, 2, 4 s pauses)
@@ -23,10 +30,15 @@ WORKSPACE_DIR=${WORKSPACE_DIR:-/workspace}
 VESPA_VENV=${VESPA_VENV:-$WORKSPACE_DIR/vespa-venv}
 VESPA_PYTHON=${VESPA_PYTHON:-python3}
 VESPA_SPEC=${VESPA_SPEC:-}
+PYWORKER_REPO=${PYWORKER_REPO:-}
+PYWORKER_REF=${PYWORKER_REF:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [ -z "$VESPA_SPEC" ] && grep -qs '^name = vast-vespa$' "$HERE/setup.cfg"; then
+if [ -z "$VESPA_SPEC" ] && [ -n "$PYWORKER_REPO" ]; then
+    VESPA_SPEC="git+${PYWORKER_REPO#git+}${PYWORKER_REF:+@$PYWORKER_REF}"
+elif [ -z "$VESPA_SPEC" ] && grep -qs '^name = vast-vespa$' "$HERE/setup.cfg"; then
     VESPA_SPEC=$HERE
 fi
+MODEL_LOG=${PYWORKER_MODEL_LOG:-${MODEL_LOG:-${PYWORKER_MODEL_LOG_FILE:-${MODEL_LOG_FILE:-}}}}
 VESPA_PIP_ARGS=${VESPA_PIP_ARGS:-}
 VESPA_ARGS=${VESPA_ARGS:-}
 REPORT_ADDR=${PYWORKER_REPORT_ADDR:-${REPORT_ADDR:-https://run.vast.ai}}
@@ -100,7 +112,7 @@ check_variables() {
     [ -n "${!port_var:-}" ] || missing+=("$port_var")
     [ -n "$VESPA_SPEC" ] || missing+=("VESPA_SPEC")
     if [ "${#missing[@]}" -gt 0 ]; then
-        fail "missing environment variable(s): ${missing[*]} (Vast sets all but VESPA_SPEC in serverless instances; VESPA_SPEC is a path or git+https://HOST/REPO@REF)"
+        fail "missing environment variable(s): ${missing[*]} (Vast sets all but VESPA_SPEC in serverless instances; VESPA_SPEC is a path or git+https://HOST/REPO@REF, or set PYWORKER_REPO and PYWORKER_REF)"
     fi
     case "$WORKER_PORT" in
         '' | *[!0-9]*) fail "WORKER_PORT=$WORKER_PORT is not a port number" ;;
@@ -108,6 +120,18 @@ check_variables() {
     case "$CONTAINER_ID" in
         *[!0-9]*) fail "CONTAINER_ID=$CONTAINER_ID is not a number" ;;
     esac
+}
+
+# Before the (slow) install: a model server started alongside may write its load line meanwhile,
+# and that line must stay. Appended and emptied rather than moved, so that a server already
+# writing to the file keeps writing where Vespa reads.
+rotate_model_log() {
+    STEP="rotating the model log $MODEL_LOG"
+    if [ -n "$MODEL_LOG" ] && [ -s "$MODEL_LOG" ]; then
+        cat "$MODEL_LOG" >>"$MODEL_LOG.old" || fail "could not append $MODEL_LOG to $MODEL_LOG.old"
+        : >"$MODEL_LOG" || fail "could not empty $MODEL_LOG"
+        log "model log $MODEL_LOG rotated (earlier lines in $MODEL_LOG.old)"
+    fi
 }
 
 install_vespa() {
@@ -179,7 +203,7 @@ endpoint_path() {
 
 run_vespa() {
     STEP="starting Vespa"
-    local listen="tcp:$WORKER_PORT:backlog=1024" extra=() child tee_pid status=0 errors last
+    local listen="tcp:$WORKER_PORT:backlog=1024" extra=() child tee_pid status=0 errors last stopped
     if [ "$USE_SSL" = true ]; then
         listen="ssl:$WORKER_PORT:backlog=1024:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
     fi
@@ -195,12 +219,18 @@ run_vespa() {
     "$VESPA_VENV/bin/twistd" -n --pidfile= vespa --listen "$listen" "${extra[@]}" 2>&3 &
     child=$!
     exec 3>&-
-    trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+    stopped=false
+    trap 'stopped=true; kill -TERM "$child" 2>/dev/null || true' TERM INT
     wait "$child" || status=$?
     while kill -0 "$child" 2>/dev/null; do # a forwarded signal interrupted wait: wait again
         status=0
         wait "$child" || status=$?
     done
+    # twistd ends itself with the signal that stopped it (exit status 128 + SIGTERM) after a
+    # clean drain: a stop that was asked for is not an error.
+    if [ "$stopped" = true ] && [ "$status" -eq 143 ]; then
+        status=0
+    fi
     wait "$tee_pid" || true # the copy of stderr is complete
     last=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1 | cut -c 1-500 || true)
     rm -f "$errors"
@@ -211,6 +241,7 @@ run_vespa() {
 }
 
 check_variables
+rotate_model_log
 install_vespa
 if [ "$USE_SSL" = true ]; then
     sign_certificate

@@ -338,7 +338,7 @@ class MemoryWorker:
         )
         self.recorder = Recorder()
         self.resource = WorkerResource(
-            gate or ReadinessGate(signed_gate, self.state),
+            gate or ReadinessGate(signed_gate, self.state, self.clock),
             wrap_agent(self.network),
             self.clock,
             BACKEND_URL,

@@ -472,10 +472,10 @@ class HealthProbeTests(TestCase):
         session = BackendSession(reactor, listen(self, backend))
         self.addCleanup(session.close)
         healthy = await HealthProbe(lambda: session.get("/health"), reactor, 1.0)()
-        self.assertEqual(healthy, ProbeResult(True, "HTTP 200"))
+        self.assertEqual(healthy, ProbeResult(True, "HTTP 200", 200))
         backend.health_code = 503
         sick = await HealthProbe(lambda: session.get("/health"), reactor, 1.0)()
-        self.assertEqual(sick, ProbeResult(False, "HTTP 503"))
+        self.assertEqual(sick, ProbeResult(False, "HTTP 503", 503))
         slow = await HealthProbe(lambda: session.get("/slow?delay=5"), reactor, 0.1)()
         self.assertEqual(slow, ProbeResult(False, "no answer within 0.1 s"))
         await backend.cancelled[0]

@@ -130,7 +130,6 @@ class SystemdServiceTests(TestCase):
             systemd.messages(),
             [
                 ["WATCHDOG=1"],  # at start
-                ["STATUS=waiting for the backend"],
                 ["WATCHDOG=1"],
                 ["WATCHDOG=1"],
             ],
@@ -151,10 +150,12 @@ class WorkerNotifyTests(TestCase):
         }
         _, service = start_worker(self, listen(self, backend), loaded=False, **changes)
         await backend.arrived()  # probing the backend: not ready yet
-        self.assertEqual(systemd.messages(), [["STATUS=waiting for the backend"]])
         backend.health_code = 200
         await service.getServiceNamed("lifecycle").when_loaded()
-        self.assertEqual(systemd.messages(), [["READY=1", "STATUS=serving"]])
+        messages = systemd.messages()
+        # While starting: the phase, its time and the last probe's answer.
+        self.assertIn(["STATUS=waiting for health for 0 s, last health probe: HTTP 503"], messages)
+        self.assertEqual(messages[-1], ["READY=1", "STATUS=serving"])
         await service.stopService()
         self.assertEqual(systemd.messages(), [["STOPPING=1", "STATUS=draining"]])
 
@@ -173,9 +174,8 @@ class WorkerNotifyTests(TestCase):
         await service.getServiceNamed("lifecycle").when_failed()
         self.flushLoggedErrors(ValueError)
         self.assertEqual(
-            systemd.messages(),
+            systemd.messages()[-1:],
             [
-                ["STATUS=waiting for the backend"],
                 [
                     "READY=1",
                     "STATUS=worker failed to start: benchmark "

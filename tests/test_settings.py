@@ -99,3 +99,52 @@ class SettingsTests(SynchronousTestCase):
         )
         env = {"BACKEND": "tgi", "BENCHMARK": "mine:bench"}
         self.assertEqual(load_settings({}, env).benchmark_spec, "mine:bench")
+
+
+class BackendDefaultsTests(SynchronousTestCase):
+    def test_health_path_per_backend(self):
+        """BACKEND picks the health path; HEALTHCHECK_ENDPOINT (or its old spelling) wins."""
+        expected = {
+            "": "/health",
+            "vllm": "/health",
+            "tgi": "/health",
+            "llama.cpp": "/health",
+            "ollama": "/api/version",
+            "comfyui": "/system_stats",
+            "llama-cpp-python": "/openapi.json",
+        }
+        for backend, path in expected.items():
+            self.assertEqual(load_settings({}, {"BACKEND": backend}).health_path, path, backend)
+        for env in ("HEALTHCHECK_ENDPOINT", "PYWORKER_HEALTHCHECK_ENDPOINT"):
+            settings = load_settings({}, {"BACKEND": "ollama", env: "/ping"})
+            self.assertEqual(settings.health_path, "/ping")
+        settings = load_settings({"backend": "comfyui"}, {"MODEL_HEALTH_ENDPOINT": "/ready"})
+        self.assertEqual(settings.health_path, "/ready")
+        with self.assertRaises(SettingsError):
+            load_settings({}, {"HEALTHCHECK_ENDPOINT": "health"})
+
+    def test_llama_cpp_python_uses_the_openai_benchmark(self):
+        """llama-cpp-python speaks the OpenAI API: the shipped OpenAI benchmark."""
+        settings = load_settings({}, {"BACKEND": "llama-cpp-python"})
+        self.assertEqual(settings.benchmark_spec, "vast_vespa.benchmarks.openai:benchmark")
+
+    def test_model_log_options(self):
+        """MODEL_LOG (or MODEL_LOG_FILE, or PYWORKER_MODEL_LOG) names the file; the three
+        lists are newline-separated substrings (stripped), BACKEND's when unset, nothing with
+        "none"."""
+        self.assertEqual(load_settings({}, {}).model_log, "")
+        for env in ("MODEL_LOG", "MODEL_LOG_FILE", "PYWORKER_MODEL_LOG"):
+            self.assertEqual(load_settings({}, {env: "/var/log/x.log"}).model_log, "/var/log/x.log")
+        vllm = load_settings({}, {"BACKEND": "vllm"}).model_log_lines
+        self.assertEqual(vllm.load, ("Application startup complete.",))
+        self.assertIn("CUDA out of memory", vllm.error)
+        env = {
+            "BACKEND": "vllm",
+            "PYWORKER_MODEL_LOAD_LOG_MSG": "  ready to roll\n\n  all good  \n",
+            "MODEL_ERROR_LOG_MSGS": "none",
+        }
+        lines = load_settings({}, env).model_log_lines
+        self.assertEqual(lines.load, ("ready to roll", "all good"))
+        self.assertEqual(lines.error, ())
+        self.assertEqual(lines.info, vllm.info)
+        self.assertEqual(load_settings({}, {}).model_log_lines.load, ())

@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import sys
 from typing import Any
 
 from cryptography import x509
+from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from tests.certs import self_signed
+from tests.fakes import FakeAutoscaler
 from tests.helpers import listen, spawn
 
 SCRIPT = os.path.join(
@@ -251,9 +255,109 @@ class StartServerTests(TestCase):
         self.assertFalse(os.path.exists(self.log))
         self.assertEqual([len(b) for b in self.beacons()], [1, 1])
 
+    async def test_alone_installs_from_pyworker_repo_and_ref(self) -> None:
+        """The script downloaded alone (no checkout around it) installs Vespa from
+        PYWORKER_REPO at PYWORKER_REF, as a Vast template sets them; without a ref, the
+        repository's default branch."""
+        del self.env["VESPA_SPEC"]
+        alone = os.path.join(self.dir, "start_server.sh")
+        shutil.copy(SCRIPT, alone)
+        repo = "https://example.org/me/vespa.git"
+        self.env.update(PYWORKER_REPO=repo, PYWORKER_REF="v1.2")
+        watcher = spawn(self, ["bash", alone], self.env)
+        self.assertEqual(await watcher.ended, 0, watcher.output)
+        self.assertIn(f"pip -m pip install -q git+{repo}@v1.2", self.calls())
+        del self.env["PYWORKER_REF"]
+        watcher = spawn(self, ["bash", alone], self.env)
+        self.assertEqual(await watcher.ended, 0, watcher.output)
+        self.assertEqual(self.calls()[-2:], [f"pip -m pip install -q git+{repo}", "twistd ran"])
+
+    async def test_model_log_rotated_on_start(self) -> None:
+        """MODEL_LOG's lines from an earlier run are appended to MODEL_LOG.old and the log is
+        emptied before Vespa starts, so that they do not decide this start."""
+        model_log = os.path.join(self.dir, "vllm.log")
+        with open(model_log + ".old", "w") as f:
+            f.write("run 1\n")
+        with open(model_log, "w") as f:
+            f.write("run 2: Application startup complete.\n")
+        code, output = await self.start(MODEL_LOG=model_log)
+        self.assertEqual(code, 0, output)
+        with open(model_log) as f:
+            self.assertEqual(f.read(), "")
+        with open(model_log + ".old") as f:
+            self.assertEqual(f.read(), "run 1\nrun 2: Application startup complete.\n")
+        self.assertLess(  # rotated before the install, which may take minutes
+            output.index("model log"), output.index("installing Vespa")
+        )
+
     def test_shellcheck(self) -> None:
         """The script is shellcheck-clean."""
         if not shutil.which("shellcheck"):
             raise SkipTest("shellcheck is not installed")
         result = subprocess.run(["shellcheck", SCRIPT], capture_output=True, text=True)
         self.assertEqual(result.returncode, 0, result.stdout)
+
+
+class RealInstallTests(TestCase):
+    """start_server.sh alone, installing Vespa for real (pip, git) into a fresh virtualenv from
+    a local clone of this repository named by PYWORKER_REPO (file://) and PYWORKER_REF; about
+    20 s with pip's cache warm."""
+
+    async def test_install_from_local_repository_and_start(self) -> None:
+        root = os.path.dirname(SCRIPT)
+        if not shutil.which("git") or not shutil.which("bash"):
+            raise SkipTest("needs git and bash")
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        if head.returncode != 0:
+            raise SkipTest("not a git checkout")
+        ref = head.stdout.strip()
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        clone = os.path.join(work, "vespa.git")
+        subprocess.run(["git", "clone", "-q", "--bare", root, clone], check=True)
+        alone = os.path.join(work, "start_server.sh")
+        shutil.copy(SCRIPT, alone)
+        with socket.socket() as probe:  # a free port for the worker
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        venv = os.path.join(work, "venv")
+        autoscaler = FakeAutoscaler()
+        env = {
+            "PYWORKER_REPO": "file://" + clone,
+            "PYWORKER_REF": ref,
+            "WORKSPACE_DIR": work,
+            "VESPA_VENV": venv,
+            "VESPA_PYTHON": sys.executable,
+            "REPORT_ADDR": listen(self, autoscaler),
+            "CONTAINER_ID": "4242",
+            "MASTER_TOKEN": "mtok-secret",
+            "PUBLIC_IPADDR": "127.0.0.1",
+            "WORKER_PORT": str(port),
+            f"VAST_TCP_PORT_{port}": str(port),
+            "USE_SSL": "false",
+            "ADMIN_LISTEN": "none",
+            "BACKEND_URL": "http://127.0.0.1:9",
+        }
+        watcher = spawn(self, ["bash", alone], env)
+        # A report comes once its reactor runs (and handles SIGTERM).
+        await autoscaler.when(lambda: autoscaler.statuses).addTimeout(120.0, reactor)
+        self.assertIn(b"worker starting on", watcher.output)
+        watcher.transport_.signalProcess("TERM")  # type: ignore[attr-defined]
+        self.assertEqual(await watcher.ended, 0, watcher.output)
+        origin = subprocess.run(
+            [
+                os.path.join(venv, "bin", "python"),
+                "-c",
+                "from importlib.metadata import distribution; "
+                "print(distribution('vast-vespa').read_text('direct_url.json'))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # only the venv
+        )
+        installed = json.loads(origin.stdout)
+        self.assertEqual(installed["url"], "file://" + clone)
+        self.assertEqual(installed["vcs_info"]["commit_id"], ref)

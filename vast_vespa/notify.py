@@ -88,10 +88,10 @@ def _status(text: str) -> str:
 
 class SystemdService(MultiService):
     """
-    The worker's systemd side while it runs: ``STATUS=`` at start and a watchdog timer
-    (``WATCHDOG=1`` every half of ``WATCHDOG_USEC``), which keeps going while the worker drains.
-    ``READY=1`` and ``STOPPING=1`` are sent by whoever knows (the lifecycle's loaded hook, the
-    drain), through ``notifier``.
+    The worker's systemd side while it runs: a watchdog timer (``WATCHDOG=1`` every half of
+    ``WATCHDOG_USEC``), which keeps going while the worker drains. ``READY=1``, ``STOPPING=1``
+    and ``STATUS=`` are sent by whoever knows (the lifecycle's start-up progress and loaded
+    hook, the drain), through ``notifier``.
     """
 
     def __init__(self, notifier: SystemdNotifier, clock: IReactorTime, watchdog_usec: int = 0):
@@ -101,10 +101,6 @@ class SystemdService(MultiService):
             timer = TimerService(watchdog_usec / 2_000_000, notifier.watchdog)
             timer.clock = clock
             timer.setServiceParent(self)
-
-    def startService(self) -> None:
-        super().startService()
-        self.notifier.status("waiting for the backend")
 
     def stopService(self) -> object:
         stopped = super().stopService()

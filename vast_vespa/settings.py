@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from vast_vespa.backends import LogLines, health_path, model_log_lines
 from vast_vespa.options import (
     SettingsError,
     choice,
@@ -76,10 +77,26 @@ BACKEND_PRESETS = {
     "vllm": "vast_vespa.benchmarks.openai:benchmark",
     "ollama": "vast_vespa.benchmarks.openai:benchmark",
     "llama.cpp": "vast_vespa.benchmarks.openai:benchmark",
+    "llama-cpp-python": "vast_vespa.benchmarks.openai:benchmark",
     "sglang": "vast_vespa.benchmarks.openai:benchmark",
     "tgi": "vast_vespa.benchmarks.tgi:benchmark",
     "comfyui": "vast_vespa.benchmarks.comfyui:benchmark",
 }
+
+
+def parse_optional_path(text: str) -> str:
+    """A path as :func:`parse_path`, or empty for "the backend's default"."""
+    return parse_path(text) if text.strip() else ""
+
+
+def parse_log_lines(text: str) -> tuple[str, ...] | None:
+    """Newline-separated substrings (each line stripped, empty ones dropped), as the official
+    workers read them; empty for "the backend's default", ``none`` for no line at all."""
+    if not text.strip():
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def parse_signature_shapes(text: str) -> tuple[str, ...]:
@@ -403,7 +420,8 @@ class Settings:
         "",
         "Kind of backend ("
         + ", ".join(BACKEND_PRESETS)
-        + "): picks the shipped benchmark when BENCHMARK is not set.",
+        + "): picks the shipped benchmark, health path and MODEL_LOG lines where those are "
+        "not set.",
     )
     benchmark: str = worker_option(
         "BENCHMARK",
@@ -437,10 +455,44 @@ class Settings:
     healthcheck_endpoint: str = worker_option(
         "HEALTHCHECK_ENDPOINT",
         "healthcheck-endpoint",
-        parse_path,
-        "/health",
-        "Backend path answering 200 when the model is ready.",
+        parse_optional_path,
+        "",
+        "Backend path answering 200 when the model is ready; unset: BACKEND's (/health; "
+        "ollama /api/version, comfyui /system_stats, llama-cpp-python /openapi.json).",
         old_env=("MODEL_HEALTH_ENDPOINT",),
+    )
+    model_log: str = worker_option(
+        "MODEL_LOG",
+        "model-log",
+        parse_text,
+        "",
+        "Model server's log file, followed from its start: its load, error and info lines "
+        "(below) decide readiness and failure.",
+        old_env=("MODEL_LOG_FILE",),
+    )
+    model_load_log_msg: tuple[str, ...] | None = worker_option(
+        "MODEL_LOAD_LOG_MSG",
+        "model-load-log-msg",
+        parse_log_lines,
+        "",
+        "Newline-separated substrings of the MODEL_LOG line saying the model is loaded "
+        "(unset: BACKEND's; none: no such line).",
+    )
+    model_error_log_msgs: tuple[str, ...] | None = worker_option(
+        "MODEL_ERROR_LOG_MSGS",
+        "model-error-log-msgs",
+        parse_log_lines,
+        "",
+        "Newline-separated substrings of MODEL_LOG lines that make the worker errored at once "
+        "(unset: BACKEND's; none: no such line).",
+    )
+    model_info_log_msgs: tuple[str, ...] | None = worker_option(
+        "MODEL_INFO_LOG_MSGS",
+        "model-info-log-msgs",
+        parse_log_lines,
+        "",
+        "Newline-separated substrings of MODEL_LOG lines copied into the worker's log, at most "
+        "one a second (unset: BACKEND's; none: no such line).",
     )
     ready_timeout: float = worker_option(
         "READY_TIMEOUT",
@@ -524,6 +576,21 @@ class Settings:
     def benchmark_spec(self) -> str:
         """The benchmark to run: BENCHMARK, else the preset of BACKEND, else empty."""
         return self.benchmark or BACKEND_PRESETS.get(self.backend, "")
+
+    @property
+    def health_path(self) -> str:
+        """The path probed: HEALTHCHECK_ENDPOINT, else BACKEND's health path."""
+        return self.healthcheck_endpoint or health_path(self.backend)
+
+    @property
+    def model_log_lines(self) -> LogLines:
+        """The MODEL_LOG patterns: each list as set, else BACKEND's."""
+        shipped = model_log_lines(self.backend)
+        return LogLines(
+            shipped.load if self.model_load_log_msg is None else self.model_load_log_msg,
+            shipped.error if self.model_error_log_msgs is None else self.model_error_log_msgs,
+            shipped.info if self.model_info_log_msgs is None else self.model_info_log_msgs,
+        )
 
 
 def _listen_port(listen: Sequence[str]) -> int | None:

@@ -38,7 +38,7 @@ from twisted.web.server import Request
 
 from vast_vespa.outcome import JSON, RelayResult, error_body, outcome_of
 from vast_vespa.site import VespaSite
-from vast_vespa.worker.state import WorkerState
+from vast_vespa.worker.state import Phase, WorkerState
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
@@ -149,7 +149,7 @@ class PrometheusMetrics:
 
     def __init__(self, state: WorkerState, clock: IReactorTime) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._clock = clock
+        self.clock = clock
         self._requests = _RequestMetrics()
         self.registry.register(self._requests)
         self.reactor_lag = 0.0
@@ -197,11 +197,11 @@ class PrometheusMetrics:
     def lag_sampler(self) -> TimerService:
         """A service measuring how late a LAG_INTERVAL timer fires."""
         service = TimerService(LAG_INTERVAL, self._sample_lag)
-        service.clock = self._clock
+        service.clock = self.clock
         return service
 
     def _sample_lag(self) -> None:
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         if self._last_tick is not None:
             self.reactor_lag = max(now - self._last_tick - LAG_INTERVAL, 0.0)
         self._last_tick = now
@@ -250,17 +250,27 @@ def health(metrics: PrometheusMetrics) -> Answer:
     return lambda: _json(200, {"status": "alive", "reactor_lag": metrics.reactor_lag})
 
 
-def readiness(state: WorkerState) -> Answer:
-    """Ready to take requests: loaded, backend healthy, not draining (503 otherwise)."""
+def readiness(state: WorkerState, clock: IReactorTime) -> Answer:
+    """Ready to take requests: loaded, backend healthy, not draining, not errored by the model
+    log (503 otherwise); with where start-up stands."""
 
     def answer() -> tuple[int, bytes, bytes]:
-        ready = state.loaded and state.backend_healthy and not state.draining
+        ready = (
+            state.loaded
+            and state.backend_healthy
+            and not state.draining
+            and state.phase is not Phase.ERRORED  # a MODEL_LOG error line: never again
+        )
         body = {
             "ready": ready,
             "loaded": state.loaded,
             "backend_healthy": state.backend_healthy,
             "draining": state.draining,
             "error": state.error_msg,
+            "phase": state.phase.value,
+            "phase_seconds": round(max(0.0, clock.seconds() - state.phase_since), 3),
+            "last_probe": state.last_probe,
+            "detail": state.progress(clock.seconds()),
         }
         return _json(200 if ready else 503, body)
 
@@ -274,7 +284,7 @@ class AdminResource(Resource):
         super().__init__()
         self.putChild(b"metrics", _Answer(lambda: (200, METRICS_TYPE, metrics.render())))
         self.putChild(b"healthz", _Answer(health(metrics)))
-        self.putChild(b"readyz", _Answer(readiness(state)))
+        self.putChild(b"readyz", _Answer(readiness(state, metrics.clock)))
         self._missing = _Answer(
             lambda: _json(
                 404, {"error": "not found", "detail": "try /metrics, /healthz or /readyz"}

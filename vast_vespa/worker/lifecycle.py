@@ -1,9 +1,12 @@
 # -*- test-case-name: tests.test_lifecycle -*-
 """
-The worker's life: wait for the backend to become healthy, run the benchmark (or read its
-cached result), mark the worker loaded, then keep health-checking the backend. Every failure
-ends up in ``WorkerState.error_msg`` (which the reporter sends to the autoscaler) and in the
-log; requests are refused with 503 until the worker is loaded, and while it drains.
+The worker's life: wait for the backend to become healthy (and, with MODEL_LOG, for its load
+line), run the benchmark (or read its cached result), mark the worker loaded, then keep
+health-checking the backend. Every failure, and every MODEL_LOG error line at once, ends up in
+``WorkerState.error_msg`` (which the reporter sends to the autoscaler) and in the log; requests
+are refused with 503 until the worker is loaded, and while it drains. The phase, its elapsed
+time and the last probe's answer are in ``WorkerState`` for the 503 detail, /readyz and
+systemd's STATUS=.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from vast_vespa.benchmark import (
 )
 from vast_vespa.outcome import describe_failure
 from vast_vespa.settings import Settings
+from vast_vespa.worker.modellog import ModelLog
 from vast_vespa.worker.resource import Forward, Rejection, RequestGate
-from vast_vespa.worker.state import WorkerState
+from vast_vespa.worker.state import Phase, WorkerState
 
 PROGRESS_EVERY = 30.0  # seconds between "still waiting for the backend" lines
 LOADING_RETRY_AFTER = b"10"  # Retry-After of the 503 "loading" answer
@@ -51,6 +55,7 @@ class StartupError(Exception):
 class ProbeResult:
     healthy: bool
     detail: str  # "HTTP 200", "HTTP 503", "no answer within 10 s", "Connection refused..."
+    code: int | None = None  # the HTTP status, if there was an answer
 
 
 class HealthProbe:
@@ -67,7 +72,7 @@ class HealthProbe:
         return probe.addCallbacks(self._answered, self._failed)
 
     def _answered(self, response: Any) -> ProbeResult:
-        return ProbeResult(response.code == 200, f"HTTP {response.code}")
+        return ProbeResult(response.code == 200, f"HTTP {response.code}", response.code)
 
     def _failed(self, failure: Failure) -> ProbeResult:
         if failure.check(TimeoutError):
@@ -207,7 +212,11 @@ class Lifecycle(Service):
         probe: HealthProbe,
         benchmark: Callable[[], Deferred[float]] | None,
         close: Callable[[], Deferred[None]] = lambda: succeed(None),
+        model_log: Callable[[Callable[[str], None]], ModelLog] | None = None,
+        progress: Callable[[str], None] = lambda text: None,
     ) -> None:
+        """``model_log(on_error)``: the MODEL_LOG follower calling ``on_error(lines)``;
+        ``progress(text)``: told each phase and each start-up probe (systemd's STATUS=)."""
         self._settings = settings
         self._state = state
         self._clock = clock
@@ -220,6 +229,10 @@ class Lifecycle(Service):
         self._waiters: list[Deferred[WorkerState]] = []
         self._startup_error = ""  # why start-up failed, once it has
         self._failure_waiters: list[Deferred[str]] = []
+        self._model_log = model_log(self._model_log_error) if model_log else None
+        self._log_error = ""  # a MODEL_LOG error line that ended start-up
+        self._progress = progress
+        self._warned_404 = False
         self.monitor = HealthMonitor(
             probe,
             clock,
@@ -249,13 +262,18 @@ class Lifecycle(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._state.phase_since = self._clock.seconds()
         self._run = Deferred.fromCoroutine(self._start_up())
         self._run.addErrback(self._failed)
+        if self._model_log is not None:  # after _run: its first lines may end start-up
+            self._model_log.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
         self.monitor.stop()
+        if self._model_log is not None:
+            self._model_log.stop()
         if self._run is not None:
             self._run.cancel()
         return self._close()
@@ -269,7 +287,7 @@ class Lifecycle(Service):
                 "or BACKEND (one of the shipped benchmarks)"
             )
         timeout = settings.ready_timeout if cached is None else settings.ready_timeout_resume
-        await self._wait_until_healthy(timeout)
+        await self._wait_until_ready(timeout)
         if cached is not None:
             max_perf = cached
             log.info(
@@ -285,8 +303,10 @@ class Lifecycle(Service):
             )
             max_perf = 0.0
         else:
+            self._enter(Phase.BENCHMARKING)
             max_perf = await self._run_benchmark(self._benchmark)
         self._state.mark_loaded(self._clock.seconds(), max_perf)
+        self._progress(self._state.progress(self._clock.seconds()))
         log.info(
             "worker loaded in {loadtime:.1f} s (max_perf {max_perf:g})",
             loadtime=self._state.loadtime,
@@ -296,36 +316,104 @@ class Lifecycle(Service):
         waiters, self._waiters = self._waiters, []
         _fire(waiters, self._state)
 
-    async def _wait_until_healthy(self, timeout: float) -> None:
+    async def _wait_until_ready(self, timeout: float) -> None:
+        """Probe the backend until it answers 200 and MODEL_LOG (if it has load lines) has
+        shown one; a load line wakes the wait at once."""
         settings = self._settings
-        url = settings.backend_url + settings.healthcheck_endpoint
+        url = settings.backend_url + settings.health_path
+        model_log = self._model_log if self._model_log and self._model_log.waits_for_load else None
         started = self._clock.seconds()
         report_at = started + PROGRESS_EVERY
-        log.info("waiting for {url} to answer 200 (up to {timeout:g} s)", url=url, timeout=timeout)
+        log.info(
+            "waiting for {url} to answer 200{also} (up to {timeout:g} s)",
+            url=url,
+            also=f" and for a load line in {model_log.path}" if model_log else "",
+            timeout=timeout,
+        )
         while True:
+            self._enter_waiting()
             probed = self._clock.seconds()
             result = await self._probe()
             self._check_stopping()
-            self._state.backend_healthy = result.healthy
+            self._record_probe(url, result)
             now = self._clock.seconds()
-            if result.healthy:
-                log.info("backend healthy after {elapsed:.1f} s", elapsed=now - started)
+            if result.healthy and not (model_log and model_log.waits_for_load):
+                log.info("backend ready after {elapsed:.1f} s", elapsed=now - started)
                 return
             if now - started >= timeout:
-                raise StartupError(
-                    f"backend not healthy after {timeout:g} s: {url} (last probe: {result.detail})"
-                )
+                raise StartupError(self._not_ready(url, timeout, result))
             if now >= report_at:
                 log.info(
-                    "still waiting for {url}: {elapsed:.0f} s elapsed, last probe: {detail}",
+                    "still waiting for {url}: {elapsed:.0f} s elapsed, last probe: {detail}{log}",
                     url=url,
                     elapsed=now - started,
                     detail=result.detail,
+                    log=f"; {model_log.status()}" if model_log else "",
                 )
                 report_at = now + PROGRESS_EVERY
             pause = probed + settings.healthcheck_retry_interval - now
-            await deferLater(self._clock, max(0.0, min(pause, started + timeout - now)))
+            pause = max(0.0, min(pause, started + timeout - now))
+            if model_log and model_log.waits_for_load:
+                await _first(model_log.when_loaded(), pause, self._clock)
+            else:
+                await deferLater(self._clock, pause)
             self._check_stopping()
+
+    def _enter_waiting(self) -> None:
+        model_log = self._model_log
+        if model_log and model_log.waits_for_load:
+            self._enter(Phase.WAITING_FOR_LOG, model_log.status())
+        else:
+            self._enter(Phase.WAITING_FOR_HEALTH)
+
+    def _enter(self, phase: Phase, waiting_for: str = "") -> None:
+        now = self._clock.seconds()
+        if self._state.enter(phase, now, waiting_for):
+            log.info("phase: {phase}", phase=phase.value)
+            self._progress(self._state.progress(now))
+
+    def _record_probe(self, url: str, result: ProbeResult) -> None:
+        state = self._state
+        state.backend_healthy = result.healthy
+        state.last_probe = result.detail
+        self._progress(state.progress(self._clock.seconds()))
+        if result.code == 404 and not self._warned_404:
+            self._warned_404 = True
+            log.warn(
+                "{url} answered 404: the backend has no such path. Set --healthcheck-endpoint "
+                "(HEALTHCHECK_ENDPOINT) to a path that answers 200 once the model is ready, "
+                "or --backend to a kind Vespa knows (ollama, comfyui, llama-cpp-python, ...)",
+                url=url,
+            )
+
+    def _not_ready(self, url: str, timeout: float, result: ProbeResult) -> str:
+        if not result.healthy:
+            text = f"backend not healthy after {timeout:g} s: {url} (last probe: {result.detail})"
+            if self._model_log is not None and self._model_log.waits_for_load:
+                text += f"; {self._model_log.status()}"
+            return text
+        assert self._model_log is not None
+        return (
+            f"no load line in the model log after {timeout:g} s: {self._model_log.status()} "
+            f"(expected a line containing one of: "
+            + ", ".join(repr(text) for text in self._model_log.lines.load)
+            + f"; {url} answers 200)"
+        )
+
+    def _model_log_error(self, lines: str) -> None:
+        """MODEL_LOG showed error lines: start-up ends at once (no benchmark, or the running
+        one cancelled); once loaded, the worker reports the error."""
+        message = f"model log {self._settings.model_log}: {lines}"
+        assert self._run is not None  # the log is followed from startService on
+        if self._run.called:  # loaded, or start-up already failed
+            if not self._stopping and not self._startup_error:
+                log.error("{message}", message=message)
+                self._state.mark_errored(message)
+                self._state.enter(Phase.ERRORED, self._clock.seconds())
+                self._progress(message)
+            return
+        self._log_error = message
+        self._run.cancel()
 
     async def _run_benchmark(self, benchmark: Callable[[], Deferred[float]]) -> float:
         spec = self._settings.benchmark_spec
@@ -337,7 +425,7 @@ class Lifecycle(Service):
             running.addTimeout(limit, self._clock, onTimeoutCancel=partial(_timed_out, spec))
         try:
             max_perf = await running
-        except (BenchmarkError, StartupError):
+        except (BenchmarkError, StartupError, CancelledError):
             raise
         except Exception as e:
             self._check_stopping()
@@ -360,7 +448,9 @@ class Lifecycle(Service):
     def _failed(self, failure: Failure) -> None:
         if self._stopping:
             return  # stopped while starting up: nothing to report
-        if failure.check(StartupError, BenchmarkError):
+        if self._log_error:
+            why = self._log_error
+        elif failure.check(StartupError, BenchmarkError):
             why = failure.getErrorMessage()
         else:
             log.failure("worker start-up failed", failure)
@@ -369,6 +459,7 @@ class Lifecycle(Service):
         log.error("{message}", message=message)
         self._state.mark_errored(message)
         self._startup_error = message
+        self._state.enter(Phase.ERRORED, self._clock.seconds())
         waiters, self._failure_waiters = self._failure_waiters, []
         _fire(waiters, message)
 
@@ -376,6 +467,15 @@ class Lifecycle(Service):
 def _fire(waiters: list[Deferred[Any]], value: object) -> None:
     for waiter in waiters:
         waiter.callback(value)
+
+
+def _first(wake: Deferred[None], seconds: float, clock: IReactorTime) -> Deferred[None]:
+    """Fires when ``wake`` does or after ``seconds``, whichever comes first."""
+
+    def waited_enough(failure: Failure) -> None:
+        failure.trap(TimeoutError)
+
+    return wake.addTimeout(seconds, clock).addErrback(waited_enough)
 
 
 def _timed_out(spec: str, result: object, timeout: float) -> None:
@@ -386,11 +486,13 @@ def _timed_out(spec: str, result: object, timeout: float) -> None:
 
 
 class ReadinessGate:
-    """Wraps the request gate: 503 before the worker is loaded and while it drains."""
+    """Wraps the request gate: 503 before the worker is loaded (saying where start-up
+    stands) and while it drains."""
 
-    def __init__(self, inner: RequestGate, state: WorkerState) -> None:
+    def __init__(self, inner: RequestGate, state: WorkerState, clock: IReactorTime) -> None:
         self._inner = inner
         self._state = state
+        self._clock = clock
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         state = self._state
@@ -407,18 +509,24 @@ class ReadinessGate:
             raise Rejection(
                 503,
                 "loading",
-                "the backend is still loading or being benchmarked; retry later",
+                f"the backend is not ready yet: {state.progress(self._clock.seconds())}; "
+                "retry later",
                 {b"retry-after": LOADING_RETRY_AFTER},
             )
         return self._inner.admit(request)
 
 
 def build_lifecycle(
-    settings: Settings, reactor: Any, state: WorkerState, fast_path: bool
+    settings: Settings,
+    reactor: Any,
+    state: WorkerState,
+    fast_path: bool,
+    progress: Callable[[str], None] = lambda text: None,
 ) -> Lifecycle:
     """
     The lifecycle for ``settings``: loads the benchmark now, so that a wrong BENCHMARK stops
-    start-up at once. ``fast_path``: whether the fast path runs (its session's pool).
+    start-up at once. ``fast_path``: whether the fast path runs (its session's pool);
+    ``progress``: see :class:`Lifecycle`.
 
     @raise SettingsError: the benchmark cannot be loaded, or its session cannot be provided.
     """
@@ -436,6 +544,9 @@ def build_lifecycle(
         else:
             benchmark = partial(run_benchmark, function, spec, url, session.limited(limit))
     probe = HealthProbe(
-        lambda: session.get(settings.healthcheck_endpoint), reactor, settings.healthcheck_timeout
+        lambda: session.get(settings.health_path), reactor, settings.healthcheck_timeout
     )
-    return Lifecycle(settings, state, reactor, probe, benchmark, session.close)
+    model_log = None
+    if settings.model_log:
+        model_log = partial(ModelLog, settings.model_log, settings.model_log_lines, reactor)
+    return Lifecycle(settings, state, reactor, probe, benchmark, session.close, model_log, progress)

@@ -152,7 +152,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         sessions,
     )
     resource = WorkerResource(
-        ReadinessGate(gate, state),
+        ReadinessGate(gate, state, clock),
         agent,
         clock,
         settings.backend_url,
@@ -175,7 +175,8 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = load
     service.control_pool = control_pool
-    lifecycle = build_lifecycle(settings, reactor, state, fast)
+    notifier = SystemdNotifier(settings.systemd.notify_socket)
+    lifecycle = build_lifecycle(settings, reactor, state, fast, notifier.status)
     lifecycle.setServiceParent(service)
     for child in children:
         child.setServiceParent(cast(IServiceCollection, service))
@@ -215,7 +216,6 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
         )
         listener.setName("admin")
         listener.setServiceParent(service)
-    notifier = SystemdNotifier(settings.systemd.notify_socket)
     systemd = SystemdService(notifier, clock, settings.systemd.watchdog_usec)
     systemd.setName("systemd")
     systemd.setServiceParent(service)
