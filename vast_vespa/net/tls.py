@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_net_tls -*-
 """
 TLS listeners (``ssl:`` endpoint descriptions) set up as a current server is, so that a client
-that comes back pays a resumed handshake (symmetric crypto only) instead of a full one (a
-signature with the certificate's key and a key exchange). Public APIs only.
+that comes back pays a resumed handshake (no certificate, no signature with its key) instead of
+a full one. Public APIs only.
 
 Twisted's own ``ssl:`` endpoint turns session resumption off (no tickets, no session cache):
 every new connection was a full handshake. Here one :class:`ServerTLS` serves every connection
@@ -12,7 +12,7 @@ of a listener with one OpenSSL context, built once and then shared, which has:
   server-side session cache for TLS 1.2 clients that do not take tickets;
 - its ticket keys replaced every :data:`TICKET_KEY_LIFETIME` seconds: OpenSSL makes them at
   random per context and pyOpenSSL has no public call to set them, so the context is rebuilt
-  (with a new session cache); a ticket stolen later cannot open traffic older than that;
+  (with a new session cache): keys stolen later open no session older than that;
 - TLS 1.2 at least, ECDHE key exchange with AEAD ciphers only (Mozilla's "intermediate"
   list; TLS 1.3's own suites are OpenSSL's), groups as OpenSSL orders them (X25519 first,
   then P-256), no compression, no renegotiation;
