@@ -45,6 +45,10 @@ class Build:
 HERE = Path(__file__).resolve().parent
 # Loopback only, with the listen backlog of Vespa's default listener (--worker-port).
 VESPA_LISTEN = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+# The same over TLS, as Vast runs a worker (USE_SSL): the ssl: listener USE_SSL makes.
+VESPA_LISTEN_TLS = "ssl:{port}:interface=127.0.0.1:backlog=1024:privateKey={key}:certKey={cert}"
+# The TLS scenarios (issue 25): S1 kept alive, a new connection per request, S3's streams.
+TLS_SCENARIOS = ("S1-TLS", "NEW-TLS", "S3-TLS")
 REPO = HERE.parent
 SMALL_JSON = (
     '{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
@@ -78,6 +82,10 @@ class Target:
     pid: int = 0
     signed: bool = False  # signed mode: only the signed-envelope scenario (S2) can use it
     env: dict[str, str] = field(default_factory=dict)
+    tls: bool = False  # serves HTTPS (the direct backend never does)
+
+    def url(self, path: str) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
 
 class Bench:
@@ -142,8 +150,47 @@ class Bench:
         self.wait_healthy(a.port_base, "nginx backend")
         self.wait_healthy(a.port_base + 1, "python backend")
 
-    def wait_healthy(self, port: int, what: str) -> None:
-        wait_healthy(port, what, self.logs)
+    def wait_healthy(self, port: int, what: str, tls: bool = False) -> None:
+        wait_healthy(port, what, self.logs, tls=tls)
+
+    def make_certificate(self) -> None:
+        """A self-signed RSA-2048 certificate for 127.0.0.1 (what a Vast instance's CSR asks
+        for), shared by nginx and Vespa."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        self.tls_key = self.work / "tls-key.pem"
+        self.tls_cert = self.work / "tls-cert.pem"
+        self.tls_key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        self.tls_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def start_autoscaler(self) -> None:
         """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""
@@ -205,14 +252,25 @@ class Bench:
                 time.sleep(0.3)
         raise SystemExit(f"perf: {target.name} never accepted a signed request (see {self.logs})")
 
-    def proxies(self, signed: bool = False) -> list[Target]:
-        """The proxy targets (not yet started); direct is added by ``start_targets``."""
+    def proxies(self, signed: bool = False, tls: bool = False) -> list[Target]:
+        """The proxy targets (not yet started); direct is added by ``start_targets``. With
+        ``tls``, nginx and Vespa serve HTTPS with the same certificate (--target is skipped:
+        it may not)."""
         base = self.args.port_base + 10
-        found = [Target("nginx", base, [])]
+        found = [Target("nginx", base, [], tls=tls)]
+        listen = (
+            VESPA_LISTEN_TLS.replace("{key}", str(self.tls_key)).replace(
+                "{cert}", str(self.tls_cert)
+            )
+            if tls
+            else VESPA_LISTEN
+        )
         for index, build in enumerate(self.builds):
             argv = [*build.twistd(), "-n", "--pidfile=", "vespa", "--unsecured", "true"]
-            argv += ["--backend-url", "{backend_url}", "--listen", VESPA_LISTEN]
-            found.append(Target(build.name, base + 1 + index, argv, env=build.env))
+            argv += ["--backend-url", "{backend_url}", "--listen", listen]
+            found.append(Target(build.name, base + 1 + index, argv, env=build.env, tls=tls))
+        if tls:
+            return found
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
         if signed and self.signed_envelope:
@@ -227,16 +285,27 @@ class Bench:
         return found
 
     def start_targets(
-        self, backend_port: int, backend_pid: int, tag: str, signed: bool = False
+        self,
+        backend_port: int,
+        backend_pid: int,
+        tag: str,
+        signed: bool = False,
+        tls: bool = False,
     ) -> list[Target]:
         backend_url = f"http://127.0.0.1:{backend_port}"
         targets = [Target("direct", backend_port, None, backend_pid)]
-        for target in self.proxies(signed):
+        for target in self.proxies(signed, tls):
             if target.name == "nginx":
+                # nginx's own TLS defaults otherwise (session tickets on, as wrk reuses them).
+                ssl = (
+                    f" ssl;\nssl_certificate {self.tls_cert};\nssl_certificate_key {self.tls_key}"
+                    if tls
+                    else ""
+                )
                 target.pid = self.nginx(
                     f"nginx-proxy-{tag}",
                     f"upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 512; }}\n"
-                    f"server {{ listen 127.0.0.1:{target.port};\nlocation / {{\n"
+                    f"server {{ listen 127.0.0.1:{target.port}{ssl};\nlocation / {{\n"
                     "proxy_pass http://backend; proxy_http_version 1.1;\n"
                     'proxy_set_header Connection ""; proxy_buffering off;\n'
                     "proxy_request_buffering off; proxy_read_timeout 300s; } }",
@@ -258,7 +327,7 @@ class Bench:
             if target.signed:
                 self.wait_signed(target)
             else:
-                self.wait_healthy(target.port, target.name)
+                self.wait_healthy(target.port, target.name, target.tls)
         time.sleep(0.5)
         return targets
 
@@ -269,11 +338,23 @@ class Bench:
 
     # ---- load generators ---------------------------------------------------------------
 
-    def wrk(self, target: Target, conc: int, duration: float, body: str, unique: bool) -> dict:
+    def wrk(
+        self,
+        target: Target,
+        conc: int,
+        duration: float,
+        body: str,
+        unique: bool,
+        close: bool = False,
+    ) -> dict:
+        """A wrk load point; with ``close``, a new connection per request (wrk reconnects,
+        resuming its TLS session as browsers do)."""
         body_file = self.work / f"body-{target.name}-{unique}.json"
         body_file.write_text(body)
         argv = ["wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--timeout", "10s"]
-        argv += ["-s", str(HERE / "post.lua"), f"http://127.0.0.1:{target.port}/v1/completions"]
+        if close:
+            argv += ["-H", "Connection: close"]
+        argv += ["-s", str(HERE / "post.lua"), target.url("/v1/completions")]
         env = {**os.environ, "PERF_BODY_FILE": str(body_file), "PERF_UNIQUE": "1" if unique else ""}
         watched = {"proxy": target.pid}
         if target.argv is not None:
@@ -326,6 +407,8 @@ class Bench:
 
     def sse(self, target: Target, mode: str, options: list[str], timeout: float) -> dict:
         argv = [sys.executable, str(HERE / "sse_load.py"), mode, "--port", str(target.port)]
+        if target.tls:
+            argv += ["--tls", "--resume"]  # as wrk does: a client that comes back resumes
         with Probe({"proxy": target.pid}, interval=0.2) as probe:
             done = subprocess.run(argv + options, capture_output=True, text=True, timeout=timeout)
         if done.returncode:
@@ -376,7 +459,22 @@ class Bench:
         """The envelope (really signed for a signed worker) and "number each request"."""
         return (self.signed_envelope if target.signed else ENVELOPE), True
 
-    def s3(self, targets: list[Target]) -> None:
+    def tls_s1(self, targets: list[Target]) -> None:
+        """S1 over TLS kept alive (c=64) and a new TLS connection per request (c=16); direct
+        is the plain-TCP backend, for reference."""
+        a = self.args
+        for target in targets:  # warm-up
+            self.wrk(target, 64, 2, SMALL_JSON, False)
+        points = [("S1-TLS", "c=64 kept alive", 64, False), ("NEW-TLS", "c=16 new conn", 16, True)]
+        for scenario, point, conc, close in points:
+            if scenario not in a.scenarios:
+                continue
+            for order in self.rounds(targets, a.repeat):
+                for target in order:
+                    result = self.wrk(target, conc, a.duration, SMALL_JSON, False, close)
+                    self.record(scenario, point, target.name, result)
+
+    def s3(self, targets: list[Target], scenario: str = "S3") -> None:
         a = self.args
         options = [
             "--path",
@@ -393,7 +491,7 @@ class Bench:
         for order in self.rounds(targets, a.repeat):
             for target in order:
                 self.record(
-                    "S3",
+                    scenario,
                     "100 streams",
                     target.name,
                     self.sse(target, "stream", options, a.duration + 60),
@@ -463,12 +561,18 @@ class Bench:
                 lambda t: self.s4(t, [("chunked", f"/chunked/{a.big_mib}")], False),
             ),
             ("S5", {"S5"}, python_backend, self.s5),
+            ("S1-TLS/NEW-TLS", {"S1-TLS", "NEW-TLS"}, nginx_backend, self.tls_s1),
+            ("S3-TLS", {"S3-TLS"}, python_backend, lambda t: self.s3(t, "S3-TLS")),
         ]
+        if set(TLS_SCENARIOS) & set(a.scenarios):
+            self.make_certificate()
         for tag, wanted, (port, pid), scenario in plan:
             if not wanted & set(a.scenarios):
                 continue
             print(f"== {tag}", flush=True)
-            targets = self.start_targets(port, pid, tag.replace("/", ""), tag == "S1/S2")
+            tls = "TLS" in tag
+            name = tag.replace("/", "")
+            targets = self.start_targets(port, pid, name, tag == "S1/S2", tls)
             try:
                 scenario(targets)
             finally:
@@ -522,7 +626,11 @@ def main() -> None:
         help="also measure this build with each of these fast-path parts turned off alone "
         f"(comma-separated: {', '.join(PRELUDES)}, or all)",
     )
-    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    parser.add_argument(
+        "--scenarios",
+        default="S1,S2,S3,S4,S5," + ",".join(TLS_SCENARIOS),
+        help="comma-separated: S1..S5, " + ", ".join(TLS_SCENARIOS) + " (TLS: all three)",
+    )
     parser.add_argument(
         "--no-signed",
         dest="signed",
@@ -556,6 +664,8 @@ def main() -> None:
         print(render(results))
         return
     args.scenarios = [s.strip() for s in args.scenarios.split(",")]
+    if "TLS" in args.scenarios:
+        args.scenarios = [s for s in args.scenarios if s != "TLS"] + list(TLS_SCENARIOS)
     args.parts = list(PRELUDES) if args.parts == "all" else [p for p in args.parts.split(",") if p]
     unknown = set(args.parts) - set(PRELUDES)
     if unknown:

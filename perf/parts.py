@@ -1,6 +1,7 @@
 """
-The fast path's parts, each turned off alone for ``bench.py --parts``: a few lines of Python run
-in the worker process before twistd starts, replacing one part with Twisted's own way. These
+The fast path's parts (and TLS session resumption), each turned off alone for ``bench.py
+--parts``: a few lines of Python run in the worker process before twistd starts, replacing one
+part with Twisted's own way. These
 exist for measurement only (the worker has one switch, FAST_PATH, for the whole fast path); the
 table they give is "what each part buys" in docs/performance.md.
 """
@@ -38,6 +39,19 @@ PRELUDES: dict[str, str] = {
     # Big bodies copied through the worker instead of spliced in the kernel.
     "splice": "import vast_vespa.net.client as c\nc.can_splice = lambda transport: False\n",
     # twisted.web's own Request steps (resource walk, head writing, write checks).
+    # Not the fast path: TLS listeners without session resumption (no tickets, no cache), as
+    # Twisted's own ssl: endpoint serves them; for the TLS scenarios.
+    "tls-resumption": (
+        "import vast_vespa.net.tls as t\n"
+        "from OpenSSL import SSL\n"
+        "make = t.ServerTLS._make_context\n"
+        "def no_resumption(self):\n"
+        "    context = make(self)\n"
+        "    context.set_options(SSL.OP_NO_TICKET)\n"
+        "    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)\n"
+        "    return context\n"
+        "t.ServerTLS._make_context = no_resumption\n"
+    ),
     "lean-request": (
         "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -56,13 +57,25 @@ class Children:
             self.stop(proc)
 
 
-def wait_healthy(port: int, what: str, logs: Path, seconds: float = 30.0) -> None:
-    """Until ``GET /health`` on 127.0.0.1:``port`` answers 200; exits the benchmark if it never
-    does (its log is in ``logs``)."""
+def unverified() -> ssl.SSLContext:
+    """A client context for the benchmark's self-signed certificate (loopback only)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def wait_healthy(
+    port: int, what: str, logs: Path, seconds: float = 30.0, tls: bool = False
+) -> None:
+    """Until ``GET /health`` on 127.0.0.1:``port`` (over TLS with ``tls``) answers 200; exits
+    the benchmark if it never does (its log is in ``logs``)."""
     stop = time.monotonic() + seconds
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
+    context = unverified() if tls else None
     while time.monotonic() < stop:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:  # noqa: S310 (loopback)
                 if r.status == 200:
                     return
         except OSError:

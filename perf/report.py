@@ -1,4 +1,5 @@
-"""Tables (markdown), the check against issue 8's targets, and the PNG plot."""
+"""Tables (markdown), the checks against issue 8's and issue 25's (TLS) targets, and the PNG
+plot."""
 
 from __future__ import annotations
 
@@ -249,9 +250,116 @@ def render(results: dict) -> str:
             ],
             rows,
         )
+    out += tls_tables(results)
     out += fast_path_parts(results)
     out += check(results)
+    out += tls_check(results)
     return "\n".join(out)
+
+
+def tls_tables(results: dict) -> list[str]:
+    """The TLS scenarios: nginx, Vespa (fast path) and Vespa stock over HTTPS with the same
+    certificate; direct is the plain-TCP backend."""
+    s = results["scenarios"]
+    out: list[str] = []
+    rows = []
+    for name in ("S1-TLS", "NEW-TLS"):
+        for point, by_target in s.get(name, {}).items():
+            for target in results["targets"]:
+                runs = by_target.get(target)
+                if not runs:
+                    continue
+                rows.append(
+                    [
+                        point,
+                        target + (" (plain TCP)" if target == "direct" else " TLS"),
+                        f"{med(runs, 'rps'):.0f}",
+                        f"{med(runs, 'p50_ms'):.2f}",
+                        f"{med(runs, 'p99_ms'):.2f}",
+                        cpu_per_request(runs) if target != "direct" else "-",
+                        str(sum(r.get("errors", 0) for r in runs)),
+                        ratio_text(ratios(by_target, target, "nginx", "rps")),
+                        ratio_text(per_request_cpu_ratios(by_target, target, "nginx"))
+                        if target != "direct"
+                        else "-",
+                    ]
+                )
+    if rows:
+        out += ["## TLS: S1 small JSON POST over HTTPS", ""]
+        header = ["point", "target", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "errors"]
+        out += table([*header, "÷ nginx TLS", "CPU/req ÷ nginx TLS"], rows)
+        out += [
+            "A new connection per request: wrk with `Connection: close`, resuming its TLS "
+            "session on each reconnect.",
+            "",
+        ]
+    rows = []
+    for by_target in s.get("S3-TLS", {}).values():
+        direct = by_target.get("direct", [])
+        for target in results["targets"]:
+            runs = by_target.get(target)
+            if not runs:
+                continue
+            added = added_ttfb(runs, direct)
+            over_nginx = added_ttfb(runs, by_target.get("nginx", []))
+            to_nginx = (
+                [] if target == "direct" else ratios(by_target, target, "nginx", "proxy_cpu_pct")
+            )
+            rows.append(
+                [
+                    target + (" (plain TCP)" if target == "direct" else " TLS"),
+                    str(sum(r.get("streams", 0) for r in runs)),
+                    str(sum(r.get("errors", 0) for r in runs)),
+                    f"{med(runs, 'ttfb_p50_ms'):.2f}",
+                    f"{med(runs, 'ttfb_p99_ms'):.2f}",
+                    f"{statistics.median(added):.2f}" if added else "-",
+                    f"{statistics.median(over_nginx):.2f}" if over_nginx else "-",
+                    f"{med(runs, 'proxy_cpu_pct'):.1f}" if target != "direct" else "-",
+                    f"{statistics.median(to_nginx):.2f}" if to_nginx else "-",
+                ]
+            )
+    if rows:
+        out += ["## TLS: S3 100 SSE streams over HTTPS, a new connection each", ""]
+        header = ["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms"]
+        header += ["added TTFB p50 ms (vs plain direct)", "vs nginx TLS"]
+        out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS"], rows)
+        out += [
+            "Each stream is a new TLS connection resuming the session of the last stream that "
+            "ended (perf/sse_load.py --resume); the client's own TLS work is in every TLS row.",
+            "",
+        ]
+    return out
+
+
+def tls_check(results: dict) -> list[str]:
+    """Every Vespa build against issue 25's TLS targets (they apply to the fast path, "vespa";
+    the others are shown beside)."""
+    s = results["scenarios"]
+    rows = []
+    for target in [t for t in results["targets"] if t.startswith("vespa")]:
+        for name, point, goal in (
+            ("S1-TLS", "c=64 kept alive", 0.15),
+            ("NEW-TLS", "c=16 new conn", 0.40),
+        ):
+            values = ratios(s.get(name, {}).get(point, {}), target, "nginx", "rps")
+            if values:
+                v = statistics.median(values)
+                ok = "yes" if v >= goal else "NO"
+                rows.append(
+                    [target, f"{name} {point} req/s ÷ nginx TLS", f"{v:.3f}", f">= {goal}", ok]
+                )
+        for by_target in s.get("S3-TLS", {}).values():
+            added = added_ttfb(by_target.get(target, []), by_target.get("direct", []))
+            if added:
+                v = statistics.median(added)
+                ok = "yes" if v <= 1.0 else "NO"
+                rows.append(
+                    [target, "S3-TLS added TTFB p50 vs plain direct", f"{v:.2f} ms", "<= 1 ms", ok]
+                )
+    if not rows:
+        return []
+    out = ["", '## Issue 25 targets (TLS; the fast path is "vespa")', ""]
+    return out + table(["build", "figure", "value", "target", "met"], rows)
 
 
 def fast_path_parts(results: dict) -> list[str]:
@@ -278,16 +386,17 @@ def fast_path_parts(results: dict) -> list[str]:
         for point, by_target in s.get("S4", {}).items():
             if point != "upload":
                 s4 += ratios(by_target, target, "vespa", "mb_per_s")
-        rows.append(
-            [
-                target,
-                ratio_text(s1),
-                ratio_text(s1_cpu),
-                f"{statistics.median(ttfb):+.2f} ms" if ttfb else "-",
-                ratio_text(s3_cpu),
-                ratio_text(s4),
-            ]
-        )
+        row = [
+            ratio_text(s1),
+            ratio_text(s1_cpu),
+            f"{statistics.median(ttfb):+.2f} ms" if ttfb else "-",
+            ratio_text(s3_cpu),
+            ratio_text(s4),
+        ]
+        if set(row) != {"-"}:  # not measured in these scenarios (the TLS ones only)
+            rows.append([target, *row])
+    if not rows:
+        return []
     header = [
         "variant (÷ vespa, same rounds)",
         "S1 c=64 req/s",
@@ -351,6 +460,8 @@ def check(results: dict) -> list[str]:
                 add("S5 streams completed", r.get("completed", 0), f"all {r.get('opened')}", served)
                 mb = r["rss_peak_mib"] * 1.048576
                 add("S5 total RSS", mb, "<= 100 MB", mb <= 100, " MB")
+    if not rows:
+        return []
     out = ["## Issue 8 targets", "", *table(["build", "figure", "value", "target", "met"], rows)]
     if results.get("args", {}).get("quick"):
         out += [

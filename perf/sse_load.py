@@ -10,6 +10,10 @@ SSE load client (asyncio, stdlib): prints one JSON line with what it measured.
             Worker i starts after STAGGER * i / CONC s, so streams begin steadily.
     hold:   open COUNT streams over RAMP s and hold them until they end or DEADLINE s;
             how many got their first event within 1 s and how many got "[DONE]".
+
+With --tls every stream is a new TLS connection; with --resume too, each resumes the session
+of the last stream that ended, as browsers, curl and wrk do (Python's clients, aiohttp,
+requests and httpx, make a full handshake each time).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import re
+import ssl
 import time
 
 PROMPT = json.dumps(
@@ -28,12 +33,28 @@ PROMPT = json.dumps(
 STAMPS = re.compile(rb'"t": \[([0-9.]+), ([0-9.]+)\]')
 
 
+class ResumingContext(ssl.SSLContext):
+    """A client context whose new connections resume ``session`` (asyncio has no way to
+    pass one)."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session=self.session
+        )
+
+
+TLS: ResumingContext | None = None  # set by --tls
+RESUME = False  # set by --resume
+
+
 async def one_stream(
     port: int, path: str
 ) -> tuple[float, float, bool, tuple[float, float, float] | None]:
     """(ttfb, total, completed, TTFB split) for one stream over a fresh connection."""
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=TLS)
     try:
         # As the issue's harness: a JSON prompt POSTed on a new connection per stream.
         writer.write(
@@ -56,6 +77,8 @@ async def one_stream(
                 split = (rendered - start, written - rendered, start + ttfb - written)
             if b"[DONE]" in seen:
                 break
+        if RESUME and TLS is not None:
+            TLS.session = writer.get_extra_info("ssl_object").session
         return ttfb, time.perf_counter() - start, b"[DONE]" in seen, split
     finally:
         writer.close()
@@ -145,7 +168,15 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--ramp", type=float, default=2)
     parser.add_argument("--deadline", type=float, default=25)
+    parser.add_argument("--tls", action="store_true", help="HTTPS (self-signed: not verified)")
+    parser.add_argument("--resume", action="store_true", help="with --tls: resume sessions")
     args = parser.parse_args()
+    if args.tls:
+        global TLS, RESUME
+        RESUME = args.resume
+        TLS = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+        TLS.check_hostname = False
+        TLS.verify_mode = ssl.CERT_NONE
     run = stream_mode if args.mode == "stream" else hold_mode
     print(json.dumps(asyncio.run(run(args))), flush=True)
 

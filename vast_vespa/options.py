@@ -26,6 +26,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock
+
+from vast_vespa.net.tls import server_tls
 
 
 class SettingsError(ValueError):
@@ -150,7 +153,8 @@ def parse_listen(text: str) -> tuple[str, ...]:
             # No reactor: the endpoint parsers only keep it for listen(), never called on this
             # endpoint, which is thrown away. Importing the global reactor here would install
             # the default one before twistd installs the one asked for.
-            serverFromString(None, description)
+            if server_tls(description, Clock()) is None:  # an ssl: one as it will be served
+                serverFromString(None, description)
         except Exception as e:  # parsers raise many kinds (OSError, OpenSSL errors, ...)
             raise ValueError(f"expected a Twisted endpoint string such as tcp:3000 ({e})") from None
     return descriptions

@@ -50,9 +50,11 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from vast_vespa.net.dispatch import OUTBOX, read_ready
+from vast_vespa.net.tls import server_tls
 
 _log = Logger()
 # Seconds the kernel holds a connection with no bytes from the client yet (Linux only).
@@ -302,14 +304,21 @@ def listen_service(
 ) -> IService:
     """
     ``strports.service(description, factory)``; with the fast path, through a
-    :class:`SendNowEndpoint`. If it cannot listen, starting it raises :class:`ListenFailed`
-    naming ``program`` and the ``setting`` to change (``--listen / LISTEN``).
+    :class:`SendNowEndpoint`. An ``ssl:`` description is served by
+    :func:`vast_vespa.net.tls.server_tls` (session resumption, current ciphers). If it cannot
+    listen, starting it raises :class:`ListenFailed` naming ``program`` and the ``setting`` to
+    change (``--listen / LISTEN``).
     """
+    endpoint = description
+    tls = server_tls(description, reactor)
+    if tls is not None:
+        endpoint, creator = tls
+        factory = TLSMemoryBIOFactory(creator, False, factory)
     if fast_path:
         listening = StreamServerEndpointService(
-            SendNowEndpoint(serverFromString(reactor, description)), factory
+            SendNowEndpoint(serverFromString(reactor, endpoint)), factory
         )
         listening._raiseSynchronously = True  # as strports.service: a bad port fails start-up
     else:
-        listening = strports.service(description, factory, reactor=reactor)
+        listening = strports.service(endpoint, factory, reactor=reactor)
     return _Listener(listening, description, program, setting)

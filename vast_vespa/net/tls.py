@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_net_tls -*-
+"""
+TLS listeners (``ssl:`` endpoint descriptions) set up as a current server is, so that a client
+that comes back pays a resumed handshake (no certificate, no signature with its key) instead of
+a full one. Public APIs only.
+
+Twisted's own ``ssl:`` endpoint turns session resumption off (no tickets, no session cache):
+every new connection was a full handshake. Here one :class:`ServerTLS` serves every connection
+of a listener with one OpenSSL context, built once and then shared, which has:
+
+- session tickets (TLS 1.3 and 1.2, stateless: the server keeps nothing per client) and a
+  server-side session cache for TLS 1.2 clients that do not take tickets;
+- its ticket keys replaced every :data:`TICKET_KEY_LIFETIME` seconds: OpenSSL makes them at
+  random per context and pyOpenSSL has no public call to set them, so the context is rebuilt
+  (with a new session cache): keys stolen later open no session older than that;
+- TLS 1.2 at least, ECDHE key exchange with AEAD ciphers only (Mozilla's "intermediate"
+  list; TLS 1.3's own suites are OpenSSL's), groups as OpenSSL orders them (X25519 first,
+  then P-256), no compression, no renegotiation;
+- ALPN answered from the listening site's ``acceptableProtocols`` (``IProtocolNegotiationFactory``).
+
+:func:`server_tls` turns ``ssl:PORT:privateKey=...`` into the ``tcp:`` description with the
+same port, interface and backlog and a :class:`ServerTLS`; the listener wraps its factory in
+``TLSMemoryBIOFactory`` with it, which is what Twisted's ``listenSSL`` does: the listener is
+then a TCP one, the fast path's included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from OpenSSL import SSL
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+# Ticket keys (and the session cache) are replaced this often; a session is resumable for as
+# long, at most (a client resuming across a replacement does one full handshake).
+TICKET_KEY_LIFETIME = 3600
+# TLS 1.2 suites: ECDHE and AEAD only, AES-128 first (as fast as AES-256 is strong enough,
+# and cheaper); Mozilla's "intermediate" configuration without its DHE suites.
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+# The session ID context: sessions are resumable only on listeners of this program.
+SESSION_CONTEXT = b"vast-vespa"
+# What Twisted's ssl: endpoint accepts and this one too; sslmethod and dhParameters are not:
+# the versions and the key exchange are chosen here.
+_KEYS = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
+_Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The server side of every TLS connection of one listener (see the module docstring)."""
+
+    def __init__(
+        self,
+        key: _Key,
+        chain: Sequence[x509.Certificate],
+        clock: IReactorTime,
+        lifetime: float = TICKET_KEY_LIFETIME,
+    ) -> None:
+        self._key = key
+        self._chain = tuple(chain)
+        self._clock = clock
+        self._lifetime = lifetime
+        self.context = self._make_context()  # now: a key that does not fit fails start-up
+        self._expires = clock.seconds() + lifetime
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        now = self._clock.seconds()
+        if now >= self._expires:
+            self.context = self._make_context()
+            self._expires = now + self._lifetime
+        connection = SSL.Connection(self.context)
+        connection.set_app_data(protocol)  # for ALPN: the site behind the protocol
+        return connection
+
+    def _make_context(self) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        # (types-pyOpenSSL lags pyOpenSSL here, and for cryptography's types below.)
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)  # type: ignore[attr-defined]
+        # An idle connection gives its buffers back (about 34 KiB), as with Twisted and nginx:
+        # a worker may hold a thousand slow streams.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        context.set_cipher_list(TLS12_CIPHERS)
+        context.use_certificate(self._chain[0])  # type: ignore[arg-type]
+        for certificate in self._chain[1:]:
+            context.add_extra_chain_cert(certificate)  # type: ignore[arg-type]
+        context.use_privatekey(self._key)  # type: ignore[arg-type]
+        context.check_privatekey()
+        context.set_session_id(SESSION_CONTEXT)
+        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        context.set_timeout(int(self._lifetime))
+        context.set_alpn_select_callback(_choose_protocol)  # type: ignore[arg-type]
+        return context
+
+
+def _choose_protocol(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    """The first of the site's ``acceptableProtocols`` the client offers; no ALPN if none."""
+    tls = connection.get_app_data()
+    site = IProtocolNegotiationFactory(tls.factory.wrappedFactory, None)
+    for protocol in site.acceptableProtocols() if site is not None else ():
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def server_tls(description: str, clock: IReactorTime) -> tuple[str, ServerTLS] | None:
+    """None for a description that is not ``ssl:``; for one that is, the ``tcp:`` description
+    with its port, interface and backlog, and the :class:`ServerTLS` made from its files.
+    Raises ``ValueError`` (or ``OSError``) for one that cannot be used: a missing file, a key
+    that does not fit the certificate, an option not supported."""
+    fields = _fields(description)
+    if fields[0] != (None, "ssl"):
+        return None
+    options = dict(_ssl_options(fields[1:]))
+    unknown = set(options) - _KEYS
+    if unknown:
+        raise ValueError(
+            f"ssl: {', '.join(sorted(unknown))} not supported (Vespa chooses the TLS versions "
+            "and key exchange); use port, interface, backlog, privateKey, certKey, extraCertChain"
+        )
+    if "port" not in options:
+        raise ValueError("ssl: needs a port (ssl:443:privateKey=key.pem:certKey=cert.pem)")
+    key_file = options.get("privateKey", "server.pem")  # Twisted's defaults
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    if not isinstance(key, _Key):
+        raise ValueError(f"ssl: {key_file}: an RSA, EC or Ed25519 key is needed")
+    chain = x509.load_pem_x509_certificates(Path(options.get("certKey", key_file)).read_bytes())
+    if "extraCertChain" in options:
+        chain += x509.load_pem_x509_certificates(Path(options["extraCertChain"]).read_bytes())
+    try:
+        tls = ServerTLS(key, chain, clock)
+    except SSL.Error as e:
+        raise ValueError(f"ssl: the certificate and key cannot be used together ({e})") from None
+    tcp = f"tcp:{int(options['port'])}:backlog={int(options.get('backlog', 50))}"
+    if options.get("interface"):
+        tcp += ":interface=" + quoteStringArgument(options["interface"])
+    return tcp, tls
+
+
+def _fields(description: str) -> list[tuple[str | None, str]]:
+    """An endpoint description's fields as ``(key or None, value)``: split at ``:`` and at the
+    first ``=`` of a field, each unless escaped with a backslash (Twisted's syntax)."""
+    fields: list[tuple[str | None, str]] = []
+    key: str | None = None
+    current: list[str] = []
+    escaped = False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append((key, "".join(current)))
+            key, current = None, []
+        elif char == "=" and key is None:
+            key, current = "".join(current), []
+        else:
+            current.append(char)
+    fields.append((key, "".join(current)))
+    return fields
+
+
+def _ssl_options(fields: list[tuple[str | None, str]]) -> list[tuple[str, str]]:
+    """An ``ssl:`` description's options by name (the one positional field is the port)."""
+    named = [(key or "port", value) for key, value in fields]
+    if sum(1 for key, _ in fields if key is None) > 1:
+        raise ValueError("ssl: one positional field only, the port")
+    return named
