@@ -336,7 +336,7 @@ class FakeInferenceAPI(Resource):
     - ``POST /generate/sync`` (ComfyUI JSON API wrapper): a completed job.
 
     ``payloads`` records every JSON body; with ``fail_status`` set, every ``fail_every``-th
-    request (all of them by default) is answered with that status instead.
+    request (all of them by default) is answered with that status and ``fail_body`` instead.
     """
 
     isLeaf = True
@@ -347,6 +347,7 @@ class FakeInferenceAPI(Resource):
         self.payloads: list[tuple[bytes, dict]] = []
         self.fail_status: int | None = None
         self.fail_every = 1
+        self.fail_body = b'{"error": "overloaded"}'
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -362,7 +363,7 @@ class FakeInferenceAPI(Resource):
         request.setHeader(b"content-type", b"application/json")
         if self.fail_status is not None and len(self.payloads) % self.fail_every == 0:
             request.setResponseCode(self.fail_status)
-            return b'{"error": "overloaded"}'
+            return self.fail_body
         if request.path == b"/v1/chat/completions":
             tokens = payload["max_tokens"] // 2
             answer = {

@@ -4,7 +4,8 @@ OpenAI-compatible servers (vLLM, SGLang, Ollama, llama.cpp, TGI's OpenAI API):
 
 Concurrent ``POST /v1/chat/completions``; workload = ``usage.completion_tokens`` of each answer
 (so ``max_perf`` is in generated tokens per second). ``MODEL_NAME`` picks the model; unset, the
-first model of ``GET /v1/models`` is used.
+first model of ``GET /v1/models`` is used. The defaults need about 1k tokens of context; a 400
+that speaks of the context names the two settings that make the requests smaller.
 """
 
 from __future__ import annotations
@@ -53,7 +54,14 @@ async def benchmark(backend_url: str, session: Any) -> float:
         }
         response = await session.post("/v1/chat/completions", json=payload)
         if response.status != 200:
-            raise RuntimeError(failure_text(response.status, await response.content()))
+            body = await response.content()
+            text = failure_text(response.status, body)
+            if response.status == 400 and b"context" in body.lower():
+                text += (
+                    f" (the prompt and max_tokens exceed the model's context: lower "
+                    f"BENCHMARK_PROMPT_WORDS={words} or BENCHMARK_MAX_TOKENS={max_tokens})"
+                )
+            raise RuntimeError(text)
         usage = (await response.json()).get("usage") or {}
         return float(usage.get("completion_tokens", tokens))
 
