@@ -338,7 +338,7 @@ class FakeInferenceAPI(Resource):
     - ``POST /generate/sync`` (ComfyUI JSON API wrapper): a completed job.
 
     ``payloads`` records every JSON body; with ``fail_status`` set, every ``fail_every``-th
-    request (all of them by default) is answered with that status instead. With ``context``
+    request (all of them by default) is answered with that status and ``fail_body`` instead. With ``context``
     (tokens; a word is a token), an OpenAI request whose prompt and ``max_tokens`` exceed it
     gets llama-cpp-python's 400; ``max_model_len`` is said in ``/v1/models`` (as vLLM does).
     """
@@ -353,6 +353,7 @@ class FakeInferenceAPI(Resource):
         self.fail_every = 1
         self.context: int | None = None
         self.max_model_len: int | None = None
+        self.fail_body = b'{"error": "overloaded"}'
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -388,7 +389,7 @@ class FakeInferenceAPI(Resource):
         request.setHeader(b"content-type", b"application/json")
         if self.fail_status is not None and len(self.payloads) % self.fail_every == 0:
             request.setResponseCode(self.fail_status)
-            return b'{"error": "overloaded"}'
+            return self.fail_body
         too_long = self._too_long(payload) if request.path.startswith(b"/v1/") else None
         if too_long is not None:
             request.setResponseCode(400)

@@ -320,10 +320,16 @@ class ProcessWatcher(ProcessProtocol):
         return waiter.addTimeout(timeout, reactor)
 
 
-def spawn(test: TestCase, args: list[str], env: dict[str, str] | None = None) -> ProcessWatcher:
+def spawn(
+    test: TestCase,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    watcher: ProcessWatcher | None = None,
+) -> ProcessWatcher:
     """Run a child process in a fresh directory (so the installed package is what runs); it is
-    stopped with SIGTERM at the end of the test if still running."""
-    watcher = ProcessWatcher()
+    stopped with SIGTERM at the end of the test if still running. ``watcher`` defaults to a
+    new :class:`ProcessWatcher`."""
+    watcher = watcher or ProcessWatcher()
     workdir = test.mktemp()
     os.makedirs(workdir)
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

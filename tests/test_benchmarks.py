@@ -164,6 +164,29 @@ class ShippedBenchmarkTests(TestCase):
             await openai.benchmark(self.url, self.session)
         self.assertIn("warm-up request failed: HTTP 503", str(caught.exception))
 
+    async def test_openai_small_context_names_the_settings(self) -> None:
+        """A 400 about the context (llama.cpp's "maximum context length is 512 tokens") that
+        stays after the requests were fitted to it says which settings make them smaller,
+        with their values."""
+        self.environ(BENCHMARK_PROMPT_WORDS="300")
+        self.api.fail_status = 400
+        self.api.fail_body = (
+            b'{"error": {"message": "This model\'s maximum context length is 512"}}'
+        )
+        with self.assertRaises(BenchmarkError) as caught:
+            await openai.benchmark(self.url, self.session)
+        message = str(caught.exception)
+        self.assertIn("maximum context length is 512", message)
+        self.assertIn("lower BENCHMARK_PROMPT_WORDS (now ", message)
+        self.assertIn("BENCHMARK_MAX_TOKENS (now ", message)
+
+    async def test_openai_other_400_has_no_context_hint(self) -> None:
+        """Any other refusal is reported as the server said it, without the hint."""
+        self.api.fail_status = 400
+        with self.assertRaises(BenchmarkError) as caught:
+            await openai.benchmark(self.url, self.session)
+        self.assertNotIn("BENCHMARK_PROMPT_WORDS", str(caught.exception))
+
     async def test_partial_failures_are_counted_out(self) -> None:
         """Failed requests add no workload and are reported in the log."""
         self.api.fail_status, self.api.fail_every = 500, 3

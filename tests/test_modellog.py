@@ -153,6 +153,26 @@ class ModelLogTests(SynchronousTestCase):
             ],
         )
 
+    def test_a_traceback_once_the_backend_is_ready_is_not_fatal(self) -> None:
+        """Once the backend answers its health check, a traceback is one request's failure
+        (llama-cpp-python logs one for a malformed request body): logged, not an error. The
+        other error lines stay fatal."""
+        self.log.backend_ready()
+        write(
+            self.path,
+            "Exception: 1 validation error:\n"
+            "Traceback (most recent call last):\n"
+            '  File "errors.py", line 173, in custom_route_handler\n'
+            "fastapi.exceptions.RequestValidationError: 1 validation error:\n",
+        )
+        self.clock.advance(0.25)
+        self.assertEqual(self.errors, [])
+        write(self.path, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n")
+        self.clock.advance(0.25)
+        self.assertEqual(
+            self.errors, ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"]
+        )
+
     def test_a_long_log_is_caught_up_without_waiting_for_ticks(self) -> None:
         """A log much longer than one tick's budget is read in bounded pieces, each at once
         after the previous one, not one per tick interval."""
@@ -309,6 +329,20 @@ class ModelLogLifecycleTests(SynchronousTestCase):
         self.assertEqual(self.progress[-1], self.state.error_msg)
         self.assertTrue(self.state.loaded)
         self.assertEqual(readiness(self.state, self.clock)()[0], 503)
+        self.assertNoResult(lifecycle.when_failed())
+
+    def test_a_traceback_while_serving_leaves_the_worker_serving(self) -> None:
+        """A traceback while the backend loads ends start-up (above); one logged once the
+        backend answers its health check (a request the server refused) does not."""
+        write(self.path, "Application startup complete.\n")
+        lifecycle = self.lifecycle()
+        self.clock.advance(0.25)
+        write(self.path, "Traceback (most recent call last):\nValueError: bad max_tokens\n")
+        self.clock.advance(0.25)
+        self.assertEqual(self.cancelled, [])
+        self.benchmarks[0].callback(50.0)
+        self.assertTrue(self.state.loaded)
+        self.assertEqual(self.state.phase, Phase.READY)
         self.assertNoResult(lifecycle.when_failed())
 
     def test_rotated_log_old_lines_do_not_count(self) -> None:

@@ -288,6 +288,8 @@ class Lifecycle(Service):
             )
         timeout = settings.ready_timeout if cached is None else settings.ready_timeout_resume
         await self._wait_until_ready(timeout)
+        if self._model_log is not None:
+            self._model_log.backend_ready()
         if cached is not None:
             max_perf = cached
             log.info(

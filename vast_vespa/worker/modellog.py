@@ -143,6 +143,10 @@ class ModelLog:
     ``on_error(text)`` is called at the end of each tick that saw error lines, with those lines
     (and, after a Python traceback's first line, its exception line); info lines are copied
     into the worker's log, at most one each INFO_EVERY s (the latest waits for its turn).
+
+    A Python traceback is an error line only until :meth:`backend_ready`: while the model
+    loads it means the server failed, once it serves it is one request's failure (servers log
+    one for a malformed request), and a client must not be able to end the worker with one.
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class ModelLog:
         self.path = path
         self.lines = lines
         self.loaded = False
+        self._backend_ready = False
         self._clock = clock
         self._on_error = on_error
         self._interval = interval
@@ -182,6 +187,10 @@ class ModelLog:
         if not self._follower.opened:
             return f"{self.path} does not exist yet"
         return f"no load line in {self.path} yet"
+
+    def backend_ready(self) -> None:
+        """The backend answers its health check: from now on a traceback is not fatal."""
+        self._backend_ready = True
 
     def when_loaded(self) -> Deferred[None]:
         """Fires once a load line has been seen (cancellable)."""
@@ -220,10 +229,12 @@ class ModelLog:
             if in_traceback and not line[:1].isspace() and line != _TRACEBACK:
                 errors.append(line)  # the exception a traceback ends with
                 in_traceback = False
-            if any(text in line for text in self.lines.error):
+            if any(text in line for text in self.lines.error if self._fatal(text)):
                 log.error("model log: {line}", line=line)
                 errors.append(line)
                 in_traceback = _TRACEBACK in line
+            elif _TRACEBACK in line and _TRACEBACK in self.lines.error:
+                log.warn("model log: {line} (a request failed in the backend)", line=line)
             elif not self.loaded and any(text in line for text in self.lines.load):
                 log.info("model log: {line} (the model is loaded)", line=line)
                 self._loaded()
@@ -234,6 +245,9 @@ class ModelLog:
             self._catch_up = self._clock.callLater(0, self._tick)
         if errors:
             self._on_error(" | ".join(dict.fromkeys(errors))[:MAX_ERROR])
+
+    def _fatal(self, text: str) -> bool:
+        return text != _TRACEBACK or not self._backend_ready
 
     def _loaded(self) -> None:
         self.loaded = True
