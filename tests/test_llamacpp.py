@@ -189,12 +189,11 @@ class UnsecuredWorkerTests(TestCase):
         self.assertGreater(float(match.group(1)), 0)
         self.assertLess(time.monotonic() - started, 180)
 
-    async def test_small_context_names_the_settings(self) -> None:
-        """With a context shorter than the benchmark's default prompt (250 words, --n_ctx
-        256) every request of its rounds is a 400 (the warm-up's 50 words pass); the worker
-        fails to start with the server's message and the two settings that make the requests
-        smaller. (This server refuses only a prompt longer than its context: a prompt that
-        fits but leaves less room than max_tokens gets a shorter answer, no error.)"""
+    async def test_small_context_fits_the_benchmark(self) -> None:
+        """With a context shorter than the benchmark's default request (a 250-word prompt and
+        500 tokens, --n_ctx 256) the server refuses the first request with its context in the
+        message; the benchmark fits its requests to it, says so, and measures a positive
+        max_perf instead of failing start-up."""
         server = await start_llama(self, n_ctx=256)
         process = spawn_worker(
             self,
@@ -202,10 +201,14 @@ class UnsecuredWorkerTests(TestCase):
             *WORKER_FLAGS,
             env={"BENCHMARK_ROUNDS": "1", "BENCHMARK_CONCURRENCY": "2"},
         )
-        match = await process.wait_for(rb"worker failed to start: ([^\n]*)", timeout=120)
-        message = match.group(1)
-        self.assertIn(b"maximum context length is 256 tokens", message)
-        self.assertIn(b"lower BENCHMARK_PROMPT_WORDS=250 or BENCHMARK_MAX_TOKENS=500", message)
+        fitted = await process.wait_for(
+            rb"the model's context is 256 tokens \(the server's answer\): benchmarking with "
+            rb"BENCHMARK_PROMPT_WORDS=(\d+) and BENCHMARK_MAX_TOKENS=(\d+) instead of 250 and 500",
+            timeout=120,
+        )
+        self.assertLess(int(fitted.group(1)) + int(fitted.group(2)), 256)
+        result = await process.wait_for(rb"benchmark result: ([0-9.e+]+) workload units/s", 120)
+        self.assertGreater(float(result.group(1)), 0)
 
     async def test_same_bytes_as_direct(self) -> None:
         """Completions and chat completions, plain and streamed, at temperature 0: the body
