@@ -17,7 +17,7 @@ from twisted.web.server import Request
 
 from tests.emulator_fixtures import ACCOUNT_KEY, start_emulator
 from tests.fakes import Watched
-from tests.helpers import HERE, listen, spawn
+from tests.helpers import HERE, ProcessWatcher, listen, spawn
 from vast_vespa import sandbox
 from vast_vespa.sample_backend import SampleBackend
 from vast_vespa.worker.lifecycle import BenchmarkCache
@@ -38,6 +38,12 @@ def signed_worker(test: TestCase, shape: str, backend_url: str, emulator_url: st
     test.addCleanup(service.stopService)
     assert settings.vast.public_url is not None
     return settings.vast.public_url
+
+
+def sdk_client(test: TestCase, emulator_url: str, *mode: str) -> ProcessWatcher:
+    """tests/vastai_client.py (the official SDK) calling ``my-endpoint`` at the emulator."""
+    command = [sys.executable, os.path.join(HERE, "vastai_client.py"), emulator_url]
+    return spawn(test, [*command, ACCOUNT_KEY, "my-endpoint", *mode])
 
 
 class KeyWatch(Resource):
@@ -66,16 +72,7 @@ class VastaiClientTests(TestCase):
         watched = emulator.site.resource = Watched(emulator.site.resource, reactor)
         backend = KeyWatch(SampleBackend(reactor, tokens_per_second=2000))
         backend_url = listen(self, backend)
-        watcher = spawn(
-            self,
-            [
-                sys.executable,
-                os.path.join(HERE, "vastai_client.py"),
-                emulator_url,
-                ACCOUNT_KEY,
-                "my-endpoint",
-            ],
-        )
+        watcher = sdk_client(self, emulator_url)
         registry = emulator.registry
         await watched.when(lambda: len(registry.recent) > 0)  # the SDK is polling
         self.assertEqual(registry.status()["requests"][0]["state"], "waiting")
@@ -120,17 +117,7 @@ class VastaiSessionTests(TestCase):
         worker_url = signed_worker(self, "url", backend_url, emulator_url)
         registry = emulator.registry
         await watched.when(lambda: [w["state"] for w in registry.status()["workers"]] == ["ready"])
-        watcher = spawn(
-            self,
-            [
-                sys.executable,
-                os.path.join(HERE, "vastai_client.py"),
-                emulator_url,
-                ACCOUNT_KEY,
-                "my-endpoint",
-                "session",
-            ],
-        )
+        watcher = sdk_client(self, emulator_url, "session")
         match = await watcher.wait_for(rb"SESSION (.*)\n", timeout=40)
         result = json.loads(match.group(1))
         self.assertEqual(result["request"], {"ok": True, "status": 200, "url": worker_url})
