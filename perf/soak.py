@@ -11,9 +11,8 @@ Each kind of traffic is one entry in ``KINDS``: a coroutine returning an outcome
 labels that count as correct for it. The hostile mix (issue 23): every 30 s, a flood of idle
 keep-alive connections from another address (127.0.0.2) while a legitimate request is made;
 throughout, forged auth with
-``Expect: 100-continue`` (header and envelope forms), answered 401 before the body. (Oversize
-backend response heads belong with the backend's limits: a kind for them goes in
-``SIGNED_KINDS`` beside these once the fake backend can send one.)
+``Expect: 100-continue`` (header and envelope forms), answered 401 before the body, and backend
+answers whose head is over the worker's limits (a 1 MiB header, 5,000 headers), answered 502.
 """
 
 from __future__ import annotations
@@ -111,6 +110,14 @@ async def backend_break(s: Soak, auth: bytes) -> str:
     if raw.startswith((b"HTTP/1.1 503 ", b"HTTP/1.1 429 ")):
         return raw[9:12].decode()
     return "truncated" if raw and not raw.endswith(b"0\r\n\r\n") else "clean"
+
+
+async def oversize_head(s: Soak, auth: bytes) -> str:
+    """A backend answer whose head breaks BACKEND_MAX_HEADER_SIZE or BACKEND_MAX_HEADERS."""
+    query = random.choice([b"size=%d" % (1 << 20), b"count=5000"])
+    response = await s.http.get(s.url + "/huge-head?" + query.decode(), headers=signed(auth))
+    await response.content()
+    return str(response.code)
 
 
 async def malformed(s: Soak, auth: bytes) -> str:
@@ -293,6 +300,7 @@ KINDS: dict[str, tuple[Kind, int, frozenset[str]]] = {
     "disconnect": (disconnect, 10, frozenset({"left", OVER, BUSY})),
     "backend reset": (backend_reset, 5, frozenset({"502", OVER, BUSY})),
     "backend break": (backend_break, 5, frozenset({"truncated", OVER, BUSY})),
+    "oversize head": (oversize_head, 3, frozenset({"502", OVER, BUSY})),
     "malformed": (malformed, 10, frozenset({"400", OVER})),
 }
 SIGNED_KINDS: dict[str, tuple[Kind, int, frozenset[str]]] = {

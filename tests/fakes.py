@@ -15,6 +15,8 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 - ``/break``: sends headers and part of the body, then drops the connection;
 - ``/garbage``: answers bytes that are not HTTP, then closes;
 - ``/short``: announces a Content-Length larger than what it sends, then closes;
+- ``/huge-head?size=N&count=C``: a 200 whose head carries one N-byte header value, or C
+  headers (a backend that breaks the worker's response-head limits);
 - ``/health``: 200 (or ``health_code``);
 - ``/v1/chat/completions``: a tiny OpenAI-style chat completion (SSE chunks with ``stream``);
 - anything else: echoes the request as JSON.
@@ -274,6 +276,14 @@ class FakeBackend(Resource):
             request.channel.transport.write(b"\x00\xffnot http at all\r\n\r\n")
             self.reactor.callLater(0, request.channel.transport.loseConnection)
             return NOT_DONE_YET
+        if path == b"/huge-head":
+            size = int(_arg(request, b"size", b"0"))
+            count = int(_arg(request, b"count", b"0"))
+            if size:
+                request.setHeader(b"x-huge", b"h" * size)
+            for number in range(count):
+                request.setHeader(b"x-many-%d" % number, b"1")
+            return b"ok"
         if path == b"/short":
             request.setHeader(b"content-length", b"1000")
             request.write(b"only this")
