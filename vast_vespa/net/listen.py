@@ -100,15 +100,21 @@ class SendNowServer(tcp.Server):
     while the reactor dispatches a turn's events, together when the turn is over
     (:class:`vast_vespa.net.dispatch.Outbox`)."""
 
-    _held: list[bytes] | None = None  # writes waiting for the end of the turn, in order
+    # Writes waiting for the end of the turn: the first alone (most turns write once to a
+    # connection, an SSE event), then a list of them in order.
+    _held: bytes | list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held.append(data)
+        held = self._held
+        if held is not None:
+            if held.__class__ is list:
+                held.append(data)
+            else:
+                self._held = [cast(bytes, held), data]
         elif OUTBOX.open and data and _clear(self):
             # Held only with nothing queued and no close begun: Twisted's own doWrite, later
             # in the same turn, then has nothing to send or close before this is sent.
-            self._held = [data]
+            self._held = data
             OUTBOX.waiting.append(self)
         else:
             rest = _unsent(self, data)
@@ -124,8 +130,8 @@ class SendNowServer(tcp.Server):
     def send_held(self) -> None:
         """Send (or queue the Twisted way) what this connection's writes hold."""
         held, self._held = self._held, None
-        if held:
-            rest = _unsent(self, b"".join(held))
+        if held is not None:
+            rest = _unsent(self, b"".join(held) if held.__class__ is list else cast(bytes, held))
             if rest:
                 super().write(rest)
 
