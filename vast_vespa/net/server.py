@@ -321,7 +321,7 @@ class GuardedChannel(Protocol):
     _counted = False
     _listed_idle = False  # in the site's ConnectionTable as idle
     idle_since = 0.0  # when it was listed as idle (the site's clock)
-    _address: str | None = None  # the client's IP address, for the per-address cap
+    _address: str | None = None  # the client's IP address, when there is a per-address cap
     _secure = False
     _last_seen = 0.0
     _head_timer: IDelayedCall | None = None
@@ -343,8 +343,10 @@ class GuardedChannel(Protocol):
         self._host = transport.getHost()
         transport.registerProducer(self, True)
         self._counted = True
-        self._address = getattr(self._peer, "host", None)
         limits = self._limits = self.site.limits
+        if limits.max_connections_per_address:
+            # Counted by address only for that cap: most workers leave it off.
+            self._address = getattr(self._peer, "host", None)
         over = self.site.connections.opened(self._address, limits)
         if over is not None:
             cap, which = over
