@@ -74,6 +74,12 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     block, or a broken one, takes nothing: the queued rest reports the error."""
     if not (data and _clear(connection)):
         return data
+    return _send_some(connection, data)
+
+
+def _send_some(connection: tcp.Connection, data: bytes) -> bytes:
+    """What is left of ``data`` after sending what the socket takes (nothing when it would
+    block or is broken: the rest, queued, reports the error)."""
     try:
         sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
     except OSError:
@@ -128,12 +134,18 @@ class SendNowServer(tcp.Server):
         self.write(b"".join(iovec))
 
     def send_held(self) -> None:
-        """Send (or queue the Twisted way) what this connection's writes hold."""
+        """Send (or queue the Twisted way) what this connection's writes hold. Nothing was
+        queued when the first was held and every write since joined it, so only a connection
+        lost or shut for writing meanwhile keeps it from the socket (a close begun in the turn
+        waits for the queue, which stays empty: the close follows the send)."""
         held, self._held = self._held, None
-        if held is not None:
-            rest = _unsent(self, b"".join(held) if held.__class__ is list else cast(bytes, held))
-            if rest:
-                super().write(rest)
+        if held is None:
+            return
+        data = b"".join(held) if held.__class__ is list else cast(bytes, held)
+        if self.connected and not self._writeDisconnected:
+            data = _send_some(self, data)
+        if data:
+            super().write(data)
 
     def abortConnection(self) -> None:
         self._held = None  # an aborted connection sends nothing more
