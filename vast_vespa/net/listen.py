@@ -111,17 +111,24 @@ class SendNowServer(tcp.Server):
     _held: bytes | list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
+        if self._held is None and OUTBOX.open and data and _clear(self):
+            # Held only with nothing queued and no close begun: Twisted's own doWrite, later
+            # in the same turn, then has nothing to send or close before this is sent.
+            self._held = data
+            OUTBOX.waiting.append(self)
+        else:
+            self.write_now(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` without holding it for the end of the turn (behind writes held
+        already, to keep their order): for a streamed body's chunks, which come one per turn
+        (an SSE event per backend read), so that holding them would gather nothing."""
         held = self._held
         if held is not None:
             if held.__class__ is list:
                 held.append(data)
             else:
                 self._held = [cast(bytes, held), data]
-        elif OUTBOX.open and data and _clear(self):
-            # Held only with nothing queued and no close begun: Twisted's own doWrite, later
-            # in the same turn, then has nothing to send or close before this is sent.
-            self._held = data
-            OUTBOX.waiting.append(self)
         else:
             rest = _unsent(self, data)
             if rest:
