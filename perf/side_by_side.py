@@ -13,11 +13,16 @@ about 1.00 per round. This is how most changes in docs/performance.md were judge
 ``--prelude-b CODE`` runs Python
 code in worker B before twistd starts (a monkeypatch, to measure an idea before writing it);
 ``--python-b PATH`` runs worker B on another interpreter (with Vespa's dependencies).
+
+Run it on an interpreter that has Vespa's dependencies but not Vespa: where a build is
+installed, its twistd plugin is the last one found, and both workers would run it (two
+checkouts measured as the installed build, 1.00 whatever they hold). It refuses to.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
 import statistics
@@ -94,6 +99,12 @@ def main() -> None:
     parser.add_argument("--prelude-b", default="", help="Python run in worker B first")
     parser.add_argument("--python-b", default=sys.executable, help="worker B's interpreter")
     args = parser.parse_args()
+    for installed in ("vast_vespa", "vespa"):
+        if importlib.util.find_spec(installed) is not None:
+            raise SystemExit(
+                f"side_by_side: {installed} is installed for {sys.executable}: its twistd plugin "
+                "would run in place of the checkouts' (use a virtualenv without Vespa)"
+            )
     logs = Path(tempfile.mkdtemp(prefix="vespa-side-by-side-"))
     children = Children(logs)
     try:

@@ -44,7 +44,9 @@ class Outbox:
     A connection that writes several times in a turn (a head and a body, a chunked body's end,
     the answers to pipelined requests) then makes one system call, and the answers of a busy
     turn leave together, as Twisted's queued writes do, but without asking epoll to watch each
-    socket for writability and then to stop. Writes made outside a turn (timers) leave at once.
+    socket for writability and then to stop. Writes made outside a turn (timers) leave at once,
+    and so do a streamed body's chunks once its head is out (``SendNowServer.write_now``:
+    they come one per turn, so holding them would gather nothing).
     """
 
     def __init__(self) -> None:

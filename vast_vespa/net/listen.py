@@ -76,6 +76,12 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     block, or a broken one, takes nothing: the queued rest reports the error."""
     if not (data and _clear(connection)):
         return data
+    return _send_some(connection, data)
+
+
+def _send_some(connection: tcp.Connection, data: bytes) -> bytes:
+    """What is left of ``data`` after sending what the socket takes (nothing when it would
+    block or is broken: the rest, queued, reports the error)."""
     try:
         sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
     except OSError:
@@ -102,16 +108,29 @@ class SendNowServer(tcp.Server):
     while the reactor dispatches a turn's events, together when the turn is over
     (:class:`vast_vespa.net.dispatch.Outbox`)."""
 
-    _held: list[bytes] | None = None  # writes waiting for the end of the turn, in order
+    # Writes waiting for the end of the turn: the first alone (most turns write once to a
+    # connection, an SSE event), then a list of them in order.
+    _held: bytes | list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held.append(data)
-        elif OUTBOX.open and data and _clear(self):
+        if self._held is None and OUTBOX.open and data and _clear(self):
             # Held only with nothing queued and no close begun: Twisted's own doWrite, later
             # in the same turn, then has nothing to send or close before this is sent.
-            self._held = [data]
+            self._held = data
             OUTBOX.waiting.append(self)
+        else:
+            self.write_now(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` without holding it for the end of the turn (behind writes held
+        already, to keep their order): for a streamed body's chunks, which come one per turn
+        (an SSE event per backend read), so that holding them would gather nothing."""
+        held = self._held
+        if held is not None:
+            if held.__class__ is list:
+                held.append(data)
+            else:
+                self._held = [cast(bytes, held), data]
         else:
             rest = _unsent(self, data)
             if rest:
@@ -124,12 +143,18 @@ class SendNowServer(tcp.Server):
         self.write(b"".join(iovec))
 
     def send_held(self) -> None:
-        """Send (or queue the Twisted way) what this connection's writes hold."""
+        """Send (or queue the Twisted way) what this connection's writes hold. Nothing was
+        queued when the first was held and every write since joined it, so only a connection
+        lost or shut for writing meanwhile keeps it from the socket (a close begun in the turn
+        waits for the queue, which stays empty: the close follows the send)."""
         held, self._held = self._held, None
-        if held:
-            rest = _unsent(self, b"".join(held))
-            if rest:
-                super().write(rest)
+        if held is None:
+            return
+        data = b"".join(held) if held.__class__ is list else cast(bytes, held)
+        if self.connected and not self._writeDisconnected:
+            data = _send_some(self, data)
+        if data:
+            super().write(data)
 
     def abortConnection(self) -> None:
         self._held = None  # an aborted connection sends nothing more

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import version as SERVER
 
+from vast_vespa.net.listen import SendNowServer
 from vast_vespa.site import VespaRequest
 
 
@@ -53,7 +54,11 @@ class LeanRequest(VespaRequest):
             self.sentLength += len(data)
             transport = self.transport  # the connection's (TCP or TLS)
             assert transport is not None
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            chunk = b"%x\r\n%b\r\n" % (len(data), data)
+            if isinstance(transport, SendNowServer):
+                transport.write_now(chunk)  # not held for the end of the turn: see write_now
+            else:
+                transport.write(chunk)
             return
         if (
             self.startedWriting

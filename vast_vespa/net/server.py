@@ -183,10 +183,12 @@ class ConnectionTable:
         self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
         self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
 
-    def opened(self, address: str | None, limits: Limits) -> tuple[int, str] | None:
-        """Count a new connection from ``address``; None if it may stay, else the cap it is
-        over that no idle connection could be closed for: (the cap, "" or " from one
-        address")."""
+    def opened(
+        self, channel: GuardedChannel, address: str | None, limits: Limits
+    ) -> tuple[int, str] | None:
+        """Count a new connection from ``address``; None if it may stay (it is listed as idle:
+        it has sent nothing yet), else the cap it is over that no idle connection could be
+        closed for: (the cap, "" or " from one address")."""
         self.open += 1
         per_address = limits.max_connections_per_address
         if address is not None:
@@ -197,6 +199,7 @@ class ConnectionTable:
         if limits.max_connections and self.open > limits.max_connections:
             if not self._reclaim(self._idle):
                 return limits.max_connections, ""
+        self.idle(channel, address)
         return None
 
     @property
@@ -321,7 +324,7 @@ class GuardedChannel(Protocol):
     _counted = False
     _listed_idle = False  # in the site's ConnectionTable as idle
     idle_since = 0.0  # when it was listed as idle (the site's clock)
-    _address: str | None = None  # the client's IP address, for the per-address cap
+    _address: str | None = None  # the client's IP address, when there is a per-address cap
     _secure = False
     _last_seen = 0.0
     _head_timer: IDelayedCall | None = None
@@ -343,9 +346,11 @@ class GuardedChannel(Protocol):
         self._host = transport.getHost()
         transport.registerProducer(self, True)
         self._counted = True
-        self._address = getattr(self._peer, "host", None)
         limits = self._limits = self.site.limits
-        over = self.site.connections.opened(self._address, limits)
+        if limits.max_connections_per_address:
+            # Counted by address only for that cap: most workers leave it off.
+            self._address = getattr(self._peer, "host", None)
+        over = self.site.connections.opened(self, self._address, limits)
         if over is not None:
             cap, which = over
             self.refuse(
@@ -356,7 +361,6 @@ class GuardedChannel(Protocol):
             )
             return
         self._listed_idle = True
-        self.site.connections.idle(self, self._address)
         self._parser = HttpRequestParser(self)
         if self.timeOut:
             self._last_seen = self.site.reactor.seconds()
@@ -534,7 +538,8 @@ class GuardedChannel(Protocol):
         if self._listed_idle:
             self._set_busy()
         self._received(data)
-        self._set_idle_if_idle()
+        if self._request is None:  # (a request being answered is not idle: nearly every read)
+            self._set_idle_if_idle()
 
     def _received(self, data: bytes) -> None:
         if self._drop_input or self._parse_stopped:
@@ -554,9 +559,11 @@ class GuardedChannel(Protocol):
             chunk, self._partial_line = cast(bytearray, self._partial_line) + data, None
         self._parse(chunk, len(data))
         self._apply()
-        if self._events and self._answering and not answering:
-            self._hold(len(data))  # requests behind the one now answered came in this read
-        self._arm_input_timers()
+        if self._answering:
+            if self._events and not answering:
+                self._hold(len(data))  # requests behind the one now answered came in this read
+        else:
+            self._arm_input_timers()
 
     def _hold(self, size: int) -> None:
         """Count input that waits for an answer; past ``PIPELINE_BUFFER``, stop reading."""
