@@ -28,6 +28,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import directlyProvidedBy, implementedBy, implementer, providedBy
 
 from tests.certs import self_signed
+from tests.fakes import FakeBackend, big_body
+from tests.helpers import listen, spawn_worker
 from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.lean_tls import LeanTLSFactory, LeanTLSProtocol
 from vast_vespa.net.listen import SendNowEndpoint, listen_service
@@ -233,6 +235,44 @@ class FastPathTLSTests(EndToEnd, TestCase):
 
 class StockTLSTests(EndToEnd, TestCase):
     fast_path = False
+
+
+class WorkerOverTLSTests(TestCase):
+    """A worker process serving an ``ssl:`` listener, in both modes (the fast path's event
+    loop holding writes for the turn, or stock Twisted): a large response arrives whole and
+    ends with close_notify, a second connection resumes its session, and the backend hears
+    that the client spoke https."""
+
+    async def through_worker(self, fast_path: bool) -> None:
+        cert, key, pem = self_signed(os.path.abspath(self.mktemp()))
+        client = ssl.create_default_context(cadata=pem.decode("ascii"))
+        backend = FakeBackend(reactor)
+        process = spawn_worker(
+            self,
+            listen(self, backend),
+            "--listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            env={"FAST_PATH": "true" if fast_path else "false"},
+        )
+        port = int((await process.wait_for(rb"worker \(TLS\) starting on (\d+)")).group(1))
+        await process.wait_for(rb"worker loaded")
+        self.assertEqual(b"fast path off" not in process.output, fast_path)
+        total = 16 * 2**20
+        _, session, _, response = await deferToThread(get, port, client, f"/big?total={total}")
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertEqual(len(body), total)
+        self.assertEqual(body, big_body(total))
+        resumed, _, _, response = await deferToThread(get, port, client, "/status/200", session)
+        self.assertTrue(resumed)
+        self.assertTrue(response.endswith(b'{"status": 200}'), response)
+        self.assertEqual(backend.seen[-1].headers[b"x-forwarded-proto"], [b"https"])
+
+    async def test_fast_path(self) -> None:
+        await self.through_worker(True)
+
+    async def test_stock(self) -> None:
+        await self.through_worker(False)
 
 
 class Recorder(Protocol):
