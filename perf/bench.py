@@ -88,6 +88,43 @@ class Target:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
 
+def write_certificate(key_file: Path, cert_file: Path) -> None:
+    """A self-signed RSA-2048 certificate for 127.0.0.1 (what a Vast instance's CSR asks for)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
         self.args = args
@@ -154,43 +191,10 @@ class Bench:
         wait_healthy(port, what, self.logs, tls=tls)
 
     def make_certificate(self) -> None:
-        """A self-signed RSA-2048 certificate for 127.0.0.1 (what a Vast instance's CSR asks
-        for), shared by nginx and Vespa."""
-        import datetime
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
-        )
+        """The certificate nginx and Vespa share (:func:`write_certificate`)."""
         self.tls_key = self.work / "tls-key.pem"
         self.tls_cert = self.work / "tls-cert.pem"
-        self.tls_key.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-        self.tls_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_certificate(self.tls_key, self.tls_cert)
 
     def start_autoscaler(self) -> None:
         """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""
@@ -296,9 +300,12 @@ class Bench:
         targets = [Target("direct", backend_port, None, backend_pid)]
         for target in self.proxies(signed, tls):
             if target.name == "nginx":
-                # nginx's own TLS defaults otherwise (session tickets on, as wrk reuses them).
+                # TLS 1.2 and 1.3, the default of nginx 1.23.4 and later (1.22's default stops
+                # at 1.2, whose resumption skips the key exchange that 1.3's makes); nginx's own
+                # defaults otherwise (session tickets on, as wrk reuses them).
                 ssl = (
-                    f" ssl;\nssl_certificate {self.tls_cert};\nssl_certificate_key {self.tls_key}"
+                    f" ssl;\nssl_certificate {self.tls_cert};\n"
+                    f"ssl_certificate_key {self.tls_key};\nssl_protocols TLSv1.2 TLSv1.3"
                     if tls
                     else ""
                 )

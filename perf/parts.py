@@ -52,6 +52,13 @@ PRELUDES: dict[str, str] = {
         "    return context\n"
         "t.ServerTLS._make_context = no_resumption\n"
     ),
+    # Twisted's own TLS protocol (interfaces copied per connection, writes gathered for a
+    # turn by callLater(0)) instead of vast_vespa.net.lean_tls; for the TLS scenarios.
+    "lean-tls": (
+        "import vast_vespa.net.listen as m\n"
+        "from twisted.protocols.tls import TLSMemoryBIOFactory\n"
+        "m.LeanTLSFactory = TLSMemoryBIOFactory\n"
+    ),
     "lean-request": (
         "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"
     ),

@@ -54,6 +54,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from vast_vespa.net.dispatch import OUTBOX, read_ready
+from vast_vespa.net.lean_tls import LeanTLSFactory
 from vast_vespa.net.tls import server_tls
 
 _log = Logger()
@@ -330,7 +331,8 @@ def listen_service(
     """
     ``strports.service(description, factory)``; with the fast path, through a
     :class:`SendNowEndpoint`. An ``ssl:`` description is served by
-    :func:`vast_vespa.net.tls.server_tls` (session resumption, current ciphers). If it cannot
+    :func:`vast_vespa.net.tls.server_tls` (session resumption, current ciphers), with the fast
+    path through :class:`vast_vespa.net.lean_tls.LeanTLSFactory`. If it cannot
     listen, starting it raises :class:`ListenFailed` naming ``program`` and the ``setting`` to
     change (``--listen / LISTEN``).
     """
@@ -338,7 +340,8 @@ def listen_service(
     tls = server_tls(description, reactor)
     if tls is not None:
         endpoint, creator = tls
-        factory = TLSMemoryBIOFactory(creator, False, factory)
+        wrap = LeanTLSFactory if fast_path else TLSMemoryBIOFactory
+        factory = wrap(creator, False, factory, reactor)
     if fast_path:
         listening = StreamServerEndpointService(
             SendNowEndpoint(serverFromString(reactor, endpoint)), factory

@@ -1,0 +1,440 @@
+"""TLS connections in both modes through real sockets (the fast path's LeanTLSProtocol, stock
+Twisted's TLSMemoryBIOProtocol): resumption, ALPN, close_notify, a large response under
+backpressure, clients that vanish mid-handshake; and, in memory, what the fast path sends when."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import threading
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IAddress, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import directlyProvidedBy, implementedBy, implementer, providedBy
+
+from tests.certs import self_signed
+from tests.fakes import FakeBackend, big_body
+from tests.helpers import listen, spawn_worker
+from vast_vespa.net.dispatch import OUTBOX
+from vast_vespa.net.lean_tls import LeanTLSFactory, LeanTLSProtocol
+from vast_vespa.net.listen import SendNowEndpoint, listen_service
+from vast_vespa.net.tls import server_tls
+
+BIG = 8 * 2**20  # more than a loopback socket's buffers hold: the producer must pause
+CHUNK = 2**16
+
+
+@implementer(IPushProducer)
+class Pattern:
+    """Writes ``BIG`` bytes of a pattern to a request, as fast as the transport lets it, and
+    fires ``paused`` the first time the transport pauses it."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.sent = 0
+        self.is_paused = False
+        self.paused: Deferred[None] = Deferred()
+        request.setHeader(b"content-length", b"%d" % BIG)
+        request.registerProducer(self, True)
+
+    def resumeProducing(self) -> None:
+        self.is_paused = False
+        while not self.is_paused and self.sent < BIG:
+            self.request.write(chunk(self.sent))
+            self.sent += CHUNK
+        if self.sent >= BIG and not self.is_paused:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self.is_paused = True
+        if not self.paused.called:
+            self.paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.sent = BIG
+
+
+def chunk(offset: int) -> bytes:
+    return (b"%08x" % offset) * (CHUNK // 8)
+
+
+class Pages(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producers: list[Pattern] = []
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if request.path == b"/big":
+            self.producers.append(Pattern(request))
+            reactor.callLater(0, self.producers[-1].resumeProducing)
+            return NOT_DONE_YET
+        return b"hello"
+
+
+class HTTP11Site(Site):
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
+def get(
+    port: int,
+    client: ssl.SSLContext,
+    path: str = "/",
+    session: ssl.SSLSession | None = None,
+    before_reading: threading.Event | None = None,
+) -> tuple[bool, ssl.SSLSession | None, str | None, bytes]:
+    """GET ``path`` over a new TLS connection (blocking: run in a thread), reading to the
+    end; a connection that ends without close_notify raises ``ssl.SSLEOFError``. (resumed, the
+    session, the ALPN protocol, the response)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with client.wrap_socket(
+            raw, server_hostname="127.0.0.1", session=session, suppress_ragged_eofs=False
+        ) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            if before_reading is not None:
+                before_reading.wait(20)
+            response = []
+            while piece := tls.recv(2**20):
+                response.append(piece)
+            return tls.session_reused, tls.session, tls.selected_alpn_protocol(), b"".join(response)
+
+
+class EndToEnd:
+    """Both modes, through real sockets; subclasses say which."""
+
+    fast_path: bool
+
+    def setUp(self) -> None:
+        self.cert, self.key, pem = self_signed(os.path.abspath(self.mktemp()))  # type: ignore[attr-defined]
+        self.client = ssl.create_default_context(cadata=pem.decode("ascii"))
+        self.client.set_alpn_protocols(["h2", "http/1.1"])
+        found = server_tls(f"ssl:0:privateKey={self.key}:certKey={self.cert}", Clock())
+        assert found is not None
+        self.tls = found[1]
+
+    async def listen(self, factory: Factory) -> tuple[int, Any]:
+        """Listen as :func:`listen_service` does in this mode; (port, the TLS factory)."""
+        endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        if self.fast_path:
+            tls_factory: Any = LeanTLSFactory(self.tls, False, factory, reactor)
+            endpoint = SendNowEndpoint(endpoint)
+        else:
+            tls_factory = TLSMemoryBIOFactory(self.tls, False, factory, reactor)
+        port = await endpoint.listen(tls_factory)
+        self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
+        return port.getHost().port, tls_factory
+
+    async def test_resumption_alpn_close_notify(self) -> None:
+        """A first connection, then one resuming its session: both answered, ALPN chosen,
+        each ended with close_notify (or the client raises)."""
+        self.pages = Pages()
+        port, _ = await self.listen(HTTP11Site(self.pages))
+        first, session, protocol, response = await deferToThread(get, port, self.client)
+        self.assertTrue(response.endswith(b"hello"), response)  # type: ignore[attr-defined]
+        self.assertEqual((first, protocol), (False, "http/1.1"))  # type: ignore[attr-defined]
+        second, _, _, response = await deferToThread(get, port, self.client, "/", session)
+        self.assertTrue(second)  # type: ignore[attr-defined]
+        self.assertTrue(response.endswith(b"hello"))  # type: ignore[attr-defined]
+
+    async def test_large_response_with_backpressure(self) -> None:
+        """A body larger than the sockets hold, to a client that reads only once the server
+        has been paused: it arrives whole and in order."""
+        pages = Pages()
+        port, _ = await self.listen(HTTP11Site(pages))
+        reading = threading.Event()
+        got = deferToThread(get, port, self.client, "/big", None, reading)
+        while not pages.producers:  # the request has arrived once its producer exists
+            await deferLater0()
+        await pages.producers[0].paused
+        reading.set()
+        _, _, _, response = await got
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b"200 OK", head)  # type: ignore[attr-defined]
+        expected = hashlib.sha256(b"".join(chunk(o) for o in range(0, BIG, CHUNK)))
+        self.assertEqual(len(body), BIG)  # type: ignore[attr-defined]
+        self.assertEqual(hashlib.sha256(body).hexdigest(), expected.hexdigest())  # type: ignore[attr-defined]
+
+    async def vanishing(self, send: bytes) -> Failure:
+        """Connect, send ``send`` (part of a handshake), and close; the reason the server's
+        protocol was told its connection was lost."""
+        lost: Deferred[list[Failure]] = Deferred()
+
+        class Watch(Protocol):
+            def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+                lost.callback([reason])
+
+        port, tls_factory = await self.listen(Factory.forProtocol(Watch))
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.sendall(send)
+        raw.close()
+        [reason] = await lost
+        self.assertEqual(tls_factory.protocols, {})  # type: ignore[attr-defined]
+        return reason
+
+    async def test_client_vanishes_after_hello(self) -> None:
+        """A client that sends its ClientHello and goes: the connection is closed, nothing is
+        logged as an error."""
+        hello = ssl.MemoryBIO()
+        client = self.client.wrap_bio(ssl.MemoryBIO(), hello, server_hostname="127.0.0.1")
+        self.assertRaises(ssl.SSLWantReadError, client.do_handshake)  # type: ignore[attr-defined]
+        await self.vanishing(hello.read())
+        self.assertEqual(self.flushLoggedErrors(), [])  # type: ignore[attr-defined]
+
+    async def test_client_vanishes_mid_hello(self) -> None:
+        """A client that sends half a record and goes."""
+        await self.vanishing(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.assertEqual(self.flushLoggedErrors(), [])  # type: ignore[attr-defined]
+
+    async def test_interfaces(self) -> None:
+        """The TLS transport a protocol sees provides the same interfaces in both modes."""
+        made: Deferred[Any] = Deferred()
+
+        class Keep(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        port, _ = await self.listen(Factory.forProtocol(Keep))
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.sendall(b"\x16")  # the fast path's listener hands over a connection with bytes in
+        self.addCleanup(raw.close)  # type: ignore[attr-defined]
+        transport = await made
+        self.assertEqual(  # type: ignore[attr-defined]
+            set(providedBy(transport).flattened()),
+            set(providedBy(transport.transport).flattened())
+            | set(implementedBy(TLSMemoryBIOProtocol).flattened()),
+        )
+
+
+def deferLater0() -> Deferred[None]:
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0, lambda: None)
+
+
+class FastPathTLSTests(EndToEnd, TestCase):
+    fast_path = True
+
+
+class StockTLSTests(EndToEnd, TestCase):
+    fast_path = False
+
+
+class WorkerOverTLSTests(TestCase):
+    """A worker process serving an ``ssl:`` listener, in both modes (the fast path's event
+    loop holding writes for the turn, or stock Twisted): a large response arrives whole and
+    ends with close_notify, a second connection resumes its session, and the backend hears
+    that the client spoke https."""
+
+    async def through_worker(self, fast_path: bool) -> None:
+        cert, key, pem = self_signed(os.path.abspath(self.mktemp()))
+        client = ssl.create_default_context(cadata=pem.decode("ascii"))
+        backend = FakeBackend(reactor)
+        process = spawn_worker(
+            self,
+            listen(self, backend),
+            "--listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            env={"FAST_PATH": "true" if fast_path else "false"},
+        )
+        port = int((await process.wait_for(rb"worker \(TLS\) starting on (\d+)")).group(1))
+        await process.wait_for(rb"worker loaded")
+        self.assertEqual(b"fast path off" not in process.output, fast_path)
+        total = 16 * 2**20
+        _, session, _, response = await deferToThread(get, port, client, f"/big?total={total}")
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertEqual(len(body), total)
+        self.assertEqual(body, big_body(total))
+        resumed, _, _, response = await deferToThread(get, port, client, "/status/200", session)
+        self.assertTrue(resumed)
+        self.assertTrue(response.endswith(b'{"status": 200}'), response)
+        self.assertEqual(backend.seen[-1].headers[b"x-forwarded-proto"], [b"https"])
+
+    async def test_fast_path(self) -> None:
+        await self.through_worker(True)
+
+    async def test_stock(self) -> None:
+        await self.through_worker(False)
+
+
+class Recorder(Protocol):
+    """The application side: what it received."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class CountingTransport(StringTransport):
+    """A transport that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class InMemoryTests(SynchronousTestCase):
+    """LeanTLSProtocol against an OpenSSL client, bytes carried by hand."""
+
+    def setUp(self) -> None:
+        cert, key, _ = self_signed(os.path.abspath(self.mktemp()))
+        found = server_tls(f"ssl:443:privateKey={key}:certKey={cert}", Clock())
+        assert found is not None
+        self.app = Recorder()
+        factory = LeanTLSFactory(found[1], False, Factory.forProtocol(lambda: self.app), Clock())
+        self.server = factory.buildProtocol(None)
+        self.transport = CountingTransport()
+        self.server.makeConnection(self.transport)
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.client = SSL.Connection(context)
+        self.client.set_connect_state()
+        self.addCleanup(setattr, OUTBOX, "open", False)
+        self.addCleanup(OUTBOX.waiting.clear)
+        self.handshake()
+
+    def carry(self) -> None:
+        """Move bytes both ways until neither side has more to say."""
+        while True:
+            moved = False
+            try:
+                self.server.dataReceived(self.client.bio_read(2**20))
+                moved = True
+            except SSL.WantReadError:
+                pass
+            if self.transport.value():
+                self.client.bio_write(self.transport.value())
+                self.transport.clear()
+                moved = True
+            if not moved:
+                return
+
+    def handshake(self) -> None:
+        for _ in range(5):
+            try:
+                self.client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            self.carry()
+        self.transport.writes.clear()
+
+    def client_reads(self) -> bytes:
+        self.client.bio_write(self.transport.value())
+        self.transport.clear()
+        data = b""
+        try:
+            while True:
+                data += self.client.recv(2**20)
+        except (SSL.WantReadError, SSL.ZeroReturnError):
+            return data
+
+    def test_no_interfaces_copied(self) -> None:
+        """A transport whose interfaces the class provides gives the protocol none of its
+        own; one with others gives them."""
+        self.assertEqual(list(directlyProvidedBy(self.server)), [])
+
+        @implementer(IAddress)
+        class Odd(StringTransport):
+            pass
+
+        other = LeanTLSProtocol(self.server.factory, Recorder())
+        other.makeConnection(Odd())
+        self.assertTrue(IAddress.providedBy(other))
+        self.assertTrue(ITCPTransport.providedBy(other))
+
+    def test_writes_in_a_turn_leave_together(self) -> None:
+        """While the reactor dispatches a turn's events, writes wait; when the turn is over
+        they are encrypted together and written to the transport once."""
+        OUTBOX.open = True
+        self.server.write(b"head ")
+        self.server.writeSequence([b"body ", b"end"])
+        self.assertEqual(self.transport.writes, [])
+        OUTBOX.send_all()
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assertEqual(self.client_reads(), b"head body end")
+
+    def test_close_in_a_turn(self) -> None:
+        """A response and loseConnection in one turn: one write, the response then the
+        close_notify; the client's close_notify closes the transport."""
+        OUTBOX.open = True
+        self.server.write(b"last words")
+        self.server.loseConnection()
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assertEqual(self.client_reads(), b"last words")
+        self.assertTrue(self.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        OUTBOX.send_all()
+        self.assertEqual(len(self.transport.writes), 1)
+        self.client.shutdown()
+        self.server.dataReceived(self.client.bio_read(2**20))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_handshake_output_waits_for_the_turn(self) -> None:
+        """Output made while a turn's input is handled (here a reply to the client's data)
+        leaves when the turn is over, with the turn's writes, in one write."""
+        OUTBOX.open = True
+        self.client.send(b"request")
+        self.server.dataReceived(self.client.bio_read(2**20))
+        self.server.write(b"answer")
+        OUTBOX.send_all()
+        self.assertEqual(self.app.received, b"request")
+        self.assertLessEqual(len(self.transport.writes), 1)
+        self.assertEqual(self.client_reads(), b"answer")
+
+    def test_write_outside_a_turn_leaves_at_once(self) -> None:
+        self.server.write(b"from a timer")
+        self.assertEqual(len(self.transport.writes), 1)
+        self.assertEqual(self.client_reads(), b"from a timer")
+
+    def test_abort_drops_what_is_held(self) -> None:
+        OUTBOX.open = True
+        self.server.write(b"never")
+        self.server.abortConnection()
+        OUTBOX.send_all()
+        self.assertEqual(self.client_reads(), b"")
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_tls_protocol_per_mode(self) -> None:
+        """An ssl: listener's connections are LeanTLSProtocol on the fast path, Twisted's own
+        TLS protocol on stock Twisted."""
+        cert, key, _ = self_signed(os.path.abspath(self.mktemp()))
+        for fast_path, expected in ((True, LeanTLSProtocol), (False, None)):
+            memory = MemoryReactorClock()
+            service = listen_service(
+                f"ssl:0:privateKey={key}:certKey={cert}",
+                Site(Resource()),
+                memory,
+                "vespa",
+                "--listen",
+                fast_path=fast_path,
+            )
+            service.startService()
+            factory = memory.tcpServers[0][1]
+            self.assertIsInstance(factory, TLSMemoryBIOFactory)
+            if expected is None:
+                self.assertNotIsInstance(factory, LeanTLSFactory)
+            else:
+                self.assertIs(factory.protocol, expected)
