@@ -260,7 +260,7 @@ class Settings:
         parse_optional_count,
         "",
         "Most open connections from one client IP address (that address's oldest idle one is "
-        "closed to make room, else 503); empty = MAX_CONNECTIONS / 8, 0 = off (clients "
+        "closed to make room, else 503); empty = MAX_CONNECTIONS / 2, 0 = off (clients "
         "behind one NAT).",
     )
     backend_connect_timeout: float = worker_option(

@@ -244,12 +244,13 @@ def limits_from(settings: Settings) -> Limits:
 
 
 def per_address_cap(max_connections: int, per_address: int | None) -> int:
-    """MAX_CONNECTIONS_PER_ADDRESS, default an eighth of MAX_CONNECTIONS (256 of 2048): room
-    for a client's large connection pool, while one address can hold at most an eighth of
-    the slots with requests in progress (its idle ones are closed as needed anyway)."""
+    """MAX_CONNECTIONS_PER_ADDRESS, default half of MAX_CONNECTIONS (1024 of 2048): one
+    address is often many users (a vespa-client, a NAT, a load test holding 1,000 streams), and
+    whatever one address holds, the other half of the slots stays for everyone else (its idle
+    connections are closed as needed anyway)."""
     if per_address is not None:
         return per_address
-    return max(1, max_connections // 8) if max_connections else 0
+    return max(1, max_connections // 2) if max_connections else 0
 
 
 def _register_load_metrics(
