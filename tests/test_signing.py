@@ -36,6 +36,29 @@ class VectorTests(SynchronousTestCase):
                 vector["name"],
             )
 
+    @given(
+        st.fixed_dictionaries(
+            {
+                name: st.one_of(
+                    st.text(),
+                    st.integers(),
+                    st.floats(),
+                    st.booleans(),
+                    st.none(),
+                    st.lists(st.integers(), max_size=2),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                )
+                for name in signing.FIVE_FIELDS
+            }
+        )
+    )
+    def test_canonical_message_is_json_dumps(self, auth):
+        """For any values (unicode, big ints, floats, non-scalars), the message is exactly
+        json.dumps(message, indent=4, sort_keys=True), the bytes the autoscaler signs."""
+        for shape in ("url", "five-field"):
+            expected = json.dumps(signing.message_object(auth, shape), indent=4, sort_keys=True)
+            self.assertEqual(signing.canonical_message(auth, shape), expected.encode())
+
     def test_every_vector_verifies(self):
         """Each vector verifies with both PEM forms of the key, in its own shape."""
         pkcs1 = signing.load_public_key(_read("test_public_key_pkcs1.pem"))

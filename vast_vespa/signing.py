@@ -32,13 +32,28 @@ def message_object(auth_data: Mapping[str, Any], shape: str) -> dict[str, Any]:
     raise ValueError(f"unknown signature shape {shape!r}")
 
 
+_SCALARS = (str, int, float, type(None))  # bool is an int
+
+
 def canonical_message(auth_data: Mapping[str, Any], shape: str) -> bytes:
     """
-    The exact bytes signed for ``shape``. Numbers keep the int/float form they were parsed
-    with (``256`` and ``256.0`` sign differently), as Python's json module writes them.
+    The exact bytes signed for ``shape``: ``json.dumps(message, indent=4, sort_keys=True)``.
+    Numbers keep the int/float form they were parsed with (``256`` and ``256.0`` sign
+    differently), as Python's json module writes them.
+
+    Every secured request needs this message (twice when its auth is judged from the head), and
+    json.dumps with an indent runs json's pure-Python encoder: the fields (already in sorted
+    order) are written one by one with json's C encoder instead, which gives the same bytes
+    for the scalar values auth_data holds; anything else takes json.dumps itself.
     """
-    text = json.dumps(message_object(auth_data, shape), indent=4, sort_keys=True)
-    return text.encode("utf-8")
+    message = message_object(auth_data, shape)
+    if not all(isinstance(value, _SCALARS) for value in message.values()):
+        return json.dumps(message, indent=4, sort_keys=True).encode("utf-8")
+    fields = ",\n".join(f"    {_DUMPS(name)}: {_DUMPS(value)}" for name, value in message.items())
+    return f"{{\n{fields}\n}}".encode()
+
+
+_DUMPS = json.JSONEncoder().encode  # the C encoder json.dumps uses without an indent
 
 
 def load_public_key(pem: bytes) -> rsa.RSAPublicKey:
