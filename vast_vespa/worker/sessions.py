@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import treq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -51,6 +51,10 @@ CLOSED_REMEMBERED = 10_000  # ids of closed sessions kept, to say "closed" rathe
 PostToBackend = Callable[[bytes, bytes], "Deferred[object]"]
 
 
+def _dropped(data: bytes) -> None:
+    """The on_close_route answer's bytes: only its end matters."""
+
+
 def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
     """POST a JSON body to a path of the backend (the on_close_route call); the answer is
     read and dropped."""
@@ -59,7 +63,7 @@ def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
     def post(path: bytes, body: bytes) -> Deferred[object]:
         headers = Headers({b"content-type": [JSON]})
         sent = agent.request(b"POST", base + path, headers, BytesProducer(body))
-        return sent.addCallback(readBody)
+        return sent.addCallback(treq.collect, _dropped)
 
     return post
 
