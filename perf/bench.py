@@ -25,6 +25,9 @@ from parts import PRELUDES
 from procs import Children, Probe, wait_healthy
 from report import plot, render
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's tests package
+from tests.certs import self_signed
+
 # twistd from a given interpreter (a venv made with --no-deps may have no twistd script)
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
@@ -86,43 +89,6 @@ class Target:
 
     def url(self, path: str) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
-
-
-def write_certificate(key_file: Path, cert_file: Path) -> None:
-    """A self-signed RSA-2048 certificate for 127.0.0.1 (what a Vast instance's CSR asks for)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 class Bench:
@@ -191,10 +157,10 @@ class Bench:
         wait_healthy(port, what, self.logs, tls=tls)
 
     def make_certificate(self) -> None:
-        """The certificate nginx and Vespa share (:func:`write_certificate`)."""
-        self.tls_key = self.work / "tls-key.pem"
-        self.tls_cert = self.work / "tls-cert.pem"
-        write_certificate(self.tls_key, self.tls_cert)
+        """The certificate nginx and Vespa share: self-signed for 127.0.0.1, RSA-2048, what a
+        Vast instance's CSR asks for (tests.certs)."""
+        cert, key, _ = self_signed(str(self.work / "tls"))
+        self.tls_cert, self.tls_key = Path(cert), Path(key)
 
     def start_autoscaler(self) -> None:
         """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import write_certificate
+from bench import self_signed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vespa-tls-layer-"))
-    write_certificate(work / "key.pem", work / "cert.pem")
+    self_signed(str(work))  # cert.pem and key.pem
     clock = Clock()
     found = server_tls(f"ssl:1:privateKey={work}/key.pem:certKey={work}/cert.pem", clock)
     assert found is not None
