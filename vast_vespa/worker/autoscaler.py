@@ -23,7 +23,8 @@ from twisted.web.http_headers import Headers
 from vast_vespa.logs import mask
 from vast_vespa.outcome import describe_failure
 from vast_vespa.signing import load_public_key
-from vast_vespa.worker.envelope import dump_json, loads
+from vast_vespa.strict_json import loads
+from vast_vespa.worker.envelope import dump_json
 from vast_vespa.worker.metrics import Finished
 
 # The old Redis-backed address: reports may go there, /delete_requests/ never (PROTOCOL 4.6).

@@ -352,7 +352,7 @@ class SignedGate:
         work = self._work_of(request, unwrapped, cost_signed)
         session = None
         if self._sessions is not None and request.path == SESSION_CREATE:
-            return self._sessions.create(auth, unwrapped.body, work)
+            return self._sessions.create(unwrapped, work)
         if unwrapped.session_id is not None:
             if self._sessions is None:
                 raise Rejection(410, "invalid session", "sessions are off (MAX_SESSIONS=0)")

@@ -36,7 +36,8 @@ from twisted.web.server import Request
 
 from vast_vespa.net.client import BytesProducer
 from vast_vespa.outcome import JSON, Outcome, error_body
-from vast_vespa.worker.envelope import loads
+from vast_vespa.strict_json import loads
+from vast_vespa.worker.envelope import Unwrapped
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.resource import Forward, Rejection
 
@@ -150,15 +151,16 @@ class Sessions(Service):
 
     # /session/create (reached after the gate verified auth_data)
 
-    def create(self, auth: dict[str, Any] | None, payload: bytes | None, work: float) -> Forward:
-        """Open a session for the envelope ``auth`` / ``payload``: 201, or a Rejection."""
-        if auth is None or payload is None:
+    def create(self, unwrapped: Unwrapped, work: float) -> Forward:
+        """Open a session for a verified envelope (its payload parsed already): 201, or a
+        Rejection."""
+        auth, document = unwrapped.auth, unwrapped.payload
+        if auth is None or unwrapped.form != "envelope":
             raise Rejection(
                 422,
                 "malformed envelope",
                 'a session starts with {"auth_data": {...}, "payload": {"lifetime": seconds}}',
             )
-        document = loads(payload)
         if not isinstance(document, dict):
             raise Rejection(422, "malformed session", "payload must be a JSON object")
         lifetime = self._lifetime(document.get("lifetime"))
@@ -368,11 +370,11 @@ class SessionEndResource(Resource):
             return error_body("not found", "this listener serves POST /session/end only")
         try:
             forward = self._sessions.manage(request)
-        except Rejection as rejection:
-            request.setResponseCode(rejection.code)
-            for name, value in rejection.headers.items():
+        except Rejection as refused:
+            request.setResponseCode(refused.code)
+            for name, value in refused.headers.items():
                 request.setHeader(name, value)
-            return error_body(rejection.error, rejection.detail)
+            return error_body(refused.error, refused.detail)
         assert forward.answer is not None
         code, body = forward.answer
         request.setResponseCode(code)
