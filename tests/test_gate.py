@@ -287,6 +287,15 @@ class WorkloadTests(SynchronousTestCase):
         worker.post("/v1/completions", envelope(AUTH, {"max_tokens": 3}))
         self.assertEqual(self.new_load(worker), 3)
 
+    def test_estimate_is_clamped_too(self):
+        """The payload is the sender's as much as an unsigned cost: an estimate beyond what
+        the worker serves within MAX_WAIT_TIME (max_perf 10 x 5 s) counts for that much."""
+        worker = MemoryWorker(self, workload="openai", max_perf=10.0, max_wait_time=5.0)
+        payload = {"prompt": "x", "max_tokens": 10**9}
+        answer = worker.post("/v1/completions", envelope(worker.auth("url"), payload))
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(self.new_load(worker), 50)
+
     def test_cost_mode_keeps_the_declared_cost(self):
         """WORKLOAD=cost (the default without BACKEND): the declared cost, as before."""
         worker = MemoryWorker(self)
