@@ -28,6 +28,7 @@ PRELUDES: dict[str, str] = {
         "import vast_vespa.net.listen as m, vast_vespa.net.client as c\n"
         "from twisted.internet import tcp\n"
         "m.SendNowServer.write = tcp.Server.write\n"
+        "m.SendNowServer.write_now = tcp.Server.write\n"
         "m.SendNowServer.writeSequence = tcp.Server.writeSequence\n"
         "c.send_now = lambda transport, data: transport.write(data)\n"
     ),

@@ -480,33 +480,47 @@ class _Connection(Protocol):
             self.abort()  # a backend talking out of turn: never reuse this connection
             return
         left = self._head_left
-        if left is not None and len(data) > left:
-            # The head may not grow past its limit: the parser gets what fits, and the rest
-            # only if the head ended within it (it never holds an oversized head).
-            self._feed(data[:left])
-            if self._head_left is not None and not self._gone:
-                self._head_left = None
-                size = self._max_head_size
-                self._broken(Failure(BadResponseHead(f"response head over {size} bytes")))
-            elif not self._gone:
-                self.dataReceived(data[left:])  # the body, or what follows a HEAD answer
+        if left is not None:
+            if len(data) > left:
+                self._past_head_limit(data, left)
                 return
-        else:
-            if left is not None:
-                self._head_left = left - len(data)
-            self._feed(data)
+            self._head_left = left - len(data)
+        # _feed written out: nearly every read is a body's chunk, and a call per chunk shows.
+        try:
+            self._parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
+            self._unparsable(e)
+        if self._announce is not None:  # this read carried a response's head
+            self._announce_response()
+        if self._splice is not None and not self._splice.started:
+            self._start_splice()
+
+    def _past_head_limit(self, data: bytes, left: int) -> None:
+        """A read that takes the head past its limit: the parser gets what fits, and the rest
+        only if the head ended within it (it never holds an oversized head)."""
+        self._feed(data[:left])
+        if self._head_left is not None and not self._gone:
+            self._head_left = None
+            size = self._max_head_size
+            self._broken(Failure(BadResponseHead(f"response head over {size} bytes")))
+        elif not self._gone:
+            self.dataReceived(data[left:])  # the body, or what follows a HEAD answer
+            return
         if self._splice is not None and not self._splice.started:
             self._start_splice()
 
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
+        except (HttpParserError, HttpParserUpgrade) as e:
+            self._unparsable(e)
+        if self._announce is not None:
             self._announce_response()
-            error = e.__context__ if isinstance(e.__context__, BadResponseHead) else e
-            self._broken(Failure(error))
-        if self._announce is not None:  # this read carried a response's head
-            self._announce_response()
+
+    def _unparsable(self, error: HttpParserError | HttpParserUpgrade) -> None:
+        self._announce_response()
+        cause = error.__context__
+        self._broken(Failure(cause if isinstance(cause, BadResponseHead) else error))
 
     def on_status(self, phrase: bytes) -> None:
         self._phrase += phrase

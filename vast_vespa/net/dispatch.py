@@ -102,7 +102,10 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
             except Exception:
                 _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
     finally:
-        OUTBOX.send_all()
+        if OUTBOX.waiting:
+            OUTBOX.send_all()
+        else:  # most turns of a streaming worker: a chunk relayed at once, nothing held
+            OUTBOX.open = False
 
 
 def read_ready(reactor: EPollReactor, selectable: Any) -> None:

@@ -11,6 +11,8 @@ applies; anything else goes to twisted.web's own ``write``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import version as SERVER
@@ -34,6 +36,7 @@ class LeanRequest(VespaRequest):
     """
 
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
+    _send_chunk: Callable[[bytes], object]  # the connection's write, once chunks go straight
 
     def process(self) -> None:
         site = self.channel.site
@@ -52,13 +55,7 @@ class LeanRequest(VespaRequest):
     def write(self, data: bytes) -> None:
         if self._chunks_go_straight and data:  # cleared by finish and connectionLost
             self.sentLength += len(data)
-            transport = self.transport  # the connection's (TCP or TLS)
-            assert transport is not None
-            chunk = b"%x\r\n%b\r\n" % (len(data), data)
-            if isinstance(transport, SendNowServer):
-                transport.write_now(chunk)  # not held for the end of the turn: see write_now
-            else:
-                transport.write(chunk)
+            self._send_chunk(b"%x\r\n%b\r\n" % (len(data), data))
             return
         if (
             self.startedWriting
@@ -81,7 +78,15 @@ class LeanRequest(VespaRequest):
             self.sentLength = len(data)
             head += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
         self.channel.write(head)
-        self._chunks_go_straight = bool(self.chunked)
+        if self.chunked:
+            transport = self.transport  # the connection's (TCP or TLS)
+            assert transport is not None
+            # Chosen once per answer, not per chunk. A SendNowServer's chunks are not held
+            # for the end of the turn: see write_now.
+            self._send_chunk = (
+                transport.write_now if isinstance(transport, SendNowServer) else transport.write
+            )
+            self._chunks_go_straight = True
 
     def finish(self) -> None:
         self._chunks_go_straight = False
