@@ -99,6 +99,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="vespa-perf-"))
         self.children = Children(self.logs)
+        self.sse_argv: list[str] = []  # S3, S3-TLS and S5's load client (sse_client)
         self.results: dict = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -378,8 +379,23 @@ class Bench:
             **self.usage(probe, target),
         }
 
+    def sse_client(self) -> list[str]:
+        """The SSE load client for S3, S3-TLS and S5, the same for every target of the run:
+        the C one (perf/sse_load.c) unless it did not compile or --sse-client python."""
+        a = self.args
+        if a.sse_client != "python":
+            built, why = compile_sse_client(self.work)
+            if built is not None:
+                self.results["sse_client"] = "c"
+                return [str(built)]
+            if a.sse_client == "c":
+                raise SystemExit(f"perf: --sse-client c: {why}")
+            print(f"perf: measuring SSE with perf/sse_load.py (Python): {why}", flush=True)
+        self.results["sse_client"] = "python"
+        return [sys.executable, str(HERE / "sse_load.py")]
+
     def sse(self, target: Target, mode: str, options: list[str], timeout: float) -> dict:
-        argv = [sys.executable, str(HERE / "sse_load.py"), mode, "--port", str(target.port)]
+        argv = [*self.sse_argv, mode, "--port", str(target.port)]
         if target.tls:
             argv += ["--tls", "--resume"]  # as wrk does: a client that comes back resumes
         with Probe({"proxy": target.pid}, interval=0.2) as probe:
@@ -508,6 +524,8 @@ class Bench:
         self.results["targets"] = (
             ["direct", "nginx"] + [b.name for b in self.builds] + [n for n, _ in a.target]
         )
+        if {"S3", "S3-TLS", "S5"} & set(a.scenarios):
+            self.sse_argv = self.sse_client()
         self.start_backends()
         self.signed_envelope = ""
         if "S2" in a.scenarios and a.signed:
@@ -567,6 +585,23 @@ class Bench:
         return str(venv / "bin" / "python")
 
 
+def compile_sse_client(work: Path) -> tuple[Path | None, str]:
+    """perf/sse_load.c built into ``work``: (the binary, "") or (None, why not)."""
+    binary = work / "sse_load"
+    argv = ["cc", "-O2", "-Wall", "-Wextra", str(HERE / "sse_load.c"), "-o", str(binary)]
+    argv += ["-lssl", "-lcrypto"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        return None, f"no C compiler (cc: {e.strerror}; apt-get install -y gcc libssl-dev)"
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()[-3:]
+        return None, "perf/sse_load.c did not compile (needs gcc and libssl-dev): " + " / ".join(
+            lines
+        )
+    return binary, ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -609,6 +644,12 @@ def main() -> None:
         dest="signed",
         action="store_false",
         help="skip the signed-mode worker in S2 (it needs this build's vespa-autoscaler)",
+    )
+    parser.add_argument(
+        "--sse-client",
+        choices=["c", "python"],
+        help="S3, S3-TLS and S5's load client: perf/sse_load.c (default when it compiles: its "
+        "own cost stays out of the TLS figures) or perf/sse_load.py",
     )
     parser.add_argument("--s1-conc", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=10, help="seconds per load point")

@@ -68,6 +68,13 @@ def ratio_text(values: list[float]) -> str:
     return text
 
 
+def sse_client(results: dict) -> str:
+    """Which load client measured the SSE scenarios (results before it was recorded: Python)."""
+    if results.get("sse_client") == "c":
+        return "Measured by the C SSE client (perf/sse_load.c)."
+    return "Measured by the Python SSE client (perf/sse_load.py)."
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -182,7 +189,7 @@ def render(results: dict) -> str:
             "",
             "TTFB split where the backend stamps its first event: from the client's connect to "
             "the backend's handler (to backend), the handler, and from its write to the client's "
-            "read (from backend). The direct row is the floor of each part.",
+            "read (from backend). The direct row is the floor of each part. " + sse_client(results),
             "",
         ]
     if "S4" in scenarios:
@@ -250,6 +257,7 @@ def render(results: dict) -> str:
             ],
             rows,
         )
+        out += [sse_client(results), ""]
     out += tls_tables(results)
     out += fast_path_parts(results)
     out += check(results)
@@ -325,7 +333,8 @@ def tls_tables(results: dict) -> list[str]:
         out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS"], rows)
         out += [
             "Each stream is a new TLS connection resuming the session of the last stream that "
-            "ended (perf/sse_load.py --resume); the client's own TLS work is in every TLS row.",
+            "ended (--resume); the client's own TLS work is in every TLS row. "
+            + sse_client(results),
             "",
         ]
     return out
