@@ -35,7 +35,8 @@ PRELUDES: dict[str, str] = {
     # Writes made during a turn sent at once, not together when the turn is over.
     "outbox": (
         "import vast_vespa.net.listen as m, vast_vespa.net.dispatch as d\n"
-        "m.OUTBOX = d.Outbox()  # never opened: nothing is held\n"
+        "import vast_vespa.net.client as c\n"
+        "m.OUTBOX = c.OUTBOX = d.Outbox()  # never opened: nothing is held\n"
     ),
     # Big bodies copied through the worker instead of spliced in the kernel.
     "splice": "import vast_vespa.net.client as c\nc.can_splice = lambda transport: False\n",

@@ -21,14 +21,16 @@ from httptools import HttpParserError, HttpRequestParser
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
     FileBodyProducer,
+    RequestNotSent,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -49,9 +51,11 @@ from vast_vespa.net.client import (
     ConnectionPool,
     LeanAgent,
     Response,
+    _Connection,
     backend_agent,
     backend_pool,
 )
+from vast_vespa.net.dispatch import OUTBOX
 
 # ---- a scripted backend ------------------------------------------------------------------
 
@@ -1103,3 +1107,59 @@ class EarlyAnswerTests(Http11Case):
         self.assertTrue(producer.stopped)
         await self.assert_fresh_connection_works(client, url, backend)
         await backend.connections[0].closed
+
+
+class HeldRequestTests(TestCase):
+    """On the fast path, a request made while the reactor dispatches a turn's events waits in
+    the outbox and goes to the backend when the turn is over; one made outside a turn goes at
+    once. In memory: the outbox opened and sent by hand, as the fast path's loop does."""
+
+    def connection(self) -> tuple[_Connection, StringTransport]:
+        connection = _Connection(ConnectionPool(Clock()), ("http", b"backend", 80), True)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def in_a_turn(self) -> None:
+        OUTBOX.open = True
+        self.addCleanup(OUTBOX.waiting.clear)
+        self.addCleanup(setattr, OUTBOX, "open", False)
+
+    def test_request_in_a_turn_leaves_when_the_turn_is_over(self) -> None:
+        connection, transport = self.connection()
+        self.in_a_turn()
+        connection.send(b"GET", b"/ready", b"backend", None, None)
+        self.assertEqual(transport.value(), b"")
+        OUTBOX.send_all()
+        self.assertEqual(transport.value(), b"GET /ready HTTP/1.1\r\nHost: backend\r\n\r\n")
+
+    def test_request_outside_a_turn_leaves_at_once(self) -> None:
+        connection, transport = self.connection()
+        connection.send(b"POST", b"/v1", b"backend", None, BytesProducer(b"{}"))
+        self.assertEqual(
+            transport.value(),
+            b"POST /v1 HTTP/1.1\r\nHost: backend\r\nContent-Length: 2\r\n\r\n{}",
+        )
+
+    def test_request_cancelled_in_its_turn_never_reaches_the_backend(self) -> None:
+        """A client that leaves in the turn its request was made (its cancel aborts the
+        connection): the held request is dropped, not sent to a backend that would act on it."""
+        connection, transport = self.connection()
+        self.in_a_turn()
+        waiting = connection.send(b"POST", b"/v1", b"backend", None, BytesProducer(b"{}"))
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        OUTBOX.send_all()
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_on_a_connection_lost_in_its_turn_was_not_sent(self) -> None:
+        """A pooled connection the backend closed, its close read in the same turn: the held
+        request never left, and says so (RequestNotSent: the relay sends it again)."""
+        connection, transport = self.connection()
+        self.in_a_turn()
+        waiting = connection.send(b"POST", b"/v1", b"backend", None, BytesProducer(b"{}"))
+        connection.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, RequestNotSent)
+        OUTBOX.send_all()
+        self.assertEqual(transport.value(), b"")

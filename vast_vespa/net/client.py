@@ -11,9 +11,11 @@ length, deliverBody) and ends the body protocol the way Agent does (``ResponseDo
 ``PotentialDataLoss`` for a body delimited by the connection closing, ``ResponseFailed``),
 so :class:`vast_vespa.relay.ProxiedRequest` works with either agent.
 
-With the fast path (``fast_path``, see :mod:`vast_vespa.net.guard`), a request goes out at once
-(:func:`vast_vespa.net.listen.send_now`), a big body is spliced (:mod:`vast_vespa.net.splice`),
-each connection skips the endpoint's ``_WrappingProtocol`` once connected (its private
+With the fast path (``fast_path``, see :mod:`vast_vespa.net.guard`), a request made while the
+reactor dispatches a turn's events goes out with the turn's other writes when the turn is over
+(:class:`vast_vespa.net.dispatch.Outbox`; at once, by :func:`vast_vespa.net.listen.send_now`,
+when made outside a turn), a big body is spliced (:mod:`vast_vespa.net.splice`), each
+connection skips the endpoint's ``_WrappingProtocol`` once connected (its private
 ``_wrappedProtocol``), and :func:`quiet_pool` swaps the control pool's private ``_factory``
 for one that does not log every connection; stock, the same requests take Twisted's own write
 path and the control pool is Twisted's as it is.
@@ -61,6 +63,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.listen import send_now
 from vast_vespa.net.resolve import NamedEndpoint, RememberedNames
 from vast_vespa.net.splice import SPLICE_MIN, Splice, can_splice, has_unsent
@@ -332,6 +335,7 @@ class _Connection(Protocol):
         self._gone = False
         self._body_seen = 0  # bytes of this response's body parsed so far
         self._splice: Splice | None = None  # moving the rest of the body (or about to)
+        self._held_request: bytes | None = None  # sent when the reactor's turn is over
 
     def connectionMade(self) -> None:
         # Read up to READ_SIZE per system call (Twisted reads 64 KiB): fewer trips through
@@ -418,12 +422,25 @@ class _Connection(Protocol):
         return waiting
 
     def _send(self, data: bytes) -> None:
-        """A request (head and body) in one write: out at once with the fast path."""
+        """A request (head and body) in one write. With the fast path, one made during a turn
+        waits for the end of the turn (:meth:`send_held`): the requests a busy turn makes then
+        reach the backend together, and their answers come back together too, to fewer and
+        fuller turns, where sending each at once had the backend answer one by one."""
         assert self.transport is not None
-        if self._fast:
-            send_now(self.transport, data)
-        else:
+        if not self._fast:
             self.transport.write(data)
+        elif OUTBOX.open:
+            self._held_request = data
+            OUTBOX.waiting.append(self)
+        else:
+            send_now(self.transport, data)
+
+    def send_held(self) -> None:
+        """Send the request held for the end of the turn, unless the connection was aborted
+        or lost meanwhile (the backend never sees it then)."""
+        data, self._held_request = self._held_request, None
+        if data is not None and not self._gone and self.transport is not None:
+            send_now(self.transport, data)
 
     def _body_sent(self, _: object, chunked: bool) -> None:
         if self._body is None:
@@ -468,6 +485,7 @@ class _Connection(Protocol):
             cast(Any, self.transport).resumeProducing()
 
     def abort(self) -> None:
+        self._held_request = None  # a request held for the end of the turn is not sent
         self._reusable = False
         self._stop_splice()
         if not self._gone and self.transport is not None:
@@ -709,6 +727,12 @@ class _Connection(Protocol):
             response, self._response = self._response, None
             self.body_to = None
             response.end(Failure(PotentialDataLoss()))
+        if self._held_request is not None:
+            # Lost before the turn ended: the request never left, so it may be sent again.
+            self._held_request = None
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None and not waiting.called:
+                waiting.errback(Failure(RequestNotSent()))
         self._fail_in_flight(reason)
         lost, self._lost = self._lost, None
         if lost is not None:

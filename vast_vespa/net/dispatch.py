@@ -9,8 +9,8 @@ relayed chunk; :func:`lean_event_dispatch` dispatches without that context. Erro
 logged, with the same tracebacks; only legacy log lines lose their ``[Protocol,fd,peer]``
 prefix (Vespa's own lines use ``twisted.logger`` namespaces and are unchanged).
 
-While it dispatches a turn's events, writes on the fast path's connections wait in
-:data:`OUTBOX` and leave when the turn is over (see :class:`Outbox`).
+While it dispatches a turn's events, writes on the fast path's connections (to clients and to
+backends) wait in :data:`OUTBOX` and leave when the turn is over (see :class:`Outbox`).
 
 Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`): the epoll
 reactor's ``_poller``, ``_selectables``, ``_doReadOrWrite`` and ``_disconnectSelectable``, and
@@ -44,9 +44,11 @@ class Outbox:
     A connection that writes several times in a turn (a head and a body, a chunked body's end,
     the answers to pipelined requests) then makes one system call, and the answers of a busy
     turn leave together, as Twisted's queued writes do, but without asking epoll to watch each
-    socket for writability and then to stop. Writes made outside a turn (timers) leave at once,
-    and so do a streamed body's chunks once its head is out (``SendNowServer.write_now``:
-    they come one per turn, so holding them would gather nothing).
+    socket for writability and then to stop. The requests a turn makes to backends wait too
+    (``vast_vespa.net.client``): sent together, they are answered together. Writes made
+    outside a turn (timers) leave at once, and so do a streamed body's chunks once its head is
+    out (``SendNowServer.write_now``: they come one per turn, so holding them would gather
+    nothing).
     """
 
     def __init__(self) -> None:
