@@ -503,7 +503,7 @@ class _Connection(Protocol):
                 self._past_head_limit(data, left)
                 return
             self._head_left = left - len(data)
-        # _feed written out: nearly every read is a body's chunk, and a call per chunk shows.
+        # _feed written out rather than called: nearly every read is a body's chunk.
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
@@ -536,6 +536,8 @@ class _Connection(Protocol):
             self._announce_response()
 
     def _unparsable(self, error: HttpParserError | HttpParserUpgrade) -> None:
+        """The response cannot be parsed (or asks to upgrade): the call fails, with the head
+        limit's own error when that is what stopped the parser."""
         self._announce_response()
         cause = error.__context__
         self._broken(Failure(cause if isinstance(cause, BadResponseHead) else error))

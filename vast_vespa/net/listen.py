@@ -75,8 +75,8 @@ def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     """What is left of ``data`` after sending what the socket takes, when nothing is queued
     before it (order is kept) and nothing is in the way (TLS, closing: :func:`_clear`). A
     socket that would block, or a broken one, takes nothing: the queued rest reports the
-    error. The check is :func:`_clear`'s, written out: this runs for every relayed chunk, and
-    each call it saves shows in the CPU per stream."""
+    error. The check is :func:`_clear`'s, written out rather than called: this runs for every
+    relayed chunk."""
     if not (
         data
         and connection.connected
