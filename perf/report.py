@@ -324,13 +324,14 @@ def tls_tables(results: dict) -> list[str]:
                     f"{statistics.median(over_nginx):.2f}" if over_nginx else "-",
                     f"{med(runs, 'proxy_cpu_pct'):.1f}" if target != "direct" else "-",
                     f"{statistics.median(to_nginx):.2f}" if to_nginx else "-",
+                    resumed(runs),
                 ]
             )
     if rows:
         out += ["## TLS: S3 100 SSE streams over HTTPS, a new connection each", ""]
         header = ["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms"]
         header += ["added TTFB p50 ms (vs plain direct)", "vs nginx TLS"]
-        out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS"], rows)
+        out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS", "resumed handshakes"], rows)
         out += [
             "Each stream is a new TLS connection resuming the session of the last stream that "
             "ended (--resume); the client's own TLS work is in every TLS row. "
@@ -338,6 +339,16 @@ def tls_tables(results: dict) -> list[str]:
             "",
         ]
     return out
+
+
+def resumed(runs: list[dict]) -> str:
+    """ "resumed/handshakes" over a target's rounds ("-" where the client did not count them:
+    plain TCP, or a results file from before it did). The first streams of a round have no
+    session to resume yet."""
+    handshakes = sum(r.get("tls_handshakes", 0) for r in runs)
+    if not handshakes:
+        return "-"
+    return f"{sum(r.get('tls_resumed', 0) for r in runs)}/{handshakes}"
 
 
 def tls_check(results: dict) -> list[str]:

@@ -47,6 +47,7 @@ class ResumingContext(ssl.SSLContext):
 
 TLS: ResumingContext | None = None  # set by --tls
 RESUME = False  # set by --resume
+HANDSHAKES = [0, 0]  # with --tls: TLS handshakes made, and how many resumed a session
 
 
 async def one_stream(
@@ -55,6 +56,9 @@ async def one_stream(
     """(ttfb, total, completed, TTFB split) for one stream over a fresh connection."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=TLS)
+    if TLS is not None:
+        HANDSHAKES[0] += 1
+        HANDSHAKES[1] += writer.get_extra_info("ssl_object").session_reused
     try:
         # As the issue's harness: a JSON prompt POSTed on a new connection per stream.
         writer.write(
@@ -178,7 +182,10 @@ def main() -> None:
         TLS.check_hostname = False
         TLS.verify_mode = ssl.CERT_NONE
     run = stream_mode if args.mode == "stream" else hold_mode
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    result = asyncio.run(run(args))
+    if args.tls:  # whether sessions were really resumed, as perf/sse_load.c tells
+        result.update(tls_handshakes=HANDSHAKES[0], tls_resumed=HANDSHAKES[1])
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
