@@ -1,6 +1,7 @@
 """
 What the package's layout promises, checked on its source: Twisted's private names are used
-only in vast_vespa/net/, and every one used there is checked at start-up by the guard.
+only in vast_vespa/net/, every one used there is checked at start-up by the guard, and no test
+double (Twisted's testing module) is used by the package itself.
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ def _twisted_private_uses(tree: ast.Module, own: set[str]) -> set[str]:
     return used
 
 
+# Twisted's test doubles (StringTransport, MemoryReactor, ...): for tests, not for the package.
+TEST_DOUBLES = ("twisted.internet.testing", "twisted.test.proto_helpers")
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    """The modules a module imports, at any depth (a function's own imports too)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
 class ArchitectureTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.trees = _modules()
@@ -102,6 +118,18 @@ class ArchitectureTests(SynchronousTestCase):
             if path.startswith("net" + os.sep)
         }
         self.assertEqual({path: names for path, names in unguarded.items() if names}, {})
+
+    def test_no_test_double_in_the_package(self) -> None:
+        """No module of the package imports Twisted's test doubles, not even to probe."""
+        using = {
+            path: sorted(_imports(tree) & set(TEST_DOUBLES)) for path, tree in self.trees.items()
+        }
+        self.assertEqual({path: names for path, names in using.items() if names}, {})
+
+    def test_imports_are_seen_inside_functions(self) -> None:
+        """The scan sees an import made inside a function (as a probe would make it)."""
+        source = "def probe():\n    from twisted.internet.testing import StringTransport\n"
+        self.assertIn("twisted.internet.testing", _imports(ast.parse(source)))
 
     def test_the_check_finds_a_private_name(self) -> None:
         """The scan itself sees the forms of use it looks for."""

@@ -196,13 +196,29 @@ def _tls_factory(cls: Any, reactor: Any) -> Any:
     return cls(_ProbeTLS(), False, Factory.forProtocol(Protocol), reactor)
 
 
+class _ProbeTransport:
+    """Where a probe TLS protocol's output would go: nowhere (a server says nothing before the
+    client's first bytes, so nothing is written)."""
+
+    def write(self, data: bytes) -> None:
+        """Dropped."""
+
+    def writeSequence(self, data: Any) -> None:
+        """Dropped."""
+
+    def loseConnection(self) -> None:
+        """Nothing to close."""
+
+    def abortConnection(self) -> None:
+        """Nothing to close."""
+
+
 def _tls_protocol(cls: Any, reactor: Any) -> Any:
     """A TLS protocol as a server's accepted connection has it (before any handshake)."""
-    from twisted.internet.testing import StringTransport
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     protocol = cls(_tls_factory(TLSMemoryBIOFactory, reactor), Protocol())
-    protocol.makeConnection(StringTransport())
+    protocol.makeConnection(_ProbeTransport())
     return protocol
 
 
