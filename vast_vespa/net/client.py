@@ -503,13 +503,7 @@ class _Connection(Protocol):
                 self._past_head_limit(data, left)
                 return
             self._head_left = left - len(data)
-        # _feed written out rather than called: nearly every read is a body's chunk.
-        try:
-            self._parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
-            self._unparsable(e)
-        if self._announce is not None:  # this read carried a response's head
-            self._announce_response()
+        self._feed(data)
         if self._splice is not None and not self._splice.started:
             self._start_splice()
 
@@ -530,9 +524,9 @@ class _Connection(Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade) as e:
+        except (HttpParserError, HttpParserUpgrade) as e:  # the relay does not upgrade
             self._unparsable(e)
-        if self._announce is not None:
+        if self._announce is not None:  # this read carried a response's head
             self._announce_response()
 
     def _unparsable(self, error: HttpParserError | HttpParserUpgrade) -> None:

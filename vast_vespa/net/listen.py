@@ -73,20 +73,9 @@ def send_now(transport: Any, data: bytes) -> None:
 
 def _unsent(connection: tcp.Connection, data: bytes) -> bytes:
     """What is left of ``data`` after sending what the socket takes, when nothing is queued
-    before it (order is kept) and nothing is in the way (TLS, closing: :func:`_clear`). A
-    socket that would block, or a broken one, takes nothing: the queued rest reports the
-    error. The check is :func:`_clear`'s, written out rather than called: this runs for every
-    relayed chunk."""
-    if not (
-        data
-        and connection.connected
-        and not connection.TLS
-        and not connection.disconnecting
-        and not connection._writeDisconnecting
-        and not connection._writeDisconnected
-        and not connection._tempDataLen
-        and connection.offset == len(connection.dataBuffer)
-    ):
+    before it (order is kept) and nothing is in the way (TLS, closing). A socket that would
+    block, or a broken one, takes nothing: the queued rest reports the error."""
+    if not (data and _clear(connection)):
         return data
     try:
         sent = connection.socket.send(data)  # Python retries EINTR (PEP 475)
