@@ -33,6 +33,7 @@ def message_object(auth_data: Mapping[str, Any], shape: str) -> dict[str, Any]:
 
 
 _SCALARS = (str, int, float, type(None))  # bool is an int
+_DUMPS = json.JSONEncoder().encode  # the C encoder json.dumps uses without an indent
 
 
 def canonical_message(auth_data: Mapping[str, Any], shape: str) -> bytes:
@@ -51,9 +52,6 @@ def canonical_message(auth_data: Mapping[str, Any], shape: str) -> bytes:
         return json.dumps(message, indent=4, sort_keys=True).encode("utf-8")
     fields = ",\n".join(f"    {_DUMPS(name)}: {_DUMPS(value)}" for name, value in message.items())
     return f"{{\n{fields}\n}}".encode()
-
-
-_DUMPS = json.JSONEncoder().encode  # the C encoder json.dumps uses without an indent
 
 
 def load_public_key(pem: bytes) -> rsa.RSAPublicKey:

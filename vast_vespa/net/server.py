@@ -348,7 +348,7 @@ class GuardedChannel(Protocol):
         self._counted = True
         limits = self._limits = self.site.limits
         if limits.max_connections_per_address:
-            # Counted by address only for that cap: most workers leave it off.
+            # Counted by address only for that cap (0 turns it off: clients behind one NAT).
             self._address = getattr(self._peer, "host", None)
         over = self.site.connections.opened(self, self._address, limits)
         if over is not None:
