@@ -275,6 +275,16 @@ static void start_stream(struct slot *s)
     watch(s, EPOLLOUT);
 }
 
+/* A plain socket's send or recv that took nothing: wait until it is ready again (EAGAIN),
+   or count the stream as failed. */
+static void plain_wait(struct slot *s, uint32_t events)
+{
+    if (errno == EAGAIN || errno == EINTR)
+        watch(s, events);
+    else
+        failed(s);
+}
+
 /* OpenSSL's "try again": wait for the direction it names; anything else fails the stream. */
 static int ssl_wait(struct slot *s, int result)
 {
@@ -343,11 +353,7 @@ static void advance(struct slot *s)
             } else {
                 ssize_t n = send(s->fd, data, left, MSG_NOSIGNAL);
                 if (n < 0) {
-                    if (errno == EAGAIN || errno == EINTR) {
-                        watch(s, EPOLLOUT);
-                        return;
-                    }
-                    failed(s);
+                    plain_wait(s, EPOLLOUT);
                     return;
                 }
                 s->sent += n;
@@ -378,11 +384,7 @@ static void advance(struct slot *s)
                 return;
             }
             if (n < 0) {
-                if (errno == EAGAIN || errno == EINTR) {
-                    watch(s, EPOLLIN);
-                    return;
-                }
-                failed(s);
+                plain_wait(s, EPOLLIN);
                 return;
             }
         }
