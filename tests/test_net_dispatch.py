@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from select import EPOLLIN
 
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from vast_vespa.net.dispatch import lean_event_dispatch, read_ready
+from vast_vespa.net.dispatch import OUTBOX, _poll_and_dispatch, lean_event_dispatch, read_ready
 from vast_vespa.runtime import YOUNG_THRESHOLD, settle_gc, tune_once_running
 
 
@@ -125,6 +126,60 @@ class ReadEventTests(SynchronousTestCase):
         reactor, selectable = _Reactor(), _Selectable(-1, None)
         read_ready(reactor, selectable)  # type: ignore[arg-type]
         self.assertEqual(reactor.disconnected, [(selectable, _NO_FILEDESC, True)])
+
+
+class _Poller:
+    def __init__(self, ready: list[tuple[int, int]]) -> None:
+        self.ready = ready
+
+    def poll(self, timeout: float, most: int) -> list[tuple[int, int]]:
+        return self.ready
+
+
+class _Holding:
+    """A connection that writes during the turn (its read) and holds it, as the fast path's
+    connections do while the outbox is open."""
+
+    def __init__(self) -> None:
+        self.sent: list[bool] = []  # whether the outbox was still open when it was sent
+
+    def fileno(self) -> int:
+        return 7
+
+    def doRead(self) -> None:
+        assert OUTBOX.open  # the read is dispatched with the outbox open
+        OUTBOX.waiting.append(self)
+
+    def send_held(self) -> None:
+        self.sent.append(OUTBOX.open)
+
+
+class TurnTests(SynchronousTestCase):
+    """A turn of the fast path's loop: the outbox is open while its events are dispatched,
+    and closed when it is over, with what was held sent then."""
+
+    def turn(self, ready: list[tuple[int, int]], selectables: dict[int, object]) -> None:
+        self.addCleanup(OUTBOX.waiting.clear)
+        self.addCleanup(setattr, OUTBOX, "open", False)
+        reactor = _Reactor()
+        reactor._poller = _Poller(ready)  # type: ignore[attr-defined]
+        reactor._selectables = selectables  # type: ignore[attr-defined]
+        reactor._doReadOrWrite = lambda *event: None  # type: ignore[attr-defined]
+        _poll_and_dispatch(reactor, 0)  # type: ignore[arg-type]
+
+    def test_what_a_turn_holds_is_sent_when_it_is_over(self) -> None:
+        connection = _Holding()
+        self.turn([(7, EPOLLIN)], {7: connection})
+        self.assertEqual(connection.sent, [False])
+        self.assertFalse(OUTBOX.open)
+        self.assertEqual(OUTBOX.waiting, [])
+
+    def test_a_turn_that_holds_nothing_closes_the_outbox(self) -> None:
+        """Writes made after it (timers) then leave at once instead of waiting for a turn."""
+        self.turn([(7, EPOLLIN)], {7: _Selectable(7, None)})
+        self.assertFalse(OUTBOX.open)
+        self.turn([], {})
+        self.assertFalse(OUTBOX.open)
 
 
 class TwistdWiringTests(SynchronousTestCase):
