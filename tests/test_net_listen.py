@@ -193,6 +193,25 @@ class SendNowTests(TestCase):
         self.assertEqual(sizes, [len(b"head body more end")])
         self.assertEqual(await self.receive(client, 18), b"head body more end")
 
+    async def test_streamed_chunk_in_a_turn_leaves_at_once(self) -> None:
+        """write_now (a streamed body's chunk) is sent during the turn, not held for its end:
+        holding a chunk that comes alone in its turn would gather nothing."""
+        _, client, sizes = await self.held(lambda transport: transport.write_now(b"data: 1\n\n"))
+        self.assertEqual(sizes, [len(b"data: 1\n\n")])
+        self.assertEqual(OUTBOX.waiting, [])
+        self.assertEqual(await self.receive(client, 9), b"data: 1\n\n")
+
+    async def test_streamed_chunk_after_held_writes_keeps_their_order(self) -> None:
+        """A chunk written at once behind writes the turn holds (an answer's head) joins them:
+        the client gets the head first."""
+        _, client, sizes = await self.held(
+            lambda transport: (transport.write(b"head "), transport.write_now(b"chunk"))
+        )
+        self.assertEqual(sizes, [])
+        OUTBOX.send_all()
+        self.assertEqual(sizes, [len(b"head chunk")])
+        self.assertEqual(await self.receive(client, 10), b"head chunk")
+
     async def test_close_in_a_turn_sends_what_is_held_first(self) -> None:
         """loseConnection in the same turn as held writes: they are sent, then it closes."""
         _, client, _ = await self.held(
