@@ -53,13 +53,26 @@ PRELUDES: dict[str, str] = {
         "    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)\n"
         "    return context\n"
         "t.ServerTLS._make_context = no_resumption\n"
+        # The fast path's Python ssl context: no tickets (TLS 1.2 clients without tickets
+        # still resume from OpenSSL's session cache, which Python's ssl cannot turn off).
+        "import ssl\n"
+        "make_stdlib = t.ServerTLS.stdlib_context\n"
+        "def no_tickets(self, protocols):\n"
+        "    context = make_stdlib(self, protocols)\n"
+        "    context.options |= ssl.OP_NO_TICKET\n"
+        "    context.num_tickets = 0\n"
+        "    return context\n"
+        "t.ServerTLS.stdlib_context = no_tickets\n"
     ),
-    # Twisted's own TLS protocol (interfaces copied per connection, writes gathered for a
-    # turn by callLater(0)) instead of vast_vespa.net.lean_tls; for the TLS scenarios.
+    # Twisted's own TLS protocol (pyOpenSSL, interfaces copied per connection, writes
+    # gathered for a turn by callLater(0)) instead of vast_vespa.net.lean_tls; for the TLS
+    # scenarios.
     "lean-tls": (
         "import vast_vespa.net.listen as m\n"
         "from twisted.protocols.tls import TLSMemoryBIOFactory\n"
-        "m.LeanTLSFactory = TLSMemoryBIOFactory\n"
+        "def twisted_tls(tls, factory, clock):\n"
+        "    return TLSMemoryBIOFactory(tls, False, factory, clock)\n"
+        "m.LeanTLSFactory = twisted_tls\n"
     ),
     "lean-request": (
         "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"

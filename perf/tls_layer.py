@@ -132,10 +132,13 @@ def main() -> None:
     found = server_tls(f"ssl:1:privateKey={work}/key.pem:certKey={work}/cert.pem", clock)
     assert found is not None
     client = ssl.create_default_context(cafile=str(work / "cert.pem"))
-    kinds = {"lean (fast path)": LeanTLSFactory, "Twisted's": TLSMemoryBIOFactory}
+    kinds = {
+        "lean (fast path)": lambda f: LeanTLSFactory(found[1], f, clock),
+        "Twisted's": lambda f: TLSMemoryBIOFactory(found[1], False, f, clock),
+    }
     for round_ in range(1, args.rounds + 1):
         for name, kind in kinds.items():
-            server = Server(kind(found[1], False, Factory.forProtocol(Answer), clock), clock)
+            server = Server(kind(Factory.forProtocol(Answer)), clock)
             session, _ = connection(server, client, None, 1, True)
             server.cpu, writes = 0.0, 0
             for _ in range(args.connections):

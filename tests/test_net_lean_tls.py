@@ -134,7 +134,7 @@ class EndToEnd:
         """Listen as :func:`listen_service` does in this mode; (port, the TLS factory)."""
         endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         if self.fast_path:
-            tls_factory: Any = LeanTLSFactory(self.tls, False, factory, reactor)
+            tls_factory: Any = LeanTLSFactory(self.tls, factory, reactor)
             endpoint = SendNowEndpoint(endpoint)
         else:
             tls_factory = TLSMemoryBIOFactory(self.tls, False, factory, reactor)
@@ -305,7 +305,7 @@ class InMemoryTests(SynchronousTestCase):
         found = server_tls(f"ssl:443:privateKey={key}:certKey={cert}", Clock())
         assert found is not None
         self.app = Recorder()
-        factory = LeanTLSFactory(found[1], False, Factory.forProtocol(lambda: self.app), Clock())
+        factory = LeanTLSFactory(found[1], Factory.forProtocol(lambda: self.app), Clock())
         self.server = factory.buildProtocol(None)
         self.transport = CountingTransport()
         self.server.makeConnection(self.transport)
@@ -413,7 +413,8 @@ class InMemoryTests(SynchronousTestCase):
         self.server.write(b"never")
         self.server.abortConnection()
         OUTBOX.send_all()
-        self.assertEqual(self.client_reads(), b"")
+        self.assertEqual(self.transport.value(), b"")  # not even a close_notify
+        self.assertTrue(self.transport.disconnecting)
 
 
 class ListenerTests(SynchronousTestCase):
@@ -433,8 +434,8 @@ class ListenerTests(SynchronousTestCase):
             )
             service.startService()
             factory = memory.tcpServers[0][1]
-            self.assertIsInstance(factory, TLSMemoryBIOFactory)
             if expected is None:
-                self.assertNotIsInstance(factory, LeanTLSFactory)
+                self.assertIsInstance(factory, TLSMemoryBIOFactory)
             else:
+                self.assertIsInstance(factory, LeanTLSFactory)
                 self.assertIs(factory.protocol, expected)

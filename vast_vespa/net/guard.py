@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_net_guard -*-
 """
 The fast path's one start-up check. Parts of :mod:`vast_vespa.net` replace steps of Twisted's own
-path (event dispatch, accept loop, write path, TLS connections, splice, a leaner Request, a quiet
+path (event dispatch, accept loop, write path, splice, a leaner Request, a quiet
 control pool) through Twisted's private names, which any Twisted release may rename. :data:`NEEDS`
 lists every one of them with the shape it must have; :func:`choose_fast_path` checks them all once
 per process and, if one is missing or changed, logs one warning line naming it and the worker runs
@@ -18,13 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
 
 import twisted
 
@@ -140,31 +137,6 @@ NEEDS: tuple[Need, ...] = (
         _kind(Protocol),
         "the protocol it wraps",
     ),
-    # net/lean_tls.py: the TLS protocol's state and steps
-    Need(
-        "twisted.protocols.tls:TLSMemoryBIOFactory()",
-        "_creatorCallable",
-        callable,
-        "the connection maker",
-    ),
-    Need(
-        "twisted.protocols.tls:TLSMemoryBIOProtocol()",
-        "_tlsConnection",
-        _kind(SSL.Connection),
-        "a Connection",
-    ),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol()", "_appSendBuffer", _kind(list), "a list"),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol", "_handshakeDone", _kind(bool), "a bool"),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol", "_lostTLSConnection", _kind(bool), "a bool"),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol", "_write", _method("bytes"), "a method"),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol", "_flushSendBIO", _method(), "a method"),
-    Need("twisted.protocols.tls:TLSMemoryBIOProtocol", "_shutdownTLS", _method(), "a method"),
-    Need(
-        "twisted.protocols.tls:TLSMemoryBIOProtocol",
-        "_tlsShutdownFinished",
-        _method("reason"),
-        "a method",
-    ),
     # net/request.py: the state Request.write keeps
     Need("twisted.web.server:Request", "_disconnected", _kind(bool), "a bool"),
     Need("twisted.web.server:Request", "_encoder", lambda v: v is None, "None"),
@@ -184,50 +156,10 @@ def _web_client() -> Any:
     return client
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class _ProbeTLS:
-    """Server connections without a certificate: enough to set a TLS protocol up."""
-
-    def serverConnectionForTLS(self, protocol: Any) -> Any:
-        return SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD))
-
-
-def _tls_factory(cls: Any, reactor: Any) -> Any:
-    return cls(_ProbeTLS(), False, Factory.forProtocol(Protocol), reactor)
-
-
-class _ProbeTransport:
-    """Where a probe TLS protocol's output would go: nowhere (a server says nothing before the
-    client's first bytes, so nothing is written)."""
-
-    def write(self, data: bytes) -> None:
-        """Dropped."""
-
-    def writeSequence(self, data: Any) -> None:
-        """Dropped."""
-
-    def loseConnection(self) -> None:
-        """Nothing to close."""
-
-    def abortConnection(self) -> None:
-        """Nothing to close."""
-
-
-def _tls_protocol(cls: Any, reactor: Any) -> Any:
-    """A TLS protocol as a server's accepted connection has it (before any handshake)."""
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    protocol = cls(_tls_factory(TLSMemoryBIOFactory, reactor), Protocol())
-    protocol.makeConnection(_ProbeTransport())
-    return protocol
-
-
 # How a probe instance is made, for names an object only gets in its constructor.
 _PROBES: dict[str, Callable[[Any, Any], Any]] = {
     "FileDescriptor": lambda cls, reactor: cls(reactor),  # what every TCP connection sets up
     "_WrappingProtocol": lambda cls, reactor: cls(Deferred(), Protocol()),  # endpoints' wrapper
-    "TLSMemoryBIOFactory": _tls_factory,
-    "TLSMemoryBIOProtocol": _tls_protocol,
 }
 
 

@@ -3,63 +3,83 @@
 TLS connections that cost less per connection and per response (the fast path; on stock
 Twisted an ``ssl:`` listener is served by ``TLSMemoryBIOFactory`` as it is).
 
-Twisted's TLS protocol, as ``TLSMemoryBIOFactory`` builds it (``BufferingTLSTransport``):
+Twisted's TLS protocol (``TLSMemoryBIOProtocol``) drives OpenSSL through pyOpenSSL, whose
+every call is Python around a C call, and whose "nothing more to read" and "nothing to send"
+are exceptions raised from Python: a kept-alive request's read, response and send took about
+twenty such calls. :class:`LeanTLSProtocol` does the same on Python's own ``ssl`` module (an
+``SSLObject`` between two ``MemoryBIO``), in C: it asks the BIOs how many bytes they hold
+instead of reading until an exception says there are none, and builds its context with the
+listener's settings (:meth:`vast_vespa.net.tls.ServerTLS.stdlib_context`). Public APIs only.
 
-- ``makeConnection`` gives each connection's protocol the interfaces of its transport, with
-  one ``directlyProvides`` call per interface and then one for them all (a new declaration
-  per connection, each time). :class:`LeanTLSProtocol` provides a TCP connection's interfaces
-  by its class, as Vespa's listeners are TCP ones, and gives an instance its transport's only
-  when they are not all covered (one call). It also does not ask OpenSSL for a handshake step
-  before the client's first bytes are in: a server has nothing to say until then.
-- Small writes are gathered and encrypted one reactor turn later (``callLater(0)``): a timer
-  per response, the response a turn late, and then its bytes and the ``close_notify`` of a
-  closing connection sent apart. Here writes made while the reactor dispatches a turn's events
-  wait in the fast path's :class:`~vast_vespa.net.dispatch.Outbox` and are encrypted together
-  (one record for a head and a small body) when the turn is over; TLS output made during a
-  turn (a handshake flight, a session ticket, a response, an alert) stays in OpenSSL's memory
-  BIO until then and goes to the transport in one write. Writes made outside a turn (timers)
-  are encrypted and sent at once. Closing sends what is held first, then the ``close_notify``.
+What it does as Twisted's does: the wrapped protocol gets the TCP connection's interfaces and
+attributes (the class provides them, so no declaration is made per connection), writes before
+the handshake ends wait for it, ``loseConnection`` sends ``close_notify`` (once a producer is
+unregistered) and closes the TCP connection when the client's arrives or the client closes,
+a TLS error or an end without ``close_notify`` reaches the wrapped protocol's
+``connectionLost`` as the reason (``ConnectionLost`` for the latter).
 
-Twisted private names it relies on (checked by :mod:`vast_vespa.net.guard`):
-``TLSMemoryBIOFactory._creatorCallable``; ``TLSMemoryBIOProtocol``'s ``_tlsConnection``,
-``_appSendBuffer``, ``_handshakeDone``, ``_lostTLSConnection``, ``_write``, ``_flushSendBIO``
-(replaced here), ``_shutdownTLS`` and ``_tlsShutdownFinished`` (extended here).
+What it does differently: writes made while the reactor dispatches a turn's events wait in the
+fast path's :class:`~vast_vespa.net.dispatch.Outbox` and are encrypted together (one record
+for a head and a small body) when the turn is over; TLS output made during a turn (a handshake
+flight, session tickets, a response, an alert) stays in the memory BIO until then and goes to
+the TCP connection in one write. Writes made outside a turn (timers) are encrypted and sent at
+once, and so is everything once a close has begun (the response, then ``close_notify``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ssl
+from typing import Any, cast
 
-from OpenSSL.SSL import WantReadError
 from twisted.internet import tcp
-from twisted.internet.interfaces import ITransport
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    ILoggingContext,
+    INegotiated,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ISystemHandle,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import classImplements, directlyProvides, implementedBy, providedBy
+from zope.interface import classImplements, directlyProvides, implementedBy, implementer, providedBy
 
 from vast_vespa.net.dispatch import OUTBOX
+from vast_vespa.net.tls import Rotating, ServerTLS
 
-# What one read of OpenSSL's memory BIO asks for (Twisted's size); a read that fills it is
-# followed by another.
-BIO_READ = 2**15
-
+# What one read of the TLS connection asks for; a read that leaves bytes behind is followed
+# by another.
+READ_SIZE = 2**16
 
 # Transports' interface declarations, and whether LeanTLSProtocol's class covers them all.
 _COVERED: dict[Any, bool] = {}
 
 
-class LeanTLSProtocol(TLSMemoryBIOProtocol):
+@implementer(ISystemHandle, INegotiated, ISSLTransport)
+class LeanTLSProtocol(ProtocolWrapper):
     """The server side of one TLS connection on the fast path (see the module docstring)."""
 
+    factory: LeanTLSFactory
+    _tls: ssl.SSLObject | None = None  # None once the connection is lost
+    _handshake_done = False
+    _lost_tls = False  # the TLS session is over (closed or failed): nothing more goes through
+    _aborted = False  # abortConnection: nothing more reaches the wrapped protocol
+    _reason: Failure | None = None  # why the TLS session failed, for connectionLost
+    _producer: Any = None
+    _early: list[bytes] | None = None  # written before the handshake ended
     _held: list[bytes] | None = None  # cleartext written during this turn, in order
     _waiting = False  # in the outbox: what this turn made is sent when it is over
-    _encrypting = False  # encrypting what was held: the output is sent once, after
     _closing = False  # closing: output goes to the transport at once, before it closes
 
     def makeConnection(self, transport: ITransport) -> None:
-        # TLSMemoryBIOProtocol.makeConnection without the interface copying and the first
-        # handshake step (see the module docstring).
+        # ProtocolWrapper.makeConnection without a declaration per connection when the class
+        # covers the transport's interfaces (see the module docstring).
         provided = providedBy(transport)
         covered = _COVERED.get(provided)
         if covered is None:
@@ -67,104 +87,265 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             covered = _COVERED[provided] = all(mine.isOrExtends(i) for i in provided)
         if not covered:
             directlyProvides(self, provided)
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = self.factory.context().wrap_bio(
+            self._incoming, self._outgoing, server_side=True
+        )
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(self)
 
+    # -- from the client
+
+    def dataReceived(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if not self._handshake_done and not self._handshake():
+            self._flush()
+            return
+        self._read()
+        self._flush()
+
+    def _handshake(self) -> bool:
+        """Take the handshake as far as the bytes in allow; whether it is done."""
+        assert self._tls is not None  # the connection is not lost while bytes come in
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError:
+            self._tls_failed(Failure())
+            return False
+        self._handshake_done = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+        early, self._early = self._early, None
+        if early:
+            self._encrypt(b"".join(early))
+            self._after_writes()
+        return True
+
+    def _read(self) -> None:
+        """Hand the wrapped protocol all the cleartext the bytes in make; a close_notify
+        from the client ends the TLS session, an error fails it."""
+        tls, incoming = self._tls, self._incoming
+        assert tls is not None
+        while not self._lost_tls:
+            try:
+                data = tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:  # part of a record: the rest is still to come
+                return
+            except ssl.SSLZeroReturnError:  # close_notify, after ours
+                data = b""
+            except ssl.SSLError:
+                self._tls_failed(Failure())
+                return
+            if not data:  # close_notify: answered, then the TCP connection closes
+                self._shutdown_tls()
+                self._tls_failed(None)
+                return
+            if not self._aborted:
+                self.wrappedProtocol.dataReceived(data)
+            if not (incoming.pending or tls.pending()):
+                return
+
+    # -- to the client
+
     def write(self, data: bytes) -> None:
         if self._held is not None:
             self._held.append(data)
-        elif OUTBOX.open and self._handshakeDone and not self.disconnecting:
+        elif self.disconnecting and self._producer is None:
+            return  # as Twisted: nothing is written after loseConnection
+        elif not self._handshake_done:
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+        elif OUTBOX.open and not self._closing:
             self._held = [data]
             self._wait()
         else:
-            super().write(data)
+            self._encrypt(data)
+            self._send_output()
 
     def writeSequence(self, iovec: Any) -> None:
         self.write(b"".join(iovec))
 
     def send_held(self) -> None:
         """Encrypt what this turn's writes hold, and send all of this turn's TLS output in
-        one write to the transport."""
+        one write to the transport (the outbox calls this when the turn is over)."""
         self._waiting = False
         self._encrypt_held()
         self._send_output()
 
     def _encrypt_held(self) -> None:
-        """Encrypt what the writes hold; the output stays in the memory BIO."""
         held, self._held = self._held, None
         if held:
-            self._encrypting = True
-            try:
-                self._write(b"".join(held))  # accepted when written, before any close
-            finally:
-                self._encrypting = False
+            self._encrypt(b"".join(held))
+
+    def _encrypt(self, data: bytes) -> None:
+        """Encrypt ``data``; the output stays in the memory BIO."""
+        if self._lost_tls or self._tls is None:
+            return
+        try:
+            self._tls.write(data)  # the memory BIO takes it all
+        except ssl.SSLError:
+            self._tls_failed(Failure())
+
+    def _flush(self) -> None:
+        """Send what handling the bytes in made (a handshake flight, tickets, an alert):
+        when the turn is over, or now outside a turn or once closing."""
+        if self._outgoing.pending:
+            if OUTBOX.open and not self._closing:
+                self._wait()
+            else:
+                self._send_output()
 
     def _wait(self) -> None:
         if not self._waiting:
             self._waiting = True
             OUTBOX.waiting.append(self)
 
-    def _flushSendBIO(self) -> None:
-        if not self._closing and (OUTBOX.open or self._encrypting):
-            if OUTBOX.open:
-                self._wait()
-            return  # sent by send_held
-        self._send_output()
-
     def _send_output(self) -> None:
-        """Write all the TLS output OpenSSL has made so far to the transport, at once."""
-        connection = self._tlsConnection
-        if connection is None:  # the connection is gone
+        """Write all the TLS output made so far to the transport, at once."""
+        if self._outgoing.pending and not self._aborted and self.transport is not None:
+            self.transport.write(self._outgoing.read())
+
+    # -- closing
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or not self.connected:
             return
-        try:
-            output = connection.bio_read(BIO_READ)
-        except WantReadError:  # nothing to send
+        if not self._handshake_done and not self._early:
+            # As Twisted: OpenSSL would not send close_notify before the handshake ends.
+            self.abortConnection()
             return
-        if len(output) == BIO_READ:
-            chunks = [output]
-            while len(output) == BIO_READ:
-                try:
-                    output = connection.bio_read(BIO_READ)
-                except WantReadError:
-                    break
-                chunks.append(output)
-            output = b"".join(chunks)
-        transport = self.transport
-        assert transport is not None  # set in makeConnection
-        transport.write(output)
+        self.disconnecting = True
+        if not self._early and self._producer is None:
+            self._shutdown_tls()
 
     def abortConnection(self) -> None:
-        self._held = None  # an aborted connection sends nothing more
-        super().abortConnection()
+        self._aborted = True
+        self.disconnecting = True
+        self._held = self._early = None  # an aborted connection sends nothing more
+        self._tcp().abortConnection()
 
-    def _shutdownTLS(self) -> None:
-        self._close_now()
-        super()._shutdownTLS()
+    def _after_writes(self) -> None:
+        """Once the writes before the handshake ended are encrypted: a close asked for since
+        goes ahead."""
+        if self.disconnecting and self._producer is None:
+            self._shutdown_tls()
+        else:
+            self._flush()
 
-    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
-        self._close_now()
-        super()._tlsShutdownFinished(reason)
-
-    def _close_now(self) -> None:
-        """Before the transport is told to close: what the writes hold is encrypted, and from
-        now on TLS output goes to the transport as soon as it is made (the response and the
-        close_notify in one write)."""
+    def _shutdown_tls(self) -> None:
+        """Send close_notify after what the writes hold, and close the TCP connection once
+        the client's close_notify has come too (or at once if it came first)."""
         self._encrypt_held()
         self._closing = True
+        done = False
+        if self._tls is not None:
+            try:
+                self._tls.unwrap()
+                done = True
+            except ssl.SSLError:  # close_notify sent, the client's still to come
+                pass
+        self._send_output()
+        if done:
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def _tls_failed(self, reason: Failure | None) -> None:
+        """The TLS session is over: send what is left (an alert) and close. ``reason`` is
+        for the wrapped protocol's connectionLost (None: the TCP connection's own)."""
+        if reason is not None and isinstance(reason.value, ssl.SSLEOFError):
+            reason = Failure(ConnectionLost("the client closed without close_notify"))
+        if self._reason is None:
+            self._reason = reason
+        self._lost_tls = True
+        self._closing = True
+        self._held = None
+        self._send_output()
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._held = None
-        super().connectionLost(reason)
+        if not self._lost_tls and self._tls is not None:
+            # What came before the end is still delivered; an end without close_notify fails.
+            self._incoming.write_eof()
+            if self._handshake_done:
+                self._read()
+            elif self._reason is None:
+                self._reason = Failure(ConnectionLost("the client left mid-handshake"))
+            self._lost_tls = True
+        reason = self._reason or reason
+        self._reason = None
+        self._held = self._early = None
+        self.connected = False
+        self._tls = None
+        ProtocolWrapper.connectionLost(self, reason)
+
+    # -- producers, as the transport's own
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if self._lost_tls:
+            producer.stopProducing()
+            return
+        self._tcp().registerProducer(producer, streaming)  # raises if one already is
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self._tcp().unregisterProducer()
+        if self.disconnecting and not self._early:
+            self._shutdown_tls()
+
+    # -- what the connection is
+
+    def _tcp(self) -> tcp.Connection:
+        return cast(tcp.Connection, self.transport)
+
+    def getHandle(self) -> ssl.SSLObject | None:
+        """The ``ssl.SSLObject`` (Twisted's gives pyOpenSSL's ``Connection``)."""
+        return self._tls
+
+    def getPeerCertificate(self) -> bytes | None:
+        """The client's certificate in DER (never asked for: None)."""
+        return None if self._tls is None else self._tls.getpeercert(binary_form=True)
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        protocol = None if self._tls is None else self._tls.selected_alpn_protocol()
+        return protocol.encode("ascii") if protocol else None
 
 
 # A TCP connection's interfaces (mypy-zope cannot follow interfaces given as a list).
 classImplements(LeanTLSProtocol, *implementedBy(tcp.Server))  # type: ignore[misc]
 
 
-class LeanTLSFactory(TLSMemoryBIOFactory):
-    """``TLSMemoryBIOFactory`` whose connections are :class:`LeanTLSProtocol`."""
+class LeanTLSFactory(WrappingFactory):
+    """Wraps a listener's factory: its connections are :class:`LeanTLSProtocol`, with
+    ``tls``'s settings in a Python ``ssl`` context, replaced as often as ``tls``'s (new
+    ticket keys), and the wrapped factory's ALPN protocols."""
 
     protocol = LeanTLSProtocol
+
+    def __init__(
+        self, tls: ServerTLS, wrappedFactory: IProtocolFactory, clock: IReactorTime
+    ) -> None:
+        super().__init__(cast(Factory, wrappedFactory))
+        site = IProtocolNegotiationFactory(wrappedFactory, None)
+        protocols = list(site.acceptableProtocols()) if site is not None else []
+        self._contexts = Rotating(lambda: tls.stdlib_context(protocols), clock, tls.lifetime)
+
+    def context(self) -> ssl.SSLContext:
+        """The context new connections get now."""
+        return self._contexts.current()
+
+    def logPrefix(self) -> str:
+        # As TLSMemoryBIOFactory: the wrapped factory's, marked (TLS).
+        wrapped = self.wrappedFactory
+        if ILoggingContext.providedBy(wrapped):
+            return f"{wrapped.logPrefix()} (TLS)"
+        return f"{wrapped.__class__.__name__} (TLS)"

@@ -337,8 +337,10 @@ def listen_service(
     tls = server_tls(description, reactor)
     if tls is not None:
         endpoint, creator = tls
-        wrap = LeanTLSFactory if fast_path else TLSMemoryBIOFactory
-        factory = wrap(creator, False, factory, reactor)
+        if fast_path:
+            factory = LeanTLSFactory(creator, factory, reactor)
+        else:
+            factory = TLSMemoryBIOFactory(creator, False, factory, reactor)
     if fast_path:
         listening = StreamServerEndpointService(
             SendNowEndpoint(serverFromString(reactor, endpoint)), factory

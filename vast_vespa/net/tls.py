@@ -18,6 +18,11 @@ of a listener with one OpenSSL context, built once and then shared, which has:
   then P-256), no compression, no renegotiation;
 - ALPN answered from the listening site's ``acceptableProtocols`` (``IProtocolNegotiationFactory``).
 
+The same settings are also made as Python's own ``ssl.SSLContext``
+(:meth:`ServerTLS.stdlib_context`), for the fast path's TLS protocol
+(:mod:`vast_vespa.net.lean_tls`), whose reads and writes then run in C; stock Twisted uses the
+pyOpenSSL context.
+
 :func:`server_tls` turns ``ssl:PORT:privateKey=...`` into the ``tcp:`` description with the
 same port, interface and backlog and a :class:`ServerTLS`; the listener wraps its factory in
 ``TLSMemoryBIOFactory`` with it, which is what Twisted's ``listenSSL`` does: the listener is
@@ -26,8 +31,11 @@ then a TCP one, the fast path's included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -58,6 +66,26 @@ SESSION_CONTEXT = b"vast-vespa"
 # the versions and the key exchange are chosen here.
 _KEYS = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
 _Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+_T = TypeVar("_T")
+
+
+class Rotating(Generic[_T]):
+    """A value made once and then shared, made again once ``lifetime`` seconds have passed (a
+    TLS context: new ticket keys and a new session cache)."""
+
+    def __init__(self, make: Callable[[], _T], clock: IReactorTime, lifetime: float) -> None:
+        self._make = make
+        self._clock = clock
+        self._lifetime = lifetime
+        self.value = make()  # now: a key that does not fit fails start-up
+        self._expires = clock.seconds() + lifetime
+
+    def current(self) -> _T:
+        now = self._clock.seconds()
+        if now >= self._expires:
+            self.value = self._make()
+            self._expires = now + self._lifetime
+        return self.value
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -73,17 +101,17 @@ class ServerTLS:
     ) -> None:
         self._key = key
         self._chain = tuple(chain)
-        self._clock = clock
-        self._lifetime = lifetime
-        self.context = self._make_context()  # now: a key that does not fit fails start-up
-        self._expires = clock.seconds() + lifetime
+        self.clock = clock
+        self.lifetime = lifetime
+        self._contexts = Rotating(self._make_context, clock, lifetime)
+
+    @property
+    def context(self) -> SSL.Context:
+        """The pyOpenSSL context new connections get now."""
+        return self._contexts.value
 
     def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        now = self._clock.seconds()
-        if now >= self._expires:
-            self.context = self._make_context()
-            self._expires = now + self._lifetime
-        connection = SSL.Connection(self.context)
+        connection = SSL.Connection(self._contexts.current())
         connection.set_app_data(protocol)  # for ALPN: the site behind the protocol
         return connection
 
@@ -103,8 +131,37 @@ class ServerTLS:
         context.check_privatekey()
         context.set_session_id(SESSION_CONTEXT)
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-        context.set_timeout(int(self._lifetime))
+        context.set_timeout(int(self.lifetime))
         context.set_alpn_select_callback(_choose_protocol)  # type: ignore[arg-type]
+        return context
+
+    def stdlib_context(self, protocols: Sequence[bytes]) -> ssl.SSLContext:
+        """These settings as Python's ``ssl.SSLContext``, with ``protocols`` (the site's,
+        in its order of preference) offered for ALPN. Differences Python's ssl module leaves
+        no say in: the session ID context is "Python" (one program's listeners still) and a
+        session's timeout OpenSSL's two hours (the context, with its ticket keys and cache,
+        is still replaced every ``lifetime`` seconds). Buffers are released when idle, as
+        Python always sets it."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        context.set_ciphers(TLS12_CIPHERS.decode("ascii"))
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self._chain)
+        # Python loads keys from files only: this one is in memory (memfd), never on a disk.
+        fd = os.memfd_create("vespa-tls", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as file:
+                file.write(pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if protocols:
+            context.set_alpn_protocols([p.decode("ascii") for p in protocols])
         return context
 
 
