@@ -15,8 +15,15 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IAddress, IPushProducer, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import (
+    IAddress,
+    IHandshakeListener,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -33,7 +40,7 @@ from tests.helpers import listen, spawn_worker
 from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.lean_tls import LeanTLSFactory, LeanTLSProtocol
 from vast_vespa.net.listen import SendNowEndpoint, listen_service
-from vast_vespa.net.tls import server_tls
+from vast_vespa.net.tls import TICKET_KEY_LIFETIME, server_tls
 
 BIG = 8 * 2**20  # more than a loopback socket's buffers hold: the producer must pause
 CHUNK = 2**16
@@ -275,14 +282,38 @@ class WorkerOverTLSTests(TestCase):
         await self.through_worker(False)
 
 
+@implementer(IHandshakeListener)
 class Recorder(Protocol):
-    """The application side: what it received."""
+    """The application side: what it received, whether the handshake ended, and why its
+    connection was lost."""
 
     def __init__(self) -> None:
         self.received = b""
+        self.handshakes = 0
+        self.reason: Failure | None = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshakes += 1
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+
+
+@implementer(IPushProducer)
+class Producer:
+    stopped = False
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
 
 
 class CountingTransport(StringTransport):
@@ -304,17 +335,20 @@ class InMemoryTests(SynchronousTestCase):
         cert, key, _ = self_signed(os.path.abspath(self.mktemp()))
         found = server_tls(f"ssl:443:privateKey={key}:certKey={cert}", Clock())
         assert found is not None
-        self.app = Recorder()
-        factory = LeanTLSFactory(found[1], Factory.forProtocol(lambda: self.app), Clock())
-        self.server = factory.buildProtocol(None)
-        self.transport = CountingTransport()
-        self.server.makeConnection(self.transport)
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        self.client = SSL.Connection(context)
-        self.client.set_connect_state()
+        self.factory = LeanTLSFactory(found[1], Factory.forProtocol(Recorder), Clock())
         self.addCleanup(setattr, OUTBOX, "open", False)
         self.addCleanup(OUTBOX.waiting.clear)
+        self.connect()
         self.handshake()
+
+    def connect(self) -> None:
+        """A new connection and client, before the handshake."""
+        self.server = self.factory.buildProtocol(None)
+        self.app = self.server.wrappedProtocol
+        self.transport = CountingTransport()
+        self.server.makeConnection(self.transport)
+        self.client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+        self.client.set_connect_state()
 
     def carry(self) -> None:
         """Move bytes both ways until neither side has more to say."""
@@ -415,6 +449,174 @@ class InMemoryTests(SynchronousTestCase):
         OUTBOX.send_all()
         self.assertEqual(self.transport.value(), b"")  # not even a close_notify
         self.assertTrue(self.transport.disconnecting)
+
+    def test_handshake_completed(self) -> None:
+        self.assertEqual(self.app.handshakes, 1)
+        self.assertIsInstance(self.server.getHandle(), ssl.SSLObject)
+        self.assertIsNone(self.server.getPeerCertificate())  # none asked for
+        self.assertIsNone(self.server.negotiatedProtocol)  # the factory offers no ALPN
+
+    def test_client_close_notify_first(self) -> None:
+        """The client's close_notify is answered with the server's and the TCP connection
+        closes; the wrapped protocol then hears a clean end."""
+        self.client.shutdown()
+        self.server.dataReceived(self.client.bio_read(2**20))
+        self.assertTrue(self.transport.disconnecting)
+        self.client_reads()
+        self.assertTrue(self.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        assert self.app.reason is not None
+        self.assertIsInstance(self.app.reason.value, ConnectionDone)
+
+    def test_end_without_close_notify(self) -> None:
+        """The TCP connection ends without close_notify: what came before is delivered, and
+        the wrapped protocol hears ConnectionLost (as from Twisted's TLS protocol)."""
+        self.client.send(b"last bytes")
+        self.server.dataReceived(self.client.bio_read(2**20))
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.app.received, b"last bytes")
+        assert self.app.reason is not None
+        self.assertIsInstance(self.app.reason.value, ConnectionLost)
+        self.assertEqual(self.factory.protocols, {})
+
+    def test_left_mid_handshake(self) -> None:
+        self.connect()
+        self.assertRaises(SSL.WantReadError, self.client.do_handshake)
+        self.server.dataReceived(self.client.bio_read(2**20)[:20])
+        self.server.connectionLost(Failure(ConnectionDone()))
+        assert self.app.reason is not None
+        self.assertIsInstance(self.app.reason.value, ConnectionLost)
+        self.assertEqual((self.app.handshakes, self.app.received), (0, b""))
+
+    def test_not_tls(self) -> None:
+        """Plain HTTP to the TLS port fails the handshake: the server sends its alert and
+        closes, and the wrapped protocol hears the TLS error."""
+        self.connect()
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        assert self.app.reason is not None
+        self.assertIsInstance(self.app.reason.value, ssl.SSLError)
+        self.assertEqual(self.app.received, b"")
+        producer = Producer()
+        self.server.registerProducer(producer, True)  # the session is over: stopped at once
+        self.assertTrue(producer.stopped)
+
+    def test_writes_before_the_handshake_wait_for_it(self) -> None:
+        self.connect()
+        self.server.write(b"early")
+        self.assertEqual(self.transport.value(), b"")
+        self.handshake_keeping_writes()
+        self.assertEqual(self.client_reads(), b"early")
+
+    def test_close_before_the_handshake_ends_aborts(self) -> None:
+        """A close before the handshake ends (OpenSSL would not send close_notify yet) and
+        with nothing written aborts the connection; with something written, the handshake
+        goes on and the close follows what was written."""
+        self.connect()
+        self.server.loseConnection()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"")
+        self.connect()
+        self.server.write(b"408 and goodbye")
+        self.server.loseConnection()
+        self.assertFalse(self.transport.disconnecting)
+        self.handshake_keeping_writes()
+        self.assertEqual(self.client_reads(), b"408 and goodbye")
+        self.assertTrue(self.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+
+    def test_close_waits_for_the_producer(self) -> None:
+        """With a producer registered, loseConnection waits for it to be unregistered; the
+        writes it makes meanwhile still go out, then close_notify."""
+        producer = Producer()
+        self.server.registerProducer(producer, True)
+        self.assertIs(self.transport.producer, producer)
+        self.server.loseConnection()
+        self.server.write(b"more")
+        self.assertEqual(self.client_reads(), b"more")
+        self.assertFalse(self.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        self.server.unregisterProducer()
+        self.assertIsNone(self.transport.producer)
+        self.client_reads()
+        self.assertTrue(self.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN)
+        self.server.write(b"too late")
+        self.assertEqual(self.transport.value(), b"")
+
+    def handshake_keeping_writes(self) -> None:
+        """The handshake, with the server's output left in the transport for the client."""
+        for _ in range(5):
+            try:
+                self.client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                self.server.dataReceived(self.client.bio_read(2**20))
+            except SSL.WantReadError:
+                pass
+            if self.client.get_state_string() == b"SSL negotiation finished successfully":
+                break
+            self.client.bio_write(self.transport.value())
+            self.transport.clear()
+
+
+@implementer(IProtocolNegotiationFactory)
+class HTTP11Recorders(Factory):
+    protocol = Recorder
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+
+class ContextTests(SynchronousTestCase):
+    """The fast path's Python ssl context: the listener's settings, replaced as often."""
+
+    def setUp(self) -> None:
+        cert, key, _ = self_signed(os.path.abspath(self.mktemp()))
+        self.clock = Clock()
+        found = server_tls(f"ssl:443:privateKey={key}:certKey={cert}", self.clock)
+        assert found is not None
+        self.factory = LeanTLSFactory(found[1], HTTP11Recorders(), self.clock)
+
+    def test_settings(self) -> None:
+        context = self.factory.context()
+        self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+        self.assertTrue(context.options & ssl.OP_NO_COMPRESSION)
+        self.assertTrue(context.options & ssl.OP_NO_RENEGOTIATION)
+        self.assertFalse(context.options & ssl.OP_NO_TICKET)
+        tls12 = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+        self.assertTrue(tls12)
+        for name in tls12:
+            self.assertTrue(name.startswith("ECDHE-"), name)
+            self.assertTrue("GCM" in name or "CHACHA20" in name, name)
+
+    def test_alpn_from_the_site(self) -> None:
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        client.set_alpn_protocols(["h2", "http/1.1"])
+        app = self.factory.buildProtocol(None)
+        app.makeConnection(CountingTransport())
+        into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client.wrap_bio(into, out)
+        for _ in range(3):
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            if out.pending:
+                app.dataReceived(out.read())
+            into.write(app.transport.value())
+            app.transport.clear()
+        self.assertEqual(tls.selected_alpn_protocol(), "http/1.1")
+        self.assertEqual(app.negotiatedProtocol, b"http/1.1")
+
+    def test_one_context_until_the_keys_expire(self) -> None:
+        first = self.factory.context()
+        self.clock.advance(TICKET_KEY_LIFETIME - 1)
+        self.assertIs(self.factory.context(), first)
+        self.clock.advance(1)
+        second = self.factory.context()
+        self.assertIsNot(second, first)
+        self.assertIs(self.factory.context(), second)
 
 
 class ListenerTests(SynchronousTestCase):
