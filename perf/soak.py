@@ -6,7 +6,10 @@ latency percentiles. Exits non-zero when an invariant fails (an unexpected outco
 descriptors or memory beyond a small bound, a traceback in the worker's log, or a worker that
 no longer answers).
 
-Run: ``tox -e soak`` or ``python perf/soak.py --minutes 3`` (with vespa installed).
+Run: ``tox -e soak`` or ``python perf/soak.py --minutes 3`` (with vespa installed); with
+``--tls`` the worker serves HTTPS (an ``ssl:`` listener, as ``USE_SSL`` makes) and every client
+speaks TLS. A client-side failure is counted as an outcome and its first traceback of each
+kind printed.
 Each kind of traffic is one entry in ``KINDS``: a coroutine returning an outcome label, and the
 labels that count as correct for it. The hostile mix (issue 23): every 30 s, a flood of idle
 keep-alive connections from another address (127.0.0.2) while a legitimate request is made;
@@ -26,21 +29,26 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from twisted.web.server import Site  # noqa: E402
 
+from tests.certs import self_signed  # noqa: E402
 from tests.fakes import FakeAutoscaler, FakeBackend  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ProcessWatcher,
@@ -64,6 +72,7 @@ class Soak:
     http: HTTPClient
     latencies: dict[str, list[float]]
     signer: Signer | None = None
+    tls: Any = None  # --tls: client TLS options for raw connections
 
 
 async def json_call(s: Soak, auth: bytes) -> str:
@@ -90,10 +99,12 @@ async def upload(s: Soak, auth: bytes) -> str:
 
 async def disconnect(s: Soak, auth: bytes) -> str:
     client = await raw_connect(
-        s.url, RawClient(b"GET /slow?delay=5 HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth))
+        s.url,
+        RawClient(b"GET /slow?delay=5 HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth)),
+        s.tls,
     )
     await task.deferLater(reactor, random.uniform(0.01, 0.2), lambda: None)
-    client.transport.abortConnection()
+    abort(client)
     await client.closed
     answered = client.received.startswith(b"HTTP/1.1 ")  # refused (429, 503) before leaving
     return client.received[9:12].decode() if answered else "left"
@@ -106,7 +117,9 @@ async def backend_reset(s: Soak, auth: bytes) -> str:
 
 
 async def backend_break(s: Soak, auth: bytes) -> str:
-    raw = await raw_request(s.url, b"GET /break HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth))
+    raw = await raw_request(
+        s.url, b"GET /break HTTP/1.1\r\nHost: s\r\n%s\r\n" % raw_auth(auth), s.tls
+    )
     if raw.startswith((b"HTTP/1.1 503 ", b"HTTP/1.1 429 ")):
         return raw[9:12].decode()
     return "truncated" if raw and not raw.endswith(b"0\r\n\r\n") else "clean"
@@ -130,7 +143,7 @@ async def malformed(s: Soak, auth: bytes) -> str:
             b"GET http://evil/ HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
         ]
     )
-    raw = await raw_request(s.url, payload)
+    raw = await raw_request(s.url, payload, s.tls)
     return raw.split(b" ", 2)[1].decode() if raw.startswith(b"HTTP/1.1 ") else "no answer"
 
 
@@ -140,14 +153,14 @@ async def burst(s: Soak) -> str:
     and closes."""
     clients = await gatherResults(
         [
-            Deferred.fromCoroutine(raw_connect(s.url, RawClient(b"GET /burst HTTP/1.1\r\n")))
+            Deferred.fromCoroutine(raw_connect(s.url, RawClient(b"GET /burst HTTP/1.1\r\n"), s.tls))
             for _ in range(MAX_CONNECTIONS + 50)
         ]
     )
     await task.deferLater(reactor, 0.5, lambda: None)
     refused = sum(1 for c in clients if c.received.startswith(b"HTTP/1.1 503"))
     for client in clients:
-        client.transport.abortConnection()
+        abort(client)
     await gatherResults([c.closed for c in clients])
     return "503s seen" if refused >= 50 else f"only {refused} 503s"
 
@@ -189,17 +202,15 @@ async def idle_flood(s: Soak) -> str:
     and the worker closed the first ones, oldest first, to make room for the second ones
     instead of refusing them. (Connections that send nothing at all wait in the kernel, not
     in the worker, for the listener's TCP_DEFER_ACCEPT second, then count the same way.)"""
-    port = int(s.url.rsplit(":", 1)[1])
 
     async def connect() -> list[RawClient]:
         flood = [RawClient(b"GET /flood HTTP/1.1\r\nHost: s\r\n\r\n") for _ in range(PER_ADDRESS)]
-        for client in flood:
-            reactor.connectTCP(
-                "127.0.0.1",
-                port,
-                ClientFactory.forProtocol(lambda client=client: client),
-                bindAddress=(FLOOD_ADDRESS, 0),
-            )
+        await gatherResults(
+            [
+                Deferred.fromCoroutine(raw_connect(s.url, client, s.tls, (FLOOD_ADDRESS, 0)))
+                for client in flood
+            ]
+        )
         await gatherResults([_answered_or_closed(client) for client in flood])
         return flood
 
@@ -214,13 +225,20 @@ async def idle_flood(s: Soak) -> str:
     reclaimed = sum(1 for client in first if client.closed.called)
     refused = sum(1 for client in second if b" 503 " in client.received)
     for client in first + second:
-        client.transport.abortConnection()
+        abort(client)
     await gatherResults([client.closed for client in first + second])
     if outcome not in ("200", BUSY):
         return f"request got {outcome}"
     if reclaimed < PER_ADDRESS or refused:
         return f"{reclaimed} reclaimed, {refused} refused"
     return "served"
+
+
+def abort(client: RawClient) -> None:
+    """Abort a raw client's connection unless it is closed already (Twisted's TLS protocol
+    cannot abort a connection that is gone)."""
+    if not client.closed.called:
+        client.transport.abortConnection()
 
 
 def _answered_or_closed(client: RawClient) -> Deferred[object]:
@@ -244,10 +262,10 @@ async def forged_expect(s: Soak, auth: bytes) -> str:
     head += b"Expect: 100-continue\r\nConnection: close\r\n"
     if envelope:
         start = b'{"auth_data": %s, "payload": {"prompt": "' % forged_auth(auth)
-        client = await raw_connect(s.url, RawClient(head + b"\r\n" + start + b"x" * 4096))
+        client = await raw_connect(s.url, RawClient(head + b"\r\n" + start + b"x" * 4096), s.tls)
     else:
         head += raw_auth(forged_auth(auth))
-        client = await raw_connect(s.url, RawClient(head + b"\r\n"))
+        client = await raw_connect(s.url, RawClient(head + b"\r\n"), s.tls)
     raw = await client.closed
     if raw.startswith(b"HTTP/1.1 100 ") and envelope:
         raw = raw.partition(b"\r\n\r\n")[2]
@@ -320,7 +338,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
-async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
+async def run(minutes: float, concurrency: int, signed_mode: bool, tls: bool) -> int:
     backend, fake_backend = listen_backend()
     workdir = tempfile.mkdtemp(prefix="vespa-soak-")
     port = free_port()
@@ -340,6 +358,14 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
             REPORT_ADDR=f"http://127.0.0.1:{listening.getHost().port}",
             CONTAINER_ID="7",
         )
+    listen = f"tcp:{port}:interface=127.0.0.1:backlog=1024"
+    scheme, client_tls, agent_tls = "http", None, {}
+    if tls:  # as a Vast worker serves (USE_SSL), to clients that trust its certificate
+        cert, key, pem = self_signed(workdir)
+        listen = f"ssl:{port}:interface=127.0.0.1:backlog=1024:privateKey={key}:certKey={cert}"
+        client_tls = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(pem))
+        agent_tls = {"contextFactory": _Trusting(client_tls)}
+        scheme = "https"
     args = twistd_command(
         "-n",
         "--pidfile=",
@@ -349,7 +375,7 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
         "--access-log=false",
         # Twisted's default listen backlog (50) leaves a burst's excess connections half-open
         # in the kernel, never accepted (and so never refused cleanly): see README.
-        f"--listen=tcp:{port}:interface=127.0.0.1:backlog=1024",
+        f"--listen={listen}",
         f"--max-connections={MAX_CONNECTIONS}",
         f"--max-connections-per-address={PER_ADDRESS}",
         "--admin-listen=none",  # loopback-only soak; never collide with a real worker's 9090
@@ -358,10 +384,11 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
     watcher = ProcessWatcher()
     process = reactor.spawnProcess(watcher, args[0], args, env=env, path=workdir)
     await watcher.wait_for(rb"worker loaded in")
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = concurrency
-    soak = Soak(url, HTTPClient(Agent(reactor, pool=pool)), collections.defaultdict(list), signer)
+    http = HTTPClient(Agent(reactor, pool=pool, **agent_tls))
+    soak = Soak(url, http, collections.defaultdict(list), signer, client_tls)
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     kinds = {**KINDS, **(SIGNED_KINDS if signed_mode else {})}
     names = list(kinds)
@@ -379,6 +406,8 @@ async def run(minutes: float, concurrency: int, signed_mode: bool) -> int:
             outcome = await (kinds[name][0] if name in kinds else specials[name])(soak, auth)
         except Exception as e:  # a client-side failure is an outcome to report, not a crash
             outcome = f"client error: {type(e).__name__}"
+            if (name, outcome) not in counts:  # the first of its kind: why, on stderr
+                traceback.print_exc()
         soak.latencies[name].append(time.monotonic() - started)
         counts[(name, outcome)] += 1
         if signer is not None and auth:
@@ -528,6 +557,17 @@ async def one_more(soak: Soak) -> str:
         return type(e).__name__
 
 
+@implementer(IPolicyForHTTPS)
+class _Trusting:
+    """The agent's TLS policy: the soak's own certificate for 127.0.0.1, trusted."""
+
+    def __init__(self, options: Any) -> None:
+        self._options = options
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self._options
+
+
 def listen_backend() -> tuple[str, FakeBackend]:
     backend = FakeBackend(reactor)
     port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
@@ -551,10 +591,13 @@ def main() -> None:
         default=True,
         help="a secured worker reporting to an in-process fake autoscaler (default)",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="the worker serves HTTPS (an ssl: listener)"
+    )
     options = parser.parse_args()
 
     async def go(_: object) -> None:
-        code = await run(options.minutes, options.concurrency, options.signed)
+        code = await run(options.minutes, options.concurrency, options.signed, options.tls)
         if code:
             raise SystemExit(code)
 

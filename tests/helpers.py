@@ -236,17 +236,24 @@ class RawClient(Protocol):
         self.closed.callback(self.received)
 
 
-async def raw_connect(url: str, client: RawClient) -> RawClient:
-    """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT)."""
+async def raw_connect(
+    url: str, client: RawClient, tls: Any = None, bind: tuple[str, int] | None = None
+) -> RawClient:
+    """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT), from ``bind``
+    if given; with ``tls`` (client TLS options, for https://127.0.0.1:PORT) over TLS."""
     port = int(url.rsplit(":", 1)[1])
-    reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+    factory = ClientFactory.forProtocol(lambda: client)
+    if tls is None:
+        reactor.connectTCP("127.0.0.1", port, factory, bindAddress=bind)
+    else:
+        reactor.connectSSL("127.0.0.1", port, factory, tls, bindAddress=bind)
     await client.made
     return client
 
 
-async def raw_request(url: str, payload: bytes) -> bytes:
+async def raw_request(url: str, payload: bytes, tls: Any = None) -> bytes:
     """Send raw bytes, return everything the server answered until it closed."""
-    client = await raw_connect(url, RawClient(payload))
+    client = await raw_connect(url, RawClient(payload), tls)
     return await client.closed
 
 

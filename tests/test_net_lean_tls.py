@@ -281,6 +281,59 @@ class WorkerOverTLSTests(TestCase):
     async def test_stock(self) -> None:
         await self.through_worker(False)
 
+    async def refusals(self, fast_path: bool) -> None:
+        """Answers the worker refuses with and closes are delivered over TLS, then
+        close_notify: a 503 to a connection over MAX_CONNECTIONS (written before the
+        handshake is over) and a 400 to a malformed request (the half-close that keeps
+        reading is close_notify: one of the TCP stream would cut the TLS one short)."""
+        cert, key, pem = self_signed(os.path.abspath(self.mktemp()))
+        client = ssl.create_default_context(cadata=pem.decode("ascii"))
+        process = spawn_worker(
+            self,
+            listen(self, FakeBackend(reactor)),
+            "--listen",
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            "--max-connections=1",
+            env={"FAST_PATH": "true" if fast_path else "false"},
+        )
+        port = int((await process.wait_for(rb"worker \(TLS\) starting on (\d+)")).group(1))
+        await process.wait_for(rb"worker loaded")
+        # The one connection allowed, busy (a request head under way): not reclaimable.
+        busy = await deferToThread(exchange, port, client, b"GET / HTTP/1.1\r\nHost: x\r\n", False)
+        self.addCleanup(busy.close)
+        answer = await deferToThread(exchange, port, client, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b"too many connections", answer)
+        # The busy connection's head goes on with a malformed line.
+        answer = await deferToThread(finish, busy, b"X-A: a\x01b\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+
+    async def test_refusals_fast_path(self) -> None:
+        await self.refusals(True)
+
+    async def test_refusals_stock(self) -> None:
+        await self.refusals(False)
+
+
+def exchange(port: int, client: ssl.SSLContext, payload: bytes, read: bool = True) -> Any:
+    """Send ``payload`` over a new TLS connection (blocking: run in a thread); with ``read``,
+    what :func:`finish` returns, else the connection, open."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    tls = client.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+    tls.sendall(payload)
+    return finish(tls) if read else tls
+
+
+def finish(tls: ssl.SSLSocket, payload: bytes = b"") -> bytes:
+    """Send ``payload`` and read everything answered until close_notify (an end without it
+    raises ``ssl.SSLEOFError``); then close (blocking: run in a thread)."""
+    with tls:
+        tls.sendall(payload)
+        answer = []
+        while piece := tls.recv(2**16):
+            answer.append(piece)
+        return b"".join(answer)
+
 
 @implementer(IHandshakeListener)
 class Recorder(Protocol):

@@ -480,12 +480,19 @@ class GuardedChannel(Protocol):
         transport = self._transport
         transport.unregisterProducer()
         # Half-close and keep reading (and dropping) for a moment: closing with unread input
-        # would send a reset that can destroy the answer before the client reads it.
-        close_write = getattr(transport, "loseWriteConnection", None)
-        if close_write is None:
+        # would send a reset that can destroy the answer before the client reads it. Over
+        # TLS the half-close is close_notify, sent after the answer (once the handshake is
+        # over, if it is not yet): the TLS layer reads on until the client's. (A TLS
+        # transport hands loseWriteConnection on to its TCP connection, which would end
+        # the TCP stream under the TLS one, the handshake or the answer perhaps unsent.)
+        if self._secure:
             transport.loseConnection()
-            return
-        close_write()
+        else:
+            close_write = getattr(transport, "loseWriteConnection", None)
+            if close_write is None:
+                transport.loseConnection()
+                return
+            close_write()
         transport.resumeProducing()
         self._linger = self.callLater(LINGER, transport.abortConnection)
 
