@@ -179,6 +179,40 @@ class AccessNamespaceTests(SynchronousTestCase):
             ["vespa.access#info", "vespa-client.access#info"],
         )
 
+    def test_written_directly_while_a_text_log_service_runs(self) -> None:
+        """While a service with a twistd text log runs, access lines are written to that log
+        directly, as the event would have been (no event is published); before it starts and
+        once it stops, they are published as events again."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from vast_vespa.outcome import Outcome, RelayResult
+
+        class Top(TextLogForTwistd, MultiService):
+            pass
+
+        events = capture(self, "vespa.access")
+        stream, clock = io.StringIO(), Clock()
+        top = Top()
+        top.text_log = text_observer(stream, clock)  # type: ignore[assignment]
+        request = DummyRequest([b"x"])
+        request.path = b"/x"
+        result = RelayResult(Outcome.SERVED, 200, 3, 1.0, 1.0, 1.5)
+        top.startService()
+        self.addCleanup(top.stopService)
+        log_access(request, result, None)
+        self.assertEqual(events, [])
+        clock.advance(FLUSH_AFTER)
+        [direct] = stream.getvalue().splitlines()
+        top.stopService()
+        log_access(request, result, None)
+        [event] = events
+        event_stream, event_clock = io.StringIO(), Clock()
+        text_observer(event_stream, event_clock)(event)
+        event_clock.advance(FLUSH_AFTER)
+        [published] = event_stream.getvalue().splitlines()
+        self.assertEqual(direct.split(" ", 1)[1], published.split(" ", 1)[1])
+        self.assertRegex(direct, r"^\S+ \[vespa\.access#info\] GET /x 200 served ")
+
     def test_client_lines_batched_too(self) -> None:
         """The client's access lines wait for the batch's flush like the worker's."""
         clock = Clock()

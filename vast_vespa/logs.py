@@ -59,7 +59,10 @@ def log_access(
 
     The line is built here with an f-string and logged as ``{line}``: Twisted's event
     formatter is several times slower per field, and this runs for every request (JSON
-    logs still get every field)."""
+    logs still get every field). While a twistd text log on stdout serves (see
+    :class:`TextLogForTwistd`), the line is written to it directly: twisted.logger's
+    publisher, its observers and the event would be most of the line's cost, and that text
+    log is the only observer there is."""
     method = request.method.decode("ascii", "replace")
     path = request.path.decode("ascii", "replace")
     workload = getattr(forward, "workload", 0.0)
@@ -69,6 +72,14 @@ def log_access(
     )
     rid = request_id.of(request)
     outcome = outcome_of(result).value
+    line = (
+        f"{method} {path} {result.status} {outcome} workload={workload:g} "
+        f"{result.bytes_out}B {duration_ms:.1f}ms ttfb={ttfb_ms} id={rid}"
+    )
+    direct = _direct_text_log
+    if direct is not None:
+        direct.access(logger.namespace, line)
+        return
     # The event Logger.info would make, handed to the observer directly: Logger.emit checks
     # the level against LogLevel.iterconstants() on every call.
     logger.observer(
@@ -79,8 +90,7 @@ def log_access(
             "log_source": None,
             "log_format": PREFORMATTED,
             "log_time": time(),
-            "line": f"{method} {path} {result.status} {outcome} workload={workload:g} "
-            f"{result.bytes_out}B {duration_ms:.1f}ms ttfb={ttfb_ms} id={rid}",
+            "line": line,
             "method": method,
             "path": path,
             "status": result.status,
@@ -118,13 +128,16 @@ class _ClassicText:
     def __call__(self, event: LogEvent) -> str | None:
         if event.get("log_format") != PREFORMATTED or "log_system" in event:
             return formatEventAsClassicLogText(event)
-        when = event["log_time"]
+        level = getattr(event.get("log_level"), "name", "-")
+        return self.line(event["log_time"], event.get("log_namespace", "-"), level, event["line"])
+
+    def line(self, when: float, namespace: str, level: str, message: str) -> str:
+        """One line: the time, ``[namespace#level]``, the message."""
         second = int(when)
         if second != self._second:
             self._second = second
             self._stamp = formatTime(second)
-        level = getattr(event.get("log_level"), "name", "-")
-        return f"{self._stamp} [{event.get('log_namespace', '-')}#{level}] {event['line']}\n"
+        return f"{self._stamp} [{namespace}#{level}] {message}\n"
 
 
 FLUSH_AFTER = 0.1  # seconds an access line may wait in the stream's buffer
@@ -159,12 +172,24 @@ class _TextLog:
             return
         access = event.get("log_format") == PREFORMATTED
         access = access and event.get("log_namespace") in _ACCESS_NAMESPACES
+        if access:
+            self._hold(text)
+            return
+        with self._lock:
+            self._held.append(text)
+        self.flush()
+
+    def access(self, namespace: str, message: str) -> None:
+        """An access line, logged now at info level in ``namespace``: the line an access
+        event would make, without the event."""
+        self._hold(self._format.line(time(), namespace, "info", message))
+
+    def _hold(self, text: str) -> None:
+        """Hold an access line; the first one held is written within FLUSH_AFTER."""
         with self._lock:
             first = not self._held
             self._held.append(text)
-        if not access:
-            self.flush()
-        elif first:
+        if first:
             self._reactor().callLater(FLUSH_AFTER, self.flush)
 
     def _reactor(self) -> IReactorTime:
@@ -200,26 +225,44 @@ def twistd_writes_text_to_stdout(options: Any) -> bool:
     return twistd.get("logfile") in (None, "", "-")
 
 
+# The text log access lines are written to directly while a TextLogForTwistd service runs.
+_direct_text_log: _TextLog | None = None
+
+
 class TextLogForTwistd:
     """
     Mixin for a twistd sub-command's top service: when ``text_log`` is set, the service hands
     it to twistd as the application's ILogObserver (the hook a .tac file uses), which twistd
-    then logs to instead of its default text observer.
+    then logs to instead of its default text observer; while the service runs,
+    :func:`log_access` writes to it directly.
     """
 
-    text_log: ILogObserver | None = None
+    text_log: _TextLog | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         if self.text_log is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.text_log)
         super().setServiceParent(parent)  # type: ignore[misc]
 
+    def startService(self) -> None:
+        global _direct_text_log
+        if self.text_log is not None:
+            _direct_text_log = self.text_log
+        super().startService()  # type: ignore[misc]
+
+    def stopService(self) -> Any:
+        global _direct_text_log
+        stopped = super().stopService()  # type: ignore[misc]
+        if _direct_text_log is self.text_log:
+            _direct_text_log = None
+        return stopped
+
 
 def use_text_log(service: IService, options: Any) -> IService:
     """``service`` (a :class:`TextLogForTwistd`), set to give twistd :func:`text_observer` on
     stdout when that is where twistd would write its own text log anyway."""
     if isinstance(service, TextLogForTwistd) and twistd_writes_text_to_stdout(options):
-        service.text_log = text_observer(sys.stdout)
+        service.text_log = _TextLog(sys.stdout)
     return service
 
 
