@@ -101,7 +101,6 @@ class ServerTLS:
     ) -> None:
         self._key = key
         self._chain = tuple(chain)
-        self.clock = clock
         self.lifetime = lifetime
         self._contexts = Rotating(self._make_context, clock, lifetime)
 
