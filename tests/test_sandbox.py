@@ -232,12 +232,17 @@ class PortTakenTests(TestCase):
         taken.listen()
         self.addCleanup(taken.close)
         port = taken.getsockname()[1]
-        service = build_sandbox(config(self, worker_port=port), reactor)
-        with self.assertRaises(CannotListenError) as caught:
-            service.startService()
+        for _ in range(3):
+            service = build_sandbox(config(self, worker_port=port), reactor)
+            with self.assertRaises(CannotListenError) as caught:
+                service.startService()
+            await service.stopService()
+            # Another process may take one of the free ports the sandbox picked before it
+            # listens on it (see start()): then it fails on that port first; build again.
+            if "(set --worker-port)" in str(caught.exception):
+                break
         self.assertEqual(
             str(caught.exception),
             f"vespa-sandbox: cannot listen on tcp:{port}:interface=127.0.0.1: address already "
             "in use (set --worker-port)",
         )
-        await service.stopService()
