@@ -39,9 +39,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -363,8 +361,9 @@ async def run(minutes: float, concurrency: int, signed_mode: bool, tls: bool) ->
     if tls:  # as a Vast worker serves (USE_SSL), to clients that trust its certificate
         cert, key, pem = self_signed(workdir)
         listen = f"ssl:{port}:interface=127.0.0.1:backlog=1024:privateKey={key}:certKey={cert}"
-        client_tls = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(pem))
-        agent_tls = {"contextFactory": _Trusting(client_tls)}
+        root = Certificate.loadPEM(pem)
+        client_tls = optionsForClientTLS("127.0.0.1", trustRoot=root)
+        agent_tls = {"contextFactory": BrowserLikePolicyForHTTPS(trustRoot=root)}
         scheme = "https"
     args = twistd_command(
         "-n",
@@ -555,17 +554,6 @@ async def one_more(soak: Soak) -> str:
         return outcome
     except Exception as e:
         return type(e).__name__
-
-
-@implementer(IPolicyForHTTPS)
-class _Trusting:
-    """The agent's TLS policy: the soak's own certificate for 127.0.0.1, trusted."""
-
-    def __init__(self, options: Any) -> None:
-        self._options = options
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return self._options
 
 
 def listen_backend() -> tuple[str, FakeBackend]:

@@ -114,7 +114,7 @@ class LeanTLSProtocol(ProtocolWrapper):
         except ssl.SSLWantReadError:
             return False
         except ssl.SSLError:
-            self._tls_failed(Failure())
+            self._end_tls(Failure())
             return False
         self._handshake_done = True
         if IHandshakeListener.providedBy(self.wrappedProtocol):
@@ -138,11 +138,11 @@ class LeanTLSProtocol(ProtocolWrapper):
             except ssl.SSLZeroReturnError:  # close_notify, after ours
                 data = b""
             except ssl.SSLError:
-                self._tls_failed(Failure())
+                self._end_tls(Failure())
                 return
             if not data:  # close_notify: answered, then the TCP connection closes
                 self._shutdown_tls()
-                self._tls_failed(None)
+                self._end_tls(None)
                 return
             if not self._aborted:
                 self.wrappedProtocol.dataReceived(data)
@@ -189,7 +189,7 @@ class LeanTLSProtocol(ProtocolWrapper):
         try:
             self._tls.write(data)  # the memory BIO takes it all
         except ssl.SSLError:
-            self._tls_failed(Failure())
+            self._end_tls(Failure())
 
     def _flush(self) -> None:
         """Send what handling the bytes in made (a handshake flight, tickets, an alert):
@@ -254,9 +254,10 @@ class LeanTLSProtocol(ProtocolWrapper):
             assert self.transport is not None
             self.transport.loseConnection()
 
-    def _tls_failed(self, reason: Failure | None) -> None:
-        """The TLS session is over: send what is left (an alert) and close. ``reason`` is
-        for the wrapped protocol's connectionLost (None: the TCP connection's own)."""
+    def _end_tls(self, reason: Failure | None) -> None:
+        """The TLS session is over, closed or failed: send what is left (an alert, a
+        close_notify) and close. ``reason`` is for the wrapped protocol's connectionLost (None:
+        the TCP connection's own)."""
         if reason is not None and isinstance(reason.value, ssl.SSLEOFError):
             reason = Failure(ConnectionLost("the client closed without close_notify"))
         if self._reason is None:

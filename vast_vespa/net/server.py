@@ -487,12 +487,11 @@ class GuardedChannel(Protocol):
         # the TCP stream under the TLS one, the handshake or the answer perhaps unsent.)
         if self._secure:
             transport.loseConnection()
-        else:
-            close_write = getattr(transport, "loseWriteConnection", None)
-            if close_write is None:
-                transport.loseConnection()
-                return
+        elif (close_write := getattr(transport, "loseWriteConnection", None)) is not None:
             close_write()
+        else:
+            transport.loseConnection()
+            return
         transport.resumeProducing()
         self._linger = self.callLater(LINGER, transport.abortConnection)
 
