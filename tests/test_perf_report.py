@@ -1,0 +1,66 @@
+"""The perf report's TLS verdicts (issue 25: "tox -e perf prints the TLS rows with their ratios
+and the targets' verdicts") and its resumed-handshakes column, from a made-up results file."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "perf"))
+import report  # perf/ holds scripts, not a package
+
+
+def results(vespa_rps: float, new_rps: float, vespa_ttfb: float) -> dict:
+    """Two rounds of each TLS point: nginx TLS and vespa, and S3-TLS with direct."""
+    return {
+        "targets": ["direct", "nginx", "vespa"],
+        "scenarios": {
+            "S1-TLS": {
+                "c=64 kept alive": {
+                    "nginx": [{"rps": 1000.0}] * 2,
+                    "vespa": [{"rps": vespa_rps}] * 2,
+                }
+            },
+            "NEW-TLS": {
+                "c=16 new conn": {"nginx": [{"rps": 1000.0}] * 2, "vespa": [{"rps": new_rps}] * 2}
+            },
+            "S3-TLS": {
+                "100 streams": {
+                    "direct": [{"ttfb_p50_ms": 0.5}] * 2,
+                    "vespa": [
+                        {"ttfb_p50_ms": vespa_ttfb, "tls_handshakes": 400, "tls_resumed": 300}
+                    ]
+                    * 2,
+                }
+            },
+        },
+    }
+
+
+class TLSVerdictTests(SynchronousTestCase):
+    def verdicts(self, data: dict) -> list[list[str]]:
+        lines = report.tls_check(data)
+        rows = [line.strip("|").split("|") for line in lines if line.startswith("| vespa")]
+        return [[cell.strip() for cell in row] for row in rows]
+
+    def test_targets_met(self) -> None:
+        rows = self.verdicts(results(160.0, 400.0, 1.5))
+        self.assertEqual(
+            [row[2:] for row in rows],
+            [
+                ["0.160", ">= 0.15", "yes"],
+                ["0.400", ">= 0.4", "yes"],
+                ["1.00 ms", "<= 1 ms", "yes"],
+            ],
+        )
+
+    def test_targets_missed(self) -> None:
+        rows = self.verdicts(results(149.0, 399.0, 1.51))
+        self.assertEqual([row[-1] for row in rows], ["NO", "NO", "NO"])
+
+    def test_resumed_handshakes_column(self) -> None:
+        runs = results(1, 1, 1)["scenarios"]["S3-TLS"]["100 streams"]
+        self.assertEqual(report.resumed(runs["vespa"]), "600/800")
+        self.assertEqual(report.resumed(runs["direct"]), "-")  # plain TCP: nothing to count
