@@ -6,7 +6,7 @@ hop-by-hop headers and the ones that name the connection stop here. Pure functio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -33,6 +33,46 @@ REQUEST_ONLY_DROPPED = frozenset({b"host", b"content-length", b"expect"})
 RESPONSE_ONLY_DROPPED = frozenset({b"content-length"})
 
 
+class HeaderOps:
+    """
+    How the request path reads and fills twisted.web Headers, here through their public
+    methods. Every name it is given is canonical (``X-Request-Id``, as ``getAllRawHeaders``
+    yields names) and every value clean: parsed by llhttp, which refuses line breaks in a
+    value, or taken from another Headers. That is what lets the fast path's
+    :class:`vast_vespa.net.header_table.RawHeaderOps` fill the dict behind a Headers without
+    twisted.web's checks of each name and value, which the relay's per-request header work
+    spent most of its time in.
+    """
+
+    def from_fields(self, fields: Iterable[tuple[bytes, bytes]]) -> Headers:
+        """Headers holding parsed ``(name, value)`` fields in their order (names as sent)."""
+        headers = Headers()
+        for name, value in fields:
+            headers.addRawHeader(name, value)
+        return headers
+
+    def build(self, table: dict[bytes, list[bytes]]) -> Headers:
+        """Headers holding ``table`` (canonical names); the table is theirs afterwards."""
+        return Headers(table)
+
+    def table(self, headers: Headers) -> Mapping[bytes, Sequence[bytes]]:
+        """``headers`` by canonical name, to read (changes go through :meth:`put`)."""
+        return dict(headers.getAllRawHeaders())
+
+    def put(self, headers: Headers, name: bytes, values: list[bytes]) -> None:
+        """Set ``name`` (canonical) to ``values``, replacing any it had."""
+        headers.setRawHeaders(name, values)
+
+
+PUBLIC_HEADERS = HeaderOps()
+
+
+def header_ops(request: Request) -> HeaderOps:
+    """The HeaderOps for ``request``'s headers: its class's (the fast path's Request has its
+    own), else the public one."""
+    return getattr(request, "header_ops", PUBLIC_HEADERS)
+
+
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     """Header names listed in Connection header values (they are hop-by-hop too)."""
     return frozenset(
@@ -40,15 +80,16 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     )
 
 
-def end_to_end(headers: Headers, dropped: frozenset[bytes]) -> list[tuple[bytes, Sequence[bytes]]]:
-    """The (name, values) pairs of ``headers`` that are neither hop-by-hop nor in ``dropped``."""
+def end_to_end(
+    table: Mapping[bytes, Sequence[bytes]], dropped: frozenset[bytes]
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """The (name, values) pairs of a header ``table`` (:meth:`HeaderOps.table`) that are
+    neither hop-by-hop nor in ``dropped``."""
     stop = _union(HOP_BY_HOP, dropped)
-    listed = headers.getRawHeaders(b"connection")
+    listed = table.get(b"Connection")
     if listed:
         stop = stop | connection_tokens(listed)
-    return [
-        (name, values) for name, values in headers.getAllRawHeaders() if name.lower() not in stop
-    ]
+    return [(name, values) for name, values in table.items() if name.lower() not in stop]
 
 
 @lru_cache(maxsize=64)
@@ -63,32 +104,33 @@ def forwarded_request_headers(
     scheme: bytes,
     drop: frozenset[bytes] = frozenset(),
     forwarded_host: bool = False,
+    ops: HeaderOps = PUBLIC_HEADERS,
 ) -> Headers:
     """
     Headers for the backend request: the client's end-to-end headers (minus ``drop``), plus
     ``X-Forwarded-For`` (appended to any the client sent) and ``X-Forwarded-Proto``; with
     ``forwarded_host``, ``X-Forwarded-Host`` and ``X-Forwarded-Port`` (the Host the client
     asked for, replacing any it sent: this proxy is the edge), so that a backend that builds
-    absolute URLs can build ones the client reaches.
+    absolute URLs can build ones the client reaches. ``ops``: how to read and build them
+    (:func:`header_ops` of the request).
     """
-    out = Headers()
-    for name, values in end_to_end(headers, _union(REQUEST_ONLY_DROPPED, drop)):
-        out.setRawHeaders(name, values)
+    given = ops.table(headers)
+    dropped = _union(REQUEST_ONLY_DROPPED, drop)
+    table = {name: list(values) for name, values in end_to_end(given, dropped)}
     if client_ip:
         client = client_ip.encode("ascii")
-        previous = headers.getRawHeaders(b"x-forwarded-for")
-        chain = b", ".join([*previous, client]) if previous else client
-        out.setRawHeaders(b"x-forwarded-for", [chain])
-    out.setRawHeaders(b"x-forwarded-proto", [scheme])
+        previous = given.get(b"X-Forwarded-For")
+        table[b"X-Forwarded-For"] = [b", ".join([*previous, client]) if previous else client]
+    table[b"X-Forwarded-Proto"] = [scheme]
     if forwarded_host:
-        host = headers.getRawHeaders(b"host")
+        host = given.get(b"Host")
         if host:
-            out.setRawHeaders(b"x-forwarded-host", [host[0]])
-            out.setRawHeaders(b"x-forwarded-port", [host_port(host[0], scheme)])
+            table[b"X-Forwarded-Host"] = [host[0]]
+            table[b"X-Forwarded-Port"] = [host_port(host[0], scheme)]
         else:
-            out.removeHeader(b"x-forwarded-host")
-            out.removeHeader(b"x-forwarded-port")
-    return out
+            table.pop(b"X-Forwarded-Host", None)
+            table.pop(b"X-Forwarded-Port", None)
+    return ops.build(table)
 
 
 DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}

@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from vast_vespa.headers import RESPONSE_ONLY_DROPPED, LocationRewriter, end_to_end
+from vast_vespa.headers import RESPONSE_ONLY_DROPPED, LocationRewriter, end_to_end, header_ops
 from vast_vespa.net.client import BytesProducer
 from vast_vespa.outcome import (
     Outcome,
@@ -57,8 +57,8 @@ def body_producer(
 
 def request_has_body(request: Request) -> bool:
     """Whether the client sent a body (even an empty one): its framing headers say so."""
-    headers = request.requestHeaders
-    return headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")
+    table = header_ops(request).table(request.requestHeaders)
+    return b"Content-Length" in table or b"Transfer-Encoding" in table
 
 
 def _without_query(url: bytes) -> bytes:
@@ -256,10 +256,9 @@ class ProxiedRequest:
             or request.channel is None
         ):
             return
-        forwarded = Headers()
-        for name, values in end_to_end(headers, frozenset()):
-            forwarded.setRawHeaders(name, values)
-        request.channel.writeHeaders(b"HTTP/1.1", b"%d" % code, phrase, forwarded)
+        ops = header_ops(request)
+        table = {name: list(values) for name, values in end_to_end(ops.table(headers), frozenset())}
+        request.channel.writeHeaders(b"HTTP/1.1", b"%d" % code, phrase, ops.build(table))
 
     def _client_disconnected(self, reason: Failure) -> None:
         if self._client_gone:
@@ -308,15 +307,19 @@ class ProxiedRequest:
         head = self._method == b"HEAD"
         # Agent keeps Content-Length on HEAD responses (there it describes a GET): relay it.
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
+        ops = header_ops(request)
         copied = request.responseHeaders
+        own = ops.table(copied)
         locations = self._locations
-        for name, values in end_to_end(response.headers, dropped):
+        for name, values in end_to_end(ops.table(response.headers), dropped):
+            if name in own:  # Vespa's own (X-Request-ID) win
+                continue
             if locations is not None and name.lower() in LocationRewriter.NAMES:
-                values = [locations(request, value) for value in values]
-            if not copied.hasHeader(name):  # Vespa's own (X-Request-ID) win
-                copied.setRawHeaders(name, values)
+                ops.put(copied, name, [locations(request, value) for value in values])
+            else:
+                ops.put(copied, name, list(values))
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
-            copied.setRawHeaders(b"content-length", [b"%d" % cast(int, response.length)])
+            ops.put(copied, b"Content-Length", [b"%d" % cast(int, response.length)])
         self._relay = BodyRelay(
             request, self._body_done, self._clock if self._stall_timeout else None
         )

@@ -18,7 +18,9 @@ import secrets
 
 from twisted.web.server import Request
 
-HEADER = b"x-request-id"
+from vast_vespa.headers import header_ops
+
+HEADER = b"X-Request-Id"  # canonical, as HeaderOps takes names
 MAX_LENGTH = 128
 _USABLE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_LENGTH)
 
@@ -44,17 +46,18 @@ _fresh = _Fresh()
 def assign(request: Request) -> bytes:
     """Give ``request`` its id: set on the request headers (so they carry it to the backend)
     and on the response headers (so the client gets it back)."""
-    given = request.requestHeaders.getRawHeaders(HEADER)
+    ops = header_ops(request)
+    given = ops.table(request.requestHeaders).get(HEADER)
     if given and len(given) == 1 and _USABLE.fullmatch(given[0]):
         rid = given[0]
     else:
         rid = _fresh.next()
-    request.requestHeaders.setRawHeaders(HEADER, [rid])
-    request.responseHeaders.setRawHeaders(HEADER, [rid])
+    ops.put(request.requestHeaders, HEADER, [rid])
+    ops.put(request.responseHeaders, HEADER, [rid])
     return rid
 
 
 def of(request: Request) -> str:
     """The id :func:`assign` gave ``request`` ("-" if none)."""
-    values = request.responseHeaders.getRawHeaders(HEADER)
+    values = header_ops(request).table(request.responseHeaders).get(HEADER)
     return values[0].decode("ascii") if values else "-"

@@ -20,6 +20,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from vast_vespa.headers import PUBLIC_HEADERS, HeaderOps
 from vast_vespa.net.server import ConnectionTable, EarlyVerdict, GuardedChannel, Limits
 from vast_vespa.outcome import JSON, error_body
 
@@ -40,6 +41,7 @@ class VespaRequest(Request):
     and answered with a JSON 500."""
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
+    header_ops: HeaderOps = PUBLIC_HEADERS  # how the request path fills its Headers
 
     def processingFailed(self, reason: Failure) -> Failure:
         """An unexpected error while rendering: log it, answer a JSON 500 (no traceback)."""
@@ -88,6 +90,7 @@ class VespaSite(Site):
             self.requestFactory = LeanRequest
         else:
             self.requestFactory = VespaRequest
+        self.header_ops = self.requestFactory.header_ops  # how its channels build Headers
         self.name = name
         self.limits = limits or Limits()
         self.connections = ConnectionTable(self.reactor)

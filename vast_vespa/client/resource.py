@@ -35,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from vast_vespa import request_id
 from vast_vespa.client.routing import Route, RouteError, Router, backoff
 from vast_vespa.client.tls import CertificateError, WorkerTLSPolicy
-from vast_vespa.headers import forwarded_request_headers
+from vast_vespa.headers import forwarded_request_headers, header_ops
 from vast_vespa.outcome import (
     JSON,
     Observer,
@@ -126,7 +126,7 @@ class RequestForm:
         drop = {AUTH_HEADER} | (set() if forward_authorization else {b"authorization"})
         scheme = b"https" if request.isSecure() else b"http"
         self._headers = forwarded_request_headers(
-            request.requestHeaders, None, scheme, frozenset(drop)
+            request.requestHeaders, None, scheme, frozenset(drop), ops=header_ops(request)
         )
 
     @property

@@ -23,7 +23,7 @@ path and the control pool is Twisted's as it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -63,7 +63,9 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from vast_vespa.headers import PUBLIC_HEADERS
 from vast_vespa.net.dispatch import OUTBOX
+from vast_vespa.net.header_table import RAW_HEADERS
 from vast_vespa.net.listen import send_now
 from vast_vespa.net.resolve import NamedEndpoint, RememberedNames
 from vast_vespa.net.splice import SPLICE_MIN, Splice, can_splice, has_unsent
@@ -107,7 +109,7 @@ def reason_phrase(code: int, phrase: bytes) -> bytes:
     return phrase
 
 
-def chunked_last(values: list[bytes]) -> bool:
+def chunked_last(values: Sequence[bytes]) -> bool:
     """Whether the Transfer-Encoding ``values`` end with ``chunked``: only then does the
     encoding frame the body (RFC 9112 6.3); any other ends at the connection's close."""
     codings = b",".join(values).split(b",")
@@ -311,6 +313,7 @@ class _Connection(Protocol):
         self._pool = pool
         self._key = key
         self._fast = fast_path
+        self._header_ops = RAW_HEADERS if fast_path else PUBLIC_HEADERS
         self._max_head_size = max_head_size
         self._max_headers = max_headers
         self._head_left: int | None = None  # bytes the head may still take; None: past it
@@ -556,19 +559,14 @@ class _Connection(Protocol):
         if code < 100:
             self._broken(Failure(BadResponseHead(f"status {code} is not an HTTP status")))
             return
-        headers = Headers()
-        length: Any = UNKNOWN_LENGTH
-        framed = False
-        codings: list[bytes] = []
-        for name, value in self._headers:
-            headers.addRawHeader(name, value)
-            lower = name.lower()
-            if lower == b"content-length":
-                framed = True
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                codings.append(value)
+        ops = self._header_ops
+        headers = ops.from_fields(self._headers)
         self._headers = []
+        table = ops.table(headers)
+        lengths = table.get(b"Content-Length")  # llhttp refuses two that differ
+        framed = lengths is not None
+        length: Any = int(lengths[-1]) if lengths else UNKNOWN_LENGTH
+        codings = table.get(b"Transfer-Encoding")
         phrase, self._phrase = reason_phrase(code, self._phrase), b""
         if code < 200:
             # Interim (100 Continue, 103 Early Hints): the answer follows. Its head counts

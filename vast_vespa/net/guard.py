@@ -1,13 +1,13 @@
 # -*- test-case-name: tests.test_net_guard -*-
 """
 The fast path's one start-up check. Parts of :mod:`vast_vespa.net` replace steps of Twisted's own
-path (event dispatch, accept loop, write path, splice, a leaner Request, a quiet
-control pool) through Twisted's private names, which any Twisted release may rename. :data:`NEEDS`
-lists every one of them with the shape it must have; :func:`choose_fast_path` checks them all once
-per process and, if one is missing or changed, logs one warning line naming it and the worker runs
-on stock Twisted (its own reactor loop, accept loop and write path, no splice, and requests through
-twisted.web's public API only). ``FAST_PATH=false`` asks for stock Twisted by hand. A test checks
-that NEEDS names every private name :mod:`vast_vespa.net` uses.
+path (event dispatch, accept loop, write path, splice, a leaner Request, headers filled directly,
+a quiet control pool) through Twisted's private names, which any Twisted release may rename.
+:data:`NEEDS` lists every one of them with the shape it must have; :func:`choose_fast_path` checks
+them all once per process and, if one is missing or changed, logs one warning line naming it and
+the worker runs on stock Twisted (its own reactor loop, accept loop and write path, no splice, and
+requests through twisted.web's public API only). ``FAST_PATH=false`` asks for stock Twisted by
+hand. A test checks that NEEDS names every private name :mod:`vast_vespa.net` uses.
 """
 
 from __future__ import annotations
@@ -137,6 +137,19 @@ NEEDS: tuple[Need, ...] = (
         _kind(Protocol),
         "the protocol it wraps",
     ),
+    # net/header_table.py (and net/request.py): the dict behind Headers, by canonical name
+    Need(
+        "twisted.web.http_headers:Headers()",
+        "_rawHeaders",
+        lambda v: v == {b"Content-Type": [b"text/plain"]},
+        "a dict by canonical name",
+    ),
+    Need(
+        "twisted.web.http_headers",
+        "_nameEncoder",
+        lambda v: v.encode(b"x-request-id") == b"X-Request-Id",
+        "a name encoder to canonical names",
+    ),
     # net/request.py: the state Request.write keeps
     Need("twisted.web.server:Request", "_disconnected", _kind(bool), "a bool"),
     Need("twisted.web.server:Request", "_encoder", lambda v: v is None, "None"),
@@ -160,6 +173,7 @@ def _web_client() -> Any:
 _PROBES: dict[str, Callable[[Any, Any], Any]] = {
     "FileDescriptor": lambda cls, reactor: cls(reactor),  # what every TCP connection sets up
     "_WrappingProtocol": lambda cls, reactor: cls(Deferred(), Protocol()),  # endpoints' wrapper
+    "Headers": lambda cls, reactor: cls({b"content-type": [b"text/plain"]}),  # one header set
 }
 
 

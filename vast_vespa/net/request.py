@@ -6,7 +6,8 @@ in fewer steps, for the requests every listener relays.
 Twisted private names it relies on (checked at start-up by :mod:`vast_vespa.net.guard`):
 the state ``Request.write`` keeps about an answer
 (``_disconnected``, ``_encoder``, ``_inFakeHead``), read to know when its own head writing
-applies; anything else goes to twisted.web's own ``write``.
+applies; anything else goes to twisted.web's own ``write``. Its headers are read and filled
+through :mod:`vast_vespa.net.header_table`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import version as SERVER
 
+from vast_vespa.net.header_table import RAW_HEADERS
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.site import VespaRequest
 
@@ -35,6 +37,7 @@ class LeanRequest(VespaRequest):
       connection (twisted.web's write, three calls deep, checks the same state each time).
     """
 
+    header_ops = RAW_HEADERS
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
     _send_chunk: Callable[[bytes], object]  # the connection's write, once chunks go straight
 
@@ -45,8 +48,9 @@ class LeanRequest(VespaRequest):
             super().process()
             return
         self.site = site
-        self.setHeader(b"Server", SERVER)
-        self.setHeader(b"Date", site.http_date())
+        headers = self.responseHeaders._rawHeaders  # see header_table
+        headers[b"Server"] = [SERVER]
+        headers[b"Date"] = [site.http_date()]
         try:
             self.render(resource)
         except BaseException:

@@ -742,7 +742,7 @@ class GuardedChannel(Protocol):
             # the backend's, and twisted.web would answer it 200 itself.
             self._stop(400, _BAD, "malformed request target: expected a path, not *")
         size = len(method) + len(target) + 14  # two spaces, the version, three line ends
-        headers = Headers()
+        kept: list[tuple[bytes, bytes]] = []
         length: int | None = 0
         chunked = connection = expect = cookies = upgrade = False
         hosts = underscored = 0
@@ -772,7 +772,7 @@ class GuardedChannel(Protocol):
                     upgrade = True
                 else:
                     cookies = True
-            headers.addRawHeader(name, value)
+            kept.append((name, value))
         size = max(size, self._head_size)
         self._head_size = 0
         if underscored:
@@ -800,6 +800,7 @@ class GuardedChannel(Protocol):
         persistent = version == b"HTTP/1.1" and not (connection and not parser.should_keep_alive())
         self._last = not persistent
         expect = expect and version == b"HTTP/1.1"
+        headers = self.site.header_ops.from_fields(kept)
         self._events.append(
             (_HEAD, method, target, version, headers, length, persistent, expect, cookies)
         )

@@ -26,7 +26,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from vast_vespa.headers import carries_key, forwarded_request_headers, without_api_key
+from vast_vespa.headers import (
+    carries_key,
+    forwarded_request_headers,
+    header_ops,
+    without_api_key,
+)
 from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.relay import BytesProducer
 from vast_vespa.signing import VerifiedCache, verify
@@ -447,8 +452,14 @@ class SignedGate:
         if unwrapped.body is None:
             return passthrough(request, self._cooperator, target, drop)
         scheme = b"https" if request.isSecure() else b"http"
+        ops = header_ops(request)
         headers = forwarded_request_headers(
-            request.requestHeaders, client_address(request), scheme, drop, forwarded_host=True
+            request.requestHeaders,
+            client_address(request),
+            scheme,
+            drop,
+            forwarded_host=True,
+            ops=ops,
         )
-        headers.setRawHeaders(b"content-type", [JSON])
+        ops.put(headers, b"Content-Type", [JSON])
         return Forward(target, headers, BytesProducer(unwrapped.body))

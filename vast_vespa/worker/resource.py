@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from vast_vespa import request_id
-from vast_vespa.headers import LocationRewriter, forwarded_request_headers
+from vast_vespa.headers import LocationRewriter, forwarded_request_headers, header_ops
 from vast_vespa.outcome import JSON, Observer, Outcome, RelayResult, notify, write_error
 from vast_vespa.relay import ProxiedRequest, body_producer, request_has_body
 
@@ -74,7 +74,12 @@ def passthrough(
     but ``drop``, and the body byte for byte."""
     scheme = b"https" if request.isSecure() else b"http"
     headers = forwarded_request_headers(
-        request.requestHeaders, client_address(request), scheme, drop, forwarded_host=True
+        request.requestHeaders,
+        client_address(request),
+        scheme,
+        drop,
+        forwarded_host=True,
+        ops=header_ops(request),
     )
     assert request.content is not None
     body = body_producer(request.content, cooperator, request_has_body(request))
