@@ -74,6 +74,12 @@ PRELUDES: dict[str, str] = {
         "    return TLSMemoryBIOFactory(tls, False, factory, clock)\n"
         "m.LeanTLSFactory = twisted_tls\n"
     ),
+    # twisted.web's public Headers methods (each name canonicalised, each value checked)
+    # instead of the dict behind Headers (vast_vespa.net.header_table).
+    "header-table": (
+        "import vast_vespa.net.header_table as h, vast_vespa.headers as p\n"
+        "h.RAW_HEADERS = p.PUBLIC_HEADERS\n"
+    ),
     "lean-request": (
         "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"
     ),
