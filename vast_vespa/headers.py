@@ -44,7 +44,7 @@ class HeaderOps:
     spent most of its time in.
     """
 
-    def from_fields(self, fields: Iterable[tuple[bytes, bytes]]) -> Headers:
+    def from_fields(self, fields: Sequence[tuple[bytes, bytes]]) -> Headers:
         """Headers holding parsed ``(name, value)`` fields in their order (names as sent)."""
         headers = Headers()
         for name, value in fields:

@@ -320,21 +320,23 @@ class ProxiedRequest:
                 ops.put(copied, name, list(values))
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
             ops.put(copied, b"Content-Length", [b"%d" % cast(int, response.length)])
-        self._relay = BodyRelay(
+        relay = self._relay = BodyRelay(
             request, self._body_done, self._clock if self._stall_timeout else None
         )
-        if self._stall_timeout:
-            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
         # The body that came with the headers is written first, so that a server that writes
         # the head with the first data (the worker's) sends both in one packet; then status and
         # headers go out in any case: SSE clients see them before the first event.
-        response.deliverBody(self._relay)
-        if not (request.startedWriting or request.finished or self._relay.client_lost):
+        response.deliverBody(relay)
+        if self._relay is None:
+            return  # the whole body came with the head, and is relayed: it cannot stall
+        if self._stall_timeout:
+            self._step_timer = self._clock.callLater(self._stall_timeout, self._stalled)
+        if not (request.startedWriting or request.finished or relay.client_lost):
             request.write(b"")
         # A big body of known length, passed on as it is: the kernel moves it (net/splice.py).
         splice_to = getattr(response, "splice_to", None)  # vast_vespa.net.client's responses
         if splice_to is not None and not (head or request.chunked or request.finished):
-            splice_to(request.transport, self._relay.spliced)
+            splice_to(request.transport, relay.spliced)
 
     def _body_done(self) -> None:
         relay = self._relay

@@ -17,7 +17,7 @@ canonical names).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from twisted.web.http_headers import Headers, _nameEncoder
 
@@ -40,20 +40,22 @@ def _canonical(name: bytes) -> bytes:
 class RawHeaderOps(HeaderOps):
     """HeaderOps on the dict behind each Headers (see the module docstring)."""
 
-    def from_fields(self, fields: Iterable[tuple[bytes, bytes]]) -> Headers:
-        table: dict[bytes, list[bytes]] = {}
+    def from_fields(self, fields: Sequence[tuple[bytes, bytes]]) -> Headers:
         known = _CANONICAL
-        for name, value in fields:
-            canonical = known.get(name) or _canonical(name)
-            values = table.get(canonical)
-            if values is None:
-                table[canonical] = [value]
-            else:
-                values.append(value)
+        table = {known.get(name) or _canonical(name): [value] for name, value in fields}
+        if len(table) < len(fields):  # a name given more than once: all its values, in order
+            table = {}
+            for name, value in fields:
+                canonical = known.get(name) or _canonical(name)
+                values = table.get(canonical)
+                if values is None:
+                    table[canonical] = [value]
+                else:
+                    values.append(value)
         return self.build(table)
 
     def build(self, table: dict[bytes, list[bytes]]) -> Headers:
-        headers = Headers()
+        headers = Headers.__new__(Headers)  # its __init__ would only make an empty dict
         headers._rawHeaders = table
         return headers
 

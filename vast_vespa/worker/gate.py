@@ -256,7 +256,9 @@ class SignedGate:
                 return self._sessions.manage(request)
             if request.method != b"POST":
                 raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
-        rejection = self._refused_early.pop(request, None) or self._blocked_path(request.uri)
+        rejection = self._refused_early.pop(request, None)
+        if rejection is None and self._blocked:
+            rejection = self._blocked_path(request.uri)
         if rejection is not None:
             raise rejection
         assert request.content is not None
