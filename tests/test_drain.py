@@ -44,7 +44,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(body.count(b"data: event"), 4)
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         self.successResultOf(stopped)
-        self.assertEqual(service.in_flight.requests, set())
+        self.assertEqual(service.in_flight.requests, {})
 
     def test_drain_timeout_aborts_the_rest(self) -> None:
         """A request still in flight when DRAIN_TIMEOUT ends is cut, and its backend call

@@ -74,7 +74,7 @@ class ResourceTests(SynchronousTestCase):
         worker = MemoryWorker(self, gate=Passthrough(on_done=broken))
         self.assertEqual(worker.get("/status/200").code, 200)
         self.assertEqual([r.status for r in worker.results], [200])
-        self.assertEqual(worker.resource.in_flight.requests, set())
+        self.assertEqual(worker.resource.in_flight.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_an_agent_that_raises_is_an_internal_error(self):
@@ -125,7 +125,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual((answer.code, answer.json()["error"]), (500, "internal error"))
         self.assertEqual([(r.outcome, r.status) for r in done], [(Outcome.ERRORED, 500)])
         self.assertEqual(worker.results, done)
-        self.assertEqual(worker.resource.in_flight.requests, set())
+        self.assertEqual(worker.resource.in_flight.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
         self.assertEqual(worker.backend.seen, [])
 
@@ -143,7 +143,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertNotIn(b"Traceback", answer.body)
         self.assertNotIn(b"secret-token", answer.body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(worker.resource.in_flight.requests, set())  # a drain would not wait
+        self.assertEqual(worker.resource.in_flight.requests, {})  # a drain would not wait
 
     def test_a_client_leaving_the_queue_is_cancelled_once(self):
         """A request waiting for a slot whose client leaves: the wait is cancelled, the
@@ -161,5 +161,5 @@ class ResourceTests(SynchronousTestCase):
         worker.flush()
         self.assertEqual(cancelled, [True])
         self.assertEqual([r.outcome for r in worker.results], [Outcome.CANCELLED])
-        self.assertEqual(worker.resource.in_flight.requests, set())
+        self.assertEqual(worker.resource.in_flight.requests, {})
         self.assertEqual(worker.backend.seen, [])

@@ -85,11 +85,17 @@ def end_to_end(
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """The (name, values) pairs of a header ``table`` (:meth:`HeaderOps.table`) that are
     neither hop-by-hop nor in ``dropped``."""
-    stop = _union(HOP_BY_HOP, dropped)
     listed = table.get(b"Connection")
-    if listed:
-        stop = stop | connection_tokens(listed)
+    stop = _stopped(dropped, tuple(listed) if listed else ())
     return [(name, values) for name, values in table.items() if name.lower() not in stop]
+
+
+@lru_cache(maxsize=256)
+def _stopped(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> frozenset[bytes]:
+    """The lower-case names that stop here: hop-by-hop ones, ``dropped``, and those the
+    ``connection`` header values name. Made once per distinct pair: a few in practice (a
+    backend's ``Connection: keep-alive`` on every answer)."""
+    return HOP_BY_HOP | dropped | connection_tokens(connection)
 
 
 @lru_cache(maxsize=64)

@@ -93,14 +93,15 @@ class InFlight:
     Deferred per request."""
 
     def __init__(self) -> None:
-        self.requests: set[Request] = set()
+        # By id: twisted.web's Request hashes in Python, a call per add and per removal.
+        self.requests: dict[int, Request] = {}
         self._idle: list[Deferred[None]] = []
 
     def add(self, request: Request) -> None:
-        self.requests.add(request)
+        self.requests[id(request)] = request
 
     def done(self, request: Request) -> None:
-        self.requests.discard(request)
+        self.requests.pop(id(request), None)
         if not self.requests and self._idle:
             idle, self._idle = self._idle, []
             for waiter in idle:
@@ -117,7 +118,7 @@ class InFlight:
 
     def abort(self) -> int:
         """Cut the connections of the requests still in flight; returns how many."""
-        requests = list(self.requests)
+        requests = list(self.requests.values())
         for request in requests:
             transport = getattr(request.channel, "transport", None)
             if transport is not None:
