@@ -204,7 +204,11 @@ class ProxiedRequest:
 
     def start(self) -> Deferred[RelayResult]:
         """Send the request; the Deferred fires once the request is over, one way or another."""
-        self._request.notifyFinish().addErrback(self._client_disconnected)
+        when_lost = getattr(self._request, "when_lost", None)  # VespaRequest's
+        if when_lost is not None:
+            when_lost(self._client_disconnected)
+        else:
+            self._request.notifyFinish().addErrback(self._client_disconnected)
         if self._timeout:
             self._timer = self._clock.callLater(
                 self._timeout, self._time_out, f"no response within {self._timeout:g} s"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from collections.abc import Callable
 from io import BytesIO
 from tempfile import TemporaryFile
 from typing import IO, Any
@@ -42,6 +43,29 @@ class VespaRequest(Request):
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
     header_ops: HeaderOps = PUBLIC_HEADERS  # how the request path fills its Headers
+    _when_lost: list[Callable[[Failure], object]] | None = None
+
+    def when_lost(self, callback: Callable[[Failure], object]) -> None:
+        """Have ``callback(reason)`` called if the connection is lost before the answer is
+        finished: what an errback on ``notifyFinish()`` is told, without the Deferred that
+        fires on every finished answer too (the relay asks this of every request)."""
+        if self._when_lost is None:
+            self._when_lost = [callback]
+        else:
+            self._when_lost.append(callback)
+
+    def finish(self) -> None:
+        self._when_lost = None  # answered: nothing to tell (and no cycle with the relay)
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        callbacks, self._when_lost = self._when_lost, None
+        for callback in callbacks or ():
+            try:
+                callback(reason)
+            except Exception:  # as a failing errback: logged, the others still told
+                _log.failure("telling {callback!r} of a lost connection", callback=callback)
 
     def processingFailed(self, reason: Failure) -> Failure:
         """An unexpected error while rendering: log it, answer a JSON 500 (no traceback)."""
