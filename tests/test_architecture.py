@@ -33,14 +33,20 @@ def _private(name: str) -> bool:
 
 
 def _own_names(trees: dict[str, ast.Module]) -> set[str]:
-    """Every private name Vespa defines itself: functions, classes, assigned attributes and
-    variables, parameters."""
+    """Every private name Vespa defines itself: functions, classes, attributes its classes set
+    on themselves (``self._x = ...``: one set on another object, ``headers._rawHeaders = ...``,
+    may be Twisted's), variables, parameters."""
     own: set[str] = set()
     for tree in trees.values():
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 own.add(node.name)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("self", "cls")
+            ):
                 own.add(node.attr)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 own.add(node.id)
@@ -130,6 +136,12 @@ class ArchitectureTests(SynchronousTestCase):
         """The scan sees an import made inside a function (as a probe would make it)."""
         source = "def probe():\n    from twisted.internet.testing import StringTransport\n"
         self.assertIn("twisted.internet.testing", _imports(ast.parse(source)))
+
+    def test_a_private_attribute_set_on_another_object_is_not_own(self) -> None:
+        """Setting one of Twisted's private attributes (``headers._rawHeaders = ...``) does not
+        make it Vespa's own name: only what a class sets on itself is."""
+        tree = ast.parse("self._mine = 1\nheaders._rawHeaders = {}\n")
+        self.assertEqual(_own_names({"m.py": tree}), {"_mine"})
 
     def test_the_check_finds_a_private_name(self) -> None:
         """The scan itself sees the forms of use it looks for."""
