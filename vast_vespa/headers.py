@@ -94,7 +94,8 @@ def end_to_end(
 def _stopped(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> frozenset[bytes]:
     """The lower-case names that stop here: hop-by-hop ones, ``dropped``, and those the
     ``connection`` header values name. Made once per distinct pair: a few in practice (a
-    backend's ``Connection: keep-alive`` on every answer)."""
+    backend's ``Connection: keep-alive`` on every answer); a client's made-up values only
+    replace the oldest of the 256 kept."""
     return HOP_BY_HOP | dropped | connection_tokens(connection)
 
 

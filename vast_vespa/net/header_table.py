@@ -55,7 +55,7 @@ class RawHeaderOps(HeaderOps):
         return self.build(table)
 
     def build(self, table: dict[bytes, list[bytes]]) -> Headers:
-        headers = Headers.__new__(Headers)  # its __init__ would only make an empty dict
+        headers = Headers()  # (whatever else a later Twisted's __init__ sets up)
         headers._rawHeaders = table
         return headers
 
