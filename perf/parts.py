@@ -78,7 +78,7 @@ PRELUDES: dict[str, str] = {
     # instead of the dict behind Headers (vast_vespa.net.header_table).
     "header-table": (
         "import vast_vespa.net.header_table as h, vast_vespa.headers as p\n"
-        "h.RAW_HEADERS = p.PUBLIC_HEADERS\n"
+        "h.RAW_HEADER_OPS = p.PUBLIC_HEADER_OPS\n"
     ),
     "lean-request": (
         "import vast_vespa.net.request as r, vast_vespa.site as s\nr.LeanRequest = s.VespaRequest\n"

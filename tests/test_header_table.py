@@ -11,14 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from vast_vespa.headers import (
     HOP_BY_HOP,
-    PUBLIC_HEADERS,
+    PUBLIC_HEADER_OPS,
     REQUEST_ONLY_DROPPED,
     end_to_end,
     forwarded_request_headers,
     header_ops,
 )
 from vast_vespa.net import header_table
-from vast_vespa.net.header_table import RAW_HEADERS
+from vast_vespa.net.header_table import RAW_HEADER_OPS
 from vast_vespa.net.request import LeanRequest
 from vast_vespa.site import VespaRequest
 
@@ -39,7 +39,7 @@ FIELDS = st.lists(st.tuples(NAME, VALUE), max_size=14)
 
 def canonical_table(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
     """A table as HeaderOps.build takes it, made through the public API."""
-    made = PUBLIC_HEADERS.from_fields(fields)  # Headers.addRawHeader, field by field
+    made = PUBLIC_HEADER_OPS.from_fields(fields)  # Headers.addRawHeader, field by field
     return {name: list(values) for name, values in made.getAllRawHeaders()}
 
 
@@ -48,7 +48,7 @@ class SameHeadersTests(SynchronousTestCase):
     @given(FIELDS)
     def test_from_fields(self, fields):
         """Parsed fields, repeated names in any case included, make the same Headers."""
-        raw, public = RAW_HEADERS.from_fields(fields), PUBLIC_HEADERS.from_fields(fields)
+        raw, public = RAW_HEADER_OPS.from_fields(fields), PUBLIC_HEADER_OPS.from_fields(fields)
         self.assertEqual(raw, public)
         self.assertEqual(list(raw.getAllRawHeaders()), list(public.getAllRawHeaders()))
 
@@ -61,7 +61,7 @@ class SameHeadersTests(SynchronousTestCase):
             forwarded_request_headers(
                 ops.from_fields(fields), client, b"https", drop, forwarded_host, ops=ops
             )
-            for ops in (RAW_HEADERS, PUBLIC_HEADERS)
+            for ops in (RAW_HEADER_OPS, PUBLIC_HEADER_OPS)
         ]
         self.assertEqual(made[0], made[1])
 
@@ -71,32 +71,32 @@ class SameHeadersTests(SynchronousTestCase):
         """A table builds the same Headers, reads back the same, and a put replaces the same
         values."""
         for_raw, for_public = canonical_table(fields), canonical_table(fields)
-        raw, public = RAW_HEADERS.build(for_raw), PUBLIC_HEADERS.build(for_public)
+        raw, public = RAW_HEADER_OPS.build(for_raw), PUBLIC_HEADER_OPS.build(for_public)
         self.assertEqual(raw, public)
-        self.assertEqual(dict(RAW_HEADERS.table(raw)), dict(PUBLIC_HEADERS.table(public)))
-        for ops, headers in ((RAW_HEADERS, raw), (PUBLIC_HEADERS, public)):
+        self.assertEqual(dict(RAW_HEADER_OPS.table(raw)), dict(PUBLIC_HEADER_OPS.table(public)))
+        for ops, headers in ((RAW_HEADER_OPS, raw), (PUBLIC_HEADER_OPS, public)):
             ops.put(headers, b"X-Request-Id", [b"id"])
             ops.put(headers, b"Content-Length", [b"12"])
         self.assertEqual(raw, public)
         self.assertEqual(raw.getRawHeaders(b"x-request-id"), [b"id"])
-        kept = end_to_end(RAW_HEADERS.table(raw), REQUEST_ONLY_DROPPED)
-        self.assertEqual(kept, end_to_end(PUBLIC_HEADERS.table(public), REQUEST_ONLY_DROPPED))
+        kept = end_to_end(RAW_HEADER_OPS.table(raw), REQUEST_ONLY_DROPPED)
+        self.assertEqual(kept, end_to_end(PUBLIC_HEADER_OPS.table(public), REQUEST_ONLY_DROPPED))
 
     def test_table_is_a_copy_only_in_public(self):
         """The public table is a snapshot (changes go through put); the raw one is the
         Headers' own dict, so a put shows in it."""
-        raw, public = RAW_HEADERS.build({}), PUBLIC_HEADERS.build({})
-        raw_table, public_table = RAW_HEADERS.table(raw), PUBLIC_HEADERS.table(public)
-        RAW_HEADERS.put(raw, b"X-A", [b"1"])
-        PUBLIC_HEADERS.put(public, b"X-A", [b"1"])
+        raw, public = RAW_HEADER_OPS.build({}), PUBLIC_HEADER_OPS.build({})
+        raw_table, public_table = RAW_HEADER_OPS.table(raw), PUBLIC_HEADER_OPS.table(public)
+        RAW_HEADER_OPS.put(raw, b"X-A", [b"1"])
+        PUBLIC_HEADER_OPS.put(public, b"X-A", [b"1"])
         self.assertEqual(dict(raw_table), {b"X-A": [b"1"]})
         self.assertEqual(dict(public_table), {})
 
     def test_each_request_class_has_its_own(self):
         """The fast path's Request uses the raw ones; anything else the public ones."""
-        self.assertIs(LeanRequest.header_ops, RAW_HEADERS)
-        self.assertIs(VespaRequest.header_ops, PUBLIC_HEADERS)
-        self.assertIs(header_ops(object()), PUBLIC_HEADERS)  # a request of another class
+        self.assertIs(LeanRequest.header_ops, RAW_HEADER_OPS)
+        self.assertIs(VespaRequest.header_ops, PUBLIC_HEADER_OPS)
+        self.assertIs(header_ops(object()), PUBLIC_HEADER_OPS)  # a request of another class
 
     def test_canonical_names_are_remembered_up_to_a_bound(self):
         """Endless distinct names (an attacker's) do not grow the cache past its bound, and
@@ -104,10 +104,10 @@ class SameHeadersTests(SynchronousTestCase):
         self.patch(header_table, "_CANONICAL", {})
         self.patch(header_table, "_MAX_CANONICAL", 3)
         fields = [(b"x-name-%d" % i, b"v") for i in range(10)]
-        headers = RAW_HEADERS.from_fields(fields)
+        headers = RAW_HEADER_OPS.from_fields(fields)
         self.assertEqual(len(header_table._CANONICAL), 3)
         self.assertEqual(headers.getRawHeaders(b"X-Name-9"), [b"v"])
-        self.assertEqual(headers, PUBLIC_HEADERS.from_fields(fields))
+        self.assertEqual(headers, PUBLIC_HEADER_OPS.from_fields(fields))
 
 
 class _Heads:

@@ -11,7 +11,7 @@ from twisted.web.http_headers import Headers
 
 from vast_vespa.headers import (
     HOP_BY_HOP,
-    PUBLIC_HEADERS,
+    PUBLIC_HEADER_OPS,
     REQUEST_ONLY_DROPPED,
     connection_tokens,
     end_to_end,
@@ -71,7 +71,7 @@ class HeaderProperties(SynchronousTestCase):
         named = connection_tokens(headers.getRawHeaders(b"connection", ()))
         kept = dict(
             (name.lower(), list(values))
-            for name, values in end_to_end(PUBLIC_HEADERS.table(headers), REQUEST_ONLY_DROPPED)
+            for name, values in end_to_end(PUBLIC_HEADER_OPS.table(headers), REQUEST_ONLY_DROPPED)
         )
         for name, values in headers.getAllRawHeaders():
             lower = name.lower()

@@ -35,13 +35,13 @@ print("checked", len(PRELUDES))
 
 HEADER_TABLE_OFF = """
 {prelude}
-from vast_vespa.headers import PUBLIC_HEADERS
+from vast_vespa.headers import PUBLIC_HEADER_OPS
 from vast_vespa.net import client, request
 from vast_vespa.site import VespaSite
 from twisted.web.resource import Resource
 site = VespaSite(Resource(), fast_path=True)
-print(request.LeanRequest.header_ops is PUBLIC_HEADERS, client.RAW_HEADERS is PUBLIC_HEADERS,
-      site.header_ops is PUBLIC_HEADERS)
+print(request.LeanRequest.header_ops is PUBLIC_HEADER_OPS, client.RAW_HEADER_OPS is PUBLIC_HEADER_OPS,
+      site.header_ops is PUBLIC_HEADER_OPS)
 """
 
 

@@ -64,13 +64,13 @@ class HeaderOps:
         headers.setRawHeaders(name, values)
 
 
-PUBLIC_HEADERS = HeaderOps()
+PUBLIC_HEADER_OPS = HeaderOps()
 
 
 def header_ops(request: Request) -> HeaderOps:
     """The HeaderOps for ``request``'s headers: its class's (the fast path's Request has its
     own), else the public one."""
-    return getattr(request, "header_ops", PUBLIC_HEADERS)
+    return getattr(request, "header_ops", PUBLIC_HEADER_OPS)
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -86,12 +86,12 @@ def end_to_end(
     """The (name, values) pairs of a header ``table`` (:meth:`HeaderOps.table`) that are
     neither hop-by-hop nor in ``dropped``."""
     listed = table.get(b"Connection")
-    stop = _stopped(dropped, tuple(listed) if listed else ())
+    stop = _stopped_names(dropped, tuple(listed) if listed else ())
     return [(name, values) for name, values in table.items() if name.lower() not in stop]
 
 
 @lru_cache(maxsize=256)
-def _stopped(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> frozenset[bytes]:
+def _stopped_names(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> frozenset[bytes]:
     """The lower-case names that stop here: hop-by-hop ones, ``dropped``, and those the
     ``connection`` header values name. Made once per distinct pair: a few in practice (a
     backend's ``Connection: keep-alive`` on every answer); a client's made-up values only
@@ -111,7 +111,7 @@ def forwarded_request_headers(
     scheme: bytes,
     drop: frozenset[bytes] = frozenset(),
     forwarded_host: bool = False,
-    ops: HeaderOps = PUBLIC_HEADERS,
+    ops: HeaderOps = PUBLIC_HEADER_OPS,
 ) -> Headers:
     """
     Headers for the backend request: the client's end-to-end headers (minus ``drop``), plus

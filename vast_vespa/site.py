@@ -21,7 +21,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from vast_vespa.headers import PUBLIC_HEADERS, HeaderOps
+from vast_vespa.headers import PUBLIC_HEADER_OPS, HeaderOps
 from vast_vespa.net.server import ConnectionTable, EarlyVerdict, GuardedChannel, Limits
 from vast_vespa.outcome import JSON, error_body
 
@@ -42,7 +42,7 @@ class VespaRequest(Request):
     and answered with a JSON 500."""
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
-    header_ops: HeaderOps = PUBLIC_HEADERS  # how the request path fills its Headers
+    header_ops: HeaderOps = PUBLIC_HEADER_OPS  # how the request path fills its Headers
     _when_lost: list[Callable[[Failure], object]] | None = None
 
     def when_lost(self, callback: Callable[[Failure], object]) -> None:

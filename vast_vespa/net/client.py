@@ -63,9 +63,9 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from vast_vespa.headers import PUBLIC_HEADERS
+from vast_vespa.headers import PUBLIC_HEADER_OPS
 from vast_vespa.net.dispatch import OUTBOX
-from vast_vespa.net.header_table import RAW_HEADERS
+from vast_vespa.net.header_table import RAW_HEADER_OPS
 from vast_vespa.net.listen import send_now
 from vast_vespa.net.resolve import NamedEndpoint, RememberedNames
 from vast_vespa.net.splice import SPLICE_MIN, Splice, can_splice, has_unsent
@@ -313,7 +313,7 @@ class _Connection(Protocol):
         self._pool = pool
         self._key = key
         self._fast = fast_path
-        self._header_ops = RAW_HEADERS if fast_path else PUBLIC_HEADERS
+        self._header_ops = RAW_HEADER_OPS if fast_path else PUBLIC_HEADER_OPS
         self._max_head_size = max_head_size
         self._max_headers = max_headers
         self._head_left: int | None = None  # bytes the head may still take; None: past it

@@ -66,4 +66,4 @@ class RawHeaderOps(HeaderOps):
         headers._rawHeaders[name] = values
 
 
-RAW_HEADERS = RawHeaderOps()
+RAW_HEADER_OPS = RawHeaderOps()

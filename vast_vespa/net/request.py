@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import version as SERVER
 
-from vast_vespa.net.header_table import RAW_HEADERS
+from vast_vespa.net.header_table import RAW_HEADER_OPS
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.site import VespaRequest
 
@@ -37,7 +37,7 @@ class LeanRequest(VespaRequest):
       connection (twisted.web's write, three calls deep, checks the same state each time).
     """
 
-    header_ops = RAW_HEADERS
+    header_ops = RAW_HEADER_OPS
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
     _send_chunk: Callable[[bytes], object]  # the connection's write, once chunks go straight
 
