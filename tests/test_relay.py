@@ -290,6 +290,31 @@ class RelayTests(TestCase):
 class RelayDecisionTests(SynchronousTestCase):
     """Which answer the relay gives when the backend cannot, in memory (tests/memory.py)."""
 
+    def test_stall_timer_only_for_a_body_still_coming(self):
+        """A body that came whole with its head cannot stall: it is relayed without a stall
+        timer. A streamed one has one until it ends."""
+        worker = MemoryWorker(self, signed=False, stall_timeout=30.0)
+        armed: list[str] = []
+        call_later = worker.clock.callLater
+
+        def recording(delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+            armed.append(getattr(func, "__name__", ""))
+            return call_later(delay, func, *args, **kwargs)
+
+        self.patch(worker.clock, "callLater", recording)
+        self.assertEqual(worker.get("/whole").code, 200)
+        self.assertNotIn("_stalled", armed)
+
+        def stall_timers() -> list[object]:
+            calls = worker.clock.getDelayedCalls()
+            return [call for call in calls if getattr(call.func, "__name__", "") == "_stalled"]
+
+        client = worker.request("GET", "/sse?n=2&interval=1")
+        self.assertEqual(len(stall_timers()), 1)
+        worker.advance(1)
+        self.assertIn(b"data: event 1", client.received)
+        self.assertEqual(stall_timers(), [])
+
     def test_absolute_form_target_is_refused(self):
         """An absolute-form target is a 400: the backend host is always BACKEND_URL."""
         worker = MemoryWorker(self, signed=False)
