@@ -137,7 +137,7 @@ NEEDS: tuple[Need, ...] = (
         _kind(Protocol),
         "the protocol it wraps",
     ),
-    # net/header_table.py (and net/request.py): the dict behind Headers, by canonical name
+    # net/header_table.py: the dict behind Headers, by canonical name
     Need(
         "twisted.web.http_headers:Headers()",
         "_rawHeaders",

@@ -48,9 +48,9 @@ class LeanRequest(VespaRequest):
             super().process()
             return
         self.site = site
-        headers = self.responseHeaders._rawHeaders  # see header_table
-        headers[b"Server"] = [SERVER]
-        headers[b"Date"] = [site.http_date()]
+        put = self.header_ops.put
+        put(self.responseHeaders, b"Server", [SERVER])
+        put(self.responseHeaders, b"Date", [site.http_date()])
         try:
             self.render(resource)
         except BaseException:
