@@ -313,7 +313,7 @@ class ProxiedRequest:
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
         ops = header_ops(request)
         copied = request.responseHeaders
-        own = ops.table(copied)
+        own = ops.table(copied)  # (a snapshot with the public ops: the names below are distinct)
         locations = self._locations
         for name, values in end_to_end(ops.table(response.headers), dropped):
             if name in own:  # Vespa's own (X-Request-ID) win
