@@ -37,6 +37,7 @@ from zope.interface import directlyProvidedBy, implementedBy, implementer, provi
 from tests.certs import self_signed
 from tests.fakes import FakeBackend, big_body
 from tests.helpers import listen, spawn_worker
+from vast_vespa.net import lean_tls
 from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.lean_tls import LeanTLSFactory, LeanTLSProtocol
 from vast_vespa.net.listen import SendNowEndpoint, listen_service
@@ -515,6 +516,15 @@ class InMemoryTests(SynchronousTestCase):
         self.server.dataReceived(self.client.bio_read(2**20))
         self.assertEqual(self.app.received, b"first " + body)
         self.assertTrue(self.transport.disconnecting)  # the close_notify answered
+
+    def test_record_longer_than_a_read(self) -> None:
+        """A record whose cleartext takes several reads is all delivered: a read that fills
+        what it asked for is followed by another, though the bytes in are all taken."""
+        self.patch(lean_tls, "READ_SIZE", 1000)
+        body = os.urandom(5_500)  # one record
+        self.client.sendall(body)
+        self.server.dataReceived(self.client.bio_read(2**20))
+        self.assertEqual(self.app.received, body)
 
     def test_handshake_completed(self) -> None:
         self.assertEqual(self.app.handshakes, 1)
