@@ -225,8 +225,8 @@ class Bench:
 
     def proxies(self, signed: bool = False, tls: bool = False) -> list[Target]:
         """The proxy targets (not yet started); direct is added by ``start_targets``. With
-        ``tls``, nginx and Vespa serve HTTPS with the same certificate (--target is skipped:
-        it may not)."""
+        ``tls``, nginx, Vespa and the --tls-target commands serve HTTPS with the same
+        certificate (--target is skipped: it may not)."""
         base = self.args.port_base + 10
         found = [Target("nginx", base, [], tls=tls)]
         listen = (
@@ -241,6 +241,10 @@ class Bench:
             argv += ["--backend-url", "{backend_url}", "--listen", listen]
             found.append(Target(build.name, base + 1 + index, argv, env=build.env, tls=tls))
         if tls:
+            for index, (name, command) in enumerate(self.args.tls_target):
+                command = command.replace("{cert}", str(self.tls_cert))
+                command = command.replace("{key}", str(self.tls_key))
+                found.append(Target(name, base + 30 + index, ["bash", "-c", command], tls=True))
             return found
         for index, (name, command) in enumerate(self.args.target):
             found.append(Target(name, base + 20 + index, ["bash", "-c", command]))
@@ -254,6 +258,13 @@ class Bench:
                     Target(signed_name, base + 40 + index, argv, signed=True, env=build.env)
                 )
         return found
+
+    def target_names(self) -> list[str]:
+        """Every target's name, in the report's order; a --target and a --tls-target may
+        share one (one proxy, measured with and without TLS)."""
+        a = self.args
+        names = ["direct", "nginx", *(b.name for b in self.builds)]
+        return list(dict.fromkeys(names + [n for n, _ in a.target + a.tls_target]))
 
     def start_targets(
         self,
@@ -521,9 +532,7 @@ class Bench:
             self.builds.append(Build(f"vespa-no-{part}", sys.executable, prelude=PRELUDES[part]))
         for ref in a.compare:
             self.builds.append(Build(f"vespa@{ref}", self.build_ref(ref)))
-        self.results["targets"] = (
-            ["direct", "nginx"] + [b.name for b in self.builds] + [n for n, _ in a.target]
-        )
+        self.results["targets"] = self.target_names()
         if {"S3", "S3-TLS", "S5"} & set(a.scenarios):
             self.sse_argv = self.sse_client()
         self.start_backends()
@@ -621,6 +630,15 @@ def main() -> None:
         default=[],
         metavar=("NAME", "CMD"),
         help="an extra proxy: shell command with {backend_url} and {port}",
+    )
+    parser.add_argument(
+        "--tls-target",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "CMD"),
+        help="an extra HTTPS proxy for the TLS scenarios: shell command with {backend_url}, "
+        "{port}, and {cert} and {key} (the files nginx and Vespa serve)",
     )
     parser.add_argument(
         "--no-stock",

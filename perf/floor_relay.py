@@ -8,18 +8,26 @@ always sent chunked.
 As an extra target of the benchmark (from the repository root):
     tox -e perf -- --scenarios S3 --target floor \
         "exec python $PWD/perf/floor_relay.py {port} {backend_url}"
+
+With ``--tls CERT KEY`` it serves HTTPS through the fast path's TLS protocol
+(``vast_vespa.net.lean_tls``, writes encrypted and sent at once): the floor under S3-TLS.
+    tox -e perf -- --scenarios S3-TLS --tls-target floor \
+        "exec python $PWD/perf/floor_relay.py {port} {backend_url} --tls {cert} {key}"
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from urllib.parse import urlsplit
 
 from httptools import HttpResponseParser
 from twisted.internet import reactor
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
+from vast_vespa.net.lean_tls import LeanTLSFactory
 from vast_vespa.net.listen import send_now  # writes sent at once, as the worker's
+from vast_vespa.net.tls import server_tls
 
 HOP_BY_HOP = (b"connection", b"transfer-encoding", b"content-length", b"keep-alive")
 
@@ -104,9 +112,20 @@ class Client(Protocol):
 
 
 if __name__ == "__main__":
-    backend = urlsplit(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument("backend_url")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    args = parser.parse_args()
+    backend = urlsplit(args.backend_url)
     BACKEND = (backend.hostname or "127.0.0.1", backend.port or 80)
+    factory: IProtocolFactory = Factory.forProtocol(Client)
+    if args.tls:
+        cert, key = args.tls
+        found = server_tls(f"ssl:{args.port}:privateKey={key}:certKey={cert}", reactor)
+        assert found is not None
+        factory = LeanTLSFactory(found[1], factory, reactor)
     reactor.listenTCP(  # type: ignore[attr-defined]
-        int(sys.argv[1]), Factory.forProtocol(Client), backlog=1024, interface="127.0.0.1"
+        args.port, factory, backlog=1024, interface="127.0.0.1"
     )
     reactor.run()  # type: ignore[attr-defined]
