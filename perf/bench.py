@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -594,6 +595,14 @@ class Bench:
         return str(venv / "bin" / "python")
 
 
+def add_floor(args: argparse.Namespace) -> None:
+    """--floor: perf/floor_relay.py as a --target and a --tls-target, both named "floor"."""
+    relay = f"exec {shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'floor_relay.py'))}"
+    relay += " {port} {backend_url}"
+    args.target.append(("floor", relay))
+    args.tls_target.append(("floor", relay + " --tls {cert} {key}"))
+
+
 def compile_sse_client(work: Path) -> tuple[Path | None, str]:
     """perf/sse_load.c built into ``work``: (the binary, "") or (None, why not)."""
     binary = work / "sse_load"
@@ -639,6 +648,12 @@ def main() -> None:
         metavar=("NAME", "CMD"),
         help="an extra HTTPS proxy for the TLS scenarios: shell command with {backend_url}, "
         "{port}, and {cert} and {key} (the files nginx and Vespa serve)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure perf/floor_relay.py, the least a Twisted relay does (over TLS "
+        "behind the fast path's TLS protocol): the floor under Vespa, in the same rounds",
     )
     parser.add_argument(
         "--no-stock",
@@ -703,6 +718,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --parts: {', '.join(sorted(unknown))}")
     args.s1_conc = [int(c) for c in args.s1_conc.split(",")]
+    if args.floor:
+        add_floor(args)
     out = args.out or Path("perf-results") / time.strftime("%Y%m%d-%H%M%S")
     bench = Bench(args, out)
     try:

@@ -5,14 +5,10 @@ backend connections kept alive. No twisted.web, no checks, no limits, no logging
 metrics, no timers; a request must have a Content-Length (or no body), the answer is
 always sent chunked.
 
-As an extra target of the benchmark (from the repository root):
-    tox -e perf -- --scenarios S3 --target floor \
-        "exec python $PWD/perf/floor_relay.py {port} {backend_url}"
-
 With ``--tls CERT KEY`` it serves HTTPS through the fast path's TLS protocol
-(``vast_vespa.net.lean_tls``, writes encrypted and sent at once): the floor under S3-TLS.
-    tox -e perf -- --scenarios S3-TLS --tls-target floor \
-        "exec python $PWD/perf/floor_relay.py {port} {backend_url} --tls {cert} {key}"
+(``vast_vespa.net.lean_tls``, writes encrypted and sent at once). Measured beside nginx and
+Vespa, plain and over TLS (from the repository root):
+    tox -e perf -- --scenarios S3,S3-TLS --floor
 """
 
 from __future__ import annotations

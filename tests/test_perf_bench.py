@@ -1,5 +1,6 @@
 """perf/bench.py's extra targets: a --tls-target serves HTTPS in the TLS scenarios with the
-certificate nginx and Vespa serve, a --target is left out of them, and one name may be both."""
+certificate nginx and Vespa serve, a --target is left out of them, one name may be both, and
+--floor adds the floor relay as both."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf")
 sys.path.insert(0, PERF)
-from bench import Bench, Build  # noqa: E402  # perf/ holds scripts, not a package
+from bench import Bench, Build, add_floor  # noqa: E402  # perf/ holds scripts, not a package
 
 PLAIN = "relay {port} {backend_url}"
 TLS = "relay {port} {backend_url} --tls {cert} {key}"
@@ -47,3 +48,16 @@ class ExtraTargetTests(SynchronousTestCase):
 
     def test_one_name_for_both(self) -> None:
         self.assertEqual(self.bench.target_names(), ["direct", "nginx", "vespa", "floor"])
+
+
+class FloorTests(SynchronousTestCase):
+    def test_floor_is_both_targets(self) -> None:
+        """--floor: the floor relay as a plain and a TLS target of one name."""
+        args = argparse.Namespace(target=[], tls_target=[])
+        add_floor(args)
+        [(name, plain)] = args.target
+        [(tls_name, tls)] = args.tls_target
+        self.assertEqual((name, tls_name), ("floor", "floor"))
+        self.assertTrue(plain.startswith("exec "))
+        self.assertTrue(plain.endswith("floor_relay.py {port} {backend_url}"))
+        self.assertEqual(tls, plain + " --tls {cert} {key}")
