@@ -243,8 +243,8 @@ class Bench:
             found.append(Target(build.name, base + 1 + index, argv, env=build.env, tls=tls))
         if tls:
             for index, (name, command) in enumerate(self.args.tls_target):
-                command = command.replace("{cert}", str(self.tls_cert))
-                command = command.replace("{key}", str(self.tls_key))
+                command = command.replace("{cert}", shlex.quote(str(self.tls_cert)))
+                command = command.replace("{key}", shlex.quote(str(self.tls_key)))
                 found.append(Target(name, base + 30 + index, ["bash", "-c", command], tls=True))
             return found
         for index, (name, command) in enumerate(self.args.target):

@@ -121,7 +121,8 @@ if __name__ == "__main__":
         found = server_tls(f"ssl:{args.port}:privateKey={key}:certKey={cert}", reactor)
         assert found is not None
         factory = LeanTLSFactory(found[1], factory, reactor)
-    reactor.listenTCP(  # type: ignore[attr-defined]
+    port = reactor.listenTCP(  # type: ignore[attr-defined]
         args.port, factory, backlog=1024, interface="127.0.0.1"
     )
+    print(f"floor relay on {port.getHost().port}", flush=True)  # port 0: the one it got
     reactor.run()  # type: ignore[attr-defined]

@@ -1,16 +1,26 @@
 """perf/bench.py's extra targets: a --tls-target serves HTTPS in the TLS scenarios with the
 certificate nginx and Vespa serve, a --target is left out of them, one name may be both, and
---floor adds the floor relay as both."""
+--floor adds the floor relay as both; and the floor relay itself relays, over plain TCP and
+over TLS, through real sockets."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import ssl
 import sys
+import urllib.request
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.certs import self_signed
+from tests.fakes import FakeBackend
+from tests.helpers import listen, spawn
 
 PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf")
 sys.path.insert(0, PERF)
@@ -28,16 +38,15 @@ class ExtraTargetTests(SynchronousTestCase):
         self.bench = Bench(args, Path(self.mktemp()))
         self.addCleanup(shutil.rmtree, self.bench.work)
         self.bench.builds = [Build("vespa", sys.executable)]
-        self.bench.tls_cert, self.bench.tls_key = Path("/certs/c.pem"), Path("/certs/k.pem")
+        self.bench.tls_cert, self.bench.tls_key = Path("/my certs/c.pem"), Path("/my certs/k.pem")
 
     def test_tls_target_in_tls_scenarios(self) -> None:
         found = self.bench.proxies(tls=True)
         self.assertEqual([t.name for t in found], ["nginx", "vespa", "floor"])
         self.assertTrue(all(t.tls for t in found))
         floor = found[-1]
-        self.assertEqual(
-            floor.argv, ["bash", "-c", "relay {port} {backend_url} --tls /certs/c.pem /certs/k.pem"]
-        )
+        command = "relay {port} {backend_url} --tls '/my certs/c.pem' '/my certs/k.pem'"
+        self.assertEqual(floor.argv, ["bash", "-c", command])  # paths quoted for the shell
         self.assertEqual(len({t.port for t in found}), 3)
 
     def test_plain_target_in_plain_scenarios(self) -> None:
@@ -61,3 +70,32 @@ class FloorTests(SynchronousTestCase):
         self.assertTrue(plain.startswith("exec "))
         self.assertTrue(plain.endswith("floor_relay.py {port} {backend_url}"))
         self.assertEqual(tls, plain + " --tls {cert} {key}")
+
+
+class FloorRelayTests(TestCase):
+    """perf/floor_relay.py relays a request to its backend and the answer back, over plain TCP
+    and over HTTPS (the fast path's TLS protocol)."""
+
+    async def relayed(self, scheme: str, flags: list[str], context: ssl.SSLContext | None) -> None:
+        backend = FakeBackend(reactor)
+        script = os.path.join(PERF, "floor_relay.py")
+        relay = spawn(self, [sys.executable, script, "0", listen(self, backend), *flags])
+        port = int((await relay.wait_for(rb"floor relay on (\d+)")).group(1))
+
+        def get() -> tuple[int, bytes]:
+            url = f"{scheme}://127.0.0.1:{port}/echo?x=1"
+            with urllib.request.urlopen(url, context=context, timeout=10) as answer:  # noqa: S310
+                return answer.status, answer.read()
+
+        status, body = await deferToThread(get)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["uri"], "/echo?x=1")
+        self.assertEqual([seen.uri for seen in backend.seen], [b"/echo?x=1"])
+
+    async def test_plain(self) -> None:
+        await self.relayed("http", [], None)
+
+    async def test_tls(self) -> None:
+        cert, key, pem = self_signed(os.path.abspath(self.mktemp()))
+        context = ssl.create_default_context(cadata=pem.decode("ascii"))
+        await self.relayed("https", ["--tls", cert, key], context)
