@@ -3,7 +3,9 @@ The least a Twisted HTTP relay can do, to measure the floor under Vespa (not a p
 Twisted's reactor and TCP transports, httptools for the backend's answers, writes sent at once,
 backend connections kept alive. No twisted.web, no checks, no limits, no logging, no
 metrics, no timers; a request must have a Content-Length (or no body), the answer is
-always sent chunked.
+always sent chunked. A request's ``Connection`` header stops here: ``close`` closes the client's
+connection after its answer, and the backend's connection is kept alive (forwarded, it would
+close the backend's connection while the relay still counts it as idle).
 
 With ``--tls CERT KEY`` it serves HTTPS through the fast path's TLS protocol
 (``vast_vespa.net.lean_tls``, writes encrypted and sent at once). Measured beside nginx and
@@ -56,6 +58,8 @@ class Backend(Protocol):
     def on_headers_complete(self) -> None:
         assert self.client is not None
         self.head[0] = b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()
+        if self.client.close_after:
+            self.head.append(b"Connection: close\r\n")
         self.head.append(b"Transfer-Encoding: chunked\r\n\r\n")
         send_now(self.client.transport, b"".join(self.head))
 
@@ -68,6 +72,8 @@ class Backend(Protocol):
         IDLE.append(self)
         assert client is not None
         send_now(client.transport, b"0\r\n\r\n")
+        if client.close_after:
+            client.transport.loseConnection()
 
     def connectionLost(self, reason: object = None) -> None:
         if self in IDLE:
@@ -81,6 +87,7 @@ class Client(Protocol):
     """A client connection: each complete request goes to an idle backend connection."""
 
     request = b""
+    close_after = False  # the last request said "Connection: close"
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
@@ -91,14 +98,22 @@ class Client(Protocol):
         head, end, rest = self.buffer.partition(b"\r\n\r\n")
         if not end:
             return
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
+        length, close = 0, False
+        lines = head.split(b"\r\n")
+        kept = lines[:1]
+        for line in lines[1:]:
+            name = line[:15].lower()
+            if name == b"content-length:":
                 length = int(line[15:])
+            if name[:11] == b"connection:":
+                close = b"close" in line[11:].lower()
+            else:
+                kept.append(line)
         if len(rest) < length:
             return
         self.buffer = rest[length:]
-        self.request = head + end + rest[:length]
+        self.close_after = close
+        self.request = b"\r\n".join(kept) + end + rest[:length]
         if IDLE:
             IDLE.pop().start(self)
         else:

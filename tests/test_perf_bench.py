@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import ssl
 import sys
 import urllib.request
@@ -76,11 +77,15 @@ class FloorRelayTests(TestCase):
     """perf/floor_relay.py relays a request to its backend and the answer back, over plain TCP
     and over HTTPS (the fast path's TLS protocol)."""
 
-    async def relayed(self, scheme: str, flags: list[str], context: ssl.SSLContext | None) -> None:
-        backend = FakeBackend(reactor)
+    async def start(self, backend: FakeBackend, flags: list[str]) -> int:
+        """The relay's port."""
         script = os.path.join(PERF, "floor_relay.py")
         relay = spawn(self, [sys.executable, script, "0", listen(self, backend), *flags])
-        port = int((await relay.wait_for(rb"floor relay on (\d+)")).group(1))
+        return int((await relay.wait_for(rb"floor relay on (\d+)")).group(1))
+
+    async def relayed(self, scheme: str, flags: list[str], context: ssl.SSLContext | None) -> None:
+        backend = FakeBackend(reactor)
+        port = await self.start(backend, flags)
 
         def get() -> tuple[int, bytes]:
             url = f"{scheme}://127.0.0.1:{port}/echo?x=1"
@@ -99,3 +104,26 @@ class FloorRelayTests(TestCase):
         cert, key, pem = self_signed(os.path.abspath(self.mktemp()))
         context = ssl.create_default_context(cadata=pem.decode("ascii"))
         await self.relayed("https", ["--tls", cert, key], context)
+
+    async def test_connection_close(self) -> None:
+        """As wrk's new-connection point asks: each answer, saying so, then the client's
+        connection closed by the relay; the header stops at the relay, so one backend connection serves
+        every request (forwarded, it closed the backend's connection under the relay)."""
+        backend = FakeBackend(reactor)
+        port = await self.start(backend, [])
+
+        def exchange() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                received = b""
+                while chunk := conn.recv(65536):  # until the relay closes
+                    received += chunk
+                return received
+
+        for _ in range(3):
+            answer = await deferToThread(exchange)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+            self.assertIn(b"\r\nConnection: close\r\n", answer)
+            self.assertTrue(answer.endswith(b"\r\n0\r\n\r\n"), answer)
+        self.assertEqual([seen.headers.get(b"connection") for seen in backend.seen], [None] * 3)
+        self.assertEqual(len({seen.client_port for seen in backend.seen}), 1)
