@@ -1,7 +1,8 @@
-"""The official vastai SDK serverless client (optional: `tox -e vastai`) against the emulator
-and a real Vespa worker in signed mode reporting to it: the SDK lists endpoints, polls /route/
-through a cold start, and completes a request that the worker verified with the emulator's
-public key; and a session (endpoint.session()) created, used and ended on that worker."""
+"""The official vastai SDK serverless client (`tox -e vastai`, in the default run) against the
+emulator and a real Vespa worker in signed mode reporting to it: the SDK lists endpoints, polls
+/route/ through a cold start, and completes a request that the worker verified with the
+emulator's public key; and a session (endpoint.session()) created, used and ended on that
+worker."""
 
 from __future__ import annotations
 
