@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any, cast
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IDelayedCall, IPullProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -32,7 +33,7 @@ class Stream:
         self.request = request
         self.left = events
         self.delay = delay
-        self.call = None
+        self.call: IDelayedCall | None = None
         self.rendered: float | None = rendered
         request.notifyFinish().addErrback(self.gone)
 
@@ -104,5 +105,6 @@ class QuietSite(Site):
 
 
 if __name__ == "__main__":
-    reactor.listenTCP(int(sys.argv[1]), QuietSite(Backend()), backlog=2048, interface="127.0.0.1")
+    site = cast(Any, QuietSite(Backend()))  # Twisted's annotation asks for a ServerFactory
+    reactor.listenTCP(int(sys.argv[1]), site, backlog=2048, interface="127.0.0.1")
     reactor.run()

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,7 +426,7 @@ class Bench:
         shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in value.items()}
         print(f"  {scenario} {point} {target}: {shown}", flush=True)
 
-    def rounds(self, targets: list[Target], count: int):
+    def rounds(self, targets: list[Target], count: int) -> Iterator[list[Target]]:
         """``count`` rounds over the targets, each round in a rotated order."""
         for index in range(count):
             if time.monotonic() > self.deadline:

@@ -16,11 +16,13 @@ Vespa, plain and over TLS (from the repository root):
 from __future__ import annotations
 
 import argparse
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from httptools import HttpResponseParser
 from twisted.internet import reactor
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IProtocolFactory, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from vast_vespa.net.lean_tls import LeanTLSFactory
@@ -38,7 +40,7 @@ class Backend(Protocol):
         self.head: list[bytes] = []
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        cast(ITCPTransport, self.transport).setTcpNoDelay(True)
         self.parser = HttpResponseParser(self)
         assert self.client is not None
         self.start(self.client)
@@ -73,7 +75,7 @@ class Backend(Protocol):
         assert client is not None
         send_now(client.transport, b"0\r\n\r\n")
         if client.close_after:
-            client.transport.loseConnection()
+            cast(ITCPTransport, client.transport).loseConnection()
 
     def connectionLost(self, reason: object = None) -> None:
         if self in IDLE:
@@ -90,7 +92,7 @@ class Client(Protocol):
     close_after = False  # the last request said "Connection: close"
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        cast(ITCPTransport, self.transport).setTcpNoDelay(True)  # TCP, or TLS over TCP
         self.buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
@@ -119,7 +121,7 @@ class Client(Protocol):
         else:
             factory = ClientFactory()
             factory.buildProtocol = lambda addr: Backend(self)  # type: ignore[method-assign]
-            reactor.connectTCP(BACKEND[0], BACKEND[1], factory)  # type: ignore[attr-defined]
+            reactor.connectTCP(BACKEND[0], BACKEND[1], factory)
 
 
 if __name__ == "__main__":
@@ -136,8 +138,8 @@ if __name__ == "__main__":
         found = server_tls(f"ssl:{args.port}:privateKey={key}:certKey={cert}", reactor)
         assert found is not None
         factory = LeanTLSFactory(found[1], factory, reactor)
-    port = reactor.listenTCP(  # type: ignore[attr-defined]
-        args.port, factory, backlog=1024, interface="127.0.0.1"
-    )
-    print(f"floor relay on {port.getHost().port}", flush=True)  # port 0: the one it got
-    reactor.run()  # type: ignore[attr-defined]
+    # Any protocol factory serves (Twisted's annotation asks for a ServerFactory).
+    port = reactor.listenTCP(args.port, cast(Any, factory), backlog=1024, interface="127.0.0.1")
+    address = cast(IPv4Address, port.getHost())
+    print(f"floor relay on {address.port}", flush=True)  # port 0: the one it got
+    reactor.run()

@@ -167,7 +167,8 @@ class Probe:
         }
         busy1, total1 = machine_busy()
         busy0, total0 = self._machine0
-        self.machine_pct = 100 * (busy1 - busy0) / max(1, total1 - total0) * os.cpu_count()
+        cpus = os.cpu_count() or 1
+        self.machine_pct = 100 * (busy1 - busy0) / max(1, total1 - total0) * cpus
         now = os.times()
         loadgen = (now.children_user - self._children0.children_user) + (
             now.children_system - self._children0.children_system

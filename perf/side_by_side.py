@@ -124,7 +124,9 @@ def main() -> None:
         }
         for name, port in ports.items():
             wait_healthy(port, f"worker {name}", logs)
-        ratios, per_stream, ttfb_gaps = [], {"A": [], "B": []}, []
+        ratios: list[float] = []
+        per_stream: dict[str, list[float]] = {"A": [], "B": []}
+        ttfb_gaps: list[float] = []
         for round_ in range(args.rounds):
             order = ("A", "B") if round_ % 2 == 0 else ("B", "A")
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}

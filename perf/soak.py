@@ -32,14 +32,17 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psutil
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.resource import Resource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -236,10 +239,10 @@ def abort(client: RawClient) -> None:
     """Abort a raw client's connection unless it is closed already (Twisted's TLS protocol
     cannot abort a connection that is gone)."""
     if not client.closed.called:
-        client.transport.abortConnection()
+        cast(ITCPTransport, client.transport).abortConnection()
 
 
-def _answered_or_closed(client: RawClient) -> Deferred[object]:
+def _answered_or_closed(client: RawClient) -> Deferred[None]:
     answered = client.when(lambda: b"\r\n\r\n" in client.received)
     answered.addErrback(lambda _: None)  # closed first: reclaimed before its answer
     return answered
@@ -272,7 +275,7 @@ async def forged_expect(s: Soak, auth: bytes) -> str:
     return raw[9:12].decode() if raw.startswith(b"HTTP/1.1 ") else "no answer"
 
 
-def signed(auth: bytes) -> dict[bytes, list[bytes]]:
+def signed(auth: bytes) -> dict[bytes | str, list[bytes | str]]:
     return {b"X-Serverless-Auth": [auth]} if auth else {}
 
 
@@ -346,14 +349,14 @@ async def run(minutes: float, concurrency: int, signed_mode: bool, tls: bool) ->
     if signed_mode:
         signer = Signer()
         autoscaler = FakeAutoscaler(public_pem(signer.key))
-        listening = reactor.listenTCP(0, Site(autoscaler), interface="127.0.0.1")
+        _, autoscaler_port = listen_local(autoscaler)
         cache = os.path.join(workdir, "max_perf")
         with open(cache, "w") as f:
             f.write(f"{MAX_PERF}\n")
         mode = ["--unsecured=false", f"--benchmark-cache={cache}", "--max-wait-time=10"]
         env.update(
             MASTER_TOKEN="mtok-soak-secret",  # noqa: S106 (a throw-away token on loopback)
-            REPORT_ADDR=f"http://127.0.0.1:{listening.getHost().port}",
+            REPORT_ADDR=f"http://127.0.0.1:{autoscaler_port}",
             CONTAINER_ID="7",
         )
     listen = f"tcp:{port}:interface=127.0.0.1:backlog=1024"
@@ -501,7 +504,7 @@ def accounting(signer: Signer, autoscaler: FakeAutoscaler) -> list[str]:
     twice = sum(1 for n in counts.values() if n > 1)
     success = {"200": True, "502": False, "truncated": False, "429": False}
     by_outcome: collections.Counter[str] = collections.Counter()
-    cost: collections.Counter[str] = collections.Counter()
+    cost: dict[str, float] = collections.defaultdict(float)
     missing = wrong = 0
     for idx, outcome in signer.outcomes.items():
         kind = signer.kinds[idx]
@@ -556,15 +559,21 @@ async def one_more(soak: Soak) -> str:
         return type(e).__name__
 
 
+def listen_local(resource: Resource) -> tuple[IListeningPort, int]:
+    """``resource`` served on a free port of 127.0.0.1: the listening port, its number."""
+    # Any protocol factory serves (Twisted's annotation asks for a ServerFactory).
+    port = reactor.listenTCP(0, cast(Any, Site(resource)), interface="127.0.0.1")
+    return port, cast(IPv4Address, port.getHost()).port
+
+
 def listen_backend() -> tuple[str, FakeBackend]:
     backend = FakeBackend(reactor)
-    port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
-    return f"http://127.0.0.1:{port.getHost().port}", backend
+    _, number = listen_local(backend)
+    return f"http://127.0.0.1:{number}", backend
 
 
 def free_port() -> int:
-    port = reactor.listenTCP(0, Site(FakeBackend(reactor)), interface="127.0.0.1")
-    number = port.getHost().port
+    port, number = listen_local(FakeBackend(reactor))
     port.stopListening()
     return number
 

@@ -39,7 +39,14 @@ class ResumingContext(ssl.SSLContext):
 
     session: ssl.SSLSession | None = None
 
-    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
         return super().wrap_bio(
             incoming, outgoing, server_side, server_hostname, session=self.session
         )

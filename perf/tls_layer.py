@@ -42,6 +42,7 @@ class Answer(Protocol):
     close = True
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(HEAD)
         self.transport.write(BODY)
         if self.close:
