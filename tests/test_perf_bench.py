@@ -107,8 +107,9 @@ class FloorRelayTests(TestCase):
 
     async def test_connection_close(self) -> None:
         """As wrk's new-connection point asks: each answer, saying so, then the client's
-        connection closed by the relay; the header stops at the relay, so one backend connection serves
-        every request (forwarded, it closed the backend's connection under the relay)."""
+        connection closed by the relay; the header stops at the relay, so one backend
+        connection serves every request (forwarded, it closed the backend's connection under
+        the relay)."""
         backend = FakeBackend(reactor)
         port = await self.start(backend, [])
 
