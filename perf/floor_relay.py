@@ -105,12 +105,12 @@ class Client(Protocol):
         kept = lines[:1]
         for line in lines[1:]:
             name = line[:15].lower()
+            if name[:11] == b"connection:":  # stops here
+                close = b"close" in line[11:].lower()
+                continue
             if name == b"content-length:":
                 length = int(line[15:])
-            if name[:11] == b"connection:":
-                close = b"close" in line[11:].lower()
-            else:
-                kept.append(line)
+            kept.append(line)
         if len(rest) < length:
             return
         self.buffer = rest[length:]

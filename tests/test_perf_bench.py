@@ -106,16 +106,17 @@ class FloorRelayTests(TestCase):
         await self.relayed("https", ["--tls", cert, key], context)
 
     async def test_connection_close(self) -> None:
-        """As wrk's new-connection point asks: each answer, saying so, then the client's
-        connection closed by the relay; the header stops at the relay, so one backend
-        connection serves every request (forwarded, it closed the backend's connection under
-        the relay)."""
+        """As wrk's new-connection point asks (a POST with a body): each answer, saying so,
+        then the client's connection closed by the relay; the header stops at the relay, so
+        one backend connection serves every request (forwarded, it closed the backend's
+        connection under the relay)."""
         backend = FakeBackend(reactor)
         port = await self.start(backend, [])
 
         def exchange() -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                conn.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                head = b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                conn.sendall(head + b"Content-Length: 5\r\n\r\nhello")
                 received = b""
                 while chunk := conn.recv(65536):  # until the relay closes
                     received += chunk
@@ -126,5 +127,6 @@ class FloorRelayTests(TestCase):
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
             self.assertIn(b"\r\nConnection: close\r\n", answer)
             self.assertTrue(answer.endswith(b"\r\n0\r\n\r\n"), answer)
+        self.assertEqual([seen.body for seen in backend.seen], [b"hello"] * 3)
         self.assertEqual([seen.headers.get(b"connection") for seen in backend.seen], [None] * 3)
         self.assertEqual(len({seen.client_port for seen in backend.seen}), 1)
