@@ -52,8 +52,9 @@ HERE = Path(__file__).resolve().parent
 VESPA_LISTEN = "tcp:{port}:interface=127.0.0.1:backlog=1024"
 # The same over TLS, as Vast runs a worker (USE_SSL): the ssl: listener USE_SSL makes.
 VESPA_LISTEN_TLS = "ssl:{port}:interface=127.0.0.1:backlog=1024:privateKey={key}:certKey={cert}"
-# The TLS scenarios (issue 25): S1 kept alive, a new connection per request, S3's streams.
-TLS_SCENARIOS = ("S1-TLS", "NEW-TLS", "S3-TLS")
+# The TLS scenarios (issue 25): S1 kept alive, a new connection per request, S3's streams
+# resuming their TLS session, and S3's streams with a full handshake each.
+TLS_SCENARIOS = ("S1-TLS", "NEW-TLS", "S3-TLS", "FULL-TLS")
 REPO = HERE.parent
 SMALL_JSON = (
     '{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
@@ -160,9 +161,10 @@ class Bench:
         wait_healthy(port, what, self.logs, tls=tls)
 
     def make_certificate(self) -> None:
-        """The certificate nginx and Vespa share: self-signed for 127.0.0.1, RSA-2048, what a
-        Vast instance's CSR asks for (tests.certs)."""
-        cert, key, _ = self_signed(str(self.work / "tls"))
+        """The certificate nginx and Vespa share: self-signed for 127.0.0.1 (tests.certs), for
+        an RSA-2048 key (what Vast's own scripts ask the console to sign) or, with --tls-key
+        ec, a P-256 one (what start_server.sh asks for first)."""
+        cert, key, _ = self_signed(str(self.work / "tls"), self.args.tls_key)
         self.tls_cert, self.tls_key = Path(cert), Path(key)
 
     def start_autoscaler(self) -> None:
@@ -407,11 +409,18 @@ class Bench:
         self.results["sse_client"] = "python"
         return [sys.executable, str(HERE / "sse_load.py")]
 
-    def sse(self, target: Target, mode: str, options: list[str], timeout: float) -> dict:
+    def sse(
+        self, target: Target, mode: str, options: list[str], timeout: float, resume: bool = True
+    ) -> dict:
         argv = [*self.sse_argv, mode, "--port", str(target.port)]
         if target.tls:
-            argv += ["--tls", "--resume"]  # as wrk does: a client that comes back resumes
-        with Probe({"proxy": target.pid}, interval=0.2) as probe:
+            argv.append("--tls")
+            if resume:  # as wrk does: a client that comes back resumes
+                argv.append("--resume")
+        watched = {"proxy": target.pid}
+        if target.argv is not None:  # (the SSE scenarios' backend is the Python one)
+            watched["backend"] = self.sse_backend_pid
+        with Probe(watched, interval=0.2) as probe:
             done = subprocess.run(argv + options, capture_output=True, text=True, timeout=timeout)
         if done.returncode:
             return {"error": done.stderr[-500:]}
@@ -476,7 +485,16 @@ class Bench:
                     result = self.wrk(target, conc, a.duration, SMALL_JSON, False, close)
                     self.record(scenario, point, target.name, result)
 
-    def s3(self, targets: list[Target], scenario: str = "S3") -> None:
+    def s3_tls(self, targets: list[Target]) -> None:
+        """S3 over TLS: each stream a new connection resuming the session of the last (S3-TLS),
+        and each a full handshake (FULL-TLS: Python's clients, aiohttp, requests and httpx,
+        keep no session for a new connection)."""
+        if "S3-TLS" in self.args.scenarios:
+            self.s3(targets, "S3-TLS")
+        if "FULL-TLS" in self.args.scenarios:
+            self.s3(targets, "FULL-TLS", resume=False)
+
+    def s3(self, targets: list[Target], scenario: str = "S3", resume: bool = True) -> None:
         a = self.args
         options = [
             "--path",
@@ -496,7 +514,7 @@ class Bench:
                     scenario,
                     "100 streams",
                     target.name,
-                    self.sse(target, "stream", options, a.duration + 60),
+                    self.sse(target, "stream", options, a.duration + 60, resume),
                 )
 
     def s4(self, targets: list[Target], paths: list[tuple[str, str]], upload: bool) -> None:
@@ -535,7 +553,7 @@ class Bench:
         for ref in a.compare:
             self.builds.append(Build(f"vespa@{ref}", self.build_ref(ref)))
         self.results["targets"] = self.target_names()
-        if {"S3", "S3-TLS", "S5"} & set(a.scenarios):
+        if {"S3", "S3-TLS", "FULL-TLS", "S5"} & set(a.scenarios):
             self.sse_argv = self.sse_client()
         self.start_backends()
         self.signed_envelope = ""
@@ -564,7 +582,7 @@ class Bench:
             ),
             ("S5", {"S5"}, python_backend, self.s5),
             ("S1-TLS/NEW-TLS", {"S1-TLS", "NEW-TLS"}, nginx_backend, self.tls_s1),
-            ("S3-TLS", {"S3-TLS"}, python_backend, lambda t: self.s3(t, "S3-TLS")),
+            ("S3-TLS/FULL-TLS", {"S3-TLS", "FULL-TLS"}, python_backend, self.s3_tls),
         ]
         if set(TLS_SCENARIOS) & set(a.scenarios):
             self.make_certificate()
@@ -671,7 +689,14 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         default="S1,S2,S3,S4,S5," + ",".join(TLS_SCENARIOS),
-        help="comma-separated: S1..S5, " + ", ".join(TLS_SCENARIOS) + " (TLS: all three)",
+        help="comma-separated: S1..S5, " + ", ".join(TLS_SCENARIOS) + " (TLS: all four)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        choices=["rsa", "ec"],
+        default="rsa",
+        help="the TLS scenarios' certificate key: RSA-2048 (default) or EC P-256; it decides "
+        "what a full handshake (FULL-TLS) costs",
     )
     parser.add_argument(
         "--no-signed",

@@ -301,8 +301,38 @@ def tls_tables(results: dict) -> list[str]:
             "session on each reconnect.",
             "",
         ]
+    key = "an EC P-256" if results["args"].get("tls_key") == "ec" else "an RSA-2048"
+    streams = [
+        (
+            "S3-TLS",
+            "a new connection each",
+            "Each stream is a new TLS connection resuming the session of the last stream that "
+            "ended (--resume); the client's own TLS work is in every TLS row.",
+        ),
+        (
+            "FULL-TLS",
+            "a full handshake each",
+            "Each stream is a new TLS connection with a full handshake (no session kept, as "
+            f"Python's clients do), signed with {key} key; the client's own TLS work is in "
+            "every TLS row.",
+        ),
+    ]
+    for scenario, what, caption in streams:
+        rows = stream_rows(results, scenario)
+        if rows:
+            out += [f"## TLS: S3 100 SSE streams over HTTPS, {what}", ""]
+            header = ["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms"]
+            header += ["added TTFB p50 ms (vs plain direct)", "vs nginx TLS"]
+            out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS", "resumed handshakes"], rows)
+            out += [caption + " " + sse_client(results), ""]
+    return out
+
+
+def stream_rows(results: dict, scenario: str) -> list[list[str]]:
+    """S3-TLS's or FULL-TLS's rows: every target's time to first event over plain-TCP
+    direct's and nginx TLS's, and its CPU against nginx TLS's."""
     rows = []
-    for by_target in s.get("S3-TLS", {}).values():
+    for by_target in results["scenarios"].get(scenario, {}).values():
         direct = by_target.get("direct", [])
         for target in results["targets"]:
             runs = by_target.get(target)
@@ -327,18 +357,7 @@ def tls_tables(results: dict) -> list[str]:
                     resumed(runs),
                 ]
             )
-    if rows:
-        out += ["## TLS: S3 100 SSE streams over HTTPS, a new connection each", ""]
-        header = ["target", "streams", "errors", "TTFB p50 ms", "TTFB p99 ms"]
-        header += ["added TTFB p50 ms (vs plain direct)", "vs nginx TLS"]
-        out += table([*header, "proxy CPU %", "CPU ÷ nginx TLS", "resumed handshakes"], rows)
-        out += [
-            "Each stream is a new TLS connection resuming the session of the last stream that "
-            "ended (--resume); the client's own TLS work is in every TLS row. "
-            + sse_client(results),
-            "",
-        ]
-    return out
+    return rows
 
 
 def resumed(runs: list[dict]) -> str:

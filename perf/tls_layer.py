@@ -6,10 +6,12 @@ connections (Python's ssl module as the client, as wrk's OpenSSL) served by the 
 CPU time), so other processes on the machine move the figures little.
 
     python perf/tls_layer.py [--connections 400] [--requests 3000] [--rounds 3]
+                             [--full] [--tls-key rsa|ec]
 
 ``close``: CPU µs per connection (handshake, one request, response, close_notify both ways),
 and the writes to the TCP transport per connection; ``kept``: CPU µs per request on one
-connection.
+connection. ``--full``: every connection makes a full handshake instead (a client that keeps
+no session), which signs with the certificate's key: RSA-2048 (default) or EC P-256.
 """
 
 from __future__ import annotations
@@ -126,9 +128,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=400)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--full", action="store_true", help="full handshakes, no resumption")
+    parser.add_argument("--tls-key", choices=["rsa", "ec"], default="rsa")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vespa-tls-layer-"))
-    self_signed(str(work))  # cert.pem and key.pem
+    self_signed(str(work), args.tls_key)  # cert.pem and key.pem
     clock = Clock()
     found = server_tls(f"ssl:1:privateKey={work}/key.pem:certKey={work}/cert.pem", clock)
     assert found is not None
@@ -143,7 +147,7 @@ def main() -> None:
             session, _ = connection(server, client, None, 1, True)
             server.cpu, writes = 0.0, 0
             for _ in range(args.connections):
-                session, sent = connection(server, client, session, 1, True)
+                session, sent = connection(server, client, None if args.full else session, 1, True)
                 writes += sent
             per_connection = server.cpu / args.connections * 1e6
             server.cpu = 0.0

@@ -1,4 +1,5 @@
-"""A self-signed certificate for 127.0.0.1, made in the test (real RSA key, no files shipped)."""
+"""A self-signed certificate for 127.0.0.1, made in the test (a real RSA or EC key, no files
+shipped)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
-def self_signed(directory: str) -> tuple[str, str, bytes]:
+def self_signed(directory: str, key_type: str = "rsa") -> tuple[str, str, bytes]:
     """Write cert.pem and key.pem (valid for IP 127.0.0.1) into ``directory``; returns
-    (cert path, key path, certificate PEM)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (cert path, key path, certificate PEM). ``key_type``: "rsa" (RSA-2048) or "ec" (P-256)."""
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if key_type == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (

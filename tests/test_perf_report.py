@@ -64,3 +64,46 @@ class TLSVerdictTests(SynchronousTestCase):
         runs = results(1, 1, 1)["scenarios"]["S3-TLS"]["100 streams"]
         self.assertEqual(report.resumed(runs["vespa"]), "600/800")
         self.assertEqual(report.resumed(runs["direct"]), "-")  # plain TCP: nothing to count
+
+
+class FullHandshakeTableTests(SynchronousTestCase):
+    """FULL-TLS (S3's streams, a full handshake each) gets its own table, which names the
+    certificate's key: it decides what a full handshake costs."""
+
+    def data(self, tls_key: str | None) -> dict:
+        streams = {
+            "direct": [{"ttfb_p50_ms": 0.5}],
+            "nginx": [{"ttfb_p50_ms": 1.5, "proxy_cpu_pct": 10.0, "tls_handshakes": 800}],
+            "vespa": [
+                {
+                    "streams": 800,
+                    "ttfb_p50_ms": 2.0,
+                    "ttfb_p99_ms": 4.0,
+                    "proxy_cpu_pct": 15.0,
+                    "tls_handshakes": 800,
+                }
+            ],
+        }
+        args = {} if tls_key is None else {"tls_key": tls_key}
+        return {
+            "args": args,
+            "targets": ["direct", "nginx", "vespa"],
+            "scenarios": {"FULL-TLS": {"100 streams": streams}},
+        }
+
+    def test_table(self) -> None:
+        lines = report.tls_tables(self.data("ec"))
+        self.assertIn("## TLS: S3 100 SSE streams over HTTPS, a full handshake each", lines)
+        [vespa] = [line for line in lines if line.startswith("| vespa TLS")]
+        cells = [cell.strip() for cell in vespa.strip("|").split("|")]
+        # streams, errors, TTFB p50 and p99, added over plain direct and over nginx TLS, CPU,
+        # CPU ÷ nginx TLS, resumed handshakes
+        expected = ["800", "0", "2.00", "4.00", "1.50", "0.50", "15.0", "1.50", "0/800"]
+        self.assertEqual(cells[1:], expected)
+        self.assertTrue(any("signed with an EC P-256 key" in line for line in lines))
+        self.assertFalse(any("a new connection each" in line for line in lines))
+
+    def test_rsa_by_default(self) -> None:
+        """Results from before --tls-key were made with the RSA-2048 certificate."""
+        lines = report.tls_tables(self.data(None))
+        self.assertTrue(any("signed with an RSA-2048 key" in line for line in lines))

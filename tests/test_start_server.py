@@ -6,6 +6,8 @@ twistd only record how they were called. Fast and offline.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import shutil
@@ -16,12 +18,14 @@ import sys
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from tests.certs import self_signed
 from tests.fakes import FakeAutoscaler
 from tests.helpers import listen, spawn
 
@@ -82,6 +86,44 @@ class Recorder(Resource):
         self.seen.append((request.path, dict(request.args or {}), request.content.read()))
         request.setResponseCode(self.code)
         return self.reply
+
+
+class Signer(Recorder):
+    """A fake Vast console that signs each CSR with its own CA key, for the CSR's key; with
+    ``refuse_ec`` it answers an EC key's CSR with an error, with ``other_key`` it certifies
+    a key of its own instead."""
+
+    def __init__(self, refuse_ec: bool = False, other_key: bool = False) -> None:
+        super().__init__()
+        self.refuse_ec = refuse_ec
+        self.other_key = other_key
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.issued: list[bytes] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        super().render_POST(request)
+        csr = x509.load_pem_x509_csr(self.seen[-1][2])
+        public = csr.public_key()
+        if self.refuse_ec and isinstance(public, ec.EllipticCurvePublicKey):
+            request.setResponseCode(400)
+            return b'{"error": "unsupported key type"}'
+        if self.other_key:
+            public = ec.generate_private_key(ec.SECP256R1()).public_key()
+        ca = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake Vast CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(ca)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        self.issued.append(pem)
+        return pem
 
 
 class StartServerTests(TestCase):
@@ -160,26 +202,106 @@ class StartServerTests(TestCase):
         self.assertEqual(self.calls(), ["pip -m pip install -q /src/vespa", "twistd ran"])
         self.assertEqual(self.twistd_args()[-2:], ["--max-wait-time", "5"])
 
-    async def test_tls_certificate_signed(self) -> None:
-        """With USE_SSL=true the script sends a CSR to the signer for this instance, saves
-        the signed certificate and runs twistd on an ssl: endpoint with that key and cert."""
-        _, _, pem = self_signed(os.path.join(self.dir, "ca"))
-        console = Recorder(200, pem)
+    async def tls_start(self, console: Resource, **env: str) -> tuple[int, str]:
         signer = listen(self, console) + "/api/v0/sign_cert/?instance_id=4242"
-        code, output = await self.start(USE_SSL="true", SIGN_CERT_URL=signer)
+        return await self.start(USE_SSL="true", SIGN_CERT_URL=signer, **env)
+
+    def assert_served(self, console: Signer, key_type: type) -> None:
+        """The key and certificate saved are the pair the console signed last (a key of
+        ``key_type``, readable by its owner alone), and twistd serves them on ssl:."""
+        key, cert = self.env["SSL_KEY"], self.env["SSL_CERT"]
+        with open(key, "rb") as f:
+            private = serialization.load_pem_private_key(f.read(), password=None)
+        self.assertIsInstance(private, key_type)
+        with open(cert, "rb") as f:
+            self.assertEqual(f.read(), console.issued[-1])
+        self.assertEqual(
+            x509.load_pem_x509_certificate(console.issued[-1]).public_key(),
+            private.public_key(),
+        )
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+        self.assertEqual(
+            self.twistd_args()[-1], f"ssl:3000:backlog=1024:privateKey={key}:certKey={cert}"
+        )
+        self.assertEqual(self.beacons(), [[], []])
+
+    async def test_tls_certificate_signed(self) -> None:
+        """With USE_SSL=true the script sends the signer a CSR for an EC P-256 key (a full
+        handshake signs with it: a tenth of an RSA signature's CPU), saves the key and the
+        signed certificate, and runs twistd on an ssl: endpoint with them."""
+        console = Signer()
+        code, output = await self.tls_start(console)
         self.assertEqual(code, 0, output)
         [(path, args, csr)] = console.seen
         self.assertEqual(path, b"/api/v0/sign_cert/")
         self.assertEqual(args, {b"instance_id": [b"4242"]})
         request = x509.load_pem_x509_csr(csr)
         self.assertTrue(request.is_signature_valid)
-        with open(self.env["SSL_CERT"], "rb") as f:
-            self.assertEqual(f.read(), pem)
-        key, cert = self.env["SSL_KEY"], self.env["SSL_CERT"]
-        self.assertEqual(
-            self.twistd_args()[-1], f"ssl:3000:backlog=1024:privateKey={key}:certKey={cert}"
+        public = request.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        self.assertEqual(public.curve.name, "secp256r1")
+        usage = request.extensions.get_extension_for_class(x509.KeyUsage).value
+        self.assertTrue(usage.digital_signature)
+        self.assertFalse(usage.key_encipherment)  # an EC key signs; it enciphers no key
+        san = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.IPAddress), [ipaddress.ip_address("0.0.0.0")])
+        self.assert_served(console, ec.EllipticCurvePrivateKey)
+
+    async def test_rsa_when_ec_refused(self) -> None:
+        """A signer that does not sign the EC key's CSR gets one for an RSA-2048 key, as Vast's
+        own scripts send; the log says why."""
+        console = Signer(refuse_ec=True)
+        code, output = await self.tls_start(console)
+        self.assertEqual(code, 0, output)
+        keys = [x509.load_pem_x509_csr(csr).public_key() for _, _, csr in console.seen]
+        self.assertEqual(len(keys), 2)
+        self.assertIsInstance(keys[0], ec.EllipticCurvePublicKey)
+        assert isinstance(keys[1], rsa.RSAPublicKey)
+        self.assertEqual(keys[1].key_size, 2048)
+        self.assertIn(
+            "did not sign an EC P-256 key (the certificate signer answered HTTP 400 without a "
+            'PEM certificate: {"error": "unsupported key type"}); asking for an RSA-2048 one',
+            output,
         )
-        self.assertEqual(self.beacons(), [[], []])
+        self.assert_served(console, rsa.RSAPrivateKey)
+
+    async def test_rsa_only(self) -> None:
+        """SSL_KEY_TYPE=rsa asks for an RSA-2048 key's certificate alone."""
+        console = Signer()
+        code, output = await self.tls_start(console, SSL_KEY_TYPE="rsa")
+        self.assertEqual(code, 0, output)
+        [(_, _, csr)] = console.seen
+        request = x509.load_pem_x509_csr(csr)
+        public = request.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        self.assertEqual(public.key_size, 2048)
+        usage = request.extensions.get_extension_for_class(x509.KeyUsage).value
+        self.assertTrue(usage.digital_signature and usage.key_encipherment)
+        self.assert_served(console, rsa.RSAPrivateKey)
+
+    async def test_certificate_for_another_key_is_fatal(self) -> None:
+        """A certificate that is not for the key sent (Vespa could not serve it) is never
+        saved: after the RSA attempt too, the start stops with a beacon saying so."""
+        console = Signer(other_key=True)
+        code, output = await self.tls_start(console)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(len(console.seen), 2)
+        self.assertIn(
+            "ERROR: the certificate signer answered with a certificate for another key", output
+        )
+        self.assertFalse(os.path.exists(self.env["SSL_CERT"]))
+        self.assertFalse(os.path.exists(self.env["SSL_KEY"]))
+        self.assertNotIn("twistd ran", self.calls())
+        for beacons in self.beacons():
+            [beacon] = beacons
+            self.assertIn("a certificate for another key", beacon["error_msg"])
+
+    async def test_unknown_key_type(self) -> None:
+        """An SSL_KEY_TYPE other than ec or rsa stops the start before anything is made."""
+        code, output = await self.tls_start(Signer(), SSL_KEY_TYPE="dsa")
+        self.assertNotEqual(code, 0)
+        self.assertIn("SSL_KEY_TYPE=dsa is not ec or rsa", output)
+        self.assertFalse(os.path.exists(self.log))  # no virtualenv, no pip, no twistd
 
     async def test_signer_error_is_fatal(self) -> None:
         """An HTML error from the signer is never saved as the certificate: the start stops
