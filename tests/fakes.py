@@ -33,10 +33,17 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -95,7 +102,8 @@ class Watched(Resource):
 
     def render(self, request: Request) -> bytes | int:
         request.notifyFinish().addBoth(lambda _: self._waiters.check())
-        return getChildForRequest(self._root, request).render(request)
+        answer: bytes | int = getChildForRequest(self._root, request).render(request)
+        return answer
 
 
 class WatchedClock(Clock):
@@ -133,7 +141,13 @@ def big_body(total: int) -> bytes:
 
 def _arg(request: Request, name: bytes, default: bytes) -> bytes:
     args = request.args or {}
-    return args.get(name, [default])[0]
+    value: bytes = args.get(name, [default])[0]
+    return value
+
+
+def _transport(request: Request) -> ITCPTransport:
+    """The connection a request came on: TCP (or iosim's in memory, which acts the same)."""
+    return cast(ITCPTransport, request.channel.transport)
 
 
 @implementer(IPushProducer)
@@ -142,7 +156,7 @@ class Firehose:
 
     CHUNK = b"x" * 65536
 
-    def __init__(self, reactor, request: Request, total: int) -> None:
+    def __init__(self, reactor: IReactorTime, request: Request, total: int) -> None:
         self._reactor = reactor
         self._request = request
         self.remaining = total
@@ -186,7 +200,7 @@ class FakeBackend(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         super().__init__()
         self.reactor = reactor
         self.seen: list[SeenRequest] = []
@@ -253,8 +267,8 @@ class FakeBackend(Resource):
             request.write(big_body(total)[:cut])
             # Closed once what was written has gone (a producer still registered, here the
             # channel, paused while the proxy did not read, would keep it open).
-            request.channel.transport.unregisterProducer()
-            request.channel.transport.loseConnection()
+            cast(IConsumer, _transport(request)).unregisterProducer()
+            _transport(request).loseConnection()
             return NOT_DONE_YET
         if path == b"/slow":
             gone: Deferred[None] = Deferred()
@@ -265,16 +279,16 @@ class FakeBackend(Resource):
             request.notifyFinish().addErrback(lambda _: call.cancel())
             return NOT_DONE_YET
         if path == b"/reset":
-            request.channel.transport.abortConnection()
+            _transport(request).abortConnection()
             return NOT_DONE_YET
         if path == b"/break":
             request.setHeader(b"content-type", b"text/event-stream")
             request.write(b"data: one\n\n")
-            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            self.reactor.callLater(0, _transport(request).loseConnection)
             return NOT_DONE_YET
         if path == b"/garbage":
-            request.channel.transport.write(b"\x00\xffnot http at all\r\n\r\n")
-            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            _transport(request).write(b"\x00\xffnot http at all\r\n\r\n")
+            self.reactor.callLater(0, _transport(request).loseConnection)
             return NOT_DONE_YET
         if path == b"/huge-head":
             size = int(_arg(request, b"size", b"0"))
@@ -287,7 +301,7 @@ class FakeBackend(Resource):
         if path == b"/short":
             request.setHeader(b"content-length", b"1000")
             request.write(b"only this")
-            self.reactor.callLater(0, request.channel.transport.loseConnection)
+            self.reactor.callLater(0, _transport(request).loseConnection)
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(
@@ -311,7 +325,7 @@ class FakeBackend(Resource):
         request.write(b"")
         gone: Deferred[None] = Deferred()
         self.cancelled.append(gone)
-        pending = []
+        pending: list[IDelayedCall] = []
 
         def lost(_: object) -> None:
             for call in pending:
@@ -472,8 +486,8 @@ class FakeAutoscaler(Resource):
             request.notifyFinish().addErrback(lambda _: self._left.append(request))
             return NOT_DONE_YET
         if path in self.garbage:
-            request.channel.transport.write(b"\x00\xffnot http\r\n\r\n")
-            request.channel.transport.loseConnection()
+            _transport(request).write(b"\x00\xffnot http\r\n\r\n")
+            _transport(request).loseConnection()
             return NOT_DONE_YET
         request.setResponseCode(self.codes.get(path, 200))
         if path == b"/pubkey/":
@@ -561,7 +575,7 @@ class FakeRouter(Resource):
 
     def __init__(
         self,
-        key,
+        key: rsa.RSAPrivateKey,
         worker_urls: list[str],
         endpoint: str = "my-endpoint",
         api_key: str = "endpoint-key-0123456789",
@@ -659,7 +673,12 @@ class FakeSecuredWorker(Resource):
 
     isLeaf = True
 
-    def __init__(self, public_key, backend: FakeBackend, shapes=("url", "five-field")) -> None:
+    def __init__(
+        self,
+        public_key: rsa.RSAPublicKey,
+        backend: FakeBackend,
+        shapes: tuple[str, ...] = ("url", "five-field"),
+    ) -> None:
         super().__init__()
         self.public_key = public_key
         self.backend = backend

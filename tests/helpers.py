@@ -7,23 +7,30 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IPushProducer,
+    IReactorSSL,
+    ITCPTransport,
+)
 from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Cooperator, deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import provider
 
 from tests.fakes import FakeAutoscaler
 from vast_vespa.net.client import backend_agent, backend_pool
@@ -47,7 +54,7 @@ VECTORS = os.path.join(HERE, "vectors")  # copied from shared/vectors (throw-awa
 class TrackingFactory(WrappingFactory):
     """Remembers open server connections so a test can close them all at cleanup."""
 
-    def __init__(self, wrapped: Factory) -> None:
+    def __init__(self, wrapped: Factory[Any]) -> None:
         super().__init__(wrapped)
         self.gone: list[Deferred[None]] = []
 
@@ -62,10 +69,18 @@ class TrackingFactory(WrappingFactory):
         p._vespa_gone.callback(None)
 
 
+def listen_tcp(factory: IProtocolFactory, port: int = 0) -> tcp.Port:
+    """``factory`` listening on 127.0.0.1:``port`` (0: a free one), until stopped."""
+    # Any protocol factory serves: Twisted's annotation (a ServerFactory of its protocol
+    # interface itself) refuses every real one, a Site or a WrappingFactory alike.
+    listening = reactor.listenTCP(port, factory, interface="127.0.0.1")  # type: ignore[arg-type]
+    return cast(tcp.Port, listening)
+
+
 _tracking: dict[str, TrackingFactory] = {}  # base URL -> its listener's connections
 
 
-def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
+def listen(test: TestCase, factory_or_resource: Factory[Any] | Resource) -> str:
     """Serve on 127.0.0.1 (a free port) until the test ends; returns the base URL."""
     factory = (
         Site(factory_or_resource)
@@ -73,7 +88,7 @@ def listen(test: TestCase, factory_or_resource: Factory | Resource) -> str:
         else factory_or_resource
     )
     tracking = TrackingFactory(factory)
-    port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
+    port = listen_tcp(tracking)
     url = f"http://127.0.0.1:{port.getHost().port}"
     _tracking[url] = tracking
     test.addCleanup(_tracking.pop, url, None)
@@ -108,7 +123,7 @@ async def listen_sending_now(test: TestCase, site: Any) -> str:
 
     site.buildProtocol = recording
     endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-    port = await endpoint.listen(site)
+    port = cast(tcp.Port, await endpoint.listen(site))
 
     async def close() -> None:
         await port.stopListening()
@@ -146,7 +161,12 @@ def start_worker(
 
 
 def observed_worker(
-    test: TestCase, backend_url: str, agent: Any = None, **timeouts: float
+    test: TestCase,
+    backend_url: str,
+    agent: Any = None,
+    request_timeout: float = 0.0,
+    first_byte_timeout: float = 0.0,
+    stall_timeout: float = 0.0,
 ) -> tuple[str, list[RelayResult]]:
     """A passthrough WorkerResource on a VespaSite whose observer records every RelayResult;
     returns (url, results). ``agent`` defaults to one with a persistent pool of its own."""
@@ -161,8 +181,10 @@ def observed_worker(
         agent,
         reactor,
         backend_url,
+        request_timeout=request_timeout,
         observers=(lambda request, result, forward: results.append(result),),
-        **timeouts,
+        first_byte_timeout=first_byte_timeout,
+        stall_timeout=stall_timeout,
     )
     return listen(test, VespaSite(resource, fast_path=FAST_PATH)), results
 
@@ -214,13 +236,23 @@ class RawClient(Protocol):
 
     def connectionMade(self) -> None:
         if not self.read:
-            self.transport.pauseProducing()  # a client that does not read
-        self.transport.write(self.payload)
+            self.producer.pauseProducing()  # a client that does not read
+        self.tcp.write(self.payload)
         self.made.callback(None)
 
     @property
     def received(self) -> bytes:
         return b"".join(self.chunks)
+
+    @property
+    def tcp(self) -> ITCPTransport:
+        """Its transport: the TCP connection (or TLS over it, which provides the same)."""
+        return cast(ITCPTransport, self.transport)
+
+    @property
+    def producer(self) -> IPushProducer:
+        """Its transport, as the producer of what it receives."""
+        return cast(IPushProducer, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -242,11 +274,12 @@ async def raw_connect(
     """Connect ``client`` to the server at ``url`` (http://127.0.0.1:PORT), from ``bind``
     if given; with ``tls`` (client TLS options, for https://127.0.0.1:PORT) over TLS."""
     port = int(url.rsplit(":", 1)[1])
-    factory = ClientFactory.forProtocol(lambda: client)
+    factory = cast(ClientFactory[RawClient], ClientFactory.forProtocol(lambda: client))
     if tls is None:
         reactor.connectTCP("127.0.0.1", port, factory, bindAddress=bind)
     else:
-        reactor.connectSSL("127.0.0.1", port, factory, tls, bindAddress=bind)
+        ssl_reactor = cast(IReactorSSL, reactor)
+        ssl_reactor.connectSSL("127.0.0.1", port, factory, tls, timeout=30, bindAddress=bind)
     await client.made
     return client
 
@@ -276,6 +309,7 @@ def logged(test: TestCase, text: str, count: int = 1) -> Deferred[None]:
     seen: list[dict[str, Any]] = []
     fired: Deferred[None] = Deferred()
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if text in (event.get("log_format") or "") and len(seen) < count:
             seen.append(event)

@@ -148,7 +148,8 @@ class Connection:
 
     @property
     def received(self) -> bytes:
-        return self.transport.value()
+        data: bytes = self.transport.value()
+        return data
 
     @property
     def answer(self) -> Answer | None:
@@ -207,7 +208,8 @@ class MemoryNetwork:
         server = self._servers.get(netloc)
         if server is None or netloc in self._down:
             return fail(ConnectionRefusedError())
-        return server.request(method, uri, headers, bodyProducer)
+        response: Deferred[IResponse] = server.request(method, uri, headers, bodyProducer)
+        return response
 
     def flush(self) -> None:
         """Move every byte waiting between clients and servers."""

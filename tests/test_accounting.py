@@ -12,12 +12,12 @@ import json
 from collections import Counter
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
-from tests.helpers import SignedWorker, http_client, start_signed_worker
-from tests.memory import MemoryWorker
+from tests.helpers import SignedWorker, http_client, listen_tcp, start_signed_worker
+from tests.memory import Connection, MemoryWorker
 from vast_vespa import request_id
 from vast_vespa.outcome import Outcome, RelayResult
 
@@ -51,10 +51,10 @@ class AccountingTests(SynchronousTestCase):
     def post(self, worker: MemoryWorker, path: str, rid: str, body: bytes) -> int:
         return worker.call("POST", path, body, {"X-Request-ID": rid}).code
 
-    def send(self, worker: MemoryWorker, path: str, rid: str, body: bytes):
+    def send(self, worker: MemoryWorker, path: str, rid: str, body: bytes) -> Connection:
         return worker.request("POST", path, body, {"X-Request-ID": rid})
 
-    def test_every_outcome_counted_once(self):
+    def test_every_outcome_counted_once(self) -> None:
         """Served, backend 5xx, reset before headers, broken mid-answer, cancelled mid-stream,
         cancelled while queued behind a slow request, 429 over MAX_WAIT_TIME, and beside them
         forged, unsigned, malformed, blocked and replayed requests: each authenticated
@@ -148,7 +148,7 @@ class AccountingTests(SynchronousTestCase):
             [b"/ok", b"/status/503", b"/reset", b"/break", b"/sse?n=100&interval=0.05", HELD],
         )
 
-    def test_refused_traffic_moves_nothing(self):
+    def test_refused_traffic_moves_nothing(self) -> None:
         """A flood of forged, unsigned and blocked requests, some with huge costs and other
         workers' request_idx: every load figure the autoscaler receives stays 0 and nothing
         is deleted, while the requests were refused (and the load never moved meanwhile)."""
@@ -175,11 +175,11 @@ class AccountingTests(SynchronousTestCase):
 class AccountingEndToEndTests(TestCase):
     timeout = 30
 
-    async def test_backend_unreachable_is_errored(self):
+    async def test_backend_unreachable_is_errored(self) -> None:
         """Through real sockets, a backend that refuses connections: 502 to the client, the
         request counts as errored (new_load, not cur_perf), its request_idx is deleted once
         as a failure."""
-        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        closed = listen_tcp(Factory())
         port = closed.getHost().port
         await closed.stopListening()
         # One report window for the whole test (a beat at start, then send_now at the end).
@@ -188,11 +188,14 @@ class AccountingEndToEndTests(TestCase):
         resource = worker.service.site.resource
         resource._observers = (*resource._observers, observer(seen))
         response = await http_client(self).post(
-            worker.url + "/x", data=envelope(worker, 5, 77), headers={b"x-request-id": [b"down"]}
+            worker.url + "/x",
+            data=envelope(worker, 5, 77),
+            headers=Headers({b"x-request-id": [b"down"]}),
         )
         self.assertEqual(response.code, 502)
         await response.content()
         await worker.service.in_flight.idle()
+        assert worker.service.reporter is not None
         await worker.service.reporter.send_now()
         statuses = worker.autoscaler.statuses
         assert_once_each(self, seen, {"down": Outcome.ERRORED})

@@ -66,7 +66,7 @@ class AdminSiteTests(SynchronousTestCase):
         )
         self.service = build_worker(settings, self.reactor)
         self.service.state.mark_loaded(0.0, 0.0)
-        self.admin = self.service.getServiceNamed("admin").listening.factory  # type: ignore[attr-defined]
+        self.admin = self.service.getServiceNamed("admin").listening.factory
 
     def connect(self, site: Any) -> Connection:
         connection = Connection(site, 50000)
@@ -83,7 +83,9 @@ class AdminSiteTests(SynchronousTestCase):
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         answer = self.call("/metrics")
         self.assertEqual(answer.code, 200)
-        self.assertTrue(answer.header(b"content-type")[0].startswith(b"text/"))
+        content_type = answer.header(b"content-type")
+        assert content_type is not None
+        self.assertTrue(content_type[0].startswith(b"text/"))
         return samples(answer.body.decode())
 
     def test_open_connections(self) -> None:
@@ -154,7 +156,7 @@ class AdminListenerTests(TestCase):
         url, service = start_worker(
             self, listen(self, backend), admin_listen="tcp:0:interface=127.0.0.1"
         )
-        admin = listen(self, service.getServiceNamed("admin").listening.factory)  # type: ignore[attr-defined]
+        admin = listen(self, service.getServiceNamed("admin").listening.factory)
         http = http_client(self)
         body = b'{"prompt": "hello"}'
         r1 = await http.post(url + "/v1/echo", data=body)

@@ -72,7 +72,14 @@ class AnyInputTests(TestCase):
 
         @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
         @given(METHOD, TARGET, FORM, AUTH, st.binary(max_size=30), st.booleans())
-        def one(method, target, form, auth, raw, signed):
+        def one(
+            method: bytes,
+            target: bytes,
+            form: str,
+            auth: dict[str, Any],
+            raw: bytes,
+            signed: bool,
+        ) -> None:
             if signed and key is not None and isinstance(auth.get("url"), str):
                 auth = {**auth, "url": public_url}
                 auth["signature"] = sign(key, auth, "url")
@@ -97,14 +104,14 @@ class AnyInputTests(TestCase):
 
         one()
 
-    async def test_a_signed_worker_answers_whatever_it_is_sent(self):
+    async def test_a_signed_worker_answers_whatever_it_is_sent(self) -> None:
         backend = listen(self, FakeBackend(reactor))
         worker = await start_signed_worker(
             self, backend, blocked_paths=("/admin/*",), replay_window=100
         )
         self.answers(worker.service.site, worker.key, worker.public_url)
 
-    def test_an_unsecured_worker_answers_whatever_it_is_sent(self):
+    def test_an_unsecured_worker_answers_whatever_it_is_sent(self) -> None:
         backend = listen(self, FakeBackend(reactor))
         _, service = start_worker(self, backend, blocked_paths=("/admin/*",))
         self.answers(service.site, None, "")

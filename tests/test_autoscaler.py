@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -46,7 +47,7 @@ class ClientTests(SynchronousTestCase):
     def serve(self, fake: FakeAutoscaler) -> str:
         return self.network.serve(f"http://127.0.0.1:{next(self.ports)}", fake)
 
-    def client(self, addrs, **kwargs) -> AutoscalerClient:
+    def client(self, addrs: Sequence[str], **kwargs: Any) -> AutoscalerClient:
         http = memory_http(self.network)
         return AutoscalerClient(http, self.clock, addrs, "secret-token-123", 4242, **kwargs)
 
@@ -54,7 +55,7 @@ class ClientTests(SynchronousTestCase):
         self.network.flush()
         return self.successResultOf(sending)
 
-    def test_status_fails_over_in_order(self):
+    def test_status_fails_over_in_order(self) -> None:
         """An address that errors or is unreachable is skipped; the first that takes the
         report is used and later ones are not called."""
         broken, good, spare = FakeAutoscaler(), FakeAutoscaler(), FakeAutoscaler()
@@ -65,7 +66,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(good.statuses, [{"id": 1, "cur_load": 2.5}])
         self.assertEqual((broken.statuses, spare.statuses), ([], []))
 
-    def test_all_down_fails(self):
+    def test_all_down_fails(self) -> None:
         """When every address fails, the call fails naming each one."""
         broken = FakeAutoscaler()
         broken.codes[b"/worker_status/"] = 503
@@ -76,7 +77,7 @@ class ClientTests(SynchronousTestCase):
         self.assertIn(url + ": HTTP 503", str(caught.value))
         self.assertIn(DEAD, str(caught.value))
 
-    def test_hung_address_times_out_and_fails_over(self):
+    def test_hung_address_times_out_and_fails_over(self) -> None:
         """An address that never answers is abandoned after the timeout for the next one."""
         hung, good = FakeAutoscaler(), FakeAutoscaler()
         hung.hang.add(b"/worker_status/")
@@ -90,7 +91,7 @@ class ClientTests(SynchronousTestCase):
         self.result(sent)
         self.assertEqual(good.statuses, [{"n": 1}])
 
-    def test_delete_bodies_batches(self):
+    def test_delete_bodies_batches(self) -> None:
         """Batches form: one POST per success flag, successes first (PROTOCOL 4.6)."""
         fake = FakeAutoscaler()
         self.result(self.client([self.serve(fake)]).post_deletes(entries()))
@@ -112,14 +113,14 @@ class ClientTests(SynchronousTestCase):
             ],
         )
 
-    def test_deletes_skip_the_legacy_address(self):
+    def test_deletes_skip_the_legacy_address(self) -> None:
         """/delete_requests/ never goes to the old https://cloud.vast.ai/api/v0 address;
         reports may."""
         client = self.client(["https://cloud.vast.ai/api/v0/", "http://b"])
         self.assertEqual(client.addrs, ("https://cloud.vast.ai/api/v0", "http://b"))
         self.assertEqual(client.delete_addrs, ("http://b",))
 
-    def test_delete_bodies_list(self):
+    def test_delete_bodies_list(self) -> None:
         """List form: one POST with every request, its status and timings."""
         fake = FakeAutoscaler()
         self.result(self.client([self.serve(fake)], delete_format="list").post_deletes(entries()))
@@ -132,7 +133,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(body["requests"][0]["work_completed_at"], 3.0)
         self.assertEqual(fake.deleted(), {11: True, 12: False, 13: True})
 
-    def test_pubkey_from_the_first_address_that_has_one(self):
+    def test_pubkey_from_the_first_address_that_has_one(self) -> None:
         """/pubkey/ is asked from each address in order until one serves a key."""
         key = generate_private_key()
         empty, full = FakeAutoscaler(), FakeAutoscaler(public_pem(key))
@@ -140,7 +141,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(got.public_numbers(), key.public_key().public_numbers())
         self.assertEqual((empty.pubkey_requests, full.pubkey_requests), (1, 1))
 
-    def test_lenient_pem_and_secret_logging(self):
+    def test_lenient_pem_and_secret_logging(self) -> None:
         """A PEM sent as a JSON string is accepted; the token is never shown in full."""
         pem = b"-----BEGIN PUBLIC KEY-----\nAAA\n-----END PUBLIC KEY-----\n"
         self.assertEqual(pem_from(json.dumps(pem.decode()).encode()), pem.strip())
@@ -162,7 +163,7 @@ class KeyStoreTests(SynchronousTestCase):
         self.clock.advance(seconds)
         self.network.flush()
 
-    def test_retries_with_backoff_until_the_key_is_served(self):
+    def test_retries_with_backoff_until_the_key_is_served(self) -> None:
         """At start-up the key is fetched in the background, retried after 1 s, 2 s ...
         until the autoscaler serves it."""
         self.store.startService()
@@ -178,12 +179,13 @@ class KeyStoreTests(SynchronousTestCase):
         self.assertIsNotNone(self.store.key)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_refresh_only_when_stale(self):
+    def test_refresh_only_when_stale(self) -> None:
         """A key older than refresh_after may be fetched again (rotation), once per period."""
         old, new = generate_private_key(), generate_private_key()
         self.fake.pubkey = public_pem(old)
         self.store.startService()
         self.advance(0)
+        assert self.store.key is not None
         self.assertEqual(self.store.key.public_numbers(), old.public_key().public_numbers())
         self.assertFalse(self.store.stale())
         self.clock.advance(300)
@@ -193,11 +195,12 @@ class KeyStoreTests(SynchronousTestCase):
         self.assertFalse(self.store.stale())  # one attempt per period
         self.advance(0)
         self.successResultOf(refreshed)
+        assert self.store.key is not None
         self.assertEqual(self.store.key.public_numbers(), new.public_key().public_numbers())
 
 
 class ClientEndToEndTests(TestCase):
-    async def test_fails_over_through_sockets(self):
+    async def test_fails_over_through_sockets(self) -> None:
         """Through real sockets: an address answering 500 is skipped for the next; the key
         comes from the first address that has one. (tests/test_gate.py's twistd test has an
         unreachable first address.)"""

@@ -10,21 +10,22 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
+from zope.interface import provider
 
 from tests.fakes import FakeAutoscaler, FakeBackend
 from tests.helpers import (
     TrackingFactory,
     http_client,
     listen,
+    listen_tcp,
     logged,
     start_signed_worker,
 )
@@ -46,7 +47,7 @@ class Switch:
 
     def __init__(self, test: TestCase) -> None:
         self._factory: TrackingFactory | None = None
-        self._port: Any = None
+        self._port: tcp.Port | None = None
         self._number = 0
         test.addCleanup(self.down)
 
@@ -57,7 +58,7 @@ class Switch:
 
     def up(self) -> None:
         assert self._factory is not None
-        self._port = reactor.listenTCP(self._number, self._factory, interface="127.0.0.1")
+        self._port = listen_tcp(self._factory, self._number)
         self._number = self._port.getHost().port
 
     async def down(self) -> None:
@@ -128,7 +129,7 @@ class AutoscalerFaultTests(SynchronousTestCase):
             and len(worker.autoscaler.statuses) == before[1]
         )
 
-    def test_down(self):
+    def test_down(self) -> None:
         """The autoscaler stops listening (connection refused) and comes back."""
         worker = self.worker()
         network = worker.network
@@ -139,7 +140,7 @@ class AutoscalerFaultTests(SynchronousTestCase):
             lambda: network.up(AUTOSCALER_URL),
         )
 
-    def test_answers_500(self):
+    def test_answers_500(self) -> None:
         """Both report calls answer 500 for a while."""
         worker = self.worker()
         codes = worker.autoscaler.codes
@@ -150,7 +151,7 @@ class AutoscalerFaultTests(SynchronousTestCase):
             codes.clear,
         )
 
-    def test_answers_garbage(self):
+    def test_answers_garbage(self) -> None:
         """Both report calls get bytes that are not HTTP and a closed connection."""
         worker = self.worker()
         garbage = worker.autoscaler.garbage
@@ -158,7 +159,7 @@ class AutoscalerFaultTests(SynchronousTestCase):
             worker, lambda: garbage.update(PATHS), self.failing(worker), garbage.clear
         )
 
-    def test_hangs(self):
+    def test_hangs(self) -> None:
         """The autoscaler takes a report call and does not answer until it recovers: exactly
         one send waits (the beat does not pile up sends) and requests are not held up."""
         worker = self.worker()
@@ -175,7 +176,7 @@ class AutoscalerFaultTests(SynchronousTestCase):
 class AutoscalerDownEndToEndTests(TestCase):
     timeout = 30
 
-    async def test_down_and_back_on_its_port(self):
+    async def test_down_and_back_on_its_port(self) -> None:
         """Through real sockets: the autoscaler stops listening (connection refused, open
         connections cut) while requests are served, and comes back on the same port;
         the reports resume with nothing lost."""
@@ -196,9 +197,11 @@ class AutoscalerDownEndToEndTests(TestCase):
             self.assertEqual(response.code, 200, "requests keep flowing during the fault")
             await response.content()
         await failed_twice
+        assert worker.service.metrics is not None
         self.assertEqual(len(worker.service.metrics.finished), REQUESTS)
         switch.up()
         await autoscaler.when(lambda: len(autoscaler.delete_entries()) >= REQUESTS)
+        assert worker.service.reporter is not None
         await worker.service.reporter.send_now()
         self.assertEqual(
             Counter(autoscaler.delete_entries()),
@@ -210,7 +213,7 @@ class AutoscalerDownEndToEndTests(TestCase):
 
 
 class PartialFailureTests(SynchronousTestCase):
-    def test_half_delivered_deletes_are_not_sent_twice(self):
+    def test_half_delivered_deletes_are_not_sent_twice(self) -> None:
         """The autoscaler takes the body of successful request_idx but answers 500 to the
         one of failed ones (DELETE_REQUESTS_FORMAT=batches sends the two apart): once it
         recovers, only the failed ones are sent again, so each request_idx arrives once."""
@@ -247,7 +250,7 @@ class Outage(FakeClient):
 
 
 class BoundedBacklogTests(SynchronousTestCase):
-    def test_long_outage_keeps_memory_bounded(self):
+    def test_long_outage_keeps_memory_bounded(self) -> None:
         """During a long outage the finished request_idx waiting for /delete_requests/ stay
         within the backlog (the oldest are dropped, logged once per thousand, not once per
         request), the window totals stay O(1) and exact, and after recovery the kept ones are
@@ -262,6 +265,7 @@ class BoundedBacklogTests(SynchronousTestCase):
         reporter = MetricsReporter(clock, metrics, client, 1.0)  # type: ignore[arg-type]
         warnings: list[dict] = []
 
+        @provider(ILogObserver)
         def collect(event: dict) -> None:
             if event.get("log_level") is LogLevel.warn and "backlog" in event.get("log_format", ""):
                 warnings.append(event)

@@ -6,12 +6,17 @@ defined RelayResult for the observers, and the next request is served (the pool 
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import reactor
-from twisted.internet.defer import fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import RequestNotSent, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -19,6 +24,7 @@ from tests.helpers import (
     TrackingFactory,
     http_client,
     listen,
+    listen_tcp,
     observed_worker,
     raw_request,
 )
@@ -27,16 +33,23 @@ from vast_vespa.outcome import Outcome
 from vast_vespa.site import VespaSite
 
 
+@implementer(IAgent)
 class _FlakyAgent:
     """Fails the first ``failures`` calls with ``error``, then sends through ``agent``."""
 
-    def __init__(self, agent, error, failures=1):
+    def __init__(self, agent: IAgent, error: BaseException | Failure, failures: int = 1) -> None:
         self.agent = agent
         self.error = error
         self.failures = failures
         self.calls = 0
 
-    def request(self, method, uri, headers=None, bodyProducer=None):
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
         self.calls += 1
         if self.calls <= self.failures:
             return fail(self.error)
@@ -44,7 +57,7 @@ class _FlakyAgent:
 
 
 class BackendFaultTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.backend = FakeBackend(reactor)
         self.backend_url = listen(self, self.backend)
         pool = backend_pool(reactor)
@@ -52,7 +65,7 @@ class BackendFaultTests(TestCase):
         self.agent = backend_agent(reactor, pool, 5, fast_path=FAST_PATH)
         self.http = http_client(self)
 
-    def worker(self, backend_url=None, agent=None, **timeouts) -> str:
+    def worker(self, backend_url: str | None = None, agent: Any = None, **timeouts: float) -> str:
         url, self.results = observed_worker(
             self, backend_url or self.backend_url, agent or self.agent, **timeouts
         )
@@ -75,11 +88,11 @@ class BackendFaultTests(TestCase):
         self.assertEqual((result.outcome, result.status), (outcome, status))
         self.assertIn(reason, result.reason)
 
-    async def test_refused_then_flapping_backend(self):
+    async def test_refused_then_flapping_backend(self) -> None:
         """A backend that refuses connections gives 502 (errored); when it comes back on the
         same port requests are served, and it can go away and come back again."""
         factory = TrackingFactory(VespaSite(self.backend, fast_path=FAST_PATH))
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port = listen_tcp(factory)
         number = port.getHost().port
         url = self.worker(f"http://127.0.0.1:{number}")
 
@@ -95,11 +108,11 @@ class BackendFaultTests(TestCase):
             self.assertEqual((code, body["error"]), (502, "backend unavailable"))
             self.assertNotIn("Traceback", body["detail"])
             self.assert_result(Outcome.ERRORED, 502, "backend unavailable")
-            port = reactor.listenTCP(number, factory, interface="127.0.0.1")
+            port = listen_tcp(factory, number)
             await self.assert_healthy_after(url)
         await backend_dies()
 
-    async def test_reset_before_headers(self):
+    async def test_reset_before_headers(self) -> None:
         """A backend that resets before answering gives 502 (errored), then all is well."""
         url = self.worker()
         code, body = await self.get(url + "/reset")
@@ -107,7 +120,7 @@ class BackendFaultTests(TestCase):
         self.assert_result(Outcome.ERRORED, 502, "backend unavailable")
         await self.assert_healthy_after(url)
 
-    async def test_garbage_answer(self):
+    async def test_garbage_answer(self) -> None:
         """A backend answering something that is not HTTP gives 502 (errored)."""
         url = self.worker()
         code, body = await self.get(url + "/garbage")
@@ -115,7 +128,7 @@ class BackendFaultTests(TestCase):
         self.assert_result(Outcome.ERRORED, 502, "backend unavailable")
         await self.assert_healthy_after(url)
 
-    async def test_reset_mid_body_truncates(self):
+    async def test_reset_mid_body_truncates(self) -> None:
         """A backend dropping the connection mid-stream: the client's response ends without its
         final chunk (never a short clean answer); the outcome is errored."""
         url = self.worker()
@@ -125,7 +138,7 @@ class BackendFaultTests(TestCase):
         self.assert_result(Outcome.ERRORED, 200, "backend broke mid-response")
         await self.assert_healthy_after(url)
 
-    async def test_content_length_larger_than_sent(self):
+    async def test_content_length_larger_than_sent(self) -> None:
         """A backend that sends less than its Content-Length: the client sees a short body on a
         closed connection; the outcome is errored."""
         url = self.worker()
@@ -135,7 +148,7 @@ class BackendFaultTests(TestCase):
         self.assert_result(Outcome.ERRORED, 200, "backend broke mid-response")
         await self.assert_healthy_after(url)
 
-    async def test_hang_before_headers_is_504(self):
+    async def test_hang_before_headers_is_504(self) -> None:
         """A backend that never answers gives 504 after BACKEND_FIRST_BYTE_TIMEOUT and its
         connection is closed (the backend sees the cancellation)."""
         url = self.worker(first_byte_timeout=0.2)
@@ -146,7 +159,7 @@ class BackendFaultTests(TestCase):
         await self.backend.cancelled[-1]
         await self.assert_healthy_after(url)
 
-    async def test_stalled_stream_is_cut(self):
+    async def test_stalled_stream_is_cut(self) -> None:
         """A stream that goes silent longer than BACKEND_STALL_TIMEOUT is cut on both sides:
         the client sees a truncated stream, the backend sees the disconnect."""
         url = self.worker(stall_timeout=0.3)
@@ -158,7 +171,7 @@ class BackendFaultTests(TestCase):
         await self.backend.cancelled[-1]
         await self.assert_healthy_after(url)
 
-    async def test_steady_stream_is_not_cut(self):
+    async def test_steady_stream_is_not_cut(self) -> None:
         """The stall timer restarts with every chunk: a stream slower in total than the stall
         timeout, but never silent that long, is served whole."""
         url = self.worker(stall_timeout=0.3)
@@ -168,14 +181,14 @@ class BackendFaultTests(TestCase):
         self.assertIn(b"data: [DONE]", raw)
         self.assert_result(Outcome.SERVED, 200, "")
 
-    async def test_connect_timeout_is_504(self):
+    async def test_connect_timeout_is_504(self) -> None:
         """A backend that cannot be connected to in time gives 504 (errored)."""
         url = self.worker(agent=_FlakyAgent(self.agent, ConnectTimeout()))
         code, body = await self.get(url + "/x")
         self.assertEqual((code, body["error"]), (504, "backend timeout"))
         self.assertEqual(self.backend.seen, [])
 
-    async def test_request_not_sent_is_retried_once(self):
+    async def test_request_not_sent_is_retried_once(self) -> None:
         """A request that provably never left (RequestNotSent) is sent again, once: the client
         gets the answer and the backend sees exactly one request."""
         agent = _FlakyAgent(self.agent, RequestNotSent())
@@ -185,14 +198,14 @@ class BackendFaultTests(TestCase):
         self.assertEqual(agent.calls, 2)
         self.assertEqual([(s.uri, s.body) for s in self.backend.seen], [(b"/x", b"payload")])
 
-    async def test_request_not_sent_twice_is_502(self):
+    async def test_request_not_sent_twice_is_502(self) -> None:
         """Only one retry: a second RequestNotSent gives 502."""
         agent = _FlakyAgent(self.agent, RequestNotSent(), failures=2)
         code, body = await self.get(self.worker(agent=agent) + "/x")
         self.assertEqual((code, body["error"]), (502, "backend unavailable"))
         self.assertEqual(agent.calls, 2)
 
-    async def test_maybe_sent_is_never_retried(self):
+    async def test_maybe_sent_is_never_retried(self) -> None:
         """A request that may have reached the backend (no response) is not retried."""
         error = ResponseNeverReceived([Failure(ConnectionResetError())])
         agent = _FlakyAgent(self.agent, error)

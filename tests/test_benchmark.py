@@ -138,7 +138,10 @@ class BenchmarkConcurrencyTests(SynchronousTestCase):
         """The benchmark's session sends no more at once than admission will: 1 with
         ALLOW_PARALLEL=false, MAX_CONCURRENCY otherwise (0: no limit)."""
         spec = "tests.test_benchmark:record_session"
-        cases = [({"allow_parallel": False, "max_concurrency": 4}, 1), ({"max_concurrency": 3}, 3)]
+        cases: list[tuple[dict[str, Any], int]] = [
+            ({"allow_parallel": False, "max_concurrency": 4}, 1),
+            ({"max_concurrency": 3}, 3),
+        ]
         cases.append(({}, 0))
         for changes, limit in cases:
             settings = dataclasses.replace(Settings(), benchmark=spec, **changes)

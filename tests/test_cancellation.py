@@ -14,7 +14,7 @@ from vast_vespa.outcome import Outcome
 
 
 class CancellationTests(SynchronousTestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.worker = MemoryWorker(self, signed=False, first_byte_timeout=30.0, stall_timeout=30.0)
 
     def assert_serves_next(self) -> None:
@@ -24,7 +24,7 @@ class CancellationTests(SynchronousTestCase):
         """Nothing left on the clock: neither the worker's timers nor the backend's."""
         self.assertEqual(self.worker.clock.getDelayedCalls(), [])
 
-    def test_leaving_before_headers_cancels_the_backend_call(self):
+    def test_leaving_before_headers_cancels_the_backend_call(self) -> None:
         """A client that leaves while the backend thinks: the backend sees the disconnect,
         the outcome is cancelled (once), the first-byte timer is gone."""
         client = self.worker.request("GET", "/slow?delay=60")
@@ -36,7 +36,7 @@ class CancellationTests(SynchronousTestCase):
         self.assert_no_timers()
         self.assert_serves_next()
 
-    def test_leaving_mid_stream_stops_the_stream(self):
+    def test_leaving_mid_stream_stops_the_stream(self) -> None:
         """A client that leaves mid-stream: the backend stream stops, the outcome is cancelled
         with the bytes relayed so far, the stall timer is gone."""
         client = self.worker.request("GET", "/sse?n=100&interval=0.05")
@@ -51,7 +51,7 @@ class CancellationTests(SynchronousTestCase):
         self.assert_no_timers()
         self.assert_serves_next()
 
-    def test_leaving_mid_upload_never_reaches_the_backend(self):
+    def test_leaving_mid_upload_never_reaches_the_backend(self) -> None:
         """A client that leaves before its body is complete: nothing reaches the backend and
         no outcome is recorded (the request never started)."""
         client = self.worker.connect()

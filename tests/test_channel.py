@@ -10,11 +10,15 @@ from __future__ import annotations
 import ast
 import inspect
 import time
+from collections.abc import Callable
 from io import BytesIO
+from typing import Any, cast
 
+from httptools import HttpRequestParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.task import Clock
@@ -22,7 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
@@ -40,10 +44,14 @@ class _Held(Resource):
         super().__init__()
         self.hold = hold
         self.seen: list[tuple[bytes, bytes, bytes]] = []
-        self.waiting: list = []
-        self.lost: list = []
+        self.waiting: list[tuple[Request, bytes]] = []
+        self.lost: list[Failure] = []
+        self.answer_with: Callable[[Request], bytes] | None = None  # in place of the above
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes | int:
+        if self.answer_with is not None:
+            return self.answer_with(request)
+        assert request.content is not None
         self.seen.append((request.method, request.uri, request.content.read()))
         request.setHeader(b"content-type", b"text/plain")
         answer = b"%s %s %d" % (request.method, request.uri, len(self.seen[-1][2]))
@@ -67,15 +75,43 @@ GET = b"GET /%d HTTP/1.1\r\nHost: w\r\n\r\n"
 _FIELD_BYTES = frozenset(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
 
 
+class _WritesKept(StringTransport):
+    """A StringTransport that also keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def _keep(seen: list[Request]) -> Callable[[Request], bytes]:
+    """An answer_with for _Held: keeps the request in ``seen``, answers an empty body."""
+
+    def answer(request: Request) -> bytes:
+        seen.append(request)
+        return b""
+
+    return answer
+
+
 class ChannelTests(SynchronousTestCase):
-    def connect(self, hold: bool = False, fast_path: bool = FAST_PATH, **limits):
+    def connect(
+        self,
+        hold: bool = False,
+        fast_path: bool = FAST_PATH,
+        transport: StringTransport | None = None,
+        **limits: Any,
+    ) -> tuple[GuardedChannel, StringTransport]:
         self.clock = Clock()
         self.resource = _Held(hold)
         self.site = VespaSite(
             self.resource, Limits(**limits), reactor=self.clock, fast_path=fast_path
         )
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
-        transport = StringTransport()
+        transport = transport or StringTransport()
         channel.makeConnection(transport)
         self.addCleanup(self.close, channel)
         return channel, transport
@@ -93,7 +129,7 @@ class ChannelTests(SynchronousTestCase):
             out.append(head.split(b"\r\n")[0] + b" | " + body)
         return out
 
-    def test_keep_alive_serves_requests_one_after_another(self):
+    def test_keep_alive_serves_requests_one_after_another(self) -> None:
         """Two requests on one HTTP/1.1 connection are both answered; it stays open."""
         channel, transport = self.connect()
         channel.dataReceived(GET % 1)
@@ -101,7 +137,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.answers(transport), [b"200 OK | GET /1 0", b"200 OK | POST /2 3"])
         self.assertFalse(transport.disconnecting)
 
-    def test_pipelined_requests_wait_for_the_answer_before(self):
+    def test_pipelined_requests_wait_for_the_answer_before(self) -> None:
         """Requests sent in one read reach the resource one at a time, in order, each only
         once the answer before it is complete."""
         channel, transport = self.connect(hold=True)
@@ -120,7 +156,7 @@ class ChannelTests(SynchronousTestCase):
             [b"200 OK | GET /1 0", b"200 OK | GET /2 0", b"200 OK | POST /3 3"],
         )
 
-    def test_any_split_of_the_input_gives_the_same_requests(self):
+    def test_any_split_of_the_input_gives_the_same_requests(self) -> None:
         """Heads, bodies and chunks cut at every byte boundary parse the same."""
         stream = (
             b"\r\n"
@@ -147,7 +183,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen, expected)
         self.assertEqual(len(self.answers(transport)), 4)
 
-    def test_connection_close_is_the_last_request(self):
+    def test_connection_close_is_the_last_request(self) -> None:
         """`Connection: close` gets an answer saying so, then the connection closes; a request
         sent after it is never parsed."""
         channel, transport = self.connect()
@@ -158,13 +194,13 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
 
-    def test_http_1_0_is_answered_then_closed(self):
+    def test_http_1_0_is_answered_then_closed(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(b"GET /old HTTP/1.0\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.0 200 OK\r\n"))
         self.assertTrue(transport.disconnecting)
 
-    def test_expect_continue_gets_100_before_the_body(self):
+    def test_expect_continue_gets_100_before_the_body(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
@@ -173,12 +209,12 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"abc")
         self.assertEqual(self.resource.seen, [(b"POST", b"/up", b"abc")])
 
-    def test_headers_and_cookies_reach_the_request(self):
+    def test_headers_and_cookies_reach_the_request(self) -> None:
         """Names keep their case-insensitive identity, values lose surrounding whitespace, a
         repeated header keeps every value, and cookies are parsed."""
-        seen = []
+        seen: list[Request] = []
         channel, transport = self.connect()
-        self.resource.render = lambda request: seen.append(request) or b""
+        self.resource.answer_with = _keep(seen)
         channel.dataReceived(
             b"GET /h?q=1 HTTP/1.1\r\nHost: w\r\nX-A:  one \r\nx-a: two\r\n"
             b"Cookie: k=v\r\nX-Utf8: caf\xc3\xa9\r\n\r\n"
@@ -196,23 +232,25 @@ class ChannelTests(SynchronousTestCase):
         st.binary(max_size=12).map(lambda b: bytes(c for c in b if c in _FIELD_BYTES)),
         st.binary(max_size=4).map(lambda b: bytes(b" \t"[c % 2] for c in b)),
     )
-    def test_a_value_is_the_field_without_surrounding_whitespace(self, before, value, after):
+    def test_a_value_is_the_field_without_surrounding_whitespace(
+        self, before: bytes, value: bytes, after: bytes
+    ) -> None:
         """A header's value is what follows the colon without leading and trailing spaces and
         tabs, whatever it holds between them (spaces, tabs, obs-text)."""
-        seen = []
+        seen: list[Request] = []
         channel, _ = self.connect()
-        self.resource.render = lambda request: seen.append(request) or b""
+        self.resource.answer_with = _keep(seen)
         channel.dataReceived(
             b"GET / HTTP/1.1\r\nHost: w\r\nX-V:" + before + value + after + b"\r\n\r\n"
         )
         self.assertEqual(seen[0].requestHeaders.getRawHeaders(b"x-v"), [value.strip(b" \t")])
 
-    def test_runs_of_spaces_in_a_header_line_are_matched_in_linear_time(self):
+    def test_runs_of_spaces_in_a_header_line_are_matched_in_linear_time(self) -> None:
         """A header line with long runs of spaces costs no more to check than any other,
         accepted or refused (patterns with whitespace around and inside the value backtrack:
         a 16 KiB value with spaces inside took 0.7 s to accept, and 4 KiB of spaces before a
         control byte 66 s to refuse)."""
-        seen = []
+        seen: list[Request] = []
         value = b"a" + b" " * 32000 + b"b"
         lines = [
             (b"X-Long: " + value, 200),
@@ -221,7 +259,7 @@ class ChannelTests(SynchronousTestCase):
         ]
         for line, status in lines:
             channel, transport = self.connect(max_header_size=1 << 16)
-            self.resource.render = lambda request: seen.append(request) or b""
+            self.resource.answer_with = _keep(seen)
             started = time.process_time()
             channel.dataReceived(b"GET / HTTP/1.1\r\nHost: w\r\n" + line + b"\r\n\r\n")
             spent = time.process_time() - started
@@ -229,11 +267,12 @@ class ChannelTests(SynchronousTestCase):
             self.assertLess(spent, 0.1, line[:10])
         self.assertEqual(seen[0].requestHeaders.getRawHeaders(b"x-long"), [value])
 
-    def test_idle_connection_is_closed_after_the_timeout(self):
+    def test_idle_connection_is_closed_after_the_timeout(self) -> None:
         """A keep-alive connection with no request for the site's timeOut is closed, and
         aborted if it does not close cleanly; activity and an answer in progress keep it."""
         channel, transport = self.connect(hold=True)
         timeout = self.site.timeOut
+        assert timeout is not None
         self.clock.advance(timeout - 1)
         channel.dataReceived(GET % 1)  # activity: the clock restarts
         self.clock.advance(timeout * 3)  # answering: never idle
@@ -246,11 +285,12 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(15)
         self.assertTrue(transport.disconnected)  # StringTransport.abortConnection
 
-    def test_long_upload_is_not_an_idle_connection(self):
+    def test_long_upload_is_not_an_idle_connection(self) -> None:
         """A body that keeps arriving for longer than the idle timeout is neither cut nor
         watched in a busy loop: the idle check waits a full timeout while a request arrives."""
         channel, transport = self.connect(min_body_rate=1000.0)
         timeout = self.site.timeOut
+        assert timeout is not None
         size = 15000 * 12
         channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n" % size)
         for _ in range(12):  # 120 s, twice the idle timeout
@@ -259,13 +299,13 @@ class ChannelTests(SynchronousTestCase):
             idle_checks = [
                 call.getTime() - self.clock.seconds()
                 for call in self.clock.getDelayedCalls()
-                if call.func == channel._idle_check
+                if cast(DelayedCall, call).func == channel._idle_check
             ]
             self.assertTrue(all(wait >= 1 for wait in idle_checks), idle_checks)
         self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
         self.assertGreater(self.clock.seconds(), timeout)
 
-    def test_partial_pipelined_head_gets_the_head_deadline(self):
+    def test_partial_pipelined_head_gets_the_head_deadline(self) -> None:
         """A pipelined head left unfinished behind an answered request is held to the head
         deadline like any other (no slowloris through pipelining)."""
         channel, transport = self.connect(hold=True, head_timeout=30.0)
@@ -275,15 +315,16 @@ class ChannelTests(SynchronousTestCase):
         self.assertIn(b"HTTP/1.1 408 Request Timeout", transport.value())
         self.assertTrue(transport.disconnecting)
 
-    def test_connection_close_option_is_case_insensitive(self):
+    def test_connection_close_option_is_case_insensitive(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: w\r\nConnection: Close\r\n\r\n" + GET % 2)
         self.assertTrue(transport.disconnecting)
         self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
 
-    def test_upload_spanning_the_idle_timeout_is_not_cut(self):
+    def test_upload_spanning_the_idle_timeout_is_not_cut(self) -> None:
         channel, transport = self.connect()
         timeout = self.site.timeOut
+        assert timeout is not None
         self.clock.advance(timeout - 1)
         channel.dataReceived(
             b"POST /u HTTP/1.1\r\nHost: w\r\nContent-Length: 2000\r\n\r\n" + b"x" * 1000
@@ -293,10 +334,11 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"x" * 1000)
         self.assertEqual(self.resource.seen, [(b"POST", b"/u", b"x" * 2000)])
 
-    def test_head_arriving_at_the_idle_timeout_is_not_cut(self):
+    def test_head_arriving_at_the_idle_timeout_is_not_cut(self) -> None:
         """A head still arriving when the idle timeout comes is left to the head deadline."""
         channel, transport = self.connect()
         timeout = self.site.timeOut
+        assert timeout is not None
         self.clock.advance(timeout - 1)
         channel.dataReceived(b"GET /late HTTP/1.1\r\nHost: w\r\n")
         self.clock.advance(2)
@@ -304,9 +346,10 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"\r\n")
         self.assertEqual([s[1] for s in self.resource.seen], [b"/late"])
 
-    def test_idle_clock_restarts_after_each_answer(self):
+    def test_idle_clock_restarts_after_each_answer(self) -> None:
         channel, transport = self.connect()
         timeout = self.site.timeOut
+        assert timeout is not None
         self.clock.advance(timeout - 10)
         channel.dataReceived(GET % 1)
         self.clock.advance(10)  # the first idle check: 10 s after the answer
@@ -316,7 +359,7 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
-    def held_over_the_buffer(self):
+    def held_over_the_buffer(self) -> tuple[GuardedChannel, StringTransport]:
         """A connection answering one request, with PIPELINE_BUFFER bytes of the next one's
         body held (the part that crossed the limit included)."""
         channel, transport = self.connect(hold=True)
@@ -326,7 +369,7 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"x" * PIPELINE_BUFFER)
         return channel, transport
 
-    def test_pipelined_input_over_the_buffer_stops_reading(self):
+    def test_pipelined_input_over_the_buffer_stops_reading(self) -> None:
         """While a request is answered, the client's next input is held; past PIPELINE_BUFFER
         the connection is not read until the answer is done."""
         channel, transport = self.held_over_the_buffer()
@@ -338,7 +381,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen[1][:2], (b"POST", b"/2"))
         self.assertEqual(len(self.resource.seen[1][2]), 20000)
 
-    def test_requests_pipelined_in_one_read_count_towards_the_buffer(self):
+    def test_requests_pipelined_in_one_read_count_towards_the_buffer(self) -> None:
         """Requests parsed in the same read as the one now answered are held like input that
         comes later: past PIPELINE_BUFFER the connection is not read until they are answered."""
         channel, transport = self.connect(hold=True)
@@ -350,7 +393,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual([s[1] for s in self.resource.seen], [b"/%d" % i for i in range(count)])
 
-    def test_full_send_buffer_pauses_the_answer_then_the_client(self):
+    def test_full_send_buffer_pauses_the_answer_then_the_client(self) -> None:
         """The transport's pause reaches the answer's producer; between requests it also
         stops reading the client, who must read its answers before sending more."""
         channel, transport = self.connect(hold=True)
@@ -370,7 +413,7 @@ class ChannelTests(SynchronousTestCase):
         channel.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
 
-    def test_transport_stop_reaches_the_answer_producer(self):
+    def test_transport_stop_reaches_the_answer_producer(self) -> None:
         channel, _ = self.connect(hold=True)
         channel.dataReceived(GET % 1)
         producer = _Producer()
@@ -378,7 +421,7 @@ class ChannelTests(SynchronousTestCase):
         channel.stopProducing()
         self.assertEqual(producer.state, "stopped")
 
-    def test_send_buffer_cycling_keeps_held_input_unread(self):
+    def test_send_buffer_cycling_keeps_held_input_unread(self) -> None:
         """The pause for held pipelined input outlasts the send buffer filling and draining."""
         channel, transport = self.held_over_the_buffer()
         self.assertEqual(transport.producerState, "paused")
@@ -386,7 +429,7 @@ class ChannelTests(SynchronousTestCase):
         channel.resumeProducing()  # the answer's writes drained: the hold limit still applies
         self.assertEqual(transport.producerState, "paused")
 
-    def test_answer_done_with_full_send_buffer_keeps_reading_paused(self):
+    def test_answer_done_with_full_send_buffer_keeps_reading_paused(self) -> None:
         """A client that does not read its answers is not read when the answer ends either."""
         channel, transport = self.held_over_the_buffer()
         channel.pauseProducing()  # the client is not reading its answers
@@ -395,29 +438,30 @@ class ChannelTests(SynchronousTestCase):
         channel.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
 
-    def test_client_gone_mid_body_never_reaches_the_resource(self):
+    def test_client_gone_mid_body_never_reaches_the_resource(self) -> None:
         channel, _ = self.connect()
         channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 10\r\n\r\nabc")
         request = channel._request
+        assert request is not None
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.resource.seen, [])
         self.assertTrue(request._disconnected)
+        assert request.content is not None
         self.assertTrue(request.content.closed)
 
-    def test_client_gone_while_answered_is_told_to_the_request(self):
+    def test_client_gone_while_answered_is_told_to_the_request(self) -> None:
         channel, _ = self.connect(hold=True)
         channel.dataReceived(GET % 1)
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(self.resource.lost), 1)
         self.resource.lost[0].trap(ConnectionDone)
 
-    def test_first_data_goes_with_the_head(self):
+    def test_first_data_goes_with_the_head(self) -> None:
         """The head and the first data leave in one write (one packet): chunked, or as they
         are when the answer has a Content-Length (the fast path's LeanRequest)."""
-        channel, transport = self.connect(hold=True, fast_path=True)
-        writes: list[bytes] = []
-        original = transport.write
-        transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+        kept = _WritesKept()
+        channel, _ = self.connect(hold=True, fast_path=True, transport=kept)
+        writes = kept.writes
         channel.dataReceived(GET % 1)
         request, _ = self.resource.waiting.pop(0)
         request.write(b"data: 1\n\n")
@@ -430,7 +474,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(len(writes), 1)
         self.assertTrue(writes[0].endswith(b"Content-Length: 8\r\n\r\nGET /2 0"), writes)
 
-    def test_chunked_answer_written_piece_by_piece(self):
+    def test_chunked_answer_written_piece_by_piece(self) -> None:
         """After the head, each write is one chunk on the wire (empty writes send nothing);
         a write after finish raises as twisted.web's does, one after the client left is
         dropped."""
@@ -455,7 +499,7 @@ class ChannelTests(SynchronousTestCase):
         second.write(b"after the client left")
         self.assertEqual(transport.value(), b"")
 
-    def test_upgrade_request_without_a_body_is_answered_as_a_plain_request(self):
+    def test_upgrade_request_without_a_body_is_answered_as_a_plain_request(self) -> None:
         """Vespa never upgrades: `Connection: upgrade` without a body gets an ordinary answer,
         and the request pipelined after it is parsed afresh and answered (llhttp would have
         skipped it as the upgraded protocol's data)."""
@@ -467,7 +511,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.answers(transport), [b"200 OK | GET /1 0", b"200 OK | GET /2 0"])
         self.assertFalse(transport.disconnecting)
 
-    def test_error_in_a_pipelined_request_is_answered_in_turn(self):
+    def test_error_in_a_pipelined_request_is_answered_in_turn(self) -> None:
         """A malformed request parsed behind one being answered is answered after it, and
         nothing more is read meanwhile."""
         channel, transport = self.connect(hold=True)
@@ -482,7 +526,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
 
-    def test_pipelined_head_over_the_limit_is_refused_in_turn(self):
+    def test_pipelined_head_over_the_limit_is_refused_in_turn(self) -> None:
         """A head that begins behind another request in one read is still held to the size
         limit as it grows over the next reads."""
         channel, transport = self.connect(max_header_size=200)
@@ -494,7 +538,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertIn(b"HTTP/1.1 431 Request Header Fields Too Large", transport.value())
         self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
 
-    def test_a_head_sent_in_pieces_is_parsed_a_line_at_a_time(self):
+    def test_a_head_sent_in_pieces_is_parsed_a_line_at_a_time(self) -> None:
         """A head arriving a byte at a time is given to llhttp only once each line is whole:
         the cost stays linear in its size (llhttp's callbacks would copy a partly received
         header again for every piece)."""
@@ -503,21 +547,21 @@ class ChannelTests(SynchronousTestCase):
         parser = channel._parser
 
         class Recording:
-            def feed_data(self, data):
+            def feed_data(self, data: bytes | bytearray | memoryview) -> None:
                 fed.append(bytes(data))
                 parser.feed_data(data)
 
-            def __getattr__(self, name):
+            def __getattr__(self, name: str) -> Any:
                 return getattr(parser, name)
 
-        channel._parser = Recording()
+        channel._parser = cast(HttpRequestParser, Recording())  # a stand-in for it
         head = b"GET / HTTP/1.1\r\nHost: w\r\nX-A: " + b"a" * 3000 + b"\r\n\r\n"
         for byte in head:
             channel.dataReceived(bytes([byte]))
         self.assertEqual(self.answers(transport), [b"200 OK | GET / 0"])
         self.assertLessEqual(len(fed), head.count(b"\n") + 1, fed[:5])
 
-    def test_chunk_framing_without_data_is_limited(self):
+    def test_chunk_framing_without_data_is_limited(self) -> None:
         """Trailers (or chunk extensions) arriving read after read with no body data are
         refused past the head size limit: llhttp would gather a trailer without end."""
         channel, transport = self.connect(max_header_size=1000)
@@ -530,7 +574,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
         self.assertEqual(self.resource.seen, [])
 
-    def test_pull_producer_is_driven_on_the_site_reactor(self):
+    def test_pull_producer_is_driven_on_the_site_reactor(self) -> None:
         """A pull producer is asked for data by a task on the site's reactor, not while the
         connection's send buffer is full, and not after it unregisters."""
         channel, transport = self.connect(hold=True)
@@ -546,10 +590,11 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(pull.done)
         self.assertTrue(transport.value().endswith(b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n"))
         self.assertEqual(
-            [call.func for call in self.clock.getDelayedCalls()], [channel._idle_check]
+            [cast(DelayedCall, call).func for call in self.clock.getDelayedCalls()],
+            [channel._idle_check],
         )
 
-    def test_failing_pull_producer_is_unregistered(self):
+    def test_failing_pull_producer_is_unregistered(self) -> None:
         """A pull producer that raises is logged and asked for nothing more."""
         channel, _ = self.connect(hold=True)
         channel.dataReceived(GET % 1)
@@ -563,7 +608,7 @@ class ChannelTests(SynchronousTestCase):
 
 
 class PublicTwistedTests(SynchronousTestCase):
-    def test_the_channel_uses_no_private_twisted_name(self):
+    def test_the_channel_uses_no_private_twisted_name(self) -> None:
         """vast_vespa/net/server.py imports nothing private from Twisted and reads no private
         attribute of anything but its own objects, as its docstring says."""
         tree = ast.parse(inspect.getsource(server))
@@ -584,7 +629,7 @@ class _Shapes(Resource):
 
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes | int:
         shape = request.path
         if shape == b"/no-type":
             return b"a body and no Content-Type"
@@ -609,7 +654,7 @@ class _Shapes(Resource):
 
 
 class ContentFileTests(SynchronousTestCase):
-    def test_small_bodies_in_memory_others_in_a_file(self):
+    def test_small_bodies_in_memory_others_in_a_file(self) -> None:
         """A body of known length under 100 kB is kept in memory; a larger one, or a chunked
         one (length unknown), in a temporary file: what twisted.web does on its own."""
         site = VespaSite(_Held(), reactor=Clock())
@@ -628,18 +673,19 @@ class ResponseHeadTests(SynchronousTestCase):
     """LeanRequest writes the head itself (one pass, one write): it must be the head
     twisted.web writes for the same answer, byte for byte but the Date."""
 
-    def exchange(self, site, raw: bytes) -> bytes:
+    def exchange(self, site: Site, raw: bytes) -> bytes:
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(raw)
         channel.connectionLost(Failure(ConnectionDone()))
-        return transport.value()
+        answer: bytes = transport.value()
+        return answer
 
     def without_date(self, answer: bytes) -> bytes:
         return b"\r\n".join(line for line in answer.split(b"\r\n") if not line.startswith(b"Date:"))
 
-    def test_same_head_as_twisted_web(self):
+    def test_same_head_as_twisted_web(self) -> None:
         clock = Clock()
         guarded = VespaSite(_Shapes(), reactor=clock, fast_path=True)
         plain = Site(_Shapes(), reactor=clock)
@@ -655,7 +701,7 @@ class ResponseHeadTests(SynchronousTestCase):
                 self.assertEqual(self.without_date(ours), self.without_date(theirs), raw)
                 self.assertIn(b"\r\nServer: TwistedWeb/", ours)
 
-    def test_date_is_the_site_clock_second(self):
+    def test_date_is_the_site_clock_second(self) -> None:
         clock = Clock()
         site = VespaSite(_Shapes(), reactor=clock, fast_path=True)
         raw = b"GET /no-type HTTP/1.1\r\nHost: w\r\n\r\n"
@@ -669,13 +715,13 @@ class ResponseHeadTests(SynchronousTestCase):
 class _Producer:
     state = "producing"
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         self.state = "paused"
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self.state = "producing"
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         self.state = "stopped"
 
 
@@ -683,20 +729,20 @@ class _Producer:
 class _Failing:
     calls = 0
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self.calls += 1
         raise ValueError("no data today")
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         pass
 
 
 @implementer(IPullProducer)
 class _Pull:
-    def __init__(self, request, parts):
+    def __init__(self, request: Request, parts: list[bytes]) -> None:
         self.request, self.parts, self.done = request, parts, False
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         if self.parts:
             self.request.write(self.parts.pop(0))
         else:
@@ -704,20 +750,20 @@ class _Pull:
             self.request.unregisterProducer()
             self.request.finish()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         self.parts = []
 
 
 class _PullResource(Resource):
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: Request) -> int:
         request.registerProducer(_Pull(request, [b"a", b"b", b"c"]), False)
         return NOT_DONE_YET
 
 
 class SocketChannelTests(TestCase):
-    async def test_pipelined_requests_over_a_socket(self):
+    async def test_pipelined_requests_over_a_socket(self) -> None:
         """Three requests written at once on a real socket come back as three answers, in
         order, on the same connection, which closes after the last (Connection: close)."""
         resource = _Held()
@@ -730,7 +776,7 @@ class SocketChannelTests(TestCase):
         self.assertLess(received.index(b"GET /1"), received.index(b"GET /2"))
         self.assertLess(received.index(b"GET /2"), received.index(b"GET /3"))
 
-    async def test_pull_producer_is_driven(self):
+    async def test_pull_producer_is_driven(self) -> None:
         """A pull producer registered on a Request is asked for data until it is done."""
         url = listen(self, VespaSite(_PullResource()))
         raw = b"GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"

@@ -37,7 +37,7 @@ def client(*args: str) -> ClientSettings:
 
 
 class BooleanFlagTests(SynchronousTestCase):
-    def test_worker_forms(self):
+    def test_worker_forms(self) -> None:
         """A bare boolean flag means true; a value after it, with or without =, is read as
         before; a prefix works as getopt's do."""
         for args, unsecured in [
@@ -57,14 +57,14 @@ class BooleanFlagTests(SynchronousTestCase):
         ]:
             self.assertEqual(worker(*args).unsecured, unsecured, args)
 
-    def test_worker_default_true(self):
+    def test_worker_default_true(self) -> None:
         """--access-log (true by default) given bare stays true; =false turns it off."""
         self.assertTrue(worker("--access-log").access_log)
         self.assertFalse(worker("--access-log=false").access_log)
         self.assertFalse(worker("--access-log", "off", "--fast-path").access_log)
         self.assertTrue(worker("--access-log", "off", "--fast-path").fast_path)
 
-    def test_client_forms(self):
+    def test_client_forms(self) -> None:
         """The same forms for vespa-client's booleans."""
         self.assertTrue(client("--forward-authorization").forward_authorization)
         self.assertTrue(client("--forward-authorization", "--access-log").client_access_log)
@@ -72,20 +72,20 @@ class BooleanFlagTests(SynchronousTestCase):
         self.assertFalse(client("--access-log=false").client_access_log)
         self.assertFalse(client("--access-log", "false").client_access_log)
 
-    def test_bad_value_after_a_boolean(self):
+    def test_bad_value_after_a_boolean(self) -> None:
         """A word after a boolean flag is its value: a bad one is the usual one-line error."""
         with self.assertRaises(SystemExit) as caught:
             worker("--unsecured", "maybe")
         self.assertIn("invalid UNSECURED='maybe' (from flag --unsecured)", str(caught.exception))
 
-    def test_values_of_other_flags_untouched(self):
+    def test_values_of_other_flags_untouched(self) -> None:
         """A flag's value that looks like a flag (or a boolean word) is still its value."""
         settings = worker("--benchmark-cache", "--unsecured", "--blocked-paths", "true")
         self.assertEqual(settings.benchmark_cache, "--unsecured")
         self.assertFalse(settings.unsecured)
         self.assertEqual(settings.blocked_paths, ("true",))
 
-    def test_repeated_listen(self):
+    def test_repeated_listen(self) -> None:
         """--listen adds up however it is written; other flags: the last one wins."""
         settings = worker("--listen=tcp:1", "--max-wait-time", "3", "--listen", "tcp:2")
         self.assertEqual(settings.listen, ("tcp:1", "tcp:2"))
@@ -94,14 +94,14 @@ class BooleanFlagTests(SynchronousTestCase):
             client("--listen", "tcp:1", "--listen", "tcp:2").listen, ("tcp:1", "tcp:2")
         )
 
-    def test_list_is_not_listen(self):
+    def test_list_is_not_listen(self) -> None:
         """vespa-client's --list stays its own flag, and a prefix of both is ambiguous."""
         options = client_tap.ScriptOptions()
         options.parseOptions(["--list"])
         self.assertTrue(options["list"])
         self.assertRaises(UsageError, client_tap.ScriptOptions().parseOptions, ["--lis", "x"])
 
-    def test_under_twistd(self):
+    def test_under_twistd(self) -> None:
         """twistd hands its sub-command's arguments to these options: a bare flag works there."""
         config = ServerOptions()
         config.parseOptions(["-n", "vespa", "--unsecured", "--listen", "tcp:1"])
@@ -130,7 +130,7 @@ def help_entries(text: str) -> dict[str, str]:
 
 
 class HelpTests(SynchronousTestCase):
-    def test_worker_and_client_flags(self):
+    def test_worker_and_client_flags(self) -> None:
         """Each declared flag is in --help with its variable and its default."""
         for options, settings_class in [
             (worker_tap.Options(), Settings),
@@ -142,7 +142,7 @@ class HelpTests(SynchronousTestCase):
                 expected = f"[env{option.env};default{option.shown_default}"
                 self.assertIn(expected, entries[option.flag], option.flag)
 
-    def test_every_flag_has_a_default(self):
+    def test_every_flag_has_a_default(self) -> None:
         """On all four commands, each flag's help says its default (but --help, --version,
         vespa-client's --list)."""
         for options in [
@@ -157,7 +157,7 @@ class HelpTests(SynchronousTestCase):
                 if flag not in ("help", "version", "list"):
                     self.assertIn("default", text, f"{type(options).__module__} --{flag}")
 
-    def test_script_usage_line(self):
+    def test_script_usage_line(self) -> None:
         """vespa-client's --help starts with how to run it."""
         self.assertTrue(
             str(client_tap.ScriptOptions()).startswith("Usage: vespa-client [options]\n")
@@ -167,7 +167,7 @@ class HelpTests(SynchronousTestCase):
 class ScriptHelpTests(TestCase):
     timeout = 30
 
-    async def test_console_script_help(self):
+    async def test_console_script_help(self) -> None:
         """The installed vespa-client command's --help starts with its usage line and exits 0."""
         script = os.path.join(os.path.dirname(sys.executable), "vespa-client")
         process = spawn(self, [script, "--help"])
@@ -197,7 +197,7 @@ class BusyPortTests(TestCase):
         self.assertNotIn(b"Traceback", process.output)
         self.assertEqual(process.output.count(b"cannot listen"), 1)
 
-    async def test_worker(self):
+    async def test_worker(self) -> None:
         """twistd vespa: the worker's own listener names --listen / LISTEN."""
         command = twistd_command(
             "-n",
@@ -214,7 +214,7 @@ class BusyPortTests(TestCase):
             f"vespa: cannot listen on {self.busy}: address already in use (set --listen / LISTEN)",
         )
 
-    async def test_worker_admin(self):
+    async def test_worker_admin(self) -> None:
         """twistd vespa: the admin listener names --admin-listen / ADMIN_LISTEN."""
         command = twistd_command(
             "-n", "--pidfile=", "vespa", "--unsecured", "--listen", "tcp:0:interface=127.0.0.1"
@@ -225,7 +225,7 @@ class BusyPortTests(TestCase):
             "(set --admin-listen / ADMIN_LISTEN)",
         )
 
-    async def test_client_plugin(self):
+    async def test_client_plugin(self) -> None:
         """twistd vespa-client names --listen / VESPA_CLIENT_LISTEN."""
         command = twistd_command("-n", "--pidfile=", "vespa-client", *CLIENT_ARGS)
         await self.assert_one_line(
@@ -234,7 +234,7 @@ class BusyPortTests(TestCase):
             "(set --listen / VESPA_CLIENT_LISTEN)",
         )
 
-    async def test_client_script(self):
+    async def test_client_script(self) -> None:
         """The vespa-client command says the same."""
         script = os.path.join(os.path.dirname(sys.executable), "vespa-client")
         await self.assert_one_line(
@@ -243,7 +243,7 @@ class BusyPortTests(TestCase):
             "(set --listen / VESPA_CLIENT_LISTEN)",
         )
 
-    async def test_emulator(self):
+    async def test_emulator(self) -> None:
         """twistd vespa-autoscaler names --listen."""
         state = os.path.abspath(self.mktemp())
         command = twistd_command("-n", "--pidfile=", "vespa-autoscaler", "--state-dir", state)
@@ -253,7 +253,7 @@ class BusyPortTests(TestCase):
             "(set --listen)",
         )
 
-    async def test_sandbox(self):
+    async def test_sandbox(self) -> None:
         """twistd vespa-sandbox names its own flag for the port (the backend's listens first,
         so nothing else is taken from other tests)."""
         state = os.path.abspath(self.mktemp())

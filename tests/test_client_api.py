@@ -28,7 +28,7 @@ class VastClientTests(ClientTestCase):
         self.addCleanup(client.stop)
         return client
 
-    async def test_twisted_native(self):
+    async def test_twisted_native(self) -> None:
         """start() gives the proxy's URL; request() in the reactor thread returns a Deferred
         of the answer; the cost goes to /route/."""
         client = self.make_client()
@@ -42,7 +42,7 @@ class VastClientTests(ClientTestCase):
         await client.stop()
         self.assertEqual(client.url, "")
 
-    async def test_blocking_calls_from_a_thread(self):
+    async def test_blocking_calls_from_a_thread(self) -> None:
         """From a thread other than the reactor's, post/get block and return a response with
         status, headers, json() and text()."""
         client = self.make_client()
@@ -55,7 +55,7 @@ class VastClientTests(ClientTestCase):
         response = await deferToThread(client.get, "/v1/models?a=1&a=2")
         self.assertIn('"uri": "/v1/models?a=1&a=2"', response.text())
 
-    async def test_blocking_stream(self):
+    async def test_blocking_stream(self) -> None:
         """stream=True returns once the headers are in; the body is iterated as it arrives."""
         client = self.make_client()
 

@@ -23,20 +23,20 @@ from vast_vespa.signing import generate_private_key
 
 
 class MaskTests(SynchronousTestCase):
-    def test_settings_repr_hides_keys(self):
+    def test_settings_repr_hides_keys(self) -> None:
         """Settings never show keys in their repr (tracebacks, logs)."""
         settings = ClientSettings(api_key="secret-endpoint-key", account_key="secret-account")
         self.assertNotIn("secret", repr(settings))
 
 
 class PrecedenceTests(SynchronousTestCase):
-    def test_flag_beats_environment(self):
+    def test_flag_beats_environment(self) -> None:
         """--api-key beats VAST_API_KEY; VAST_API_KEY is read when no flag is given."""
         env = {"VAST_API_KEY": "from-env"}
         self.assertEqual(load_client_settings({}, env).api_key, "from-env")
         self.assertEqual(load_client_settings({"api_key": "from-flag"}, env).api_key, "from-flag")
 
-    def test_account_key_file(self):
+    def test_account_key_file(self) -> None:
         """Without --account-key/VAST_ACCOUNT_KEY the ~/.vast_api_key file is read, stripped."""
         home = self.mktemp()
         os.makedirs(home)
@@ -48,7 +48,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(read_account_key(settings), "env-key")
         self.assertEqual(read_account_key(load_client_settings({}, {"HOME": "/nonexistent"})), "")
 
-    def test_choose_endpoint(self):
+    def test_choose_endpoint(self) -> None:
         """The prompt takes a number or a name, and asks again after a wrong answer."""
         endpoints = [EndpointInfo("a"), EndpointInfo("b")]
         answers = iter(["9", "b"])
@@ -75,25 +75,25 @@ class LookupTests(TestCase):
         values.update(changes)
         return ClientSettings(**values)  # type: ignore[arg-type]
 
-    async def test_endpoint_key_from_account_key(self):
+    async def test_endpoint_key_from_account_key(self) -> None:
         """With only an account key, the endpoint's key is looked up by endpoint name."""
         settings = self.settings(account_key=self.autoscaler.account_key)
         key = await EndpointKey(settings, self.http, reactor).get()
         self.assertEqual(key, self.autoscaler.api_key)
 
-    async def test_api_key_wins(self):
+    async def test_api_key_wins(self) -> None:
         """An endpoint key given directly is used without asking the console."""
         settings = self.settings(api_key="direct-key", console_url="http://127.0.0.1:1")
         self.assertEqual(await EndpointKey(settings, self.http, reactor).get(), "direct-key")
 
-    async def test_unknown_endpoint(self):
+    async def test_unknown_endpoint(self) -> None:
         """An endpoint the account does not have: the error lists the ones it has."""
         settings = self.settings(endpoint="nope", account_key=self.autoscaler.account_key)
         with self.assertRaises(KeyLookupError) as caught:
             await EndpointKey(settings, self.http, reactor).get()
         self.assertIn("another, my-endpoint", str(caught.exception))
 
-    async def test_bad_account_key_masked(self):
+    async def test_bad_account_key_masked(self) -> None:
         """A refused account key is named masked in the error, never in full."""
         settings = self.settings(account_key="bad-account-key-0123456789")
         with self.assertRaises(KeyLookupError) as caught:
@@ -101,14 +101,14 @@ class LookupTests(TestCase):
         self.assertIn("bad-...", str(caught.exception))
         self.assertNotIn("bad-account-key-0123456789", str(caught.exception))
 
-    async def test_no_key_at_all(self):
+    async def test_no_key_at_all(self) -> None:
         """No key anywhere: the error says which flags and variables to use."""
         with self.assertRaises(KeyLookupError) as caught:
             await EndpointKey(self.settings(), self.http, reactor).get()
         self.assertIn("--api-key", str(caught.exception))
         self.assertIn("VAST_ACCOUNT_KEY", str(caught.exception))
 
-    async def test_list_endpoints(self):
+    async def test_list_endpoints(self) -> None:
         """The endpoints API lists the account's endpoints, sorted by name."""
         endpoints = await list_endpoints(
             self.http, reactor, self.settings(), self.autoscaler.account_key

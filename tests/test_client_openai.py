@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
@@ -12,40 +10,42 @@ from tests.test_client_e2e import ClientTestCase
 try:
     import openai
 except ImportError:
-    openai = None
+    HAVE_OPENAI = False
+else:
+    HAVE_OPENAI = True
 
 
 class OpenAISDKTests(ClientTestCase):
     def setUp(self) -> None:
-        if openai is None:
+        if not HAVE_OPENAI:
             raise SkipTest("openai is not installed (tox -e openai)")
         super().setUp()
 
-    def sdk(self) -> Any:
-        assert openai is not None
+    def sdk(self) -> openai.OpenAI:
         url = self.start_client()
         # The SDK insists on a key; the proxy keeps it away from the worker.
         return openai.OpenAI(base_url=url + "/v1", api_key="sk-unused", max_retries=0)
 
-    async def test_chat_completion(self):
+    async def test_chat_completion(self) -> None:
         """client.chat.completions.create works against the proxy, signed end to end."""
         sdk = self.sdk()
 
-        def complete() -> str:
+        def complete() -> str | None:
             answer = sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}]
             )
-            return answer.choices[0].message.content
+            content: str | None = answer.choices[0].message.content
+            return content
 
         self.assertEqual(await deferToThread(complete), "Hello there")
         self.assertEqual(self.fake_workers[0].verified[0].form, "json")
         self.assertNotIn(b"authorization", self.backend.seen[0].headers)
 
-    async def test_streamed_chat_completion(self):
+    async def test_streamed_chat_completion(self) -> None:
         """stream=True yields the chunks the backend sent, through the proxy."""
         sdk = self.sdk()
 
-        def stream() -> list[str]:
+        def stream() -> list[str | None]:
             chunks = sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}], stream=True
             )
@@ -53,7 +53,7 @@ class OpenAISDKTests(ClientTestCase):
 
         self.assertEqual(await deferToThread(stream), ["Hello", " there"])
 
-    async def test_route_cost_from_payload(self):
+    async def test_route_cost_from_payload(self) -> None:
         """Without X-Serverless-Cost, the /route/ cost is the request's workload as the worker
         counts it (WORKLOAD=openai): max_tokens plus the prompt's tokens."""
         sdk = self.sdk()

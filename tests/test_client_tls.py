@@ -6,13 +6,15 @@ import datetime
 import ipaddress
 import json
 import os
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL.crypto import X509Store, X509StoreContext, X509StoreContextError, X509StoreFlags
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
+from twisted.internet.interfaces import IReactorSSL
 from twisted.internet.ssl import PrivateCertificate
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
@@ -71,7 +73,7 @@ CHAIN = vast_like_chain()
 
 
 class StrictFlagTests(SynchronousTestCase):
-    def test_strict_mode_rejects_the_root_and_default_mode_accepts_it(self):
+    def test_strict_mode_rejects_the_root_and_default_mode_accepts_it(self) -> None:
         """The Vast-like chain fails under X509_STRICT and verifies without it: the reason the
         client's contexts leave the strict flag off."""
         root, leaf = load_certificates(CHAIN[0])[0], load_certificates(CHAIN[1])[0]
@@ -84,7 +86,7 @@ class StrictFlagTests(SynchronousTestCase):
         with self.assertRaises(X509StoreContextError):
             X509StoreContext(strict, leaf).verify_certificate()
 
-    def test_der_and_garbage(self):
+    def test_der_and_garbage(self) -> None:
         """A DER root loads too; anything else is a clear CertificateError."""
         der = x509.load_pem_x509_certificate(CHAIN[0]).public_bytes(serialization.Encoding.DER)
         self.assertEqual(len(load_certificates(der)), 1)
@@ -104,7 +106,10 @@ class TLSWorkerTests(TestCase):
         backend = FakeBackend(reactor)
         worker = FakeSecuredWorker(key.public_key(), backend)
         options = PrivateCertificate.loadPEM(cert_pem + key_pem).options()
-        port = reactor.listenSSL(0, Site(worker), options, interface="127.0.0.1")
+        listening = cast(IReactorSSL, reactor).listenSSL(
+            0, Site(worker), options, interface="127.0.0.1"
+        )
+        port = cast(tcp.Port, listening)
         self.addCleanup(port.stopListening)
         router = FakeRouter(key, [f"https://127.0.0.1:{port.getHost().port}"])
         settings = ClientSettings(
@@ -126,7 +131,7 @@ class TLSWorkerTests(TestCase):
         response = await http_client(self).get(url + "/v1/models")
         return response.code, await response.content()
 
-    async def test_https_worker_with_vast_like_root(self):
+    async def test_https_worker_with_vast_like_root(self) -> None:
         """A request reaches an https:// worker whose certificate chains to a Vast-like root
         given with --ca-file (nothing downloaded, nothing cached)."""
         code, body = await self.through_https_worker(CHAIN[0])
@@ -135,7 +140,7 @@ class TLSWorkerTests(TestCase):
         self.assertEqual(self.worker.verified[0].form, "query")
         self.assertFalse(os.path.exists(self.settings.ca_cache))
 
-    async def test_untrusted_worker_refused(self):
+    async def test_untrusted_worker_refused(self) -> None:
         """A worker certificate from another root is refused: the request never reaches it."""
         code, body = await self.through_https_worker(vast_like_chain()[0])
         self.assertEqual(code, 502, body)

@@ -48,18 +48,18 @@ def pinned_floors() -> dict[str, str]:
 
 
 class FloorTests(SynchronousTestCase):
-    def test_floor_constraints_are_the_declared_floors(self):
+    def test_floor_constraints_are_the_declared_floors(self) -> None:
         """Every dependency the floor env installs is pinned at the version setup.cfg names as
         its minimum, and nothing else is pinned: the two cannot drift apart."""
         self.assertEqual(pinned_floors(), declared_floors())
 
-    def test_the_floors_are_read(self):
+    def test_the_floors_are_read(self) -> None:
         """The parse finds install_requires and the extras (equal empty dicts would pass)."""
         floors = declared_floors()
         self.assertIn("twisted", floors)
         self.assertIn("hypothesis", floors)
 
-    def test_the_floor_env_runs_at_the_floors(self):
+    def test_the_floor_env_runs_at_the_floors(self) -> None:
         """In tox -e floor (UV_CONSTRAINT and PIP_CONSTRAINT name the floor file), every
         dependency is installed at its floor: the env tests what it says it tests."""
         constraints = {os.environ.get("UV_CONSTRAINT"), os.environ.get("PIP_CONSTRAINT")}

@@ -35,7 +35,7 @@ def parsed_only(options_class: type[usage.Options]) -> type[usage.Options]:
 class TwistdFlags(ServerOptions):
     """twistd's own flags, given before the plugin's name; no plugin is looked up."""
 
-    subCommands: list[object] = []  # type: ignore[assignment]
+    subCommands: list[object] = []
 
     def postOptions(self) -> None:
         pass

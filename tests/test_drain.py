@@ -65,7 +65,11 @@ class DrainTests(SynchronousTestCase):
     def test_failing_hook_does_not_block_the_drain(self) -> None:
         """A drain hook that fails is logged; the shutdown goes on."""
         service = self.worker.service()
-        service.add_drain_hook(lambda: 1 / 0)
+
+        def failing() -> None:
+            raise ZeroDivisionError("drain hook")
+
+        service.add_drain_hook(failing)
         self.successResultOf(service.stopService())
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 

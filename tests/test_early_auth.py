@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlencode
 
 from twisted.internet import reactor
@@ -16,7 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, raw_request, signed_auth, start_signed_worker
-from tests.memory import MemoryWorker
+from tests.memory import Connection, MemoryWorker
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 EXPECT = b"Expect: 100-continue\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -27,8 +30,8 @@ class _CountedBody(BytesIO):
 
     written = 0
 
-    def write(self, data) -> int:  # type: ignore[override]
-        self.written += len(data)
+    def write(self, data: ReadableBuffer, /) -> int:
+        self.written += memoryview(data).nbytes
         return super().write(data)
 
 
@@ -58,7 +61,7 @@ class EarlyAuthTests(SynchronousTestCase):
             % (path.encode(), auth.encode(), length, EXPECT)
         )
 
-    def assert_refused_before_body(self, connection, code: int) -> None:
+    def assert_refused_before_body(self, connection: Connection, code: int) -> None:
         """Answered ``code`` with the connection closing, no 100 Continue (since the test
         cleared what it read), nothing reached the backend, at most 64 KiB of body kept."""
         answer = self.worker.answered(connection)

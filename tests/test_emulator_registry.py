@@ -14,22 +14,22 @@ ROUTE = {"endpoint": "my-endpoint", "cost": 256}
 
 
 class ReportCheckTests(SynchronousTestCase):
-    def test_reference_report_conforms(self):
+    def test_reference_report_conforms(self) -> None:
         """The report PROTOCOL.md 4.2 shows a reference worker sending has no problem."""
         self.assertEqual(report_problems(report()), [])
 
-    def test_int_and_float_numbers_both_conform(self):
+    def test_int_and_float_numbers_both_conform(self) -> None:
         """Load numbers flip between 0 and 0.0 in reference workers: both are fine."""
         self.assertEqual(report_problems(report(cur_load=0.0, rej_load=0, max_capacity=0.0)), [])
 
-    def test_every_missing_field_is_named(self):
+    def test_every_missing_field_is_named(self) -> None:
         """An empty object is told each of the 17 fields it lacks, in wire order."""
         problems = report_problems({})
         self.assertEqual(len(problems), 17)
         self.assertEqual(problems[0], "id: missing")
         self.assertEqual(problems[-1], "url: missing")
 
-    def test_wrong_types_are_precise(self):
+    def test_wrong_types_are_precise(self) -> None:
         """Each wrong value is reported with the field, what was expected, and what came."""
         problems = report_problems(
             report(
@@ -55,7 +55,7 @@ class ReportCheckTests(SynchronousTestCase):
             ],
         )
 
-    def test_cross_field_and_spelling(self):
+    def test_cross_field_and_spelling(self) -> None:
         """A count that disagrees with the id list, and the 'received' spelling, are flagged."""
         body = report(num_requests_working=3, working_request_idxs=[5])
         body["num_requests_received"] = body.pop("num_requests_recieved")
@@ -69,18 +69,18 @@ class ReportCheckTests(SynchronousTestCase):
             problems,
         )
 
-    def test_not_an_object(self):
+    def test_not_an_object(self) -> None:
         """A body that is not a JSON object says so."""
         self.assertEqual(report_problems([1]), ["body: expected a JSON object, got a list ([1])"])
 
 
 class DeleteCheckTests(SynchronousTestCase):
-    def test_batch_form_conforms(self):
+    def test_batch_form_conforms(self) -> None:
         """The [CL]/[SDK] batch body conforms."""
         body = {"worker_id": 1, "mtoken": "m", "request_idxs": [5101, 5104], "success": True}
         self.assertEqual(delete_problems(body), [])
 
-    def test_list_form_conforms(self):
+    def test_list_form_conforms(self) -> None:
         """The [CLI] list body with timings and statuses conforms."""
         item = {
             "request_idx": 5101,
@@ -92,7 +92,7 @@ class DeleteCheckTests(SynchronousTestCase):
         }
         self.assertEqual(delete_problems({"worker_id": 1, "mtoken": "m", "requests": [item]}), [])
 
-    def test_broken_bodies(self):
+    def test_broken_bodies(self) -> None:
         """Missing fields, bad items, and a status contradicting success are each named."""
         self.assertEqual(
             delete_problems({"worker_id": 1, "request_idxs": [1, None], "success": "yes"}),
@@ -124,7 +124,7 @@ class DeleteCheckTests(SynchronousTestCase):
 
 
 class RoutingTests(SynchronousTestCase):
-    def test_signed_reply_verifies_in_each_shape(self):
+    def test_signed_reply_verifies_in_each_shape(self) -> None:
         """The reply is signed in the configured shape, verifies only in it, cost a float."""
         for shape, other in (("url", "five-field"), ("five-field", "url")):
             reg = registry(shape)
@@ -139,7 +139,7 @@ class RoutingTests(SynchronousTestCase):
             self.assertEqual(signing.verify(PUBLIC, reply, (shape,)), shape)
             self.assertIsNone(signing.verify(PUBLIC, reply, (other,)))
 
-    def test_waiting_form_then_replay(self):
+    def test_waiting_form_then_replay(self) -> None:
         """With no worker ready the reply has no url but a request_idx; replaying it once a
         worker is ready routes that same request_idx."""
         clock = Clock()
@@ -154,7 +154,7 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(reply["request_idx"], waiting["request_idx"])
         self.assertIn("url", reply)
 
-    def test_errored_and_silent_workers_are_not_chosen(self):
+    def test_errored_and_silent_workers_are_not_chosen(self) -> None:
         """Errored workers and workers that stopped reporting get no requests."""
         clock = Clock()
         reg = registry(clock=clock, stale_after=30)
@@ -173,7 +173,7 @@ class RoutingTests(SynchronousTestCase):
             },
         )
 
-    def test_lowest_estimated_wait_wins_and_load_is_shared(self):
+    def test_lowest_estimated_wait_wins_and_load_is_shared(self) -> None:
         """The worker with the lowest cur_load / max_perf is chosen, counting what was routed
         to it since its last report, so back-to-back requests alternate between equal workers."""
         reg = registry()
@@ -185,7 +185,7 @@ class RoutingTests(SynchronousTestCase):
         urls = [reg.route(ENDPOINT_KEY, ROUTE)["url"] for _ in range(4)]
         self.assertEqual(sorted(urls), ["http://10.0.0.1:1"] * 2 + ["http://10.0.0.2:1"] * 2)
 
-    def test_reqnum_per_worker_request_idx_global(self):
+    def test_reqnum_per_worker_request_idx_global(self) -> None:
         """reqnum counts per worker; request_idx grows across the whole emulator."""
         reg = registry()
         reg.report(report(id=1, url="http://10.0.0.1:1"))
@@ -194,7 +194,7 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual([r["request_idx"] for r in replies], [1, 2, 3, 4])
         self.assertEqual([r["reqnum"] for r in replies], [1, 1, 2, 2])
 
-    def test_replayed_request_avoids_its_last_worker(self):
+    def test_replayed_request_avoids_its_last_worker(self) -> None:
         """A client re-routing the same request_idx (its worker was unreachable) is sent to
         another ready worker."""
         reg = registry()
@@ -205,7 +205,7 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(again["request_idx"], first["request_idx"])
         self.assertNotEqual(again["url"], first["url"])
 
-    def test_bad_keys_are_401(self):
+    def test_bad_keys_are_401(self) -> None:
         """No key, an unknown key, the account key and another endpoint's name are 401s."""
         reg = registry()
         for key, body, detail in (
@@ -222,7 +222,7 @@ class RoutingTests(SynchronousTestCase):
                 reg.route(key, body)
             self.assertEqual((caught.exception.code, caught.exception.detail), (401, detail))
 
-    def test_bad_route_bodies_are_400(self):
+    def test_bad_route_bodies_are_400(self) -> None:
         """A body without endpoint, or with a bad cost or request_idx, is a precise 400."""
         reg = registry()
         for body, detail in (
@@ -238,7 +238,7 @@ class RoutingTests(SynchronousTestCase):
                 reg.route(ENDPOINT_KEY, body)
             self.assertEqual((caught.exception.code, caught.exception.detail), (400, detail))
 
-    def test_default_cost(self):
+    def test_default_cost(self) -> None:
         """A route request without cost is priced 100.0 (PROTOCOL.md 8.1)."""
         reg = registry()
         reg.report(report())
@@ -246,7 +246,7 @@ class RoutingTests(SynchronousTestCase):
 
 
 class BookkeepingTests(SynchronousTestCase):
-    def test_delete_requests_close_routed_requests(self):
+    def test_delete_requests_close_routed_requests(self) -> None:
         """Both /delete_requests/ forms mark routed requests finished with their success flag;
         unknown ids are counted, not refused."""
         reg = registry()
@@ -285,7 +285,7 @@ class BookkeepingTests(SynchronousTestCase):
         self.assertEqual(reg.status()["unknown_finished"], 1)
         self.assertEqual(reg.open, {})
 
-    def test_mtoken_must_stay_the_same(self):
+    def test_mtoken_must_stay_the_same(self) -> None:
         """A worker whose mtoken changes between reports is refused and the refusal is shown."""
         reg = registry()
         reg.report(report())
@@ -297,7 +297,7 @@ class BookkeepingTests(SynchronousTestCase):
         self.assertEqual(refused[0]["path"], "/worker_status/")
         self.assertEqual(refused[0]["worker_id"], 4242)
 
-    def test_status_and_listings(self):
+    def test_status_and_listings(self) -> None:
         """The status view shows workers with state and wait, and no key or mtoken; the
         listing APIs show the endpoint with its key and its workers."""
         clock = Clock()
@@ -324,6 +324,6 @@ class BookkeepingTests(SynchronousTestCase):
         )
         self.assertIsNone(reg.endpoint_workers(8))
 
-    def test_unknown_shape_is_refused(self):
+    def test_unknown_shape_is_refused(self) -> None:
         """A registry cannot be made with a shape no worker verifies."""
         self.assertRaises(ValueError, registry, "four-field")

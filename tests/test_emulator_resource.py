@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, cast
 
 import treq
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, ServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
 from tests.emulator_fixtures import ACCOUNT_KEY, ENDPOINT_KEY, PRIVATE, report, start_emulator
 from tests.helpers import http_client, spawn, twistd_command
@@ -19,22 +21,25 @@ BEARER = {"Authorization": f"Bearer {ENDPOINT_KEY}"}
 
 
 class ApiTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.url, self.service = start_emulator(self)
         self.http = http_client(self)
 
-    async def post(self, path, body, headers=None):
-        response = await self.http.post(self.url + path, json=body, headers=headers)
+    async def post(
+        self, path: str, body: object, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        sent = Headers({name: [value] for name, value in (headers or {}).items()})
+        response = await self.http.post(self.url + path, json=body, headers=sent)
         return response.code, json.loads(await treq.content(response))
 
-    async def test_pubkey(self):
+    async def test_pubkey(self) -> None:
         """GET /pubkey/ serves the PEM public key that verifies the route replies."""
         response = await self.http.get(self.url + "/pubkey/")
         self.assertEqual(response.code, 200)
         pem = await treq.content(response)
         self.assertEqual(pem, signing.public_pem(PRIVATE))
 
-    async def test_report_then_signed_route(self):
+    async def test_report_then_signed_route(self) -> None:
         """A conforming report gets 200; /route/ then answers a signed reply naming it."""
         self.assertEqual(await self.post("/worker_status/", report()), (200, {"ok": True}))
         code, reply = await self.post("/route/", {"endpoint": "my-endpoint", "cost": 10}, BEARER)
@@ -42,7 +47,7 @@ class ApiTests(TestCase):
         self.assertEqual(reply["url"], "http://203.0.113.7:43000")
         self.assertEqual(signing.verify(PRIVATE.public_key(), reply, ("url",)), "url")
 
-    async def test_route_key_in_query_or_body(self):
+    async def test_route_key_in_query_or_body(self) -> None:
         """The official client's api_key query parameter or body field is accepted as the key."""
         await self.post("/worker_status/", report())
         code, _ = await self.post(f"/route/?api_key={ENDPOINT_KEY}", {"endpoint": "my-endpoint"})
@@ -50,7 +55,7 @@ class ApiTests(TestCase):
         code, _ = await self.post("/route/", {"endpoint": "my-endpoint", "api_key": ENDPOINT_KEY})
         self.assertEqual(code, 200)
 
-    async def test_waiting_form(self):
+    async def test_waiting_form(self) -> None:
         """With no worker the reply has no url, a request_idx to replay, and a breakdown."""
         code, reply = await self.post("/route/", {"endpoint": "my-endpoint"}, BEARER)
         self.assertEqual(code, 200)
@@ -58,7 +63,7 @@ class ApiTests(TestCase):
         self.assertEqual(reply["request_idx"], 1)
         self.assertEqual(reply["status"]["ready"], 0)
 
-    async def test_route_401(self):
+    async def test_route_401(self) -> None:
         """A wrong key is a 401 with a JSON error."""
         code, reply = await self.post(
             "/route/", {"endpoint": "my-endpoint"}, {"Authorization": "Bearer wrong"}
@@ -66,7 +71,7 @@ class ApiTests(TestCase):
         self.assertEqual(code, 401)
         self.assertEqual(reply["error"], "invalid endpoint API key")
 
-    async def test_malformed_report_400_lists_problems(self):
+    async def test_malformed_report_400_lists_problems(self) -> None:
         """A broken report gets a 400 naming every problem; it shows on the status page."""
         code, reply = await self.post("/worker_status/", report(cur_perf="fast", url=""))
         self.assertEqual(code, 400)
@@ -82,13 +87,13 @@ class ApiTests(TestCase):
         page = await treq.content(await self.http.get(self.url + "/"))
         self.assertIn(b"cur_perf: expected a number", page)
 
-    async def test_not_json_is_400(self):
+    async def test_not_json_is_400(self) -> None:
         """A body that is not JSON is a 400 saying so."""
         response = await self.http.post(self.url + "/delete_requests/", data=b"{oops")
         self.assertEqual(response.code, 400)
         self.assertEqual(json.loads(await treq.content(response))["error"], "invalid JSON")
 
-    async def test_deep_json_is_400_on_every_python(self):
+    async def test_deep_json_is_400_on_every_python(self) -> None:
         """JSON nested deeper than the worker accepts is the same 400 on every interpreter
         (3.13's parser would go on where 3.10's raises RecursionError)."""
         for depth in (600, 100_000):
@@ -99,7 +104,7 @@ class ApiTests(TestCase):
             self.assertEqual(reply["error"], "invalid JSON")
             self.assertIn("levels deep", reply["detail"])
 
-    async def test_delete_requests_both_forms(self):
+    async def test_delete_requests_both_forms(self) -> None:
         """Both /delete_requests/ forms are accepted; a broken one is a precise 400."""
         await self.post("/worker_status/", report())
         _, reply = await self.post("/route/", {"endpoint": "my-endpoint"}, BEARER)
@@ -126,11 +131,11 @@ class ApiTests(TestCase):
             'worker_id: expected an integer >= 0, got a string ("x")', refused["problems"]
         )
 
-    async def test_endpoint_listing(self):
+    async def test_endpoint_listing(self) -> None:
         """The account key lists endpoints with their keys; a wrong key is 401."""
         response = await self.http.get(
             self.url + "/api/v0/endptjobs/?autoscaler_instance=prod",
-            headers={"Authorization": f"Bearer {ACCOUNT_KEY}"},
+            headers=Headers({"Authorization": [f"Bearer {ACCOUNT_KEY}"]}),
         )
         listing = json.loads(await treq.content(response))
         self.assertEqual(listing["success"], True)
@@ -141,12 +146,12 @@ class ApiTests(TestCase):
         )
         self.assertEqual(json.loads(await treq.content(one))["result"]["id"], 7)
         wrong = await self.http.get(
-            self.url + "/api/v0/endptjobs/", headers={"Authorization": "Bearer nope"}
+            self.url + "/api/v0/endptjobs/", headers=Headers({"Authorization": ["Bearer nope"]})
         )
         self.assertEqual(wrong.code, 401)
         await treq.content(wrong)
 
-    async def test_get_endpoint_workers(self):
+    async def test_get_endpoint_workers(self) -> None:
         """/get_endpoint_workers/ lists the endpoint's workers for the account key; refusals
         are 200 with error_msg, as the SDK expects."""
         await self.post("/worker_status/", report())
@@ -157,7 +162,7 @@ class ApiTests(TestCase):
         code, error = await self.post("/get_endpoint_workers/", {"id": 8, "api_key": ACCOUNT_KEY})
         self.assertEqual((code, error), (200, {"error_msg": "id: no endpoint with id 8"}))
 
-    async def test_status_json_and_page(self):
+    async def test_status_json_and_page(self) -> None:
         """/status and / show the endpoint, the worker with its state, and recent requests."""
         await self.post("/worker_status/", report(cur_load=50, max_perf=100))
         await self.post("/route/", {"endpoint": "my-endpoint", "cost": 5}, BEARER)
@@ -178,7 +183,7 @@ class ApiTests(TestCase):
             self.assertIn(text, page)
         self.assertNotIn("<script", page)
 
-    async def test_wrong_method_and_path(self):
+    async def test_wrong_method_and_path(self) -> None:
         """A wrong method is 405 and an unknown path 404, both JSON."""
         response = await self.http.get(self.url + "/route/")
         self.assertEqual(response.code, 405)
@@ -189,7 +194,7 @@ class ApiTests(TestCase):
 
 
 class OptionsTests(SynchronousTestCase):
-    def test_flags(self):
+    def test_flags(self) -> None:
         """Flags set endpoints (repeatable), account key, shape and listeners."""
         options = tap.Options()
         options.parseOptions(
@@ -209,7 +214,7 @@ class OptionsTests(SynchronousTestCase):
             (config.account_key, config.shape, config.listen), ("acct", "five-field", ("tcp:1",))
         )
 
-    def test_defaults(self):
+    def test_defaults(self) -> None:
         """Without flags: one endpoint with a documented local key, url shape, loopback 8080."""
         options = tap.Options()
         options.parseOptions([])
@@ -217,7 +222,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.config.endpoints, (tap.DEFAULT_ENDPOINT,))
         self.assertEqual(options.config.shape, "url")
 
-    def test_config_file_and_flag_precedence(self):
+    def test_config_file_and_flag_precedence(self) -> None:
         """The JSON config file sets values; flags win over it."""
         path = self.mktemp()
         with open(path, "w") as f:
@@ -235,7 +240,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.config.endpoints, (tap.Endpoint("x", "kx", 1),))
         self.assertEqual((options.config.shape, options.config.stale_after), ("url", 5.0))
 
-    def test_bad_values_exit_with_one_line(self):
+    def test_bad_values_exit_with_one_line(self) -> None:
         """A bad shape, endpoint or config file stops with one clear line."""
         path = self.mktemp()
         with open(path, "w") as f:
@@ -250,7 +255,7 @@ class OptionsTests(SynchronousTestCase):
                 tap.Options().parseOptions(args)
             self.assertIn(text, str(caught.exception.code))
 
-    def test_key_made_once_in_state_dir(self):
+    def test_key_made_once_in_state_dir(self) -> None:
         """The signing key is generated on first start, kept private, and reused."""
         state = self.mktemp()
         config = tap.EmulatorConfig(state_dir=state)
@@ -259,7 +264,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         self.assertEqual(signing.public_pem(tap.load_key(config)), signing.public_pem(first))
 
-    def test_key_file(self):
+    def test_key_file(self) -> None:
         """--key loads the given PEM; an unreadable one is a clear error."""
         config = tap.EmulatorConfig(
             key_file=os.path.join(os.path.dirname(__file__), "vectors", "test_private_key.pem")
@@ -268,17 +273,18 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(tap.ConfigError):
             tap.load_key(tap.EmulatorConfig(key_file=self.mktemp()))
 
-    def test_plugin_listed(self):
+    def test_plugin_listed(self) -> None:
         """twistd finds vespa-autoscaler, and its help says it is not a production router."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-        self.assertEqual(makers["vespa-autoscaler"].module, "vast_vespa.emulator.tap")
+        maker = cast(ServiceMaker, makers["vespa-autoscaler"])
+        self.assertEqual(maker.module, "vast_vespa.emulator.tap")
         self.assertIn("never a production router", str(tap.Options()))
 
 
 class TwistdTests(TestCase):
     timeout = 60
 
-    async def test_twistd_serves_pubkey(self):
+    async def test_twistd_serves_pubkey(self) -> None:
         """`twistd -n vespa-autoscaler` from the installed package serves its key and
         announces that it is a development tool."""
         watcher = spawn(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tracemalloc
+from typing import Any
 from urllib.parse import quote
 
 from hypothesis import given
@@ -49,25 +50,27 @@ def query(auth: dict) -> bytes:
 
 
 class EnvelopeTests(SynchronousTestCase):
-    def test_envelope_forwards_only_the_payload(self):
+    def test_envelope_forwards_only_the_payload(self) -> None:
         """POST with {"auth_data", "payload"}: the auth is taken, the payload goes on as JSON;
         extra keys such as session_id are ignored."""
         envelope = {"auth_data": AUTH, "payload": {"prompt": "hi"}, "session_id": None}
         got = unwrap(b"POST", b"/v1/x?a=1", None, body(envelope))
         self.assertEqual(got.auth, AUTH)
+        assert got.body is not None
         self.assertEqual(json.loads(got.body), {"prompt": "hi"})
         self.assertEqual(got.target, b"/v1/x?a=1")
         self.assertEqual(got.form, "envelope")
 
-    def test_int_and_float_costs_are_kept(self):
+    def test_int_and_float_costs_are_kept(self) -> None:
         """cost 100 stays an int and 256.0 a float: the five-field signature covers them."""
         for text, expected in ((b"100", b'"cost": 100,'), (b"256.0", b'"cost": 256.0,')):
             raw = b'{"auth_data": {"cost": %s, "endpoint": "e", "reqnum": 1, "request_idx": 2, '
             raw += b'"signature": "s", "url": "u"}, "payload": {}}'
             got = unwrap(b"PUT", b"/", None, body(raw % text))
+            assert got.auth is not None
             self.assertIn(expected, canonical_message(got.auth, "five-field"))
 
-    def test_malformed_envelopes_are_422_with_the_missing_fields(self):
+    def test_malformed_envelopes_are_422_with_the_missing_fields(self) -> None:
         """Not JSON, a scalar, missing keys, missing or mistyped auth fields: 422 naming them."""
         cases = [
             (b"not json", "invalid JSON", None),
@@ -96,7 +99,7 @@ class EnvelopeTests(SynchronousTestCase):
                 unwrap(b"PATCH", b"/", None, body(envelope))
             self.assertEqual(caught.exception.extra["invalid"], [name])
 
-    def test_json_nested_too_deeply_is_invalid_json(self):
+    def test_json_nested_too_deeply_is_invalid_json(self) -> None:
         """JSON nested more than MAX_DEPTH levels is refused as JSON the worker cannot read,
         on every Python (each one's parser gives up at another depth, or raised
         RecursionError: a 500): 422 in an envelope, 400 in the header, and unsecured the
@@ -118,7 +121,7 @@ class EnvelopeTests(SynchronousTestCase):
         unsecured = unwrap(b"POST", b"/", None, body(b'{"auth_data": ' + deep + b"}"), True)
         self.assertEqual((unsecured.auth, unsecured.body), (None, None))  # passes as it is
 
-    def test_a_payload_as_deep_as_the_limit_is_forwarded(self):
+    def test_a_payload_as_deep_as_the_limit_is_forwarded(self) -> None:
         """A payload nested MAX_DEPTH - 1 levels (the envelope is one more) is written out
         again for the backend, arrays, objects or both; one level more is a 422."""
         lead = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": '
@@ -131,12 +134,13 @@ class EnvelopeTests(SynchronousTestCase):
         for shape in shapes:
             payload = shape(strict_json.MAX_DEPTH - 1)
             got = unwrap(b"POST", b"/", None, body(lead + payload + b"}"))
+            assert got.body is not None
             self.assertEqual(loads(got.body), json.loads(payload))
             with self.assertRaises(AuthError) as caught:
                 unwrap(b"POST", b"/", None, body(lead + shape(strict_json.MAX_DEPTH) + b"}"))
             self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
 
-    def test_a_large_envelope_nested_too_deeply_is_refused_from_its_start(self):
+    def test_a_large_envelope_nested_too_deeply_is_refused_from_its_start(self) -> None:
         """Secured, a large envelope whose first bytes already nest too deeply is refused from
         them (the same 422), before any parse."""
         raw = b'{"auth_data": ' + b"[" * 600 + b" " * envelope.PEEK * 2 + b"]" * 600 + b"}"
@@ -145,7 +149,7 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertEqual((caught.exception.code, caught.exception.error), (422, "invalid JSON"))
         self.assertIn("nested more than 512 levels deep", caught.exception.detail)
 
-    def test_nesting_is_counted_outside_strings(self):
+    def test_nesting_is_counted_outside_strings(self) -> None:
         """Brackets inside strings, escaped quotes and escaped backslashes included, nest
         nothing; a truncated document counts as deep as it got."""
         deeper = strict_json.nested_deeper
@@ -159,7 +163,7 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertTrue(deeper(b'["]]]]", [[[]]]]', 3))  # closers in a string hide nothing
         self.assertFalse(deeper(b"", 0))
 
-    def test_a_leading_auth_data_is_read_alone_until_verified(self):
+    def test_a_leading_auth_data_is_read_alone_until_verified(self) -> None:
         """Secured, a large envelope that starts with auth_data is read no further than its
         first bytes until the signature is checked: a forged one with a huge payload costs
         neither the payload's parse (JSON can take 25 times its size in memory) nor its read.
@@ -180,11 +184,12 @@ class EnvelopeTests(SynchronousTestCase):
         small = unwrap(b"POST", b"/", None, body({"auth_data": AUTH, "payload": [1]}))
         self.assertEqual((small.body, small.envelope), (b"[1]", None))
 
-    def test_an_envelope_in_another_order_is_read_whole_up_to_a_limit(self):
+    def test_an_envelope_in_another_order_is_read_whole_up_to_a_limit(self) -> None:
         """auth_data after the payload: read whole as before up to UNORDERED_LIMIT bytes,
         refused with a 422 saying why above it (never parsed)."""
         small = {"payload": {"prompt": "x" * 1000}, "auth_data": AUTH}
         got = unwrap(b"POST", b"/", None, body(small))
+        assert got.body is not None
         self.assertEqual((got.auth, json.loads(got.body)), (AUTH, small["payload"]))
         large = {"payload": {"prompt": "x" * envelope.UNORDERED_LIMIT}, "auth_data": AUTH}
         with self.assertRaises(AuthError) as caught:
@@ -194,7 +199,7 @@ class EnvelopeTests(SynchronousTestCase):
         )
         self.assertIn("must start with auth_data", caught.exception.detail)
 
-    def test_what_follows_a_leading_auth_data_is_checked_once_read(self):
+    def test_what_follows_a_leading_auth_data_is_checked_once_read(self) -> None:
         """After the auth_data is verified, the rest must be a well-formed envelope, and a
         second auth_data must not differ from the first (the one that was verified)."""
         lead = b'{"auth_data": ' + json.dumps(AUTH).encode()
@@ -219,16 +224,17 @@ class EnvelopeTests(SynchronousTestCase):
         twice = lead + b', "payload": 1, "auth_data": ' + json.dumps(AUTH).encode() + b"}"
         self.assertEqual(with_payload(unwrap(b"POST", b"/", None, body(twice))).body, b"1")
 
-    def test_a_character_cut_by_the_peek_does_not_hide_the_auth_data(self):
+    def test_a_character_cut_by_the_peek_does_not_hide_the_auth_data(self) -> None:
         """The first PEEK bytes may end inside a UTF-8 character of the payload."""
         lead = b'{"auth_data": ' + json.dumps(AUTH).encode() + b', "payload": "'
         filler = b"x" * (envelope.PEEK - len(lead) - 1)
         raw = lead + filler + "é".encode() * 10 + b'"}'  # the peek ends inside the first é
         got = with_payload(unwrap(b"POST", b"/", None, body(raw)))
         self.assertEqual(got.auth, AUTH)
+        assert got.body is not None
         self.assertEqual(json.loads(got.body), (filler + "é".encode() * 10).decode())
 
-    def test_header_form_keeps_the_body(self):
+    def test_header_form_keeps_the_body(self) -> None:
         """X-Serverless-Auth: the auth comes from the header and the body is not touched (any
         method); a bad header is 400."""
         content = io.BytesIO(b"\x89PNG\r\n\x00binary")
@@ -240,7 +246,7 @@ class EnvelopeTests(SynchronousTestCase):
             unwrap(b"POST", b"/", b"{nope", content)
         self.assertEqual(caught.exception.code, 400)
 
-    def test_query_auth_is_removed_and_the_rest_kept_in_order(self):
+    def test_query_auth_is_removed_and_the_rest_kept_in_order(self) -> None:
         """GET/DELETE/HEAD: serverless_* parameters become the auth and are removed; others,
         repeated ones too, pass byte for byte and in order."""
         uri = b"/v1/models?b=2&" + query(AUTH) + b"&a=1&b=3&c=%2F+x"
@@ -251,11 +257,12 @@ class EnvelopeTests(SynchronousTestCase):
         got = unwrap(b"GET", b"/x?" + query(AUTH), None, body(b""))
         self.assertEqual(got.target, b"/x")
 
-    def test_query_cost_forms(self):
+    def test_query_cost_forms(self) -> None:
         """serverless_cost: int when written as one, float otherwise (1e-05 too); a bad number
         or a missing field is 400."""
         for text, value in (("256", 256), ("256.0", 256.0), ("1e-05", 1e-05)):
             got = unwrap(b"GET", b"/?" + query({**AUTH, "cost": text}), None, body(b""))
+            assert got.auth is not None
             self.assertEqual((got.auth["cost"], type(got.auth["cost"])), (value, type(value)))
         for bad in ("abc", "nan", "inf"):
             with self.assertRaises(AuthError) as caught:
@@ -268,19 +275,20 @@ class EnvelopeTests(SynchronousTestCase):
             (caught.exception.code, caught.exception.extra), (400, {"missing": ["serverless_url"]})
         )
 
-    def test_signature_plus_survives_query_encoding(self):
+    def test_signature_plus_survives_query_encoding(self) -> None:
         """A base64 '+' sent as %2B stays a '+'."""
         got = unwrap(b"GET", b"/?" + query({**AUTH, "signature": "a+b/c=="}), None, body(b""))
+        assert got.auth is not None
         self.assertEqual(got.auth["signature"], "a+b/c==")
 
-    def test_no_auth(self):
+    def test_no_auth(self) -> None:
         """Without any auth form: secured POST is 422; GET without serverless_* carries none."""
         self.assertIsNone(unwrap(b"GET", b"/x?a=1", None, body(b"")).auth)
         self.assertIsNone(unwrap(b"OPTIONS", b"/x", None, body(b"")).auth)
         with self.assertRaises(AuthError):
             unwrap(b"POST", b"/", None, body({"prompt": "x"}))
 
-    def test_unsecured_unwraps_envelopes_and_passes_the_rest(self):
+    def test_unsecured_unwraps_envelopes_and_passes_the_rest(self) -> None:
         """UNSECURED: an envelope is unwrapped; other bodies and malformed auth pass through."""
         got = unwrap(b"POST", b"/", None, body({"auth_data": AUTH, "payload": [1]}), True)
         self.assertEqual((got.auth, got.body), (AUTH, b"[1]"))
@@ -290,7 +298,7 @@ class EnvelopeTests(SynchronousTestCase):
         got = unwrap(b"GET", b"/x?serverless_cost=abc", None, body(b""), True)
         self.assertEqual((got.auth, got.target), (None, b"/x?serverless_cost=abc"))
 
-    def test_unsecured_large_json_is_never_parsed_whole(self):
+    def test_unsecured_large_json_is_never_parsed_whole(self) -> None:
         """UNSECURED: a 20 MB JSON body that mentions "auth_data" (not leading) is passed
         through untouched: only its first bytes are read, nothing is parsed as JSON. One that
         leads with auth_data is an envelope, its payload read once it is needed."""
@@ -307,7 +315,7 @@ class EnvelopeTests(SynchronousTestCase):
         got = unwrap(b"POST", b"/", None, Recording(raw), True)
         self.assertEqual((got.auth, got.body, got.form), (AUTH, None, "envelope"))
 
-    def test_unsecured_unordered_envelope_up_to_the_limit_is_unwrapped(self):
+    def test_unsecured_unordered_envelope_up_to_the_limit_is_unwrapped(self) -> None:
         raw = json.dumps({"payload": "y" * (envelope.PEEK * 2), "auth_data": AUTH}).encode()
         got = unwrap(b"POST", b"/", None, io.BytesIO(raw), True)
         self.assertEqual(got.auth, AUTH)
@@ -353,13 +361,14 @@ auth_values = st.fixed_dictionaries(
 
 class EnvelopePropertyTests(SynchronousTestCase):
     @given(auth_values, json_values)
-    def test_envelope_round_trip(self, auth, payload):
+    def test_envelope_round_trip(self, auth: dict[str, Any], payload: object) -> None:
         """Any valid envelope yields exactly its auth_data (types kept) and its payload."""
         raw = json.dumps({"auth_data": auth, "payload": payload}).encode()
         got = with_payload(unwrap(b"POST", b"/p", None, body(raw)))
         self.assertEqual(got.auth, auth)
         reordered = json.dumps({"payload": payload, "auth_data": auth}).encode()
         self.assertEqual(with_payload(unwrap(b"POST", b"/p", None, body(reordered))), got)
+        assert got.auth is not None and got.body is not None
         self.assertEqual([type(v) for v in got.auth.values()], [type(v) for v in auth.values()])
         self.assertEqual(loads(got.body), payload)
         self.assertEqual(
@@ -367,13 +376,13 @@ class EnvelopePropertyTests(SynchronousTestCase):
         )
 
     @given(json_values, st.integers(0, 6))
-    def test_nesting_depth_is_the_values(self, value, limit):
+    def test_nesting_depth_is_the_values(self, value: object, limit: int) -> None:
         """nested_deeper tells exactly whether a JSON document nests deeper than the limit."""
         text = json.dumps(value, ensure_ascii=False).encode()
         self.assertEqual(strict_json.nested_deeper(text, limit), depth(value) > limit)
 
     @given(st.binary(max_size=64))
-    def test_any_body_is_auth_or_a_clean_error(self, raw):
+    def test_any_body_is_auth_or_a_clean_error(self, raw: bytes) -> None:
         """No body makes the parser fail other than with a 422 AuthError."""
         try:
             with_payload(unwrap(b"POST", b"/", None, body(raw)))
@@ -384,12 +393,13 @@ class EnvelopePropertyTests(SynchronousTestCase):
         auth_values,
         st.lists(st.tuples(st.sampled_from("abc"), st.text(max_size=5)), max_size=6),
     )
-    def test_query_round_trip(self, auth, params):
+    def test_query_round_trip(self, auth: dict[str, Any], params: list[tuple[str, str]]) -> None:
         """Any signed query: the auth comes back with its values, and the other parameters
         come back byte for byte and in order."""
         others = [f"{quote(k)}={quote(v, safe='')}".encode() for k, v in params]
         uri = b"/q?" + b"&".join([*others, query(auth)])
         got = unwrap(b"GET", uri, None, body(b""))
+        assert got.auth is not None
         self.assertEqual(got.auth["reqnum"], auth["reqnum"])
         self.assertEqual(got.auth["url"], auth["url"])
         self.assertEqual(got.auth["cost"], auth["cost"])

@@ -7,16 +7,18 @@ worker serves the next client normally.
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, raw_request, start_worker
@@ -136,7 +138,7 @@ IMMEDIATE = (
 
 
 class FramingTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.backend = FakeBackend(reactor)
         self.url, self.worker = start_worker(self, listen(self, self.backend))
 
@@ -150,13 +152,13 @@ class FramingTests(TestCase):
         self.assertNotIn("Traceback", error["detail"], name)
         self.assertEqual(self.backend.seen, [], name)
 
-    async def test_malformed_framing_is_refused_and_closed(self):
+    async def test_malformed_framing_is_refused_and_closed(self) -> None:
         """Each malformed or ambiguous request gets its 4xx/5xx JSON error and a closed
         connection, and nothing of it reaches the backend."""
         for name, (payload, code) in CASES.items():
             await self.assert_refused(name, payload, code)
 
-    async def test_worker_serves_after_every_refusal(self):
+    async def test_worker_serves_after_every_refusal(self) -> None:
         """After all the hostile requests, a normal request is served and reaches the backend
         exactly once, well formed."""
         for payload, _ in CASES.values():
@@ -168,7 +170,7 @@ class FramingTests(TestCase):
             [(s.method, s.uri, s.body) for s in self.backend.seen], [(b"POST", b"/after", b"fine")]
         )
 
-    async def test_smuggled_request_after_refusal_never_runs(self):
+    async def test_smuggled_request_after_refusal_never_runs(self) -> None:
         """A second request pipelined behind a refused one (the classic smuggling shape) is
         never parsed: the connection is closed after the error."""
         payload = (
@@ -178,12 +180,12 @@ class FramingTests(TestCase):
         self.assertEqual(raw.count(b"HTTP/1.1 "), 1, raw)
         self.assertEqual(self.backend.seen, [])
 
-    async def test_405_lists_allowed_methods(self):
+    async def test_405_lists_allowed_methods(self) -> None:
         """CONNECT/TRACE are answered 405 with an Allow header naming what is relayed."""
         raw = await raw_request(self.url, b"TRACE / HTTP/1.1\r\nHost: w\r\n\r\n")
         self.assertIn(b"\r\nallow: GET, HEAD, POST", raw)
 
-    async def test_lenient_but_unambiguous_input_is_served(self):
+    async def test_lenient_but_unambiguous_input_is_served(self) -> None:
         """What RFC 9112 allows stays allowed: OWS around Content-Length, a TAB inside a value,
         `Chunked` in any case, HTTP/1.0 without Host, a chunk size with leading zeros (llhttp
         reads it in constant memory; the body reaches the backend decoded, never as chunks)."""
@@ -209,20 +211,21 @@ class _Seen(Resource):
         super().__init__()
         self.seen: list[bytes] = []
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes:
         self.seen.append(request.uri)
         return b"ok"
 
 
 class ImmediateRefusalTests(SynchronousTestCase):
-    def test_refused_as_soon_as_it_arrives(self):
+    def test_refused_as_soon_as_it_arrives(self) -> None:
         """A Content-Length of thousands of digits (or 20), `Transfer-Encoding: identity`, a
         chunk size of 2^64, LF-only line ends and `OPTIONS *` are answered 400 in the read
         that brings them: no deadline has to pass, nothing raises (no error or traceback in
         the log), nothing reaches the resource."""
         events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)  # any callable taking the event
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         for name in IMMEDIATE:
             payload, code = CASES[name]
             resource = _Seen()
@@ -244,7 +247,7 @@ class ImmediateRefusalTests(SynchronousTestCase):
 
 
 class UnderscoreHeaderTests(SynchronousTestCase):
-    def test_header_names_with_underscores_are_dropped(self):
+    def test_header_names_with_underscores_are_dropped(self) -> None:
         """`X_Forwarded_For` (read as X-Forwarded-For by WSGI/ASGI backends) never reaches
         the backend; other headers do; the drop is counted."""
         worker = MemoryWorker(self, signed=False)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeAutoscaler, FakeBackend
 from tests.helpers import (
@@ -59,7 +60,7 @@ class SignedRequestTests(SynchronousTestCase):
     def worker(self, **changes: Any) -> MemoryWorker:
         return MemoryWorker(self, **changes)
 
-    def test_both_signature_shapes_reach_the_backend(self):
+    def test_both_signature_shapes_reach_the_backend(self) -> None:
         """An envelope signed url-only or five-field is served; the backend gets the payload
         alone as JSON, never the auth."""
         worker = self.worker()
@@ -73,7 +74,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(json.loads(seen.body), {"prompt": "hi"})
         self.assertEqual(seen.headers[b"content-type"], [b"application/json"])
 
-    def test_bad_or_missing_signature_is_401(self):
+    def test_bad_or_missing_signature_is_401(self) -> None:
         """A tampered or absent signature is 401 with a JSON error; nothing reaches the
         backend and no load figure moves (a forged cost must not move rej_load)."""
         worker = self.worker()
@@ -91,7 +92,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual((last["rej_load"], last["num_requests_recieved"]), (0, 0))
         self.assertEqual(worker.autoscaler.deletes, [])
 
-    def test_malformed_requests(self):
+    def test_malformed_requests(self) -> None:
         """422 for a body that is not JSON, a scalar, or an envelope missing fields (listed);
         400 for bad query auth; 422 for a negative cost or one beyond any float."""
         worker = self.worker()
@@ -110,7 +111,7 @@ class SignedRequestTests(SynchronousTestCase):
             self.assertEqual((answer.code, answer.json()["error"]), (422, "invalid cost"))
         self.assertEqual(worker.backend.seen, [])
 
-    def test_query_auth_for_get_with_repeated_params(self):
+    def test_query_auth_for_get_with_repeated_params(self) -> None:
         """GET with serverless_* parameters: verified, removed; the other parameters, repeated
         ones too, reach the backend unchanged and in order."""
         worker = self.worker()
@@ -119,7 +120,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(worker.backend.seen[-1].uri, b"/v1/models?a=1&a=2&b=x%2By")
         self.assertEqual(worker.backend.seen[-1].method, b"GET")
 
-    def test_header_auth_body_as_sent(self):
+    def test_header_auth_body_as_sent(self) -> None:
         """X-Serverless-Auth: the body reaches the backend as sent, with its own Content-Type
         and without the auth header."""
         worker = self.worker()
@@ -136,7 +137,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(seen.headers[b"content-type"], [b"image/png"])
         self.assertNotIn(b"x-serverless-auth", seen.headers)
 
-    def test_blocked_paths_403_whatever_the_spelling(self):
+    def test_blocked_paths_403_whatever_the_spelling(self) -> None:
         """BLOCKED_PATHS matches the normalised, percent-decoded path."""
         worker = self.worker(blocked_paths=("/admin*",))
         auth = json.dumps(worker.auth())
@@ -145,7 +146,7 @@ class SignedRequestTests(SynchronousTestCase):
             self.assertEqual(answer.code, 403, path)
         self.assertEqual(worker.backend.seen, [])
 
-    def test_no_key_yet_is_503(self):
+    def test_no_key_yet_is_503(self) -> None:
         """While the public key cannot be fetched, signed requests get 503 + Retry-After."""
         worker = self.worker(serve_key=False)
         answer = worker.post("/x", envelope(worker.auth()))
@@ -153,7 +154,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(answer.header(b"retry-after"), [b"5"])
         self.assertEqual(worker.backend.seen, [])
 
-    def test_key_rotation(self):
+    def test_key_rotation(self) -> None:
         """A signature that fails with a key older than 5 minutes makes the worker fetch the
         key again; a younger key is not fetched again."""
         worker = self.worker()
@@ -169,7 +170,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(worker.post("/x", envelope(forged)).code, 401)  # fetched, still bad
         self.assertEqual(worker.autoscaler.pubkey_requests, 3)
 
-    def test_hardening(self):
+    def test_hardening(self) -> None:
         """VERIFY_URL refuses a signature for another worker's URL; REPLAY_WINDOW refuses the
         same (reqnum, signature) twice."""
         worker = self.worker(verify_url=True, replay_window=10)
@@ -181,7 +182,7 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual((answer.code, answer.json()["error"]), (401, "replayed request"))
         self.assertEqual(len(worker.backend.seen), 1)
 
-    def test_forged_cost_is_clamped(self):
+    def test_forged_cost_is_clamped(self) -> None:
         """A url-shape signature does not cover cost: a request claiming 1e15 counts for what
         the worker serves within MAX_WAIT_TIME (max_perf 10 x 5 s), is served on an idle
         worker, and neither the 429 of the next request nor the report shows 1e15."""
@@ -199,7 +200,7 @@ class SignedRequestTests(SynchronousTestCase):
         worker.advance(1)
         self.assertEqual(worker.answered(held).code, 200)
 
-    def test_copied_request_idx_does_not_end_another_request(self):
+    def test_copied_request_idx_does_not_end_another_request(self) -> None:
         """A url-shape signature does not cover request_idx: a request bringing an idx in
         flight is served, but only the first request's end is reported under it."""
         worker = self.worker()
@@ -213,7 +214,7 @@ class SignedRequestTests(SynchronousTestCase):
         worker.report()
         self.assertEqual(worker.autoscaler.deleted(), {7: True})
 
-    def test_reports_add_up(self):
+    def test_reports_add_up(self) -> None:
         """One at a time (ALLOW_PARALLEL=false): a held request, a queued one whose client
         leaves (never reaches the backend), a 429 with the estimate, a served one and a
         backend 500. The reports add up to exactly the workload served, rejected and
@@ -258,9 +259,10 @@ class SignedRequestTests(SynchronousTestCase):
 class WorkloadTests(SynchronousTestCase):
     def new_load(self, worker: MemoryWorker) -> float:
         worker.report()
-        return sum(status["new_load"] for status in worker.autoscaler.statuses)
+        total: float = sum(status["new_load"] for status in worker.autoscaler.statuses)
+        return total
 
-    def test_estimated_where_cost_is_not_signed(self):
+    def test_estimated_where_cost_is_not_signed(self) -> None:
         """WORKLOAD=openai: a url-only signature does not cover cost, so the payload decides
         the workload (max_tokens 50 + an 8-character prompt: 52), whatever cost says; a
         five-field signature covers it, and the signed cost counts."""
@@ -273,7 +275,7 @@ class WorkloadTests(SynchronousTestCase):
         worker.post("/v1/completions", envelope(worker.auth("five-field", cost=7.0), payload))
         self.assertEqual(self.new_load(worker), 7)
 
-    def test_header_form_and_unsecured(self):
+    def test_header_form_and_unsecured(self) -> None:
         """The header form's JSON body is estimated too, and so is an unsecured request that
         carries auth (its cost is no one's word); a non-JSON body counts the default."""
         worker = MemoryWorker(self, workload="tgi")
@@ -287,7 +289,7 @@ class WorkloadTests(SynchronousTestCase):
         worker.post("/v1/completions", envelope(AUTH, {"max_tokens": 3}))
         self.assertEqual(self.new_load(worker), 3)
 
-    def test_estimate_is_clamped_too(self):
+    def test_estimate_is_clamped_too(self) -> None:
         """The payload is the sender's as much as an unsigned cost: an estimate beyond what
         the worker serves within MAX_WAIT_TIME (max_perf 10 x 5 s) counts for that much."""
         worker = MemoryWorker(self, workload="openai", max_perf=10.0, max_wait_time=5.0)
@@ -296,7 +298,7 @@ class WorkloadTests(SynchronousTestCase):
         self.assertEqual(answer.code, 200)
         self.assertEqual(self.new_load(worker), 50)
 
-    def test_cost_mode_keeps_the_declared_cost(self):
+    def test_cost_mode_keeps_the_declared_cost(self) -> None:
         """WORKLOAD=cost (the default without BACKEND): the declared cost, as before."""
         worker = MemoryWorker(self)
         worker.post("/v1/completions", envelope(worker.auth("url", cost=12.0), {"max_tokens": 3}))
@@ -306,7 +308,7 @@ class WorkloadTests(SynchronousTestCase):
 class EndpointKeyTests(SynchronousTestCase):
     KEY = "endpoint-key-0123456789"
 
-    def test_official_client_key_stays_here(self):
+    def test_official_client_key_stays_here(self) -> None:
         """Secured: the official client's ?api_key=<endpoint key> and the Authorization
         header carrying the same key never reach the backend; the rest of the query does."""
         worker = MemoryWorker(self)
@@ -323,7 +325,7 @@ class EndpointKeyTests(SynchronousTestCase):
             self.assertNotIn(b"authorization", seen.headers)
             self.assertNotIn(self.KEY.encode(), seen.uri)
 
-    def test_other_authorization_passes(self):
+    def test_other_authorization_passes(self) -> None:
         """An Authorization that is not the endpoint key (the app's own backend key) passes;
         so does everything unsecured, where no endpoint key is involved."""
         worker = MemoryWorker(self)
@@ -339,7 +341,7 @@ class EndpointKeyTests(SynchronousTestCase):
 
 
 class UnsecuredTests(SynchronousTestCase):
-    def test_envelope_unwrapped_rest_passes(self):
+    def test_envelope_unwrapped_rest_passes(self) -> None:
         """UNSECURED: an envelope is unwrapped without a signature check; any other body
         and query string pass through untouched."""
         worker = MemoryWorker(self, signed=False)
@@ -351,7 +353,7 @@ class UnsecuredTests(SynchronousTestCase):
         self.assertEqual(worker.backend.seen[-1].body, b'{"p": 2}')
         self.assertEqual(worker.backend.seen[-1].uri, b"/b?serverless_cost=1")
 
-    def test_large_bodies_relayed_as_sent_or_unwrapped(self):
+    def test_large_bodies_relayed_as_sent_or_unwrapped(self) -> None:
         """UNSECURED: a 20 MB JSON body mentioning auth_data (not leading) reaches the backend
         byte for byte; a large envelope leading with auth_data is unwrapped (its payload)."""
         worker = MemoryWorker(self, signed=False)
@@ -362,14 +364,14 @@ class UnsecuredTests(SynchronousTestCase):
         self.assertEqual(worker.post("/env", envelope(AUTH, payload)).code, 200)
         self.assertEqual(json.loads(worker.backend.seen[-1].body), payload)
 
-    def test_nothing_reports_without_report_addr(self):
+    def test_nothing_reports_without_report_addr(self) -> None:
         """UNSECURED without REPORT_ADDR: the worker has no reporter."""
         settings = dataclasses.replace(Settings(), unsecured=True, listen=(), admin_listen="")
         self.assertIsNone(build_worker(settings, MemoryReactorClock()).reporter)
 
 
 class AdminGaugeTests(SynchronousTestCase):
-    def test_serverless_gauges(self):
+    def test_serverless_gauges(self) -> None:
         """/metrics shows the workload in flight, the queue, the wait estimate and the
         request ids waiting for /delete_requests/ (the worker as build_worker wires it, on a
         memory reactor where the backend never answers: its clients leave)."""
@@ -421,7 +423,7 @@ class AdminGaugeTests(SynchronousTestCase):
 class SignedEndToEndTests(TestCase):
     timeout = 30
 
-    async def test_signed_requests_served_and_reported(self):
+    async def test_signed_requests_served_and_reported(self) -> None:
         """Through real sockets: an envelope (payload alone to the backend) and a binary
         upload with X-Serverless-Auth (~1 MB, spooled and streamed, byte for byte, with its
         own Content-Type and without the auth header) are served, and the autoscaler gets
@@ -438,10 +440,14 @@ class SignedEndToEndTests(TestCase):
         response = await http.post(
             worker.url + "/upload",
             data=upload,
-            headers={
-                b"Content-Type": [b"image/png"],
-                b"X-Serverless-Auth": [json.dumps(worker.auth(cost=4.0, request_idx=2)).encode()],
-            },
+            headers=Headers(
+                {
+                    b"Content-Type": [b"image/png"],
+                    b"X-Serverless-Auth": [
+                        json.dumps(worker.auth(cost=4.0, request_idx=2)).encode()
+                    ],
+                }
+            ),
         )
         self.assertEqual(response.code, 200)
         answer = await response.json()
@@ -450,13 +456,14 @@ class SignedEndToEndTests(TestCase):
         self.assertEqual(seen.headers[b"content-type"], [b"image/png"])
         self.assertNotIn(b"x-serverless-auth", seen.headers)
         await worker.service.in_flight.idle()
+        assert worker.service.reporter is not None
         await worker.service.reporter.send_now()
         self.assertEqual(sum(s["cur_perf"] for s in worker.autoscaler.statuses), 7.0)
         self.assertEqual(worker.autoscaler.deleted(), {1: True, 2: True})
 
 
 class DrainReportTests(TestCase):
-    async def test_drain_reports_before_exit(self):
+    async def test_drain_reports_before_exit(self) -> None:
         """Stopping the worker reports what the beat has not sent yet (here the beat is
         60 s): the served workload and the request_idx for /delete_requests/."""
         backend = FakeBackend(reactor)
@@ -473,13 +480,13 @@ class DrainReportTests(TestCase):
 
 
 class BlockedPathTests(SynchronousTestCase):
-    def test_path_forms(self):
+    def test_path_forms(self) -> None:
         """Raw, decoded and normalised forms of a path are all checked."""
         self.assertIn("/admin", path_forms(b"/x/%2e%2e/admin?q=1"))
         self.assertIn("/admin/x", path_forms(b"//admin//x"))
         self.assertIn("/admin", path_forms(b"/%2561dmin"))
 
-    def test_blocked(self):
+    def test_blocked(self) -> None:
         """Patterns are fnmatch, case-sensitive; no patterns blocks nothing."""
         self.assertEqual(blocked(b"/debug/x", ("/admin*", "/debug/*")), "/debug/*")
         self.assertIsNone(blocked(b"/Admin", ("/admin*",)))
@@ -487,7 +494,7 @@ class BlockedPathTests(SynchronousTestCase):
 
 
 class StartupTests(SynchronousTestCase):
-    def test_secured_without_report_addr_stops(self):
+    def test_secured_without_report_addr_stops(self) -> None:
         """A secured worker without REPORT_ADDR refuses to start with one clear line."""
         with self.assertRaises(SettingsError) as caught:
             check_protocol(Settings())
@@ -495,7 +502,7 @@ class StartupTests(SynchronousTestCase):
         self.assertRaises(SettingsError, build_worker, Settings(), reactor)
         check_protocol(Settings(unsecured=True))
 
-    def test_verify_url_needs_the_public_url(self):
+    def test_verify_url_needs_the_public_url(self) -> None:
         """VERIFY_URL without PUBLIC_IPADDR/VAST_TCP_PORT_<port> is a settings error."""
         vast = VastEnvironment(report_addrs=("http://a",))
         with self.assertRaises(SettingsError) as caught:
@@ -506,7 +513,7 @@ class StartupTests(SynchronousTestCase):
 class TwistdTests(TestCase):
     timeout = 60
 
-    async def test_vast_environment_end_to_end(self):
+    async def test_vast_environment_end_to_end(self) -> None:
         """`twistd vespa` with the Vast variables: fetches the key from REPORT_ADDR (the
         second of two), loads, accepts only signed requests, and reports its URL, id and
         max_perf."""

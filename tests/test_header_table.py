@@ -4,10 +4,13 @@ checks (llhttp lets no line break into a value) holds for both of Vespa's parser
 
 from __future__ import annotations
 
+from typing import cast
+
 from httptools import HttpParserError, HttpRequestParser, HttpResponseParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
 from vast_vespa.headers import (
     HOP_BY_HOP,
@@ -46,7 +49,7 @@ def canonical_table(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes
 class SameHeadersTests(SynchronousTestCase):
     @settings(max_examples=80, deadline=None)
     @given(FIELDS)
-    def test_from_fields(self, fields):
+    def test_from_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
         """Parsed fields, repeated names in any case included, make the same Headers."""
         raw, public = RAW_HEADER_OPS.from_fields(fields), PUBLIC_HEADER_OPS.from_fields(fields)
         self.assertEqual(raw, public)
@@ -54,7 +57,9 @@ class SameHeadersTests(SynchronousTestCase):
 
     @settings(max_examples=80, deadline=None)
     @given(FIELDS, st.sampled_from([None, "10.0.0.9", "::1"]), st.booleans())
-    def test_forwarded_request_headers(self, fields, client, forwarded_host):
+    def test_forwarded_request_headers(
+        self, fields: list[tuple[bytes, bytes]], client: str | None, forwarded_host: bool
+    ) -> None:
         """The backend request's headers are the same with either."""
         drop = frozenset({b"authorization"})
         made = [
@@ -67,7 +72,7 @@ class SameHeadersTests(SynchronousTestCase):
 
     @settings(max_examples=40, deadline=None)
     @given(FIELDS)
-    def test_build_table_and_put(self, fields):
+    def test_build_table_and_put(self, fields: list[tuple[bytes, bytes]]) -> None:
         """A table builds the same Headers, reads back the same, and a put replaces the same
         values."""
         for_raw, for_public = canonical_table(fields), canonical_table(fields)
@@ -82,7 +87,7 @@ class SameHeadersTests(SynchronousTestCase):
         kept = end_to_end(RAW_HEADER_OPS.table(raw), REQUEST_ONLY_DROPPED)
         self.assertEqual(kept, end_to_end(PUBLIC_HEADER_OPS.table(public), REQUEST_ONLY_DROPPED))
 
-    def test_table_is_a_copy_only_in_public(self):
+    def test_table_is_a_copy_only_in_public(self) -> None:
         """The public table is a snapshot (changes go through put); the raw one is the
         Headers' own dict, so a put shows in it."""
         raw, public = RAW_HEADER_OPS.build({}), PUBLIC_HEADER_OPS.build({})
@@ -92,13 +97,14 @@ class SameHeadersTests(SynchronousTestCase):
         self.assertEqual(dict(raw_table), {b"X-A": [b"1"]})
         self.assertEqual(dict(public_table), {})
 
-    def test_each_request_class_has_its_own(self):
+    def test_each_request_class_has_its_own(self) -> None:
         """The fast path's Request uses the raw ones; anything else the public ones."""
         self.assertIs(LeanRequest.header_ops, RAW_HEADER_OPS)
         self.assertIs(VespaRequest.header_ops, PUBLIC_HEADER_OPS)
-        self.assertIs(header_ops(object()), PUBLIC_HEADER_OPS)  # a request of another class
+        other = cast(Request, object())  # stands in for a request of another class
+        self.assertIs(header_ops(other), PUBLIC_HEADER_OPS)
 
-    def test_canonical_names_are_remembered_up_to_a_bound(self):
+    def test_canonical_names_are_remembered_up_to_a_bound(self) -> None:
         """Endless distinct names (an attacker's) do not grow the cache past its bound, and
         are still canonicalised."""
         self.patch(header_table, "_CANONICAL", {})
@@ -125,14 +131,14 @@ class CleanValuesTests(SynchronousTestCase):
 
     BREAKS = (b"a\r\n b", b"a\rb", b"a\nb", b"a\r\n\tb")
 
-    def test_requests(self):
+    def test_requests(self) -> None:
         for value in self.BREAKS:
             heads = _Heads()
             head = b"POST / HTTP/1.1\r\nHost: h\r\nX-A: " + value + b"\r\nContent-Length: 0\r\n\r\n"
             self.assertRaises(HttpParserError, HttpRequestParser(heads).feed_data, head)
             self.assertNotIn(b"X-A", [name for name, _ in heads.fields])
 
-    def test_responses(self):
+    def test_responses(self) -> None:
         for value in self.BREAKS:
             heads = _Heads()
             head = b"HTTP/1.1 200 OK\r\nX-A: " + value + b"\r\nContent-Length: 0\r\n\r\n"

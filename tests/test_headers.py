@@ -14,7 +14,7 @@ from vast_vespa.headers import (
 
 
 class HeaderTests(SynchronousTestCase):
-    def test_hop_by_hop_and_connection_named_are_dropped(self):
+    def test_hop_by_hop_and_connection_named_are_dropped(self) -> None:
         """Connection, the headers it names, and the standard hop-by-hop ones are dropped."""
         headers = Headers(
             {
@@ -36,7 +36,7 @@ class HeaderTests(SynchronousTestCase):
         }
         self.assertEqual(set(kept), {b"authorization", b"accept"})
 
-    def test_forwarded_request_headers(self):
+    def test_forwarded_request_headers(self) -> None:
         """Host and Content-Length are Agent's to write; X-Forwarded-* are added or extended."""
         headers = Headers(
             {
@@ -55,7 +55,7 @@ class HeaderTests(SynchronousTestCase):
 
 
 class ForwardedHostTests(SynchronousTestCase):
-    def test_forwarded_host_and_port(self):
+    def test_forwarded_host_and_port(self) -> None:
         """X-Forwarded-Host is the Host the client asked for and X-Forwarded-Port its port
         (else the scheme's), replacing any the client sent."""
         cases = [
@@ -75,7 +75,7 @@ class ForwardedHostTests(SynchronousTestCase):
 
 
 class EndpointKeyTests(SynchronousTestCase):
-    def test_without_api_key(self):
+    def test_without_api_key(self) -> None:
         """Every api_key parameter goes (percent-encoded or not); the rest stays in order."""
         self.assertEqual(
             without_api_key(b"/v1/x?a=1&api_key=k%2B1&b=2&api%5Fkey=k2"),
@@ -85,7 +85,7 @@ class EndpointKeyTests(SynchronousTestCase):
         for target in (b"/v1/x", b"/v1/x?a=1", b"/v1/x?my_api_key=k", b"/api_key?x=1"):
             self.assertEqual(without_api_key(target), (target, frozenset()))
 
-    def test_carries_key(self):
+    def test_carries_key(self) -> None:
         """Only an Authorization that is Bearer and one of the keys is the endpoint key."""
         keys = frozenset({b"k1"})
         self.assertTrue(carries_key(Headers({b"Authorization": [b"Bearer k1"]}), keys))
@@ -96,7 +96,7 @@ class EndpointKeyTests(SynchronousTestCase):
 
 
 class LocationTests(SynchronousTestCase):
-    def test_rewritten(self):
+    def test_rewritten(self) -> None:
         """Absolute URLs under BACKEND_URL move to the public URL, path and query kept."""
         rewriter = LocationRewriter("http://localhost:8000")
         public = b"https://203.0.113.7:43000"
@@ -108,7 +108,7 @@ class LocationTests(SynchronousTestCase):
         ]:
             self.assertEqual(rewriter.rewrite(value, public), expected)
 
-    def test_left_alone(self):
+    def test_left_alone(self) -> None:
         """Relative URLs, other hosts and ports, and look-alike hosts pass unchanged."""
         rewriter = LocationRewriter("http://localhost:8000")
         for value in (
@@ -121,7 +121,7 @@ class LocationTests(SynchronousTestCase):
         ):
             self.assertEqual(rewriter.rewrite(value, b"http://w:1"), value)
 
-    def test_default_port_and_base_path(self):
+    def test_default_port_and_base_path(self) -> None:
         """The default port may be written or not; a base path must match, and goes."""
         rewriter = LocationRewriter("http://backend/api/")
         public = b"http://w:1"

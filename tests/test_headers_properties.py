@@ -37,7 +37,7 @@ CONNECTION = st.lists(st.one_of(TOKEN, SPECIAL).map(str.encode), max_size=4).map
 )
 
 
-def build(pairs, connection: bytes) -> Headers:
+def build(pairs: list[tuple[bytes, list[bytes]]], connection: bytes) -> Headers:
     headers = Headers()
     for name, values in pairs:
         for value in values:
@@ -50,7 +50,9 @@ def build(pairs, connection: bytes) -> Headers:
 class HeaderProperties(SynchronousTestCase):
     @settings(max_examples=60, deadline=None)
     @given(HEADERS, CONNECTION)
-    def test_nothing_hop_by_hop_crosses(self, pairs, connection):
+    def test_nothing_hop_by_hop_crosses(
+        self, pairs: list[tuple[bytes, list[bytes]]], connection: bytes
+    ) -> None:
         """No hop-by-hop header, no header named by Connection, no Host or Content-Length is
         forwarded, whatever the client sent."""
         headers = build(pairs, connection)
@@ -65,7 +67,9 @@ class HeaderProperties(SynchronousTestCase):
 
     @settings(max_examples=60, deadline=None)
     @given(HEADERS, CONNECTION)
-    def test_end_to_end_headers_pass_unchanged(self, pairs, connection):
+    def test_end_to_end_headers_pass_unchanged(
+        self, pairs: list[tuple[bytes, list[bytes]]], connection: bytes
+    ) -> None:
         """Every other header reaches the backend with all its values, in order."""
         headers = build(pairs, connection)
         named = connection_tokens(headers.getRawHeaders(b"connection", ()))
@@ -82,11 +86,14 @@ class HeaderProperties(SynchronousTestCase):
 
     @settings(max_examples=60, deadline=None)
     @given(HEADERS, st.ip_addresses().map(str))
-    def test_forwarded_for_ends_with_the_peer(self, pairs, ip):
+    def test_forwarded_for_ends_with_the_peer(
+        self, pairs: list[tuple[bytes, list[bytes]]], ip: str
+    ) -> None:
         """X-Forwarded-For always ends with the real peer address (a client cannot replace it),
         and X-Forwarded-Proto is the worker's own scheme."""
         out = forwarded_request_headers(build(pairs, b""), ip, b"https")
         chain = out.getRawHeaders(b"x-forwarded-for")
+        assert chain is not None
         self.assertEqual(len(chain), 1)
         self.assertTrue(chain[0].endswith(ip.encode()))
         self.assertEqual(out.getRawHeaders(b"x-forwarded-proto"), [b"https"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import reactor
@@ -50,7 +51,7 @@ class ScriptedBackend:
         return succeed(HealthAnswer(self.code))
 
 
-def messages(events: list[dict[str, Any]]) -> list[str]:
+def messages(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(event) for event in events]
 
 

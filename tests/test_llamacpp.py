@@ -27,6 +27,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.http_headers import Headers
 
 from tests.helpers import (
     ProcessWatcher,
@@ -149,7 +150,12 @@ async def post(url: str, payload: dict[str, Any], test: TestCase, **headers: str
     response = await http.post(
         url,
         json=payload,
-        headers={"content-type": "application/json", **headers},
+        headers=Headers(
+            {
+                name: [value]
+                for name, value in {"content-type": "application/json", **headers}.items()
+            }
+        ),
     )
     return response.code, response.headers, await treq.content(response)
 
@@ -217,7 +223,7 @@ class UnsecuredWorkerTests(TestCase):
         server = await start_llama(self)
         url = await self.worker(server)
         prompt = "tell me a story about the water in the house"
-        requests = {
+        requests: dict[str, dict[str, Any]] = {
             "/v1/completions": {"prompt": prompt},
             "/v1/chat/completions": {"messages": [{"role": "user", "content": prompt}]},
         }
@@ -268,7 +274,7 @@ class UnsecuredWorkerTests(TestCase):
         process = psutil.Process(server.pid)
         streaming = await cpu_share(process)
         self.assertGreater(streaming, 0.5)  # about one core while it generates
-        client.transport.abortConnection()  # type: ignore[attr-defined]
+        client.tcp.abortConnection()
         await client.closed
         idle = streaming
         for _ in range(6):  # 3 s; the server's CPU, only psutil can tell
@@ -438,7 +444,11 @@ class SignedLoopTests(TestCase):
 
         loop = await self.signed_loop()
         messages = [{"role": "user", "content": "explain the water in the house"}]
-        request = {"model": loop.server.model, "messages": messages, "max_tokens": 24}
+        request: dict[str, Any] = {
+            "model": loop.server.model,
+            "messages": messages,
+            "max_tokens": 24,
+        }
         direct = await post(
             loop.server.url + "/v1/chat/completions", {**request, "temperature": 0}, self
         )
@@ -447,11 +457,11 @@ class SignedLoopTests(TestCase):
         sdk = openai.OpenAI(base_url=loop.client_url + "/v1", api_key="sk-unused", max_retries=0)
 
         def plain() -> str:
-            answer = sdk.chat.completions.create(temperature=0, **request)  # type: ignore[call-overload]
+            answer = sdk.chat.completions.create(temperature=0, **request)
             return str(answer.choices[0].message.content)
 
         def streamed() -> str:
-            chunks = sdk.chat.completions.create(temperature=0, stream=True, **request)  # type: ignore[call-overload]
+            chunks = sdk.chat.completions.create(temperature=0, stream=True, **request)
             return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
         self.assertEqual(await deferToThread(plain), expected)

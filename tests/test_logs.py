@@ -7,6 +7,8 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import IO, cast
 
 from twisted.application.service import Application, MultiService
 from twisted.internet import reactor
@@ -22,8 +24,10 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import provider
 
 from tests.fakes import FakeBackend
 from tests.helpers import (
@@ -48,10 +52,11 @@ from vast_vespa.logs import (
 )
 
 
-def capture(test: TestCase, namespace: str = "vespa.access") -> list[LogEvent]:
+def capture(test: SynchronousTestCase, namespace: str = "vespa.access") -> list[LogEvent]:
     """Log events of ``namespace`` emitted until the end of the test."""
     events: list[LogEvent] = []
 
+    @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
         if event.get("log_namespace") == namespace:
             events.append(event)
@@ -82,7 +87,8 @@ class AccessLogTests(TestCase):
         """One line per request with method, path (no query string: it may carry a
         signature), status, outcome, workload, bytes, duration, TTFB and request id."""
         response = await self.http.get(
-            self.url + "/status/404?signature=s3cret", headers={"X-Request-ID": "trace-42"}
+            self.url + "/status/404?signature=s3cret",
+            headers=Headers({"X-Request-ID": ["trace-42"]}),
         )
         body = await response.content()
         [event] = self.events
@@ -120,12 +126,14 @@ class AccessLogTests(TestCase):
     async def test_request_id_round_trip(self) -> None:
         """A client's X-Request-ID reaches the backend and comes back; without one (or with
         an unusable one) Vespa makes a fresh id, sends it to the backend and returns it."""
-        response = await self.http.get(self.url + "/echo", headers={"X-Request-ID": "abc-123"})
+        response = await self.http.get(
+            self.url + "/echo", headers=Headers({"X-Request-ID": ["abc-123"]})
+        )
         await response.content()
         self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"abc-123"])
         self.assertEqual(self.backend.seen[-1].headers[b"x-request-id"], [b"abc-123"])
         for sent in (None, "has space", "x" * 129):
-            headers = {"X-Request-ID": sent} if sent else {}
+            headers = Headers({"X-Request-ID": [sent]} if sent else {})
             response = await self.http.get(self.url + "/echo", headers=headers)
             await response.content()
             [returned] = response.headers.getRawHeaders(b"x-request-id")
@@ -136,7 +144,7 @@ class AccessLogTests(TestCase):
     async def test_backend_cannot_replace_request_id(self) -> None:
         """The id the client gets back is Vespa's, even if the backend sets its own."""
         url, _ = start_worker(self, listen(self, OwnRequestId()))
-        response = await self.http.get(url + "/", headers={"X-Request-ID": "mine"})
+        response = await self.http.get(url + "/", headers=Headers({"X-Request-ID": ["mine"]}))
         await response.content()
         self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"mine"])
 
@@ -162,7 +170,7 @@ class AccessNamespaceTests(SynchronousTestCase):
         client_events = capture(self, "vespa-client.access")
         result = RelayResult(Outcome.SERVED, 200, 3, 1.0, 1.0, 1.5)
         for log in (log_access, log_client_access):
-            request = DummyRequest([b"x"])
+            request = cast(Request, DummyRequest([b"x"]))  # a stand-in for one
             request.path = b"/x"
             log(request, result, None)
         [worker_event], [client_event] = worker_events, client_events
@@ -194,7 +202,7 @@ class AccessNamespaceTests(SynchronousTestCase):
         stream, clock = io.StringIO(), Clock()
         top = Top()
         top.text_log = text_observer(stream, clock)  # type: ignore[assignment]
-        request = DummyRequest([b"x"])
+        request = cast(Request, DummyRequest([b"x"]))  # a stand-in for one
         request.path = b"/x"
         result = RelayResult(Outcome.SERVED, 200, 3, 1.0, 1.0, 1.5)
         top.startService()
@@ -254,7 +262,9 @@ class JsonLogTests(TestCase):
         process = spawn_worker(self, backend, twistd=("--logger", "vast_vespa.logs.json_stdout"))
         url = await worker_url(process)
         await process.wait_for(rb"worker loaded")
-        response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "json-1"})
+        response = await http_client(self).get(
+            url + "/echo", headers=Headers({"X-Request-ID": ["json-1"]})
+        )
         await response.content()
         await process.wait_for(rb"id=json-1")
         records = [json.loads(line) for line in process.output.decode().splitlines()]
@@ -298,6 +308,13 @@ print("\\n".join(line.split("] ")[-1] for line in stream.getvalue().splitlines()
 """
 
 
+def twistd_options(values: dict[str, object]) -> usage.Options:
+    """twistd's own options (a dict, as its ServerOptions are) holding ``values``."""
+    options = usage.Options()
+    options.update(values)
+    return options
+
+
 def access_event(line: str, when: float = 1700000000.0) -> LogEvent:
     return {
         "log_namespace": "vespa.access",
@@ -309,7 +326,9 @@ def access_event(line: str, when: float = 1700000000.0) -> LogEvent:
 
 
 class TextLogTests(TestCase):
-    def lines(self, observer_for, *events: LogEvent) -> list[str]:
+    def lines(
+        self, observer_for: Callable[[IO[str]], ILogObserver], *events: LogEvent
+    ) -> list[str]:
         stream = io.StringIO()
         observe = observer_for(stream)
         for event in events:
@@ -382,7 +401,7 @@ class TextLogTests(TestCase):
 
         def given(**twistd: object) -> bool:
             options = usage.Options()
-            options.parent = {"nodaemon": True, "logfile": None, **twistd}
+            options.parent = twistd_options({"nodaemon": True, "logfile": None, **twistd})
             return twistd_writes_text_to_stdout(options)
 
         self.assertTrue(given())
@@ -401,7 +420,7 @@ class TextLogTests(TestCase):
             pass
 
         options = usage.Options()
-        options.parent = {"nodaemon": True, "logfile": None}
+        options.parent = twistd_options({"nodaemon": True, "logfile": None})
         application = Application("vespa")
         top = use_text_log(Top(), options)
         top.setServiceParent(application)
@@ -419,7 +438,9 @@ class TextLogTests(TestCase):
         process = spawn_worker(self, backend)
         url = await worker_url(process)
         await process.wait_for(rb"worker loaded")
-        response = await http_client(self).get(url + "/echo", headers={"X-Request-ID": "text-1"})
+        response = await http_client(self).get(
+            url + "/echo", headers=Headers({"X-Request-ID": ["text-1"]})
+        )
         await response.content()
         await process.wait_for(rb"id=text-1")
         self.assertRegex(
@@ -430,7 +451,7 @@ class TextLogTests(TestCase):
 
 
 class MaskTests(SynchronousTestCase):
-    def test_mask(self):
+    def test_mask(self) -> None:
         """A masked secret keeps its first 4 characters; short or empty ones show nothing."""
         self.assertEqual(mask("secret-token-123456"), "secr...")
         self.assertEqual(mask("short-secret"), "****")

@@ -7,6 +7,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.memory import MemoryNetwork, memory_http
 from vast_vespa.emulator.checks import delete_problems, report_problems
 from vast_vespa.outcome import Outcome, RelayResult
 from vast_vespa.settings import VastEnvironment
@@ -48,7 +49,7 @@ class RequestIdxTests(SynchronousTestCase):
     """A url-shape signature does not cover request_idx: the first request to bring an idx
     owns it, and a copy can neither end the owner's entry nor change its success flag."""
 
-    def test_copy_in_flight_is_not_reported(self):
+    def test_copy_in_flight_is_not_reported(self) -> None:
         _, _, metrics, _ = make()
         owner = metrics.start(10.0, 7)
         copy = metrics.start(10.0, 7)
@@ -60,7 +61,7 @@ class RequestIdxTests(SynchronousTestCase):
         self.assertEqual([(f.request_idx, f.success) for f in metrics.finished], [(7, True)])
         self.assertEqual(metrics.idx_copies, 2)
 
-    def test_copy_after_the_end_is_not_reported_again(self):
+    def test_copy_after_the_end_is_not_reported_again(self) -> None:
         _, _, metrics, _ = make()
         metrics.finish(metrics.start(1.0, 7), Outcome.SERVED)
         metrics.reject(1.0, 8)
@@ -71,7 +72,7 @@ class RequestIdxTests(SynchronousTestCase):
         )
         self.assertEqual(metrics.report().body["num_requests_recieved"], 4)
 
-    def test_finished_idx_forgotten_beyond_the_backlog(self):
+    def test_finished_idx_forgotten_beyond_the_backlog(self) -> None:
         """The set of finished idx is bounded like the backlog."""
         _, _, metrics, _ = make(backlog=2)
         for idx in (1, 2, 3):
@@ -81,7 +82,7 @@ class RequestIdxTests(SynchronousTestCase):
 
 
 class MetricsTests(SynchronousTestCase):
-    def test_wire_order_and_identity(self):
+    def test_wire_order_and_identity(self) -> None:
         """The body has every /worker_status/ field in the reference order."""
         _, state, metrics, _ = make()
         body = metrics.report().body
@@ -95,7 +96,7 @@ class MetricsTests(SynchronousTestCase):
         metrics.reported(metrics.report())
         self.assertEqual(metrics.report().body["loadtime"], 12.5)
 
-    def test_every_outcome_counts_once(self):
+    def test_every_outcome_counts_once(self) -> None:
         """served, errored, cancelled, rejected: each lands in its window counter once;
         in-flight entries are keyed per request, so equal reqnums do not collapse."""
         _, _, metrics, _ = make()
@@ -128,13 +129,13 @@ class MetricsTests(SynchronousTestCase):
             },
         )
 
-    def test_backend_5xx_is_an_error(self):
+    def test_backend_5xx_is_an_error(self) -> None:
         """A 5xx answer from the backend counts as errored; 4xx as served."""
         self.assertIs(outcome_of(RelayResult(Outcome.SERVED, 503)), Outcome.ERRORED)
         self.assertIs(outcome_of(RelayResult(Outcome.SERVED, 404)), Outcome.SERVED)
         self.assertIs(outcome_of(RelayResult(Outcome.CANCELLED, 0)), Outcome.CANCELLED)
 
-    def test_window_forgets_only_what_was_delivered(self):
+    def test_window_forgets_only_what_was_delivered(self) -> None:
         """After a delivered report only what it carried is subtracted: requests finishing
         while it was on the wire show in the next one; an undelivered one loses nothing."""
         _, _, metrics, disk = make()
@@ -156,7 +157,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual((body["cur_perf"], body["new_load"]), (0, 0))
         self.assertEqual(body["additional_disk_usage"], 0.0)
 
-    def test_deletes_confirmed_by_sequence(self):
+    def test_deletes_confirmed_by_sequence(self) -> None:
         """Confirmed entries leave the queue, later ones stay."""
         _, _, metrics, _ = make()
         for idx in range(5):
@@ -165,7 +166,7 @@ class MetricsTests(SynchronousTestCase):
         metrics.deleted(batch)
         self.assertEqual([f.request_idx for f in metrics.finished], [3, 4])
 
-    def test_deletes_confirmed_out_of_order(self):
+    def test_deletes_confirmed_out_of_order(self) -> None:
         """Confirming some entries of a batch (one success flag) keeps the others, in order."""
         _, _, metrics, _ = make()
         for idx in range(5):
@@ -176,7 +177,7 @@ class MetricsTests(SynchronousTestCase):
         metrics.deleted([])
         self.assertEqual(len(metrics.finished), 3)
 
-    def test_backlog_is_bounded(self):
+    def test_backlog_is_bounded(self) -> None:
         """Past the backlog limit the oldest entries are dropped, with a log line."""
         _, _, metrics, _ = make(backlog=3)
         for idx in range(5):
@@ -184,7 +185,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual([f.request_idx for f in metrics.finished], [2, 3, 4])
         self.assertEqual(metrics.dropped, 2)
 
-    def test_unsecured_requests_are_not_deleted(self):
+    def test_unsecured_requests_are_not_deleted(self) -> None:
         """Requests without auth_data count in the load but send no request_idx."""
         _, _, metrics, _ = make()
         metrics.finish(metrics.start(1, None), Outcome.SERVED)
@@ -193,7 +194,7 @@ class MetricsTests(SynchronousTestCase):
 
 
 class ConformanceTests(SynchronousTestCase):
-    def test_bodies_pass_the_emulator_checks(self):
+    def test_bodies_pass_the_emulator_checks(self) -> None:
         """Reports and both /delete_requests/ forms pass the autoscaler emulator's
         conformance checks (PROTOCOL 4.2, 4.6), busy or idle."""
         _, state, metrics, _ = make()
@@ -208,6 +209,7 @@ class ConformanceTests(SynchronousTestCase):
         metrics.reject(2, 9)
         self.assertEqual(report_problems(metrics.report().body), [])
         for form in ("batches", "list"):
-            client = AutoscalerClient(None, None, ("http://a",), "t", 4242, delete_format=form)
+            http, clock = memory_http(MemoryNetwork()), Clock()  # neither used for the bodies
+            client = AutoscalerClient(http, clock, ("http://a",), "t", 4242, delete_format=form)
             for body in client.delete_bodies(list(metrics.finished)):
                 self.assertEqual(delete_problems(json.loads(body)), [])

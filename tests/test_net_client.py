@@ -13,17 +13,22 @@ import io
 import random
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from httptools import HttpParserError, HttpRequestParser
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -40,7 +45,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from tests.helpers import FAST_PATH, listen, until
@@ -56,6 +61,9 @@ from vast_vespa.net.client import (
     backend_pool,
 )
 from vast_vespa.net.dispatch import OUTBOX
+
+if TYPE_CHECKING:
+    from twisted.web.http import _GenericHTTPChannelProtocol
 
 # ---- a scripted backend ------------------------------------------------------------------
 
@@ -87,6 +95,12 @@ class ServerConnection(Protocol):
         self._parser = HttpRequestParser(self)
         self._seen = Seen()
 
+    @property
+    def tcp(self) -> ITCPTransport:
+        """Its transport: the TCP connection (or helpers.listen's wrapper, which provides
+        the same interfaces)."""
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
         self.backend.connections.append(self)
 
@@ -95,7 +109,7 @@ class ServerConnection(Protocol):
         try:
             self._parser.feed_data(data)
         except HttpParserError:
-            self.transport.abortConnection()
+            self.tcp.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed.callback(None)
@@ -144,7 +158,7 @@ class ScriptedBackend(Factory):
         if callable(answer):
             answer(connection, seen)
         else:
-            connection.transport.write(answer)
+            connection.tcp.write(answer)
         for waiter in [w for w in self._waiters if len(self.requests) >= w[0]]:
             self._waiters.remove(waiter)
             waiter[1].callback(None)
@@ -175,7 +189,7 @@ def hold(connection: ServerConnection, seen: Seen) -> None:
 
 def hang_up(connection: ServerConnection, seen: Seen) -> None:
     """Close without answering."""
-    connection.transport.loseConnection()
+    connection.tcp.loseConnection()
 
 
 def in_pieces(*pieces: bytes, close: bool = False) -> Answer:
@@ -185,11 +199,11 @@ def in_pieces(*pieces: bytes, close: bool = False) -> Answer:
         rest = list(pieces)
 
         def write() -> None:
-            connection.transport.write(rest.pop(0))
+            connection.tcp.write(rest.pop(0))
             if rest:
                 reactor.callLater(0, write)
             elif close:
-                connection.transport.loseConnection()
+                connection.tcp.loseConnection()
 
         write()
 
@@ -205,7 +219,7 @@ class _RecordingEndpoint:
         self._endpoint = endpoint
         self._recording = recording
 
-    def connect(self, factory: Factory) -> Deferred[Any]:
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         return self._endpoint.connect(factory).addCallback(self._recording.record)
 
 
@@ -250,6 +264,11 @@ class BodyReader(Protocol):
     @property
     def data(self) -> bytes:
         return b"".join(self.chunks)
+
+    @property
+    def response(self) -> Response:
+        """Its transport: the LeanAgent's Response that delivers the body."""
+        return cast(Response, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -313,7 +332,9 @@ class PiecesProducer:
     """A request body written one piece per reactor turn; with ``finish=False`` it never
     says it is done (a body still being sent)."""
 
-    def __init__(self, pieces: list[bytes], length: Any = UNKNOWN_LENGTH, finish: bool = True):
+    def __init__(
+        self, pieces: list[bytes], length: Any = UNKNOWN_LENGTH, finish: bool = True
+    ) -> None:
         self.pieces = list(pieces)
         self.length = length
         self.finish = finish
@@ -348,7 +369,8 @@ class PiecesProducer:
 def unread(connection: Any) -> int:
     """Bytes waiting in the kernel's receive buffer of a client connection."""
     handle = connection.transport.getHandle()
-    return struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    count: int = struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return count
 
 
 def netloc(url: bytes) -> bytes:
@@ -399,7 +421,7 @@ class Http11Case(TestCase):
 
 
 class KeepAliveTests(Http11Case):
-    async def test_sequential_requests_share_one_connection(self):
+    async def test_sequential_requests_share_one_connection(self) -> None:
         """Two requests one after the other go over one TCP connection."""
         url, backend = self.serve(ok(b"first"), ok(b"second"))
         client = self.client()
@@ -413,21 +435,22 @@ class KeepAliveTests(Http11Case):
         self.assertEqual(transport.bufferSize, READ_SIZE)  # big reads
         self.assertIs(transport.protocol, client.connections[0])  # no wrapper in between
 
-    async def test_relay_agent_keeps_alive_with_twisted_web(self):
+    async def test_relay_agent_keeps_alive_with_twisted_web(self) -> None:
         """backend_agent/backend_pool as the relay builds them reuse a twisted.web connection."""
 
         class Hello(Resource):
             isLeaf = True
 
-            def render_GET(self, request):
+            def render_GET(self, request: Request) -> bytes:
                 return b"hello " + request.path
 
         class CountingSite(Site):
             built = 0
 
-            def buildProtocol(self, addr):
+            def buildProtocol(self, addr: IAddress | None) -> _GenericHTTPChannelProtocol | None:
                 self.built += 1
-                return super().buildProtocol(addr)
+                protocol: _GenericHTTPChannelProtocol | None = super().buildProtocol(addr)
+                return protocol
 
         site = CountingSite(Hello())
         url = listen(self, site).encode()
@@ -451,11 +474,11 @@ class KeepAliveTests(Http11Case):
         await self.assert_fresh_connection_works(client, url, backend)
         await backend.connections[0].closed  # the client closed it
 
-    async def test_connection_close_is_not_reused(self):
+    async def test_connection_close_is_not_reused(self) -> None:
         """A 'Connection: close' answer: the client closes that connection, opens a new one."""
         await self.assert_not_reused(ok(b"ok", b"Connection: close"))
 
-    async def test_http10_answer_is_not_reused(self):
+    async def test_http10_answer_is_not_reused(self) -> None:
         """An HTTP/1.0 answer (no keep-alive): the connection is closed, not reused."""
         await self.assert_not_reused(
             response(b"200 OK", b"Content-Length: 2", body=b"ok", version=b"1.0")
@@ -466,7 +489,7 @@ class KeepAliveTests(Http11Case):
 
 
 class ResponseFramingTests(Http11Case):
-    async def test_content_length_body(self):
+    async def test_content_length_body(self) -> None:
         """A Content-Length body: code, phrase, headers, length and body as sent; ResponseDone."""
         url, _ = self.serve(ok(b"hello world", b"X-Backend: yes", b"X-Backend: again"))
         fetched = await self.client().fetch(url)
@@ -476,7 +499,7 @@ class ResponseFramingTests(Http11Case):
         self.assertEqual(fetched.body, b"hello world")
         self.assertReason(fetched.reason, ResponseDone)
 
-    async def test_head_split_across_reads(self):
+    async def test_head_split_across_reads(self) -> None:
         """A status line, header and body cut at odd places are put back together."""
         url, _ = self.serve(
             in_pieces(
@@ -492,7 +515,7 @@ class ResponseFramingTests(Http11Case):
         self.assertEqual(fetched.response.headers.getRawHeaders(b"x-long"), [b"value"])
         self.assertReason(fetched.reason, ResponseDone)
 
-    async def test_chunked_body_in_several_chunks(self):
+    async def test_chunked_body_in_several_chunks(self) -> None:
         """A chunked body (chunks in separate writes, a trailer) arrives whole; the connection
         is reused and the trailer does not leak into the next answer's headers."""
         url, backend = self.serve(
@@ -513,7 +536,7 @@ class ResponseFramingTests(Http11Case):
         self.assertFalse(following.response.headers.hasHeader(b"x-trailer"))
         self.assertEqual(len(backend.connections), 1)
 
-    async def test_close_delimited_body(self):
+    async def test_close_delimited_body(self) -> None:
         """No Content-Length, not chunked: all the bytes arrive, then PotentialDataLoss."""
         url, backend = self.serve(
             in_pieces(response(b"200 OK"), b"part one, ", b"part two", close=True),
@@ -527,13 +550,13 @@ class ResponseFramingTests(Http11Case):
         self.assertReason(fetched.reason, PotentialDataLoss)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_body_in_the_read_with_the_head_is_there_when_the_response_is_told(self):
+    async def test_body_in_the_read_with_the_head_is_there_when_the_response_is_told(self) -> None:
         """The response is told once the read that carried its head is parsed, so the body
         that came with the head is there at deliverBody (the relay writes both at once)."""
         answering: list[ServerConnection] = []
 
         def head_and_first(connection: ServerConnection, seen: Seen) -> None:
-            connection.transport.write(response(b"200 OK", b"Content-Length: 10", body=b"first"))
+            connection.tcp.write(response(b"200 OK", b"Content-Length: 10", body=b"first"))
             answering.append(connection)  # the rest once the test has looked
 
         url, _ = self.serve(head_and_first)
@@ -546,11 +569,11 @@ class ResponseFramingTests(Http11Case):
 
         await self.client().request(url).addCallback(got)
         self.assertEqual(at_once, [b"first"])
-        answering[0].transport.write(b"later")
+        answering[0].tcp.write(b"later")
         self.assertReason(await reader.ended(), ResponseDone)
         self.assertEqual(reader.data, b"firstlater")
 
-    def test_body_stopped_while_its_early_part_is_delivered_ends_once(self):
+    def test_body_stopped_while_its_early_part_is_delivered_ends_once(self) -> None:
         """A protocol that aborts the body while the part that came before deliverBody is
         handed to it gets nothing more, and hears of the end once."""
 
@@ -564,13 +587,14 @@ class ResponseFramingTests(Http11Case):
         answer = Response(connection, 200, b"OK", Headers(), 10)  # type: ignore[arg-type]
         answer.data(b"first")
         answer.data(b"second")
-        reader = BodyReader(on_data=lambda reader: reader.transport.abortConnection())
+        reader = BodyReader(on_data=lambda reader: reader.response.abortConnection())
         answer.deliverBody(reader)
         self.assertTrue(connection.aborted)
         self.assertEqual(reader.chunks, [b"first"])
+        assert reader.reason is not None
         self.assertReason(reader.reason, ResponseFailed)  # once: a second would raise here
 
-    async def test_body_delivered_after_it_ended_is_replayed(self):
+    async def test_body_delivered_after_it_ended_is_replayed(self) -> None:
         """deliverBody called after the whole body came in still gets it, then ResponseDone."""
         url, backend = self.serve(ok(b"early bird"), ok(b"second"))
         client = self.client()
@@ -584,7 +608,7 @@ class ResponseFramingTests(Http11Case):
         self.assertEqual((await client.fetch(url)).body, b"second")
         self.assertEqual(len(backend.connections), 1)
 
-    async def test_next_body_never_reaches_the_last_protocol(self):
+    async def test_next_body_never_reaches_the_last_protocol(self) -> None:
         """On a reused connection, a body that comes before its deliverBody waits for its own
         protocol; the protocol of the answer before hears nothing more."""
         url, backend = self.serve(ok(b"first"), ok(b"second"))
@@ -598,7 +622,7 @@ class ResponseFramingTests(Http11Case):
         self.assertEqual((first.body, second.data), (b"first", b"second"))
         self.assertEqual(len(backend.connections), 1)
 
-    async def test_head_with_content_length_ends(self):
+    async def test_head_with_content_length_ends(self) -> None:
         """A HEAD answer with a Content-Length ends at once (ResponseDone, no body)."""
         url, backend = self.serve(response(b"200 OK", b"Content-Length: 1000"), ok(b"after"))
         client = self.client()
@@ -609,7 +633,7 @@ class ResponseFramingTests(Http11Case):
         after = await client.fetch(url)
         self.assertEqual(after.body, b"after")
 
-    async def test_204_and_304_have_no_body(self):
+    async def test_204_and_304_have_no_body(self) -> None:
         """204 and 304 (even with a Content-Length) end with no body; keep-alive goes on."""
         url, backend = self.serve(
             response(b"204 No Content"),
@@ -627,16 +651,16 @@ class ResponseFramingTests(Http11Case):
     async def assert_interim_skipped(self, answer: Answer) -> None:
         url, _ = self.serve(answer)
         fetched = await self.client().fetch(url, method=b"POST", body=BytesProducer(b"data"))
-        answer = fetched.response
-        self.assertEqual((answer.code, answer.phrase, fetched.body), (200, b"OK", b"real"))
-        self.assertEqual(answer.headers.getRawHeaders(b"link"), None)
+        answered = fetched.response
+        self.assertEqual((answered.code, answered.phrase, fetched.body), (200, b"OK", b"real"))
+        self.assertEqual(answered.headers.getRawHeaders(b"link"), None)
         self.assertReason(fetched.reason, ResponseDone)
 
-    async def test_100_continue_is_skipped(self):
+    async def test_100_continue_is_skipped(self) -> None:
         """A 100 Continue before the 200 (same write) is skipped: the 200 is the answer."""
         await self.assert_interim_skipped(response(b"100 Continue") + ok(b"real"))
 
-    async def test_103_early_hints_is_skipped(self):
+    async def test_103_early_hints_is_skipped(self) -> None:
         """A 103 with headers, then the 200 in a later write: the 200 alone is the answer."""
         hints = response(b"103 Early Hints", b"Link: </style.css>; rel=preload")
         await self.assert_interim_skipped(in_pieces(hints, ok(b"real")))
@@ -655,23 +679,23 @@ class ResponseHeadTests(Http11Case):
         self.assertIn(why, str(failure.reasons[0].value))
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_head_over_the_limit(self):
+    async def test_head_over_the_limit(self) -> None:
         """A header line larger than the limit, in one write or in pieces, is refused."""
         big = b"X-Big: " + b"a" * 2000
         await self.assert_bad_head(ok(b"x", big), "over 1000 bytes", limits=(1000, 100))
         pieces = in_pieces(*(ok(b"x", big)[i : i + 100] for i in range(0, 2100, 100)))
         await self.assert_bad_head(pieces, "over 1000 bytes", limits=(1000, 100))
 
-    async def test_interim_heads_count(self):
+    async def test_interim_heads_count(self) -> None:
         """1xx heads count towards the same limit: endless 103s are refused."""
         hint = response(b"103 Early Hints", b"Link: </a.css>; rel=preload")
         await self.assert_bad_head(hint * 100 + ok(), "over 1000 bytes", limits=(1000, 100))
 
-    async def test_too_many_headers(self):
+    async def test_too_many_headers(self) -> None:
         headers = [b"X-%d: 1" % i for i in range(11)]
         await self.assert_bad_head(ok(b"x", *headers), "more than 10", limits=(16384, 10))
 
-    async def test_head_at_the_limit_is_served(self):
+    async def test_head_at_the_limit_is_served(self) -> None:
         """A head of exactly the limit, with its body in the same read, is served."""
         answer = ok(b"body", b"X-Pad: " + b"a" * 100)
         head_size = len(answer) - len(b"body")
@@ -679,17 +703,17 @@ class ResponseHeadTests(Http11Case):
         fetched = await self.client(limits=(head_size, 3)).fetch(url)
         self.assertEqual((fetched.response.code, fetched.body), (200, b"body"))
 
-    async def test_default_limits(self):
+    async def test_default_limits(self) -> None:
         """16 KiB and 100 headers, as on the request side."""
         await self.assert_bad_head(ok(b"x", b"X-Big: " + b"a" * 20000), "over 16384 bytes")
         headers = [b"X-%d: 1" % i for i in range(101)]
         await self.assert_bad_head(ok(b"x", *headers), "more than 100")
 
-    async def test_status_below_100(self):
+    async def test_status_below_100(self) -> None:
         await self.assert_bad_head(ok().replace(b"200 OK", b"099 Odd"), "status 99")
         await self.assert_bad_head(ok().replace(b"200 OK", b"000 Zero"), "status 0")
 
-    async def test_control_bytes_in_the_phrase_are_not_passed_on(self):
+    async def test_control_bytes_in_the_phrase_are_not_passed_on(self) -> None:
         """A phrase with a control byte is replaced with the standard one; a clean one stays,
         obs-text included."""
         url, _ = self.serve(
@@ -699,7 +723,7 @@ class ResponseHeadTests(Http11Case):
         self.assertEqual((await client.fetch(url)).response.phrase, b"OK")
         self.assertEqual((await client.fetch(url)).response.phrase, b"Fine \xe9")
 
-    async def test_identity_body_ends_at_close(self):
+    async def test_identity_body_ends_at_close(self) -> None:
         """Transfer-Encoding other than a final chunked does not frame the body: it is read
         to the close, whole (PotentialDataLoss, as any close-delimited body)."""
         for coding in (b"identity", b"chunked, identity", b"gzip"):
@@ -715,11 +739,11 @@ class ResponseHeadTests(Http11Case):
             self.assertEqual(fetched.body, b"0\r\n\r\npart one, part two", coding)
             self.assertReason(fetched.reason, PotentialDataLoss)
 
-    async def test_interim_answers_are_told(self):
+    async def test_interim_answers_are_told(self) -> None:
         """request_with_interim tells of each 1xx (phrase and headers) before the answer."""
         hints = response(b"103 Early Hints", b"Link: </style.css>; rel=preload")
         url, _ = self.serve(hints + response(b"102 Processing") + ok(b"real"))
-        told: list[tuple[int, bytes, list[bytes] | None]] = []
+        told: list[tuple[int, bytes, Sequence[bytes] | None]] = []
         client = self.client()
         answer = await client.agent.request_with_interim(
             b"GET",
@@ -750,7 +774,7 @@ class RequestWireTests(Http11Case):
         self.raw = bytes(backend.connections[0].raw)
         return backend.requests[0]
 
-    async def test_get_head_line_host_and_headers(self):
+    async def test_get_head_line_host_and_headers(self) -> None:
         """Request line, Host first, the given headers (each value), no length for a GET."""
         headers = Headers({b"X-Test": [b"a"], b"X-Multi": [b"1", b"2"]})
         seen = await self.send(b"GET", headers=headers)
@@ -763,7 +787,7 @@ class RequestWireTests(Http11Case):
         self.assertEqual(seen.header(b"content-length") + seen.header(b"transfer-encoding"), [])
         self.assertTrue(self.raw.endswith(b"\r\n\r\n"))
 
-    async def test_target_forms(self):
+    async def test_target_forms(self) -> None:
         """No path goes out as '/', a bare query as '/?query'."""
         url, backend = self.serve(ok())
         client = self.client()
@@ -771,19 +795,19 @@ class RequestWireTests(Http11Case):
         await client.fetch(url + b"?a=1")
         self.assertEqual([s.target for s in backend.requests], [b"/", b"/?a=1"])
 
-    async def test_bodyless_post_has_content_length_zero(self):
+    async def test_bodyless_post_has_content_length_zero(self) -> None:
         """A POST without a body says 'Content-Length: 0'."""
         seen = await self.send(b"POST")
         self.assertEqual((seen.header(b"content-length"), seen.body), ([b"0"], bytearray()))
 
-    async def test_bytes_producer_body(self):
+    async def test_bytes_producer_body(self) -> None:
         """A BytesProducer body goes with its Content-Length, byte for byte."""
         seen = await self.send(b"PUT", BytesProducer(b"payload \x00\xff"))
         self.assertEqual(seen.header(b"content-length"), [b"10"])
         self.assertEqual((seen.method, bytes(seen.body)), (b"PUT", b"payload \x00\xff"))
         self.assertEqual(seen.header(b"transfer-encoding"), [])
 
-    async def test_large_file_body_arrives_byte_exact(self):
+    async def test_large_file_body_arrives_byte_exact(self) -> None:
         """A 4 MiB FileBodyProducer body (through a Cooperator) arrives byte-exact."""
         data = random.Random(7).randbytes(4 * 1024 * 1024)
         cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
@@ -792,7 +816,7 @@ class RequestWireTests(Http11Case):
         self.assertEqual(len(seen.body), len(data))
         self.assertEqual(hashlib.sha256(seen.body).digest(), hashlib.sha256(data).digest())
 
-    async def test_unknown_length_is_sent_chunked(self):
+    async def test_unknown_length_is_sent_chunked(self) -> None:
         """A producer of UNKNOWN_LENGTH goes chunked (an empty write ends nothing early); the
         connection stays usable after the last chunk."""
         url, backend = self.serve(ok(b"first"), ok(b"second"))
@@ -813,12 +837,12 @@ class RequestWireTests(Http11Case):
 
 
 class FailureTests(Http11Case):
-    async def test_close_without_answer(self):
+    async def test_close_without_answer(self) -> None:
         """The backend closes without answering: ResponseNeverReceived."""
         url, _ = self.serve(hang_up)
         await self.assertFailure(self.client().request(url), ResponseNeverReceived)
 
-    async def test_garbage_status_line(self):
+    async def test_garbage_status_line(self) -> None:
         """Garbage instead of a status line: ResponseNeverReceived (a parser error), and the
         next request is served on a new connection."""
         url, backend = self.serve(b"garbage\r\n\r\n", ok(b"after"))
@@ -827,7 +851,7 @@ class FailureTests(Http11Case):
         self.assertTrue(failure.reasons[0].check(HttpParserError), failure.reasons)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_close_mid_body(self):
+    async def test_close_mid_body(self) -> None:
         """The backend closes in the middle of a Content-Length body: the bytes so far, then
         ResponseFailed."""
         url, backend = self.serve(
@@ -840,7 +864,7 @@ class FailureTests(Http11Case):
         self.assertReason(fetched.reason, ResponseFailed)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_malformed_chunk(self):
+    async def test_malformed_chunk(self) -> None:
         """A broken chunked body ends the body with ResponseFailed and the connection goes."""
         url, backend = self.serve(
             response(b"200 OK", b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\nzz\r\n"),
@@ -853,9 +877,9 @@ class FailureTests(Http11Case):
         await backend.connections[0].closed
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_connection_refused(self):
+    async def test_connection_refused(self) -> None:
         """Nobody listening: the request fails with ConnectionRefusedError itself."""
-        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        port = cast(tcp.Port, reactor.listenTCP(0, ServerFactory(), interface="127.0.0.1"))
         number = port.getHost().port
         await port.stopListening()
         pool = backend_pool(reactor)
@@ -877,14 +901,14 @@ class CancelTests(Http11Case):
         await self.assertFailure(waiting, CancelledError)
         await backend.connections[-1].closed
 
-    async def test_cancel_while_waiting_for_headers(self):
+    async def test_cancel_while_waiting_for_headers(self) -> None:
         """Cancelling before the headers: CancelledError, and the backend sees the close."""
         url, backend = self.serve(hold, ok(b"after"))
         client = self.client()
         await self.assert_cancel_while_waiting(client, url, backend, 1)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_cancel_on_a_reused_connection(self):
+    async def test_cancel_on_a_reused_connection(self) -> None:
         """Cancelling a request sent on a pooled connection closes that connection too."""
         url, backend = self.serve(ok(b"first"), hold, ok(b"after"))
         client = self.client()
@@ -893,20 +917,20 @@ class CancelTests(Http11Case):
         self.assertEqual(len(backend.connections), 1)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_stop_producing_mid_body(self):
+    async def test_stop_producing_mid_body(self) -> None:
         """stopProducing() mid-body closes the connection (ResponseFailed, never reused)."""
         url, backend = self.serve(
             response(b"200 OK", b"Content-Length: 1000", body=b"x" * 10), ok(b"after")
         )
         client = self.client()
-        reader = BodyReader(lambda reader: reader.transport.stopProducing())
+        reader = BodyReader(lambda reader: reader.response.stopProducing())
         fetched = await client.fetch(url, reader=reader)
         self.assertEqual(fetched.body, b"x" * 10)
         self.assertReason(fetched.reason, ResponseFailed)
         await backend.connections[0].closed
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_read_body_cancelled(self):
+    async def test_read_body_cancelled(self) -> None:
         """twisted.web's readBody works on a Response, and cancelling it closes the
         connection (it calls the transport's abortConnection)."""
         url, backend = self.serve(
@@ -925,16 +949,16 @@ class CancelTests(Http11Case):
 
 
 class FlowControlTests(Http11Case):
-    async def test_pause_stops_reading_until_resumed(self):
+    async def test_pause_stops_reading_until_resumed(self) -> None:
         """While paused, bytes the backend sent wait unread in the socket; resume delivers
         the rest and the body ends cleanly."""
         url, backend = self.serve(response(b"200 OK", b"Content-Length: 1000", body=b"a" * 10))
         client = self.client()
         answer = await client.request(url)
-        reader = BodyReader(lambda reader: reader.transport.pauseProducing())
+        reader = BodyReader(lambda reader: reader.response.pauseProducing())
         answer.deliverBody(reader)
         await reader.got_data
-        backend.connections[0].transport.write(b"b" * 990)
+        backend.connections[0].tcp.write(b"b" * 990)
         connection = client.connections[0]
         # Polled: bytes reaching the kernel's buffer of a paused socket tell no one.
         await until(lambda: unread(connection) > 0 or len(reader.data) > 10)
@@ -942,16 +966,16 @@ class FlowControlTests(Http11Case):
         self.assertEqual(reader.data, b"a" * 10)
         self.assertFalse(reader.done.called)
         reader.on_data = None
-        reader.transport.resumeProducing()
+        reader.response.resumeProducing()
         self.assertReason(await reader.ended(), ResponseDone)
         self.assertEqual(reader.data, b"a" * 10 + b"b" * 990)
 
-    async def test_connection_back_in_pool_while_paused_is_resumed(self):
+    async def test_connection_back_in_pool_while_paused_is_resumed(self) -> None:
         """A body protocol that paused and never resumed: its connection goes back to the pool
         resumed, and the next request on it is answered."""
         url, backend = self.serve(ok(b"first"), ok(b"second"))
         client = self.client()
-        reader = BodyReader(lambda reader: reader.transport.pauseProducing())
+        reader = BodyReader(lambda reader: reader.response.pauseProducing())
         first = await client.fetch(url, reader=reader)
         self.assertReason(first.reason, ResponseDone)
         self.assertEqual((await client.fetch(url)).body, b"second")
@@ -968,7 +992,7 @@ class PoolTests(Http11Case):
         for fetched in await gatherResults(fetches):
             self.assertReason(fetched.reason, ResponseDone)
 
-    async def test_idle_timeout_closes_connection(self):
+    async def test_idle_timeout_closes_connection(self) -> None:
         """An idle connection lives idle_timeout seconds (taking it for a request restarts its
         idle time), then it is closed and the next request opens a new one."""
         url, backend = self.serve(ok())
@@ -986,7 +1010,7 @@ class PoolTests(Http11Case):
         await backend.connections[0].closed
         await self.assert_fresh_connection_works(client, url, backend, body=b"ok")
 
-    async def test_idle_connections_expire_oldest_first(self):
+    async def test_idle_connections_expire_oldest_first(self) -> None:
         """Connections that went idle at different times each close idle_timeout after their
         own last answer, on the pool's one timer, which stops once none is left."""
         url, backend = self.serve(ok())
@@ -1005,7 +1029,7 @@ class PoolTests(Http11Case):
         await used_again[0].closed
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    async def test_idle_connections_beyond_max_are_closed(self):
+    async def test_idle_connections_beyond_max_are_closed(self) -> None:
         """With max_idle_per_backend=1, the second connection to go idle is closed; the one
         kept serves the next request."""
         url, backend = self.serve(ok())
@@ -1019,14 +1043,14 @@ class PoolTests(Http11Case):
         self.assertEqual(len(backend.connections), 2)
         self.assertEqual(len(kept[0].requests), 2)
 
-    async def test_connection_closed_by_backend_while_idle_is_dropped(self):
+    async def test_connection_closed_by_backend_while_idle_is_dropped(self) -> None:
         """An idle connection the backend closes is dropped (its idle timer too); the next
         request opens a new connection and is served."""
         url, backend = self.serve(ok())
         clock = Clock()
         client = self.client(clock)
         await client.fetch(url)
-        backend.connections[0].transport.loseConnection()
+        backend.connections[0].tcp.loseConnection()
         await backend.connections[0].closed
         await client.endpoints.closed[0]
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -1039,12 +1063,12 @@ class PoolTests(Http11Case):
         url, backend = self.serve(ok(b"first"), ok(b"again"))
         client = self.client(Clock())
         await client.fetch(url)
-        backend.connections[0].transport.loseConnection()
+        backend.connections[0].tcp.loseConnection()
         await backend.connections[0].closed  # the client has not read the FIN yet
         self.assertTrue(client.connections[0].transport.connected)
         return client.request(url, method, body=body), backend
 
-    async def test_get_on_connection_closed_before_noticed_is_sent_again(self):
+    async def test_get_on_connection_closed_before_noticed_is_sent_again(self) -> None:
         """A GET sent on a kept-alive connection the backend had just closed goes once more
         on a new connection, as Agent does."""
         sent, backend = await self.closed_before_noticed(b"GET")
@@ -1052,13 +1076,13 @@ class PoolTests(Http11Case):
         self.assertEqual(answer.code, 200)
         self.assertEqual(len(backend.connections), 2)
 
-    async def test_post_on_connection_closed_before_noticed_is_not_sent_again(self):
+    async def test_post_on_connection_closed_before_noticed_is_not_sent_again(self) -> None:
         """A POST is never sent twice: it fails (the relay answers 502)."""
         sent, backend = await self.closed_before_noticed(b"POST", BytesProducer(b"{}"))
         await self.assertFailure(sent, ResponseNeverReceived)
         self.assertEqual(len(backend.connections), 1)
 
-    async def test_upgrade_answer_fails_cleanly(self):
+    async def test_upgrade_answer_fails_cleanly(self) -> None:
         """A 101 (the relay never asks for an upgrade) fails the call like garbage would,
         without an unhandled error."""
         url, backend = self.serve(
@@ -1070,7 +1094,7 @@ class PoolTests(Http11Case):
         self.assertEqual(len(failure.reasons), 1)
         await self.assert_fresh_connection_works(client, url, backend)
 
-    async def test_close_cached_connections(self):
+    async def test_close_cached_connections(self) -> None:
         """closeCachedConnections() fires once every idle connection is closed; a request
         after it opens a new connection."""
         url, backend = self.serve(ok())
@@ -1089,14 +1113,14 @@ class PoolTests(Http11Case):
 
 
 class EarlyAnswerTests(Http11Case):
-    async def test_answer_before_body_was_sent(self):
+    async def test_answer_before_body_was_sent(self) -> None:
         """A 413 right after the request head is delivered; the body stops, and the connection
         (its body half-sent) is closed, not reused."""
 
         def refuse_uploads(connection: ServerConnection, seen: Seen) -> None:
             if seen.method == b"POST":
                 too_large = b"413 Content Too Large"
-                connection.transport.write(response(too_large, b"Content-Length: 3", body=b"no!"))
+                connection.tcp.write(response(too_large, b"Content-Length: 3", body=b"no!"))
 
         url, backend = self.serve(ok(b"after"), on_headers=refuse_uploads)
         client = self.client()
@@ -1115,7 +1139,7 @@ class HeldRequestTests(TestCase):
     once. In memory: the outbox opened and sent by hand, as the fast path's loop does."""
 
     def connection(self) -> tuple[_Connection, StringTransport]:
-        connection = _Connection(ConnectionPool(Clock()), ("http", b"backend", 80), True)
+        connection = _Connection(ConnectionPool(Clock()), (b"http", b"backend"), True)
         transport = StringTransport()
         connection.makeConnection(transport)
         return connection, transport

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from select import EPOLLIN
+from typing import cast
 
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.posixbase import _NO_FILEDESC
@@ -187,13 +188,16 @@ class TwistdWiringTests(SynchronousTestCase):
         """twistd's entry point asks for the settled collector once running, and gives twistd
         Vespa's text observer when twistd would log text to stdout."""
         from twisted.internet.testing import MemoryReactorClock
+        from twisted.python import usage
 
         from vast_vespa.worker import tap
+        from vast_vespa.worker.service import WorkerService
 
         options = tap.Options()
         options.parseOptions(["--unsecured", "true"])
-        options.parent = {"nodaemon": True, "logfile": None}
+        options.parent = usage.Options()  # twistd's options: a dict, as its ServerOptions are
+        options.parent.update({"nodaemon": True, "logfile": None})
         reactor = MemoryReactorClock()
-        service = tap.makeService(options, reactor)
+        service = cast(WorkerService, tap.makeService(options, reactor))
         self.assertIn(settle_gc, [hook[0] for hook in reactor.whenRunningHooks])
         self.assertIsNotNone(service.text_log)

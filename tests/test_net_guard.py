@@ -6,25 +6,38 @@ with one warning line naming it, and the worker is then wired from stock Twisted
 
 from __future__ import annotations
 
+from typing import cast
+
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor, tcp
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
 
 from vast_vespa.net import guard
-from vast_vespa.net.listen import SendNowEndpoint
+from vast_vespa.net.listen import SendNowEndpoint, _Listener
 from vast_vespa.net.request import LeanRequest
 from vast_vespa.site import VespaRequest
 from vast_vespa.worker import tap
+from vast_vespa.worker.service import WorkerService
+
+
+def listening_on(service: WorkerService) -> IStreamServerEndpoint:
+    """The endpoint of the worker's (first) client listener."""
+    listener = cast(_Listener, service.getServiceNamed("listen-0"))
+    endpoint: IStreamServerEndpoint = cast(StreamServerEndpointService, listener.listening).endpoint
+    return endpoint
 
 
 class GuardTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.patch(guard, "_chosen", {})  # decided once per process: start afresh
         self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)  # any callable taking the event
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def guard_lines(self) -> list[dict]:
         return [e for e in self.events if e.get("log_namespace") == guard.__name__]
@@ -78,14 +91,12 @@ class GuardTests(SynchronousTestCase):
         options.parseOptions(
             ["--unsecured", "true", "--admin-listen", "none", "--fast-path", "true"]
         )
-        fast = tap.makeService(options, MemoryReactorClock())
+        fast = cast(WorkerService, tap.makeService(options, MemoryReactorClock()))
         self.assertIs(fast.site.requestFactory, LeanRequest)
-        self.assertIsInstance(fast.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint)
+        self.assertIsInstance(listening_on(fast), SendNowEndpoint)
 
         self.patch(guard, "_chosen", {})
         self.patch(tcp.Connection, "_writeDisconnected", None)
-        stock = tap.makeService(options, MemoryReactorClock())
+        stock = cast(WorkerService, tap.makeService(options, MemoryReactorClock()))
         self.assertIs(stock.site.requestFactory, VespaRequest)
-        self.assertNotIsInstance(
-            stock.getServiceNamed("listen-0").listening.endpoint, SendNowEndpoint
-        )
+        self.assertNotIsInstance(listening_on(stock), SendNowEndpoint)

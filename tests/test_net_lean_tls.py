@@ -9,7 +9,7 @@ import os
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from twisted.internet import reactor
@@ -108,7 +108,7 @@ def get(
     path: str = "/",
     session: ssl.SSLSession | None = None,
     before_reading: threading.Event | None = None,
-) -> tuple[bool, ssl.SSLSession | None, str | None, bytes]:
+) -> tuple[bool | None, ssl.SSLSession | None, str | None, bytes]:
     """GET ``path`` over a new TLS connection (blocking: run in a thread), reading to the
     end; a connection that ends without close_notify raises ``ssl.SSLEOFError``. (resumed, the
     session, the ALPN protocol, the response)."""
@@ -138,7 +138,7 @@ class EndToEnd:
         assert found is not None
         self.tls = found[1]
 
-    async def listen(self, factory: Factory) -> tuple[int, Any]:
+    async def listen(self, factory: Factory[Any]) -> tuple[int, Any]:
         """Listen as :func:`listen_service` does in this mode; (port, the TLS factory)."""
         endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         if self.fast_path:
@@ -398,7 +398,7 @@ class InMemoryTests(SynchronousTestCase):
     def connect(self) -> None:
         """A new connection and client, before the handshake."""
         self.server = self.factory.buildProtocol(None)
-        self.app = self.server.wrappedProtocol
+        self.app = cast(Recorder, self.server.wrappedProtocol)
         self.transport = CountingTransport()
         self.server.makeConnection(self.transport)
         self.client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
@@ -654,7 +654,8 @@ class ContextTests(SynchronousTestCase):
         client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
         client.set_alpn_protocols(["h2", "http/1.1"])
         app = self.factory.buildProtocol(None)
-        app.makeConnection(CountingTransport())
+        transport = CountingTransport()
+        app.makeConnection(transport)
         into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = client.wrap_bio(into, out)
         for _ in range(3):
@@ -664,8 +665,8 @@ class ContextTests(SynchronousTestCase):
                 pass
             if out.pending:
                 app.dataReceived(out.read())
-            into.write(app.transport.value())
-            app.transport.clear()
+            into.write(transport.value())
+            transport.clear()
         self.assertEqual(tls.selected_alpn_protocol(), "http/1.1")
         self.assertEqual(app.negotiatedProtocol, b"http/1.1")
 
@@ -700,4 +701,4 @@ class ListenerTests(SynchronousTestCase):
                 self.assertIsInstance(factory, TLSMemoryBIOFactory)
             else:
                 self.assertIsInstance(factory, LeanTLSFactory)
-                self.assertIs(factory.protocol, expected)
+                self.assertIs(cast(LeanTLSFactory, factory).protocol, expected)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
+from typing import Any, cast
 from unittest import skipIf
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -32,12 +34,17 @@ from vast_vespa.net.splice import has_unsent
 class _Writer(Protocol):
     """Runs ``script(transport)`` once connected; records what the transport held after."""
 
-    def __init__(self, script, made: Deferred) -> None:
+    def __init__(self, script: Callable[[SendNowServer], int], made: Deferred[_Writer]) -> None:
         self.script = script
         self.made = made
 
+    @property
+    def server(self) -> SendNowServer:
+        """Its transport: the connection SendNowEndpoint's listener made."""
+        return cast(SendNowServer, self.transport)
+
     def connectionMade(self) -> None:
-        self.queued = self.script(self.transport)
+        self.queued = self.script(self.server)
         self.made.callback(self)
 
 
@@ -67,26 +74,30 @@ class _CountingSocket:
         self.sizes.append(sent)
         return sent
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
 
-def queued(transport) -> int:
+def queued(transport: tcp.Connection) -> int:
     """Bytes the transport holds back for a later reactor turn."""
-    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    held: int = transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    return held
 
 
 class SendNowTests(TestCase):
-    async def connect(self, script) -> tuple[_Writer, socket.socket]:
-        made: Deferred = Deferred()
+    async def connect(
+        self, script: Callable[[SendNowServer], int]
+    ) -> tuple[_Writer, socket.socket]:
+        made: Deferred[_Writer] = Deferred()
         endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        port = await endpoint.listen(Factory.forProtocol(lambda: _Writer(script, made)))
+        listening = await endpoint.listen(Factory.forProtocol(lambda: _Writer(script, made)))
+        port = cast(tcp.Port, listening)
         self.addCleanup(port.stopListening)
         client = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(client.close)
         client.sendall(b"\n")  # a client speaks first (the listener defers accepting until then)
         writer = await made
-        self.addCleanup(writer.transport.abortConnection)
+        self.addCleanup(writer.server.abortConnection)
         return writer, client
 
     async def receive(self, client: socket.socket, size: int) -> bytes:
@@ -108,7 +119,7 @@ class SendNowTests(TestCase):
         """A write on an idle connection is in the socket before write() returns: nothing is
         left for the next reactor turn."""
 
-        def script(transport):
+        def script(transport: SendNowServer) -> int:
             transport.write(b"data: hello\n\n")
             transport.writeSequence([b"a", b"b"])
             return queued(transport)
@@ -124,7 +135,7 @@ class SendNowTests(TestCase):
         gets every byte in order."""
         big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than a socket buffer holds
 
-        def script(transport):
+        def script(transport: SendNowServer) -> int:
             transport.write(big)
             held = queued(transport)
             transport.write(b"tail")
@@ -139,7 +150,7 @@ class SendNowTests(TestCase):
         """A client that does not read still pauses a streaming producer."""
         producer = _Producer()
 
-        def script(transport):
+        def script(transport: SendNowServer) -> int:
             transport.registerProducer(producer, True)
             for _ in range(64):
                 transport.write(b"x" * 256 * 1024)
@@ -153,7 +164,7 @@ class SendNowTests(TestCase):
     async def test_close_after_write(self) -> None:
         """loseConnection after writes still sends everything, then closes."""
 
-        def script(transport):
+        def script(transport: SendNowServer) -> int:
             transport.write(b"last words")
             transport.loseConnection()
             return queued(transport)
@@ -161,13 +172,15 @@ class SendNowTests(TestCase):
         _, client = await self.connect(script)
         self.assertEqual(await self.receive(client, 100), b"last words")
 
-    async def held(self, script) -> tuple[_Writer, socket.socket, list[int]]:
+    async def held(
+        self, script: Callable[[SendNowServer], None]
+    ) -> tuple[_Writer, socket.socket, list[int]]:
         """Connect, then run ``script(transport)`` as if in a turn of the reactor's lean
         dispatch (the outbox open); returns the sizes of the socket sends made meanwhile."""
         writer, client = await self.connect(lambda transport: 0)
-        transport = writer.transport
+        transport = writer.server
         sends = _CountingSocket(transport.socket)
-        transport.socket = sends
+        transport.socket = cast(socket.socket, sends)  # a stand-in for it
         OUTBOX.open = True
         try:
             script(transport)
@@ -178,13 +191,13 @@ class SendNowTests(TestCase):
     async def test_writes_in_a_turn_leave_together(self) -> None:
         """While the reactor dispatches a turn's events, a connection's writes wait; when the
         turn is over they leave in one send, in order."""
-        _, client, sizes = await self.held(
-            lambda transport: (
-                transport.write(b"head "),
-                transport.writeSequence([b"body ", b"more "]),
-                transport.write(b"end"),
-            )
-        )
+
+        def script(transport: SendNowServer) -> None:
+            transport.write(b"head ")
+            transport.writeSequence([b"body ", b"more "])
+            transport.write(b"end")
+
+        _, client, sizes = await self.held(script)
         self.assertEqual(sizes, [])
         client.setblocking(False)
         self.assertRaises(BlockingIOError, client.recv, 100)
@@ -204,9 +217,12 @@ class SendNowTests(TestCase):
     async def test_streamed_chunk_after_held_writes_keeps_their_order(self) -> None:
         """A chunk written at once behind writes the turn holds (an answer's head) joins them:
         the client gets the head first."""
-        _, client, sizes = await self.held(
-            lambda transport: (transport.write(b"head "), transport.write_now(b"chunk"))
-        )
+
+        def script(transport: SendNowServer) -> None:
+            transport.write(b"head ")
+            transport.write_now(b"chunk")
+
+        _, client, sizes = await self.held(script)
         self.assertEqual(sizes, [])
         OUTBOX.send_all()
         self.assertEqual(sizes, [len(b"head chunk")])
@@ -214,17 +230,23 @@ class SendNowTests(TestCase):
 
     async def test_close_in_a_turn_sends_what_is_held_first(self) -> None:
         """loseConnection in the same turn as held writes: they are sent, then it closes."""
-        _, client, _ = await self.held(
-            lambda transport: (transport.write(b"last words"), transport.loseConnection())
-        )
+
+        def script(transport: SendNowServer) -> None:
+            transport.write(b"last words")
+            transport.loseConnection()
+
+        _, client, _ = await self.held(script)
         OUTBOX.send_all()
         self.assertEqual(await self.receive(client, 100), b"last words")
 
     async def test_abort_in_a_turn_drops_what_is_held(self) -> None:
         """abortConnection drops what the turn's writes hold: nothing more is sent."""
-        _, client, sizes = await self.held(
-            lambda transport: (transport.write(b"never"), transport.abortConnection())
-        )
+
+        def script(transport: SendNowServer) -> None:
+            transport.write(b"never")
+            transport.abortConnection()
+
+        _, client, sizes = await self.held(script)
         OUTBOX.send_all()
         self.assertEqual(sizes, [])
         try:
@@ -238,14 +260,14 @@ class SendNowTests(TestCase):
         not held (Twisted's own doWrite may send and close later in the same turn)."""
         big = b"x" * (8 << 20)  # more than a socket buffer holds: some is queued
 
-        def script(transport):
+        def script(transport: SendNowServer) -> None:
             transport.write(big)
             OUTBOX.open = True
             transport.write(b"tail")
 
         OUTBOX.open = False
         writer, client = await self.connect(lambda transport: 0)
-        script(writer.transport)
+        script(writer.server)
         self.assertEqual(OUTBOX.waiting, [])
         OUTBOX.send_all()
         self.assertEqual(await self.receive(client, len(big) + 4), big + b"tail")
@@ -254,7 +276,7 @@ class SendNowTests(TestCase):
         """Before bytes are spliced into a connection, what its writes hold is sent: the
         spliced bytes go after it."""
         _, client, sizes = await self.held(lambda transport: transport.write(b"head"))
-        writer_transport = OUTBOX.waiting[0]
+        writer_transport = cast(SendNowServer, OUTBOX.waiting[0])
         self.assertFalse(has_unsent(writer_transport))
         self.assertEqual(sizes, [4])
         OUTBOX.send_all()
@@ -303,6 +325,7 @@ class _Hello(Protocol):
     """Says hello and closes."""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"hello")
         self.transport.loseConnection()
 
@@ -314,26 +337,26 @@ class _FlakyListener:
         self._real = real
         self.failures = failures
 
-    def accept(self):
+    def accept(self) -> tuple[socket.socket, Any]:
         if self.failures:
             self.failures -= 1
             raise OSError(errno.EPERM, "refused by a firewall rule")
         return self._real.accept()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
 
 class AcceptTests(TestCase):
     """The listener's own accept loop (in place of tcp.Port.doRead)."""
 
-    async def listen(self, factory: Factory):
+    async def listen(self, factory: IProtocolFactory) -> tcp.Port:
         endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        port = await endpoint.listen(factory)
+        port = cast(tcp.Port, await endpoint.listen(factory))
         self.addCleanup(port.stopListening)
         return port
 
-    def connect(self, port, clients: int, host: str = "127.0.0.1") -> list[socket.socket]:
+    def connect(self, port: tcp.Port, clients: int, host: str = "127.0.0.1") -> list[socket.socket]:
         """``clients`` sockets connected, each having sent a byte (waiting in the listener's
         backlog until accepted)."""
         sockets = [socket.create_connection((host, port.getHost().port)) for _ in range(clients)]
@@ -342,7 +365,7 @@ class AcceptTests(TestCase):
             client.sendall(b"\n")
         return sockets
 
-    async def read_all(self, port, clients: int, host: str = "127.0.0.1") -> list[bytes]:
+    async def read_all(self, port: tcp.Port, clients: int, host: str = "127.0.0.1") -> list[bytes]:
         """Connect ``clients`` sockets at once, then read each to the end."""
         return [await self.read_to_end(client) for client in self.connect(port, clients, host)]
 
@@ -382,37 +405,41 @@ class AcceptTests(TestCase):
     async def test_ipv6_peer_address(self) -> None:
         """An IPv6 listener's connections are accepted too, with the peer's address as
         Twisted gives it."""
-        peers = []
+        peers: list[IAddress] = []
 
         class Recording(_Hello):
             def connectionMade(self) -> None:
+                assert self.transport is not None
                 peers.append(self.transport.getPeer())
                 super().connectionMade()
 
         endpoint = SendNowEndpoint(TCP6ServerEndpoint(reactor, 0, interface="::1"))
-        port = await endpoint.listen(Factory.forProtocol(Recording))
+        port = cast(tcp.Port, await endpoint.listen(Factory.forProtocol(Recording)))
         self.addCleanup(port.stopListening)
         self.assertEqual(await self.read_all(port, 1, "::1"), [b"hello"])
         [peer] = peers
         self.assertIsInstance(peer, IPv6Address)
-        self.assertEqual(peer.host, "::1")
+        self.assertEqual(cast(IPv6Address, peer).host, "::1")
 
     async def test_failing_connection_set_up_spares_the_others(self) -> None:
         """A protocol that cannot be built or set up is logged and its connection closed; a
         factory that declines closes it too; the port keeps accepting."""
         failures = iter(["build", "set up", "decline"])
 
-        class Picky(Factory):
-            def buildProtocol(self, addr):
+        class FailingSetUp(Protocol):
+            def connectionMade(self) -> None:
+                raise ZeroDivisionError("set up")
+
+        class Picky(Factory[Protocol]):
+            def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
                 failure = next(failures, None)
                 if failure == "build":
                     raise ZeroDivisionError("build")
                 if failure == "decline":
                     return None
-                protocol = _Hello() if failure is None else Protocol()
                 if failure == "set up":
-                    protocol.connectionMade = lambda: 1 / 0
-                return protocol
+                    return FailingSetUp()
+                return _Hello() if failure is None else Protocol()
 
         port = await self.listen(Picky())
         for expected in (b"", b"", b"", b"hello", b"hello"):
@@ -439,9 +466,14 @@ class _Recording(Protocol):
     def __init__(self) -> None:
         self.received = b""
 
+    @property
+    def server(self) -> SendNowServer:
+        """Its transport: the connection SendNowEndpoint's listener made."""
+        return cast(SendNowServer, self.transport)
+
     def connectionMade(self) -> None:
         if self.pause_at_once:
-            self.transport.pauseProducing()
+            self.server.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -452,7 +484,9 @@ class DeferredAcceptTests(TestCase):
     """On Linux a connection is accepted once its client has spoken, and what it said is
     read in the same turn; accepted sockets inherit TCP_NODELAY from the listener."""
 
-    async def listen(self, protocol: type[_Recording] = _Recording):
+    async def listen(
+        self, protocol: type[_Recording] = _Recording
+    ) -> tuple[tcp.Port, list[_Recording]]:
         made: list[_Recording] = []
 
         def build() -> _Recording:
@@ -460,11 +494,11 @@ class DeferredAcceptTests(TestCase):
             return made[-1]
 
         endpoint = SendNowEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        port = await endpoint.listen(Factory.forProtocol(build))
+        port = cast(tcp.Port, await endpoint.listen(Factory.forProtocol(build)))
         self.addCleanup(port.stopListening)
         return port, made
 
-    def client(self, port) -> socket.socket:
+    def client(self, port: tcp.Port) -> socket.socket:
         client = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(client.close)
         return client
@@ -479,7 +513,7 @@ class DeferredAcceptTests(TestCase):
         [protocol] = made
         # Read in the same turn as the accept, without the reactor running in between.
         self.assertEqual(protocol.received, b"GET / HTTP/1.1\r\n")
-        self.addCleanup(protocol.transport.abortConnection)
+        self.addCleanup(protocol.server.abortConnection)
 
     async def test_a_protocol_that_stops_reading_at_once_is_not_read(self) -> None:
         class Pausing(_Recording):
@@ -489,9 +523,9 @@ class DeferredAcceptTests(TestCase):
         self.client(port).sendall(b"early")
         port.doRead()
         [protocol] = made
-        self.addCleanup(protocol.transport.abortConnection)
+        self.addCleanup(protocol.server.abortConnection)
         self.assertEqual(protocol.received, b"")
-        protocol.transport.resumeProducing()
+        protocol.server.resumeProducing()
         while not protocol.received:
             await _turn()
         self.assertEqual(protocol.received, b"early")
@@ -513,16 +547,16 @@ class DeferredAcceptTests(TestCase):
         port.doRead()
         self.assertEqual([protocol.received for protocol in made], [b"boom", b"fine"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
-        self.assertTrue(made[0].transport.disconnected)
-        self.assertFalse(made[1].transport.disconnected)
-        self.addCleanup(made[1].transport.abortConnection)
+        self.assertTrue(made[0].server.disconnected)
+        self.assertFalse(made[1].server.disconnected)
+        self.addCleanup(made[1].server.abortConnection)
 
     async def test_accepted_sockets_have_no_delay_without_setting_it(self) -> None:
         port, made = await self.listen()
         self.client(port).sendall(b"x")
         port.doRead()
         [protocol] = made
-        transport = protocol.transport
+        transport = protocol.server
         self.addCleanup(transport.abortConnection)
         self.assertIsInstance(transport, SendNowNoDelayServer)
         self.assertTrue(transport.getTcpNoDelay())
@@ -531,9 +565,9 @@ class DeferredAcceptTests(TestCase):
         self.assertFalse(transport.getTcpNoDelay())
 
 
-def _turn() -> Deferred:
+def _turn() -> Deferred[None]:
     """A Deferred that fires on a later reactor turn."""
-    turn: Deferred = Deferred()
+    turn: Deferred[None] = Deferred()
     reactor.callLater(0.001, turn.callback, None)
     return turn
 

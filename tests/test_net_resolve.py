@@ -5,10 +5,14 @@ what is forgotten, and real connections through NamedEndpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
     IHostResolution,
     IResolutionReceiver,
@@ -20,6 +24,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.helpers import listen_tcp
 from vast_vespa.net.resolve import MAX_NAMES, NAME_TTL, NamedEndpoint, RememberedNames
 
 
@@ -43,8 +48,13 @@ class _CountingResolver:
         self._unanswered: list[tuple[IResolutionReceiver, int]] = []
 
     def resolveHostName(
-        self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
-    ):
+        self,
+        receiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
         self.asked.append((hostName, portNumber, addressTypes))
         resolution = _Resolution(hostName)
         receiver.resolutionBegan(resolution)
@@ -67,30 +77,35 @@ class _Receiver:
     def __init__(self) -> None:
         self.calls: list[object] = []
 
-    def resolutionBegan(self, resolutionInProgress):
+    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
         self.calls.append(("began", resolutionInProgress.name))
 
-    def addressResolved(self, address):
+    def addressResolved(self, address: IAddress) -> None:
         self.calls.append(address)
 
-    def resolutionComplete(self):
+    def resolutionComplete(self) -> None:
         self.calls.append("complete")
 
 
 class RememberedNamesTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.clock = Clock()
         self.resolver = _CountingResolver("::1", "127.0.0.1")
         self.names = RememberedNames(self.resolver, self.clock)
 
-    def look_up(self, name="backend", port=8000, types=None) -> list[object]:
+    def look_up(
+        self,
+        name: str = "backend",
+        port: int = 8000,
+        types: Sequence[type[IAddress]] | None = None,
+    ) -> list[object]:
         receiver = _Receiver()
         resolution = self.names.resolveHostName(receiver, name, port, types)
         verifyObject(IHostResolution, resolution)
         self.assertEqual(resolution.name, name)
         return receiver.calls
 
-    def test_a_look_up_is_kept_for_its_ttl(self):
+    def test_a_look_up_is_kept_for_its_ttl(self) -> None:
         """Within NAME_TTL seconds the same addresses come back in the same order, without
         asking the resolver; then it is asked again."""
         verifyObject(IHostnameResolver, self.names)
@@ -111,7 +126,7 @@ class RememberedNamesTests(TestCase):
         self.assertEqual(self.look_up(), first)
         self.assertEqual(len(self.resolver.asked), 2)
 
-    def test_look_ups_under_way_are_shared(self):
+    def test_look_ups_under_way_are_shared(self) -> None:
         """Look-ups asked while the same one is under way (a burst of new connections) wait
         for it and get its answer; the resolver is asked once."""
         self.resolver.later = True
@@ -129,13 +144,13 @@ class RememberedNamesTests(TestCase):
         ]
         self.assertEqual([r.calls for r in receivers], [expected] * 3)
 
-    def test_a_resolver_that_raises_leaves_nobody_waiting(self):
+    def test_a_resolver_that_raises_leaves_nobody_waiting(self) -> None:
         """A resolver that raises (it should fail through its receiver instead): the error
         goes to the caller, and the next look-up asks again instead of waiting for ever."""
 
         @implementer(IHostnameResolver)
         class Broken:
-            def resolveHostName(self, *args, **kwargs):
+            def resolveHostName(self, *args: object, **kwargs: object) -> IHostResolution:
                 raise RuntimeError("resolver bug")
 
         names = RememberedNames(Broken(), self.clock)
@@ -143,7 +158,7 @@ class RememberedNamesTests(TestCase):
             with self.assertRaises(RuntimeError):
                 names.resolveHostName(_Receiver(), "backend", 8000)
 
-    def test_nothing_found_is_not_kept(self):
+    def test_nothing_found_is_not_kept(self) -> None:
         """A name that had no address is looked up again next time."""
         self.resolver.hosts = ()
         self.resolver.later = True
@@ -157,7 +172,7 @@ class RememberedNamesTests(TestCase):
         self.assertEqual(self.look_up()[1], IPv4Address("TCP", "127.0.0.1", 8000))
         self.assertEqual(len(self.resolver.asked), 2)
 
-    def test_each_question_is_kept_apart(self):
+    def test_each_question_is_kept_apart(self) -> None:
         """Name, port and address types each make a different look-up."""
         self.look_up()
         self.look_up(name="other")
@@ -174,7 +189,7 @@ class RememberedNamesTests(TestCase):
             ],
         )
 
-    def test_forget(self):
+    def test_forget(self) -> None:
         """After forget, every name is looked up again."""
         self.look_up()
         self.look_up(name="other")
@@ -183,7 +198,7 @@ class RememberedNamesTests(TestCase):
         self.look_up(name="other")
         self.assertEqual(len(self.resolver.asked), 4)
 
-    def test_bounded(self):
+    def test_bounded(self) -> None:
         """At most MAX_NAMES look-ups are kept; the oldest goes first."""
         for port in range(MAX_NAMES + 1):
             self.look_up(port=port)
@@ -197,7 +212,7 @@ class RememberedNamesTests(TestCase):
 class NamedEndpointTests(TestCase):
     """NamedEndpoint over real sockets on 127.0.0.1, with a resolver that counts."""
 
-    def setUp(self):
+    def setUp(self) -> None:
         self.resolver = _CountingResolver("127.0.0.1")
         self.names = RememberedNames(self.resolver, reactor)
 
@@ -207,15 +222,17 @@ class NamedEndpointTests(TestCase):
         return endpoint
 
     def server(self) -> int:
-        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        port = listen_tcp(Factory.forProtocol(Protocol))
         self.addCleanup(port.stopListening)
-        return port.getHost().port
+        number: int = port.getHost().port
+        return number
 
     async def connect(self, endpoint: NamedEndpoint) -> None:
-        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        protocol = cast(Protocol, await endpoint.connect(Factory.forProtocol(Protocol)))
+        assert protocol.transport is not None
         protocol.transport.loseConnection()
 
-    async def test_new_connections_share_a_look_up(self):
+    async def test_new_connections_share_a_look_up(self) -> None:
         """Two connections to a name: both made, one look-up; the connect timeout is
         HostnameEndpoint's."""
         endpoint = self.endpoint(self.server())
@@ -224,10 +241,10 @@ class NamedEndpointTests(TestCase):
         self.assertEqual(len(self.resolver.asked), 1)
         self.assertEqual(endpoint.endpoint._timeout, 5.0)
 
-    async def test_a_failed_connection_looks_the_name_up_again(self):
+    async def test_a_failed_connection_looks_the_name_up_again(self) -> None:
         """When no address of the name takes the connection (the backend moved, or is down),
         the look-up is forgotten: the next attempt asks again."""
-        listening = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        listening = listen_tcp(Factory.forProtocol(Protocol))
         number = listening.getHost().port
         endpoint = self.endpoint(number)
         await self.connect(endpoint)
@@ -235,7 +252,7 @@ class NamedEndpointTests(TestCase):
         with self.assertRaises(ConnectError):
             await endpoint.connect(Factory.forProtocol(Protocol))
         self.assertEqual(len(self.resolver.asked), 1)
-        listening = reactor.listenTCP(number, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        listening = listen_tcp(Factory.forProtocol(Protocol), number)
         self.addCleanup(listening.stopListening)
         await self.connect(endpoint)
         self.assertEqual(len(self.resolver.asked), 2)

@@ -7,6 +7,8 @@ import os
 import socket
 import ssl
 import warnings
+from collections.abc import Callable
+from typing import cast
 
 from OpenSSL import SSL
 from twisted.internet import reactor
@@ -19,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tests.certs import self_signed
+from tests.helpers import listen_tcp
 from vast_vespa.net.tls import TICKET_KEY_LIFETIME, ServerTLS, server_tls
 from vast_vespa.options import parse_listen
 
@@ -40,7 +43,7 @@ class HTTP11Site(Site):
 
 def fetch(
     port: int, client: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> tuple[bool, ssl.SSLSession | None, str | None, bytes]:
+) -> tuple[bool | None, ssl.SSLSession | None, str | None, bytes]:
     """GET / over a new TLS connection (blocking: run in a thread); (resumed, the session to
     resume next, the ALPN protocol, the response)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -67,14 +70,15 @@ class ResumptionTests(TestCase):
         assert found is not None
         _, tls = found
         site = HTTP11Site()
-        port = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, site), interface="127.0.0.1")
+        port = listen_tcp(TLSMemoryBIOFactory(tls, False, site))
         self.addCleanup(port.stopListening)
-        return port.getHost().port
+        number: int = port.getHost().port
+        return number
 
     def description(self) -> str:
         return f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"
 
-    async def resumes(self, port: int) -> tuple[bool, bool]:
+    async def resumes(self, port: int) -> tuple[bool | None, bool | None]:
         """Whether a first and a second connection resumed a session."""
         first, session, protocol, response = await deferToThread(fetch, port, self.client)
         self.assertTrue(response.endswith(b"hello"))
@@ -152,7 +156,9 @@ class ContextTests(TestCase):
         context = self.server().context
         self.assertEqual(context.get_session_cache_mode(), SSL.SESS_CACHE_SERVER)
         self.assertEqual(context.get_timeout(), TICKET_KEY_LIFETIME)
-        options = context.set_options(0)  # the options as they are
+        # types-pyOpenSSL says None: pyOpenSSL returns the new option bitmask.
+        set_options = cast(Callable[[int], int], context.set_options)
+        options = set_options(0)  # the options as they are
         self.assertFalse(options & SSL.OP_NO_TICKET)
         self.assertTrue(options & SSL.OP_NO_COMPRESSION)
         self.assertTrue(context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)

@@ -11,8 +11,9 @@ import uuid
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import provider
 
 from tests.fakes import FakeBackend
 from tests.helpers import listen, start_worker
@@ -101,6 +102,7 @@ class NotifierTests(TestCase):
         """A NOTIFY_SOCKET nobody listens on gives one warning, not an error per call."""
         events: list[LogEvent] = []
 
+        @provider(ILogObserver)
         def observe(event: LogEvent) -> None:
             if event.get("log_namespace", "").startswith("vast_vespa.notify"):
                 events.append(event)

@@ -36,17 +36,17 @@ class Example:
 
 
 class DeclarationTests(SynchronousTestCase):
-    def test_default_is_parsed_from_its_text(self):
+    def test_default_is_parsed_from_its_text(self) -> None:
         """The default a settings object gets is the declared text, parsed."""
         self.assertEqual(Example(), Example(size=16384, name="", loud=False))
 
-    def test_declared_in_field_order(self):
+    def test_declared_in_field_order(self) -> None:
         """declared() lists the options (not the other fields) in field order."""
         self.assertEqual([name for name, _ in declared(Example)], ["size", "name", "loud"])
         self.assertEqual(declaration(Example, "size").env, "SIZE")
         self.assertEqual(len(fields(Example)), 4)
 
-    def test_names(self):
+    def test_names(self) -> None:
         """Environment names: the prefixed spelling first, then the plain one, then the old."""
         self.assertEqual(declaration(Example, "name").env_names(), ("PRE_NAME", "NAME"))
         self.assertEqual(declaration(Example, "size").env_names(), ("SIZE", "BULK"))
@@ -56,7 +56,7 @@ class DeclarationTests(SynchronousTestCase):
 
 
 class ReadTests(SynchronousTestCase):
-    def test_precedence(self):
+    def test_precedence(self) -> None:
         """Flag > prefixed variable > variable > older spelling > default."""
         self.assertEqual(read_options(Example, {}, {})["size"], 16384)
         self.assertEqual(read_options(Example, {}, {"BULK": "1k"})["size"], 1024)
@@ -65,7 +65,7 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(read_options(Example, {}, {"NAME": "a", "PRE_NAME": "b"})["name"], "b")
         self.assertEqual(read_options(Example, {"name": None}, {"NAME": "a"})["name"], "a")
 
-    def test_error_names_option_source_and_value(self):
+    def test_error_names_option_source_and_value(self) -> None:
         """A bad value is one line: the option, where the value came from, the value, why."""
         for flags, environ, expected in [
             ({"size": "big"}, {}, "invalid SIZE='big' (from flag --size): expected a size"),
@@ -77,7 +77,7 @@ class ReadTests(SynchronousTestCase):
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
 
-    def test_is_given(self):
+    def test_is_given(self) -> None:
         """An option is given by its flag or any of its variables, not by its default."""
         self.assertFalse(is_given(Example, "size", {"size": None}, {}))
         self.assertTrue(is_given(Example, "size", {"size": "1"}, {}))
@@ -85,7 +85,7 @@ class ReadTests(SynchronousTestCase):
 
 
 class MarkdownTests(SynchronousTestCase):
-    def test_table(self):
+    def test_table(self) -> None:
         """One row per option: variable (and older spellings), flag, default or unset, help."""
         self.assertEqual(
             markdown_table(Example),
@@ -96,7 +96,7 @@ class MarkdownTests(SynchronousTestCase):
             "| `LOUD` | `--loud` | `false` | Shout. |\n",
         )
 
-    def test_command(self):
+    def test_command(self) -> None:
         """``--markdown`` prints the table; anything else prints a usage line, exit 2."""
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out):
@@ -106,7 +106,7 @@ class MarkdownTests(SynchronousTestCase):
             self.assertEqual(markdown_command(Example, "example", []), 2)
         self.assertIn("python -m example --markdown", err.getvalue())
 
-    def test_settings_modules_print_their_tables(self):
+    def test_settings_modules_print_their_tables(self) -> None:
         """``python -m vast_vespa.settings --markdown`` (and the client's) print the tables,
         nothing else."""
         from vast_vespa.client.settings import ClientSettings
@@ -124,7 +124,7 @@ class MarkdownTests(SynchronousTestCase):
 
 
 class ListenTests(SynchronousTestCase):
-    def test_endpoint_strings(self):
+    def test_endpoint_strings(self) -> None:
         """Endpoint strings are parsed as twistd would; a bad one says why."""
         self.assertEqual(parse_listen(" tcp:1  unix:/tmp/s.sock "), ("tcp:1", "unix:/tmp/s.sock"))
         for text, why in [
@@ -137,7 +137,7 @@ class ListenTests(SynchronousTestCase):
                 parse_listen(text)
             self.assertIn(why, str(caught.exception))
 
-    def test_no_test_double_nor_reactor(self):
+    def test_no_test_double_nor_reactor(self) -> None:
         """Checking endpoint strings (as loading the settings does) imports neither Twisted's
         test doubles nor the global reactor (twistd installs its own later)."""
         code = (

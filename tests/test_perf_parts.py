@@ -55,10 +55,10 @@ def run(source: str) -> str:
 
 
 class PartsTests(SynchronousTestCase):
-    def test_every_part_replaces_what_is_there(self):
+    def test_every_part_replaces_what_is_there(self) -> None:
         self.assertEqual(run(CHECK_EVERY_PART.format(perf=PERF)), f"checked {len(PRELUDES)}\n")
 
-    def test_header_table_part_turns_it_off(self):
+    def test_header_table_part_turns_it_off(self) -> None:
         """The worker's Request, its channels and its backend client all get the public
         HeaderOps."""
         out = run(HEADER_TABLE_OFF.format(prelude=PRELUDES["header-table"]))

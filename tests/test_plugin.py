@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stdout
 from importlib import metadata
+from typing import cast
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, ServiceMaker
 from twisted.internet import reactor
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
@@ -19,13 +20,13 @@ from vast_vespa.worker import tap
 
 
 class PluginDiscoveryTests(SynchronousTestCase):
-    def test_vespa_plugin_is_listed(self):
+    def test_vespa_plugin_is_listed(self) -> None:
         """twistd finds the vespa plugin, pointing at vast_vespa.worker.tap."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertIn("vespa", makers)
-        self.assertEqual(makers["vespa"].module, "vast_vespa.worker.tap")
+        self.assertEqual(cast(ServiceMaker, makers["vespa"]).module, "vast_vespa.worker.tap")
 
-    def test_options_flags(self):
+    def test_options_flags(self) -> None:
         """Flags become settings; --listen is repeatable."""
         options = tap.Options()
         options.parseOptions(
@@ -44,14 +45,14 @@ class PluginDiscoveryTests(SynchronousTestCase):
         self.assertEqual(options.settings.listen, ("tcp:1", "tcp:2"))
         self.assertTrue(options.settings.unsecured)
 
-    def test_bad_flag_value_exits(self):
+    def test_bad_flag_value_exits(self) -> None:
         """A bad flag value exits with one line naming it."""
         options = tap.Options()
         with self.assertRaises(SystemExit) as caught:
             options.parseOptions(["--max-wait-time", "soon"])
         self.assertIn("--max-wait-time", str(caught.exception.code))
 
-    def test_version(self):
+    def test_version(self) -> None:
         """--version prints Vespa's version (not Twisted's) and exits 0, on every command."""
         from vast_vespa.client import tap as client_tap
         from vast_vespa.emulator import tap as emulator_tap
@@ -63,13 +64,13 @@ class PluginDiscoveryTests(SynchronousTestCase):
             self.assertEqual(caught.exception.code, 0)
             self.assertTrue(output.getvalue().startswith(f"vast-vespa {__version__} (Twisted "))
 
-    def test_unknown_flag(self):
+    def test_unknown_flag(self) -> None:
         """An unknown flag is a usage error."""
         self.assertRaises(UsageError, tap.Options().parseOptions, ["--nope", "1"])
 
 
 class PackageTests(SynchronousTestCase):
-    def test_installs_only_vast_vespa(self):
+    def test_installs_only_vast_vespa(self) -> None:
         """The installed distribution holds the ``vast_vespa`` package, the twistd dropin and
         the licence: nothing else at top level (no ``vespa``, no ``benchmarks``)."""
         # The installed wheel's RECORD (a checkout's egg-info, also on sys.path, has none).
@@ -94,7 +95,7 @@ class PackageTests(SynchronousTestCase):
 class TwistdTests(TestCase):
     timeout = 60
 
-    async def test_twistd_relays(self):
+    async def test_twistd_relays(self) -> None:
         """`twistd -n vespa --backend-url URL` from the installed package relays requests."""
         backend = FakeBackend(reactor)
         backend_url = listen(self, backend)
@@ -111,13 +112,13 @@ class TwistdTests(TestCase):
         )
         await process.wait_for(rb"POST /v1/echo 200 served")  # the access-log line
 
-    async def test_version_from_twistd(self):
+    async def test_version_from_twistd(self) -> None:
         """``twistd vespa --version`` prints Vespa's version."""
         process = spawn(self, twistd_command("-n", "--pidfile=", "vespa", "--version"))
         self.assertEqual(await process.ended, 0)
         self.assertIn(f"vast-vespa {__version__} ".encode(), process.output)
 
-    async def test_bad_setting_exits_before_listening(self):
+    async def test_bad_setting_exits_before_listening(self) -> None:
         """A bad environment value stops twistd with one clear line and a non-zero exit."""
         process = spawn(self, twistd_command("-n", "--pidfile=", "vespa"), {"MAX_WAIT_TIME": "abc"})
         code = await process.ended

@@ -31,7 +31,7 @@ def readme_table(marker: str) -> str:
 
 
 class ReadmeTests(SynchronousTestCase):
-    def test_tables_are_generated(self):
+    def test_tables_are_generated(self) -> None:
         """Each options table in README.md is exactly what its command prints."""
         for marker, settings_class, command in TABLES:
             self.assertEqual(
@@ -40,7 +40,7 @@ class ReadmeTests(SynchronousTestCase):
                 f"README.md's {marker} is out of date: replace it with the output of `{command}`",
             )
 
-    def test_every_option_is_documented(self):
+    def test_every_option_is_documented(self) -> None:
         """Each option's env var and flag appear in a row of its README table."""
         for marker, settings_class, _ in TABLES:
             rows = readme_table(marker).splitlines()
@@ -53,6 +53,6 @@ class ReadmeTests(SynchronousTestCase):
             ]
             self.assertEqual(missing, [], marker)
 
-    def test_two_setup_commands(self):
+    def test_two_setup_commands(self) -> None:
         """The README names the test command that .ci/run runs."""
         self.assertIn("pip install tox && tox", readme())

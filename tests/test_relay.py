@@ -7,15 +7,19 @@ import gc
 import hashlib
 import os
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import _newclient
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -49,26 +53,26 @@ def seen_closed(cancelled: Deferred[None]) -> Deferred[None]:
 
 
 class RelayTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.backend = FakeBackend(reactor)
         self.backend_url = listen(self, self.backend)
         self.url, self.worker = start_worker(self, self.backend_url)
         self.http = http_client(self)
 
-    async def test_headers_go_out_before_the_first_event(self):
+    async def test_headers_go_out_before_the_first_event(self) -> None:
         """An SSE answer whose first event takes a while: the client has the status and
         headers at once, before any event."""
         client = await raw_connect(
             self.url, RawClient(b"GET /sse?n=1&first=30 HTTP/1.1\r\nHost: w\r\n\r\n")
         )
-        self.addCleanup(client.transport.abortConnection)
+        self.addCleanup(client.tcp.abortConnection)
         await client.when(lambda: b"\r\n\r\n" in client.received)
         head, _, body = client.received.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
         self.assertIn(b"\r\nContent-Type: text/event-stream\r\n", head)
         self.assertEqual(body, b"")
 
-    async def test_the_head_and_the_first_event_leave_in_one_send(self):
+    async def test_the_head_and_the_first_event_leave_in_one_send(self) -> None:
         """A backend that writes its head with the first event (one read for the worker): the
         client gets both in one write, so one packet and one wake-up, not two (the fast
         path's write path and LeanRequest)."""
@@ -89,16 +93,16 @@ class RelayTests(TestCase):
         self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes[0])
         self.assertIn(b"data: event 0", writes[0])
 
-    async def test_a_backend_named_by_host_name(self):
+    async def test_a_backend_named_by_host_name(self) -> None:
         """BACKEND_URL may name its host (the default is localhost): the reactor's own
         resolver looks it up, and requests on new connections are relayed."""
         port = self.backend_url.rsplit(":", 1)[1]
         url, _ = start_worker(self, f"http://localhost:{port}")
         for path in ("/one", "/two"):
-            response = await self.http.get(url + path, headers={"Connection": "close"})
+            response = await self.http.get(url + path, headers=Headers({"Connection": ["close"]}))
             self.assertEqual((response.code, (await response.json())["uri"]), (200, path))
 
-    async def test_a_relayed_stream_is_freed_without_the_garbage_collector(self):
+    async def test_a_relayed_stream_is_freed_without_the_garbage_collector(self) -> None:
         """Once a stream is over, its request, relay and backend response are freed by
         reference counting alone: no reference cycle is left for the garbage collector (which
         ran for each stream's objects, 2.5 % of the worker's CPU per S3 stream)."""
@@ -109,7 +113,7 @@ class RelayTests(TestCase):
         self.assertIn(b"data: event 1", raw)
         await self.all_freed(made, self.url)
 
-    async def test_a_signed_request_is_freed_without_the_garbage_collector(self):
+    async def test_a_signed_request_is_freed_without_the_garbage_collector(self) -> None:
         """The same for a request in signed mode (envelope parsed and verified, workload
         counted): a keep-alive client's requests leave nothing to collect either."""
         worker = await start_signed_worker(self, self.backend_url)
@@ -137,7 +141,7 @@ class RelayTests(TestCase):
         await server_side_closed(url)  # the worker's side of the connection is gone too
         self.assertEqual([ref() for ref in made], [None] * 4)
 
-    async def test_every_method_path_and_query(self):
+    async def test_every_method_path_and_query(self) -> None:
         """Every method reaches the backend with the same path and query string."""
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
             response = await self.http.request(method, self.url + "/a/b?x=1&x=2&y=%2F")
@@ -146,14 +150,14 @@ class RelayTests(TestCase):
             self.assertEqual(self.backend.seen[-1].method, method.encode())
             self.assertEqual(self.backend.seen[-1].uri, b"/a/b?x=1&x=2&y=%2F")
 
-    async def test_head_is_forwarded_as_head(self):
+    async def test_head_is_forwarded_as_head(self) -> None:
         """HEAD goes out as HEAD, and the backend's Content-Length comes back without a body."""
         response = await self.http.head(self.url + "/status/200")
         self.assertEqual(response.code, 200)
         self.assertEqual(self.backend.seen[-1].method, b"HEAD")
         self.assertEqual(await response.content(), b"")
 
-    async def test_bodies_byte_for_byte(self):
+    async def test_bodies_byte_for_byte(self) -> None:
         """JSON, multipart and binary bodies, small and large, reach the backend unchanged."""
         bodies = [
             (b"application/json", b'{"a": 1.50, "b": "\\u00e9"}'),
@@ -165,7 +169,7 @@ class RelayTests(TestCase):
         ]
         for content_type, body in bodies:
             response = await self.http.post(
-                self.url + "/upload", data=body, headers={b"content-type": [content_type]}
+                self.url + "/upload", data=body, headers=Headers({b"content-type": [content_type]})
             )
             echoed = await response.json()
             self.assertEqual(echoed["body_sha256"], hashlib.sha256(body).hexdigest())
@@ -173,20 +177,22 @@ class RelayTests(TestCase):
             self.assertEqual(seen.headers[b"content-type"], [content_type])
             self.assertEqual(seen.headers[b"content-length"], [b"%d" % len(body)])
 
-    async def test_get_without_body_has_no_content_length(self):
+    async def test_get_without_body_has_no_content_length(self) -> None:
         """A GET without a body goes out without a Content-Length header."""
         await (await self.http.get(self.url + "/x")).content()
         self.assertNotIn(b"content-length", self.backend.seen[-1].headers)
 
-    async def test_request_headers(self):
+    async def test_request_headers(self) -> None:
         """End-to-end headers pass, hop-by-hop ones do not; Host is the backend's."""
-        headers = {
-            b"Authorization": [b"Bearer app"],
-            b"X-Trace": [b"t1"],
-            b"Connection": [b"X-Secret"],
-            b"X-Secret": [b"s"],
-            b"Proxy-Authorization": [b"p"],
-        }
+        headers = Headers(
+            {
+                b"Authorization": [b"Bearer app"],
+                b"X-Trace": [b"t1"],
+                b"Connection": [b"X-Secret"],
+                b"X-Secret": [b"s"],
+                b"Proxy-Authorization": [b"p"],
+            }
+        )
         await (await self.http.get(self.url + "/h", headers=headers)).content()
         seen = self.backend.seen[-1].headers
         self.assertEqual(seen[b"authorization"], [b"Bearer app"])
@@ -197,7 +203,7 @@ class RelayTests(TestCase):
         self.assertEqual(seen[b"x-forwarded-for"], [b"127.0.0.1"])
         self.assertEqual(seen[b"x-forwarded-proto"], [b"http"])
 
-    async def test_status_and_response_headers_pass_through(self):
+    async def test_status_and_response_headers_pass_through(self) -> None:
         """Every status comes back with the backend's end-to-end headers and body."""
         for code in (200, 201, 301, 404, 429, 500, 503):
             response = await self.http.get(self.url + f"/status/{code}", allow_redirects=False)
@@ -211,13 +217,13 @@ class RelayTests(TestCase):
             )
             self.assertEqual(await response.json(), {"status": code})
 
-    async def test_no_invented_content_type(self):
+    async def test_no_invented_content_type(self) -> None:
         """A backend answer without Content-Type comes back without one."""
         response = await self.http.get(self.url + "/health")
         self.assertIsNone(response.headers.getRawHeaders(b"content-type"))
         self.assertEqual(await response.content(), b"ok")
 
-    async def test_sse_events_arrive_as_sent(self):
+    async def test_sse_events_arrive_as_sent(self) -> None:
         """Each SSE event reaches the client while the stream is still open."""
         response = await self.http.get(self.url + "/sse?n=3&interval=30", unbuffered=True)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
@@ -232,11 +238,11 @@ class RelayTests(TestCase):
         done = treq.collect(response, collect)
         self.assertEqual(await first, b"data: event 0\n\n")
         self.assertFalse(done.called)  # the next event is 30 s away
-        response.original._transport.stopProducing()  # hang up
+        cast(_newclient.Response, response.original)._transport.stopProducing()  # hang up
         await seen_closed(self.backend.cancelled[-1])  # the backend saw the disconnect
         await done.addErrback(lambda _: None)
 
-    async def test_backpressure_pauses_the_backend(self):
+    async def test_backpressure_pauses_the_backend(self) -> None:
         """A client that does not read pauses the backend; reading resumes it, nothing is lost."""
         total = 64 * 1024 * 1024
         request = b"GET /firehose?total=%d HTTP/1.1\r\nHost: x\r\n\r\n" % total
@@ -245,40 +251,40 @@ class RelayTests(TestCase):
         firehose = self.backend.firehoses[0]
         sent_when_paused = await firehose.was_paused
         self.assertLess(sent_when_paused, total // 2)
-        client.transport.resumeProducing()
+        client.producer.resumeProducing()
         await client.when(lambda: client.count > total)
         self.assertEqual(firehose.sent, total)
-        client.transport.loseConnection()
+        client.tcp.loseConnection()
 
-    async def test_disconnect_cancels_backend_call(self):
+    async def test_disconnect_cancels_backend_call(self) -> None:
         """A client that leaves before the answer makes the worker close the backend call."""
         client = await raw_connect(
             self.url, RawClient(b"GET /slow?delay=60 HTTP/1.1\r\nHost: x\r\n\r\n")
         )
         await self.backend.arrived()
-        client.transport.loseConnection()
+        client.tcp.loseConnection()
         await seen_closed(self.backend.cancelled[0])
 
-    async def test_backend_reset_before_headers_is_502(self):
+    async def test_backend_reset_before_headers_is_502(self) -> None:
         """A backend that drops the connection before answering gives a 502."""
         response = await self.http.get(self.url + "/reset")
         self.assertEqual(response.code, 502)
         self.assertEqual((await response.json())["error"], "backend unavailable")
 
-    async def test_break_mid_body_truncates_the_client(self):
+    async def test_break_mid_body_truncates_the_client(self) -> None:
         """A backend that breaks mid-stream makes the client connection end without a clean end."""
         raw = await raw_request(self.url, b"GET /break HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b"data: one", raw)
         self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)  # no terminating chunk
 
-    async def test_short_content_length_truncates_the_client(self):
+    async def test_short_content_length_truncates_the_client(self) -> None:
         """A backend sending less than its Content-Length makes the client see a short body."""
         raw = await raw_request(self.url, b"GET /short HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertIn(b"Content-Length: 1000", head)
         self.assertEqual(body, b"only this")
 
-    async def test_worker_keeps_serving_after_faults(self):
+    async def test_worker_keeps_serving_after_faults(self) -> None:
         """After resets and breaks, the next request is served normally (the pool is healthy)."""
         await (await self.http.get(self.url + "/reset")).content()
         await raw_request(self.url, b"GET /break HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -290,7 +296,7 @@ class RelayTests(TestCase):
 class RelayDecisionTests(SynchronousTestCase):
     """Which answer the relay gives when the backend cannot, in memory (tests/memory.py)."""
 
-    def test_stall_timer_only_for_a_body_still_coming(self):
+    def test_stall_timer_only_for_a_body_still_coming(self) -> None:
         """A body that came whole with its head cannot stall: it is relayed without a stall
         timer. A streamed one has one until it ends."""
         worker = MemoryWorker(self, signed=False, stall_timeout=30.0)
@@ -307,7 +313,11 @@ class RelayDecisionTests(SynchronousTestCase):
 
         def stall_timers() -> list[object]:
             calls = worker.clock.getDelayedCalls()
-            return [call for call in calls if getattr(call.func, "__name__", "") == "_stalled"]
+            return [
+                call
+                for call in calls
+                if getattr(cast(DelayedCall, call).func, "__name__", "") == "_stalled"
+            ]
 
         client = worker.request("GET", "/sse?n=2&interval=1")
         self.assertEqual(len(stall_timers()), 1)
@@ -315,7 +325,7 @@ class RelayDecisionTests(SynchronousTestCase):
         self.assertIn(b"data: event 1", client.received)
         self.assertEqual(stall_timers(), [])
 
-    def test_absolute_form_target_is_refused(self):
+    def test_absolute_form_target_is_refused(self) -> None:
         """An absolute-form target is a 400: the backend host is always BACKEND_URL."""
         worker = MemoryWorker(self, signed=False)
         answer = worker.answered(
@@ -325,7 +335,7 @@ class RelayDecisionTests(SynchronousTestCase):
         self.assertEqual(answer.json()["error"], "bad request target")
         self.assertEqual(worker.backend.seen, [])
 
-    def test_backend_down_is_502(self):
+    def test_backend_down_is_502(self) -> None:
         """An unreachable backend gives a 502 with a JSON error."""
         worker = MemoryWorker(self, signed=False, backend_down=True)
         answer = worker.post("/v1/x", {})
@@ -333,7 +343,7 @@ class RelayDecisionTests(SynchronousTestCase):
         self.assertEqual(answer.json()["error"], "backend unavailable")
         self.assertEqual(answer.json()["detail"], "Connection was refused by other side.")
 
-    def test_request_timeout_is_504(self):
+    def test_request_timeout_is_504(self) -> None:
         """With REQUEST_TIMEOUT set, a backend that does not answer in time gives a 504 and
         its call is cancelled."""
         worker = MemoryWorker(self, signed=False, request_timeout=0.2)
@@ -358,25 +368,25 @@ def _recording_init(original: Any, made: list[weakref.ref[object]]) -> Any:
 
 
 class FormBodyTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.backend = FakeBackend(reactor)
         # The fake backend must not parse forms either (a default Site would answer 400).
         self.url, self.worker = start_worker(self, listen(self, VespaSite(self.backend)))
         self.http = http_client(self)
 
-    async def test_form_bodies_are_not_parsed(self):
+    async def test_form_bodies_are_not_parsed(self) -> None:
         """A form body Vespa could not parse still reaches the backend: forms are its business."""
         response = await self.http.post(
             self.url + "/upload",
             data=b"not really multipart",
-            headers={b"content-type": [b"multipart/form-data"]},
+            headers=Headers({b"content-type": [b"multipart/form-data"]}),
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(self.backend.seen[-1].body, b"not really multipart")
 
 
 class BackendEndpointTests(TestCase):
-    def test_one_endpoint_per_backend(self):
+    def test_one_endpoint_per_backend(self) -> None:
         """The relay makes one endpoint per backend and reuses it; https gets TLS."""
         endpoints = _CachedEndpoints(MemoryReactorClock(), None, None)
         first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/a"))
@@ -388,7 +398,7 @@ class BackendEndpointTests(TestCase):
         self.assertIsNot(other, first)
         self.assertNotIsInstance(tls, TCP4ClientEndpoint)  # wrapped in TLS
 
-    def test_addresses_are_not_looked_up(self):
+    def test_addresses_are_not_looked_up(self) -> None:
         """A backend given by IP address is connected to straight (no name look-up per new
         connection, in a thread; every relay test here connects that way); a name goes
         through a NamedEndpoint (each address it has is tried, look-ups kept by one
@@ -402,18 +412,24 @@ class BackendEndpointTests(TestCase):
         named = made.pop(b"http://localhost:8000/")
         self.assertIsInstance(named, NamedEndpoint)
         self.assertIsInstance(other, NamedEndpoint)
-        self.assertIs(named.names, other.names)
-        timeouts = [endpoint._timeout for endpoint in (*made.values(), named.endpoint)]
+        self.assertIs(cast(NamedEndpoint, named).names, cast(NamedEndpoint, other).names)
+        resolved = (*made.values(), cast(NamedEndpoint, named).endpoint)
+        timeouts = [
+            cast(TCP4ClientEndpoint | TCP6ClientEndpoint | HostnameEndpoint, endpoint)._timeout
+            for endpoint in resolved
+        ]
         self.assertEqual(timeouts, [7.0, 7.0, 7.0])
 
-    def test_bounded_and_policy(self):
+    def test_bounded_and_policy(self) -> None:
         """The client proxy meets many workers: only the last MAX_ENDPOINTS are kept, and
         https endpoints use the TLS policy given (the client's, trusting the Vast CA)."""
-        asked = []
+        asked: list[tuple[bytes, int]] = []
 
         @implementer(IPolicyForHTTPS)
         class Policy:
-            def creatorForNetloc(self, hostname, port):
+            def creatorForNetloc(
+                self, hostname: bytes, port: int
+            ) -> IOpenSSLClientConnectionCreator:
                 asked.append((hostname, port))
                 return BrowserLikePolicyForHTTPS().creatorForNetloc(hostname, port)
 

@@ -66,7 +66,7 @@ class CadenceTests(SynchronousTestCase):
     def stop(self, reporter: MetricsReporter) -> None:
         self.successResultOf(reporter.stopService())
 
-    def test_reports_from_start_every_10_s_while_loading(self):
+    def test_reports_from_start_every_10_s_while_loading(self) -> None:
         """The first report goes out at start, then every 10 s while nothing changes (also
         while the model is still loading)."""
         self.clock, _state, _, client, reporter = make()
@@ -76,7 +76,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(client.statuses[0][1]["max_perf"], 0.0)
         self.stop(reporter)
 
-    def test_each_second_when_something_changed(self):
+    def test_each_second_when_something_changed(self) -> None:
         """A change is reported on the next tick; deletes follow within a second."""
         self.clock, state, metrics, client, reporter = make()
         state.mark_loaded(3.0, 100.0)
@@ -96,7 +96,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(len(client.statuses), 3)  # nothing changed since
         self.stop(reporter)
 
-    def test_state_changes_reported_on_the_next_tick(self):
+    def test_state_changes_reported_on_the_next_tick(self) -> None:
         """Loading, a start-up or health error and its recovery reach the autoscaler on the
         next tick (so a worker that just loaded gets traffic at once), not 10 s later."""
         self.clock, state, _, client, reporter = make()
@@ -120,7 +120,7 @@ class CadenceTests(SynchronousTestCase):
         )
         self.stop(reporter)
 
-    def test_nothing_lost_while_the_autoscaler_is_down(self):
+    def test_nothing_lost_while_the_autoscaler_is_down(self) -> None:
         """Failed sends keep the window and the deletes; retries back off (1, 2, 4 s); the
         first delivered report carries everything."""
         self.clock, _state, metrics, client, reporter = make()
@@ -140,7 +140,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(len(client.statuses), 4)
         self.stop(reporter)
 
-    def test_failed_deletes_are_kept(self):
+    def test_failed_deletes_are_kept(self) -> None:
         """A failed /delete_requests/ keeps its entries for the next try."""
         self.clock, _state, metrics, client, reporter = make()
         reporter.startService()
@@ -153,7 +153,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual([[e.request_idx for e in d] for d in client.deletes], [[9], [9]])
         self.stop(reporter)
 
-    def test_hung_autoscaler_blocks_neither_requests_nor_the_beat(self):
+    def test_hung_autoscaler_blocks_neither_requests_nor_the_beat(self) -> None:
         """While a send hangs, ticks do not pile up sends and requests are recorded as
         usual; once it ends, the next report carries what happened meanwhile."""
         self.clock, _state, metrics, client, reporter = make()
@@ -170,7 +170,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(len(client.deletes[-1]), 5)
         self.stop(reporter)
 
-    def test_stop_waits_for_the_send_in_flight(self):
+    def test_stop_waits_for_the_send_in_flight(self) -> None:
         """Stopping waits for a send in flight (bounded by the client's timeout)."""
         self.clock, _state, _metrics, client, reporter = make()
         hung: Deferred[str] = Deferred()
@@ -181,7 +181,7 @@ class CadenceTests(SynchronousTestCase):
         hung.callback("a")
         self.successResultOf(stopped)
 
-    def test_stop_sends_what_is_left(self):
+    def test_stop_sends_what_is_left(self) -> None:
         """Stopping sends what happened since the last report (the end of a drain)."""
         self.clock, _state, metrics, client, reporter = make()
         reporter.startService()
@@ -190,7 +190,7 @@ class CadenceTests(SynchronousTestCase):
         self.assertEqual(client.statuses[-1][1]["cur_perf"], 4)
         self.assertEqual([e.request_idx for e in client.deletes[-1]], [8])
 
-    def test_send_now(self):
+    def test_send_now(self) -> None:
         """send_now() reports at once (after a send in flight), for the drain."""
         self.clock, state, metrics, client, reporter = make()
         hung: Deferred[str] = Deferred()

@@ -6,13 +6,16 @@ once, whatever breaks: an observer, the gate's accounting, the agent, the relay,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Cooperator
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from tests.memory import MemoryWorker
 from vast_vespa.outcome import Outcome, RelayResult
@@ -34,14 +37,21 @@ class Passthrough:
         return forward
 
 
+@implementer(IAgent)
 class RaisingOnce:
     """An agent that raises (instead of failing its Deferred) on its first call."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: IAgent) -> None:
         self.agent = agent
         self.calls = 0
 
-    def request(self, method, uri, headers=None, bodyProducer=None):
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("agent bug")
@@ -49,12 +59,12 @@ class RaisingOnce:
 
 
 class ResourceTests(SynchronousTestCase):
-    def test_broken_observer_is_logged_and_others_still_see_requests(self):
+    def test_broken_observer_is_logged_and_others_still_see_requests(self) -> None:
         """An observer that raises is logged once per request with its name, the next
         observer still sees every request, and the client gets its answer."""
-        seen = []
+        seen: list[int | None] = []
 
-        def broken(request, result, forward):
+        def broken(request: Request, result: RelayResult, forward: Forward | None) -> None:
             raise RuntimeError("observer bug")
 
         observers = (broken, lambda request, result, forward: seen.append(result.status))
@@ -64,7 +74,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(seen, [200, 404])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
-    def test_failed_accounting_still_ends_the_request(self):
+    def test_failed_accounting_still_ends_the_request(self) -> None:
         """If recording a finished request's outcome (the gate's ``on_done``) raises, the
         error is logged, and the observers and the drain still hear that it ended."""
 
@@ -77,7 +87,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(worker.resource.in_flight.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-    def test_an_agent_that_raises_is_an_internal_error(self):
+    def test_an_agent_that_raises_is_an_internal_error(self) -> None:
         """An agent that raises instead of failing its Deferred (a bug, not a backend fault)
         gives the client a JSON 500 and the observers an errored result; the traceback is
         logged, no time limit is left running, and the next request is served."""
@@ -97,13 +107,14 @@ class ResourceTests(SynchronousTestCase):
         relay_timers = [
             call
             for call in worker.clock.getDelayedCalls()
-            if type(getattr(call.func, "__self__", None)).__name__ == "ProxiedRequest"
+            if type(getattr(cast(DelayedCall, call).func, "__self__", None)).__name__
+            == "ProxiedRequest"
         ]
         self.assertEqual(relay_timers, [])  # the client's idle connection keeps its own
         self.assertEqual(worker.get("/after").code, 200)
         self.assertEqual([s.uri for s in worker.backend.seen], [b"/after"])
 
-    def test_a_relay_that_cannot_start_after_a_wait_is_answered(self):
+    def test_a_relay_that_cannot_start_after_a_wait_is_answered(self) -> None:
         """A request admitted after a wait for a slot, whose relay then cannot even start (a
         bug), is answered with a JSON 500; its slot is given back (``on_done``), and the
         observers and the drain hear that it ended."""
@@ -111,7 +122,7 @@ class ResourceTests(SynchronousTestCase):
         slot: Deferred[None] = Deferred()
 
         class Gate:
-            def admit(self, request):
+            def admit(self, request: Request) -> Deferred[Forward]:
                 forward = Forward("not bytes", Headers(), None)  # type: ignore[arg-type]
                 forward.on_done = done.append
                 return slot.addCallback(lambda _: forward)
@@ -129,12 +140,12 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
         self.assertEqual(worker.backend.seen, [])
 
-    def test_internal_error_body_has_no_traceback(self):
+    def test_internal_error_body_has_no_traceback(self) -> None:
         """An unexpected error inside the worker gives a JSON 500 with no traceback and no
         internals in the body (the details go to the log)."""
 
         class BrokenGate:
-            def admit(self, request):
+            def admit(self, request: Request) -> Forward:
                 raise RuntimeError("secret-token-1234 exploded")
 
         worker = MemoryWorker(self, gate=BrokenGate())
@@ -145,14 +156,14 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(worker.resource.in_flight.requests, {})  # a drain would not wait
 
-    def test_a_client_leaving_the_queue_is_cancelled_once(self):
+    def test_a_client_leaving_the_queue_is_cancelled_once(self) -> None:
         """A request waiting for a slot whose client leaves: the wait is cancelled, the
         observers hear CANCELLED once, and nothing reaches the backend."""
         cancelled: list[bool] = []
         slot: Deferred[Forward] = Deferred(lambda _: cancelled.append(True))
 
         class Gate:
-            def admit(self, request):
+            def admit(self, request: Request) -> Deferred[Forward]:
                 return slot
 
         worker = MemoryWorker(self, gate=Gate())

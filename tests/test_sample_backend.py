@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from typing import cast
 
 import treq
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.helpers import http_client, listen
@@ -22,16 +25,16 @@ def sse_data(body: bytes) -> list[str]:
 
 
 class OverSocketTests(TestCase):
-    def setUp(self):
+    def setUp(self) -> None:
         self.backend = SampleBackend(reactor, tokens_per_second=2000, max_tokens=8)
         self.url = listen(self, self.backend)
         self.http = http_client(self)
 
-    async def post(self, path, body):
+    async def post(self, path: str, body: object) -> tuple[IResponse, bytes]:
         response = await self.http.post(self.url + path, json=body)
         return response, await treq.content(response)
 
-    async def test_chat_non_streaming_has_usage(self):
+    async def test_chat_non_streaming_has_usage(self) -> None:
         """A non-streaming chat answer is OpenAI JSON with usage.completion_tokens."""
         response, body = await self.post("/v1/chat/completions", CHAT)
         answer = json.loads(body)
@@ -42,7 +45,7 @@ class OverSocketTests(TestCase):
         self.assertEqual(answer["choices"][0]["finish_reason"], "stop")
         self.assertEqual(len(answer["choices"][0]["message"]["content"].split()), 5)
 
-    async def test_chat_streaming_sse(self):
+    async def test_chat_streaming_sse(self) -> None:
         """A streaming chat answer is SSE: a role chunk, one chunk per token, a finish chunk,
         a usage chunk when asked, then [DONE]."""
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
@@ -57,7 +60,7 @@ class OverSocketTests(TestCase):
         self.assertEqual(chunks[6]["choices"][0]["finish_reason"], "stop")
         self.assertEqual(chunks[7]["usage"]["completion_tokens"], 5)
 
-    async def test_completions_capped(self):
+    async def test_completions_capped(self) -> None:
         """/v1/completions answers text; a request above the cap stops with 'length'."""
         _, raw = await self.post("/v1/completions", {"prompt": "a b", "max_tokens": 500})
         answer = json.loads(raw)
@@ -72,7 +75,7 @@ class OverSocketTests(TestCase):
             [json.loads(e)["choices"][0]["text"] for e in events[:2]], ["Vespa", " relayed"]
         )
 
-    async def test_models_health_and_errors(self):
+    async def test_models_health_and_errors(self) -> None:
         """/v1/models lists the model, /health is 200, bad input is an OpenAI-style 400."""
         models = json.loads(await treq.content(await self.http.get(self.url + "/v1/models")))
         self.assertEqual(models["data"][0]["id"], "vespa-sample")
@@ -93,17 +96,18 @@ class OverSocketTests(TestCase):
 class RateTests(SynchronousTestCase):
     def request(self, body: dict) -> DummyRequest:
         request = DummyRequest([b"v1", b"chat", b"completions"])
-        request.path = b"/v1/chat/completions"
+        as_request = cast(Request, request)  # a stand-in for one
+        as_request.path = b"/v1/chat/completions"
         request.method = b"POST"
-        request.content = io.BytesIO(json.dumps(body).encode())
+        as_request.content = io.BytesIO(json.dumps(body).encode())
         return request
 
-    def test_tokens_come_at_the_set_rate(self):
+    def test_tokens_come_at_the_set_rate(self) -> None:
         """At 10 tokens/s, one token is written every 0.1 s of the clock, no sooner."""
         clock = Clock()
         backend = SampleBackend(clock, tokens_per_second=10)
         request = self.request({**CHAT, "stream": True})
-        backend.render(request)
+        backend.render(cast(Request, request))
         self.assertEqual(len(request.written), 1)  # the role chunk
         clock.advance(0.05)
         self.assertEqual(len(request.written), 1)
@@ -115,12 +119,12 @@ class RateTests(SynchronousTestCase):
         self.assertEqual(backend.served, 1)
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_client_leaving_stops_generation(self):
+    def test_client_leaving_stops_generation(self) -> None:
         """When the client disconnects no more tokens are scheduled."""
         clock = Clock()
         backend = SampleBackend(clock, tokens_per_second=10)
         request = self.request(CHAT)
-        backend.render(request)
+        backend.render(cast(Request, request))
         request.processingFailed(Exception("gone"))  # fires notifyFinish's errback
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(backend.served, 0)

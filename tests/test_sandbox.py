@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any, cast
 
 import treq
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, ServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import CannotListenError
@@ -24,7 +25,7 @@ from vast_vespa.sandbox import SandboxConfig, build_sandbox
 CHAT = {"model": "vespa-sample", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
-def config(test: TestCase, **changes) -> SandboxConfig:
+def config(test: TestCase, **changes: Any) -> SandboxConfig:
     """A fast sandbox on free ports with its state in the test's directory."""
     values = dict(
         client_port=0,
@@ -40,7 +41,7 @@ def config(test: TestCase, **changes) -> SandboxConfig:
     return SandboxConfig(**values)
 
 
-def start(test: TestCase, **changes) -> sandbox.SandboxService:
+def start(test: TestCase, **changes: Any) -> sandbox.SandboxService:
     """A started sandbox on free ports. The sandbox picks its ports before it listens (a
     worker's signed URL must be known first), so another process may take one in between:
     then what did start is stopped and the sandbox is built again on new ports."""
@@ -58,7 +59,7 @@ def start(test: TestCase, **changes) -> sandbox.SandboxService:
 
 
 class WiringTests(SynchronousTestCase):
-    def test_worker_settings(self):
+    def test_worker_settings(self) -> None:
         """Each worker is signed-mode, benchmarks the backend, reports to the emulator under
         its own loopback URL and container id; its settings go through the same parsing as
         twistd's (the port comes from the listen string, the public URL from the Vast
@@ -77,7 +78,7 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual((settings.worker_port, settings.admin_listen), (3002, ""))
         self.assertIsNone(settings.systemd.notify_socket)  # never systemd's, even under it
 
-    def test_instructions(self):
+    def test_instructions(self) -> None:
         """The start-up text names every piece and gives curl lines with and without
         streaming and the status page."""
         urls = {
@@ -93,7 +94,7 @@ class WiringTests(SynchronousTestCase):
         self.assertIn("status page http://127.0.0.1:8080/", text)
         self.assertIn("http://127.0.0.1:3001, http://127.0.0.1:3002", text)
 
-    def test_options(self):
+    def test_options(self) -> None:
         """Flags set the sandbox; bad ones stop with one line naming the flag."""
         options = sandbox.Options()
         options.parseOptions(["--workers", "3", "--shape", "five-field", "--client-port", "9000"])
@@ -106,16 +107,16 @@ class WiringTests(SynchronousTestCase):
                 sandbox.Options().parseOptions(args)
             self.assertIn(f"invalid {args[0]}", str(caught.exception.code))
 
-    def test_plugin_listed(self):
+    def test_plugin_listed(self) -> None:
         """twistd finds vespa-sandbox."""
         makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
-        self.assertEqual(makers["vespa-sandbox"].module, "vast_vespa.sandbox")
+        self.assertEqual(cast(ServiceMaker, makers["vespa-sandbox"]).module, "vast_vespa.sandbox")
 
 
 class SandboxTests(TestCase):
     timeout = 30
 
-    async def test_everything_listens(self):
+    async def test_everything_listens(self) -> None:
         """The sandbox brings up the backend, the emulator with its endpoint, and the workers."""
         service = start(self)
         http = http_client(self)
@@ -130,7 +131,7 @@ class SandboxTests(TestCase):
             await treq.content(response)  # a worker answered (its verdict depends on the mode)
         self.assertEqual(len(service.workers), 2)
 
-    async def test_malformed_report_gets_precise_400(self):
+    async def test_malformed_report_gets_precise_400(self) -> None:
         """The sandbox's emulator rejects a malformed report with a 400 naming the problem."""
         service = start(self)
         http = http_client(self)
@@ -163,7 +164,9 @@ class SandboxEndToEndTests(TestCase):
         await self.emulator.when(all_ready)  # reported by the workers
         return service
 
-    async def chat(self, service, stream=False):
+    async def chat(
+        self, service: sandbox.SandboxService, stream: bool = False
+    ) -> tuple[int, bytes]:
         http = http_client(self)
         response = await http.post(
             service.urls["client"] + "/v1/chat/completions", json={**CHAT, "stream": stream}
@@ -178,32 +181,34 @@ class SandboxEndToEndTests(TestCase):
         code, body = await self.chat(service, stream=True)
         self.assertEqual(code, 200, body)
         self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body)
+        assert service.autoscaler is not None
         status = service.autoscaler.registry.status
         # The workers' /delete_requests/ say so.
         await self.emulator.when(
             lambda: [r["state"] for r in status()["requests"]] == ["success"] * 2
         )
 
-    async def test_plain_and_streaming_url_shape(self):
+    async def test_plain_and_streaming_url_shape(self) -> None:
         """Signed in the url shape (workers accept only that), a plain and a streamed chat
         completion come back through the client; the emulator sees both finish successfully."""
         await self.plain_and_streaming("url")
 
-    async def test_plain_and_streaming_five_field_shape(self):
+    async def test_plain_and_streaming_five_field_shape(self) -> None:
         """The same in the five-field shape."""
         await self.plain_and_streaming("five-field")
 
-    async def test_two_workers_share_load(self):
+    async def test_two_workers_share_load(self) -> None:
         """Concurrent requests are spread over both workers."""
         service = await self.ready()
         results = await gatherResults(
             [Deferred.fromCoroutine(self.chat(service)) for _ in range(6)]
         )
         self.assertEqual([code for code, _ in results], [200] * 6)
+        assert service.autoscaler is not None
         routed = [w["routed"] for w in service.autoscaler.registry.status()["workers"]]
         self.assertTrue(all(count > 0 for count in routed), routed)
 
-    async def test_stopped_worker_is_routed_around(self):
+    async def test_stopped_worker_is_routed_around(self) -> None:
         """After one worker stops, every request still succeeds: the client re-routes the same
         request_idx and the emulator avoids the worker it could not reach; once the stopped
         worker's reports stop, it gets no more requests at all."""
@@ -212,6 +217,7 @@ class SandboxEndToEndTests(TestCase):
         for _ in range(4):
             code, body = await self.chat(service)
             self.assertEqual(code, 200, body)
+        assert service.autoscaler is not None
         registry = service.autoscaler.registry
         stopped = registry.workers[1]
         silent_at = stopped.last_report + 2  # stale_after: 2 s without a report
@@ -223,7 +229,7 @@ class SandboxEndToEndTests(TestCase):
 
 
 class PortTakenTests(TestCase):
-    async def test_taken_port_stops_cleanly(self):
+    async def test_taken_port_stops_cleanly(self) -> None:
         """A sandbox whose worker port is taken fails to start with CannotListenError, saying
         which sandbox flag sets that port, and stopping it leaves nothing listening or
         scheduled (trial checks the reactor)."""

@@ -7,10 +7,12 @@ time.
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from twisted.internet import reactor
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_signed_worker
@@ -22,13 +24,14 @@ MASTER_TOKEN = "mtok-secret-value"  # what start_signed_worker sets
 class LogSecretTests(TestCase):
     timeout = 30
 
-    async def test_no_secret_in_logs_or_error_bodies(self):
+    async def test_no_secret_in_logs_or_error_bodies(self) -> None:
         """Served, forged, replayed, malformed, and failing-backend
         requests, query-string auth, with the autoscaler answering 500 meanwhile: no log event (formatted or in
         its fields) and no error body contains the master token or any signature sent."""
         events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)  # any callable taking the event
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         backend = FakeBackend(reactor)
         worker = await start_signed_worker(
             self, listen(self, backend), report_interval=0.05, replay_window=10
@@ -58,9 +61,10 @@ class LogSecretTests(TestCase):
         response = await http.post(
             worker.url + "/x",
             data=b"{}",
-            headers={b"x-serverless-auth": [b"not json " + good["signature"].encode()]},
+            headers=Headers({b"x-serverless-auth": [b"not json " + good["signature"].encode()]}),
         )
         bodies.append(await response.content())
+        assert worker.service.reporter is not None
         await worker.service.reporter.send_now()
         await worker.service.stopService()
         self.assertTrue(any(b"invalid signature" in body for body in bodies))
@@ -78,7 +82,7 @@ class LogSecretTests(TestCase):
 
 
 class ConstantTimeTests(SynchronousTestCase):
-    def test_same_secret(self):
+    def test_same_secret(self) -> None:
         """Equal secrets match, anything else does not (None only matches None)."""
         self.assertTrue(same_secret("k-123", "k-123"))
         self.assertFalse(same_secret("k-124", "k-123"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.fakes import FakeBackend
@@ -34,7 +35,7 @@ class SessionTests(SynchronousTestCase):
         answer = worker.post("/session/create", envelope(auth, {"lifetime": lifetime}))
         return answer, auth
 
-    def test_create_use_end(self):
+    def test_create_use_end(self) -> None:
         """201 with an id and the expiration; the session's requests reach the backend as
         their payload alone; /session/end answers as the official worker and the session is
         reported served once, with its request_idx."""
@@ -64,7 +65,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(status["cur_perf"], 50.0)  # the session
         self.assertEqual(worker.autoscaler.deleted(), {7: True})
 
-    def test_gone_after_end(self):
+    def test_gone_after_end(self) -> None:
         """After /session/end: 410 for a request in it, for /session/end and /session/get;
         /session/health says ok false. An id never issued is 410 too."""
         worker = self.worker()
@@ -81,7 +82,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(worker.post("/x", envelope(auth, {}, "never-issued")).code, 410)
         self.assertEqual(worker.backend.seen, [])
 
-    def test_ttl_expiry_and_extension(self):
+    def test_ttl_expiry_and_extension(self) -> None:
         """A session closes after its lifetime without a request; each request starts the
         TTL again from its end (not cumulatively); an expired session is reported served."""
         worker = self.worker()
@@ -102,7 +103,7 @@ class SessionTests(SynchronousTestCase):
         worker.report()
         self.assertEqual(worker.autoscaler.deleted(), {3: True})
 
-    def test_no_expiry_while_a_request_is_in_flight(self):
+    def test_no_expiry_while_a_request_is_in_flight(self) -> None:
         """A session's request still at the backend when the TTL runs out keeps the session
         open; the TTL runs again from its end."""
         worker = self.worker()
@@ -120,7 +121,7 @@ class SessionTests(SynchronousTestCase):
         worker.advance(1)
         self.assertEqual(worker.post("/session/health", health).json(), {"ok": False})
 
-    def test_sessions_do_not_count_in_the_wait(self):
+    def test_sessions_do_not_count_in_the_wait(self) -> None:
         """An open session's workload is not a queue: a request in it is admitted where
         the session's cost alone would exceed MAX_WAIT_TIME."""
         worker = self.worker(max_wait_time=1.0, max_perf=100.0)
@@ -133,7 +134,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(worker.answered(slow).code, 200)
         self.assertEqual(worker.post("/x", envelope(auth, {}, session_id)).code, 200)
 
-    def test_max_sessions_is_429(self):
+    def test_max_sessions_is_429(self) -> None:
         """Beyond MAX_SESSIONS, /session/create is 429 (counted as rejected with its cost);
         once one ends there is room again."""
         worker = self.worker(max_sessions=1)
@@ -149,7 +150,7 @@ class SessionTests(SynchronousTestCase):
         again, _ = self.create(worker, request_idx=4, reqnum=4)
         self.assertEqual(again.code, 201)
 
-    def test_create_is_signed(self):
+    def test_create_is_signed(self) -> None:
         """/session/create with a forged signature is 401 and opens nothing (the official
         worker does not check it, PROTOCOL B4)."""
         worker = self.worker(max_sessions=1)
@@ -158,7 +159,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(answer.code, 401)
         self.assertEqual(self.create(worker)[0].code, 201)  # the one slot is still free
 
-    def test_session_requests_are_verified_first(self):
+    def test_session_requests_are_verified_first(self) -> None:
         """A request naming a live session with a bad signature is 401 (not 410, not served,
         no TTL extension: PROTOCOL B5); one signed for another request is 401 too."""
         worker = self.worker()
@@ -174,7 +175,7 @@ class SessionTests(SynchronousTestCase):
         worker.advance(10)  # neither extended the TTL
         self.assertEqual(worker.post("/x", envelope(auth, {}, session_id)).code, 410)
 
-    def test_management_needs_the_session_auth(self):
+    def test_management_needs_the_session_auth(self) -> None:
         """/session/end, /get and /health with another auth_data (or none) are 401 and end
         nothing; bad bodies are 422; other methods 405."""
         worker = self.worker()
@@ -192,22 +193,23 @@ class SessionTests(SynchronousTestCase):
         health = {"session_id": session_id, "session_auth": auth}
         self.assertEqual(worker.post("/session/health", health).json(), {"ok": True})
 
-    def test_malformed_create(self):
+    def test_malformed_create(self) -> None:
         """A lifetime that is not a positive number within SESSION_MAX_TTL, or an
         on_close_route that is not a path, is 422 and opens nothing."""
         worker = self.worker(max_sessions=1)
-        for payload in (
+        payloads: tuple[object, ...] = (
             {"lifetime": "long"},
             {"lifetime": 0},
             {"lifetime": 1e9},
             {"on_close_route": "http://elsewhere/"},
             [],
-        ):
+        )
+        for payload in payloads:
             answer = worker.post("/session/create", envelope(worker.auth(), payload))
             self.assertEqual(answer.code, 422, payload)
         self.assertEqual(self.create(worker)[0].code, 201)
 
-    def test_on_close_route(self):
+    def test_on_close_route(self) -> None:
         """On end, on_close_payload (with the session_id added) is POSTed to on_close_route
         on the backend."""
         worker = self.worker()
@@ -220,7 +222,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual((seen.method, seen.uri), (b"POST", b"/cleanup"))
         self.assertEqual(json.loads(seen.body), {"k": 1, "session_id": session_id})
 
-    def test_replay_window_lets_session_requests_through(self):
+    def test_replay_window_lets_session_requests_through(self) -> None:
         """With REPLAY_WINDOW on, a session's requests (all the same auth_data) are served;
         the same auth_data without the session is a replay."""
         worker = self.worker(replay_window=100)
@@ -230,7 +232,7 @@ class SessionTests(SynchronousTestCase):
             self.assertEqual(worker.post("/x", envelope(auth, {}, session_id)).code, 200)
         self.assertEqual(worker.post("/x", envelope(auth, {})).code, 401)
 
-    def test_sessions_off(self):
+    def test_sessions_off(self) -> None:
         """MAX_SESSIONS=0: /session/create goes to the backend like any path; a request
         naming a session is 410."""
         worker = MemoryWorker(self)
@@ -239,11 +241,11 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(worker.backend.seen[-1].uri, b"/session/create")
         self.assertEqual(worker.post("/x", envelope(auth, {}, "abc")).code, 410)
 
-    def test_session_id_must_be_a_string(self):
+    def test_session_id_must_be_a_string(self) -> None:
         worker = self.worker()
         self.assertEqual(worker.post("/x", envelope(worker.auth(), {}, 5)).code, 422)  # type: ignore[arg-type]
 
-    def test_plain_http_end_listener(self):
+    def test_plain_http_end_listener(self) -> None:
         """The SESSION_LISTEN resource ends a session with its session_auth, refuses another
         auth_data, and serves nothing else."""
         worker = self.worker()
@@ -254,10 +256,11 @@ class SessionTests(SynchronousTestCase):
 
         def call(path: bytes, document: Any) -> tuple[int, Any]:
             request = DummyRequest([path.strip(b"/")])
+            as_request = cast(Request, request)  # a stand-in for one
             request.method = b"POST"
-            request.path = path
-            request.content = io.BytesIO(json.dumps(document).encode())
-            body = resource.render(request)
+            as_request.path = path
+            as_request.content = io.BytesIO(json.dumps(document).encode())
+            body = resource.render(as_request)
             return request.responseCode or 200, json.loads(body)
 
         body = {"session_id": session_id, "session_auth": worker.auth(request_idx=5)}
@@ -269,7 +272,7 @@ class SessionTests(SynchronousTestCase):
 
 
 class SessionSocketTests(TestCase):
-    async def test_wired_by_build_worker(self):
+    async def test_wired_by_build_worker(self) -> None:
         """Through real sockets, as build_worker wires it: a signed worker opens a session,
         relays a request in it, and SESSION_LISTEN's plain-HTTP listener ends it."""
         backend_url = listen(self, FakeBackend(reactor))

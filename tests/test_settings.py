@@ -7,21 +7,21 @@ from vast_vespa.settings import load_settings
 
 
 class SettingsTests(SynchronousTestCase):
-    def test_precedence(self):
+    def test_precedence(self) -> None:
         """A flag beats PYWORKER_X, which beats X, which beats the default."""
         env = {"MAX_WAIT_TIME": "5", "PYWORKER_MAX_WAIT_TIME": "6"}
         self.assertEqual(load_settings({}, env).max_wait_time, 6.0)
         self.assertEqual(load_settings({}, {"MAX_WAIT_TIME": "5"}).max_wait_time, 5.0)
         self.assertEqual(load_settings({"max_wait_time": "7"}, env).max_wait_time, 7.0)
 
-    def test_old_spellings(self):
+    def test_old_spellings(self) -> None:
         """Older variable names of the reference workers are still read."""
         env = {"PYWORKER_READY_TIMEOUT_INITIAL": "60", "MODEL_SERVER_URL": "http://h:1"}
         settings = load_settings({}, env)
         self.assertEqual(settings.ready_timeout, 60.0)
         self.assertEqual(settings.backend_url, "http://h:1")
 
-    def test_bad_values_name_option_source_and_value(self):
+    def test_bad_values_name_option_source_and_value(self) -> None:
         """A bad value is one line naming the option, where it came from, and the value."""
         cases = [
             (
@@ -51,7 +51,7 @@ class SettingsTests(SynchronousTestCase):
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
 
-    def test_booleans(self):
+    def test_booleans(self) -> None:
         """Booleans accept the usual spellings."""
         for text, value in [
             ("true", True),
@@ -62,7 +62,7 @@ class SettingsTests(SynchronousTestCase):
         ]:
             self.assertEqual(load_settings({}, {"UNSECURED": text}).unsecured, value)
 
-    def test_listen_default_and_port(self):
+    def test_listen_default_and_port(self) -> None:
         """--listen defaults to tcp:$WORKER_PORT, and a tcp: listener sets the port."""
         self.assertEqual(load_settings({}, {}).listen, ("tcp:3000:backlog=1024",))
         self.assertEqual(load_settings({}, {"LISTEN": " "}).listen, ("tcp:3000:backlog=1024",))
@@ -73,7 +73,7 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(settings.listen, ("tcp:5000:interface=127.0.0.1", "unix:/tmp/x.sock"))
         self.assertEqual(settings.worker_port, 5000)
 
-    def test_vast_environment(self):
+    def test_vast_environment(self) -> None:
         """The Vast variables give the byte-identical public URL and the report addresses."""
         env = {
             "PUBLIC_IPADDR": "203.0.113.7",
@@ -91,7 +91,7 @@ class SettingsTests(SynchronousTestCase):
         env.update(USE_SSL="true", LISTEN="tcp:13000")  # explicit listener: no cert files needed
         self.assertEqual(load_settings({}, env).vast.public_url, "https://203.0.113.7:43000")
 
-    def test_backend_preset_picks_benchmark(self):
+    def test_backend_preset_picks_benchmark(self) -> None:
         """BACKEND=tgi picks the shipped TGI benchmark unless BENCHMARK is set."""
         self.assertEqual(
             load_settings({}, {"BACKEND": "tgi"}).benchmark_spec,
@@ -102,7 +102,7 @@ class SettingsTests(SynchronousTestCase):
 
 
 class BackendDefaultsTests(SynchronousTestCase):
-    def test_health_path_per_backend(self):
+    def test_health_path_per_backend(self) -> None:
         """BACKEND picks the health path; HEALTHCHECK_ENDPOINT (or its old spelling) wins."""
         expected = {
             "": "/health",
@@ -123,12 +123,12 @@ class BackendDefaultsTests(SynchronousTestCase):
         with self.assertRaises(SettingsError):
             load_settings({}, {"HEALTHCHECK_ENDPOINT": "health"})
 
-    def test_llama_cpp_python_uses_the_openai_benchmark(self):
+    def test_llama_cpp_python_uses_the_openai_benchmark(self) -> None:
         """llama-cpp-python speaks the OpenAI API: the shipped OpenAI benchmark."""
         settings = load_settings({}, {"BACKEND": "llama-cpp-python"})
         self.assertEqual(settings.benchmark_spec, "vast_vespa.benchmarks.openai:benchmark")
 
-    def test_model_log_options(self):
+    def test_model_log_options(self) -> None:
         """MODEL_LOG (or MODEL_LOG_FILE, or PYWORKER_MODEL_LOG) names the file; the three
         lists are newline-separated substrings (stripped), BACKEND's when unset, nothing with
         "none"."""
@@ -138,12 +138,12 @@ class BackendDefaultsTests(SynchronousTestCase):
         vllm = load_settings({}, {"BACKEND": "vllm"}).model_log_lines
         self.assertEqual(vllm.load, ("Application startup complete.",))
         self.assertIn("CUDA out of memory", vllm.error)
-        env = {
+        environment = {
             "BACKEND": "vllm",
             "PYWORKER_MODEL_LOAD_LOG_MSG": "  ready to roll\n\n  all good  \n",
             "MODEL_ERROR_LOG_MSGS": "none",
         }
-        lines = load_settings({}, env).model_log_lines
+        lines = load_settings({}, environment).model_log_lines
         self.assertEqual(lines.load, ("ready to roll", "all good"))
         self.assertEqual(lines.error, ())
         self.assertEqual(lines.info, vllm.info)

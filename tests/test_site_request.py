@@ -12,7 +12,7 @@ from vast_vespa.site import VespaRequest
 
 
 class WhenLostTests(SynchronousTestCase):
-    def test_told_of_a_lost_connection_in_order(self):
+    def test_told_of_a_lost_connection_in_order(self) -> None:
         """Each callback hears the reason, in the order given; one that raises is logged and
         the next is still told; none is told twice. Both request classes."""
         for cls in (VespaRequest, LeanRequest):
@@ -29,7 +29,7 @@ class WhenLostTests(SynchronousTestCase):
             request.connectionLost(reason)  # a second loss tells no one again
             self.assertEqual((first, last), ([reason], [reason]))
 
-    def test_not_told_after_the_answer(self):
+    def test_not_told_after_the_answer(self) -> None:
         """A finished answer drops the callbacks: a loss after it tells no one, and the
         request holds no reference to them (no cycle with the relay that gave one)."""
         request = VespaRequest(DummyChannel())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import cast
 
 from treq.client import HTTPClient
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -30,7 +32,7 @@ class TrustOnly:
     def __init__(self, pem: bytes) -> None:
         self._root = Certificate.loadPEM(pem)
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
 
 
@@ -89,7 +91,8 @@ class TLSTests(TestCase):
         self.addCleanup(service.stopService)
         await service.getServiceNamed("lifecycle").when_loaded()  # else a 503 "not ready"
         # As the worker listens: TLS over a connection that sends at once.
-        port = await SendNowEndpoint(serverFromString(reactor, local)).listen(service.site)
+        listening = await SendNowEndpoint(serverFromString(reactor, local)).listen(service.site)
+        port = cast(tcp.Port, listening)
         self.addCleanup(port.stopListening)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)

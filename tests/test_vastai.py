@@ -60,7 +60,8 @@ class KeyWatch(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.path != b"/health":
             self.seen.append((request.uri, request.getHeader(b"authorization")))
-        return self.inner.render(request)
+        answer: bytes | int = self.inner.render(request)
+        return answer
 
 
 class VastaiClientTests(TestCase):

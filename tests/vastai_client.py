@@ -7,11 +7,12 @@ import asyncio
 import json
 import ssl
 import sys
+from typing import Any
 
 from vastai.serverless.client import CoroutineServerless
 
 
-async def in_session(endpoint) -> None:
+async def in_session(endpoint: Any) -> None:  # the SDK's endpoint
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     session = await endpoint.session(cost=50, lifetime=30)
     print("CREATED " + json.dumps({"session_id": session.session_id, "url": session.url}))
