@@ -11,6 +11,8 @@ import ssl
 import threading
 from typing import Any, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -125,6 +127,17 @@ def get(
             return tls.session_reused, tls.session, tls.selected_alpn_protocol(), b"".join(response)
 
 
+def handshake(port: int, client: ssl.SSLContext) -> tuple[str, bytes]:
+    """A TLS handshake alone (blocking: run in a thread); (the cipher, the server's
+    certificate in DER)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cipher = tls.cipher()
+            der = tls.getpeercert(binary_form=True)
+            assert cipher is not None and der is not None
+            return cipher[0], der
+
+
 class EndToEnd:
     """Both modes, through real sockets; subclasses say which."""
 
@@ -149,6 +162,27 @@ class EndToEnd:
         port = await endpoint.listen(tls_factory)
         self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
         return port.getHost().port, tls_factory
+
+    async def test_ec_key(self) -> None:
+        """An EC P-256 key (start_server.sh's first choice) is served over TLS 1.3 and 1.2
+        (ECDHE-ECDSA), and a session resumes."""
+        cert, key, pem = self_signed(os.path.abspath(self.mktemp()), "ec")  # type: ignore[attr-defined]
+        found = server_tls(f"ssl:0:privateKey={key}:certKey={cert}", Clock())
+        assert found is not None
+        self.tls = found[1]
+        port, _ = await self.listen(HTTP11Site(Pages()))
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            client = ssl.create_default_context(cadata=pem.decode("ascii"))
+            client.maximum_version = version
+            cipher, der = await deferToThread(handshake, port, client)
+            public = x509.load_der_x509_certificate(der).public_key()
+            self.assertIsInstance(public, ec.EllipticCurvePublicKey)  # type: ignore[attr-defined]
+            if version == ssl.TLSVersion.TLSv1_2:
+                self.assertTrue(cipher.startswith("ECDHE-ECDSA-"), cipher)  # type: ignore[attr-defined]
+            first, session, _, response = await deferToThread(get, port, client)
+            resumed, _, _, again = await deferToThread(get, port, client, "/", session)
+            self.assertEqual((first, resumed), (False, True))  # type: ignore[attr-defined]
+            self.assertTrue(response.endswith(b"hello") and again.endswith(b"hello"))  # type: ignore[attr-defined]
 
     async def test_resumption_alpn_close_notify(self) -> None:
         """A first connection, then one resuming its session: both answered, ALPN chosen,
