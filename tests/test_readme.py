@@ -53,6 +53,15 @@ class ReadmeTests(SynchronousTestCase):
             ]
             self.assertEqual(missing, [], marker)
 
+    def test_start_server_variables_are_documented(self) -> None:
+        """Each variable start_server.sh's header says a template may set is in the README."""
+        script = os.path.join(os.path.dirname(README), "start_server.sh")
+        with open(script, encoding="utf-8") as f:
+            header = f.read().split("# Overridable", 1)[1].split("\nset -", 1)[0]
+        names = re.findall(r"\b([A-Z][A-Z0-9_]+) \(", header)
+        self.assertIn("SSL_KEY_TYPE", names)  # the header's syntax is what is parsed here
+        self.assertEqual([n for n in names if f"`{n}`" not in readme()], [])
+
     def test_two_setup_commands(self) -> None:
         """The README names the test command that .ci/run runs."""
         self.assertIn("pip install tox && tox", readme())
