@@ -45,6 +45,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -57,6 +58,19 @@ class SeenRequest:
     headers: dict[bytes, list[bytes]]
     body: bytes
     client_port: int = 0  # which connection it came on
+
+
+class WritesKept(StringTransport):
+    """A StringTransport that also keeps each write apart (how many there were, and where
+    one ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
 
 
 class Waiters:

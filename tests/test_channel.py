@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from tests.fakes import WritesKept
 from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
 from vast_vespa.net import server
 from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
@@ -73,18 +74,6 @@ GET = b"GET /%d HTTP/1.1\r\nHost: w\r\n\r\n"
 
 # The bytes a header value may hold (RFC 9110 section 5.5): visible, obs-text, SP and HTAB.
 _FIELD_BYTES = frozenset(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
-
-
-class _WritesKept(StringTransport):
-    """A StringTransport that also keeps each write apart."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
 
 
 def _keep(seen: list[Request]) -> Callable[[Request], bytes]:
@@ -459,7 +448,7 @@ class ChannelTests(SynchronousTestCase):
     def test_first_data_goes_with_the_head(self) -> None:
         """The head and the first data leave in one write (one packet): chunked, or as they
         are when the answer has a Content-Length (the fast path's LeanRequest)."""
-        kept = _WritesKept()
+        kept = WritesKept()
         channel, _ = self.connect(hold=True, fast_path=True, transport=kept)
         writes = kept.writes
         channel.dataReceived(GET % 1)

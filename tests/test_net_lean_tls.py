@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import directlyProvidedBy, implementedBy, implementer, providedBy
 
 from tests.certs import self_signed
-from tests.fakes import FakeBackend, big_body
+from tests.fakes import FakeBackend, WritesKept, big_body
 from tests.helpers import listen, spawn_worker
 from vast_vespa.net import lean_tls
 from vast_vespa.net.dispatch import OUTBOX
@@ -404,18 +404,6 @@ class Producer:
         self.stopped = True
 
 
-class CountingTransport(StringTransport):
-    """A transport that counts its writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-
 class InMemoryTests(SynchronousTestCase):
     """LeanTLSProtocol against an OpenSSL client, bytes carried by hand."""
 
@@ -433,7 +421,7 @@ class InMemoryTests(SynchronousTestCase):
         """A new connection and client, before the handshake."""
         self.server = self.factory.buildProtocol(None)
         self.app = cast(Recorder, self.server.wrappedProtocol)
-        self.transport = CountingTransport()
+        self.transport = WritesKept()
         self.server.makeConnection(self.transport)
         self.client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
         self.client.set_connect_state()
@@ -688,7 +676,7 @@ class ContextTests(SynchronousTestCase):
         client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
         client.set_alpn_protocols(["h2", "http/1.1"])
         app = self.factory.buildProtocol(None)
-        transport = CountingTransport()
+        transport = WritesKept()
         app.makeConnection(transport)
         into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = client.wrap_bio(into, out)
