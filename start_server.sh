@@ -160,10 +160,10 @@ install_vespa() {
 }
 
 # Key + CSR, signed by the Vast console (PROTOCOL.md 6.7), for an EC P-256 key first
-# (SSL_KEY_TYPE=ec): a new TLS connection's full handshake signs with the key, about 25 µs of
-# the GPU host's CPU for P-256 against about 280 µs for RSA-2048. If the console answers that
-# CSR with anything but a certificate for its key, an RSA-2048 one (what Vast's own scripts
-# send) is asked for. The answer must be a PEM certificate for the key: anything else (an HTML
+# (SSL_KEY_TYPE=ec): every full TLS handshake (a client that keeps no session) signs with the
+# key, and a P-256 signature takes the GPU host's CPU a small fraction of an RSA-2048 one's
+# time (docs/performance.md). If the console answers that CSR with anything but a certificate
+# for its key, an RSA-2048 one (what Vast's own scripts send) is asked for. The answer must be a PEM certificate for the key: anything else (an HTML
 # error page, say) stops the start and is never saved.
 sign_certificate() {
     STEP="creating the TLS certificate"
