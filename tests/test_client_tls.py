@@ -10,7 +10,7 @@ from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL.crypto import X509Store, X509StoreContext, X509StoreContextError, X509StoreFlags
 from twisted.internet import reactor, tcp
@@ -31,9 +31,11 @@ def _name(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
 
 
-def vast_like_chain() -> tuple[bytes, bytes, bytes]:
+def vast_like_chain(leaf_key_type: str = "rsa") -> tuple[bytes, bytes, bytes]:
     """(root CA PEM, worker certificate PEM, worker key PEM). The root has a path length
-    constraint and no keyUsage (so no keyCertSign), like the Vast root (PROTOCOL.md 8.3)."""
+    constraint and no keyUsage (so no keyCertSign), like the Vast root (PROTOCOL.md 8.3); the
+    worker's key is RSA-2048 or, with ``leaf_key_type`` "ec", P-256 (start_server.sh's first
+    choice)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     root = (
@@ -47,7 +49,11 @@ def vast_like_chain() -> tuple[bytes, bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(root_key, hashes.SHA256())
     )
-    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if leaf_key_type == "ec":
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     leaf = (
         x509.CertificateBuilder()
         .subject_name(_name("127.0.0.1"))
@@ -95,10 +101,12 @@ class StrictFlagTests(SynchronousTestCase):
 
 
 class TLSWorkerTests(TestCase):
-    async def through_https_worker(self, root_pem: bytes) -> tuple[int, bytes]:
-        """Status and body of a GET through the client to an https worker serving CHAIN's
+    async def through_https_worker(
+        self, root_pem: bytes, chain: tuple[bytes, bytes, bytes] = CHAIN
+    ) -> tuple[int, bytes]:
+        """Status and body of a GET through the client to an https worker serving ``chain``'s
         certificate, trusting ``root_pem``."""
-        _, cert_pem, key_pem = CHAIN
+        _, cert_pem, key_pem = chain
         ca_file = self.mktemp()
         with open(ca_file, "wb") as f:
             f.write(root_pem)
@@ -139,6 +147,13 @@ class TLSWorkerTests(TestCase):
         self.assertEqual(json.loads(body)["uri"], "/v1/models")
         self.assertEqual(self.worker.verified[0].form, "query")
         self.assertFalse(os.path.exists(self.settings.ca_cache))
+
+    async def test_ec_worker_certificate(self) -> None:
+        """A worker certificate for an EC P-256 key, under the same RSA root, is trusted too."""
+        chain = vast_like_chain("ec")
+        code, body = await self.through_https_worker(chain[0], chain)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["uri"], "/v1/models")
 
     async def test_untrusted_worker_refused(self) -> None:
         """A worker certificate from another root is refused: the request never reaches it."""
