@@ -46,6 +46,11 @@ class Build:
     def twistd(self) -> list[str]:
         return [self.python, "-c", self.prelude + TWISTD]
 
+    def unsecured_worker(self, listen: str) -> list[str]:
+        """This build's worker without signatures, on ``listen``, in front of {backend_url}."""
+        argv = [*self.twistd(), "-n", "--pidfile=", "vespa", "--unsecured", "true"]
+        return [*argv, "--backend-url", "{backend_url}", "--listen", listen]
+
 
 HERE = Path(__file__).resolve().parent
 # Loopback only, with the listen backlog of Vespa's default listener (--worker-port).
@@ -163,9 +168,14 @@ class Bench:
     def make_certificate(self) -> None:
         """The certificate nginx and Vespa share: self-signed for 127.0.0.1 (tests.certs), for
         an RSA-2048 key (what Vast's own scripts ask the console to sign) or, with --tls-key
-        ec, a P-256 one (what start_server.sh asks for first)."""
-        cert, key, _ = self_signed(str(self.work / "tls"), self.args.tls_key)
+        ec, a P-256 one (what start_server.sh asks for first). With --tls-key both, the RSA
+        one, and a P-256 one for vespa-ec."""
+        both = self.args.tls_key == "both"
+        cert, key, _ = self_signed(str(self.work / "tls"), "rsa" if both else self.args.tls_key)
         self.tls_cert, self.tls_key = Path(cert), Path(key)
+        if both:
+            cert, key, _ = self_signed(str(self.work / "tls-ec"), "ec")
+            self.tls_ec_cert, self.tls_ec_key = Path(cert), Path(key)
 
     def start_autoscaler(self) -> None:
         """Vespa's autoscaler emulator with our own key, so that envelopes we sign verify."""
@@ -233,17 +243,14 @@ class Bench:
         certificate (--target is skipped: it may not)."""
         base = self.args.port_base + 10
         found = [Target("nginx", base, [], tls=tls)]
-        listen = (
-            VESPA_LISTEN_TLS.replace("{key}", str(self.tls_key)).replace(
-                "{cert}", str(self.tls_cert)
-            )
-            if tls
-            else VESPA_LISTEN
-        )
+        listen = tls_listen(self.tls_cert, self.tls_key) if tls else VESPA_LISTEN
         for index, build in enumerate(self.builds):
-            argv = [*build.twistd(), "-n", "--pidfile=", "vespa", "--unsecured", "true"]
-            argv += ["--backend-url", "{backend_url}", "--listen", listen]
+            argv = build.unsecured_worker(listen)
             found.append(Target(build.name, base + 1 + index, argv, env=build.env, tls=tls))
+        if tls and self.args.tls_key == "both":
+            # This build with the fast path ("vespa") again, serving the P-256 certificate.
+            argv = self.builds[0].unsecured_worker(tls_listen(self.tls_ec_cert, self.tls_ec_key))
+            found.append(Target("vespa-ec", base + 29, argv, tls=True))
         if tls:
             for index, (name, command) in enumerate(self.args.tls_target):
                 command = command.replace("{cert}", shlex.quote(str(self.tls_cert)))
@@ -268,6 +275,8 @@ class Bench:
         share one (one proxy, measured with and without TLS)."""
         a = self.args
         names = ["direct", "nginx", *(b.name for b in self.builds)]
+        if a.tls_key == "both" and set(TLS_SCENARIOS) & set(a.scenarios):
+            names.append("vespa-ec")
         return list(dict.fromkeys(names + [n for n, _ in a.target + a.tls_target]))
 
     def start_targets(
@@ -614,6 +623,11 @@ class Bench:
         return str(venv / "bin" / "python")
 
 
+def tls_listen(cert: Path, key: Path) -> str:
+    """Vespa's --listen for HTTPS with ``cert`` and ``key``."""
+    return VESPA_LISTEN_TLS.replace("{key}", str(key)).replace("{cert}", str(cert))
+
+
 def add_floor(args: argparse.Namespace) -> None:
     """--floor: perf/floor_relay.py as a --target and a --tls-target, both named "floor"."""
     relay = f"exec {shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'floor_relay.py'))}"
@@ -693,10 +707,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--tls-key",
-        choices=["rsa", "ec"],
+        choices=["rsa", "ec", "both"],
         default="rsa",
         help="the TLS scenarios' certificate key: RSA-2048 (default) or EC P-256; it decides "
-        "what a full handshake (FULL-TLS) costs",
+        "what a full handshake (FULL-TLS) costs. both: RSA-2048, and this build once more as "
+        "vespa-ec with a P-256 key, in the same rounds",
     )
     parser.add_argument(
         "--no-signed",

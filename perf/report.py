@@ -301,7 +301,10 @@ def tls_tables(results: dict) -> list[str]:
             "session on each reconnect.",
             "",
         ]
-    key = "an EC P-256" if results["args"].get("tls_key") == "ec" else "an RSA-2048"
+    key = {
+        "ec": "an EC P-256 key",
+        "both": "an RSA-2048 key (vespa-ec: an EC P-256 one)",
+    }.get(results["args"].get("tls_key"), "an RSA-2048 key")
     streams = [
         (
             "S3-TLS",
@@ -313,7 +316,7 @@ def tls_tables(results: dict) -> list[str]:
             "FULL-TLS",
             "a full handshake each",
             "Each stream is a new TLS connection with a full handshake (no session kept, as "
-            f"Python's clients do), signed with {key} key; the client's own TLS work is in "
+            f"Python's clients do), signed with {key}; the client's own TLS work is in "
             "every TLS row.",
         ),
     ]

@@ -103,6 +103,12 @@ class FullHandshakeTableTests(SynchronousTestCase):
         self.assertTrue(any("signed with an EC P-256 key" in line for line in lines))
         self.assertFalse(any("a new connection each" in line for line in lines))
 
+    def test_both_keys(self) -> None:
+        """--tls-key both: vespa-ec serves the P-256 key in the same rounds."""
+        lines = report.tls_tables(self.data("both"))
+        caption = "signed with an RSA-2048 key (vespa-ec: an EC P-256 one)"
+        self.assertTrue(any(caption in line for line in lines))
+
     def test_rsa_by_default(self) -> None:
         """Results from before --tls-key were made with the RSA-2048 certificate."""
         lines = report.tls_tables(self.data(None))
