@@ -34,7 +34,12 @@ TLS = "relay {port} {backend_url} --tls {cert} {key}"
 class ExtraTargetTests(SynchronousTestCase):
     def setUp(self) -> None:
         args = argparse.Namespace(
-            port_base=29080, target=[("floor", PLAIN)], tls_target=[("floor", TLS)], max_minutes=1
+            port_base=29080,
+            target=[("floor", PLAIN)],
+            tls_target=[("floor", TLS)],
+            max_minutes=1,
+            tls_key="rsa",
+            scenarios=["S1", "FULL-TLS"],
         )
         self.bench = Bench(args, Path(self.mktemp()))
         self.addCleanup(shutil.rmtree, self.bench.work)
@@ -58,6 +63,27 @@ class ExtraTargetTests(SynchronousTestCase):
 
     def test_one_name_for_both(self) -> None:
         self.assertEqual(self.bench.target_names(), ["direct", "nginx", "vespa", "floor"])
+
+    def test_both_keys(self) -> None:
+        """--tls-key both: in the TLS scenarios, this build once more as vespa-ec, serving
+        the P-256 certificate; the other targets keep the RSA one."""
+        self.bench.args.tls_key = "both"
+        self.bench.tls_ec_cert, self.bench.tls_ec_key = Path("/ec/c.pem"), Path("/ec/k.pem")
+        self.assertEqual(
+            self.bench.target_names(), ["direct", "nginx", "vespa", "vespa-ec", "floor"]
+        )
+        found = self.bench.proxies(tls=True)
+        self.assertEqual([t.name for t in found], ["nginx", "vespa", "vespa-ec", "floor"])
+        vespa, ec = found[1], found[2]
+        assert vespa.argv is not None and ec.argv is not None
+        self.assertIn("privateKey=/my certs/k.pem", vespa.argv[-1])
+        self.assertIn("privateKey=/ec/k.pem:certKey=/ec/c.pem", ec.argv[-1])
+        self.assertEqual(vespa.argv[:-1], ec.argv[:-1])
+        self.assertTrue(ec.tls)
+        self.assertEqual(len({t.port for t in found}), 4)
+        self.assertNotIn("vespa-ec", [t.name for t in self.bench.proxies(tls=False)])
+        self.bench.args.scenarios = ["S1"]  # no TLS scenario: no vespa-ec to report
+        self.assertNotIn("vespa-ec", self.bench.target_names())
 
 
 class FloorTests(SynchronousTestCase):
