@@ -167,20 +167,20 @@ install_vespa() {
 # error page, say) stops the start and is never saved.
 sign_certificate() {
     STEP="creating the TLS certificate"
-    local dir why
+    local dir why signed=false
     dir=$(mktemp -d)
     if [ "$SSL_KEY_TYPE" = ec ]; then
         if why=$(request_certificate "$dir" ec); then
-            rm -rf "$dir"
-            return
+            signed=true
+        else
+            log "the certificate signer did not sign an EC P-256 key ($why); asking for an RSA-2048 one"
         fi
-        log "the certificate signer did not sign an EC P-256 key ($why); asking for an RSA-2048 one"
     fi
-    if ! why=$(request_certificate "$dir" rsa); then
-        rm -rf "$dir"
-        fail "$why"
+    if [ "$signed" = false ] && why=$(request_certificate "$dir" rsa); then
+        signed=true
     fi
     rm -rf "$dir"
+    [ "$signed" = true ] || fail "$why"
 }
 
 # One signing request, for a new key of type $2 (ec or rsa), made in the directory $1. On

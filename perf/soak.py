@@ -37,12 +37,10 @@ from typing import Any, cast
 import psutil
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.resource import Resource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,6 +52,7 @@ from tests.fakes import FakeAutoscaler, FakeBackend  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ProcessWatcher,
     RawClient,
+    listen_tcp,
     raw_connect,
     raw_request,
     twistd_command,
@@ -349,7 +348,7 @@ async def run(minutes: float, concurrency: int, signed_mode: bool, tls: bool) ->
     if signed_mode:
         signer = Signer()
         autoscaler = FakeAutoscaler(public_pem(signer.key))
-        _, autoscaler_port = listen_local(autoscaler)
+        autoscaler_port = listen_tcp(Site(autoscaler)).getHost().port
         cache = os.path.join(workdir, "max_perf")
         with open(cache, "w") as f:
             f.write(f"{MAX_PERF}\n")
@@ -559,21 +558,15 @@ async def one_more(soak: Soak) -> str:
         return type(e).__name__
 
 
-def listen_local(resource: Resource) -> tuple[IListeningPort, int]:
-    """``resource`` served on a free port of 127.0.0.1: the listening port, its number."""
-    # Any protocol factory serves (Twisted's annotation asks for a ServerFactory).
-    port = reactor.listenTCP(0, cast(Any, Site(resource)), interface="127.0.0.1")
-    return port, cast(IPv4Address, port.getHost()).port
-
-
 def listen_backend() -> tuple[str, FakeBackend]:
     backend = FakeBackend(reactor)
-    _, number = listen_local(backend)
-    return f"http://127.0.0.1:{number}", backend
+    port = listen_tcp(Site(backend))
+    return f"http://127.0.0.1:{port.getHost().port}", backend
 
 
 def free_port() -> int:
-    port, number = listen_local(FakeBackend(reactor))
+    port = listen_tcp(Site(FakeBackend(reactor)))
+    number: int = port.getHost().port
     port.stopListening()
     return number
 
