@@ -13,14 +13,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
+def private_key(key_type: str = "rsa") -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """A new key: "rsa" (RSA-2048) or "ec" (P-256), the two start_server.sh asks for."""
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 def self_signed(directory: str, key_type: str = "rsa") -> tuple[str, str, bytes]:
     """Write cert.pem and key.pem (valid for IP 127.0.0.1) into ``directory``; returns
-    (cert path, key path, certificate PEM). ``key_type``: "rsa" (RSA-2048) or "ec" (P-256)."""
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if key_type == "ec":
-        key = ec.generate_private_key(ec.SECP256R1())
-    else:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (cert path, key path, certificate PEM). ``key_type``: as :func:`private_key`."""
+    key = private_key(key_type)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (

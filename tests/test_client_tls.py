@@ -10,7 +10,7 @@ from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL.crypto import X509Store, X509StoreContext, X509StoreContextError, X509StoreFlags
 from twisted.internet import reactor, tcp
@@ -19,6 +19,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
+from tests.certs import private_key
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import http_client, listen
 from vast_vespa.client.service import build_client
@@ -49,11 +50,7 @@ def vast_like_chain(leaf_key_type: str = "rsa") -> tuple[bytes, bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(root_key, hashes.SHA256())
     )
-    leaf_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if leaf_key_type == "ec":
-        leaf_key = ec.generate_private_key(ec.SECP256R1())
-    else:
-        leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf_key = private_key(leaf_key_type)
     leaf = (
         x509.CertificateBuilder()
         .subject_name(_name("127.0.0.1"))
