@@ -354,10 +354,7 @@ class Bench:
             argv += ["-H", "Connection: close"]
         argv += ["-s", str(HERE / "post.lua"), target.url("/v1/completions")]
         env = {**os.environ, "PERF_BODY_FILE": str(body_file), "PERF_UNIQUE": "1" if unique else ""}
-        watched = {"proxy": target.pid}
-        if target.argv is not None:
-            watched["backend"] = self.backend_pid
-        with Probe(watched) as probe:
+        with Probe(watched(target, self.backend_pid)) as probe:
             done = subprocess.run(
                 argv, env=env, capture_output=True, text=True, timeout=duration + 60
             )
@@ -377,6 +374,7 @@ class Bench:
     def usage(self, probe: Probe, target: Target) -> dict:
         return {
             "proxy_cpu_pct": probe.cpu_pct["proxy"] if target.argv is not None else 0.0,
+            # (direct: the target is the backend)
             "backend_cpu_pct": probe.cpu_pct.get("backend", probe.cpu_pct["proxy"]),
             "loadgen_cpu_pct": probe.loadgen_pct,
             "other_cpu_pct": probe.other_pct,
@@ -426,10 +424,7 @@ class Bench:
             argv.append("--tls")
             if resume:  # as wrk does: a client that comes back resumes
                 argv.append("--resume")
-        watched = {"proxy": target.pid}
-        if target.argv is not None:  # (the SSE scenarios' backend is the Python one)
-            watched["backend"] = self.sse_backend_pid
-        with Probe(watched, interval=0.2) as probe:
+        with Probe(watched(target, self.sse_backend_pid), interval=0.2) as probe:
             done = subprocess.run(argv + options, capture_output=True, text=True, timeout=timeout)
         if done.returncode:
             return {"error": done.stderr[-500:]}
@@ -621,6 +616,16 @@ class Bench:
         )
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], check=True)
         return str(venv / "bin" / "python")
+
+
+def watched(target: Target, backend_pid: int) -> dict[str, int]:
+    """The process trees a load point samples: the target and, behind a proxy, its backend
+    (``backend_pid``: nginx for wrk's points, the Python backend for the SSE ones). Direct is
+    the backend itself, sampled once."""
+    trees = {"proxy": target.pid}
+    if target.argv is not None:
+        trees["backend"] = backend_pid
+    return trees
 
 
 def tls_listen(cert: Path, key: Path) -> str:

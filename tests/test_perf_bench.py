@@ -25,7 +25,7 @@ from tests.helpers import listen, spawn
 
 PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf")
 sys.path.insert(0, PERF)
-from bench import Bench, Build, add_floor  # noqa: E402  # perf/ holds scripts, not a package
+from bench import Bench, Build, Target, add_floor, watched  # noqa: E402  # perf/ holds scripts, not a package
 
 PLAIN = "relay {port} {backend_url}"
 TLS = "relay {port} {backend_url} --tls {cert} {key}"
@@ -84,6 +84,15 @@ class ExtraTargetTests(SynchronousTestCase):
         self.assertNotIn("vespa-ec", [t.name for t in self.bench.proxies(tls=False)])
         self.bench.args.scenarios = ["S1"]  # no TLS scenario: no vespa-ec to report
         self.assertNotIn("vespa-ec", self.bench.target_names())
+
+
+class WatchedTests(SynchronousTestCase):
+    def test_backend_beside_a_proxy(self) -> None:
+        """A load point samples a proxy and its backend apart (the SSE points once sampled
+        the proxy alone and reported its CPU as the backend's); direct is the backend."""
+        proxy = Target("vespa", 1, ["twistd"], pid=10)
+        self.assertEqual(watched(proxy, 20), {"proxy": 10, "backend": 20})
+        self.assertEqual(watched(Target("direct", 2, None, pid=20), 20), {"proxy": 20})
 
 
 class FloorTests(SynchronousTestCase):
