@@ -1,8 +1,11 @@
 """
 The worker's request path run warm, in one process: CPU per request from its bytes to the
-backend call (which goes to a stub: no socket, no backend), for the S3 request.
+backend call (which goes to a stub: no socket, no backend), for the S3 request. With
+``--cycle``, S1's whole kept-alive request instead: its bytes in, the backend request out on
+a pooled connection, the backend's answer (nginx's, as in S1) in, the client's answer out,
+the access line and the metrics; no socket and no TLS, on in-memory transports.
 
-    python perf/request_path.py [--requests 20000] [--profile]
+    python perf/request_path.py [--requests 20000] [--cycle] [--profile]
 
 Under load the same path costs several times as much (under S3 against here): between two
 requests the worker relays other streams' events and sleeps, so the code and data of a request
@@ -29,6 +32,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from vast_vespa import logs
+from vast_vespa.net.client import LeanAgent, _Connection, _ConnectionFactory
 from vast_vespa.settings import Settings
 from vast_vespa.worker.tap import build_worker
 
@@ -36,6 +41,23 @@ PROMPT = b'{"model": "bench", "prompt": "Hello, streaming world", "max_tokens": 
 REQUEST = (
     b"POST /sse/20/50 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     b"Accept: text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(PROMPT), PROMPT)
+)
+# S1's request (perf/post.lua through wrk) and nginx's answer to it (perf/bench.py).
+S1_BODY = b'{"model": "llama-3-8b", "prompt": "What is the capital of France?", "max_tokens": 64}'
+S1_REQUEST = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nContent-Length: %d\r\n"
+    b"Content-Type: application/json\r\n\r\n%s" % (len(S1_BODY), S1_BODY)
+)
+S1_ANSWER_BODY = (
+    b'{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
+    b'"model": "llama-3-8b", "choices": [{"index": 0, "text": " Paris is the capital of '
+    b'France.", "finish_reason": "stop"}], "usage": {"prompt_tokens": 12, '
+    b'"completion_tokens": 8, "total_tokens": 20}}'
+)
+S1_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 08:40:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
+    b"\r\n%s" % (len(S1_ANSWER_BODY), S1_ANSWER_BODY)
 )
 PEER = IPv4Address("TCP", "127.0.0.1", 50000)
 HOST = IPv4Address("TCP", "127.0.0.1", 3000)
@@ -49,8 +71,9 @@ class StubAgent:
         return Deferred()
 
 
-def worker_site() -> Any:
-    """A worker's site as ``twistd vespa --unsecured true`` builds it, serving at once."""
+def worker_site(stub: bool = True) -> Any:
+    """A worker's site as ``twistd vespa --unsecured true`` builds it, serving at once; with
+    ``stub``, its backend calls go nowhere."""
     settings = dataclasses.replace(
         Settings(), backend_url="http://127.0.0.1:9", listen=(), unsecured=True, admin_listen=""
     )
@@ -59,8 +82,45 @@ def worker_site() -> Any:
     service.state.mark_loaded(reactor.seconds(), 0.0)
     service.startService()
     site = service.site
-    site.resource._agent = StubAgent()  # the one step left out
+    if stub:
+        site.resource._agent = StubAgent()  # the one step left out
     return site
+
+
+class Cycle:
+    """S1's request on one kept-alive client connection, relayed on one pooled backend
+    connection, both on in-memory transports; the access line goes to a text log on
+    /dev/null, as twistd's on stdout (logs.TextLogForTwistd)."""
+
+    def __init__(self, site: Any) -> None:
+        logs._direct_text_log = logs._TextLog(open("/dev/null", "w"))
+        agent: LeanAgent = site.resource._agent
+        key = (b"http", b"127.0.0.1:9")
+        agent._backend(*key)
+        self.backend: _Connection = _ConnectionFactory(agent, key).buildProtocol(None)
+        self.backend_transport = StringTransport()
+        self.backend.makeConnection(self.backend_transport)
+        agent.pool.give_back(key, self.backend)
+        self.channel = site.buildProtocol(PEER)
+        self.client_transport = StringTransport(hostAddress=HOST, peerAddress=PEER)
+        self.channel.makeConnection(self.client_transport)
+
+    def __call__(self, profile: cProfile.Profile | None = None) -> int:
+        """CPU ns for one request, from its bytes to its answer's."""
+        if profile is not None:
+            profile.enable()
+        started = time.thread_time_ns()
+        self.channel.dataReceived(S1_REQUEST)
+        self.backend.dataReceived(S1_ANSWER)
+        spent = time.thread_time_ns() - started
+        if profile is not None:
+            profile.disable()
+        sent, answer = self.backend_transport.value(), self.client_transport.value()
+        if not (sent.startswith(b"POST /v1/completions ") and answer.endswith(S1_ANSWER_BODY)):
+            raise SystemExit(f"the cycle broke: sent {sent!r}, answered {answer!r}")
+        self.backend_transport.clear()
+        self.client_transport.clear()
+        return spent
 
 
 def one_request(site: Any, profile: cProfile.Profile | None = None) -> int:
@@ -81,20 +141,23 @@ def one_request(site: Any, profile: cProfile.Profile | None = None) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--cycle", action="store_true", help="S1's whole request")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    site = worker_site()
+    site = worker_site(stub=not args.cycle)
+    run = Cycle(site) if args.cycle else lambda profile=None: one_request(site, profile)
     for _ in range(2000):  # warm: specialised bytecode, caches, the allocator's pools
-        one_request(site)
-    spent = sorted(one_request(site) for _ in range(args.requests))
+        run()
+    spent = sorted(run() for _ in range(args.requests))
+    what = "whole request" if args.cycle else "request path"
     print(
-        f"request path, warm: p50 {statistics.median(spent) / 1000:.1f} µs, "
+        f"{what}, warm: p50 {statistics.median(spent) / 1000:.1f} µs, "
         f"p10 {spent[len(spent) // 10] / 1000:.1f} µs per request ({args.requests} requests)"
     )
     if args.profile:
         profile = cProfile.Profile()
         for _ in range(5000):
-            one_request(site, profile)
+            run(profile)
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
 
