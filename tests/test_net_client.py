@@ -43,7 +43,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -757,6 +757,92 @@ class ResponseHeadTests(Http11Case):
             told,
             [(103, b"Early Hints", [b"</style.css>; rel=preload"]), (102, b"Processing", None)],
         )
+
+
+class AnswerTests(Http11Case):
+    """``request_with_interim(..., answer=...)``, the relay's way: the response goes to
+    ``answer`` instead of the Deferred, which then only tells of failures (no callback chain
+    runs for a request that is answered)."""
+
+    def send(
+        self, client: Client, url: bytes, answer: Callable[[Any], object] | None = None
+    ) -> tuple[Deferred[Any], Deferred[Response]]:
+        """A GET to ``url``; the Deferred the agent returns, and one fired with what
+        ``answer`` is given, in the next reactor turn (a test awaiting it then does not go
+        on from inside the agent's call)."""
+        given: Deferred[Response] = Deferred()
+
+        def later(response: IResponse) -> None:
+            reactor.callLater(0, given.callback, response)
+
+        sent = client.agent.request_with_interim(b"GET", url, answer=answer or later)
+        return sent, given
+
+    async def test_the_response_goes_to_answer(self) -> None:
+        """On a new connection and on a kept-alive one, ``answer`` gets the response (its
+        body follows as usual); the agent's Deferred does not: on the new connection it
+        fires with None (the endpoint keeps it as long as the connection lives, so it must
+        end), on the kept-alive one not at all."""
+        url, backend = self.serve(ok(b"first"), ok(b"second"))
+        client = self.client()
+        for body in (b"first", b"second"):
+            sent, given = self.send(client, url)
+            response = await given
+            reader = BodyReader()
+            response.deliverBody(reader)
+            self.assertReason(await reader.ended(), ResponseDone)
+            self.assertEqual((response.code, reader.data), (200, body))
+            if body == b"first":
+                self.assertIsNone(await sent)
+            else:
+                self.assertFalse(sent.called)
+        self.assertEqual(len(backend.connections), 1)
+
+    async def test_no_response_still_fails_the_deferred(self) -> None:
+        """A backend that closes without answering fails the Deferred, as without
+        ``answer``, which is never called."""
+        url, _ = self.serve(hang_up)
+        sent, given = self.send(self.client(), url)
+        await self.assertFailure(sent, ResponseNeverReceived)
+        self.assertFalse(given.called)
+
+    async def test_a_get_sent_again_goes_to_answer(self) -> None:
+        """A GET sent on a kept-alive connection the backend had just closed goes again on a
+        new connection, and its response to ``answer``."""
+        url, backend = self.serve(ok(b"first"), ok(b"again"))
+        client = self.client()
+        await client.fetch(url)
+        backend.connections[0].tcp.loseConnection()
+        await backend.connections[0].closed  # the client has not read the FIN yet
+        sent, given = self.send(client, url)
+        response = await given
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(await sent)
+        self.assertEqual(len(backend.connections), 2)
+
+    async def test_an_answer_that_raises_is_logged(self) -> None:
+        """An error in ``answer`` is a bug: logged. A response already whole leaves its
+        connection in the pool; one whose body is still coming has nobody to read it now,
+        and its connection is closed. Both on a new connection and on a kept-alive one."""
+
+        def half(connection: ServerConnection, seen: Seen) -> None:
+            connection.tcp.write(response(b"200 OK", b"Content-Length: 10", body=b"01234"))
+
+        url, backend = self.serve(ok(b"whole"), half, ok(b"after"))
+        client = self.client()
+
+        def broken(response: Any) -> None:
+            raise RuntimeError("a bug in the caller")
+
+        sent, _ = self.send(client, url, broken)
+        await sent  # a new connection's: fired once the answer was given
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.send(client, url, broken)  # on the same connection, kept alive
+        await backend.connections[0].closed
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        fetched = await client.fetch(url)
+        self.assertEqual(fetched.body, b"after")
+        self.assertEqual(len(backend.connections), 2)
 
 
 # ---- 5. the request on the wire -------------------------------------------------------------

@@ -125,6 +125,21 @@ class RelayTests(TestCase):
         await response.content()
         await self.all_freed(made, worker.url)
 
+    async def test_a_request_on_a_kept_alive_backend_connection_is_freed_too(self) -> None:
+        """The same for a request relayed on a backend connection kept alive from the one
+        before (the pooled connection hands its response to the relay itself)."""
+        first = await raw_request(
+            self.url, b"GET /ok HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 "), first)
+        made = self.without_collector()
+        raw = await raw_request(
+            self.url, b"GET /sse?n=2 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        )
+        self.assertIn(b"data: event 1", raw)
+        self.assertEqual(self.backend.seen[0].client_port, self.backend.seen[1].client_port)  # kept
+        await self.all_freed(made, self.url)
+
     def without_collector(self) -> list[weakref.ref[object]]:
         """Turn the garbage collector off for the test; weak references to each request,
         relay and backend response the worker sets up from now on."""

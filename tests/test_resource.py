@@ -87,6 +87,21 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(worker.resource.in_flight.requests, {})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_an_error_telling_the_resource_is_logged(self) -> None:
+        """The relay tells the resource of each finished request by a plain call (no
+        Deferred): an error there is logged, as an unhandled error in a Deferred's callback
+        was, and the client's answer and the next request are not affected."""
+        worker = MemoryWorker(self, gate=Passthrough())
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("resource bug")
+
+        self.patch(worker.resource, "_relayed", broken)
+        self.assertEqual(worker.get("/status/200").code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(worker.get("/status/404").code, 404)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_an_agent_that_raises_is_an_internal_error(self) -> None:
         """An agent that raises instead of failing its Deferred (a bug, not a backend fault)
         gives the client a JSON 500 and the observers an errored result; the traceback is

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -207,7 +208,7 @@ class WorkerResource(Resource):
                 self._stall_timeout,
                 locations=self._locations,
             )
-            relayed = proxied.start()
+            proxied.run(partial(self._relayed, request, forward, started))
         except Exception:
             # A bug; after a wait for a slot nothing above would answer the client or free
             # the slot, so both happen here.
@@ -217,9 +218,7 @@ class WorkerResource(Resource):
             write_error(request, 500, "internal error", "see the worker log")
             now = self._clock.seconds()
             failed = RelayResult(Outcome.ERRORED, 500, 0, started, None, now, "internal error")
-            self._relayed(failed, request, forward, started)
-            return
-        relayed.addCallback(self._relayed, request, forward, started)
+            self._relayed(request, forward, started, failed)
 
     def _answer(
         self, forward: Forward, answer: tuple[int, bytes], request: Request, started: float
@@ -233,14 +232,14 @@ class WorkerResource(Resource):
             request.finish()
         now = self._clock.seconds()
         self._relayed(
-            RelayResult(Outcome.SERVED, code, len(body), started, now, now),
             request,
             forward,
             started,
+            RelayResult(Outcome.SERVED, code, len(body), started, now, now),
         )
 
     def _relayed(
-        self, result: RelayResult, request: Request, forward: Forward, started: float
+        self, request: Request, forward: Forward, started: float, result: RelayResult
     ) -> None:
         result.started = started
         if forward.on_done is not None:
