@@ -239,3 +239,27 @@ class PrometheusMetricsTests(TestCase):
         labels = (("method", "GET"), ("outcome", "served"), ("status", "2xx"))
         self.assertEqual(page[("vespa_requests_total", labels)], 3)
         self.assertIn(("vespa_requests_created", labels), page)
+
+    def test_request_labels(self) -> None:
+        """Requests are labelled when scraped: a request without a status (a client that
+        left) as "none", and every made-up method as one "other", so labels stay bounded."""
+        metrics = PrometheusMetrics(WorkerState(), Clock())
+        ended = [(b"POST", Outcome.CANCELLED, 0), (b"MADEUP", Outcome.SERVED, 404)]
+        ended.append((b"OTHERMADEUP", Outcome.SERVED, 404))
+        for method, outcome, status in ended:
+            request = SimpleNamespace(method=method, requestHeaders=Headers())
+            result = RelayResult(outcome, status, 0, 0.0, None, 0.1)
+            metrics.observe(request, result, None)  # type: ignore[arg-type]
+        page = samples(metrics.render().decode())
+        totals = {
+            labels: value
+            for (name, labels), value in page.items()
+            if name == "vespa_requests_total"
+        }
+        self.assertEqual(
+            totals,
+            {
+                (("method", "POST"), ("outcome", "cancelled"), ("status", "none")): 1,
+                (("method", "other"), ("outcome", "served"), ("status", "4xx")): 2,
+            },
+        )

@@ -36,12 +36,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vast_vespa.outcome import JSON, RelayResult, error_body, outcome_of
+from vast_vespa.headers import header_ops
+from vast_vespa.outcome import JSON, Outcome, RelayResult, error_body, outcome_of
 from vast_vespa.site import VespaSite
 from vast_vespa.worker.state import Phase, WorkerState
 
 METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+    {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE"}
 )
 # Inference answers range from milliseconds (embeddings) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -101,10 +102,12 @@ class _Counter:
 
 class _RequestMetrics(Collector):
     """Finished requests by (method, status class, outcome), latency and first-byte
-    histograms, bytes in and out."""
+    histograms, bytes in and out. Requests are counted under the values they come with (the
+    method, a status divided by 100, the Outcome) and labelled only when scraped."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], list[float]] = {}  # labels: [count, created]
+        # (method or b"other", status // 100, outcome): [count, created]
+        self.requests: dict[tuple[bytes, int, Outcome], list[float]] = {}
         self.latency = _Histogram(
             "vespa_request_duration_seconds",
             "Time from request received to response finished.",
@@ -122,10 +125,10 @@ class _RequestMetrics(Collector):
             "vespa_response_bytes", "Response body bytes relayed from the backend."
         )
 
-    def count(self, labels: tuple[str, str, str]) -> None:
-        entry = self.requests.get(labels)
+    def count(self, key: tuple[bytes, int, Outcome]) -> None:
+        entry = self.requests.get(key)
         if entry is None:
-            self.requests[labels] = [1, time()]
+            self.requests[key] = [1, time()]
         else:
             entry[0] += 1
 
@@ -135,7 +138,8 @@ class _RequestMetrics(Collector):
             "Finished requests by method, status class and outcome.",
             labels=("method", "status", "outcome"),
         )
-        for labels, (count, created) in list(self.requests.items()):
+        for (method, status, outcome), (count, created) in list(self.requests.items()):
+            labels = (method.decode("ascii"), f"{status}xx" if status else "none", outcome.value)
             requests.add_metric(labels, count, created=created)
         yield requests
         yield self.latency.family()
@@ -183,14 +187,15 @@ class PrometheusMetrics:
         """WorkerResource observer: count one finished request (a backend 5xx as errored,
         as in the reports)."""
         metrics = self._requests
-        method = request.method.decode("ascii", "replace")
-        status = f"{result.status // 100}xx" if result.status else "none"
-        metrics.count((method if method in METHODS else "other", status, outcome_of(result).value))
+        method = request.method
+        metrics.count(
+            (method if method in METHODS else b"other", result.status // 100, outcome_of(result))
+        )
         metrics.latency.observe(max(result.finished - result.started, 0.0))
         if result.first_byte is not None:
             metrics.first_byte.observe(max(result.first_byte - result.started, 0.0))
         metrics.bytes_out.value += result.bytes_out
-        length = request.requestHeaders.getRawHeaders(b"content-length")
+        length = header_ops(request).table(request.requestHeaders).get(b"Content-Length")
         if length and length[0].isdigit():  # chunked uploads are not counted
             metrics.bytes_in.value += int(length[0])
 
