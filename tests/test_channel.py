@@ -32,6 +32,7 @@ from zope.interface import implementer
 from tests.fakes import WritesKept
 from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
 from vast_vespa.net import server
+from vast_vespa.net.guard import REQUEST_ATTRIBUTES
 from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
 from vast_vespa.site import VespaSite
 
@@ -656,6 +657,48 @@ class ContentFileTests(SynchronousTestCase):
         channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 2\r\n\r\nhi")
         self.assertEqual(site.resource.seen, [(b"POST", b"/x", b"hi")])
         channel.connectionLost(Failure(ConnectionDone()))
+
+
+class LeanSetUpTests(SynchronousTestCase):
+    """LeanRequest sets a request up in one step and hands it over without twisted.web's
+    form checks: the request a resource gets is the one twisted.web's way makes."""
+
+    def received(self, fast_path: bool, raw: bytes) -> dict[str, Any]:
+        """The request's attributes as its resource got it, and its body."""
+        seen: list[dict[str, Any]] = []
+
+        def answer(request: Request) -> bytes:
+            assert request.content is not None
+            seen.append({**vars(request), "type": type(request), "body": request.content.read()})
+            return b""
+
+        resource = _Held()
+        resource.answer_with = answer
+        site = VespaSite(resource, reactor=Clock(), fast_path=fast_path)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(raw)
+        channel.connectionLost(Failure(ConnectionDone()))
+        [request] = seen
+        return request
+
+    def test_the_same_request_as_twisted_webs(self) -> None:
+        form = b"a=1&b=2"
+        for raw in (
+            b"GET /path?x=1&x=2&flag HTTP/1.1\r\nHost: w\r\nCookie: c=3\r\n\r\n",
+            b"POST /form HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\n%s" % (len(form), form),
+        ):
+            lean, stock = self.received(True, raw), self.received(False, raw)
+            self.assertEqual(lean["type"].__name__, "LeanRequest")
+            self.assertLessEqual(REQUEST_ATTRIBUTES, set(lean))
+            for name in (
+                *("method", "uri", "path", "args", "clientproto", "client", "host", "queued"),
+                *("received_cookies", "cookies", "notifications"),
+                *("_parsePOSTFormSubmission", "body"),
+            ):
+                self.assertEqual(lean[name], stock[name], (raw, name))
+        self.assertEqual(lean["args"], {})  # a form body is never read into args
 
 
 class ResponseHeadTests(SynchronousTestCase):

@@ -74,6 +74,25 @@ class GuardTests(SynchronousTestCase):
             },
         )
 
+    def test_a_request_constructor_that_sets_more_turns_the_fast_path_off(self) -> None:
+        """LeanRequest sets up a request with the attributes twisted.web's constructor sets:
+        a Twisted whose constructor sets another one (that LeanRequest would not) is a
+        changed shape."""
+        from twisted.web import http
+
+        original = http.Request.__init__
+
+        def setting_more(request: http.Request, *args: object, **kwargs: object) -> None:
+            original(request, *args, **kwargs)  # type: ignore[arg-type]
+            request.newer = True  # type: ignore[attr-defined]
+
+        self.assertEqual(guard.missing(reactor), [])
+        self.patch(http.Request, "__init__", setting_more)
+        unmet = [str(need) for need in guard.missing(reactor)]
+        self.assertEqual(
+            unmet, ["twisted.web.server.Request.__dict__ (the attributes LeanRequest sets)"]
+        )
+
     def test_reactor_needs_apply_to_the_epoll_reactor_only(self) -> None:
         """Another reactor is left alone by the parts that need epoll's internals."""
         self.assertEqual(guard.missing(MemoryReactorClock()), [])

@@ -41,6 +41,7 @@ from tests.memory import MemoryWorker
 from tests.test_gate import query
 from vast_vespa.net.client import Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
+from vast_vespa.net.request import LeanRequest
 from vast_vespa.net.resolve import NamedEndpoint
 from vast_vespa.relay import BodyRelay, ProxiedRequest
 from vast_vespa.site import VespaRequest, VespaSite
@@ -144,7 +145,7 @@ class RelayTests(TestCase):
         """Turn the garbage collector off for the test; weak references to each request,
         relay and backend response the worker sets up from now on."""
         made: list[weakref.ref[object]] = []
-        for cls in (VespaRequest, ProxiedRequest, BodyRelay, Response):
+        for cls in (VespaRequest, LeanRequest, ProxiedRequest, BodyRelay, Response):
             self.patch(cls, "__init__", _recording_init(cls.__init__, made))
         gc.collect()
         gc.disable()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +18,7 @@ class WhenLostTests(SynchronousTestCase):
         """Each callback hears the reason, in the order given; one that raises is logged and
         the next is still told; none is told twice. Both request classes."""
         for cls in (VespaRequest, LeanRequest):
-            request = cls(DummyChannel())
+            request = cls(cast(Any, DummyChannel()))
             first: list[Failure] = []
             last: list[Failure] = []
             request.when_lost(first.append)

@@ -108,13 +108,13 @@ class VespaSite(Site):
         if _CAN_SKIP_FORMS:
             kwargs["parsePOSTFormSubmission"] = False
         super().__init__(resource, **kwargs)
+        factory: type[VespaRequest] = VespaRequest
         if fast_path:
             from vast_vespa.net.request import LeanRequest
 
-            self.requestFactory = LeanRequest
-        else:
-            self.requestFactory = VespaRequest
-        self.header_ops = self.requestFactory.header_ops  # how its channels build Headers
+            factory = LeanRequest
+        self.requestFactory = factory  # called with the channel only (GuardedChannel)
+        self.header_ops = factory.header_ops  # how its channels build Headers
         self.name = name
         self.limits = limits or Limits()
         self.connections = ConnectionTable(self.reactor)

@@ -77,6 +77,24 @@ class Need:
 
 
 _EPOLL = EPollReactor
+# The attributes twisted.web's Request constructor sets on a request (its own and
+# Componentized's), which LeanRequest's constructor sets itself.
+REQUEST_ATTRIBUTES = frozenset(
+    {
+        "notifications",
+        "channel",
+        "client",
+        "host",
+        "requestHeaders",
+        "received_cookies",
+        "responseHeaders",
+        "cookies",
+        "transport",
+        "queued",
+        "_parsePOSTFormSubmission",
+        "_adapterCache",
+    }
+)
 NEEDS: tuple[Need, ...] = (
     # net/dispatch.py: the lean event dispatch, on the running epoll reactor
     Need("reactor", "_poller", lambda v: callable(getattr(v, "poll", None)), "epoll", _EPOLL),
@@ -150,7 +168,14 @@ NEEDS: tuple[Need, ...] = (
         lambda v: v.encode(b"x-request-id") == b"X-Request-Id",
         "a name encoder to canonical names",
     ),
-    # net/request.py: the state Request.write keeps
+    # net/request.py: what twisted.web's Request constructor sets (LeanRequest sets the same
+    # in one step), and the state Request.write keeps
+    Need(
+        "twisted.web.server:Request()",
+        "__dict__",
+        lambda v: set(v) == REQUEST_ATTRIBUTES,
+        "the attributes LeanRequest sets",
+    ),
     Need("twisted.web.server:Request", "_disconnected", _kind(bool), "a bool"),
     Need("twisted.web.server:Request", "_encoder", lambda v: v is None, "None"),
     Need("twisted.web.server:Request", "_inFakeHead", _kind(bool), "a bool"),
@@ -174,7 +199,20 @@ _PROBES: dict[str, Callable[[Any, Any], Any]] = {
     "FileDescriptor": lambda cls, reactor: cls(reactor),  # what every TCP connection sets up
     "_WrappingProtocol": lambda cls, reactor: cls(Deferred(), Protocol()),  # endpoints' wrapper
     "Headers": lambda cls, reactor: cls({b"content-type": [b"text/plain"]}),  # one header set
+    "Request": lambda cls, reactor: cls(_ProbeChannel(), parsePOSTFormSubmission=False),
 }
+
+
+class _ProbeChannel:
+    """What twisted.web's Request constructor asks of its channel."""
+
+    transport = None
+
+    def getPeer(self) -> None:
+        return None
+
+    def getHost(self) -> None:
+        return None
 
 
 def _owner(need: Need, reactor: Any) -> Any:

@@ -6,21 +6,29 @@ in fewer steps, for the requests every listener relays.
 Twisted private names it relies on (checked at start-up by :mod:`vast_vespa.net.guard`):
 the state ``Request.write`` keeps about an answer
 (``_disconnected``, ``_encoder``, ``_inFakeHead``), read to know when its own head writing
-applies; anything else goes to twisted.web's own ``write``. Its headers are read and filled
+applies; anything else goes to twisted.web's own ``write``; and the attributes twisted.web's
+Request constructor sets (``_parsePOSTFormSubmission`` and Componentized's ``_adapterCache``
+among them), which its own constructor sets in one step. Its headers are read and filled
 through :mod:`vast_vespa.net.header_table`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES
+from twisted.web.http import NO_BODY_CODES, parse_qs
+from twisted.web.http_headers import Headers
 from twisted.web.server import version as SERVER
 
 from vast_vespa.net.header_table import RAW_HEADER_OPS
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.site import VespaRequest
+
+if TYPE_CHECKING:
+    from vast_vespa.net.server import GuardedChannel
 
 
 class LeanRequest(VespaRequest):
@@ -28,6 +36,11 @@ class LeanRequest(VespaRequest):
     the steps every relayed request goes through (twisted.web's way does more work per
     request than a relay needs; docs/performance.md has what this buys):
 
+    - it is set up in one step, where twisted.web's goes through two constructors (its own
+      and Componentized's); the start-up guard checks that the attributes set are the ones
+      twisted.web's constructor sets;
+    - the request is handed to its resource without looking at a form body's Content-Type
+      (the site never reads form bodies into ``args``, see :class:`VespaSite`);
     - a leaf root resource (the worker's, the client proxy's) is rendered without walking the
       resource tree, so ``prepath`` and ``postpath`` are not set (those resources read
       ``path`` and ``uri``); any other resource goes the twisted.web way;
@@ -40,6 +53,29 @@ class LeanRequest(VespaRequest):
     header_ops = RAW_HEADER_OPS
     _chunks_go_straight = False  # the head is out and the body is chunked, not encoded
     _send_chunk: Callable[[bytes], object]  # the connection's write, once chunks go straight
+
+    def __init__(self, channel: GuardedChannel) -> None:
+        self.notifications: list[Deferred[None]] = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.requestHeaders = Headers()
+        self.received_cookies: dict[bytes, bytes] = {}
+        self.responseHeaders = Headers()
+        self.cookies: list[bytes] = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False
+        self._adapterCache: dict[str, object] = {}
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        content = self.content
+        assert content is not None  # (gotLength made it)
+        content.seek(0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, query_follows, query = path.partition(b"?")
+        self.args = parse_qs(query, 1) if query_follows else {}
+        self.process()
 
     def process(self) -> None:
         site = self.channel.site
