@@ -33,11 +33,11 @@ class _Fresh:
         os.register_at_fork(after_in_child=self.reseed)
 
     def reseed(self) -> None:
-        self._prefix = secrets.token_hex(8)
+        self._prefix = secrets.token_hex(8).encode("ascii")
         self._counter = itertools.count()
 
     def next(self) -> bytes:
-        return f"{self._prefix}{next(self._counter):016x}".encode("ascii")
+        return b"%s%016x" % (self._prefix, next(self._counter))
 
 
 _fresh = _Fresh()

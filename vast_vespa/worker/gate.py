@@ -115,6 +115,16 @@ def _path(target: bytes) -> bytes:
     return target.partition(b"?")[0]
 
 
+_AUTH_HEADER_NAME = b"X-Serverless-Auth"  # AUTH_HEADER as a header table names it
+
+
+def _auth_header(request: Request) -> bytes | None:
+    """The request's X-Serverless-Auth (its last value, as ``getHeader``), read from its
+    header table."""
+    values = header_ops(request).table(request.requestHeaders).get(_AUTH_HEADER_NAME)
+    return values[-1] if values else None
+
+
 def _not_ready() -> Rejection:
     return Rejection(
         503,
@@ -184,7 +194,7 @@ class SignedGate:
             return False
         rejection = self._blocked_path(target)
         if rejection is None:
-            header = request.getHeader(AUTH_HEADER)
+            header = _auth_header(request)
             try:
                 if header is not None:
                     unwrapped: Unwrapped | None = from_header(header, target)
@@ -210,7 +220,7 @@ class SignedGate:
             self._keys is None
             or method not in ENVELOPE_METHODS
             or self._is_session_path(_path(target))
-            or request.getHeader(AUTH_HEADER) is not None
+            or _auth_header(request) is not None
         ):
             return False
         try:
@@ -266,7 +276,7 @@ class SignedGate:
             unwrapped = unwrap(
                 request.method,
                 request.uri,
-                request.getHeader(AUTH_HEADER),
+                _auth_header(request),
                 request.content,
                 self._keys is None,
             )

@@ -177,17 +177,17 @@ class WorkerResource(Resource):
         except Exception:
             self._not_admitted(Failure(), request, started)
             return NOT_DONE_YET
-        if isinstance(verdict, Deferred):
-            # Waiting for a slot: a client that leaves is taken out of the queue.
-            request.notifyFinish().addErrback(lambda _: verdict.cancel())
-            verdict.addCallbacks(
-                self._relay,
-                self._not_admitted,
-                callbackArgs=(request, started),
-                errbackArgs=(request, started),
-            )
-        else:
+        if isinstance(verdict, Forward):  # (a plain class: Deferred's check goes through abc)
             self._relay(verdict, request, started)
+            return NOT_DONE_YET
+        # Waiting for a slot: a client that leaves is taken out of the queue.
+        request.notifyFinish().addErrback(lambda _: verdict.cancel())
+        verdict.addCallbacks(
+            self._relay,
+            self._not_admitted,
+            callbackArgs=(request, started),
+            errbackArgs=(request, started),
+        )
         return NOT_DONE_YET
 
     def _relay(self, forward: Forward, request: Request, started: float) -> None:
