@@ -564,6 +564,7 @@ class ResponseFramingTests(Http11Case):
         at_once: list[bytes] = []
 
         def got(answer: Any) -> None:
+            self.assertFalse(answer.ended)  # the rest is still to come
             answer.deliverBody(reader)
             at_once.append(reader.data)
 
@@ -572,6 +573,18 @@ class ResponseFramingTests(Http11Case):
         answering[0].tcp.write(b"later")
         self.assertReason(await reader.ended(), ResponseDone)
         self.assertEqual(reader.data, b"firstlater")
+
+    async def test_a_body_that_came_whole_with_the_head_is_ended_when_told(self) -> None:
+        """The whole body in the read with the head: the response says it is over already
+        (the relay then has nothing to pause), and deliverBody gives it and its end."""
+        url, _ = self.serve(ok(b"whole"))
+        answer = await self.client().request(url)
+        self.assertTrue(answer.ended)
+        reader = BodyReader()
+        answer.deliverBody(reader)
+        self.assertTrue(reader.done.called)
+        self.assertReason(await reader.ended(), ResponseDone)
+        self.assertEqual(reader.data, b"whole")
 
     def test_body_stopped_while_its_early_part_is_delivered_ends_once(self) -> None:
         """A protocol that aborts the body while the part that came before deliverBody is

@@ -7,6 +7,8 @@ import gc
 import hashlib
 import os
 import weakref
+from functools import partial
+from types import SimpleNamespace
 from typing import Any, cast
 
 import treq
@@ -16,9 +18,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import _newclient
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
@@ -371,6 +374,43 @@ class RelayDecisionTests(SynchronousTestCase):
         self.assertEqual(answer.code, 504)
         self.assertEqual(answer.json()["error"], "backend timeout")
         self.successResultOf(worker.backend.cancelled[-1])
+
+
+class _ProducerRecorder:
+    """What BodyRelay calls on its request: producer (un)registration, writes and the end."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.calls.append("register")
+
+    def unregisterProducer(self) -> None:
+        self.calls.append("unregister")
+
+    def write(self, data: bytes) -> None:
+        self.calls.append("write")
+
+    def finish(self) -> None:
+        self.calls.append("finish")
+
+
+class BodyRelayTests(SynchronousTestCase):
+    def test_a_body_that_came_whole_registers_no_producer(self) -> None:
+        """A body already over when it is delivered (net/client.py's Response says so) has
+        nothing to pause: the relay writes it and finishes without registering as the
+        request's producer. A body still coming is relayed as a producer."""
+        for ended, expected in (
+            (True, ["write", "finish"]),
+            (False, ["register", "write", "unregister", "finish"]),
+        ):
+            request = _ProducerRecorder()
+            done: list[bool] = []
+            relay = BodyRelay(cast(Any, request), partial(done.append, True))
+            relay.makeConnection(cast(Any, SimpleNamespace(ended=ended)))
+            relay.dataReceived(b"body")
+            relay.connectionLost(Failure(ResponseDone()))
+            self.assertEqual((request.calls, done), (expected, [True]), ended)
 
 
 def _recording_init(original: Any, made: list[weakref.ref[object]]) -> Any:

@@ -74,6 +74,8 @@ class BodyRelay(Protocol):
     backend connection.
     """
 
+    _producing = False  # registered as the request's producer
+
     def __init__(
         self,
         request: Request,
@@ -94,6 +96,9 @@ class BodyRelay(Protocol):
     def connectionMade(self) -> None:
         # Agent hands us a TransportProxyProducer: pause/resume/stopProducing only.
         self._backend = cast(IPushProducer, self.transport)
+        if getattr(self._backend, "ended", False):
+            return  # the whole body is here (net/client.py's Response): nothing to pause
+        self._producing = True
         self._request.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -115,7 +120,8 @@ class BodyRelay(Protocol):
             # The channel is gone: no unregisterProducer/finish (they would raise).
             self._done()
             return
-        self._request.unregisterProducer()
+        if self._producing:
+            self._request.unregisterProducer()
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not .check: slower
             self._request.finish()
         else:

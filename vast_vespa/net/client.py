@@ -239,6 +239,13 @@ class Response:
     def setPreviousResponse(self, response: IResponse) -> None:
         """Not used: the relay never follows redirects."""
 
+    @property
+    def ended(self) -> bool:
+        """Whether the body is over already (the whole of it came with the head, or the
+        connection failed): the protocol given to deliverBody then gets all of it and its
+        end at once, and has nothing to pause."""
+        return self._ended is not None
+
     def deliverBody(self, protocol: IProtocol) -> None:
         protocol.makeConnection(cast(Any, self))  # the transport: pause/resume/stop only
         early, self._early = self._early, []
