@@ -73,8 +73,8 @@ class SameHeadersTests(SynchronousTestCase):
     @settings(max_examples=40, deadline=None)
     @given(FIELDS)
     def test_build_table_and_put(self, fields: list[tuple[bytes, bytes]]) -> None:
-        """A table builds the same Headers, reads back the same, and a put replaces the same
-        values."""
+        """A table builds the same Headers, reads back the same, and a put or an update
+        replaces the same values."""
         for_raw, for_public = canonical_table(fields), canonical_table(fields)
         raw, public = RAW_HEADER_OPS.build(for_raw), PUBLIC_HEADER_OPS.build(for_public)
         self.assertEqual(raw, public)
@@ -82,7 +82,9 @@ class SameHeadersTests(SynchronousTestCase):
         for ops, headers in ((RAW_HEADER_OPS, raw), (PUBLIC_HEADER_OPS, public)):
             ops.put(headers, b"X-Request-Id", [b"id"])
             ops.put(headers, b"Content-Length", [b"12"])
+            ops.update(headers, {b"Content-Type": [b"text/plain"], b"X-New": [b"1", b"2"]})
         self.assertEqual(raw, public)
+        self.assertEqual(raw.getRawHeaders(b"x-new"), [b"1", b"2"])
         self.assertEqual(raw.getRawHeaders(b"x-request-id"), [b"id"])
         kept = end_to_end(RAW_HEADER_OPS.table(raw), REQUEST_ONLY_DROPPED)
         self.assertEqual(kept, end_to_end(PUBLIC_HEADER_OPS.table(public), REQUEST_ONLY_DROPPED))

@@ -63,6 +63,11 @@ class HeaderOps:
         """Set ``name`` (canonical) to ``values``, replacing any it had."""
         headers.setRawHeaders(name, values)
 
+    def update(self, headers: Headers, table: dict[bytes, list[bytes]]) -> None:
+        """:meth:`put` each name of ``table`` (canonical) and its values."""
+        for name, values in table.items():
+            headers.setRawHeaders(name, values)
+
 
 PUBLIC_HEADER_OPS = HeaderOps()
 
@@ -190,7 +195,7 @@ class LocationRewriter:
     case, the default port written or not.
     """
 
-    NAMES = frozenset({b"location", b"content-location"})
+    NAMES = frozenset({b"Location", b"Content-Location"})  # canonical, as in header tables
 
     def __init__(self, backend_url: str, public_url: str | None = None) -> None:
         """``public_url``: where clients reach the proxy; without it, the scheme and Host

@@ -336,17 +336,19 @@ class ProxiedRequest:
         dropped = frozenset() if head else RESPONSE_ONLY_DROPPED
         ops = header_ops(request)
         copied = request.responseHeaders
-        own = ops.table(copied)  # (a snapshot with the public ops: the names below are distinct)
+        own = ops.table(copied)
         locations = self._locations
+        taken: dict[bytes, list[bytes]] = {}
         for name, values in end_to_end(ops.table(response.headers), dropped):
             if name in own:  # Vespa's own (X-Request-ID) win
                 continue
-            if locations is not None and name.lower() in LocationRewriter.NAMES:
-                ops.put(copied, name, [locations(request, value) for value in values])
+            if locations is not None and name in LocationRewriter.NAMES:
+                taken[name] = [locations(request, value) for value in values]
             else:
-                ops.put(copied, name, list(values))
+                taken[name] = list(values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
-            ops.put(copied, b"Content-Length", [b"%d" % cast(int, response.length)])
+            taken[b"Content-Length"] = [b"%d" % response.length]
+        ops.update(copied, taken)
         relay = self._relay = BodyRelay(
             request, self._body_done, self._clock if self._stall_timeout else None
         )

@@ -65,5 +65,8 @@ class RawHeaderOps(HeaderOps):
     def put(self, headers: Headers, name: bytes, values: list[bytes]) -> None:
         headers._rawHeaders[name] = values
 
+    def update(self, headers: Headers, table: dict[bytes, list[bytes]]) -> None:
+        headers._rawHeaders.update(table)
+
 
 RAW_HEADER_OPS = RawHeaderOps()
