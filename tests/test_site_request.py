@@ -34,13 +34,24 @@ class WhenLostTests(SynchronousTestCase):
     def test_not_told_after_the_answer(self) -> None:
         """A finished answer drops the callbacks: a loss after it tells no one, and the
         request holds no reference to them (no cycle with the relay that gave one)."""
-        request = VespaRequest(DummyChannel())
-        told: list[Failure] = []
-        request.when_lost(told.append)
-        request.finish()
-        self.assertIsNone(request._when_lost)
-        request.connectionLost(Failure(ConnectionDone("gone")))
-        self.assertEqual(told, [])
+        for cls, started in ((VespaRequest, False), (LeanRequest, False), (LeanRequest, True)):
+            # (LeanRequest finishes an answer under way in a step of its own)
+            channel = DummyChannel()
+            request = cls(cast(Any, channel))
+            request.method, request.clientproto = b"GET", b"HTTP/1.1"
+            told: list[Failure] = []
+            request.when_lost(told.append)
+            if started:
+                request.write(b"partial")
+            request.finish()
+            self.assertIsNone(request._when_lost)
+            self.assertTrue(request.finished)
+            request.connectionLost(Failure(ConnectionDone("gone")))
+            self.assertEqual(told, [])
+            written = channel.transport.written.getvalue()
+            self.assertTrue(
+                written.endswith(b"7\r\npartial\r\n0\r\n\r\n" if started else b"0\r\n\r\n"), written
+            )
 
 
 def _broken(reason: Failure) -> None:

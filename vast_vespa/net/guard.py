@@ -176,6 +176,7 @@ NEEDS: tuple[Need, ...] = (
         lambda v: set(v) == REQUEST_ATTRIBUTES,
         "the attributes LeanRequest sets",
     ),
+    Need("twisted.web.server:Request", "_cleanup", _method(), "a method"),
     Need("twisted.web.server:Request", "_disconnected", _kind(bool), "a bool"),
     Need("twisted.web.server:Request", "_encoder", lambda v: v is None, "None"),
     Need("twisted.web.server:Request", "_inFakeHead", _kind(bool), "a bool"),

@@ -6,7 +6,8 @@ in fewer steps, for the requests every listener relays.
 Twisted private names it relies on (checked at start-up by :mod:`vast_vespa.net.guard`):
 the state ``Request.write`` keeps about an answer
 (``_disconnected``, ``_encoder``, ``_inFakeHead``), read to know when its own head writing
-applies; anything else goes to twisted.web's own ``write``; and the attributes twisted.web's
+applies; anything else goes to twisted.web's own ``write``; ``_cleanup``, the end of
+twisted.web's ``finish``, which its own ``finish`` calls; and the attributes twisted.web's
 Request constructor sets (``_parsePOSTFormSubmission`` and Componentized's ``_adapterCache``
 among them), which its own constructor sets in one step. Its headers are read and filled
 through :mod:`vast_vespa.net.header_table`.
@@ -47,7 +48,8 @@ class LeanRequest(VespaRequest):
     - the response head is made in one pass over the headers (the same head), and goes out
       in one write with the first data;
     - once the head is out, a chunked body's data is framed here and written to the
-      connection (twisted.web's write, three calls deep, checks the same state each time).
+      connection (twisted.web's write, three calls deep, checks the same state each time);
+    - an answer under way is finished in one step too.
     """
 
     header_ops = RAW_HEADER_OPS
@@ -130,7 +132,22 @@ class LeanRequest(VespaRequest):
 
     def finish(self) -> None:
         self._chunks_go_straight = False
-        super().finish()
+        if (
+            self._disconnected
+            or self.finished
+            or not self.startedWriting
+            or self._encoder is not None
+            or self.queued
+        ):
+            super().finish()  # twisted.web's checks, warnings and head writing
+            return
+        # twisted.web's finish of an answer under way, without its three calls deep and the
+        # site's access log (VespaSite writes none)
+        self._when_lost = None  # as VespaRequest.finish
+        if self.chunked:
+            self.channel.write(b"0\r\n\r\n")
+        self.finished = 1
+        self._cleanup()
 
     def connectionLost(self, reason: Failure) -> None:
         self._chunks_go_straight = False

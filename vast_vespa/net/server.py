@@ -942,7 +942,8 @@ class GuardedChannel(Protocol):
             self._last_seen = self.site.reactor.seconds()
         if self._applying:
             return  # answered at once: the loop handing out requests goes on
-        self._apply()
+        if self._events or self._held_size:  # (nearly always neither: nothing came meanwhile)
+            self._apply()
         self._arm_input_timers()
         self._set_idle_if_idle()
 
