@@ -33,7 +33,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vast_vespa import request_id
-from vast_vespa.outcome import RelayResult, outcome_of
+from vast_vespa.outcome import OUTCOME_NAMES, RelayResult, outcome_of
 
 _access = Logger(namespace="vespa.access")
 # The client proxy's access lines have their own namespace: in the sandbox, where a worker and
@@ -71,7 +71,7 @@ def log_access(
         "-" if result.first_byte is None else f"{(result.first_byte - result.started) * 1000:.1f}ms"
     )
     rid = request_id.of(request)
-    outcome = outcome_of(result).value
+    outcome = OUTCOME_NAMES[outcome_of(result)]
     line = (
         f"{method} {path} {result.status} {outcome} workload={workload:g} "
         f"{result.bytes_out}B {duration_ms:.1f}ms ttfb={ttfb_ms} id={rid}"

@@ -35,6 +35,15 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"  # the client went away first
     REJECTED = "rejected"  # refused before reaching the backend (auth, admission, limits)
 
+    # Members are singletons, equal to themselves alone, so hashing by identity is right;
+    # Enum's own hash is a Python call on every dict lookup by outcome (/metrics counts by one).
+    __hash__ = object.__hash__
+
+
+# Each outcome's value, read without Enum's value property (a Python call per read): the access
+# line names an outcome for every request.
+OUTCOME_NAMES: dict[Outcome, str] = {outcome: outcome.value for outcome in Outcome}
+
 
 @dataclass
 class RelayResult:

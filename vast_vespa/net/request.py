@@ -70,6 +70,9 @@ class LeanRequest(VespaRequest):
         self._parsePOSTFormSubmission = False
         self._adapterCache: dict[str, object] = {}
 
+    def gotLength(self, length: int | None) -> None:
+        self.content = self.channel.site.getContentFile(length)  # (twisted.web asks if it can)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         content = self.content
         assert content is not None  # (gotLength made it)
