@@ -833,7 +833,9 @@ class GuardedChannel(Protocol):
                 if kind == _BODY:
                     if self._body_start is not None and self._watch_body_start(event[1]):
                         break
-                    cast(Request, self._request).handleContentChunk(event[1])
+                    request = self._request
+                    assert request is not None  # (a body follows its head)
+                    request.handleContentChunk(event[1])
                 elif kind == _HEAD:
                     self._start_request(*event[1:])
                 elif kind == _END:
@@ -917,7 +919,9 @@ class GuardedChannel(Protocol):
         self._answering = True
         if not self._persistent:
             self._drop_input = True  # nothing after a last request is read
-        cast(Request, self._request).requestReceived(self._command, self._path, self._version)
+        request = self._request
+        assert request is not None  # (an end follows its head)
+        request.requestReceived(self._command, self._path, self._version)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:

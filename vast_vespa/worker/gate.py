@@ -266,7 +266,8 @@ class SignedGate:
                 return self._sessions.manage(request)
             if request.method != b"POST":
                 raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
-        rejection = self._refused_early.pop(request, None)
+        # (the early verdict refuses only when secured)
+        rejection = self._refused_early.pop(request, None) if self._keys is not None else None
         if rejection is None and self._blocked:
             rejection = self._blocked_path(request.uri)
         if rejection is not None:
