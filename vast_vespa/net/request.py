@@ -71,7 +71,8 @@ class LeanRequest(VespaRequest):
         self._adapterCache: dict[str, object] = {}
 
     def gotLength(self, length: int | None) -> None:
-        self.content = self.channel.site.getContentFile(length)  # (twisted.web asks if it can)
+        # twisted.web looks the site's method up each time, in case a site has none
+        self.content = self.channel.site.getContentFile(length)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         content = self.content
