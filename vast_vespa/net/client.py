@@ -846,10 +846,10 @@ class LeanAgent:
         answer: Answer | None = None,
     ) -> Deferred[IResponse]:
         """:meth:`request`, with ``interim`` told of each 1xx answer (but 101) before the
-        response. With ``answer``, the response goes to ``answer(response)`` and the
-        Deferred only ever fails (no response: not sent, cancelled, the connection broke):
-        for the relay, whose every request would otherwise run a Deferred's callback chain
-        (a measurable part of a small request's CPU)."""
+        response. With ``answer``, the response goes to ``answer(response)`` instead of the
+        Deferred, which then tells of failures alone (no response: not sent, cancelled, the
+        connection broke): for the relay, whose every request would otherwise run a
+        Deferred's callback chain (a measurable part of a small request's CPU)."""
         scheme, sep, rest = uri.partition(b"://")
         if not sep or scheme not in (b"http", b"https"):
             return fail(ValueError(f"not an http(s) URL: {uri!r}"))
