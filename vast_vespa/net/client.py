@@ -622,7 +622,7 @@ class _Connection(Protocol):
         if answer is None:
             waiting.callback(response)
         else:
-            _answer(response, answer)
+            _hand_over(response, answer)
 
     def on_body(self, data: bytes) -> None:
         self._body_seen += len(data)
@@ -754,7 +754,7 @@ class _Connection(Protocol):
             lost.callback(None)
 
 
-def _answer(response: IResponse, answer: Answer) -> None:
+def _hand_over(response: IResponse, answer: Answer) -> None:
     """``answer(response)``. An error there is a bug, logged as an unhandled error in a
     Deferred's callback would be; nobody reads the response now, so its connection is
     closed if the body is still coming."""
@@ -889,7 +889,7 @@ class LeanAgent:
         if answer is not None:
             # Through the Deferred: the endpoint keeps this one for as long as the connection
             # lives, so it must fire, or it would keep the caller's errback (and the caller).
-            sent.addCallback(_answer, answer)
+            sent.addCallback(_hand_over, answer)
         return sent  # type: ignore[no-any-return]
 
     def _closed_while_idle(
