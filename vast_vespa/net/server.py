@@ -748,7 +748,9 @@ class GuardedChannel(Protocol):
         hosts = underscored = 0
         for name, value in fields:
             size += len(name) + len(value) + 4
-            if b"_" in name:
+            # (find, not ``in``: a bytes ``in`` tries its operand as an int first, and raises
+            # and clears a TypeError inside CPython, for every header)
+            if name.find(b"_") != -1:
                 # Dropped, as nginx does: WSGI/ASGI backends read X_Forwarded_For as the
                 # X-Forwarded-For the worker writes.
                 underscored += 1

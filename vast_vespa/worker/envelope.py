@@ -312,7 +312,8 @@ def unwrap(
                     )
             body.seek(0)
             text = body.read()  # at most UNORDERED_LIMIT bytes, or an envelope in order
-            if unsecured and ENVELOPE_KEY not in text:
+            # (find: a bytes ``in`` raises and clears a TypeError inside CPython first)
+            if unsecured and text.find(ENVELOPE_KEY) == -1:
                 return Unwrapped(None, uri)  # plain JSON: not parsed
             return from_envelope(text, uri)
         if method in QUERY_METHODS:
