@@ -20,21 +20,25 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IHandshakeListener,
     IProtocolNegotiationFactory,
     IPushProducer,
+    ISSLTransport,
+    ISystemHandle,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import directlyProvidedBy, implementedBy, implementer, providedBy
+from zope.interface import directlyProvidedBy, implementer
+from zope.interface.verify import verifyObject
 
 from tests.certs import self_signed
 from tests.fakes import FakeBackend, WritesKept, big_body
@@ -252,7 +256,9 @@ class EndToEnd(_TestCaseMixin):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_interfaces(self) -> None:
-        """The TLS transport a protocol sees provides the same interfaces in both modes."""
+        """The TLS transport a protocol sees provides, in both modes, a TCP connection's
+        interfaces and TLS's, with every method they name; the TCP connection's own reach it
+        (Nagle, keep-alive, the addresses, reading paused and resumed)."""
         made: Deferred[Any] = Deferred()
 
         class Keep(Protocol):
@@ -264,11 +270,30 @@ class EndToEnd(_TestCaseMixin):
         raw.sendall(b"\x16")  # the fast path's listener hands over a connection with bytes in
         self.addCleanup(raw.close)
         transport = await made
-        self.assertEqual(
-            set(providedBy(transport).flattened()),
-            set(providedBy(transport.transport).flattened())
-            | set(implementedBy(TLSMemoryBIOProtocol).flattened()),
-        )
+        for interface in TRANSPORT_INTERFACES:
+            verifyObject(interface, transport)
+        if self.fast_path:
+            self.assertEqual(list(directlyProvidedBy(transport)), [])
+        self.assertEqual(transport.getPeer().port, raw.getsockname()[1])
+        self.assertEqual(transport.getHost().port, port)
+        for enabled in (True, False):
+            transport.setTcpNoDelay(enabled)
+            transport.setTcpKeepAlive(enabled)
+            self.assertEqual(
+                (bool(transport.getTcpNoDelay()), bool(transport.getTcpKeepAlive())),
+                (enabled, enabled),
+            )
+        tcp = transport.transport
+        transport.pauseProducing()
+        self.assertNotIn(tcp, reactor.getReaders())
+        transport.resumeProducing()
+        self.assertIn(tcp, reactor.getReaders())
+        transport.stopProducing()
+        self.assertFalse(tcp.connected and tcp in reactor.getReaders())
+
+
+# What a protocol may use of its TLS transport, in both modes.
+TRANSPORT_INTERFACES = (ITCPTransport, ISSLTransport, IPushProducer, IConsumer, ISystemHandle)
 
 
 def deferLater0() -> Deferred[None]:
@@ -469,9 +494,10 @@ class InMemoryTests(SynchronousTestCase):
         except (SSL.WantReadError, SSL.ZeroReturnError):
             return data
 
-    def test_no_interfaces_copied(self) -> None:
-        """A transport whose interfaces the class provides gives the protocol none of its
-        own; one with others gives them."""
+    def test_same_interfaces_for_every_transport(self) -> None:
+        """The class says what a connection provides: nothing is declared per connection,
+        whatever its transport provides; and it has no ``__getattr__``, which would make
+        every attribute read of it CPython's slow one."""
         self.assertEqual(list(directlyProvidedBy(self.server)), [])
 
         @implementer(IAddress)
@@ -480,8 +506,16 @@ class InMemoryTests(SynchronousTestCase):
 
         other = LeanTLSProtocol(self.server.factory, Recorder())
         other.makeConnection(Odd())
-        self.assertTrue(IAddress.providedBy(other))
+        self.assertEqual(list(directlyProvidedBy(other)), [])
+        self.assertFalse(IAddress.providedBy(other))
         self.assertTrue(ITCPTransport.providedBy(other))
+        self.assertFalse(hasattr(LeanTLSProtocol, "__getattr__"))
+
+    def test_log_prefix(self) -> None:
+        """The wrapped protocol's log prefix, marked TLS, as its factory's is the wrapped
+        factory's."""
+        self.assertEqual(self.server.logPrefix(), "Recorder (TLS)")
+        self.assertEqual(self.factory.logPrefix(), "Factory (TLS)")
 
     def test_writes_in_a_turn_leave_together(self) -> None:
         """While the reactor dispatches a turn's events, writes wait; when the turn is over

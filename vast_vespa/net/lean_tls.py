@@ -11,19 +11,29 @@ twenty such calls. :class:`LeanTLSProtocol` does the same on Python's own ``ssl`
 instead of reading until an exception says there are none, and builds its context with the
 listener's settings (:meth:`vast_vespa.net.tls.ServerTLS.stdlib_context`). Public APIs only.
 
-What it does as Twisted's does: the wrapped protocol gets the TCP connection's interfaces and
-attributes (the class provides them, so no declaration is made per connection), writes before
+What it does as Twisted's does: the wrapped protocol gets a TCP connection's interfaces (what a
+protocol uses of its transport: ``ITCPTransport``, ``IPushProducer``, ``IConsumer``; every
+method of them, each passed on to the TCP connection or done here) and TLS's, writes before
 the handshake ends wait for it, ``loseConnection`` sends ``close_notify`` (once a producer is
 unregistered) and closes the TCP connection when the client's arrives or the client closes,
 a TLS error or an end without ``close_notify`` reaches the wrapped protocol's
 ``connectionLost`` as the reason (``ConnectionLost`` for the latter).
 
-What it does differently: writes made while the reactor dispatches a turn's events wait in the
-fast path's :class:`~vast_vespa.net.dispatch.Outbox` and are encrypted together (one record
-for a head and a small body) when the turn is over; TLS output made during a turn (a handshake
-flight, session tickets, a response, an alert) stays in the memory BIO until then and goes to
-the TCP connection in one write. Writes made outside a turn (timers) are encrypted and sent at
-once, and so is everything once a close has begun (the response, then ``close_notify``).
+What it does differently:
+
+- It is not a ``ProtocolWrapper``, whose ``__getattr__`` passes any attribute it lacks on to
+  the TCP connection: with a ``__getattr__`` anywhere in its class's MRO, CPython reads every
+  attribute of an object the slow way (its specialised attribute reads need the plain
+  lookup), and a kept-alive request reads a few dozen attributes of this one. So the class
+  says what it offers (Twisted's also declares the reactor's descriptor interfaces of the TCP
+  connection, ``doRead`` and the like), the same for every connection: no interface is
+  declared per connection.
+- Writes made while the reactor dispatches a turn's events wait in the fast path's
+  :class:`~vast_vespa.net.dispatch.Outbox` and are encrypted together (one record for a head
+  and a small body) when the turn is over; TLS output made during a turn (a handshake flight,
+  session tickets, a response, an alert) stays in the memory BIO until then and goes to the
+  TCP connection in one write. Writes made outside a turn (timers) are encrypted and sent at
+  once, and so is everything once a close has begun (the response, then ``close_notify``).
 """
 
 from __future__ import annotations
@@ -34,9 +44,12 @@ from typing import Any, cast
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
+    IConsumer,
     IHandshakeListener,
     ILoggingContext,
     INegotiated,
+    IProducer,
+    IProtocol,
     IProtocolFactory,
     IProtocolNegotiationFactory,
     IPushProducer,
@@ -46,9 +59,9 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import classImplements, directlyProvides, implementedBy, implementer, providedBy
+from zope.interface import implementer
 
 from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.tls import Rotating, ServerTLS
@@ -57,15 +70,20 @@ from vast_vespa.net.tls import Rotating, ServerTLS
 # by another.
 READ_SIZE = 2**16
 
-# Transports' interface declarations, and whether LeanTLSProtocol's class covers them all.
-_COVERED: dict[Any, bool] = {}
+
+def _wrapped_prefix(wrapped: object, mark: str) -> str:
+    """A log prefix: the wrapped object's own (or its class name), then ``mark`` in
+    parentheses, as Twisted's wrappers make theirs."""
+    if ILoggingContext.providedBy(wrapped):
+        return f"{wrapped.logPrefix()} ({mark})"
+    return f"{wrapped.__class__.__name__} ({mark})"
 
 
-@implementer(ISystemHandle, INegotiated, ISSLTransport)
-class LeanTLSProtocol(ProtocolWrapper):
+@implementer(ISSLTransport, ISystemHandle, INegotiated, IPushProducer, IConsumer)
+class LeanTLSProtocol(Protocol):
     """The server side of one TLS connection on the fast path (see the module docstring)."""
 
-    factory: LeanTLSFactory
+    disconnecting = False
     _tls: ssl.SSLObject | None = None  # None once the connection is lost
     _handshake_done = False
     _lost_tls = False  # the TLS session is over (closed or failed): nothing more goes through
@@ -77,16 +95,11 @@ class LeanTLSProtocol(ProtocolWrapper):
     _waiting = False  # in the outbox: what this turn made is sent when it is over
     _closing = False  # closing: output goes to the transport at once, before it closes
 
+    def __init__(self, factory: LeanTLSFactory, wrappedProtocol: IProtocol) -> None:
+        self.factory = factory
+        self.wrappedProtocol = wrappedProtocol
+
     def makeConnection(self, transport: ITransport) -> None:
-        # ProtocolWrapper.makeConnection without a declaration per connection when the class
-        # covers the transport's interfaces (see the module docstring).
-        provided = providedBy(transport)
-        covered = _COVERED.get(provided)
-        if covered is None:
-            mine = implementedBy(LeanTLSProtocol)
-            covered = _COVERED[provided] = all(mine.isOrExtends(i) for i in provided)
-        if not covered:
-            directlyProvides(self, provided)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = self.factory.context().wrap_bio(
@@ -286,11 +299,14 @@ class LeanTLSProtocol(ProtocolWrapper):
         self._held = self._early = None
         self.connected = False
         self._tls = None
-        ProtocolWrapper.connectionLost(self, reason)
+        self.factory.unregisterProtocol(self)
+        self.wrappedProtocol.connectionLost(reason)
+        # No reference cycle left between the two: they are freed without the collector.
+        self.wrappedProtocol = None  # type: ignore[assignment]
 
     # -- producers, as the transport's own
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self._lost_tls:
             producer.stopProducing()
             return
@@ -305,10 +321,46 @@ class LeanTLSProtocol(ProtocolWrapper):
         if self.disconnecting and not self._early:
             self._shutdown_tls()
 
-    # -- what the connection is
+    # -- what the connection is, and the TCP connection's own, passed on
 
     def _tcp(self) -> tcp.Connection:
         return cast(tcp.Connection, self.transport)
+
+    def logPrefix(self) -> str:
+        return _wrapped_prefix(self.wrappedProtocol, "TLS")
+
+    def getPeer(self) -> Any:
+        return self._tcp().getPeer()
+
+    def getHost(self) -> Any:
+        return self._tcp().getHost()
+
+    def pauseProducing(self) -> None:
+        """Stop reading from the client (the TCP connection's)."""
+        self._tcp().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._tcp().resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._tcp().stopProducing()
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self._tcp().getTcpNoDelay())
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self._tcp().setTcpNoDelay(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self._tcp().getTcpKeepAlive())
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self._tcp().setTcpKeepAlive(enabled)
+
+    def loseWriteConnection(self) -> None:
+        """The TCP connection's, as Twisted's TLS transport passes it on (it half-closes the
+        TCP connection under TLS: nothing in Vespa half-closes)."""
+        self._tcp().loseWriteConnection()
 
     def getHandle(self) -> ssl.SSLObject | None:
         """The ``ssl.SSLObject`` (Twisted's gives pyOpenSSL's ``Connection``)."""
@@ -324,16 +376,12 @@ class LeanTLSProtocol(ProtocolWrapper):
         return protocol.encode("ascii") if protocol else None
 
 
-# A TCP connection's interfaces (mypy-zope cannot follow interfaces given as a list).
-classImplements(LeanTLSProtocol, *implementedBy(tcp.Server))  # type: ignore[misc]
-
-
 class LeanTLSFactory(WrappingFactory):
     """Wraps a listener's factory: its connections are :class:`LeanTLSProtocol`, with
     ``tls``'s settings in a Python ``ssl`` context, replaced as often as ``tls``'s (new
     ticket keys), and the wrapped factory's ALPN protocols."""
 
-    protocol = LeanTLSProtocol
+    protocol = LeanTLSProtocol  # type: ignore[assignment]  # a wrapper, not a ProtocolWrapper
 
     def __init__(
         self, tls: ServerTLS, wrappedFactory: IProtocolFactory, clock: IReactorTime
@@ -349,7 +397,4 @@ class LeanTLSFactory(WrappingFactory):
 
     def logPrefix(self) -> str:
         # As TLSMemoryBIOFactory: the wrapped factory's, marked (TLS).
-        wrapped = self.wrappedFactory
-        if ILoggingContext.providedBy(wrapped):
-            return f"{wrapped.logPrefix()} (TLS)"
-        return f"{wrapped.__class__.__name__} (TLS)"
+        return _wrapped_prefix(self.wrappedFactory, "TLS")
