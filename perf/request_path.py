@@ -3,9 +3,12 @@ The worker's request path run warm, in one process: CPU per request from its byt
 backend call (which goes to a stub: no socket, no backend), for the S3 request. With
 ``--cycle``, S1's whole kept-alive request instead: its bytes in, the backend request out on
 a pooled connection, the backend's answer (nginx's, as in S1) in, the client's answer out,
-the access line and the metrics; no socket and no TLS, on in-memory transports.
+the access line and the metrics; no socket, on in-memory transports. With ``--cycle --tls``,
+the same request over TLS: a kept-alive connection through the fast path's TLS protocol (a
+P-256 certificate), the client a Python ``ssl`` object whose own work is timed out but
+counted by ``--instructions``.
 
-    python perf/request_path.py [--requests 20000] [--cycle] [--profile] [--instructions]
+    python perf/request_path.py [--requests 20000] [--cycle [--tls]] [--profile] [--instructions]
 
 Under load the same path costs several times as much (under S3 against here): between two
 requests the worker relays other streams' events and sleeps, so the code and data of a request
@@ -32,12 +35,17 @@ import os
 import pstats
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+from bench import self_signed
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -47,6 +55,9 @@ from twisted.python.failure import Failure
 
 from vast_vespa import logs
 from vast_vespa.net.client import LeanAgent, _Connection, _ConnectionFactory
+from vast_vespa.net.dispatch import OUTBOX
+from vast_vespa.net.lean_tls import LeanTLSFactory
+from vast_vespa.net.tls import server_tls
 from vast_vespa.settings import Settings
 from vast_vespa.worker.tap import build_worker
 
@@ -141,6 +152,74 @@ class Cycle:
         return spent
 
 
+class _TCP(StringTransport):
+    """An in-memory TCP connection, as the channel uses one under TLS."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+class TLSCycle(Cycle):
+    """:class:`Cycle` over TLS: the client's bytes encrypted by a Python ``ssl`` client,
+    decrypted by the fast path's TLS protocol in front of the channel, the answer encrypted
+    back; each read handled as in a reactor turn (the outbox open, then sent)."""
+
+    def __init__(self, site: Any) -> None:
+        super().__init__(site)
+        work = Path(tempfile.mkdtemp(prefix="vespa-request-path-"))
+        self_signed(str(work), "ec")  # cert.pem and key.pem
+        found = server_tls(f"ssl:0:privateKey={work}/key.pem:certKey={work}/cert.pem", reactor)
+        assert found is not None
+        self.tls_connection = LeanTLSFactory(found[1], site, reactor).buildProtocol(PEER)
+        self.client_transport = _TCP(hostAddress=HOST, peerAddress=PEER)
+        self.tls_connection.makeConnection(self.client_transport)
+        client = ssl.create_default_context(cafile=str(work / "cert.pem"))
+        self.to_client, self.from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = client.wrap_bio(self.to_client, self.from_client, server_hostname="127.0.0.1")
+        while True:
+            try:
+                self.client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._turn(self.tls_connection.dataReceived, self.from_client.read())
+                self._to_client()
+
+    @staticmethod
+    def _turn(call: Any, data: bytes) -> None:
+        OUTBOX.open = True
+        try:
+            call(data)
+        finally:
+            OUTBOX.send_all()
+
+    def _to_client(self) -> None:
+        self.to_client.write(self.client_transport.value())
+        self.client_transport.clear()
+
+    def __call__(self, profile: cProfile.Profile | None = None) -> int:
+        self.client.write(S1_REQUEST)
+        sent = self.from_client.read()
+        if profile is not None:
+            profile.enable()
+        started = time.thread_time_ns()
+        self._turn(self.tls_connection.dataReceived, sent)
+        self._turn(self.backend.dataReceived, S1_ANSWER)
+        spent = time.thread_time_ns() - started
+        if profile is not None:
+            profile.disable()
+        self._to_client()
+        answer = b""
+        try:
+            while piece := self.client.read(2**16):
+                answer += piece
+        except ssl.SSLWantReadError:
+            pass
+        if not answer.endswith(S1_ANSWER_BODY):
+            raise SystemExit(f"the cycle broke: answered {answer!r}")
+        self.backend_transport.clear()
+        return spent
+
+
 def one_request(site: Any, profile: cProfile.Profile | None = None) -> int:
     """CPU ns for one request on a new connection, from its bytes to the backend call."""
     channel = site.buildProtocol(PEER)
@@ -161,7 +240,7 @@ def one_request(site: Any, profile: cProfile.Profile | None = None) -> int:
 COUNTED_RUNS = (1000, 3000)
 
 
-def instructions(cycle: bool) -> float:
+def instructions(options: list[str]) -> float:
     """Instructions per request, counted by cachegrind (see the module docstring)."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
@@ -169,7 +248,7 @@ def instructions(cycle: bool) -> float:
     def count(n: int) -> int:
         valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no"]
         valgrind.append("--cachegrind-out-file=/dev/null")
-        argv = [sys.executable, __file__, "--requests", str(n), *(["--cycle"] if cycle else [])]
+        argv = [sys.executable, __file__, "--requests", str(n), *options]
         run = subprocess.run(
             [*valgrind, *argv],
             env={**os.environ, "PYTHONHASHSEED": "0"},
@@ -190,6 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--cycle", action="store_true", help="S1's whole request")
+    parser.add_argument("--tls", action="store_true", help="with --cycle: over TLS")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--instructions",
@@ -198,17 +278,22 @@ def main() -> None:
         "requests) instead",
     )
     args = parser.parse_args()
+    if args.tls and not args.cycle:
+        parser.error("--tls goes with --cycle")
+    what = "whole request" if args.cycle else "request path"
+    what += " over TLS" if args.tls else ""
     if args.instructions:
-        per_request = instructions(args.cycle)
-        what = "whole request" if args.cycle else "request path"
+        flags = (("--cycle", args.cycle), ("--tls", args.tls))
+        per_request = instructions([flag for flag, given in flags if given])
         print(f"{what}: {per_request:,.0f} instructions per request")
         return
     site = worker_site(stub=not args.cycle)
-    run = Cycle(site) if args.cycle else lambda profile=None: one_request(site, profile)
+    run: Any = partial(one_request, site)
+    if args.cycle:
+        run = TLSCycle(site) if args.tls else Cycle(site)
     for _ in range(2000):  # warm: specialised bytecode, caches, the allocator's pools
         run()
     spent = sorted(run() for _ in range(args.requests))
-    what = "whole request" if args.cycle else "request path"
     print(
         f"{what}, warm: mean {statistics.fmean(spent) / 1000:.1f} µs, "
         f"p50 {statistics.median(spent) / 1000:.1f} µs, "

@@ -40,3 +40,16 @@ class RequestPathTests(SynchronousTestCase):
         self.assertIsNotNone(mean, out)
         assert mean is not None
         self.assertGreater(float(mean.group(1)), 0.0)
+
+    def test_the_whole_request_over_tls(self) -> None:
+        """The same over TLS, through the fast path's TLS protocol: the script decrypts the
+        answer as the client and checks its body."""
+        out = self.run_script("--cycle", "--tls")
+        self.assertRegex(out, r"^whole request over TLS, warm: mean [\d.]+ µs")
+
+    def test_tls_goes_with_the_cycle(self) -> None:
+        done = subprocess.run(
+            [sys.executable, SCRIPT, "--tls"], capture_output=True, text=True, check=False
+        )
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("--tls goes with --cycle", done.stderr)
