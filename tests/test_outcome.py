@@ -6,6 +6,7 @@ import copy
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from vast_vespa import outcome
 from vast_vespa.outcome import OUTCOME_NAMES, Outcome, RelayResult, outcome_of
 
 
@@ -28,3 +29,9 @@ class OutcomeTests(SynchronousTestCase):
         self.assertIs(outcome_of(RelayResult(Outcome.SERVED, 503)), Outcome.ERRORED)
         self.assertIs(outcome_of(RelayResult(Outcome.SERVED, 404)), Outcome.SERVED)
         self.assertIs(outcome_of(RelayResult(Outcome.CANCELLED, 0)), Outcome.CANCELLED)
+
+    def test_module_names_are_the_members(self) -> None:
+        """The members the request path names as module names (a faster read on Python 3.11)
+        are the members themselves: it compares outcomes with ``is``."""
+        for name in ("SERVED", "ERRORED", "CANCELLED"):
+            self.assertIs(getattr(outcome, name), Outcome[name])

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from vast_vespa.headers import RESPONSE_ONLY_DROPPED, LocationRewriter, end_to_end, header_ops
 from vast_vespa.net.client import BytesProducer
 from vast_vespa.outcome import (
+    SERVED,
     Outcome,
     RelayResult,
     describe_failure,
@@ -205,7 +206,7 @@ class ProxiedRequest:
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
-        self._result = RelayResult(Outcome.SERVED, started=clock.seconds())
+        self._result = RelayResult(SERVED, started=clock.seconds())
         self._done: Callable[[RelayResult], object] | None = None
 
     def start(self) -> Deferred[RelayResult]:
@@ -385,7 +386,7 @@ class ProxiedRequest:
             )
             self._finish(Outcome.ERRORED, why)
         else:
-            self._finish(Outcome.SERVED)
+            self._finish(SERVED)
 
     def _no_response(self, failure: Failure) -> None:
         self._pending = None

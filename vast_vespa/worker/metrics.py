@@ -32,7 +32,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from vast_vespa.outcome import Outcome
+from vast_vespa.outcome import CANCELLED, SERVED, Outcome
 from vast_vespa.outcome import outcome_of as outcome_of  # re-exported: the gate imports it here
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.state import WorkerState
@@ -177,9 +177,9 @@ class WorkerMetrics:
         if not self.in_flight:
             self.load = 0.0  # no float drift when idle
         w = entry.workload
-        if outcome is Outcome.SERVED:
+        if outcome is SERVED:
             self.window.served += w
-        elif outcome is Outcome.CANCELLED:
+        elif outcome is CANCELLED:
             self.window.cancelled += w
         else:
             self.window.errored += w
