@@ -76,9 +76,12 @@ class AuthError(Exception):
     extra: dict[str, object] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Unwrapped:
-    """What a request carries: its auth_data (None: none at all) and what to forward."""
+    """What a request carries: its auth_data (None: none at all) and what to forward. Never
+    changed once made (:func:`with_payload` makes another), though not frozen: a frozen
+    dataclass sets each field through ``object.__setattr__``, on CPython 3.11 a slow call per
+    field, and one of these is made for every request."""
 
     auth: dict[str, Any] | None
     target: bytes  # path and query string for the backend

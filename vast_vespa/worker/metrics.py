@@ -61,9 +61,10 @@ class Admitted:
     started: float = 0.0  # wall time it got its turn at the backend
 
 
-@dataclass(frozen=True)
+@dataclass
 class Finished:
-    """One entry for /delete_requests/."""
+    """One entry for /delete_requests/ (one per reported request: not frozen, see
+    :class:`vast_vespa.worker.envelope.Unwrapped`)."""
 
     seq: int
     request_idx: int
