@@ -92,7 +92,13 @@ def end_to_end(
     neither hop-by-hop nor in ``dropped``."""
     listed = table.get(b"Connection")
     stop = _stopped_names(dropped, tuple(listed) if listed else ())
-    return [(name, values) for name, values in table.items() if name.lower() not in stop]
+    kept = []
+    # A loop, not a comprehension: on CPython 3.11 a comprehension is a function, made and
+    # called each time, and this runs twice for every request.
+    for name, values in table.items():
+        if name.lower() not in stop:
+            kept.append((name, values))
+    return kept
 
 
 @lru_cache(maxsize=256)
@@ -128,7 +134,9 @@ def forwarded_request_headers(
     """
     given = ops.table(headers)
     dropped = _union(REQUEST_ONLY_DROPPED, drop)
-    table = {name: list(values) for name, values in end_to_end(given, dropped)}
+    table = {}
+    for name, values in end_to_end(given, dropped):  # (see end_to_end: not a comprehension)
+        table[name] = list(values)
     if client_ip:
         client = client_ip.encode("ascii")
         previous = given.get(b"X-Forwarded-For")

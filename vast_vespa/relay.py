@@ -7,7 +7,7 @@ worker and the client proxy both use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, cast
 
 from twisted.internet.defer import Deferred
@@ -344,7 +344,7 @@ class ProxiedRequest:
             if name in own:  # Vespa's own (X-Request-ID) win
                 continue
             if locations is not None and name in LocationRewriter.NAMES:
-                taken[name] = [locations(request, value) for value in values]
+                taken[name] = _rewritten(locations, request, values)
             else:
                 taken[name] = list(values)
         if not head and response.length is not UNKNOWN_LENGTH and response.code not in (204, 304):
@@ -444,6 +444,14 @@ class ProxiedRequest:
                 method=self._method,
                 url=_without_query(self._url),
             )
+
+
+def _rewritten(
+    locations: Callable[[Request, bytes], bytes], request: Request, values: Sequence[bytes]
+) -> list[bytes]:
+    """Each of ``values`` rewritten for ``request`` (a comprehension in the caller would make
+    two cells for every response, rewritten or not)."""
+    return [locations(request, value) for value in values]
 
 
 class _Discard(Protocol):

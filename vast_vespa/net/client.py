@@ -399,7 +399,7 @@ class _Connection(Protocol):
         interim: Interim | None = None,
         answer: Answer | None = None,
     ) -> Deferred[IResponse]:
-        waiting: Deferred[IResponse] = Deferred(lambda _: self.abort())
+        waiting: Deferred[IResponse] = Deferred(self._cancelled)
         if self._gone:
             waiting.errback(Failure(RequestNotSent()))
             return waiting
@@ -501,6 +501,10 @@ class _Connection(Protocol):
             self._paused = False
             assert self.transport is not None
             cast(Any, self.transport).resumeProducing()
+
+    def _cancelled(self, waiting: Deferred[IResponse]) -> None:
+        """The caller cancelled the request: the connection goes with it."""
+        self.abort()
 
     def abort(self) -> None:
         self._held_request = None  # a request held for the end of the turn is not sent

@@ -42,16 +42,14 @@ class RawHeaderOps(HeaderOps):
 
     def from_fields(self, fields: Sequence[tuple[bytes, bytes]]) -> Headers:
         known = _CANONICAL
-        table = {known.get(name) or _canonical(name): [value] for name, value in fields}
-        if len(table) < len(fields):  # a name given more than once: all its values, in order
-            table = {}
-            for name, value in fields:
-                canonical = known.get(name) or _canonical(name)
-                values = table.get(canonical)
-                if values is None:
-                    table[canonical] = [value]
-                else:
-                    values.append(value)
+        table: dict[bytes, list[bytes]] = {}
+        for name, value in fields:  # (not a comprehension: see headers.end_to_end)
+            canonical = known.get(name) or _canonical(name)
+            values = table.get(canonical)
+            if values is None:
+                table[canonical] = [value]
+            else:  # a name given more than once: all its values, in order
+                values.append(value)
         return self.build(table)
 
     def build(self, table: dict[bytes, list[bytes]]) -> Headers:

@@ -179,8 +179,13 @@ class WorkerResource(Resource):
             return NOT_DONE_YET
         if isinstance(verdict, Forward):  # (a plain class: Deferred's check goes through abc)
             self._relay(verdict, request, started)
-            return NOT_DONE_YET
-        # Waiting for a slot: a client that leaves is taken out of the queue.
+        else:
+            self._wait_for_slot(verdict, request, started)
+        return NOT_DONE_YET
+
+    def _wait_for_slot(self, verdict: Deferred[Forward], request: Request, started: float) -> None:
+        # (not in render: a closure there would make a cell for every request)
+        # A client that leaves is taken out of the queue.
         request.notifyFinish().addErrback(lambda _: verdict.cancel())
         verdict.addCallbacks(
             self._relay,
@@ -188,7 +193,6 @@ class WorkerResource(Resource):
             callbackArgs=(request, started),
             errbackArgs=(request, started),
         )
-        return NOT_DONE_YET
 
     def _relay(self, forward: Forward, request: Request, started: float) -> None:
         if forward.answer is not None:
