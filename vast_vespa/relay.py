@@ -8,7 +8,7 @@ worker and the client proxy both use it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import IO, cast
+from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError as ConnectTimeout
@@ -96,7 +96,8 @@ class BodyRelay(Protocol):
 
     def connectionMade(self) -> None:
         # Agent hands us a TransportProxyProducer: pause/resume/stopProducing only.
-        self._backend = cast(IPushProducer, self.transport)
+        backend: Any = self.transport  # (not typing.cast: a call for every response)
+        self._backend = backend
         if getattr(self._backend, "ended", False):
             return  # the whole body is here (net/client.py's Response): nothing to pause
         self._producing = True

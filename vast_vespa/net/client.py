@@ -247,7 +247,8 @@ class Response:
         return self._ended is not None
 
     def deliverBody(self, protocol: IProtocol) -> None:
-        protocol.makeConnection(cast(Any, self))  # the transport: pause/resume/stop only
+        transport: Any = self  # the transport: pause/resume/stop only (no cast: a call)
+        protocol.makeConnection(transport)
         early, self._early = self._early, []
         ended = self._ended  # the whole body may be here already
         for data in early:
