@@ -11,6 +11,7 @@ from vast_vespa.headers import (
     forwarded_request_headers,
     without_api_key,
 )
+from vast_vespa.net.header_table import RAW_HEADER_OPS
 
 
 class HeaderTests(SynchronousTestCase):
@@ -35,6 +36,24 @@ class HeaderTests(SynchronousTestCase):
             for name, values in end_to_end(PUBLIC_HEADER_OPS.table(headers), frozenset())
         }
         self.assertEqual(set(kept), {b"authorization", b"accept"})
+
+    def test_connection_names_in_any_case(self) -> None:
+        """Names a Connection header lists stop whatever their case, those twisted.web spells
+        its own way too (TE, X-XSS-Protection); a listed token that cannot be a header name
+        names none."""
+        headers = Headers(
+            {
+                b"Connection": [b'x-xss-protection, X-PRIVATE, te, a b, "q"'],
+                b"X-Xss-Protection": [b"1"],
+                b"X-Private": [b"1"],
+                b"Te": [b"trailers"],
+                b"Accept": [b"*/*"],
+            }
+        )
+        for ops in (PUBLIC_HEADER_OPS, RAW_HEADER_OPS):
+            self.assertEqual(
+                dict(end_to_end(ops.table(headers), frozenset())), {b"Accept": [b"*/*"]}
+            )
 
     def test_forwarded_request_headers(self) -> None:
         """Host and Content-Length are Agent's to write; X-Forwarded-* are added or extended."""

@@ -6,6 +6,7 @@ hop-by-hop headers and the ones that name the connection stop here. Pure functio
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -96,18 +97,30 @@ def end_to_end(
     # A loop, not a comprehension: on CPython 3.11 a comprehension is a function, made and
     # called each time, and this runs twice for every request.
     for name, values in table.items():
-        if name.lower() not in stop:
+        if name not in stop:  # (both as tables hold names: no lower() per header)
             kept.append((name, values))
     return kept
 
 
+# A header name as RFC 9110 allows it (a token): what a Connection header lists that is not one
+# names no header.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _as_in_tables(name: bytes) -> bytes:
+    """A header name as header tables hold it (``Content-Length``, ``TE``): twisted.web's
+    canonical form, which depends on the name's letters alone, not on their case."""
+    return next(iter(Headers({name: [b""]}).getAllRawHeaders()))[0]
+
+
 @lru_cache(maxsize=256)
 def _stopped_names(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> frozenset[bytes]:
-    """The lower-case names that stop here: hop-by-hop ones, ``dropped``, and those the
-    ``connection`` header values name. Made once per distinct pair: a few in practice (a
-    backend's ``Connection: keep-alive`` on every answer); a client's made-up values only
-    replace the oldest of the 256 kept."""
-    return HOP_BY_HOP | dropped | connection_tokens(connection)
+    """The names that stop here, as header tables hold them: hop-by-hop ones, ``dropped``
+    (lower case), and those the ``connection`` header values name. Made once per distinct
+    pair: a few in practice (a backend's ``Connection: keep-alive`` on every answer); a
+    client's made-up values only replace the oldest of the 256 kept."""
+    named = HOP_BY_HOP | dropped | connection_tokens(connection)
+    return frozenset(_as_in_tables(name) for name in named if _TOKEN.fullmatch(name))
 
 
 @lru_cache(maxsize=64)
