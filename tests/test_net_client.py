@@ -1232,6 +1232,21 @@ class EarlyAnswerTests(Http11Case):
         await backend.connections[0].closed
 
 
+class AttributeCountTests(TestCase):
+    def test_fewer_than_30_attributes_of_its_own(self) -> None:
+        """A backend connection keeps fewer than 30 attributes of its own while it carries a
+        request and after: from 30 on, CPython 3.11 stops sharing an object's attribute table
+        with its class, and every method call and attribute read on it gets slower."""
+        connection = _Connection(ConnectionPool(Clock()), (b"http", b"backend"), True)
+        connection.makeConnection(StringTransport())
+        answered: list[IResponse] = []
+        connection.send(b"GET", b"/", b"backend", None, None, answer=answered.append)
+        self.assertLess(len(vars(connection)), 30, sorted(vars(connection)))
+        connection.dataReceived(ok())
+        self.assertEqual([response.code for response in answered], [200])
+        self.assertLess(len(vars(connection)), 30, sorted(vars(connection)))
+
+
 class HeldRequestTests(TestCase):
     """On the fast path, a request made while the reactor dispatches a turn's events waits in
     the outbox and goes to the backend when the turn is over; one made outside a turn goes at
