@@ -8,6 +8,8 @@ import hashlib
 import os
 import weakref
 from functools import partial
+from io import BytesIO
+from tempfile import TemporaryFile
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -17,11 +19,12 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import _newclient
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
@@ -42,11 +45,11 @@ from tests.helpers import (
 )
 from tests.memory import MemoryWorker
 from tests.test_gate import query
-from vast_vespa.net.client import Response, _CachedEndpoints
+from vast_vespa.net.client import BytesProducer, Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.net.request import LeanRequest
 from vast_vespa.net.resolve import NamedEndpoint
-from vast_vespa.relay import BodyRelay, ProxiedRequest
+from vast_vespa.relay import SMALL_BODY, BodyRelay, ProxiedRequest, body_producer
 from vast_vespa.site import VespaRequest, VespaSite
 
 
@@ -393,6 +396,34 @@ class _ProducerRecorder:
 
     def finish(self) -> None:
         self.calls.append("finish")
+
+
+class BodyProducerTests(SynchronousTestCase):
+    """What a request body is sent with: in memory, the bytes; a file, read whole when small,
+    else streamed; an empty body, nothing unless the client sent one (framing headers)."""
+
+    def test_in_memory(self) -> None:
+        content = BytesIO(b'{"prompt": "hi"}')
+        content.seek(5)  # wherever it was left, the whole body
+        producer = body_producer(content, Cooperator(), required=True)
+        assert isinstance(producer, BytesProducer)
+        self.assertEqual(producer.body, b'{"prompt": "hi"}')
+
+    def test_empty(self) -> None:
+        for content in (BytesIO(), TemporaryFile()):
+            self.assertIsNone(body_producer(content, Cooperator(), required=False))
+            producer = body_producer(content, Cooperator(), required=True)
+            assert isinstance(producer, BytesProducer)
+            self.assertEqual(producer.body, b"")
+
+    def test_file(self) -> None:
+        small, large = TemporaryFile(), TemporaryFile()
+        small.write(b"x" * 10)
+        large.write(b"x" * (SMALL_BODY + 1))
+        producer = body_producer(small, Cooperator(), required=True)
+        assert isinstance(producer, BytesProducer)
+        self.assertEqual(producer.body, b"x" * 10)
+        self.assertIsInstance(body_producer(large, Cooperator(), required=True), FileBodyProducer)
 
 
 class BodyRelayTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ worker and the client proxy both use it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -46,6 +47,9 @@ def body_producer(
     A producer for a request body read from ``content`` (at its start), or None when the body
     is empty and not ``required`` (GET without a body must go out without Content-Length).
     """
+    if isinstance(content, BytesIO):  # in memory already (nearly every request): one call
+        body = content.getvalue()
+        return BytesProducer(body) if body or required else None
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
