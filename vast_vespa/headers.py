@@ -102,9 +102,9 @@ def end_to_end(
     return kept
 
 
-# A header name as RFC 9110 allows it (a token): what a Connection header lists that is not one
-# names no header.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# An RFC 9110 token: what a method and a header name are made of. What a Connection header
+# lists that is not one names no header.
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _as_in_tables(name: bytes) -> bytes:
@@ -120,7 +120,7 @@ def _stopped_names(dropped: frozenset[bytes], connection: tuple[bytes, ...]) -> 
     pair: a few in practice (a backend's ``Connection: keep-alive`` on every answer); a
     client's made-up values only replace the oldest of the 256 kept."""
     named = HOP_BY_HOP | dropped | connection_tokens(connection)
-    return frozenset(_as_in_tables(name) for name in named if _TOKEN.fullmatch(name))
+    return frozenset(_as_in_tables(name) for name in named if TOKEN.fullmatch(name))
 
 
 @lru_cache(maxsize=64)

@@ -50,7 +50,6 @@ request.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -81,12 +80,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from vast_vespa.headers import TOKEN
 from vast_vespa.outcome import JSON, error_body
 
 if TYPE_CHECKING:
     from vast_vespa.site import VespaSite
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 # Headers a refusal adds to its answer (name, value).
 ExtraHeaders = list[tuple[bytes, bytes]] | tuple[()]
@@ -1099,7 +1098,7 @@ def _parse_refusal(
     if isinstance(error, HttpParserInvalidMethodError) or "Invalid method for HTTP" in reason:
         if sniff is not None:
             method, space, _ = bytes(sniff[:200]).lstrip(b"\r\n").partition(b" ")
-            if space and _TOKEN.fullmatch(method):
+            if space and TOKEN.fullmatch(method):
                 return _method_not_allowed(method)
         return 400, _BAD, "malformed request line: an unknown or malformed method"
     for fragment, detail in _VERSION_ERRORS:
