@@ -116,6 +116,13 @@ def worker_site(stub: bool = True) -> Any:
     return site
 
 
+class _TCP(StringTransport):
+    """An in-memory TCP connection (the channel turns Nagle off on one, over TLS)."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
 class Cycle:
     """S1's request on one kept-alive client connection, relayed on one pooled backend
     connection, both on in-memory transports; the access line goes to a text log on
@@ -130,9 +137,13 @@ class Cycle:
         self.backend_transport = StringTransport()
         self.backend.makeConnection(self.backend_transport)
         agent.pool.give_back(key, self.backend)
-        self.channel = site.buildProtocol(PEER)
-        self.client_transport = StringTransport(hostAddress=HOST, peerAddress=PEER)
+        self.client_transport = _TCP(hostAddress=HOST, peerAddress=PEER)
+        self.channel = self.factory(site).buildProtocol(PEER)
         self.channel.makeConnection(self.client_transport)
+
+    def factory(self, site: Any) -> Any:
+        """What the client connects to: the site itself."""
+        return site
 
     def __call__(self, profile: cProfile.Profile | None = None) -> int:
         """CPU ns for one request, from its bytes to its answer's."""
@@ -145,18 +156,16 @@ class Cycle:
         if profile is not None:
             profile.disable()
         sent, answer = self.backend_transport.value(), self.client_transport.value()
-        if not (sent.startswith(b"POST /v1/completions ") and answer.endswith(S1_ANSWER_BODY)):
-            raise SystemExit(f"the cycle broke: sent {sent!r}, answered {answer!r}")
+        check(sent, answer)
         self.backend_transport.clear()
         self.client_transport.clear()
         return spent
 
 
-class _TCP(StringTransport):
-    """An in-memory TCP connection, as the channel uses one under TLS."""
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
+def check(sent: bytes, answer: bytes) -> None:
+    """Stop if the cycle no longer relays S1's request and answer (the path changed)."""
+    if not (sent.startswith(b"POST /v1/completions ") and answer.endswith(S1_ANSWER_BODY)):
+        raise SystemExit(f"the cycle broke: sent {sent!r}, answered {answer!r}")
 
 
 class TLSCycle(Cycle):
@@ -166,23 +175,25 @@ class TLSCycle(Cycle):
 
     def __init__(self, site: Any) -> None:
         super().__init__(site)
+        while True:
+            try:
+                self.client.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                self._turn(self.channel.dataReceived, self.outgoing.read())
+                self._to_client()
+
+    def factory(self, site: Any) -> Any:
+        """The site behind the fast path's TLS, for a certificate made here; the client that
+        trusts it is made with it."""
         work = Path(tempfile.mkdtemp(prefix="vespa-request-path-"))
         self_signed(str(work), "ec")  # cert.pem and key.pem
         found = server_tls(f"ssl:0:privateKey={work}/key.pem:certKey={work}/cert.pem", reactor)
         assert found is not None
-        self.tls_connection = LeanTLSFactory(found[1], site, reactor).buildProtocol(PEER)
-        self.client_transport = _TCP(hostAddress=HOST, peerAddress=PEER)
-        self.tls_connection.makeConnection(self.client_transport)
         client = ssl.create_default_context(cafile=str(work / "cert.pem"))
-        self.to_client, self.from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.client = client.wrap_bio(self.to_client, self.from_client, server_hostname="127.0.0.1")
-        while True:
-            try:
-                self.client.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._turn(self.tls_connection.dataReceived, self.from_client.read())
-                self._to_client()
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = client.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        return LeanTLSFactory(found[1], site, reactor)
 
     @staticmethod
     def _turn(call: Any, data: bytes) -> None:
@@ -193,16 +204,16 @@ class TLSCycle(Cycle):
             OUTBOX.send_all()
 
     def _to_client(self) -> None:
-        self.to_client.write(self.client_transport.value())
+        self.incoming.write(self.client_transport.value())
         self.client_transport.clear()
 
     def __call__(self, profile: cProfile.Profile | None = None) -> int:
         self.client.write(S1_REQUEST)
-        sent = self.from_client.read()
+        data = self.outgoing.read()
         if profile is not None:
             profile.enable()
         started = time.thread_time_ns()
-        self._turn(self.tls_connection.dataReceived, sent)
+        self._turn(self.channel.dataReceived, data)
         self._turn(self.backend.dataReceived, S1_ANSWER)
         spent = time.thread_time_ns() - started
         if profile is not None:
@@ -214,8 +225,7 @@ class TLSCycle(Cycle):
                 answer += piece
         except ssl.SSLWantReadError:
             pass
-        if not answer.endswith(S1_ANSWER_BODY):
-            raise SystemExit(f"the cycle broke: answered {answer!r}")
+        check(self.backend_transport.value(), answer)
         self.backend_transport.clear()
         return spent
 
