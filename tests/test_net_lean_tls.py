@@ -288,8 +288,9 @@ class EndToEnd(_TestCaseMixin):
         self.assertNotIn(tcp, reactor.getReaders())
         transport.resumeProducing()
         self.assertIn(tcp, reactor.getReaders())
-        transport.stopProducing()
-        self.assertFalse(tcp.connected and tcp in reactor.getReaders())
+        transport.stopProducing()  # the TCP connection's: reading stops, it closes
+        self.assertNotIn(tcp, reactor.getReaders())
+        self.assertTrue(tcp.disconnecting)
 
 
 # What a protocol may use of its TLS transport, in both modes.

@@ -11,7 +11,7 @@ from functools import partial
 from io import BytesIO
 from tempfile import TemporaryFile
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import treq
 from twisted.internet import reactor
@@ -410,14 +410,19 @@ class BodyProducerTests(SynchronousTestCase):
         self.assertEqual(producer.body, b'{"prompt": "hi"}')
 
     def test_empty(self) -> None:
-        for content in (BytesIO(), TemporaryFile()):
+        for content in (BytesIO(), self.temporary_file()):
             self.assertIsNone(body_producer(content, Cooperator(), required=False))
             producer = body_producer(content, Cooperator(), required=True)
             assert isinstance(producer, BytesProducer)
             self.assertEqual(producer.body, b"")
 
+    def temporary_file(self) -> IO[bytes]:
+        file = TemporaryFile()
+        self.addCleanup(file.close)
+        return file
+
     def test_file(self) -> None:
-        small, large = TemporaryFile(), TemporaryFile()
+        small, large = self.temporary_file(), self.temporary_file()
         small.write(b"x" * 10)
         large.write(b"x" * (SMALL_BODY + 1))
         producer = body_producer(small, Cooperator(), required=True)
