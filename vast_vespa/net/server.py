@@ -286,53 +286,110 @@ class GuardedChannel(Protocol):
     callLater: Callable[..., IDelayedCall]  # the site's reactor, set by HTTPFactory.buildProtocol
     _log = Logger()
 
-    # The state of a connection, as class defaults (only what changes is stored per
-    # connection; S3 makes a connection per stream).
-    _transport: Any = None  # TCP or TLS, from connectionMade
+    # A connection's state is in slots: CPython 3.11 reads and writes a slot by a
+    # specialised instruction, where a class default read through an object is not, and an
+    # object with 30 attributes or more in its dictionary loses its fast method calls.
+    __slots__ = (
+        "_address",
+        "_answered_early",
+        "_answering",
+        "_applying",
+        "_body_ask",
+        "_body_size",
+        "_body_start",
+        "_command",
+        "_completed",
+        "_counted",
+        "_drop_input",
+        "_events",
+        "_fields",
+        "_framing_run",
+        "_head_size",
+        "_head_timer",
+        "_held_size",
+        "_host",
+        "_idle_timer",
+        "_in_body",
+        "_in_head",
+        "_last",
+        "_last_seen",
+        "_limits",
+        "_line_done",
+        "_linger",
+        "_listed_idle",
+        "_parse_stopped",
+        "_parser",
+        "_partial_line",
+        "_path",
+        "_peer",
+        "_persistent",
+        "_producer",
+        "_rate_timer",
+        "_reading_paused",
+        "_refused",
+        "_request",
+        "_secure",
+        "_transport",
+        "_url",
+        "_version",
+        "_waiting_for_transport",
+        "_window_bytes",
+        "idle_since",
+    )
     _limits: Limits
     _parser: HttpRequestParser  # from connectionMade
-    # What the parser is in (parser callbacks):
-    _in_head = False  # a request has begun and its head is not complete
-    _in_body = False  # its head is complete and its body is not
-    _url = b""
     _fields: list[tuple[bytes, bytes]]  # the head's header fields, from on_message_begin
-    _line_done = False  # the open head's request line is complete
-    _head_size = 0  # bytes of the open head known so far (0: none arriving)
-    _partial_line: bytearray | None = None  # input held (not parsed) until a line end comes
-    _body_size = 0
-    _framing_run = 0  # chunk framing (size lines, extensions, trailers) since the last data
-    _last = False  # the request parsed last asks to close the connection
-    _completed = 0  # requests parsed to their end
-    _parse_stopped = False  # nothing more is parsed: a refusal is queued, or the last request
-    # What twisted.web has of it (_apply):
-    _request: Request | None = None  # from a head handed out until it is answered
-    _command = _path = _version = b""
-    _persistent = True
-    _window_bytes = 0
-    _answering = False  # the request has gone to the resource and is not finished
-    _applying = False
-    _held_size = 0  # bytes received while a request is answered
-    _reading_paused = False
-    _waiting_for_transport = False
-    _producer: IPushProducer | None = None  # the answer's, registered by its Request
-    _drop_input = False
-    _refused = False
-    _answered_early = False  # refused by the site's early verdict: close lingering when done
-    _body_start: bytearray | None = None  # a body's first bytes, for the early verdict
-    _body_ask = 0  # the size of _body_start at which the early verdict is asked next
-    _counted = False
-    _listed_idle = False  # in the site's ConnectionTable as idle
-    idle_since = 0.0  # when it was listed as idle (the site's clock)
-    _address: str | None = None  # the client's IP address, when there is a per-address cap
-    _secure = False
-    _last_seen = 0.0
-    _head_timer: IDelayedCall | None = None
-    _rate_timer: IDelayedCall | None = None
-    _idle_timer: IDelayedCall | None = None
-    _linger: IDelayedCall | None = None
+    _peer: Any
+    _host: Any
 
     def __init__(self) -> None:
         self._events: deque[tuple[Any, ...]] = deque()  # parsed, not handed out yet
+        self._transport: Any = None  # TCP or TLS, from connectionMade
+        # What the parser is in (parser callbacks):
+        self._in_head = False  # a request has begun and its head is not complete
+        self._in_body = False  # its head is complete and its body is not
+        self._url = b""
+        self._line_done = False  # the open head's request line is complete
+        self._head_size = 0  # bytes of the open head known so far (0: none arriving)
+        # input held (not parsed) until a line end comes:
+        self._partial_line: bytearray | None = None
+        self._body_size = 0
+        # chunk framing (size lines, extensions, trailers) since the last data:
+        self._framing_run = 0
+        self._last = False  # the request parsed last asks to close the connection
+        self._completed = 0  # requests parsed to their end
+        # nothing more is parsed: a refusal is queued, or the last request was:
+        self._parse_stopped = False
+        # What twisted.web has of it (_apply):
+        self._request: Request | None = None  # from a head handed out until it is answered
+        self._command = b""
+        self._path = b""
+        self._version = b""
+        self._persistent = True
+        self._window_bytes = 0
+        self._answering = False  # the request has gone to the resource and is not finished
+        self._applying = False
+        self._held_size = 0  # bytes received while a request is answered
+        self._reading_paused = False
+        self._waiting_for_transport = False
+        self._producer: IPushProducer | None = None  # the answer's, registered by its Request
+        self._drop_input = False
+        self._refused = False
+        # refused by the site's early verdict: close lingering when done:
+        self._answered_early = False
+        self._body_start: bytearray | None = None  # a body's first bytes, for the early verdict
+        self._body_ask = 0  # the size of _body_start at which the early verdict is asked next
+        self._counted = False
+        self._listed_idle = False  # in the site's ConnectionTable as idle
+        self.idle_since = 0.0  # when it was listed as idle (the site's clock)
+        # the client's IP address, when there is a per-address cap:
+        self._address: str | None = None
+        self._secure = False
+        self._last_seen = 0.0
+        self._head_timer: IDelayedCall | None = None
+        self._rate_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
 
     # The connection
 
