@@ -6,9 +6,12 @@ a pooled connection, the backend's answer (nginx's, as in S1) in, the client's a
 the access line and the metrics; no socket, on in-memory transports. With ``--cycle --tls``,
 the same request over TLS: a kept-alive connection through the fast path's TLS protocol (a
 P-256 certificate), the client a Python ``ssl`` object whose own work is timed out but
-counted by ``--instructions``.
+counted by ``--instructions``. With ``--cycle --new``, S1's request on a new connection each
+time, which it asks to close (``Connection: close``, as NEW-TLS's wrk, over plain TCP): the
+connection's set-up and close counted with the request.
 
-    python perf/request_path.py [--requests 20000] [--cycle [--tls]] [--profile] [--instructions]
+    python perf/request_path.py [--requests 20000] [--cycle [--tls | --new]] [--profile]
+                                [--instructions]
 
 Under load the same path costs several times as much (under S3 against here): between two
 requests the worker relays other streams' events and sleeps, so the code and data of a request
@@ -72,6 +75,7 @@ S1_REQUEST = (
     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:3000\r\nContent-Length: %d\r\n"
     b"Content-Type: application/json\r\n\r\n%s" % (len(S1_BODY), S1_BODY)
 )
+S1_CLOSE_REQUEST = S1_REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
 S1_ANSWER_BODY = (
     b'{"id": "cmpl-7d1e", "object": "text_completion", "created": 1732800000, '
     b'"model": "llama-3-8b", "choices": [{"index": 0, "text": " Paris is the capital of '
@@ -137,9 +141,15 @@ class Cycle:
         self.backend_transport = StringTransport()
         self.backend.makeConnection(self.backend_transport)
         agent.pool.give_back(key, self.backend)
-        self.client_transport = _TCP(hostAddress=HOST, peerAddress=PEER)
-        self.channel = self.factory(site).buildProtocol(PEER)
-        self.channel.makeConnection(self.client_transport)
+        self.server = self.factory(site)
+        self.channel, self.client_transport = self.connect()
+
+    def connect(self) -> tuple[Any, _TCP]:
+        """A new client connection to the server: its protocol and in-memory transport."""
+        transport = _TCP(hostAddress=HOST, peerAddress=PEER)
+        channel = self.server.buildProtocol(PEER)
+        channel.makeConnection(transport)
+        return channel, transport
 
     def factory(self, site: Any) -> Any:
         """What the client connects to: the site itself."""
@@ -166,6 +176,33 @@ def check(sent: bytes, answer: bytes) -> None:
     """Stop if the cycle no longer relays S1's request and answer (the path changed)."""
     if not (sent.startswith(b"POST /v1/completions ") and answer.endswith(S1_ANSWER_BODY)):
         raise SystemExit(f"the cycle broke: sent {sent!r}, answered {answer!r}")
+
+
+class NewConnectionCycle(Cycle):
+    """:class:`Cycle` on a new client connection per request, which asks to close it: the
+    worker answers, closes, and the connection is lost (as the reactor reports it)."""
+
+    def __init__(self, site: Any) -> None:
+        super().__init__(site)
+        self.channel.connectionLost(GONE)  # (the kept-alive connection is not used here)
+
+    def __call__(self, profile: cProfile.Profile | None = None) -> int:
+        if profile is not None:
+            profile.enable()
+        started = time.thread_time_ns()
+        channel, client_transport = self.connect()
+        channel.dataReceived(S1_CLOSE_REQUEST)
+        self.backend.dataReceived(S1_ANSWER)
+        closed = client_transport.disconnecting
+        channel.connectionLost(GONE)
+        spent = time.thread_time_ns() - started
+        if profile is not None:
+            profile.disable()
+        if not closed:
+            raise SystemExit("the cycle broke: the worker kept a Connection: close one open")
+        check(self.backend_transport.value(), client_transport.value())
+        self.backend_transport.clear()
+        return spent
 
 
 class TLSCycle(Cycle):
@@ -280,6 +317,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--cycle", action="store_true", help="S1's whole request")
     parser.add_argument("--tls", action="store_true", help="with --cycle: over TLS")
+    parser.add_argument(
+        "--new", action="store_true", help="with --cycle: a new connection per request"
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--instructions",
@@ -288,19 +328,22 @@ def main() -> None:
         "requests) instead",
     )
     args = parser.parse_args()
-    if args.tls and not args.cycle:
-        parser.error("--tls goes with --cycle")
+    if (args.tls or args.new) and not args.cycle:
+        parser.error("--tls and --new go with --cycle")
+    if args.tls and args.new:
+        parser.error("--new is over plain TCP: not with --tls")
     what = "whole request" if args.cycle else "request path"
     what += " over TLS" if args.tls else ""
+    what += " on a new connection" if args.new else ""
     if args.instructions:
-        flags = (("--cycle", args.cycle), ("--tls", args.tls))
+        flags = (("--cycle", args.cycle), ("--tls", args.tls), ("--new", args.new))
         per_request = instructions([flag for flag, given in flags if given])
         print(f"{what}: {per_request:,.0f} instructions per request")
         return
     site = worker_site(stub=not args.cycle)
     run: Any = partial(one_request, site)
     if args.cycle:
-        run = TLSCycle(site) if args.tls else Cycle(site)
+        run = TLSCycle(site) if args.tls else NewConnectionCycle(site) if args.new else Cycle(site)
     for _ in range(2000):  # warm: specialised bytecode, caches, the allocator's pools
         run()
     spent = sorted(run() for _ in range(args.requests))

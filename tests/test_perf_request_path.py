@@ -47,9 +47,20 @@ class RequestPathTests(SynchronousTestCase):
         out = self.run_script("--cycle", "--tls")
         self.assertRegex(out, r"^whole request over TLS, warm: mean [\d.]+ µs")
 
-    def test_tls_goes_with_the_cycle(self) -> None:
-        done = subprocess.run(
-            [sys.executable, SCRIPT, "--tls"], capture_output=True, text=True, check=False
-        )
-        self.assertEqual(done.returncode, 2)
-        self.assertIn("--tls goes with --cycle", done.stderr)
+    def test_the_whole_request_on_a_new_connection(self) -> None:
+        """A new connection per request, which asks to close it: the script checks that the
+        worker closed it, and both ends of the request."""
+        out = self.run_script("--cycle", "--new")
+        self.assertRegex(out, r"^whole request on a new connection, warm: mean [\d.]+ µs")
+
+    def test_tls_and_new_go_with_the_cycle(self) -> None:
+        for args, error in (
+            (["--tls"], "--tls and --new go with --cycle"),
+            (["--new"], "--tls and --new go with --cycle"),
+            (["--cycle", "--new", "--tls"], "--new is over plain TCP: not with --tls"),
+        ):
+            done = subprocess.run(
+                [sys.executable, SCRIPT, *args], capture_output=True, text=True, check=False
+            )
+            self.assertEqual(done.returncode, 2, args)
+            self.assertIn(error, done.stderr)
