@@ -107,9 +107,14 @@ class ChannelTests(SynchronousTestCase):
         return channel, transport
 
     def close(self, channel: GuardedChannel) -> None:
+        """Lose the connection: with no connection left, no timer is left either."""
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.site.open_connections, 0)
+
+    def pending(self) -> list[Callable[..., object]]:
+        """What the clock will call."""
+        return [cast(DelayedCall, call).func for call in self.clock.getDelayedCalls()]
 
     def answers(self, transport: StringTransport) -> list[bytes]:
         """The status and body of each (Content-Length framed) answer written so far."""
@@ -291,25 +296,45 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(15)
         self.assertTrue(transport.disconnected)  # StringTransport.abortConnection
 
+    def test_idle_connections_time_out_on_one_timer(self) -> None:
+        """Connections that went idle at different times each close their site's timeOut
+        after they did, all watched by one timer."""
+        _, first_transport = self.connect()
+        timeout = self.site.timeOut
+        assert timeout is not None
+        self.clock.advance(20)
+        second = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4001))
+        second_transport = StringTransport()
+        second.makeConnection(second_transport)
+        self.addCleanup(second.connectionLost, Failure(ConnectionDone()))
+        self.assertEqual(self.pending(), [self.site.connections._close_timed_out])
+        self.clock.advance(timeout - 20)
+        self.assertTrue(first_transport.disconnecting)
+        self.assertFalse(second_transport.disconnecting)
+        self.clock.advance(19)
+        self.assertFalse(second_transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(second_transport.disconnecting)
+        self.assertEqual(self.site.connections.idle_count, 0)
+
     def test_long_upload_is_not_an_idle_connection(self) -> None:
         """A body that keeps arriving for longer than the idle timeout is neither cut nor
-        watched in a busy loop: the idle check waits a full timeout while a request arrives."""
+        watched in a busy loop: the site's idle sweep finds no idle connection and is not
+        armed again while the request arrives."""
         channel, transport = self.connect(min_body_rate=1000.0)
         timeout = self.site.timeOut
         assert timeout is not None
         size = 15000 * 12
         channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(12):  # 120 s, twice the idle timeout
+        sweep = self.site.connections._close_timed_out
+        for _ in range(11):  # 110 s, nearly twice the idle timeout
             channel.dataReceived(b"x" * 15000)
             self.clock.advance(10)
-            idle_checks = [
-                call.getTime() - self.clock.seconds()
-                for call in self.clock.getDelayedCalls()
-                if cast(DelayedCall, call).func == channel._idle_check
-            ]
-            self.assertTrue(all(wait >= 1 for wait in idle_checks), idle_checks)
-        self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
+            self.assertEqual(sweep in self.pending(), self.clock.seconds() < timeout)
         self.assertGreater(self.clock.seconds(), timeout)
+        channel.dataReceived(b"x" * 15000)
+        self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
+        self.assertIn(sweep, self.pending())  # idle again: watched again
 
     def test_partial_pipelined_head_gets_the_head_deadline(self) -> None:
         """A pipelined head left unfinished behind an answered request is held to the head
@@ -595,10 +620,7 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertTrue(pull.done)
         self.assertTrue(transport.value().endswith(b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n"))
-        self.assertEqual(
-            [cast(DelayedCall, call).func for call in self.clock.getDelayedCalls()],
-            [channel._idle_check],
-        )
+        self.assertEqual(self.pending(), [self.site.connections._close_timed_out])
 
     def test_failing_pull_producer_is_unregistered(self) -> None:
         """A pull producer that raises is logged and asked for nothing more."""

@@ -164,6 +164,8 @@ class Limits:
 # that has just been answered is likely to carry its client's next request at once (closing it
 # then races that request), while idle floods have long been idle.
 RECLAIM_AFTER = 1.0
+# Timers may fire this early (float rounding); an idle connection this close to its timeout goes.
+_TIMER_SLACK = 0.001
 
 
 class ConnectionTable:
@@ -172,7 +174,9 @@ class ConnectionTable:
     first. At ``max_connections``, or at an address's cap, the oldest idle connection (of that
     address, for its cap) is closed to make room before a new one is refused, as nginx closes
     idle keep-alive connections, if it has been idle for :data:`RECLAIM_AFTER`: silent
-    connections cannot lock other clients out."""
+    connections cannot lock other clients out. A connection idle for its site's ``timeOut``
+    is closed; one timer for the whole table does it (a timer per connection was armed and
+    cancelled for every connection, work that shows under many short connections)."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -181,6 +185,7 @@ class ConnectionTable:
         self._by_address: Counter[str] = Counter()
         self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
         self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
+        self._sweep: IDelayedCall | None = None  # closes the connections idle too long
 
     def opened(
         self, channel: GuardedChannel, address: str | None, limits: Limits
@@ -211,6 +216,9 @@ class ConnectionTable:
     def closed(self, channel: GuardedChannel, address: str | None) -> None:
         self.busy(channel, address)
         self.open -= 1
+        if not self.open and self._sweep is not None:
+            self._sweep.cancel()  # no connection left: no timer left behind
+            self._sweep = None
         if address is not None:
             left = self._by_address[address] - 1
             if left:
@@ -223,6 +231,25 @@ class ConnectionTable:
         self._idle[channel] = None
         if address is not None:
             self._idle_by_address.setdefault(address, {})[channel] = None
+        if self._sweep is None and channel.timeOut:
+            self._sweep = self._clock.callLater(channel.timeOut, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        """Close the connections idle for their site's ``timeOut``, oldest first; come back
+        when the oldest left is due. (It is left to fire when the last idle connection gets
+        a request: it then finds none, and is armed again when one goes idle.)"""
+        self._sweep = None
+        idle = self._idle
+        now = self._clock.seconds()
+        while idle:
+            oldest = next(iter(idle))
+            if not oldest.timeOut:
+                return
+            wait = oldest.idle_since + oldest.timeOut - now
+            if wait > _TIMER_SLACK:
+                self._sweep = self._clock.callLater(wait, self._close_timed_out)
+                return
+            oldest.time_out()  # which takes it out of this table
 
     def busy(self, channel: GuardedChannel, address: str | None) -> None:
         self._idle.pop(channel, None)
@@ -308,11 +335,9 @@ class GuardedChannel(Protocol):
         "_head_timer",
         "_held_size",
         "_host",
-        "_idle_timer",
         "_in_body",
         "_in_head",
         "_last",
-        "_last_seen",
         "_limits",
         "_line_done",
         "_linger",
@@ -385,10 +410,8 @@ class GuardedChannel(Protocol):
         # the client's IP address, when there is a per-address cap:
         self._address: str | None = None
         self._secure = False
-        self._last_seen = 0.0
         self._head_timer: IDelayedCall | None = None
         self._rate_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
         self._linger: IDelayedCall | None = None
 
     # The connection
@@ -418,18 +441,15 @@ class GuardedChannel(Protocol):
             return
         self._listed_idle = True
         self._parser = HttpRequestParser(self)
-        if self.timeOut:
-            self._last_seen = self.site.reactor.seconds()
-            self._idle_timer = self.callLater(self.timeOut, self._idle_check)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._counted:
             self._counted = self._listed_idle = False
             self.site.connections.closed(self, self._address)
-        for timer in (self._head_timer, self._rate_timer, self._idle_timer, self._linger):
+        for timer in (self._head_timer, self._rate_timer, self._linger):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._head_timer = self._rate_timer = self._idle_timer = self._linger = None
+        self._head_timer = self._rate_timer = self._linger = None
         self._drop_input = True
         self._events.clear()
         try:
@@ -440,22 +460,14 @@ class GuardedChannel(Protocol):
         if request is not None:
             request.connectionLost(reason)
 
-    def _idle_check(self) -> None:
-        """A connection with no request for ``timeOut`` seconds is closed (checked lazily: no
-        timer is reset per request)."""
-        assert self.timeOut is not None
-        if self._answering or self._request is not None or self._head_size:
-            # A request arriving or being answered: its own deadlines apply, look again later.
-            self._idle_timer = self.callLater(self.timeOut, self._idle_check)
-            return
-        idle = self.site.reactor.seconds() - self._last_seen
-        if idle < self.timeOut:
-            self._idle_timer = self.callLater(self.timeOut - idle, self._idle_check)
-            return
-        self._idle_timer = None
+    def time_out(self) -> None:
+        """Closed, idle for the site's ``timeOut`` (see :class:`ConnectionTable`); aborted if
+        it does not close within ABORT_TIMEOUT."""
+        self._listed_idle = False
+        self.site.connections.busy(self, self._address)
+        self._drop_input = True
         self._log.info("Timing out client: {peer}", peer=str(self._peer))
-        transport = self._transport
-        self._linger = self.callLater(ABORT_TIMEOUT, transport.abortConnection)
+        self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
         self.loseConnection()
 
     def reclaim(self) -> None:
@@ -464,10 +476,10 @@ class GuardedChannel(Protocol):
         self.site.connections.closed(self, self._address)
         self._drop_input = True
         self._log.info("Closing idle client {peer} to make room", peer=str(self._peer))
-        for timer in (self._idle_timer, self._head_timer, self._rate_timer):
+        for timer in (self._head_timer, self._rate_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._idle_timer = self._head_timer = self._rate_timer = None
+        self._head_timer = self._rate_timer = None
         self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
         self.loseConnection()
 
@@ -516,10 +528,10 @@ class GuardedChannel(Protocol):
             code=code,
             error=error,
         )
-        for timer in (self._head_timer, self._rate_timer, self._idle_timer):
+        for timer in (self._head_timer, self._rate_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._head_timer = self._rate_timer = self._idle_timer = None
+        self._head_timer = self._rate_timer = None
         body = error_body(error, detail)
         lines = [
             b"HTTP/1.1 %d %s" % (code, REASONS[code]),
@@ -1000,8 +1012,6 @@ class GuardedChannel(Protocol):
         if not self._persistent:
             self.loseConnection()
             return
-        if self.timeOut:
-            self._last_seen = self.site.reactor.seconds()
         if self._applying:
             return  # answered at once: the loop handing out requests goes on
         if self._events or self._held_size:  # (nearly always neither: nothing came meanwhile)
