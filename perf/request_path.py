@@ -182,11 +182,9 @@ class NewConnectionCycle(Cycle):
     """:class:`Cycle` on a new client connection per request, which asks to close it: the
     worker answers, closes, and the connection is lost (as the reactor reports it); then the
     reactor's timed calls are run once, as at the end of a turn (timers a connection armed
-    and cancelled are dropped there, or they would pile up in this loop)."""
-
-    def __init__(self, site: Any) -> None:
-        super().__init__(site)
-        self.channel.connectionLost(GONE)  # (the kept-alive connection is not used here)
+    and cancelled are dropped there, or they would pile up in this loop). The kept-alive
+    connection :class:`Cycle` makes stays open and idle, as other clients' connections on a
+    worker under load."""
 
     def __call__(self, profile: cProfile.Profile | None = None) -> int:
         if profile is not None:
