@@ -461,21 +461,22 @@ class GuardedChannel(Protocol):
             request.connectionLost(reason)
 
     def time_out(self) -> None:
-        """Closed, idle for the site's ``timeOut`` (see :class:`ConnectionTable`); aborted if
-        it does not close within ABORT_TIMEOUT."""
+        """Closed, idle for the site's ``timeOut`` (see :class:`ConnectionTable`)."""
         self._listed_idle = False
         self.site.connections.busy(self, self._address)
-        self._drop_input = True
-        self._log.info("Timing out client: {peer}", peer=str(self._peer))
-        self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
-        self.loseConnection()
+        self._close_idle("Timing out client: {peer}")
 
     def reclaim(self) -> None:
         """Closed, idle, to make room for a new connection (see :class:`ConnectionTable`)."""
         self._counted = self._listed_idle = False
         self.site.connections.closed(self, self._address)
+        self._close_idle("Closing idle client {peer} to make room")
+
+    def _close_idle(self, message: str) -> None:
+        """Close an idle connection (out of its table already), logging ``message``; it is
+        aborted if it does not close within ABORT_TIMEOUT."""
         self._drop_input = True
-        self._log.info("Closing idle client {peer} to make room", peer=str(self._peer))
+        self._log.info(message, peer=str(self._peer))
         for timer in (self._head_timer, self._rate_timer):
             if timer is not None and timer.active():
                 timer.cancel()
