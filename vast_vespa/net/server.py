@@ -572,7 +572,7 @@ class GuardedChannel(Protocol):
         self._answered_early = True
         if self._version == b"HTTP/1.1":
             request = cast(Request, self._request)
-            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.site.header_ops.put(request.responseHeaders, b"Connection", [b"close"])
         self._events.clear()
         self._parse_stopped = True
         if self._reading_paused and not self._waiting_for_transport:
@@ -948,7 +948,7 @@ class GuardedChannel(Protocol):
         self._command, self._path, self._version = method, target, version
         self._persistent = persistent
         if version == b"HTTP/1.1" and not persistent:
-            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.site.header_ops.put(request.responseHeaders, b"Connection", [b"close"])
         if cookies:
             request.parseCookies()
         request.gotLength(length)
