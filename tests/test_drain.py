@@ -4,8 +4,9 @@ In memory (tests/memory.py), then `twistd vespa` and SIGTERM."""
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseNeverReceived
 
 from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, spawn_worker, worker_url
@@ -90,8 +91,17 @@ class TwistdDrainTests(TestCase):
         self.assertEqual(response.code, 200)
         process.transport_.signalProcess("TERM")  # type: ignore[attr-defined]
         await process.wait_for(rb"Port \d+ Closed")
-        with self.assertRaises(ConnectionRefusedError):
+        # Twisted logs the port's closing just before it closes the socket: a connection made
+        # in between is accepted by the kernel into the backlog and reset by the close, never
+        # served. Either way, no new request reaches the worker.
+        try:
             await http_client(self).get(url + "/v1/echo")
+        except ConnectionRefusedError:
+            pass
+        except ResponseNeverReceived as never:
+            self.assertTrue(never.reasons[0].check(ConnectionLost), never.reasons)
+        else:
+            self.fail("a request was served after the port closed")
         body = await response.content()
         self.assertEqual(body.count(b"data: event"), 5)
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
