@@ -33,6 +33,7 @@ from tests.fakes import WritesKept
 from tests.helpers import FAST_PATH, RawClient, listen, raw_connect
 from vast_vespa.net import server
 from vast_vespa.net.guard import REQUEST_ATTRIBUTES
+from vast_vespa.net.idle_sweep import IdleSweep
 from vast_vespa.net.server import PIPELINE_BUFFER, GuardedChannel, Limits
 from vast_vespa.site import VespaSite
 
@@ -112,9 +113,12 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.site.open_connections, 0)
 
-    def pending(self) -> list[Callable[..., object]]:
-        """What the clock will call."""
-        return [cast(DelayedCall, call).func for call in self.clock.getDelayedCalls()]
+    def sweeps(self) -> int:
+        """How many of the clock's calls are an idle sweep's."""
+        return sum(
+            isinstance(getattr(cast(DelayedCall, call).func, "__self__", None), IdleSweep)
+            for call in self.clock.getDelayedCalls()
+        )
 
     def answers(self, transport: StringTransport) -> list[bytes]:
         """The status and body of each (Content-Length framed) answer written so far."""
@@ -307,7 +311,8 @@ class ChannelTests(SynchronousTestCase):
         second_transport = StringTransport()
         second.makeConnection(second_transport)
         self.addCleanup(second.connectionLost, Failure(ConnectionDone()))
-        self.assertEqual(self.pending(), [self.site.connections._close_timed_out])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.sweeps(), 1)
         self.clock.advance(timeout - 20)
         self.assertTrue(first_transport.disconnecting)
         self.assertFalse(second_transport.disconnecting)
@@ -326,15 +331,14 @@ class ChannelTests(SynchronousTestCase):
         assert timeout is not None
         size = 15000 * 12
         channel.dataReceived(b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n\r\n" % size)
-        sweep = self.site.connections._close_timed_out
         for _ in range(11):  # 110 s, nearly twice the idle timeout
             channel.dataReceived(b"x" * 15000)
             self.clock.advance(10)
-            self.assertEqual(sweep in self.pending(), self.clock.seconds() < timeout)
+            self.assertEqual(self.sweeps(), int(self.clock.seconds() < timeout))
         self.assertGreater(self.clock.seconds(), timeout)
         channel.dataReceived(b"x" * 15000)
         self.assertEqual(self.answers(transport), [b"200 OK | POST /up %d" % size])
-        self.assertIn(sweep, self.pending())  # idle again: watched again
+        self.assertEqual(self.sweeps(), 1)  # idle again: watched again
 
     def test_partial_pipelined_head_gets_the_head_deadline(self) -> None:
         """A pipelined head left unfinished behind an answered request is held to the head
@@ -620,7 +624,8 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertTrue(pull.done)
         self.assertTrue(transport.value().endswith(b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n"))
-        self.assertEqual(self.pending(), [self.site.connections._close_timed_out])
+        self.assertEqual(len(self.clock.getDelayedCalls()), self.sweeps())
+        self.assertEqual(self.sweeps(), 1)
 
     def test_failing_pull_producer_is_unregistered(self) -> None:
         """A pull producer that raises is logged and asked for nothing more."""

@@ -33,7 +33,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.internet.error import ConnectionAborted, ConnectionClosed
 from twisted.internet.interfaces import (
     IConsumer,
-    IDelayedCall,
     IProtocol,
     IReactorTime,
     IStreamClientEndpoint,
@@ -67,6 +66,7 @@ from zope.interface import implementer
 from vast_vespa.headers import PUBLIC_HEADER_OPS
 from vast_vespa.net.dispatch import OUTBOX
 from vast_vespa.net.header_table import RAW_HEADER_OPS
+from vast_vespa.net.idle_sweep import IdleSweep
 from vast_vespa.net.listen import send_now
 from vast_vespa.net.resolve import NamedEndpoint, RememberedNames
 from vast_vespa.net.splice import SPLICE_MIN, Splice, can_splice, has_unsent
@@ -85,8 +85,6 @@ READ_SIZE = 120 * 1024
 
 # One for every clean end, as Twisted's own connectionDone (a Failure costs microseconds).
 _RESPONSE_DONE = Failure(ResponseDone())
-# Timers may fire this early (float rounding); an idle connection this close to expiry goes.
-_TIMER_SLACK = 0.001
 # Limits of a backend's response head (interim 1xx heads included), as on the request side.
 MAX_HEAD_SIZE = 16 * 1024
 MAX_HEADERS = 100
@@ -147,9 +145,8 @@ class ConnectionPool:
     """
     Idle keep-alive connections per backend, most recently used first. An idle connection
     is closed after ``idle_timeout`` seconds (before typical server keep-alive timeouts:
-    uvicorn closes idle connections after 5 s) and beyond ``max_idle_per_backend``. One timer
-    for the whole pool closes what has been idle too long (a timer per connection was armed
-    and cancelled on every request, work that showed under a load of many short streams).
+    uvicorn closes idle connections after 5 s) and beyond ``max_idle_per_backend``, by one
+    timer for the whole pool (:class:`IdleSweep`).
     """
 
     def __init__(
@@ -159,7 +156,7 @@ class ConnectionPool:
         self.max_idle_per_backend = max_idle_per_backend
         self.idle_timeout = idle_timeout
         self._idle: dict[Key, list[_Connection]] = {}  # oldest first
-        self._sweep: IDelayedCall | None = None
+        self._sweep = IdleSweep(clock, self._close_expired)
 
     def take(self, key: Key) -> _Connection | None:
         """An idle connection to ``key`` (now busy), or None."""
@@ -177,22 +174,18 @@ class ConnectionPool:
             return
         connection.idle_since = self._clock.seconds()
         idle.append(connection)
-        if self._sweep is None:
-            self._sweep = self._clock.callLater(self.idle_timeout, self._close_expired)
+        self._sweep.watch(self.idle_timeout)
 
-    def _close_expired(self) -> None:
-        """Close the connections idle for ``idle_timeout``; come back for the next oldest."""
-        self._sweep = None
-        expired_before = self._clock.seconds() - self.idle_timeout + _TIMER_SLACK
+    def _close_expired(self, now: float) -> float | None:
+        """Close the connections idle for ``idle_timeout`` by ``now``; when the next is due."""
+        expired_before = now - self.idle_timeout
         oldest: float | None = None
         for idle in self._idle.values():
             while idle and idle[0].idle_since <= expired_before:
                 idle.pop(0).close()
             if idle and (oldest is None or idle[0].idle_since < oldest):
                 oldest = idle[0].idle_since
-        if oldest is not None:
-            wait = oldest + self.idle_timeout - self._clock.seconds()
-            self._sweep = self._clock.callLater(max(wait, _TIMER_SLACK), self._close_expired)
+        return None if oldest is None else oldest + self.idle_timeout
 
     def forget(self, key: Key, connection: _Connection) -> None:
         """``connection`` is gone (closed by the backend while idle)."""
@@ -200,16 +193,11 @@ class ConnectionPool:
         if idle and connection in idle:
             idle.remove(connection)
             if not any(self._idle.values()):
-                self._stop_sweep()
-
-    def _stop_sweep(self) -> None:
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep = None
+                self._sweep.stop()
 
     def closeCachedConnections(self) -> Deferred[None]:
         """Close every idle connection; fires once they are all closed."""
-        self._stop_sweep()
+        self._sweep.stop()
         closing = [connection for idle in self._idle.values() for connection in idle]
         self._idle.clear()
         lost = [connection.close() for connection in closing]

@@ -81,6 +81,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from vast_vespa.headers import TOKEN
+from vast_vespa.net.idle_sweep import IdleSweep
 from vast_vespa.outcome import JSON, error_body
 
 if TYPE_CHECKING:
@@ -164,8 +165,6 @@ class Limits:
 # that has just been answered is likely to carry its client's next request at once (closing it
 # then races that request), while idle floods have long been idle.
 RECLAIM_AFTER = 1.0
-# Timers may fire this early (float rounding); an idle connection this close to its timeout goes.
-_TIMER_SLACK = 0.001
 
 
 class ConnectionTable:
@@ -175,8 +174,7 @@ class ConnectionTable:
     address, for its cap) is closed to make room before a new one is refused, as nginx closes
     idle keep-alive connections, if it has been idle for :data:`RECLAIM_AFTER`: silent
     connections cannot lock other clients out. A connection idle for its site's ``timeOut``
-    is closed; one timer for the whole table does it (a timer per connection was armed and
-    cancelled for every connection, work that shows under many short connections)."""
+    is closed, by one timer for the whole table (:class:`IdleSweep`)."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -185,7 +183,7 @@ class ConnectionTable:
         self._by_address: Counter[str] = Counter()
         self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
         self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
-        self._sweep: IDelayedCall | None = None  # closes the connections idle too long
+        self._sweep = IdleSweep(clock, self._close_timed_out)
 
     def opened(
         self, channel: GuardedChannel, address: str | None, limits: Limits
@@ -216,9 +214,8 @@ class ConnectionTable:
     def closed(self, channel: GuardedChannel, address: str | None) -> None:
         self.busy(channel, address)
         self.open -= 1
-        if not self.open and self._sweep is not None:
-            self._sweep.cancel()  # no connection left: no timer left behind
-            self._sweep = None
+        if not self.open:
+            self._sweep.stop()
         if address is not None:
             left = self._by_address[address] - 1
             if left:
@@ -231,25 +228,23 @@ class ConnectionTable:
         self._idle[channel] = None
         if address is not None:
             self._idle_by_address.setdefault(address, {})[channel] = None
-        if self._sweep is None and channel.timeOut:
-            self._sweep = self._clock.callLater(channel.timeOut, self._close_timed_out)
+        if channel.timeOut:
+            self._sweep.watch(channel.timeOut)
 
-    def _close_timed_out(self) -> None:
-        """Close the connections idle for their site's ``timeOut``, oldest first; come back
-        when the oldest left is due. (It is left to fire when the last idle connection gets
-        a request: it then finds none, and is armed again when one goes idle.)"""
-        self._sweep = None
+    def _close_timed_out(self, now: float) -> float | None:
+        """Close the connections idle for their site's ``timeOut`` by ``now``, oldest first;
+        when the next is due. (The sweep is left to fire when the last idle connection gets a
+        request: it then finds none.)"""
         idle = self._idle
-        now = self._clock.seconds()
         while idle:
             oldest = next(iter(idle))
             if not oldest.timeOut:
-                return
-            wait = oldest.idle_since + oldest.timeOut - now
-            if wait > _TIMER_SLACK:
-                self._sweep = self._clock.callLater(wait, self._close_timed_out)
-                return
+                return None
+            due = oldest.idle_since + oldest.timeOut
+            if due > now:
+                return due
             oldest.time_out()  # which takes it out of this table
+        return None
 
     def busy(self, channel: GuardedChannel, address: str | None) -> None:
         self._idle.pop(channel, None)
