@@ -317,8 +317,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--cycle", action="store_true", help="S1's whole request")
-    parser.add_argument("--tls", action="store_true", help="with --cycle: over TLS")
-    parser.add_argument(
+    connection = parser.add_mutually_exclusive_group()  # (--new is over plain TCP)
+    connection.add_argument("--tls", action="store_true", help="with --cycle: over TLS")
+    connection.add_argument(
         "--new", action="store_true", help="with --cycle: a new connection per request"
     )
     parser.add_argument("--profile", action="store_true")
@@ -331,8 +332,6 @@ def main() -> None:
     args = parser.parse_args()
     if (args.tls or args.new) and not args.cycle:
         parser.error("--tls and --new go with --cycle")
-    if args.tls and args.new:
-        parser.error("--new is over plain TCP: not with --tls")
     what = "whole request" if args.cycle else "request path"
     what += " over TLS" if args.tls else ""
     what += " on a new connection" if args.new else ""

@@ -57,7 +57,7 @@ class RequestPathTests(SynchronousTestCase):
         for args, error in (
             (["--tls"], "--tls and --new go with --cycle"),
             (["--new"], "--tls and --new go with --cycle"),
-            (["--cycle", "--new", "--tls"], "--new is over plain TCP: not with --tls"),
+            (["--cycle", "--new", "--tls"], "not allowed with argument"),
         ):
             done = subprocess.run(
                 [sys.executable, SCRIPT, *args], capture_output=True, text=True, check=False
