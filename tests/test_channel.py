@@ -381,6 +381,18 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(b"\r\n")
         self.assertEqual([s[1] for s in self.resource.seen], [b"/late"])
 
+    def test_request_racing_the_idle_timeout_is_not_served(self) -> None:
+        """A request that arrives after its connection timed out, while it closes, reaches no
+        resource and is not answered (the client retries it on a new connection)."""
+        channel, transport = self.connect()
+        timeout = self.site.timeOut
+        assert timeout is not None
+        self.clock.advance(timeout)
+        self.assertTrue(transport.disconnecting)
+        channel.dataReceived(GET % 1)
+        self.assertEqual(self.resource.seen, [])
+        self.assertEqual(transport.value(), b"")
+
     def test_idle_clock_restarts_after_each_answer(self) -> None:
         channel, transport = self.connect()
         timeout = self.site.timeOut
