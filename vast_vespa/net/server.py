@@ -468,14 +468,11 @@ class GuardedChannel(Protocol):
         self._close_idle("Closing idle client {peer} to make room")
 
     def _close_idle(self, message: str) -> None:
-        """Close an idle connection (out of its table already), logging ``message``; it is
-        aborted if it does not close within ABORT_TIMEOUT."""
+        """Close an idle connection (out of its table already; no input deadline is armed
+        on one), logging ``message``; it is aborted if it does not close within
+        ABORT_TIMEOUT."""
         self._drop_input = True
         self._log.info(message, peer=str(self._peer))
-        for timer in (self._head_timer, self._rate_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._head_timer = self._rate_timer = None
         self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
         self.loseConnection()
 
