@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from select import EPOLLIN
+from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from typing import cast
 
-from twisted.internet.main import CONNECTION_DONE
+from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -105,9 +106,14 @@ class _Selectable:
 class _Reactor:
     def __init__(self) -> None:
         self.disconnected: list[tuple[object, object, bool]] = []
+        self.steps: list[str] = []  # what the turn did, in order
 
     def _disconnectSelectable(self, selectable: object, why: object, is_read: bool) -> None:
         self.disconnected.append((selectable, why, is_read))
+        self.steps.append(f"disconnect {selectable} (outbox open: {OUTBOX.open})")
+
+    def _doReadOrWrite(self, selectable: object, fd: int, event: int) -> None:
+        self.steps.append(f"event {event:#x} of {selectable} (outbox open: {OUTBOX.open})")
 
 
 class ReadEventTests(SynchronousTestCase):
@@ -155,18 +161,64 @@ class _Holding:
         self.sent.append(OUTBOX.open)
 
 
+class _RecordingHolding(_Holding):
+    """A :class:`_Holding` that notes its read and its send in the reactor's steps."""
+
+    def __init__(self, reactor: _Reactor) -> None:
+        super().__init__()
+        self.steps = reactor.steps
+
+    def doRead(self) -> None:
+        self.steps.append("read of a request")
+        super().doRead()
+
+    def send_held(self) -> None:
+        self.steps.append("the request's write sent")
+        super().send_held()
+
+
+class _ClientConnection(tcp.Server):
+    """A client's connection (an accepted one, a ``tcp.Server``) whose read returns ``why``;
+    nothing of a real connection is made."""
+
+    def __init__(self, fileno: int, why: object = None) -> None:  # no socket
+        self._fileno = fileno
+        self._why = why
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def doRead(self) -> object:
+        return self._why
+
+    def __str__(self) -> str:
+        return f"client {self._fileno}"
+
+
+class _BackendConnection(_Selectable):
+    """A backend connection (not a ``tcp.Server``)."""
+
+    def __str__(self) -> str:
+        return f"backend {self._fileno}"
+
+
 class TurnTests(SynchronousTestCase):
     """A turn of the fast path's loop: the outbox is open while its events are dispatched,
     and closed when it is over, with what was held sent then."""
 
-    def turn(self, ready: list[tuple[int, int]], selectables: dict[int, object]) -> None:
+    def turn(
+        self,
+        ready: list[tuple[int, int]],
+        selectables: dict[int, object],
+        reactor: _Reactor | None = None,
+    ) -> _Reactor:
         self.addCleanup(OUTBOX.waiting.clear)
         self.addCleanup(setattr, OUTBOX, "open", False)
-        reactor = _Reactor()
+        reactor = reactor or _Reactor()
         reactor._poller = _Poller(ready)  # type: ignore[attr-defined]
         reactor._selectables = selectables  # type: ignore[attr-defined]
-        reactor._doReadOrWrite = lambda *event: None  # type: ignore[attr-defined]
         _poll_and_dispatch(reactor, 0)  # type: ignore[arg-type]
+        return reactor
 
     def test_what_a_turn_holds_is_sent_when_it_is_over(self) -> None:
         connection = _Holding()
@@ -181,6 +233,96 @@ class TurnTests(SynchronousTestCase):
         self.assertFalse(OUTBOX.open)
         self.turn([], {})
         self.assertFalse(OUTBOX.open)
+
+    def test_a_client_that_hung_up_is_ended_after_the_turns_sends(self) -> None:
+        """A client's connection that hung up (an event with EPOLLHUP or EPOLLERR) comes
+        first in the turn, but the request read after it is sent to its backend first, and the
+        connection is torn down once the turn's writes are out (the outbox closed)."""
+        reactor = _Reactor()
+        gone = _ClientConnection(5)
+        request = _RecordingHolding(reactor)
+        event = EPOLLIN | EPOLLERR | EPOLLHUP
+        self.turn([(5, event), (7, EPOLLIN)], {5: gone, 7: request}, reactor)
+        self.assertEqual(
+            reactor.steps,
+            [
+                "read of a request",
+                "the request's write sent",
+                f"event {event:#x} of client 5 (outbox open: False)",
+            ],
+        )
+
+    def test_a_client_whose_read_ends_it_is_ended_after_the_turns_sends(self) -> None:
+        """A client's connection whose read says it is over (the client closed) is
+        disconnected after the turn's other events and sends, with the read's reason."""
+        reactor = _Reactor()
+        closed = _ClientConnection(5, CONNECTION_DONE)
+        request = _RecordingHolding(reactor)
+        self.turn([(5, EPOLLIN), (7, EPOLLIN)], {5: closed, 7: request}, reactor)
+        self.assertEqual(
+            reactor.steps,
+            [
+                "read of a request",
+                "the request's write sent",
+                "disconnect client 5 (outbox open: False)",
+            ],
+        )
+        self.assertEqual(reactor.disconnected, [(closed, CONNECTION_DONE, True)])
+
+    def test_a_backend_connection_that_ends_is_ended_at_once(self) -> None:
+        """A backend connection's end is handled where its event comes, as Twisted does: the
+        pool must not hand it to a request read later in the same turn."""
+        reactor = _Reactor()
+        closed, hung_up = _BackendConnection(5, CONNECTION_LOST), _BackendConnection(6, None)
+        request = _RecordingHolding(reactor)
+        event = EPOLLIN | EPOLLHUP
+        self.turn(
+            [(5, EPOLLIN), (6, event), (7, EPOLLIN)], {5: closed, 6: hung_up, 7: request}, reactor
+        )
+        self.assertEqual(
+            reactor.steps,
+            [
+                "disconnect backend 5 (outbox open: True)",
+                f"event {event:#x} of backend 6 (outbox open: True)",
+                "read of a request",
+                "the request's write sent",
+            ],
+        )
+
+    def test_other_events_are_dispatched_where_they_come(self) -> None:
+        """An event that is neither input alone nor a hang-up (a socket ready for writing) is
+        Twisted's to dispatch, at once."""
+        reactor = _Reactor()
+        writable = _ClientConnection(5)
+        request = _RecordingHolding(reactor)
+        self.turn([(5, EPOLLOUT), (7, EPOLLIN)], {5: writable, 7: request}, reactor)
+        self.assertEqual(
+            reactor.steps,
+            [
+                f"event {EPOLLOUT:#x} of client 5 (outbox open: True)",
+                "read of a request",
+                "the request's write sent",
+            ],
+        )
+
+    def test_a_connection_dropped_since_is_not_ended_again(self) -> None:
+        """A client's connection that ended, then was dropped later in the turn (aborted, or
+        paused: no longer registered under its descriptor, or another connection there now),
+        is left to what dropped it."""
+        reactor = _Reactor()
+        closed, hung_up = _ClientConnection(5, CONNECTION_DONE), _ClientConnection(6)
+        selectables: dict[int, object] = {5: closed, 6: hung_up}
+
+        class Dropping(_RecordingHolding):
+            def doRead(self) -> None:
+                del selectables[5]  # aborted
+                selectables[6] = _ClientConnection(6)  # a new connection under the same fd
+                super().doRead()
+
+        selectables[7] = Dropping(reactor)
+        self.turn([(5, EPOLLIN), (6, EPOLLHUP), (7, EPOLLIN)], selectables, reactor)
+        self.assertEqual(reactor.steps, ["read of a request", "the request's write sent"])
+        self.assertEqual(reactor.disconnected, [])
 
 
 class TwistdWiringTests(SynchronousTestCase):

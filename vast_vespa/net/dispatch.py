@@ -20,15 +20,18 @@ reactor's ``_poller``, ``_selectables``, ``_doReadOrWrite`` and ``_disconnectSel
 from __future__ import annotations
 
 import errno
-from select import EPOLLIN
+from select import EPOLLERR, EPOLLHUP, EPOLLIN
 from types import MethodType
 from typing import Any, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 
 _log = Logger()
+# An event that says the other end hung up or the connection failed.
+_HUNG_UP = EPOLLHUP | EPOLLERR
 
 
 class Holding(Protocol):
@@ -81,7 +84,8 @@ def lean_event_dispatch(reactor: Any) -> bool:
 def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
     """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event; input alone
     (nearly every event: a relayed chunk, a request) goes straight to ``doRead``. Writes made
-    meanwhile leave when all the events are dispatched (:class:`Outbox`)."""
+    meanwhile leave when all the events are dispatched (:class:`Outbox`); then the clients'
+    connections that ended in the turn are torn down (:func:`_end_client_connections`)."""
     try:
         ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
     except OSError as err:
@@ -90,6 +94,7 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
         raise
     dispatch = self._doReadOrWrite  # catches and logs what a protocol raises
     selectables = self._selectables
+    ended: list[tuple[int, Any, int, Any]] | None = None
     OUTBOX.open = True
     try:
         for fd, event in ready:
@@ -98,7 +103,20 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
                 continue
             try:
                 if event == EPOLLIN:
-                    read_ready(self, selectable)
+                    why = _read(selectable)
+                    if not why:
+                        continue
+                else:
+                    why = None
+                    if not event & _HUNG_UP:
+                        dispatch(selectable, fd, event)
+                        continue
+                if isinstance(selectable, tcp.Server):
+                    if ended is None:
+                        ended = []
+                    ended.append((fd, selectable, event, why))
+                elif why:
+                    self._disconnectSelectable(selectable, why, True)
                 else:
                     dispatch(selectable, fd, event)
             except Exception:
@@ -108,16 +126,45 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
             OUTBOX.send_all()
         else:  # most turns of a streaming worker: a chunk relayed at once, nothing held
             OUTBOX.open = False
+    if ended is not None:
+        _end_client_connections(self, ended)
+
+
+def _end_client_connections(reactor: EPollReactor, ended: list[tuple[int, Any, int, Any]]) -> None:
+    """Tear down the clients' connections that ended in this turn, after its other events and
+    its sends: a closed connection's teardown is the longest step of a connection's life
+    (its protocol, the request's bookkeeping, the socket), and a client that ends one stream
+    and opens the next has both in one turn, where the new request would wait for it. Each
+    is an ``(fd, connection, event, why)``: a read that said the connection is over (``why``),
+    or an event that says the client hung up, dispatched now. A connection no longer
+    registered under its descriptor was dropped meanwhile (aborted: its end is on its way)
+    or stopped reading (paused: the end is seen again when it reads again), and is left."""
+    selectables = reactor._selectables
+    for fd, selectable, event, why in ended:
+        if selectables.get(fd) is not selectable:
+            continue
+        try:
+            if why:
+                reactor._disconnectSelectable(selectable, why, True)
+            else:
+                reactor._doReadOrWrite(selectable, fd, event)
+        except Exception:
+            _log.failure("error ending {selectable!r}", selectable=selectable)
 
 
 def read_ready(reactor: EPollReactor, selectable: Any) -> None:
     """What ``_doReadOrWrite`` does for an input event, in one call: read, and disconnect the
     selectable when the read says it is over or raises (logged with its traceback)."""
-    why: Any
-    try:
-        why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
-    except BaseException as error:  # as Twisted: whatever a protocol raises drops its connection
-        why = error
-        _log.failure("error reading from {selectable!r}", selectable=selectable)
+    why = _read(selectable)
     if why:
         reactor._disconnectSelectable(selectable, why, True)
+
+
+def _read(selectable: Any) -> Any:
+    """``selectable.doRead()`` as ``_doReadOrWrite`` calls it: what says the connection is
+    over (what the read returned or raised, or that its descriptor is gone), None if not."""
+    try:
+        return _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
+    except BaseException as error:  # as Twisted: whatever a protocol raises drops its connection
+        _log.failure("error reading from {selectable!r}", selectable=selectable)
+        return error
