@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
@@ -188,7 +188,7 @@ class _ClientConnection(tcp.Server):
     def fileno(self) -> int:
         return self._fileno
 
-    def doRead(self) -> object:
+    def doRead(self) -> Any:
         return self._why
 
     def __str__(self) -> str:

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
@@ -17,7 +18,7 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -618,6 +619,49 @@ class InMemoryTests(SynchronousTestCase):
         self.assertIsInstance(self.app.reason.value, ConnectionLost)
         self.assertEqual(self.factory.protocols, {})
 
+    def resumes_after(self, end: Callable[[], object]) -> None:
+        """The client takes its tickets and shuts its side down (an OpenSSL client that does
+        not makes its own session unresumable), ``end`` ends the connection on the server's
+        side, and a new connection offering the client's session resumes it."""
+        self.client_reads()  # the tickets
+        session, context = self.client.get_session(), self.client.get_context()
+        assert session is not None
+        self.client.shutdown()
+        end()
+        self.assertGreater(self.factory.context().session_stats()["number"], 0)
+        self.connect()
+        self.client = SSL.Connection(context)  # a session resumes on its own context only
+        self.client.set_connect_state()
+        self.client.set_session(session)
+        self.handshake()
+        handle = self.server.getHandle()
+        assert handle is not None
+        self.assertTrue(handle.session_reused)
+
+    def test_resumes_after_close_notify(self) -> None:
+        def end() -> None:
+            self.server.dataReceived(self.client.bio_read(2**20))
+            self.server.connectionLost(Failure(ConnectionDone()))
+
+        self.resumes_after(end)
+
+    def test_resumes_after_an_end_without_close_notify(self) -> None:
+        """A connection that ends without the client's close_notify reaching the server
+        (one that closes its socket without it, or whose close_notify is lost) leaves its
+        session resumable (OpenSSL drops a stateful ticket's session when its connection
+        fails), and the wrapped protocol still hears that the connection was cut."""
+        first = self.app
+        self.resumes_after(lambda: self.server.connectionLost(Failure(ConnectionDone())))
+        assert first.reason is not None
+        self.assertIsInstance(first.reason.value, ConnectionLost)
+
+    def test_resumes_after_an_abort(self) -> None:
+        def end() -> None:
+            self.server.abortConnection()
+            self.server.connectionLost(Failure(ConnectionAborted()))
+
+        self.resumes_after(end)
+
     def test_left_mid_handshake(self) -> None:
         self.connect()
         self.assertRaises(SSL.WantReadError, self.client.do_handshake)
@@ -705,7 +749,9 @@ class ContextTests(SynchronousTestCase):
         self.assertEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
         self.assertTrue(context.options & ssl.OP_NO_COMPRESSION)
         self.assertTrue(context.options & ssl.OP_NO_RENEGOTIATION)
-        self.assertFalse(context.options & ssl.OP_NO_TICKET)
+        # Stateful TLS 1.3 tickets, and an end without close_notify that keeps the session:
+        self.assertTrue(context.options & ssl.OP_NO_TICKET)
+        self.assertTrue(context.options & ssl.OP_IGNORE_UNEXPECTED_EOF)
         tls12 = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
         self.assertTrue(tls12)
         for name in tls12:

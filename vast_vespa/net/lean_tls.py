@@ -69,6 +69,8 @@ from vast_vespa.net.tls import Rotating, ServerTLS
 # What one read of the TLS connection asks for; a read that leaves bytes behind is followed
 # by another.
 READ_SIZE = 2**16
+# Why a connection that ended without close_notify is lost, by whether its handshake was done.
+_CUT = {False: "the client left mid-handshake", True: "the client closed without close_notify"}
 
 
 def _wrapped_prefix(wrapped: object, mark: str) -> str:
@@ -275,7 +277,7 @@ class LeanTLSProtocol(Protocol):
         close_notify) and close. ``reason`` is for the wrapped protocol's connectionLost (None:
         the TCP connection's own)."""
         if reason is not None and isinstance(reason.value, ssl.SSLEOFError):
-            reason = Failure(ConnectionLost("the client closed without close_notify"))
+            reason = Failure(ConnectionLost(_CUT[True]))
         if self._reason is None:
             self._reason = reason
         self._lost_tls = True
@@ -287,12 +289,15 @@ class LeanTLSProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._lost_tls and self._tls is not None:
-            # What came before the end is still delivered; an end without close_notify fails.
+            # What came before the end is still delivered, and the end fails the connection:
+            # a close_notify would have ended the TLS session already. (The context reads
+            # such an end as a close_notify, so that OpenSSL keeps the session resumable:
+            # see ServerTLS.stdlib_context.)
             self._incoming.write_eof()
             if self._handshake_done:
                 self._read()
-            elif self._reason is None:
-                self._reason = Failure(ConnectionLost("the client left mid-handshake"))
+            if self._reason is None:
+                self._reason = Failure(ConnectionLost(_CUT[self._handshake_done]))
             self._lost_tls = True
         reason = self._reason or reason
         self._reason = None

@@ -21,7 +21,8 @@ of a listener with one OpenSSL context, built once and then shared, which has:
 The same settings are also made as Python's own ``ssl.SSLContext``
 (:meth:`ServerTLS.stdlib_context`), for the fast path's TLS protocol
 (:mod:`vast_vespa.net.lean_tls`), whose reads and writes then run in C; stock Twisted uses the
-pyOpenSSL context.
+pyOpenSSL context. The fast path's TLS 1.3 tickets are stateful instead: each names a session
+in the context's cache (see :meth:`ServerTLS.stdlib_context`).
 
 :func:`server_tls` turns ``ssl:PORT:privateKey=...`` into the ``tcp:`` description with the
 same port, interface and backlog and a :class:`ServerTLS`; the listener wraps its factory in
@@ -67,6 +68,8 @@ SESSION_CONTEXT = b"vast-vespa"
 _KEYS = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
 _Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 _T = TypeVar("_T")
+# OpenSSL 3.0 and later: an end without close_notify read as one (see stdlib_context).
+_IGNORE_UNEXPECTED_EOF: int | None = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", None)
 
 
 class Rotating(Generic[_T]):
@@ -140,10 +143,22 @@ class ServerTLS:
         no say in: the session ID context is "Python" (one program's listeners still) and a
         session's timeout OpenSSL's two hours (the context, with its ticket keys and cache,
         is still replaced every ``lifetime`` seconds). Buffers are released when idle, as
-        Python always sets it."""
+        Python always sets it.
+
+        TLS 1.3 tickets are stateful (``OP_NO_TICKET``): a ticket names a session kept in the
+        context's cache instead of carrying it encoded and encrypted, which a resumed
+        connection then neither decodes nor issues anew. The cache holds OpenSSL's default of
+        20,480 sessions at most (about 0.8 KiB each), and goes with the context. OpenSSL
+        drops a connection's session when it ends without close_notify, as many clients end
+        theirs (they close the socket): an end without it counts as one
+        (``OP_IGNORE_UNEXPECTED_EOF``), and :class:`~vast_vespa.net.lean_tls.LeanTLSProtocol`
+        still tells its protocol that the connection was cut. With an OpenSSL older than 3.0,
+        which has no such option, tickets stay stateless."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        if _IGNORE_UNEXPECTED_EOF is not None:
+            context.options |= ssl.OP_NO_TICKET | _IGNORE_UNEXPECTED_EOF
         context.set_ciphers(TLS12_CIPHERS.decode("ascii"))
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
