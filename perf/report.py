@@ -260,9 +260,69 @@ def render(results: dict) -> str:
         out += [sse_client(results), ""]
     out += tls_tables(results)
     out += fast_path_parts(results)
+    out += against_compared(results)
     out += check(results)
     out += tls_check(results)
     return "\n".join(out)
+
+
+def _cpu_per_request(run: dict) -> float | None:
+    return run["proxy_cpu_pct"] / run["rps"] if run.get("rps") and "proxy_cpu_pct" in run else None
+
+
+def _stream_cpu(run: dict) -> float | None:
+    return None if "rps" in run else run.get("proxy_cpu_pct")
+
+
+# What is compared round by round: (name, the figure of a run or None, whether higher is
+# better, whether a difference (ms) is shown instead of a ratio).
+_PAIRED = (
+    ("req/s", lambda r: r.get("rps"), True, False),
+    ("CPU per request", _cpu_per_request, False, False),
+    ("MB/s", lambda r: r.get("mb_per_s"), True, False),
+    ("TTFB p50", lambda r: r.get("ttfb_p50_ms"), False, True),
+    ("proxy CPU", _stream_cpu, False, False),
+)
+
+
+def against_compared(results: dict) -> list[str]:
+    """This build ("vespa") against each ``--compare`` build, round by round (the runs at one
+    index were measured in the same round): in how many rounds it was ahead, and the median
+    (range) of its ratio to the other, or of the difference for a time. Medians of rounds
+    move with the machine from run to run; a change that is ahead in most rounds is one the
+    machine's noise did not make."""
+    others = [t for t in results["targets"] if t.startswith("vespa@")]
+    rows = []
+    for scenario, points in results["scenarios"].items():
+        for point, by_target in points.items():
+            mine = by_target.get("vespa", [])
+            for other in others:
+                pairs = list(zip(mine, by_target.get(other, []), strict=False))
+                for name, figure, higher, difference in _PAIRED:
+                    values = [(figure(a), figure(b)) for a, b in pairs]
+                    known = [(a, b) for a, b in values if a is not None and b]
+                    if not known:
+                        continue
+                    ahead = sum((a > b) if higher else (a < b) for a, b in known)
+                    if difference:
+                        spread = [a - b for a, b in known]
+                        text = f"{statistics.median(spread):+.2f} ms"
+                        if len(spread) > 1:
+                            text += f" ({min(spread):+.2f} to {max(spread):+.2f})"
+                    else:
+                        text = ratio_text([a / b for a, b in known])
+                    rows.append([scenario, point, other, name, f"{ahead} of {len(known)}", text])
+    if not rows:
+        return []
+    header = ["scenario", "point", "against", "figure", "rounds ahead", "vespa to it, median"]
+    return [
+        "## This build against the compared builds, round by round",
+        "",
+        *table(header, rows),
+        "Ratios are this build's figure over the other's in the same round (a difference for "
+        "the time to first event); ahead means more req/s or MB/s, less CPU or time.",
+        "",
+    ]
 
 
 def tls_tables(results: dict) -> list[str]:

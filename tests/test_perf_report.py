@@ -113,3 +113,94 @@ class FullHandshakeTableTests(SynchronousTestCase):
         """Results from before --tls-key were made with the RSA-2048 certificate."""
         lines = report.tls_tables(self.data(None))
         self.assertTrue(any("signed with an RSA-2048 key" in line for line in lines))
+
+
+class AgainstComparedTests(SynchronousTestCase):
+    """With ``--compare``, the report sets this build against each compared build round by
+    round: how many rounds it was ahead in, and the median of its ratios (or differences)."""
+
+    def data(self) -> dict:
+        return {
+            "targets": ["direct", "nginx", "vespa", "vespa@abc1234"],
+            "scenarios": {
+                "NEW-TLS": {
+                    "c=16 new conn": {
+                        "nginx": [{"rps": 1000.0, "proxy_cpu_pct": 90.0}] * 3,
+                        "vespa": [
+                            {"rps": 110.0, "proxy_cpu_pct": 99.0},
+                            {"rps": 90.0, "proxy_cpu_pct": 99.0},
+                            {"rps": 120.0, "proxy_cpu_pct": 96.0},
+                        ],
+                        "vespa@abc1234": [{"rps": 100.0, "proxy_cpu_pct": 100.0}] * 3,
+                    }
+                },
+                "S3-TLS": {
+                    "100 streams": {
+                        "vespa": [
+                            {"ttfb_p50_ms": 2.0, "proxy_cpu_pct": 20.0},
+                            {"ttfb_p50_ms": 2.3, "proxy_cpu_pct": 22.0},
+                        ],
+                        "vespa@abc1234": [
+                            {"ttfb_p50_ms": 2.2, "proxy_cpu_pct": 21.0},
+                            {"ttfb_p50_ms": 2.2, "proxy_cpu_pct": 21.0},
+                        ],
+                    }
+                },
+            },
+        }
+
+    def rows(self, data: dict) -> list[list[str]]:
+        lines = report.against_compared(data)
+        rows = [
+            line.strip("|").split("|") for line in lines if line.startswith("| ") and "@" in line
+        ]
+        return [[cell.strip() for cell in row] for row in rows]
+
+    def test_rounds_ahead_and_medians(self) -> None:
+        self.assertEqual(
+            self.rows(self.data()),
+            [
+                [
+                    "NEW-TLS",
+                    "c=16 new conn",
+                    "vespa@abc1234",
+                    "req/s",
+                    "2 of 3",
+                    "1.100 (0.900-1.200)",
+                ],
+                # CPU per request: 0.9, 1.1, 0.8 of the other's
+                [
+                    "NEW-TLS",
+                    "c=16 new conn",
+                    "vespa@abc1234",
+                    "CPU per request",
+                    "2 of 3",
+                    "0.900 (0.800-1.100)",
+                ],
+                [
+                    "S3-TLS",
+                    "100 streams",
+                    "vespa@abc1234",
+                    "TTFB p50",
+                    "1 of 2",
+                    "-0.05 ms (-0.20 to +0.10)",
+                ],
+                [
+                    "S3-TLS",
+                    "100 streams",
+                    "vespa@abc1234",
+                    "proxy CPU",
+                    "1 of 2",
+                    "1.000 (0.952-1.048)",
+                ],
+            ],
+        )
+
+    def test_nothing_without_a_compared_build(self) -> None:
+        data = self.data()
+        data["targets"].remove("vespa@abc1234")
+        self.assertEqual(report.against_compared(data), [])
+        self.assertNotIn("round by round", report.render({**data, "machine": MACHINE, "args": {}}))
+
+
+MACHINE = {"date": "2026-12-06", "cpus": 2, "python": "3.11", "kernel": "6"}
