@@ -183,6 +183,17 @@ class SessionTests(TestCase):
         self.assertEqual(response.status, 503)
         self.assertEqual(await response.json(), {"status": 503})
 
+    def test_timeout_while_connecting(self) -> None:
+        """A backend that does not take the connection within the timeout: TimeoutError too
+        (Twisted's own error for a cancelled connection attempt is no CancelledError)."""
+        clock = MemoryReactorClock()
+        session = BackendSession(clock, "http://127.0.0.1:9/")
+        self.addCleanup(session.close)
+        sent = session.get("/x", timeout=0.1)
+        self.assertEqual(len(clock.tcpClients), 1)  # connecting, never connected
+        clock.advance(0.1)
+        self.failureResultOf(sent, TimeoutError)
+
     async def test_timeout_covers_the_whole_exchange(self) -> None:
         """A request slower than its timeout fails with TimeoutError and is cut at the
         backend."""

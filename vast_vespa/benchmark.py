@@ -21,6 +21,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -292,9 +293,11 @@ class BackendSession:
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
         try:
             response = await self._http.request(method, url, unbuffered=True, **options)
+        except ConnectingCancelledError:  # cancelled (timed out) before it was connected
+            raise CancelledError() from None  # so that addTimeout reports a TimeoutError
         except ResponseNeverReceived as e:
             if any(reason.check(CancelledError) for reason in e.reasons):
-                raise CancelledError() from None  # so that addTimeout reports a TimeoutError
+                raise CancelledError() from None
             raise
         body = await read_body(response)
         return SessionResponse(response.code, response.headers, body)
