@@ -8,10 +8,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent
 
 from tests.fakes import FakeAutoscaler
 from tests.helpers import http_client, listen
@@ -213,3 +216,17 @@ class ClientEndToEndTests(TestCase):
         self.assertEqual((broken.statuses, good.statuses), ([], [{"id": 1}]))
         got = await client.fetch_pubkey()
         self.assertEqual(got.public_numbers(), key.public_key().public_numbers())
+
+
+class ConnectTimeoutTests(SynchronousTestCase):
+    def test_timed_out_while_connecting_says_so(self) -> None:
+        """An address that never takes the connection fails the call when its timeout runs
+        out, with a reason a person can read (Twisted's own is the address itself)."""
+        clock = MemoryReactorClock()
+        http = HTTPClient(Agent(clock))
+        client = AutoscalerClient(http, clock, ["http://192.0.2.1:8080"], "t", 4242, timeout=5)
+        sending = client.post_status({"id": 1})
+        self.assertEqual(len(clock.tcpClients), 1)  # connecting, never connected
+        clock.advance(5)
+        failure = self.failureResultOf(sending, AutoscalerError)
+        self.assertEqual(str(failure.value), "http://192.0.2.1:8080: timed out while connecting")
