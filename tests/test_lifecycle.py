@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -481,3 +482,12 @@ class HealthProbeTests(TestCase):
         slow = await HealthProbe(lambda: session.get("/slow?delay=5"), reactor, 0.1)()
         self.assertEqual(slow, ProbeResult(False, "no answer within 0.1 s"))
         await backend.cancelled[0]
+
+    def test_timed_out_while_connecting(self) -> None:
+        """A backend that does not take the connection: the probe says it timed out, as for
+        one that does not answer (not Twisted's cancelled connection attempt)."""
+        clock = MemoryReactorClock()
+        session = BackendSession(clock, "http://127.0.0.1:9/")
+        probed = HealthProbe(lambda: session.get("/health"), clock, 2.0)()
+        clock.advance(2.0)
+        self.assertEqual(self.successResultOf(probed), ProbeResult(False, "no answer within 2 s"))
