@@ -69,8 +69,10 @@ from vast_vespa.net.tls import Rotating, ServerTLS
 # What one read of the TLS connection asks for; a read that leaves bytes behind is followed
 # by another.
 READ_SIZE = 2**16
-# Why a connection that ended without close_notify is lost, by whether its handshake was done.
-_CUT = {False: "the client left mid-handshake", True: "the client closed without close_notify"}
+# Why a connection that ended without close_notify is lost (ConnectionLost), after its
+# handshake and before it was done.
+CLOSED_WITHOUT_NOTIFY = "the client closed without close_notify"
+LEFT_MID_HANDSHAKE = "the client left mid-handshake"
 
 
 def _wrapped_prefix(wrapped: object, mark: str) -> str:
@@ -277,7 +279,7 @@ class LeanTLSProtocol(Protocol):
         close_notify) and close. ``reason`` is for the wrapped protocol's connectionLost (None:
         the TCP connection's own)."""
         if reason is not None and isinstance(reason.value, ssl.SSLEOFError):
-            reason = Failure(ConnectionLost(_CUT[True]))
+            reason = Failure(ConnectionLost(CLOSED_WITHOUT_NOTIFY))
         if self._reason is None:
             self._reason = reason
         self._lost_tls = True
@@ -297,7 +299,8 @@ class LeanTLSProtocol(Protocol):
             if self._handshake_done:
                 self._read()
             if self._reason is None:
-                self._reason = Failure(ConnectionLost(_CUT[self._handshake_done]))
+                why = CLOSED_WITHOUT_NOTIFY if self._handshake_done else LEFT_MID_HANDSHAKE
+                self._reason = Failure(ConnectionLost(why))
             self._lost_tls = True
         reason = self._reason or reason
         self._reason = None

@@ -146,14 +146,15 @@ class ServerTLS:
         Python always sets it.
 
         TLS 1.3 tickets are stateful (``OP_NO_TICKET``): a ticket names a session kept in the
-        context's cache instead of carrying it encoded and encrypted, which a resumed
-        connection then neither decodes nor issues anew. The cache holds OpenSSL's default of
-        20,480 sessions at most (about 0.8 KiB each), and goes with the context. OpenSSL
-        drops a connection's session when it ends without close_notify, as many clients end
-        theirs (they close the socket): an end without it counts as one
-        (``OP_IGNORE_UNEXPECTED_EOF``), and :class:`~vast_vespa.net.lean_tls.LeanTLSProtocol`
-        still tells its protocol that the connection was cut. With an OpenSSL older than 3.0,
-        which has no such option, tickets stay stateless."""
+        context's cache instead of carrying it encoded and encrypted, so a resumed connection
+        decodes no session and the tickets it issues encrypt none. The cache holds OpenSSL's
+        default of 20,480 sessions at most (about 0.8 KiB each), and goes with the context.
+        OpenSSL drops a connection's session when the connection ends without close_notify,
+        as many clients end theirs (they close the socket) and as a connection Vespa aborts
+        does: such an end counts as a close_notify (``OP_IGNORE_UNEXPECTED_EOF``), and
+        :class:`~vast_vespa.net.lean_tls.LeanTLSProtocol` still tells its protocol that the
+        connection was cut. With an OpenSSL older than 3.0, which has no such option, tickets
+        stay stateless."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
