@@ -99,7 +99,7 @@ class _Selectable:
     def fileno(self) -> int:
         return self._fileno
 
-    def doRead(self) -> object:
+    def doRead(self) -> Any:
         return self._read
 
 
@@ -177,19 +177,9 @@ class _RecordingHolding(_Holding):
         super().send_held()
 
 
-class _ClientConnection(tcp.Server):
-    """A client's connection (an accepted one, a ``tcp.Server``) whose read returns ``why``;
-    nothing of a real connection is made."""
-
-    def __init__(self, fileno: int, why: object = None) -> None:  # no socket
-        self._fileno = fileno
-        self._why = why
-
-    def fileno(self) -> int:
-        return self._fileno
-
-    def doRead(self) -> Any:
-        return self._why
+class _ClientConnection(_Selectable, tcp.Server):
+    """A client's connection (an accepted one, a ``tcp.Server``) whose read returns what it
+    was given; nothing of a real connection is made."""
 
     def __str__(self) -> str:
         return f"client {self._fileno}"
@@ -239,7 +229,7 @@ class TurnTests(SynchronousTestCase):
         first in the turn, but the request read after it is sent to its backend first, and the
         connection is torn down once the turn's writes are out (the outbox closed)."""
         reactor = _Reactor()
-        gone = _ClientConnection(5)
+        gone = _ClientConnection(5, None)
         request = _RecordingHolding(reactor)
         event = EPOLLIN | EPOLLERR | EPOLLHUP
         self.turn([(5, event), (7, EPOLLIN)], {5: gone, 7: request}, reactor)
@@ -293,7 +283,7 @@ class TurnTests(SynchronousTestCase):
         """An event that is neither input alone nor a hang-up (a socket ready for writing) is
         Twisted's to dispatch, at once."""
         reactor = _Reactor()
-        writable = _ClientConnection(5)
+        writable = _ClientConnection(5, None)
         request = _RecordingHolding(reactor)
         self.turn([(5, EPOLLOUT), (7, EPOLLIN)], {5: writable, 7: request}, reactor)
         self.assertEqual(
@@ -310,13 +300,13 @@ class TurnTests(SynchronousTestCase):
         paused: no longer registered under its descriptor, or another connection there now),
         is left to what dropped it."""
         reactor = _Reactor()
-        closed, hung_up = _ClientConnection(5, CONNECTION_DONE), _ClientConnection(6)
+        closed, hung_up = _ClientConnection(5, CONNECTION_DONE), _ClientConnection(6, None)
         selectables: dict[int, object] = {5: closed, 6: hung_up}
 
         class Dropping(_RecordingHolding):
             def doRead(self) -> None:
                 del selectables[5]  # aborted
-                selectables[6] = _ClientConnection(6)  # a new connection under the same fd
+                selectables[6] = _ClientConnection(6, None)  # a new connection under the same fd
                 super().doRead()
 
         selectables[7] = Dropping(reactor)

@@ -106,19 +106,17 @@ def _poll_and_dispatch(self: EPollReactor, timeout: float | None) -> None:
                     why = _read(selectable)
                     if not why:
                         continue
-                else:
+                elif event & _HUNG_UP:
                     why = None
-                    if not event & _HUNG_UP:
-                        dispatch(selectable, fd, event)
-                        continue
-                if isinstance(selectable, tcp.Server):
+                else:
+                    dispatch(selectable, fd, event)
+                    continue
+                if isinstance(selectable, tcp.Server):  # a client's: after the turn's sends
                     if ended is None:
                         ended = []
                     ended.append((fd, selectable, event, why))
-                elif why:
-                    self._disconnectSelectable(selectable, why, True)
                 else:
-                    dispatch(selectable, fd, event)
+                    _end(self, fd, selectable, event, why)
             except Exception:
                 _log.failure("error dispatching an event for {selectable!r}", selectable=selectable)
     finally:
@@ -144,12 +142,18 @@ def _end_client_connections(reactor: EPollReactor, ended: list[tuple[int, Any, i
         if selectables.get(fd) is not selectable:
             continue
         try:
-            if why:
-                reactor._disconnectSelectable(selectable, why, True)
-            else:
-                reactor._doReadOrWrite(selectable, fd, event)
+            _end(reactor, fd, selectable, event, why)
         except Exception:
             _log.failure("error ending {selectable!r}", selectable=selectable)
+
+
+def _end(reactor: EPollReactor, fd: int, selectable: Any, event: int, why: Any) -> None:
+    """End a connection as its event said: disconnect it for what its read returned
+    (``why``), or have Twisted's dispatch read what a hang-up event left and end it."""
+    if why:
+        reactor._disconnectSelectable(selectable, why, True)
+    else:
+        reactor._doReadOrWrite(selectable, fd, event)
 
 
 def read_ready(reactor: EPollReactor, selectable: Any) -> None:
