@@ -266,25 +266,6 @@ def render(results: dict) -> str:
     return "\n".join(out)
 
 
-def _cpu_per_request(run: dict) -> float | None:
-    return run["proxy_cpu_pct"] / run["rps"] if run.get("rps") and "proxy_cpu_pct" in run else None
-
-
-def _stream_cpu(run: dict) -> float | None:
-    return None if "rps" in run else run.get("proxy_cpu_pct")
-
-
-# What is compared round by round: (name, the figure of a run or None, whether higher is
-# better, whether a difference (ms) is shown instead of a ratio).
-_PAIRED = (
-    ("req/s", lambda r: r.get("rps"), True, False),
-    ("CPU per request", _cpu_per_request, False, False),
-    ("MB/s", lambda r: r.get("mb_per_s"), True, False),
-    ("TTFB p50", lambda r: r.get("ttfb_p50_ms"), False, True),
-    ("proxy CPU", _stream_cpu, False, False),
-)
-
-
 def against_compared(results: dict) -> list[str]:
     """This build ("vespa") against each ``--compare`` build, round by round (the runs at one
     index were measured in the same round): in how many rounds it was ahead, and the median
@@ -296,22 +277,9 @@ def against_compared(results: dict) -> list[str]:
     for scenario, points in results["scenarios"].items():
         for point, by_target in points.items():
             mine = by_target.get("vespa", [])
-            for other in others:
-                pairs = list(zip(mine, by_target.get(other, []), strict=False))
-                for name, figure, higher, difference in _PAIRED:
-                    values = [(figure(a), figure(b)) for a, b in pairs]
-                    known = [(a, b) for a, b in values if a is not None and b]
-                    if not known:
-                        continue
-                    ahead = sum((a > b) if higher else (a < b) for a, b in known)
-                    if difference:
-                        spread = [a - b for a, b in known]
-                        text = f"{statistics.median(spread):+.2f} ms"
-                        if len(spread) > 1:
-                            text += f" ({min(spread):+.2f} to {max(spread):+.2f})"
-                    else:
-                        text = ratio_text([a / b for a, b in known])
-                    rows.append([scenario, point, other, name, f"{ahead} of {len(known)}", text])
+            for other in [o for o in others if mine and by_target.get(o)]:
+                for figure, median, ahead in _paired(by_target, other):
+                    rows.append([scenario, point, other, figure, ahead, median])
     if not rows:
         return []
     header = ["scenario", "point", "against", "figure", "rounds ahead", "vespa to it, median"]
@@ -323,6 +291,32 @@ def against_compared(results: dict) -> list[str]:
         "the time to first event); ahead means more req/s or MB/s, less CPU or time.",
         "",
     ]
+
+
+def _paired(by_target: dict, other: str) -> list[tuple[str, str, str]]:
+    """(figure, median (range), rounds ahead) of "vespa" against ``other`` at one point."""
+    streams = not any("rps" in run for run in by_target["vespa"])  # S3, S5: no req/s
+    figures = [
+        ("req/s", ratios(by_target, "vespa", other, "rps"), True),
+        ("CPU per request", per_request_cpu_ratios(by_target, "vespa", other), False),
+        ("MB/s", ratios(by_target, "vespa", other, "mb_per_s"), True),
+        ("TTFB p50", added_ttfb(by_target["vespa"], by_target[other]), False),
+        ("proxy CPU", ratios(by_target, "vespa", other, "proxy_cpu_pct") if streams else [], False),
+    ]
+    found = []
+    for figure, values, higher in figures:
+        if not values:
+            continue
+        if figure == "TTFB p50":  # a difference in ms: ahead below 0
+            ahead = sum(v < 0 for v in values)
+            text = f"{statistics.median(values):+.2f} ms"
+            if len(values) > 1:
+                text += f" ({min(values):+.2f} to {max(values):+.2f})"
+        else:  # a ratio: ahead above 1 when higher is better, below 1 otherwise
+            ahead = sum((v > 1) if higher else (v < 1) for v in values)
+            text = ratio_text(values)
+        found.append((figure, text, f"{ahead} of {len(values)}"))
+    return found
 
 
 def tls_tables(results: dict) -> list[str]:
