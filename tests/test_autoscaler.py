@@ -12,7 +12,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent
 
@@ -229,4 +229,20 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertEqual(len(clock.tcpClients), 1)  # connecting, never connected
         clock.advance(5)
         failure = self.failureResultOf(sending, AutoscalerError)
-        self.assertEqual(str(failure.value), "http://192.0.2.1:8080: timed out while connecting")
+        self.assertEqual(str(failure.value), "http://192.0.2.1:8080: no answer within 5 s")
+
+    def test_no_answer_says_so(self) -> None:
+        """Connected, the report sent, no answer: the reason is the time limit (Twisted's own
+        is the request's cancellation)."""
+        clock = MemoryReactorClock()
+        http = HTTPClient(Agent(clock))
+        client = AutoscalerClient(http, clock, ["http://192.0.2.1:8080"], "t", 4242, timeout=5)
+        sending = client.post_status({"id": 1})
+        protocol = clock.tcpClients[0][2].buildProtocol(None)
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn(b"POST /worker_status/ HTTP/1.1", transport.value())
+        clock.advance(5)
+        failure = self.failureResultOf(sending, AutoscalerError)
+        self.assertEqual(str(failure.value), "http://192.0.2.1:8080: no answer within 5 s")

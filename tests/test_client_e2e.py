@@ -16,13 +16,16 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone
 
 from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
 from tests.memory import Recorder
-from vast_vespa.client.routing import BACKOFF_CAP, RouteError, Router
+from vast_vespa.client.routing import BACKOFF_CAP, ROUTE_CALL_TIMEOUT, RouteError, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
 from vast_vespa.outcome import Outcome
@@ -458,11 +461,39 @@ class AnsweringHTTP:
         self.body = body
 
     def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
-        response = SimpleNamespace(code=200, content=lambda: succeed(self.body))
+        def deliver(protocol: IProtocol) -> None:
+            protocol.dataReceived(self.body)
+            protocol.connectionLost(Failure(ResponseDone()))
+
+        response = SimpleNamespace(code=200, length=len(self.body), deliverBody=deliver)
         return succeed(response)
 
 
+class SilentHTTP:
+    """An HTTP client whose calls are never answered."""
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        return Deferred()
+
+
 class RouteReplyTests(TestCase):
+    def test_no_answer(self) -> None:
+        """A /route/ call not answered within its limit is retried, and the app's error says
+        why: "no answer within 10 s"."""
+        clock = Clock()
+        stand_in = cast(HTTPClient, SilentHTTP())  # post is all a Router calls
+        router = Router(stand_in, clock, "http://a", "e", lambda: succeed("key"), retries=1)
+        routed = router.route(1.0)
+        clock.advance(ROUTE_CALL_TIMEOUT)
+        clock.advance(BACKOFF_CAP)  # backing off, then the second try
+        self.assertNoResult(routed)
+        clock.advance(ROUTE_CALL_TIMEOUT)
+        failure = self.failureResultOf(routed, RouteError)
+        self.assertEqual(
+            str(failure.value),
+            "502 autoscaler unavailable: http://a/route/ failed 2 times; last: no answer within 10 s",
+        )
+
     def test_deep_reply_is_not_json(self) -> None:
         """A /route/ reply nested deeper than any JSON Vespa reads is "not JSON" on every
         Python (a retryable failure, then a 502), never a RecursionError."""

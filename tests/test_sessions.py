@@ -8,6 +8,7 @@ import json
 from typing import Any, cast
 
 from twisted.internet import reactor
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
@@ -16,7 +17,7 @@ from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_signed_worker
 from tests.memory import Answer, MemoryWorker
 from vast_vespa import sandbox
-from vast_vespa.worker.sessions import SessionEndResource
+from vast_vespa.worker.sessions import ON_CLOSE_TIMEOUT, SessionEndResource
 
 
 def envelope(auth: dict[str, Any], payload: Any, session_id: str | None = None) -> dict[str, Any]:
@@ -221,6 +222,27 @@ class SessionTests(SynchronousTestCase):
         seen = worker.backend.seen[-1]
         self.assertEqual((seen.method, seen.uri), (b"POST", b"/cleanup"))
         self.assertEqual(json.loads(seen.body), {"k": 1, "session_id": session_id})
+
+    def test_on_close_route_unanswered(self) -> None:
+        """An on_close_route call the backend does not answer is dropped after its limit (the
+        backend's handler hears the hang-up) and logged with that reason; the session ended."""
+        worker = self.worker()
+        auth = worker.auth()
+        payload = {"lifetime": 60, "on_close_route": "/slow?delay=60"}
+        answer = worker.post("/session/create", envelope(auth, payload))
+        session_id = answer.json()["session_id"]
+        with capturedLogs() as events:
+            ended = worker.post("/session/end", {"session_id": session_id, "session_auth": auth})
+            self.assertEqual(ended.code, 200)
+            worker.advance(ON_CLOSE_TIMEOUT)
+        [hung_up] = worker.backend.cancelled
+        self.assertTrue(hung_up.called)
+        self.assertIn(
+            f"on_close_route /slow?delay=60 of session {session_id} failed: no answer within 10 s",
+            [formatEvent(event) for event in events],
+        )
+        gone = worker.post("/session/get", {"session_id": session_id, "session_auth": auth})
+        self.assertEqual(gone.code, 410)
 
     def test_replay_window_lets_session_requests_through(self) -> None:
         """With REPLAY_WINDOW on, a session's requests (all the same auth_data) are served;

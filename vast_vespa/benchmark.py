@@ -21,15 +21,11 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
+from vast_vespa.deadline import cancellable, read_body, within
 from vast_vespa.net.client import close_pool, quiet_pool
 from vast_vespa.options import SettingsError, load_function
 
@@ -170,38 +166,6 @@ class SessionResponse:
         return maybeDeferred(jsonlib.loads, self._body)
 
 
-class _Collect(Protocol):
-    """Reads a whole response body; cancelling ``done`` drops the connection."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.chunks))
-        else:
-            self.done.errback(reason)
-
-
-def read_body(response: IResponse) -> Deferred[bytes]:
-    """The whole body of ``response`` (cancellable: cancelling closes the connection)."""
-    if response.length == 0:
-        return succeed(b"")
-    collect = _Collect()
-    response.deliverBody(collect)
-    return collect.done
-
-
 class BackendSession:
     """
     A small HTTP client bound to the backend URL, handed to benchmark functions: relative
@@ -283,22 +247,16 @@ class BackendSession:
             await self._slots.acquire()
         try:
             exchange = Deferred.fromCoroutine(self._exchange(method, url, options))
-            if timeout:
-                exchange.addTimeout(timeout, self._clock)
-            return await exchange
+            # Cancelled (the worker stopping, or the timeout), it fails with CancelledError or
+            # NoAnswerError whatever stage it was at, not treq's error for that stage.
+            bounded = within(exchange, timeout, self._clock) if timeout else cancellable(exchange)
+            return await bounded
         finally:
             if self._slots is not None:
                 self._slots.release()
 
     async def _exchange(self, method: str, url: str, options: dict[str, Any]) -> SessionResponse:
-        try:
-            response = await self._http.request(method, url, unbuffered=True, **options)
-        except ConnectingCancelledError:  # cancelled (timed out) before it was connected
-            raise CancelledError() from None  # so that addTimeout reports a TimeoutError
-        except ResponseNeverReceived as e:
-            if any(reason.check(CancelledError) for reason in e.reasons):
-                raise CancelledError() from None
-            raise
+        response = await self._http.request(method, url, unbuffered=True, **options)
         body = await read_body(response)
         return SessionResponse(response.code, response.headers, body)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -115,8 +114,6 @@ def describe_failure(failure: Failure) -> str:
     value = inner_failure(failure).value
     if isinstance(value, CancelledError):
         return "request cancelled"
-    if isinstance(value, ConnectingCancelledError):  # a timeout (addTimeout) while connecting
-        return "timed out while connecting"
     text = str(value) or type(value).__name__
     return text.strip()
 

@@ -23,7 +23,9 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from vast_vespa.client.settings import ClientSettings
+from vast_vespa.deadline import answer_within
 from vast_vespa.logs import mask
+from vast_vespa.outcome import describe_failure
 
 LIST_TIMEOUT = 10.0
 
@@ -64,15 +66,11 @@ async def list_endpoints(
 ) -> list[EndpointInfo]:
     """The account's endpoints, sorted by name."""
     url = endpoints_url(settings)
+    headers = Headers({b"Authorization": [b"Bearer " + account_key.encode()]})
     try:
-        pending = http.get(
-            url, headers=Headers({b"Authorization": [b"Bearer " + account_key.encode()]})
-        )
-        pending.addTimeout(LIST_TIMEOUT, clock)
-        response = await pending
-        text = await response.content()
+        response, text = await answer_within(http.get(url, headers=headers), LIST_TIMEOUT, clock)
     except Exception as e:
-        why = Failure(e).getErrorMessage()
+        why = describe_failure(Failure(e))
         raise KeyLookupError(f"cannot list endpoints at {url}: {why}") from None
     if response.code in (401, 403):
         raise KeyLookupError(

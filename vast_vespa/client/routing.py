@@ -12,11 +12,10 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -24,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from vast_vespa.client.keys import KeyLookupError
+from vast_vespa.deadline import answer_within
 from vast_vespa.logs import mask
 from vast_vespa.outcome import describe_failure
 from vast_vespa.strict_json import loads
@@ -33,8 +33,6 @@ ROUTE_CALL_TIMEOUT = 10.0
 # Back-off: first delay, and the longest one (seconds); each delay gets a random jitter.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 5.0
-
-T = TypeVar("T")
 
 
 def backoff(attempt: int, rand: Callable[[], float]) -> float:
@@ -68,34 +66,6 @@ class RouteError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code} {self.error}: {self.detail}"
-
-
-def _cancellable(call: Deferred[T]) -> Deferred[T]:
-    """``call``, failing with CancelledError once it is cancelled. Twisted reports an HTTP call
-    cancelled while it looks up or connects to its host as DNSLookupError or
-    ConnectingCancelledError, which read as network errors to retry: a request whose app had
-    hung up went on polling the autoscaler."""
-    cancelled = False
-
-    def cancel(_: Deferred[T]) -> None:
-        nonlocal cancelled
-        cancelled = True
-        call.cancel()
-
-    guarded: Deferred[T] = Deferred(cancel)
-
-    def relay(result: T | Failure) -> None:
-        if guarded.called:  # cancelled, and the call failed only afterwards
-            return
-        if cancelled:
-            guarded.errback(CancelledError())
-        elif isinstance(result, Failure):
-            guarded.errback(result)
-        else:
-            guarded.callback(result)
-
-    call.addBoth(relay)
-    return guarded
 
 
 class _Retryable(Exception):
@@ -194,20 +164,14 @@ class Router:
         if request_idx is not None:
             body["request_idx"] = request_idx
         try:
-            pending = _cancellable(
-                self._http.post(
-                    self._url,
-                    json=body,
-                    headers=Headers({b"Authorization": [b"Bearer " + key.encode("utf-8")]}),
-                )
+            posted = self._http.post(
+                self._url,
+                json=body,
+                headers=Headers({b"Authorization": [b"Bearer " + key.encode("utf-8")]}),
             )
-            pending.addTimeout(ROUTE_CALL_TIMEOUT, self._clock)
-            response = await pending
-            text = await response.content()
+            response, text = await answer_within(posted, ROUTE_CALL_TIMEOUT, self._clock)
         except CancelledError:
             raise
-        except DeferredTimeout:
-            raise _Retryable(f"no answer within {ROUTE_CALL_TIMEOUT:g} s") from None
         except Exception as e:
             raise _Retryable(describe_failure(Failure(e))) from None
         code = response.code

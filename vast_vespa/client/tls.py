@@ -27,6 +27,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from vast_vespa.deadline import answer_within
+from vast_vespa.outcome import describe_failure
+
 VAST_ROOT_URL = "https://console.vast.ai/static/jvastai_root.cer"
 DOWNLOAD_TIMEOUT = 30.0
 
@@ -105,12 +108,11 @@ class WorkerTLSPolicy:
             return
         self._log.info("downloading the Vast root CA from {url}", url=VAST_ROOT_URL)
         try:
-            pending = self._http.get(VAST_ROOT_URL)
-            pending.addTimeout(DOWNLOAD_TIMEOUT, self._clock)
-            response = await pending
-            data = await response.content()
+            downloading = self._http.get(VAST_ROOT_URL)
+            response, data = await answer_within(downloading, DOWNLOAD_TIMEOUT, self._clock)
         except Exception as e:
-            raise CertificateError(f"cannot download {VAST_ROOT_URL}: {e}") from None
+            why = describe_failure(Failure(e))
+            raise CertificateError(f"cannot download {VAST_ROOT_URL}: {why}") from None
         if response.code != 200:
             raise CertificateError(f"cannot download {VAST_ROOT_URL}: HTTP {response.code}")
         self._extra = load_certificates(data)

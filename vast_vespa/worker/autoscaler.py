@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from vast_vespa.deadline import answer_within
 from vast_vespa.logs import mask
 from vast_vespa.outcome import describe_failure
 from vast_vespa.signing import load_public_key
@@ -76,17 +77,12 @@ class AutoscalerClient:
 
     async def _call(self, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
         """One attempt, bounded by the timeout (headers and body both)."""
-
-        async def attempt() -> tuple[int, bytes]:
-            if body is None:
-                response = await self._http.request(method, url)
-            else:
-                response = await self._http.request(method, url, data=body, headers=JSON_HEADERS)
-            return response.code, await response.content()
-
-        d = Deferred.fromCoroutine(attempt())
-        d.addTimeout(self._timeout, self._clock)
-        return await d
+        if body is None:
+            sent = self._http.request(method, url)
+        else:
+            sent = self._http.request(method, url, data=body, headers=JSON_HEADERS)
+        response, content = await answer_within(sent, self._timeout, self._clock)
+        return response.code, content
 
     async def _first_ok(
         self, method: str, path: str, bodies: Sequence[bytes | None], addrs: Sequence[str]

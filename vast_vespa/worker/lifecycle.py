@@ -34,6 +34,7 @@ from vast_vespa.benchmark import (
     run_aiohttp_benchmark,
     run_benchmark,
 )
+from vast_vespa.deadline import within
 from vast_vespa.outcome import describe_failure
 from vast_vespa.settings import Settings
 from vast_vespa.worker.modellog import ModelLog
@@ -67,16 +68,13 @@ class HealthProbe:
         self._timeout = timeout
 
     def __call__(self) -> Deferred[ProbeResult]:
-        probe = self._get()
-        probe.addTimeout(self._timeout, self._clock)
+        probe = within(self._get(), self._timeout, self._clock)
         return probe.addCallbacks(self._answered, self._failed)
 
     def _answered(self, response: Any) -> ProbeResult:
         return ProbeResult(response.code == 200, f"HTTP {response.code}", response.code)
 
     def _failed(self, failure: Failure) -> ProbeResult:
-        if failure.check(TimeoutError):
-            return ProbeResult(False, f"no answer within {self._timeout:g} s")
         return ProbeResult(False, describe_failure(failure))
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import treq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -34,8 +33,9 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from vast_vespa.deadline import read_body, within
 from vast_vespa.net.client import BytesProducer
-from vast_vespa.outcome import JSON, Outcome, error_body
+from vast_vespa.outcome import JSON, Outcome, describe_failure, error_body
 from vast_vespa.strict_json import loads
 from vast_vespa.worker.envelope import Unwrapped
 from vast_vespa.worker.metrics import WorkerMetrics
@@ -52,10 +52,6 @@ CLOSED_REMEMBERED = 10_000  # ids of closed sessions kept, to say "closed" rathe
 PostToBackend = Callable[[bytes, bytes], "Deferred[object]"]
 
 
-def _dropped(data: bytes) -> None:
-    """The on_close_route answer's bytes: only its end matters."""
-
-
 def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
     """POST a JSON body to a path of the backend (the on_close_route call); the answer is
     read and dropped."""
@@ -64,7 +60,7 @@ def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
     def post(path: bytes, body: bytes) -> Deferred[object]:
         headers = Headers({b"content-type": [JSON]})
         sent = agent.request(b"POST", base + path, headers, BytesProducer(body))
-        return sent.addCallback(treq.collect, _dropped)
+        return sent.addCallback(read_body)
 
     return post
 
@@ -305,12 +301,11 @@ class Sessions(Service):
                 "on_close_route {route} of session {id} failed: {reason}",
                 route=route,
                 id=session.session_id,
-                reason=failure.getErrorMessage(),
+                reason=describe_failure(failure),
             )
 
         called = self._post(route.encode("utf-8"), json.dumps(body).encode("utf-8"))
-        called.addTimeout(ON_CLOSE_TIMEOUT, self._clock)
-        return called.addErrback(failed)
+        return within(called, ON_CLOSE_TIMEOUT, self._clock).addErrback(failed)
 
     # /session/end, /session/get, /session/health: authenticated by session_auth
 
