@@ -302,6 +302,28 @@ class ModelLogLifecycleTests(SynchronousTestCase):
         self.clock.advance(100.0)
         self.assertEqual(len(self.backend.probes), 1)  # and the probing stopped
 
+    def test_error_line_while_a_probe_is_unanswered(self) -> None:
+        """An error line that comes while a health probe waits for its answer ends start-up
+        at once too, not when the readiness timeout runs out; a second line changes nothing."""
+        self.backend.code = None  # never answers: each probe waits for its 2 s limit
+        write(self.path, "loading\n")
+        lifecycle = self.lifecycle()
+        failed = lifecycle.when_failed()
+        self.clock.advance(0.5)  # within the first probe's wait (the log is read every 0.25 s)
+        write(self.path, "RuntimeError: CUDA out of memory\n")
+        self.clock.advance(0.25)
+        expected = (
+            f"worker failed to start: model log {self.path}: RuntimeError: CUDA out of memory"
+        )
+        self.assertEqual(self.successResultOf(failed), expected)
+        self.assertEqual(self.state.error_msg, expected)
+        self.assertEqual(self.state.phase, Phase.ERRORED)
+        write(self.path, "RuntimeError: CUDA error: an illegal memory access\n")
+        self.clock.pump([0.25] * 400)
+        self.assertEqual(self.state.error_msg, expected)
+        self.assertEqual(len(self.backend.probes), 1)  # and the probing stopped
+        self.assertEqual(self.benchmarks, [])
+
     def test_error_line_mid_benchmark(self) -> None:
         """An error line while the benchmark runs cancels it (its requests with it) and
         reports the line; nothing is cached."""

@@ -334,7 +334,7 @@ class Lifecycle(Service):
             self._enter_waiting()
             probed = self._clock.seconds()
             result = await self._probe()
-            self._check_stopping()
+            self._check_cancelled()
             self._record_probe(url, result)
             now = self._clock.seconds()
             if result.healthy and not (model_log and model_log.waits_for_load):
@@ -357,7 +357,7 @@ class Lifecycle(Service):
                 await _first(model_log.when_loaded(), pause, self._clock)
             else:
                 await deferLater(self._clock, pause)
-            self._check_stopping()
+            self._check_cancelled()
 
     def _enter_waiting(self) -> None:
         model_log = self._model_log
@@ -405,6 +405,8 @@ class Lifecycle(Service):
         one cancelled); once loaded, the worker reports the error."""
         message = f"model log {self._settings.model_log}: {lines}"
         assert self._run is not None  # the log is followed from startService on
+        if self._log_error:
+            return  # start-up is already ending on an earlier line
         if self._run.called:  # loaded, or start-up already failed
             if not self._stopping and not self._startup_error:
                 log.error("{message}", message=message)
@@ -428,11 +430,11 @@ class Lifecycle(Service):
         except (BenchmarkError, StartupError, CancelledError):
             raise
         except Exception as e:
-            self._check_stopping()
+            self._check_cancelled()
             # The user's code failed: its traceback helps them fix it.
             log.failure("the benchmark {spec} raised", spec=spec)
             raise StartupError(f"benchmark {spec} failed: {type(e).__name__}: {e}") from None
-        self._check_stopping()
+        self._check_cancelled()
         log.info(
             "benchmark result: {max_perf:g} workload units/s in {elapsed:.1f} s",
             max_perf=max_perf,
@@ -441,8 +443,11 @@ class Lifecycle(Service):
         self._cache.write(max_perf)
         return max_perf
 
-    def _check_stopping(self) -> None:
-        if self._stopping:
+    def _check_cancelled(self) -> None:
+        """Raise CancelledError if start-up was cancelled (the worker stopping, or a MODEL_LOG
+        error line) while it waited for something that, cancelled, still fired with a result:
+        a health probe says "request cancelled", a benchmark may fail in its own way."""
+        if self._stopping or self._log_error:
             raise CancelledError()
 
     def _failed(self, failure: Failure) -> None:
