@@ -33,19 +33,23 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IProtocol,
     IPushProducer,
     IReactorTime,
     ITCPTransport,
 )
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -141,6 +145,35 @@ class WatchedClock(Clock):
         for waiter in watching:
             self._reactor.callLater(0, _fire_once, waiter)
         return call
+
+
+class CannedHTTP:
+    """A stand-in for treq's ``HTTPClient`` whose every call answers ``code`` with ``body`` at
+    once or, with ``body`` None, is never answered (a host that takes the request and says
+    nothing). ``urls`` records what was asked."""
+
+    def __init__(self, body: bytes | None, code: int = 200) -> None:
+        self.body = body
+        self.code = code
+        self.urls: list[str] = []
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        return self.request("GET", url)
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        return self.request("POST", url)
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        self.urls.append(url)
+        body = self.body
+        if body is None:
+            return Deferred()
+
+        def deliver(protocol: IProtocol) -> None:
+            protocol.dataReceived(body)
+            protocol.connectionLost(Failure(ResponseDone()))
+
+        return succeed(SimpleNamespace(code=self.code, length=len(body), deliverBody=deliver))
 
 
 def _fire_once(waiter: Deferred[None]) -> None:

@@ -9,20 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from types import SimpleNamespace
 from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseDone
 
-from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
+from tests.fakes import CannedHTTP, FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
 from tests.memory import Recorder
 from vast_vespa.client.routing import BACKOFF_CAP, ROUTE_CALL_TIMEOUT, RouteError, Router
@@ -454,34 +450,12 @@ class RouteCancelTests(TestCase):
         self.assertEqual(len(http.calls), 1)
 
 
-class AnsweringHTTP:
-    """An HTTP client whose every call answers 200 with ``body`` at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
-        def deliver(protocol: IProtocol) -> None:
-            protocol.dataReceived(self.body)
-            protocol.connectionLost(Failure(ResponseDone()))
-
-        response = SimpleNamespace(code=200, length=len(self.body), deliverBody=deliver)
-        return succeed(response)
-
-
-class SilentHTTP:
-    """An HTTP client whose calls are never answered."""
-
-    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
-        return Deferred()
-
-
 class RouteReplyTests(TestCase):
     def test_no_answer(self) -> None:
         """A /route/ call not answered within its limit is retried, and the app's error says
         why: "no answer within 10 s"."""
         clock = Clock()
-        stand_in = cast(HTTPClient, SilentHTTP())  # post is all a Router calls
+        stand_in = cast(HTTPClient, CannedHTTP(None))  # post is all a Router calls
         router = Router(stand_in, clock, "http://a", "e", lambda: succeed("key"), retries=1)
         routed = router.route(1.0)
         clock.advance(ROUTE_CALL_TIMEOUT)
@@ -498,7 +472,7 @@ class RouteReplyTests(TestCase):
         """A /route/ reply nested deeper than any JSON Vespa reads is "not JSON" on every
         Python (a retryable failure, then a 502), never a RecursionError."""
         for depth in (600, 100_000):
-            http = AnsweringHTTP(b"[" * depth + b"]" * depth)
+            http = CannedHTTP(b"[" * depth + b"]" * depth)
             stand_in = cast(HTTPClient, http)  # post is all a Router calls
             router = Router(stand_in, Clock(), "http://a", "e", lambda: succeed("key"), retries=0)
             failure = self.failureResultOf(router.route(1.0), RouteError)

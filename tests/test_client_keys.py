@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+from typing import cast
 
+from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeRouter
+from tests.fakes import CannedHTTP, FakeRouter
 from tests.helpers import http_client, listen
 from vast_vespa.client.keys import (
     EndpointInfo,
@@ -57,6 +61,17 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertIn("  1  a", out.getvalue())
         self.assertIn("no endpoint '9'", out.getvalue())
         self.assertEqual(choose_endpoint(endpoints, lambda _: "1", out).name, "a")
+
+
+class LookupCancelTests(SynchronousTestCase):
+    def test_cancelled(self) -> None:
+        """A look-up cancelled (the app hung up) fails with CancelledError: neither a
+        KeyLookupError (the app would be told its key is wrong) nor a retry."""
+        settings = ClientSettings(endpoint="e", account_key="acct", account_key_file="/nonexistent")
+        stand_in = cast(HTTPClient, CannedHTTP(None))  # get is all a look-up calls
+        looking = EndpointKey(settings, stand_in, Clock()).get()
+        looking.cancel()
+        self.failureResultOf(looking, CancelledError)
 
 
 class LookupTests(TestCase):

@@ -13,18 +13,27 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL.crypto import X509Store, X509StoreContext, X509StoreContextError, X509StoreFlags
+from treq.client import HTTPClient
 from twisted.internet import reactor, tcp
 from twisted.internet.interfaces import IReactorSSL
 from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
 from tests.certs import private_key
-from tests.fakes import FakeBackend, FakeRouter, FakeSecuredWorker
+from tests.fakes import CannedHTTP, FakeBackend, FakeRouter, FakeSecuredWorker
 from tests.helpers import http_client, listen
 from vast_vespa.client.service import build_client
 from vast_vespa.client.settings import ClientSettings
-from vast_vespa.client.tls import CertificateError, load_certificates
+from vast_vespa.client.tls import (
+    DOWNLOAD_TIMEOUT,
+    VAST_ROOT_URL,
+    CertificateError,
+    WorkerTLSPolicy,
+    load_certificates,
+)
 from vast_vespa.signing import generate_private_key
 
 
@@ -73,6 +82,60 @@ def vast_like_chain(leaf_key_type: str = "rsa") -> tuple[bytes, bytes, bytes]:
 
 
 CHAIN = vast_like_chain()
+
+
+class DownloadTests(SynchronousTestCase):
+    """The Vast root CA downloaded when neither --ca-file nor the cache has it."""
+
+    def policy(self, http: CannedHTTP, ca_cache: str) -> tuple[WorkerTLSPolicy, Clock]:
+        clock = Clock()
+        stand_in = cast(HTTPClient, http)  # get is all the policy calls
+        return WorkerTLSPolicy(stand_in, clock, "", ca_cache), clock
+
+    def test_downloaded_and_cached(self) -> None:
+        http = CannedHTTP(CHAIN[0])
+        cache = os.path.join(self.mktemp(), "vast", "root.cer")
+        policy, _ = self.policy(http, cache)
+        self.successResultOf(policy.ready())
+        self.assertEqual(http.urls, [VAST_ROOT_URL])
+        with open(cache, "rb") as f:
+            self.assertEqual(f.read(), CHAIN[0])
+        again, _ = self.policy(http, cache)  # the next start reads the cache
+        self.successResultOf(again.ready())
+        self.assertEqual(http.urls, [VAST_ROOT_URL])
+
+    def test_unwritable_cache_is_a_warning(self) -> None:
+        """A cache that cannot be written leaves the root loaded (requests go on) and says so;
+        nothing half-written is left to be read as a broken root."""
+        blocker = self.mktemp()
+        with open(blocker, "wb"):
+            pass
+        cache = os.path.join(blocker, "root.cer")  # its directory is a file
+        policy, _ = self.policy(CannedHTTP(CHAIN[0]), cache)
+        with capturedLogs() as events:
+            self.successResultOf(policy.ready())
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn(f"cannot cache the Vast root CA at {cache}", warning)
+        self.assertFalse(os.path.exists(cache + ".part"))
+
+    def test_no_answer(self) -> None:
+        """A download that gets no answer fails at its limit and says so; the next request
+        tries again."""
+        http = CannedHTTP(None)
+        policy, clock = self.policy(http, os.path.join(self.mktemp(), "root.cer"))
+        ready = policy.ready()
+        clock.advance(DOWNLOAD_TIMEOUT)
+        failure = self.failureResultOf(ready, CertificateError)
+        self.assertEqual(
+            str(failure.value), f"cannot download {VAST_ROOT_URL}: no answer within 30 s"
+        )
+        policy.ready()
+        self.assertEqual(len(http.urls), 2)
+
+    def test_refused(self) -> None:
+        policy, _ = self.policy(CannedHTTP(b"gone", code=404), os.path.join(self.mktemp(), "c"))
+        failure = self.failureResultOf(policy.ready(), CertificateError)
+        self.assertEqual(str(failure.value), f"cannot download {VAST_ROOT_URL}: HTTP 404")
 
 
 class StrictFlagTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -69,6 +69,8 @@ async def list_endpoints(
     headers = Headers({b"Authorization": [b"Bearer " + account_key.encode()]})
     try:
         response, text = await answer_within(http.get(url, headers=headers), LIST_TIMEOUT, clock)
+    except CancelledError:
+        raise
     except Exception as e:
         why = describe_failure(Failure(e))
         raise KeyLookupError(f"cannot list endpoints at {url}: {why}") from None

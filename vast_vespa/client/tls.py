@@ -116,9 +116,25 @@ class WorkerTLSPolicy:
         if response.code != 200:
             raise CertificateError(f"cannot download {VAST_ROOT_URL}: HTTP {response.code}")
         self._extra = load_certificates(data)
-        os.makedirs(os.path.dirname(self._ca_cache) or ".", exist_ok=True)
-        with open(self._ca_cache, "wb") as f:
-            f.write(data)
+        self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        """Cache the downloaded root for the next start. Written whole or not at all (a
+        half-written cache would be read as a broken root); a cache that cannot be written is
+        only a warning: the root is loaded, the next start downloads it again."""
+        part = f"{self._ca_cache}.part"
+        try:
+            os.makedirs(os.path.dirname(self._ca_cache) or ".", exist_ok=True)
+            with open(part, "wb") as f:
+                f.write(data)
+            os.replace(part, self._ca_cache)
+        except OSError as e:
+            self._log.warn(
+                "cannot cache the Vast root CA at {path} ({why}); the next start downloads it "
+                "again (set --ca-cache to a writable path)",
+                path=self._ca_cache,
+                why=e.strerror or e,
+            )
 
     def _read(self, path: str) -> list[X509]:
         try:
