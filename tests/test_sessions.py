@@ -184,7 +184,8 @@ class SessionTests(SynchronousTestCase):
         session_id = answer.json()["session_id"]
         other = worker.auth(request_idx=9, reqnum=9)
         for path in ("/session/end", "/session/get", "/session/health"):
-            for given in (other, None, {**auth, "signature": auth["signature"][:-4] + "AAAA"}):
+            forged = {**auth, "signature": auth["signature"][:-4] + "AAAA"}
+            for given in (other, None, forged, {**auth, "signature": "\ud800"}):
                 body = {"session_id": session_id, "session_auth": given}
                 self.assertEqual(worker.post(path, body).code, 401, (path, given))
             self.assertEqual(worker.post(path, b"not json").code, 422)
@@ -202,7 +203,11 @@ class SessionTests(SynchronousTestCase):
             {"lifetime": "long"},
             {"lifetime": 0},
             {"lifetime": 1e9},
+            {"lifetime": 10**400},  # beyond any float
             {"on_close_route": "http://elsewhere/"},
+            {"on_close_route": "/clean up"},
+            {"on_close_route": "/x\r\nHost: elsewhere"},
+            {"on_close_route": "/\ud800"},
             [],
         )
         for payload in payloads:

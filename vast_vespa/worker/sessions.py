@@ -65,14 +65,26 @@ def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
     return post
 
 
+def _backend_path(route: object) -> bool:
+    """Whether ``route`` can be the path of a request to the backend, as it is."""
+    return (
+        isinstance(route, str)
+        and route.startswith("/")
+        and route.isascii()
+        and route.isprintable()
+        and " " not in route
+    )
+
+
 def same_auth(given: object, stored: dict[str, Any]) -> bool:
     """Whether ``given`` is the session's auth_data (the signature compared in constant
     time: it is the secret part)."""
     if not isinstance(given, dict):
         return False
     signature = given.get("signature")
+    # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which UTF-8 cannot encode.
     if not isinstance(signature, str) or not hmac.compare_digest(
-        signature.encode("utf-8"), str(stored["signature"]).encode("utf-8")
+        signature.encode("utf-8", "surrogatepass"), str(stored["signature"]).encode("utf-8")
     ):
         return False
     return given == stored
@@ -161,9 +173,11 @@ class Sessions(Service):
             raise Rejection(422, "malformed session", "payload must be a JSON object")
         lifetime = self._lifetime(document.get("lifetime"))
         route = document.get("on_close_route")
-        if route is not None and not (isinstance(route, str) and route.startswith("/")):
+        if route is not None and not _backend_path(route):
             raise Rejection(
-                422, "malformed session", "on_close_route must be a path on the backend: /..."
+                422,
+                "malformed session",
+                "on_close_route must be a path on the backend: /... (printable ASCII, no spaces)",
             )
         if len(self.open) >= self._max:
             self._metrics.reject(work, auth["request_idx"])
@@ -205,7 +219,10 @@ class Sessions(Service):
             return self._default_ttl
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise Rejection(422, "malformed session", "lifetime must be a number of seconds")
-        lifetime = float(value)
+        try:
+            lifetime = float(value)
+        except OverflowError:  # an integer beyond any float
+            lifetime = math.inf
         if not 0 < lifetime <= self._max_ttl:
             raise Rejection(
                 422,
