@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
@@ -358,7 +358,12 @@ class ProcessWatcher(ProcessProtocol):
             return succeed(match)
         waiter: Deferred[re.Match[bytes]] = Deferred()
         self._waiters.append((compiled, waiter))
-        return waiter.addTimeout(timeout, reactor)
+
+        def timed_out(result: object, seconds: float) -> NoReturn:
+            self._waiters.remove((compiled, waiter))
+            raise AssertionError(f"no {pattern!r} within {seconds:g} s:\n{self.output!r}")
+
+        return waiter.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
 
 
 def spawn(

@@ -14,8 +14,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeBackend
-from tests.helpers import listen, spawn_worker
+from tests.fakes import FakeBackend, FakeInferenceAPI
+from tests.helpers import ProcessWatcher, listen, spawn_worker
 from vast_vespa.benchmark import (
     BackendSession,
     BenchmarkError,
@@ -297,6 +297,43 @@ class AiohttpTests(TestCase):
         process = self.twistd("-r", "asyncio")
         await process.wait_for(rb"worker loaded in [\d.]+ s \(max_perf 12.5\)")
         self.assertEqual(self.backend.seen[-1].uri, b"/v1/echo")
+
+    def shipped(self, spec: str, api: FakeInferenceAPI) -> ProcessWatcher:
+        """A worker running the shipped benchmark ``spec`` with an aiohttp session in front of
+        ``api``."""
+        env = {
+            "BENCHMARK": spec,
+            "BENCHMARK_SESSION": "aiohttp",
+            "BENCHMARK_ROUNDS": "2",
+            "BENCHMARK_CONCURRENCY": "3",
+            "HEALTHCHECK_ENDPOINT": "/v1/models",  # the fake's one GET path
+        }
+        return spawn_worker(self, listen(self, api), env=env, twistd=("-r", "asyncio"))
+
+    async def test_shipped_benchmarks_read_answers_on_aiohttp(self) -> None:
+        """The shipped benchmarks run on an aiohttp session too, reading answers with the
+        spelling both sessions have: a refusal's body (the OpenAI benchmark fits its requests
+        to the context a 400 names), a job's answer (ComfyUI)."""
+        api = FakeInferenceAPI()
+        api.context = 512
+        openai = self.shipped("vast_vespa.benchmarks.openai:benchmark", api)
+        await openai.wait_for(rb"worker loaded in [\d.]+ s")
+        refused, *served = api.payloads
+        self.assertEqual(refused[1]["max_tokens"], 500)
+        self.assertEqual(len(served), 7)
+        self.assertLess(served[-1][1]["max_tokens"], 500)
+        comfy_api = FakeInferenceAPI()
+        comfyui = self.shipped("vast_vespa.benchmarks.comfyui:benchmark", comfy_api)
+        await comfyui.wait_for(rb"worker loaded in [\d.]+ s")
+        self.assertEqual(len(comfy_api.payloads), 7)
+
+    async def test_shipped_benchmark_refused_on_aiohttp(self) -> None:
+        """A shipped benchmark whose every request is refused fails with the server's answer
+        on an aiohttp session as on the built-in one."""
+        api = FakeInferenceAPI()
+        api.fail_status = 503
+        tgi = self.shipped("vast_vespa.benchmarks.tgi:benchmark", api)
+        await tgi.wait_for(rb"warm-up request failed: HTTP 503")
 
     async def test_wrong_reactor(self) -> None:
         """Without -r asyncio, twistd stops at once saying how to run it."""

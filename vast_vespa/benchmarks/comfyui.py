@@ -68,7 +68,7 @@ async def benchmark(backend_url: str, session: Any) -> float:
             }
         body = {"input": job}
         response = await session.post("/generate/sync", json=body, timeout=REQUEST_TIMEOUT)
-        body = await response.content()
+        body = await response.read()
         if response.status != 200:
             raise RuntimeError(failure_text(response.status, body))
         answer = json.loads(body)

@@ -148,8 +148,8 @@ async def benchmark(backend_url: str, session: Any) -> float:
         # The warm-up is full-size too: a request the server cannot hold shows at once.
         body = payload(path, model, sizes)
         response = await session.post(path, json=body)
+        content = await response.read()  # read whole: an aiohttp session reuses the connection
         if response.status != 200:
-            content = await response.content()
             text = failure_text(response.status, content)
             if response.status == 400 and re.search(rb"(?i)context|token", content):
                 raise ContextTooSmall(text, sizes, content)

@@ -7,13 +7,14 @@ round; the result is the best round. If every request failed, that is an error (
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import cache
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -21,6 +22,8 @@ from twisted.logger import Logger
 from vast_vespa.benchmark import BenchmarkError
 
 log = Logger()
+
+T = TypeVar("T")
 
 # One request: its number (-1 for the warm-up) -> its workload; raises if it failed.
 Send = Callable[[int], Awaitable[float]]
@@ -90,6 +93,19 @@ async def _attempt(send: Send, number: int) -> tuple[float, str]:
         return 0.0, str(e) or type(e).__name__
 
 
+def _together(attempts: list[Coroutine[Any, Any, T]]) -> Awaitable[list[T]]:
+    """Run ``attempts`` at once on the loop that runs the benchmark. An aiohttp session's
+    requests are asyncio's and must run in asyncio tasks (Twisted's coroutine driver cannot
+    wait for an asyncio future); the built-in session's are Deferreds."""
+    try:
+        in_asyncio_task = asyncio.current_task() is not None
+    except RuntimeError:  # no asyncio loop running
+        in_asyncio_task = False
+    if in_asyncio_task:
+        return asyncio.gather(*attempts)
+    return gatherResults([Deferred.fromCoroutine(attempt) for attempt in attempts])
+
+
 async def measure(name: str, send: Send, rounds: int, concurrency: int) -> float:
     """Warm up with one request, then ``rounds`` rounds of ``concurrency`` simultaneous
     requests; return the best round's workload per second."""
@@ -102,11 +118,8 @@ async def measure(name: str, send: Send, rounds: int, concurrency: int) -> float
     best, failed, last_error = 0.0, 0, ""
     for round_number in range(rounds):
         started = time.monotonic()
-        attempts = [
-            Deferred.fromCoroutine(_attempt(send, round_number * concurrency + i))
-            for i in range(concurrency)
-        ]
-        results = await gatherResults(attempts)
+        attempts = [_attempt(send, round_number * concurrency + i) for i in range(concurrency)]
+        results = await _together(attempts)
         elapsed = max(time.monotonic() - started, 1e-9)
         errors = [error for _, error in results if error]
         failed += len(errors)

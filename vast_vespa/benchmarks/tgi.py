@@ -30,8 +30,9 @@ async def benchmark(backend_url: str, session: Any) -> float:
             },
         }
         response = await session.post("/generate", json=payload)
+        content = await response.read()  # read whole: an aiohttp session reuses the connection
         if response.status != 200:
-            raise RuntimeError(failure_text(response.status, await response.content()))
+            raise RuntimeError(failure_text(response.status, content))
         return tgi_workload(payload)
 
     return await measure("tgi benchmark", send, rounds, at_once)
