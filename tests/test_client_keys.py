@@ -52,14 +52,28 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(read_account_key(settings), "env-key")
         self.assertEqual(read_account_key(load_client_settings({}, {"HOME": "/nonexistent"})), "")
 
+    def test_account_key_file_not_text(self) -> None:
+        """A key file that is not UTF-8 text is a KeyLookupError naming it, not a traceback."""
+        home = self.mktemp()
+        os.makedirs(home)
+        path = os.path.join(home, ".vast_api_key")
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe key")
+        with self.assertRaises(KeyLookupError) as caught:
+            read_account_key(load_client_settings({}, {"HOME": home}))
+        self.assertEqual(
+            str(caught.exception), f"cannot read {path}: not text (a Vast API key is plain text)"
+        )
+
     def test_choose_endpoint(self) -> None:
         """The prompt takes a number or a name, and asks again after a wrong answer."""
         endpoints = [EndpointInfo("a"), EndpointInfo("b")]
-        answers = iter(["9", "b"])
+        answers = iter(["9", "\u00b2", "b"])  # "²" is a digit to str.isdigit, not to int()
         out = io.StringIO()
         self.assertEqual(choose_endpoint(endpoints, lambda _: next(answers), out).name, "b")
         self.assertIn("  1  a", out.getvalue())
         self.assertIn("no endpoint '9'", out.getvalue())
+        self.assertIn("no endpoint '\u00b2'", out.getvalue())
         self.assertEqual(choose_endpoint(endpoints, lambda _: "1", out).name, "a")
 
 

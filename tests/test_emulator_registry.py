@@ -22,6 +22,11 @@ class ReportCheckTests(SynchronousTestCase):
         """Load numbers flip between 0 and 0.0 in reference workers: both are fine."""
         self.assertEqual(report_problems(report(cur_load=0.0, rej_load=0, max_capacity=0.0)), [])
 
+    def test_integer_beyond_any_float(self) -> None:
+        """A load beyond any float is a problem named like any other, not an error."""
+        [problem] = report_problems(report(cur_load=10**400))
+        self.assertTrue(problem.startswith("cur_load: expected a number >= 0, got an integer"))
+
     def test_every_missing_field_is_named(self) -> None:
         """An empty object is told each of the 17 fields it lacks, in wire order."""
         problems = report_problems({})

@@ -7,6 +7,7 @@ import os
 from typing import Any, cast
 
 import treq
+from cryptography.hazmat.primitives import serialization
 from twisted.application.service import IServiceMaker, ServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -150,6 +151,11 @@ class ApiTests(TestCase):
         )
         self.assertEqual(wrong.code, 401)
         await treq.content(wrong)
+        endless = await self.http.get(
+            self.url + f"/api/v0/endptjobs/{'9' * 5000}/?api_key={ACCOUNT_KEY}",
+        )
+        self.assertEqual(endless.code, 404)  # no such job, and not an int() of 5000 digits
+        await treq.content(endless)
 
     async def test_get_endpoint_workers(self) -> None:
         """/get_endpoint_workers/ lists the endpoint's workers for the account key; refusals
@@ -240,15 +246,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.config.endpoints, (tap.Endpoint("x", "kx", 1),))
         self.assertEqual((options.config.shape, options.config.stale_after), ("url", 5.0))
 
-    def test_bad_values_exit_with_one_line(self) -> None:
-        """A bad shape, endpoint or config file stops with one clear line."""
+    def config_file(self, text: str) -> str:
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write('{"colour": 1}')
+            f.write(text)
+        return path
+
+    def test_bad_values_exit_with_one_line(self) -> None:
+        """A bad shape, endpoint or config file stops with one clear line."""
+        endless_id = '{"endpoints": [{"name": "x", "api_key": "k", "id": Infinity}]}'
         for args, text in (
             (["--shape", "four"], "invalid shape 'four'"),
             (["--endpoint", "nokey"], "expected NAME=KEY"),
-            (["--config", path], "unknown keys ['colour']"),
+            (["--config", self.config_file('{"colour": 1}')], "unknown keys ['colour']"),
+            (["--config", self.config_file(endless_id)], "endpoints[0]: expected {name, api_key"),
+            (["--config", self.config_file('{"listen": [8080]}')], "such as tcp:3000"),
             (["--stale-after", "-1"], "expected a finite number > 0"),
         ):
             with self.assertRaises(SystemExit) as caught:
@@ -272,6 +284,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(signing.public_pem(tap.load_key(config)), signing.public_pem(PRIVATE))
         with self.assertRaises(tap.ConfigError):
             tap.load_key(tap.EmulatorConfig(key_file=self.mktemp()))
+        encrypted = PRIVATE.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        path = self.config_file(encrypted.decode("ascii"))
+        with self.assertRaises(tap.ConfigError) as caught:
+            tap.load_key(tap.EmulatorConfig(key_file=path))
+        self.assertIn("encrypted", str(caught.exception))
 
     def test_plugin_listed(self) -> None:
         """twistd finds vespa-autoscaler, and its help says it is not a production router."""

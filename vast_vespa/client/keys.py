@@ -54,6 +54,10 @@ def read_account_key(settings: ClientSettings) -> str:
         return ""
     except OSError as e:
         raise KeyLookupError(f"cannot read {settings.account_key_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyLookupError(
+            f"cannot read {settings.account_key_file}: not text (a Vast API key is plain text)"
+        ) from None
 
 
 def endpoints_url(settings: ClientSettings) -> str:
@@ -157,7 +161,7 @@ def choose_endpoint(
         out.write(f"{index:3d}  {endpoint.name}\n")
     while True:
         answer = read("Endpoint (number or name): ").strip()
-        if answer.isdigit() and 1 <= int(answer) <= len(endpoints):
+        if answer.isascii() and answer.isdigit() and 1 <= int(answer) <= len(endpoints):
             return endpoints[int(answer) - 1]
         for endpoint in endpoints:
             if endpoint.name == answer:

@@ -76,7 +76,7 @@ class AutoscalerResource(Resource):
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
         method = b"GET" if request.method == b"HEAD" else request.method
         handler = self._routes.get((method, path))
-        job = re.fullmatch(r"/api/v0/endptjobs/(\d+)", path)
+        job = re.fullmatch(r"/api/v0/endptjobs/(\d{1,18})", path)  # int() caps digits
         if job and method == b"GET":
             handler = lambda request: self._endpoint_job(request, int(job.group(1)))  # noqa: E731
         try:

@@ -76,7 +76,7 @@ def _config_endpoints(value: Any) -> tuple[Endpoint, ...]:
                     str(item.get("mtoken", "")),
                 )
             )
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise ConfigError(
                 f"endpoints[{index - 1}]: expected {{name, api_key[, id][, mtoken]}}"
             ) from None
@@ -101,7 +101,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         if name == "endpoints":
             values[name] = _config_endpoints(value)
         elif name == "listen":
-            values[name] = tuple(value) if isinstance(value, list) else (str(value),)
+            values[name] = tuple(map(str, value)) if isinstance(value, list) else (str(value),)
         else:
             values[name] = str(value)
     return values
@@ -134,7 +134,7 @@ def load_key(config: EmulatorConfig) -> rsa.RSAPrivateKey:
         try:
             with open(path, "rb") as f:
                 return signing.load_private_key(f.read())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:  # TypeError: encrypted, no password
             raise ConfigError(f"cannot load the signing key {path}: {e}") from None
     key = signing.generate_private_key()
     os.makedirs(config.state_dir, exist_ok=True)
