@@ -247,7 +247,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options.config.shape, options.config.stale_after), ("url", 5.0))
 
     def config_file(self, text: str) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "w") as f:
             f.write(text)
         return path
