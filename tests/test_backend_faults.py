@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import RequestNotSent, ResponseNeverReceived
@@ -54,6 +55,17 @@ class _FlakyAgent:
         if self.calls <= self.failures:
             return fail(self.error)
         return self.agent.request(method, uri, headers, bodyProducer)
+
+
+class _SilentAfterOneEvent(Protocol):
+    """A backend whose answer ends with its connection (HTTP/1.0 style) and says one event,
+    then nothing."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\n"
+            )
 
 
 class BackendFaultTests(TestCase):
@@ -170,6 +182,18 @@ class BackendFaultTests(TestCase):
         self.assert_result(Outcome.ERRORED, 200, "stalled for 0.3 s")
         await self.backend.cancelled[-1]
         await self.assert_healthy_after(url)
+
+    async def test_stalled_stream_ending_with_its_connection_is_cut(self) -> None:
+        """A stream without Content-Length or chunks (it ends when its connection closes) that
+        goes silent is cut the same way: closing the backend connection ourselves is not the
+        stream's end, so the client never sees a clean final chunk."""
+        backend = listen(self, Factory.forProtocol(_SilentAfterOneEvent))
+        for limit in ({"stall_timeout": 0.3}, {"request_timeout": 0.3}):
+            url = self.worker(backend, **limit)
+            raw = await raw_request(url, b"GET /sse HTTP/1.1\r\nHost: w\r\n\r\n")
+            self.assertIn(b"data: 1", raw)
+            self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)
+            self.assert_result(Outcome.ERRORED, 200, "0.3 s")
 
     async def test_steady_stream_is_not_cut(self) -> None:
         """The stall timer restarts with every chunk: a stream slower in total than the stall

@@ -80,6 +80,7 @@ class BodyRelay(Protocol):
     """
 
     _producing = False  # registered as the request's producer
+    _cut = False  # ended here, by a time limit (cut)
 
     def __init__(
         self,
@@ -128,7 +129,10 @@ class BodyRelay(Protocol):
             return
         if self._producing:
             self._request.unregisterProducer()
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # not .check: slower
+        ended = reason.value  # (not .check: slower)
+        if isinstance(ended, ResponseDone) or (
+            isinstance(ended, PotentialDataLoss) and not self._cut
+        ):
             self._request.finish()
         else:
             # Truncated upstream: close without the final chunk so that the client sees a
@@ -136,6 +140,13 @@ class BodyRelay(Protocol):
             self.failure = reason
             self._request.loseConnection()
         self._done()
+
+    def cut(self) -> None:
+        """End the body here (a time limit passed): the backend's connection is closed, and
+        the client sees a broken response even when the body is one that ends with its
+        connection (no Content-Length, not chunked), whose end would otherwise read as whole."""
+        self._cut = True
+        self.stopProducing()
 
     def client_gone(self) -> None:
         """The client disconnected: stop reading from the backend and close its connection."""
@@ -308,7 +319,7 @@ class ProxiedRequest:
             self._pending.cancel()
         elif self._relay is not None:
             # Headers already went out: the only thing left is to cut both connections.
-            self._relay.stopProducing()
+            self._relay.cut()
 
     def _stalled(self) -> None:
         # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
