@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -12,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from vast_vespa.outcome import Outcome
 from vast_vespa.settings import VastEnvironment
 from vast_vespa.worker.metrics import Finished, WorkerMetrics
-from vast_vespa.worker.reporter import MetricsReporter
+from vast_vespa.worker.reporter import MAX_BACKOFF, MetricsReporter
 from vast_vespa.worker.state import WorkerState
 
 
@@ -138,6 +139,18 @@ class CadenceTests(SynchronousTestCase):
         )
         advance(self.clock, 1)
         self.assertEqual(len(client.statuses), 4)
+        self.stop(reporter)
+
+    def test_long_outage_keeps_backing_off(self) -> None:
+        """Hours of failures (over a thousand in a row) keep the retries MAX_BACKOFF apart:
+        the doubling stops at the cap instead of overflowing into a retry every second."""
+        self.clock, _state, _metrics, client, reporter = make()
+        client.answers = [fail(ConnectionRefusedError()) for _ in range(1100)]
+        reporter.startService()
+        while len(client.statuses) < 1100:
+            self.clock.advance(1)
+        times = [t for t, _ in client.statuses]
+        self.assertEqual({b - a for a, b in itertools.pairwise(times[1000:])}, {MAX_BACKOFF})
         self.stop(reporter)
 
     def test_failed_deletes_are_kept(self) -> None:

@@ -131,7 +131,8 @@ class MetricsReporter(Service):
 
     def _failed(self, failure: Failure) -> None:
         self._failures += 1
-        delay = min(self._interval * 2 ** (self._failures - 1), MAX_BACKOFF)
+        doublings = min(self._failures - 1, 30)  # 2**1024 is beyond any float: a long outage
+        delay = min(self._interval * 2**doublings, MAX_BACKOFF)
         self._not_before = self._clock.seconds() + delay
         emit = self._log.debug if self._failing else self._log.warn
         self._failing = True
