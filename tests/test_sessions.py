@@ -249,6 +249,24 @@ class SessionTests(SynchronousTestCase):
         gone = worker.post("/session/get", {"session_id": session_id, "session_auth": auth})
         self.assertEqual(gone.code, 410)
 
+    def test_stop_waits_for_on_close_calls(self) -> None:
+        """Stopping waits for the on_close_route calls already made (the backend hears of the
+        sessions that ended), each at most ON_CLOSE_TIMEOUT."""
+        worker = self.worker()
+        payload = {"lifetime": 5, "on_close_route": "/slow?delay=60"}
+        worker.post("/session/create", envelope(worker.auth(), payload))
+        worker.advance(5)  # the session expires: its on_close_route call starts
+        self.assertEqual(worker.backend.seen[-1].uri, b"/slow?delay=60")
+        assert worker.sessions is not None
+        stopped = worker.sessions.stopService()
+        assert stopped is not None
+        worker.advance(ON_CLOSE_TIMEOUT - 1)
+        self.assertNoResult(stopped)
+        worker.advance(1)
+        self.successResultOf(stopped)
+        self.assertTrue(worker.backend.cancelled[-1].called)  # the backend heard the hang-up
+        self.assertIsNone(worker.sessions.stopService())  # nothing left to wait for
+
     def test_replay_window_lets_session_requests_through(self) -> None:
         """With REPLAY_WINDOW on, a session's requests (all the same auth_data) are served;
         the same auth_data without the session is a replay."""
