@@ -151,7 +151,7 @@ class Sessions(Service):
         self.load = 0.0  # workload of the open sessions (read on every admission check)
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> why it closed
 
-    def stopService(self) -> Deferred[object] | None:
+    def stopService(self) -> Deferred[Any] | None:
         """Cancel the expiry timers (the sessions end with the process); wait for the
         on_close_route calls already made, each bounded by ON_CLOSE_TIMEOUT, so that the
         backend hears of the sessions that ended before the worker stops."""
