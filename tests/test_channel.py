@@ -428,6 +428,21 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen[1][:2], (b"POST", b"/2"))
         self.assertEqual(len(self.resource.seen[1][2]), 20000)
 
+    def test_held_input_handed_out_while_the_client_is_not_reading(self) -> None:
+        """Held input handed out to its request while the client does not read its answers
+        (the send buffer is full): once it reads again, so does the connection, or nothing
+        more would ever be read from it."""
+        channel, transport = self.held_over_the_buffer()
+        channel.dataReceived(b"x" * (20000 - PIPELINE_BUFFER))  # POST /2 whole, held
+        channel.pauseProducing()  # the client's socket buffer is full for a moment
+        self.resource.release()  # request 1 answered: POST /2 is handed out
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.resource.release()
+        channel.dataReceived(GET % 3)  # the next request on the connection is read
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1", b"/2", b"/3"])
+
     def test_requests_pipelined_in_one_read_count_towards_the_buffer(self) -> None:
         """Requests parsed in the same read as the one now answered are held like input that
         comes later: past PIPELINE_BUFFER the connection is not read until they are answered."""

@@ -1069,7 +1069,13 @@ class GuardedChannel(Protocol):
         self._waiting_for_transport = False
         if self._producer is not None:
             self._producer.resumeProducing()
-        if not self._answering and self._reading_paused:
+        if self._reading_paused and (
+            not self._answering
+            # Answering, reading stays paused only for held input past the buffer, or a
+            # refusal or last request: held input handed out while the client was not
+            # reading (this pause) left nothing else to resume it.
+            or (self._held_size <= PIPELINE_BUFFER and not self._parse_stopped)
+        ):
             self._reading_paused = False
             self._transport.resumeProducing()
 
