@@ -421,6 +421,19 @@ class DisconnectTests(ClientTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class StopTests(ClientTestCase):
+    timeout = 10
+
+    async def test_stop_closes_idle_app_connections(self) -> None:
+        """Stopping the proxy closes the app's idle keep-alive connections: a request on one
+        would reach a stopped proxy."""
+        url = self.start_client()
+        client = await raw_connect(url, RawClient(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        await client.when(lambda: b"\r\n\r\n" in b"".join(client.chunks))
+        await pump(self.clock, self.service.stopService())
+        self.assertIn(b"HTTP/1.1 200", await client.closed)
+
+
 class ResolvingHTTP:
     """An HTTP client whose calls never end unless cancelled, and then fail as Twisted's
     HostnameEndpoint does when cancelled during its name look-up: DNSLookupError."""

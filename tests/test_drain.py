@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
 
@@ -46,6 +47,27 @@ class DrainTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         self.successResultOf(stopped)
         self.assertEqual(service.in_flight.requests, {})
+
+    def test_idle_keep_alive_connections_are_closed(self) -> None:
+        """Once the requests in flight are done, the idle keep-alive connections are closed
+        (a request on one would only be refused), with one log line; a connection answered
+        during the drain is closed too."""
+        worker = self.worker
+        service = worker.service(drain_timeout=10.0)
+        idle = worker.request("GET", "/v1/first")
+        self.assertEqual(worker.answered(idle).code, 200)
+        answering = worker.request("GET", "/slow?delay=1")
+        with capturedLogs() as events:
+            stopped = service.stopService()
+            self.assertFalse(idle.closed)  # not before the requests in flight are done
+            worker.advance(1)
+            self.successResultOf(stopped)
+        self.assertTrue(idle.closed)
+        self.assertEqual(worker.answered(answering).code, 200)
+        self.assertTrue(answering.closed)
+        self.assertIn(
+            "worker: closed 2 idle client connection(s)", [formatEvent(e) for e in events]
+        )
 
     def test_drain_timeout_aborts_the_rest(self) -> None:
         """A request still in flight when DRAIN_TIMEOUT ends is cut, and its backend call

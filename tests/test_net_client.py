@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import (
     FileBodyProducer,
     RequestNotSent,
@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from tests.helpers import FAST_PATH, listen, until
 from vast_vespa.net.client import (
+    POOL_CLOSE_TIMEOUT,
     READ_SIZE,
     BadResponseHead,
     BytesProducer,
@@ -59,6 +60,7 @@ from vast_vespa.net.client import (
     _Connection,
     backend_agent,
     backend_pool,
+    close_pool,
 )
 from vast_vespa.net.dispatch import OUTBOX
 
@@ -1301,3 +1303,35 @@ class HeldRequestTests(TestCase):
         self.failureResultOf(waiting, RequestNotSent)
         OUTBOX.send_all()
         self.assertEqual(transport.value(), b"")
+
+
+class _ClosingPool:
+    """A pool whose connections take as long to close as the test says."""
+
+    def __init__(self) -> None:
+        self.connection: Deferred[None] = Deferred(lambda d: d.errback(CancelledError()))
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        return gatherResults([self.connection]).addCallback(lambda _: None)
+
+
+class ClosePoolTests(SynchronousTestCase):
+    def test_closed_in_time(self) -> None:
+        clock = Clock()
+        pool = _ClosingPool()
+        closed = close_pool(cast(ConnectionPool, pool), clock)
+        self.assertNoResult(closed)
+        pool.connection.callback(None)
+        self.successResultOf(closed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_hanging_close_is_not_cancelled(self) -> None:
+        """A close that hangs is waited for POOL_CLOSE_TIMEOUT, then left to finish: cancelled,
+        Twisted's would leave a CancelledError per connection unhandled."""
+        clock = Clock()
+        pool = _ClosingPool()
+        closed = close_pool(cast(ConnectionPool, pool), clock)
+        clock.advance(POOL_CLOSE_TIMEOUT)
+        self.successResultOf(closed)
+        self.assertFalse(pool.connection.called)
+        pool.connection.callback(None)  # finishing late changes nothing

@@ -152,3 +152,14 @@ class VespaSite(Site):
     def acceptableProtocols(self) -> list[bytes]:
         """Over TLS, offer HTTP/1.1 only (ALPN): the limits are HTTP/1.1 limits."""
         return [b"http/1.1"]
+
+
+def close_idle_connections(site: Site) -> None:
+    """Close the idle client connections of a site that has stopped serving (see
+    :meth:`ConnectionTable.close_idle`), in one log line."""
+    if isinstance(site, VespaSite):
+        closed = site.connections.close_idle()
+        if closed:
+            _log.info(
+                "{site}: closed {count} idle client connection(s)", site=site.name, count=closed
+            )

@@ -27,7 +27,7 @@ from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.options import declaration
 from vast_vespa.outcome import Observer
-from vast_vespa.site import VespaSite
+from vast_vespa.site import VespaSite, close_idle_connections
 from vast_vespa.workload import Workload
 
 
@@ -49,6 +49,7 @@ class ClientService(TextLogForTwistd, MultiService):
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService()
+        close_idle_connections(self.site)  # the listeners stopped at once
         closed = [close_pool(pool, self._clock) for pool in self.pools]
         return DeferredList([stopped, *closed]).addCallback(lambda _: None)
 

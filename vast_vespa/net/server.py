@@ -246,6 +246,14 @@ class ConnectionTable:
             oldest.time_out()  # which takes it out of this table
         return None
 
+    def close_idle(self) -> int:
+        """Close every idle connection (the site has stopped serving: a client would only
+        get a refusal on it), as nginx does on a graceful stop; how many there were."""
+        idle = list(self._idle)
+        for channel in idle:
+            channel.stop_idle()  # which takes it out of this table
+        return len(idle)
+
     def busy(self, channel: GuardedChannel, address: str | None) -> None:
         self._idle.pop(channel, None)
         if address is not None:
@@ -461,18 +469,26 @@ class GuardedChannel(Protocol):
         self.site.connections.busy(self, self._address)
         self._close_idle("Timing out client: {peer}")
 
+    def stop_idle(self) -> None:
+        """Closed, idle, as its site stops serving (see :meth:`ConnectionTable.close_idle`,
+        which says how many in one line)."""
+        self._listed_idle = False
+        self.site.connections.busy(self, self._address)
+        self._close_idle(None)
+
     def reclaim(self) -> None:
         """Closed, idle, to make room for a new connection (see :class:`ConnectionTable`)."""
         self._counted = self._listed_idle = False
         self.site.connections.closed(self, self._address)
         self._close_idle("Closing idle client {peer} to make room")
 
-    def _close_idle(self, message: str) -> None:
+    def _close_idle(self, message: str | None) -> None:
         """Close an idle connection (out of its table already; no input deadline is armed
-        on one), logging ``message``; it is aborted if it does not close within
+        on one), logging ``message`` if any; it is aborted if it does not close within
         ABORT_TIMEOUT."""
         self._drop_input = True
-        self._log.info(message, peer=str(self._peer))
+        if message is not None:
+            self._log.info(message, peer=str(self._peer))
         self._linger = self.callLater(ABORT_TIMEOUT, self._transport.abortConnection)
         self.loseConnection()
 

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 
 from vast_vespa.logs import TextLogForTwistd
 from vast_vespa.net.client import AnyPool, close_pool
+from vast_vespa.site import close_idle_connections
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import InFlight
@@ -93,6 +94,7 @@ class WorkerService(TextLogForTwistd, MultiService):
                 timeout=self.drain_timeout,
                 count=self.in_flight.abort(),
             )
+        close_idle_connections(self.site)
         await self._stop_children([child for child in reversed(list(self)) if child.running])
         await close_pool(self.pool, self._clock)
         if self.control_pool is not None:  # after the reporter's last send
