@@ -104,6 +104,40 @@ class EarlyAuthTests(SynchronousTestCase):
         connection = self.worker.send(raw)
         self.assert_refused_before_body(connection, 401)
 
+    def test_no_auth_is_refused_from_the_head(self) -> None:
+        """A request that carries no auth in any form its method allows is refused from its
+        head: its body could not change that (an envelope is only read for POST/PUT/PATCH)."""
+        for method in (b"GET", b"DELETE", b"OPTIONS"):
+            raw = b"%s /x HTTP/1.1\r\nHost: w\r\nContent-Length: 1000000000\r\n%s\r\n" % (
+                method,
+                EXPECT,
+            )
+            connection = self.worker.send(raw)
+            self.assert_refused_before_body(connection, 401)
+        self.assertEqual(self.kept(), 0)
+
+    def test_large_session_body_is_refused(self) -> None:
+        """/session/end, /get and /health are answered before any auth, from a small JSON
+        body: a larger one is refused from its head, or once that much of it came."""
+        self.worker = MemoryWorker(self, max_sessions=2)
+        self.worker.site.getContentFile = self.content_file  # type: ignore[method-assign]
+        for path in (b"/session/end", b"/session/get", b"/session/health"):
+            raw = b"POST %s HTTP/1.1\r\nHost: w\r\nContent-Length: 30000000\r\n%s\r\n" % (
+                path,
+                EXPECT,
+            )
+            connection = self.worker.send(raw)
+            self.assert_refused_before_body(connection, 413)
+        chunked = (
+            b"POST /session/end HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"4000\r\n"
+            + b"[" * 0x4000
+            + b"\r\n"
+        )
+        connection = self.worker.send(chunked * 1)
+        connection.send(b"4000\r\n" + b"[" * 0x4000 + b"\r\n")
+        self.assert_refused_before_body(connection, 413)
+
     def test_blocked_path_is_refused_from_the_head(self) -> None:
         self.worker = MemoryWorker(self, blocked_paths=("/admin*",))
         self.worker.site.getContentFile = self.content_file  # type: ignore[method-assign]

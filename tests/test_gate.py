@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import string
 from typing import Any
 from urllib.parse import quote
 
@@ -138,10 +139,12 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertNotIn(b"x-serverless-auth", seen.headers)
 
     def test_blocked_paths_403_whatever_the_spelling(self) -> None:
-        """BLOCKED_PATHS matches the normalised, percent-decoded path."""
-        worker = self.worker(blocked_paths=("/admin*",))
+        """BLOCKED_PATHS matches the normalised, percent-decoded path, without a fragment (a
+        backend drops it)."""
+        worker = self.worker(blocked_paths=("/admin*", "/v1/load_lora_adapter"))
         auth = json.dumps(worker.auth())
-        for path in ("/admin", "//admin/x", "/a/../admin", "/%61dmin", "/x%2F..%2Fadmin"):
+        spellings = ("/admin", "//admin/x", "/a/../admin", "/%61dmin", "/x%2F..%2Fadmin")
+        for path in (*spellings, "/v1/load_lora_adapter#", "/v1/load_lora_adapter#x?y"):
             answer = worker.call("GET", path, headers={"X-Serverless-Auth": auth})
             self.assertEqual(answer.code, 403, path)
         self.assertEqual(worker.backend.seen, [])
@@ -179,6 +182,14 @@ class SignedRequestTests(SynchronousTestCase):
         signed = envelope(worker.auth(reqnum=7))
         self.assertEqual(worker.post("/x", signed).code, 200)
         answer = worker.post("/x", signed)
+        self.assertEqual((answer.code, answer.json()["error"]), (401, "replayed request"))
+        # The same signature spelled otherwise (the last character's unused bits) too.
+        auth = signed["auth_data"]
+        body = auth["signature"].rstrip("=")
+        alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+        last = alphabet[alphabet.index(body[-1]) ^ 1]
+        respelled = body[:-1] + last + auth["signature"][len(body) :]
+        answer = worker.post("/x", envelope({**auth, "signature": respelled}))
         self.assertEqual((answer.code, answer.json()["error"]), (401, "replayed request"))
         self.assertEqual(len(worker.backend.seen), 1)
 
@@ -485,6 +496,7 @@ class BlockedPathTests(SynchronousTestCase):
         self.assertIn("/admin", path_forms(b"/x/%2e%2e/admin?q=1"))
         self.assertIn("/admin/x", path_forms(b"//admin//x"))
         self.assertIn("/admin", path_forms(b"/%2561dmin"))
+        self.assertIn("/admin", path_forms(b"/admin#?x"))
 
     def test_blocked(self) -> None:
         """Patterns are fnmatch, case-sensitive; no patterns blocks nothing."""

@@ -276,6 +276,10 @@ class SessionTests(SynchronousTestCase):
         for _ in range(3):
             self.assertEqual(worker.post("/x", envelope(auth, {}, session_id)).code, 200)
         self.assertEqual(worker.post("/x", envelope(auth, {})).code, 401)
+        # Opening a session is not one of its requests: its auth_data opens one session.
+        again = worker.post("/session/create", envelope(auth, {"lifetime": 60}, "anything"))
+        self.assertEqual((again.code, again.json()["error"]), (401, "replayed request"))
+        self.assertEqual(len(worker.sessions.open), 1)  # type: ignore[union-attr]
 
     def test_sessions_off(self) -> None:
         """MAX_SESSIONS=0: /session/create goes to the backend like any path; a request

@@ -14,6 +14,7 @@ workers count 401s as rejected, PROTOCOL 4.4.) A 429 is counted as rejected with
 from __future__ import annotations
 
 import posixpath
+from base64 import b64decode
 from collections import OrderedDict
 from fnmatch import fnmatchcase
 from functools import partial
@@ -55,7 +56,7 @@ from vast_vespa.worker.metrics import WorkerMetrics, outcome_of
 from vast_vespa.worker.resource import Forward, Rejection, client_address, passthrough
 from vast_vespa.worker.sessions import CREATE as SESSION_CREATE
 from vast_vespa.worker.sessions import PATHS as SESSION_PATHS
-from vast_vespa.worker.sessions import Sessions
+from vast_vespa.worker.sessions import SESSION_BODY_LIMIT, Sessions, session_body_too_large
 from vast_vespa.workload import PARSE_LIMIT, Workload
 
 KEY_RETRY_AFTER = b"5"  # seconds, for 503 while the public key is not there yet
@@ -67,7 +68,9 @@ def path_forms(target: bytes) -> set[str]:
     The path of ``target`` as the backend might understand it: raw, percent-decoded (until
     stable) and normalised (``//``, ``.``, ``..`` collapsed), so no spelling slips past a pattern.
     """
-    raw = target.partition(b"?")[0].decode("latin-1")
+    # Without a fragment (which no request should carry, but backends drop: "/admin#x" is
+    # their "/admin") and the query.
+    raw = target.partition(b"#")[0].partition(b"?")[0].decode("latin-1")
     forms = {raw}
     current = raw
     for _ in range(3):
@@ -98,11 +101,13 @@ class ReplayWindow:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._seen: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, bytes], None] = OrderedDict()
 
     def seen_before(self, reqnum: int, signature: str) -> bool:
-        """Whether the pair was seen; remembers it if not."""
-        key = (reqnum, signature)
+        """Whether the pair was seen; remembers it if not. The signature counts by its bytes,
+        not its base64 spelling: the unused bits of the last character can be set 16 ways for
+        the same (verified) signature."""
+        key = (reqnum, b64decode(signature))
         if key in self._seen:
             return True
         self._seen[key] = None
@@ -124,6 +129,24 @@ def _auth_header(request: Request) -> bytes | None:
     header table."""
     values = header_ops(request).table(request.requestHeaders).get(_AUTH_HEADER_NAME)
     return values[-1] if values else None
+
+
+def _signature_required() -> Rejection:
+    return Rejection(
+        401,
+        "signature required",
+        "send auth_data in the JSON envelope, the X-Serverless-Auth header "
+        "or serverless_* query parameters",
+    )
+
+
+def _declared_length(request: Request) -> int | None:
+    """The request's Content-Length (the channel checked it is one number), if it has one."""
+    values = header_ops(request).table(request.requestHeaders).get(b"Content-Length")
+    try:
+        return int(values[-1]) if values else None
+    except ValueError:
+        return None
 
 
 def _not_ready() -> Rejection:
@@ -191,9 +214,19 @@ class SignedGate:
     # left to admit, which records what it sees.
 
     def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
-        if self._keys is None or self._is_session_path(_path(target)):
+        if self._keys is None:
             return False
-        rejection = self._blocked_path(target)
+        path = _path(target)
+        if self._is_session_path(path):
+            if path == SESSION_CREATE:
+                return False
+            # Answered before any auth (by the session's own): only a small body is read.
+            length = _declared_length(request)
+            if length is None or length <= SESSION_BODY_LIMIT:
+                return False
+            rejection: Rejection | None = session_body_too_large()
+        else:
+            rejection = self._blocked_path(target)
         if rejection is None:
             header = _auth_header(request)
             try:
@@ -201,14 +234,18 @@ class SignedGate:
                     unwrapped: Unwrapped | None = from_header(header, target)
                 elif method in QUERY_METHODS:
                     unwrapped = from_query(target)
-                else:
+                elif method in ENVELOPE_METHODS:
                     return False  # an envelope: see refuses_body_start
+                else:
+                    unwrapped = None  # no form of auth this method can carry
             except AuthError as e:
                 rejection = self._malformed(target, e)
             else:
                 if unwrapped is None:
-                    return False
-                rejection = self._forged(target, cast(dict[str, Any], unwrapped.auth))
+                    # No auth at all: refused now, not after a body that cannot change that.
+                    rejection = _signature_required()
+                else:
+                    rejection = self._forged(target, cast(dict[str, Any], unwrapped.auth))
         if rejection is None:
             return False
         self._refused_early[request] = rejection
@@ -217,10 +254,17 @@ class SignedGate:
     def refuses_body_start(
         self, request: Request, method: bytes, target: bytes, start: bytes
     ) -> bool | None:
+        if self._keys is None:
+            return False
+        path = _path(target)
+        if self._is_session_path(path) and path != SESSION_CREATE:
+            if len(start) <= SESSION_BODY_LIMIT:
+                return None  # ask again with more (the whole body, if it is small, ends it)
+            self._refused_early[request] = session_body_too_large()
+            return True
         if (
-            self._keys is None
-            or method not in ENVELOPE_METHODS
-            or self._is_session_path(_path(target))
+            method not in ENVELOPE_METHODS
+            or self._is_session_path(path)
             or _auth_header(request) is not None
         ):
             return False
@@ -256,19 +300,23 @@ class SignedGate:
         self._log.info("{path} refused: blocked by {pattern}", path=_path(target), pattern=pattern)
         return Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
 
+    def _is_create(self, request: Request) -> bool:
+        """Whether ``request`` opens one of the worker's own sessions."""
+        return self._sessions is not None and request.path == SESSION_CREATE
+
     def _is_session_path(self, path: bytes) -> bool:
         """Whether ``path`` is one the worker's own sessions answer (MAX_SESSIONS > 0)."""
         return self._sessions is not None and path in SESSION_PATHS
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
-        if self._is_session_path(request.path):
+        # (the early verdict refuses only when secured)
+        rejection = self._refused_early.pop(request, None) if self._keys is not None else None
+        if rejection is None and self._is_session_path(request.path):
             if request.path != SESSION_CREATE:  # authenticated by the session's auth_data
                 assert self._sessions is not None
                 return self._sessions.manage(request)
             if request.method != b"POST":
                 raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
-        # (the early verdict refuses only when secured)
-        rejection = self._refused_early.pop(request, None) if self._keys is not None else None
         if rejection is None and self._blocked:
             rejection = self._blocked_path(request.uri)
         if rejection is not None:
@@ -292,12 +340,7 @@ class SignedGate:
                 unwrapped = Unwrapped(None, request.uri)  # malformed: passes untouched
             return self._admit(request, unwrapped)
         if unwrapped.auth is None:
-            raise Rejection(
-                401,
-                "signature required",
-                "send auth_data in the JSON envelope, the X-Serverless-Auth header "
-                "or serverless_* query parameters",
-            )
+            raise _signature_required()
         return self._verified(request, unwrapped, keys)
 
     def _verified(
@@ -351,10 +394,12 @@ class SignedGate:
             unwrapped = with_payload(unwrapped)  # read only now that auth_data is verified
         except AuthError as e:
             raise self._malformed(request.uri, e) from None
-        # A session's requests all carry the auth_data that opened it: not replays.
+        # A session's requests all carry the auth_data that opened it: not replays. Opening
+        # one is a request like any other, whatever its envelope says.
+        session_use = unwrapped.session_id is not None and not self._is_create(request)
         if (
             self._replays is not None
-            and unwrapped.session_id is None
+            and not session_use
             and self._replays.seen_before(auth["reqnum"], auth["signature"])
         ):
             self._log.info(
@@ -370,7 +415,8 @@ class SignedGate:
         request_idx = None if auth is None else auth["request_idx"]
         work = self._work_of(request, unwrapped, cost_signed)
         session = None
-        if self._sessions is not None and request.path == SESSION_CREATE:
+        if self._is_create(request):
+            assert self._sessions is not None
             return self._sessions.create(unwrapped, work)
         if unwrapped.session_id is not None:
             if self._sessions is None:

@@ -47,6 +47,7 @@ GET = b"/session/get"
 HEALTH = b"/session/health"
 PATHS = frozenset({CREATE, END, GET, HEALTH})
 ON_CLOSE_TIMEOUT = 10.0  # seconds for the on_close_route call, as the official worker
+SESSION_BODY_LIMIT = 1 << 14  # bytes: /session/end, /get, /health carry a small JSON object
 CLOSED_REMEMBERED = 10_000  # ids of closed sessions kept, to say "closed" rather than "unknown"
 
 PostToBackend = Callable[[bytes, bytes], "Deferred[object]"]
@@ -63,6 +64,15 @@ def backend_poster(agent: IAgent, backend_url: str) -> PostToBackend:
         return sent.addCallback(read_body)
 
     return post
+
+
+def session_body_too_large() -> Rejection:
+    """The answer to a session management request whose body is over SESSION_BODY_LIMIT."""
+    return Rejection(
+        413,
+        "request body too large",
+        f"a session request's body is a small JSON object (at most {SESSION_BODY_LIMIT} bytes)",
+    )
 
 
 def _backend_path(route: object) -> bool:
@@ -346,8 +356,11 @@ class Sessions(Service):
             raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
         assert request.content is not None
         request.content.seek(0)
+        text = request.content.read(SESSION_BODY_LIMIT + 1)
+        if len(text) > SESSION_BODY_LIMIT:
+            raise session_body_too_large()
         try:
-            document = loads(request.content.read())
+            document = loads(text)
         except ValueError:
             raise Rejection(
                 422, "invalid JSON", 'expected {"session_id": ..., "session_auth": {...}}'
