@@ -382,6 +382,26 @@ class RerouteTests(ClientTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.autoscaler.calls), 2)
 
+    async def test_unreachable_worker_rerouted_for_a_post(self) -> None:
+        """A POST that could not reach its worker at all is routed again: it never left."""
+        self.autoscaler.worker_urls[0] = "http://127.0.0.1:1"
+        url = self.start_client()
+        response, _ = await self.call("POST", url + "/v1/x", json={"a": 1})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.backend.seen), 1)
+
+    async def test_post_lost_after_it_left_is_not_sent_again(self) -> None:
+        """A POST whose connection drops after it was sent (the worker ran it, or not) gets
+        502 and is not sent elsewhere: a second copy could charge or generate twice. A GET
+        in the same case is routed again."""
+        url = self.start_client()
+        response, body = await self.call("POST", url + "/reset", json={"charge": 1})
+        self.assertEqual(response.code, 502, body)
+        self.assertEqual(len(self.backend.seen), 1)
+        self.assertEqual(len(self.autoscaler.calls), 1)
+        response, _ = await self.call("GET", url + "/reset")
+        self.assertEqual(len(self.autoscaler.calls), 1 + 1 + 3)  # worker_retries (3) more
+
     async def test_no_retry_after_bytes(self) -> None:
         """A worker that breaks mid-answer is not retried: the app sees a broken response,
         never a second copy."""

@@ -12,6 +12,7 @@ from io import BytesIO
 from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -38,6 +39,8 @@ from vast_vespa.outcome import (
 # Bodies up to this size are read into memory and written in one go (no Cooperator round
 # trip per request); larger ones (twisted.web spools them to a temporary file) are streamed.
 SMALL_BODY = 256 * 1024
+# Sent twice, these do what they do once (RFC 9110 9.2.2).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def body_producer(
@@ -199,7 +202,9 @@ class ProxiedRequest:
         """
         ``retry_if(status)`` (status None: no response at all) may claim an answer before any
         byte of it reaches the client: the result then has ``retry`` set and the caller may
-        send the request elsewhere (the client proxy re-routes on 429/503). ``locations``
+        send the request elsewhere (the client proxy re-routes on 429/503). With no response,
+        it is asked only if sending the request again cannot do its work twice: the request
+        never left (the connection could not be made), or its method is idempotent. ``locations``
         rewrites each ``Location`` and ``Content-Location`` value of the response to
         ``request``.
         """
@@ -421,7 +426,11 @@ class ProxiedRequest:
         else:
             code, error = 502, "backend unavailable"
             detail = describe_failure(failure)
-            if self._retry_if is not None and self._retry_if(None):
+            if (
+                self._retry_if is not None
+                and self._safe_to_resend(failure)
+                and self._retry_if(None)
+            ):
                 self._result.retry = True
                 self._finish(Outcome.ERRORED, detail)
                 return
@@ -435,6 +444,15 @@ class ProxiedRequest:
         self._result.status = code
         write_error(self._request, code, error, detail)
         self._finish(Outcome.ERRORED, error)
+
+    def _safe_to_resend(self, failure: Failure) -> bool:
+        """Whether the request can go elsewhere without being acted on twice: a connection
+        lost after it left may have been lost after the backend ran it."""
+        if self._method in IDEMPOTENT_METHODS:
+            return True
+        return (
+            inner_failure(failure).check(ConnectError, DNSLookupError, RequestNotSent) is not None
+        )
 
     def _cancel_step_timer(self) -> None:
         if self._step_timer is not None and self._step_timer.active():
