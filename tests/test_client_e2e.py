@@ -554,6 +554,25 @@ class RealWorkerTests(ClientTestCase):
         self.assertEqual([s.body for s in seen[1:]], [b"", data])
         self.assertEqual(seen[1].uri, b"/v1/models?a=1&a=2")
 
+    async def test_json_the_worker_opens_no_envelope_for(self) -> None:
+        """JSON in a method the worker reads no envelope for (DELETE, GET, OPTIONS), or JSON
+        the worker's strict reading refuses (NaN, 1e400, a BOM, UTF-16), goes byte for byte
+        with the auth in a header: served, and the backend gets the app's body."""
+        url = self.start_client()
+        json_type = {b"content-type": [b"application/json"]}
+        sent = [(method, b'{"ids": [1, 2]}') for method in ("DELETE", "GET", "OPTIONS")]
+        loose = (
+            b'{"t": NaN}',
+            b'{"x": 1e400}',
+            b'\xef\xbb\xbf{"a": 1}',
+            '{"a": 1}'.encode("utf-16"),
+        )
+        sent += [("POST", body) for body in loose]
+        for method, body in sent:
+            response, answer = await self.call(method, url + "/v1/x", data=body, headers=json_type)
+            self.assertEqual(response.code, 200, (method, body, answer))
+        self.assertEqual([(s.method.decode(), s.body) for s in self.backend.seen], sent)
+
     async def test_json_as_deep_as_the_limit_through_a_real_worker(self) -> None:
         """JSON nested MAX_DEPTH - 1 levels, arrays and objects, goes in an envelope through a
         real worker, parsed and written again there from within a request, on every Python."""

@@ -47,7 +47,7 @@ from vast_vespa.outcome import (
     write_error,
 )
 from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
-from vast_vespa.strict_json import MAX_DEPTH, nested_deeper
+from vast_vespa.strict_json import MAX_DEPTH, STRICT, nested_deeper
 from vast_vespa.workload import Workload
 
 RESERVED_PREFIX = b"/.vespa/"
@@ -55,6 +55,7 @@ HEALTH_PATH = b"/.vespa/health"
 COST_HEADER = b"x-serverless-cost"
 AUTH_HEADER = b"x-serverless-auth"
 QUERY_METHODS = frozenset({b"GET", b"DELETE", b"HEAD"})
+ENVELOPE_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 QUERY_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
 RETRY_STATUSES = frozenset({429, 503})
 
@@ -94,7 +95,12 @@ def json_payload(request: Request, content: _KeepOpen) -> tuple[bytes, Any] | No
     if not raw.strip() or nested_deeper(raw, MAX_DEPTH - 1):
         return None
     try:
-        return raw, json.loads(raw)
+        # Read as the worker reads it inside the envelope: UTF-8 without a BOM, strict JSON
+        # (no NaN, Infinity or numbers beyond a float); anything else goes byte for byte.
+        text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):
+            return None
+        return raw, json.loads(text, **STRICT)
     except ValueError:  # UnicodeDecodeError is one too
         return None
 
@@ -119,7 +125,9 @@ class RequestForm:
         assert request.content is not None
         self._content = _KeepOpen(request.content)
         self._has_body = request_has_body(request) and _size(self._content) > 0
-        found = json_payload(request, self._content) if self._has_body else None
+        # Only these methods carry an envelope (the worker opens no other's body).
+        enveloped = self._has_body and request.method in ENVELOPE_METHODS
+        found = json_payload(request, self._content) if enveloped else None
         # The body for the envelope, and the same parsed (the workload estimate reads it).
         self.payload: bytes | None = found[0] if found is not None else None
         self.document: Any = found[1] if found is not None else None
