@@ -7,7 +7,9 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.error import ReactorNotRestartable
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_client_e2e import ClientTestCase
 from vast_vespa.client import VastClient
@@ -67,3 +69,26 @@ class VastClientTests(ClientTestCase):
         self.assertEqual(
             lines, [b"data: event 0", b"data: event 1", b"data: event 2", b"data: [DONE]"]
         )
+
+
+class _StoppedReactor:
+    """A reactor that ran and stopped: Twisted's cannot run again in the same process."""
+
+    running = False
+
+    def callWhenRunning(self, f: Any) -> None:
+        pass
+
+    def run(self, installSignalHandlers: bool = True) -> None:
+        raise ReactorNotRestartable()
+
+
+class StoppedReactorTests(SynchronousTestCase):
+    def test_blocking_call_after_the_reactor_stopped_says_so(self) -> None:
+        """A blocking call once the reactor has stopped raises at once, naming the cause,
+        instead of waiting for ever for a reactor that cannot start."""
+        client = VastClient("e", "k", reactor=_StoppedReactor(), environ={})
+        with self.assertRaises(RuntimeError) as caught:
+            client.get("/v1/models")
+        self.assertIn("stopped and cannot run again", str(caught.exception))
+        self.assertIsInstance(caught.exception.__cause__, ReactorNotRestartable)

@@ -63,7 +63,8 @@ class VastResponse:
         self.headers = headers  # lower-case names; repeated headers joined with ", "
         self._chunks: queue.Queue[object] = queue.Queue()
         self._producer: IPushProducer | None = None
-        self._paused = False
+        self._paused = False  # set and cleared under _flow (two threads)
+        self._flow = threading.Lock()
         self._body: bytes | None = None
         self._consumed = False
 
@@ -82,8 +83,11 @@ class VastResponse:
                 return
             if isinstance(item, Failure):
                 item.raiseException()
-            if self._paused and self._chunks.qsize() < LOW_WATER:
-                self._paused = False
+            with self._flow:
+                resume = self._paused and self._chunks.qsize() < LOW_WATER
+                if resume:
+                    self._paused = False
+            if resume:
                 self._reactor.callFromThread(self._resume)
             yield cast(bytes, item)
 
@@ -118,9 +122,19 @@ class VastResponse:
 
     # Called in the reactor thread by _Feed.
     def _put(self, item: object) -> None:
-        self._chunks.put(item)
-        if not self._paused and self._producer is not None and self._chunks.qsize() > HIGH_WATER:
-            self._paused = True
+        # Under the lock with the reader's check: else the reader could empty the queue
+        # between this size check and the pause, and wait for ever on a paused connection.
+        with self._flow:
+            self._chunks.put(item)
+            pause = (
+                not self._paused
+                and self._producer is not None
+                and self._chunks.qsize() > HIGH_WATER
+            )
+            if pause:
+                self._paused = True
+        if pause:
+            assert self._producer is not None
             self._producer.pauseProducing()
 
 
@@ -310,12 +324,21 @@ class VastClient:
             if reactor.running:
                 return
             started = threading.Event()
+            failed: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    reactor.run(installSignalHandlers=False)
+                except BaseException as e:  # ReactorNotRestartable: it ran and stopped
+                    failed.append(e)
+                    started.set()
+
             reactor.callWhenRunning(started.set)
-            thread = threading.Thread(
-                target=reactor.run,
-                kwargs={"installSignalHandlers": False},
-                name="vespa-reactor",
-                daemon=True,
-            )
+            thread = threading.Thread(target=run, name="vespa-reactor", daemon=True)
             thread.start()
             started.wait()
+            if failed:
+                raise RuntimeError(
+                    "VastClient needs the Twisted reactor, which was stopped and cannot run "
+                    f"again in this process ({type(failed[0]).__name__})"
+                ) from failed[0]
