@@ -1234,6 +1234,23 @@ class EarlyAnswerTests(Http11Case):
         await backend.connections[0].closed
 
 
+class SplicedAnswerTests(TestCase):
+    def test_upload_still_going_when_the_spliced_answer_ends(self) -> None:
+        """An answer whose body the kernel moved (splice) can end while the request's body is
+        still being sent (the backend answered first): the upload stops and the connection is
+        not offered again, or the next request would be written into the upload."""
+        pool = ConnectionPool(Clock())
+        key = (b"http", b"backend")
+        connection = _Connection(pool, key, True)
+        connection.makeConnection(StringTransport())
+        upload = PiecesProducer([b"x" * 1000], length=1_000_000, finish=False)
+        connection.send(b"POST", b"/", b"backend", None, upload)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n")
+        connection._spliced()  # the splice moved the whole body
+        self.assertTrue(upload.stopped)
+        self.assertIsNone(pool.take(key))
+
+
 class AttributeCountTests(TestCase):
     def test_fewer_than_30_attributes_of_its_own(self) -> None:
         """A backend connection keeps fewer than 30 attributes of its own while it carries a

@@ -683,6 +683,7 @@ class _Connection(Protocol):
         so the next response on this connection gets a new one)."""
         self._splice = None
         self._parser = HttpResponseParser(self)
+        self._stop_body()  # an upload still going: the connection is not reused (as below)
         self._response_ended(_RESPONSE_DONE)
 
     def _splice_unsupported(self, taken: bytes) -> None:
