@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -1249,6 +1249,64 @@ class SplicedAnswerTests(TestCase):
         connection._spliced()  # the splice moved the whole body
         self.assertTrue(upload.stopped)
         self.assertIsNone(pool.take(key))
+
+
+class _BodyKept(Protocol):
+    """A response body's bytes, and why it ended."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+
+
+class TrailerLimitTests(TestCase):
+    def test_endless_trailer_line_is_cut(self) -> None:
+        """Chunk lines and trailers count against the head's limit, from the last body bytes:
+        a trailer line that never ends (the parser would hold it whole) fails the answer
+        once past it, and the connection is dropped."""
+        connection = _Connection(ConnectionPool(Clock()), (b"http", b"backend"), True)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        answered: list[IResponse] = []
+        connection.send(b"GET", b"/", b"backend", None, None, answer=answered.append)
+        connection.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+        )
+        body = _BodyKept()
+        answered[0].deliverBody(body)
+        for _ in range(4):
+            connection.dataReceived(b"a" * 4096)
+        self.assertIsNone(body.reason)  # within the limit (16 KiB)
+        connection.dataReceived(b"a" * 4096)
+        self.assertEqual(body.data, b"hello")
+        assert body.reason is not None
+        failed = body.reason.value
+        assert isinstance(failed, ResponseFailed)
+        [cause] = failed.reasons
+        self.assertEqual(str(cause.value), "response trailers or chunk lines over 16384 bytes")
+        self.assertTrue(transport.disconnecting)
+
+    def test_many_small_chunks_are_body(self) -> None:
+        """Chunk lines around body bytes never add up: a long stream of tiny chunks passes."""
+        connection = _Connection(ConnectionPool(Clock()), (b"http", b"backend"), True)
+        connection.makeConnection(StringTransport())
+        answered: list[IResponse] = []
+        connection.send(b"GET", b"/", b"backend", None, None, answer=answered.append)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        body = _BodyKept()
+        answered[0].deliverBody(body)
+        for _ in range(100):
+            connection.dataReceived(b"1\r\nx\r\n" * 1000)
+        connection.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(len(body.data), 100_000)
+        assert body.reason is not None
+        self.assertIsInstance(body.reason.value, ResponseDone)
 
 
 class AttributeCountTests(TestCase):

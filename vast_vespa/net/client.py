@@ -343,6 +343,9 @@ class _Connection(Protocol):
         self.idle_since = 0.0  # when the pool got it back
         self._gone = False
         self._body_seen = 0  # bytes of this response's body parsed so far
+        # Bytes read since the head or the last body bytes: chunk lines and trailers, which
+        # the parser holds whole (a trailer line without an end grew without bound).
+        self._framing = 0
         self._splice: Splice | None = None  # moving the rest of the body (or about to)
         self._held_request: bytes | None = None  # sent when the reactor's turn is over
 
@@ -404,6 +407,7 @@ class _Connection(Protocol):
         self._phrase = b""
         self._headers = []
         self._body_seen = 0
+        self._framing = 0
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         if headers is not None:
             for name, values in headers.getAllRawHeaders():
@@ -518,9 +522,22 @@ class _Connection(Protocol):
                 self._past_head_limit(data, left)
                 return
             self._head_left = left - len(data)
+        else:
+            self._framing += len(data)  # set back to 0 by on_body
         self._feed(data)
+        if self._framing > self._max_head_size:
+            self._past_framing_limit()
         if self._splice is not None and not self._splice.started:
             self._start_splice()
+
+    def _past_framing_limit(self) -> None:
+        """More than the head's limit of chunk lines or trailers without body bytes."""
+        self._framing = 0
+        if not self._gone and self._response is not None:
+            size = self._max_head_size
+            self._broken(
+                Failure(BadResponseHead(f"response trailers or chunk lines over {size} bytes"))
+            )
 
     def _past_head_limit(self, data: bytes, left: int) -> None:
         """A read that takes the head past its limit: the parser gets what fits, and the rest
@@ -623,6 +640,7 @@ class _Connection(Protocol):
 
     def on_body(self, data: bytes) -> None:
         self._body_seen += len(data)
+        self._framing = 0
         deliver = self.body_to
         if deliver is not None:
             deliver(data)
