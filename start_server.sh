@@ -64,6 +64,7 @@ log() {
 # The worker's public URL, byte-identical to what Vespa reports (PROTOCOL.md 1.2).
 worker_url() {
     local port_var="VAST_TCP_PORT_${WORKER_PORT}" scheme=http
+    case "$WORKER_PORT" in '' | *[!0-9]*) return 0 ;; esac # not a variable name: no URL
     [ "$USE_SSL" = true ] && scheme=https
     if [ -n "$PUBLIC_IPADDR" ] && [ -n "${!port_var:-}" ]; then
         printf '%s://%s:%s' "$scheme" "$PUBLIC_IPADDR" "${!port_var}"
@@ -73,23 +74,30 @@ worker_url() {
 # POST an error beacon to every REPORT_ADDR entry; the body is built by json.dumps, so the
 # message is always escaped. Never fails: the beacon is best effort.
 send_beacon() {
-    local message=$1 body addr
-    body=$(python3 -c '
-import json, sys
-container, token, url, message = sys.argv[1:5]
+    local message=$1 body addr python
+    python=$(command -v python3 || printf '%s' "$VESPA_PYTHON")
+    # The token goes through the environment, and the body through stdin: a command line
+    # is there for anyone on the host to read (ps).
+    body=$(BEACON_TOKEN=$MASTER_TOKEN "$python" -c '
+import json, os, sys
+container, url, message = sys.argv[1:4]
+token = os.environ["BEACON_TOKEN"]
 print(json.dumps({
     "id": int(container) if container.isdigit() else None, "mtoken": token,
     "version": "vespa", "loadtime": 0.0, "cur_load": 0.0, "rej_load": 0.0, "new_load": 0.0,
     "error_msg": message, "max_perf": 0.0, "cur_perf": 0.0, "cur_capacity": 0,
     "max_capacity": 0, "num_requests_working": 0, "num_requests_recieved": 0,
     "additional_disk_usage": 0.0, "working_request_idxs": [], "url": url,
-}))' "$CONTAINER_ID" "$MASTER_TOKEN" "$(worker_url)" "$message") || return 0
+}))' "$CONTAINER_ID" "$(worker_url)" "$message") || {
+        log "could not build the error beacon with $python"
+        return 0
+    }
     local IFS=,
     for addr in $REPORT_ADDR; do
         addr=${addr//[[:space:]]/}
         [ -n "$addr" ] || continue
-        if curl -sS -o /dev/null --max-time 10 --retry 2 -X POST \
-            -H 'Content-Type: application/json' --data-binary "$body" "${addr%/}/worker_status/"; then
+        if printf '%s' "$body" | curl -sS -o /dev/null --max-time 10 --retry 2 -X POST \
+            -H 'Content-Type: application/json' --data-binary @- "${addr%/}/worker_status/"; then
             log "error beacon sent to ${addr%/}"
         else
             log "could not send the error beacon to ${addr%/}"
@@ -109,6 +117,14 @@ STEP="starting"
 trap 'fail "unexpected error while $STEP (line $LINENO)"' ERR
 
 check_variables() {
+    case "$WORKER_PORT" in
+        '' | *[!0-9]*) fail "WORKER_PORT=$WORKER_PORT is not a port number" ;;
+    esac
+    case "${USE_SSL,,}" in # as Vespa reads it
+        true | yes | on | 1) USE_SSL=true ;;
+        false | no | off | 0) USE_SSL=false ;;
+        *) fail "USE_SSL=$USE_SSL is neither true nor false" ;;
+    esac
     local missing=() port_var="VAST_TCP_PORT_${WORKER_PORT}"
     [ -n "$CONTAINER_ID" ] || missing+=("CONTAINER_ID")
     [ -n "$MASTER_TOKEN" ] || missing+=("MASTER_TOKEN")
@@ -118,9 +134,6 @@ check_variables() {
     if [ "${#missing[@]}" -gt 0 ]; then
         fail "missing environment variable(s): ${missing[*]} (Vast sets all but VESPA_SPEC in serverless instances; VESPA_SPEC is a path or git+https://HOST/REPO@REF, or set PYWORKER_REPO and PYWORKER_REF)"
     fi
-    case "$WORKER_PORT" in
-        '' | *[!0-9]*) fail "WORKER_PORT=$WORKER_PORT is not a port number" ;;
-    esac
     case "$CONTAINER_ID" in
         *[!0-9]*) fail "CONTAINER_ID=$CONTAINER_ID is not a number" ;;
     esac
@@ -144,19 +157,34 @@ rotate_model_log() {
 
 install_vespa() {
     STEP="creating the virtualenv $VESPA_VENV"
-    if [ -x "$VESPA_VENV/bin/python" ]; then
+    local reused=false
+    if [ -x "$VESPA_VENV/bin/python" ] && "$VESPA_VENV/bin/python" -m pip --version >/dev/null 2>&1; then
         log "reusing the virtualenv $VESPA_VENV"
+        reused=true
     else
+        if [ -e "$VESPA_VENV/pyvenv.cfg" ]; then # made, but not to the end (a stop meanwhile)
+            log "the virtualenv $VESPA_VENV is incomplete (no pip); making it again"
+            rm -rf "$VESPA_VENV"
+        fi
         log "creating the virtualenv $VESPA_VENV"
         mkdir -p "$(dirname "$VESPA_VENV")"
         "$VESPA_PYTHON" -m venv "$VESPA_VENV" || fail "could not create the virtualenv $VESPA_VENV with $VESPA_PYTHON"
     fi
     STEP="installing Vespa"
-    log "installing Vespa ($VESPA_SPEC)"
+    local shown
+    shown=$(printf '%s' "$VESPA_SPEC" | sed -E 's#//[^/@]*@#//***@#') # no token in a URL
+    log "installing Vespa ($shown)"
     local extra=()
     read -r -a extra <<<"$VESPA_PIP_ARGS"
     "$VESPA_VENV/bin/python" -m pip install -q "${extra[@]}" "$VESPA_SPEC" ||
-        fail "pip could not install Vespa from VESPA_SPEC=$VESPA_SPEC"
+        fail "pip could not install Vespa from VESPA_SPEC=$shown"
+    case "$reused:$VESPA_SPEC" in
+        true:git+*) # pip keeps an installed version as it is, even when the branch moved on
+            "$VESPA_VENV/bin/python" -m pip install -q --force-reinstall --no-deps \
+                "${extra[@]}" "$VESPA_SPEC" ||
+                fail "pip could not install Vespa from VESPA_SPEC=$shown"
+            ;;
+    esac
 }
 
 # Key + CSR, signed by the Vast console (PROTOCOL.md 6.7), for an EC P-256 key first
@@ -255,6 +283,11 @@ run_vespa() {
         listen="ssl:$WORKER_PORT:backlog=1024:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
     fi
     read -r -a extra <<<"$VESPA_ARGS"
+    local listen_flag=(--listen "$listen")
+    if [ -n "${PYWORKER_LISTEN:-${LISTEN:-}}" ]; then # the user's own listener: Vespa reads it
+        listen_flag=()
+        listen="${PYWORKER_LISTEN:-${LISTEN:-}} (LISTEN)"
+    fi
     log "starting Vespa on $listen"
     trap - ERR
     # A child, not exec: its exit status decides the beacon. Signals are passed on so that
@@ -263,7 +296,7 @@ run_vespa() {
     errors=$(mktemp)
     exec 3> >(tee "$errors" >&2)
     tee_pid=$!
-    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa --listen "$listen" "${extra[@]}" 2>&3 &
+    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa "${listen_flag[@]}" "${extra[@]}" 2>&3 &
     child=$!
     exec 3>&-
     stopped=false

@@ -34,7 +34,10 @@ SCRIPT = os.path.join(
 )
 
 FAKE_PYTHON = """#!/bin/sh
-# fake venv python: records pip calls
+# fake venv python: records pip calls (but the check that pip is there)
+if [ "$1" = -m ] && [ "$2" = pip ] && [ "$3" = --version ]; then
+    exit "${FAKE_NO_PIP:-0}"
+fi
 if [ "$1" = -m ] && [ "$2" = pip ]; then
     echo "pip $*" >> "$FAKE_LOG"
     exit "${FAKE_PIP_STATUS:-0}"
@@ -204,7 +207,7 @@ class StartServerTests(TestCase):
 
     async def tls_start(self, console: Resource, **env: str) -> tuple[int, str]:
         signer = listen(self, console) + "/api/v0/sign_cert/?instance_id=4242"
-        return await self.start(USE_SSL="true", SIGN_CERT_URL=signer, **env)
+        return await self.start(**{"USE_SSL": "true", "SIGN_CERT_URL": signer, **env})
 
     def assert_served(self, console: Signer, key_type: type) -> None:
         """The key and certificate saved are the pair the console signed last (a key of
@@ -392,7 +395,58 @@ class StartServerTests(TestCase):
         del self.env["PYWORKER_REF"]
         watcher = spawn(self, ["bash", alone], self.env)
         self.assertEqual(await watcher.ended, 0, watcher.output)
-        self.assertEqual(self.calls()[-2:], [f"pip -m pip install -q git+{repo}", "twistd ran"])
+        # The virtualenv is reused: the branch is installed again even at the same version.
+        self.assertEqual(
+            self.calls()[-3:],
+            [
+                f"pip -m pip install -q git+{repo}",
+                f"pip -m pip install -q --force-reinstall --no-deps git+{repo}",
+                "twistd ran",
+            ],
+        )
+
+    async def test_incomplete_virtualenv_is_made_again(self) -> None:
+        """A virtualenv left without pip (a stop while it was being made) is made again, not
+        reused for ever."""
+        await self.start()
+        os.remove(self.log)
+        with open(os.path.join(self.venv, "pyvenv.cfg"), "w"):
+            pass
+        code, output = await self.start(FAKE_NO_PIP="1")
+        self.assertEqual(code, 0, output)
+        self.assertIn("is incomplete (no pip); making it again", output)
+        self.assertEqual(self.calls()[0], f"venv {self.venv}")
+
+    async def test_use_ssl_as_vespa_reads_it(self) -> None:
+        """USE_SSL=True (or yes, on, 1) is TLS, as Vespa reads it: plain HTTP on a port the
+        worker advertises as https would fail every request. Neither true nor false stops."""
+        code, output = await self.tls_start(Signer(), USE_SSL="True")
+        self.assertEqual(code, 0, output)
+        self.assertTrue(self.twistd_args()[-1].startswith("ssl:3000:"))
+        code, output = await self.start(USE_SSL="maybe")
+        self.assertEqual(code, 1, output)
+        self.assertIn("USE_SSL=maybe is neither true nor false", output)
+
+    async def test_bad_worker_port_is_said_with_a_beacon(self) -> None:
+        code, output = await self.start(WORKER_PORT="abc-1")
+        self.assertEqual(code, 1, output)
+        self.assertIn("WORKER_PORT=abc-1 is not a port number", output)
+        self.assertEqual([len(b) for b in self.beacons()], [1, 1])
+
+    async def test_listen_of_the_user_is_kept(self) -> None:
+        code, output = await self.start(LISTEN="tcp:4000")
+        self.assertEqual(code, 0, output)
+        self.assertNotIn("--listen", self.twistd_args())
+        self.assertIn("starting Vespa on tcp:4000 (LISTEN)", output)
+
+    async def test_token_in_the_repository_url_is_not_logged(self) -> None:
+        code, output = await self.start(
+            VESPA_SPEC="git+https://oauth2:ghp_SECRET@example.org/me/vespa.git", FAKE_PIP_STATUS="1"
+        )
+        self.assertEqual(code, 1, output)
+        self.assertNotIn("ghp_SECRET", output)
+        self.assertIn("git+https://***@example.org/me/vespa.git", output)
+        self.assertNotIn("ghp_SECRET", json.dumps(self.beacons()))
 
     async def test_model_log_rotated_on_start(self) -> None:
         """MODEL_LOG's lines from an earlier run are appended to MODEL_LOG.old and the log is
