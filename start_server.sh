@@ -279,6 +279,7 @@ endpoint_path() {
 run_vespa() {
     STEP="starting Vespa"
     local listen="tcp:$WORKER_PORT:backlog=1024" extra=() child tee_pid status=0 errors last stopped
+    local logged log_pid
     if [ "$USE_SSL" = true ]; then
         listen="ssl:$WORKER_PORT:backlog=1024:privateKey=$(endpoint_path "$SSL_KEY"):certKey=$(endpoint_path "$SSL_CERT")"
     fi
@@ -292,13 +293,19 @@ run_vespa() {
     trap - ERR
     # A child, not exec: its exit status decides the beacon. Signals are passed on so that
     # Vespa drains in-flight requests on a container stop. Its stderr (start-up errors, not
-    # the log) is kept too: the last line goes into the beacon.
+    # the log) is kept too: the last line goes into the beacon. So is the log's last error
+    # line (twistd logs what is written to stderr once it runs: a port already in use),
+    # for when stderr has none.
     errors=$(mktemp)
+    logged=$(mktemp)
     exec 3> >(tee "$errors" >&2)
     tee_pid=$!
-    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa "${listen_flag[@]}" "${extra[@]}" 2>&3 &
+    # (sed -u: passes each line on as it comes, where awk may wait for a full buffer.)
+    exec 4> >(sed -u -e "/#\(error\|critical\)] /w $logged")
+    log_pid=$!
+    "$VESPA_VENV/bin/twistd" -n --pidfile= vespa "${listen_flag[@]}" "${extra[@]}" >&4 2>&3 &
     child=$!
-    exec 3>&-
+    exec 3>&- 4>&-
     stopped=false
     trap 'stopped=true; kill -TERM "$child" 2>/dev/null || true' TERM INT
     wait "$child" || status=$?
@@ -311,9 +318,13 @@ run_vespa() {
     if [ "$stopped" = true ] && [ "$status" -eq 143 ]; then
         status=0
     fi
-    wait "$tee_pid" || true # the copy of stderr is complete
+    wait "$tee_pid" "$log_pid" || true # the copies of stderr and of the log are complete
     last=$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1 | cut -c 1-500 || true)
-    rm -f "$errors"
+    if [ -z "$last" ]; then
+        last=$(tail -n 1 "$logged" | cut -c 1-500 || true)
+        last=${last#*] } # without the log's time and namespace
+    fi
+    rm -f "$errors" "$logged"
     if [ "$status" -ne 0 ]; then
         fail "Vespa exited with code $status${last:+: $last}" "$status"
     fi

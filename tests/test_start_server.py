@@ -50,6 +50,7 @@ FAKE_TWISTD = """#!/bin/sh
 printf '%s\\n' "$@" > "$FAKE_LOG.twistd"
 echo "twistd ran" >> "$FAKE_LOG"
 [ -n "$FAKE_TWISTD_ERROR" ] && echo "$FAKE_TWISTD_ERROR" >&2
+[ -n "$FAKE_TWISTD_LOGGED" ] && echo "2026-01-01T00:00:00+0000 [stderr#error] $FAKE_TWISTD_LOGGED"
 if [ -n "$FAKE_TWISTD_WAIT" ]; then
     trap 'echo "twistd stopped" >> "$FAKE_LOG"; exit 0' TERM
     echo "fake twistd waiting" >&2
@@ -337,6 +338,18 @@ class StartServerTests(TestCase):
             self.assertEqual(beacon["id"], 4242)
             self.assertEqual(beacon["mtoken"], "mtok-secret")
             self.assertIn("exited with code 3: " + error, beacon["error_msg"])
+
+    async def test_error_logged_by_twistd_reaches_the_beacon(self) -> None:
+        """An error twistd logs instead of printing (what Vespa writes to stderr once twistd
+        runs: a port already in use) goes into the beacon, without the log's prefix; the log
+        still reaches the script's output."""
+        error = "vespa: cannot listen on tcp:3000: address already in use (set --listen / LISTEN)"
+        code, output = await self.start(FAKE_TWISTD_STATUS="1", FAKE_TWISTD_LOGGED=error)
+        self.assertEqual(code, 1, output)
+        self.assertIn("[stderr#error] " + error, output)
+        for beacons in self.beacons():
+            [beacon] = beacons
+            self.assertTrue(beacon["error_msg"].endswith("exited with code 1: " + error))
 
     async def test_default_spec_is_this_checkout(self) -> None:
         """Without VESPA_SPEC, a script inside a Vespa checkout installs that checkout; a
