@@ -48,14 +48,12 @@ from vast_vespa.outcome import (
 )
 from vast_vespa.relay import BytesProducer, ProxiedRequest, body_producer, request_has_body
 from vast_vespa.strict_json import MAX_DEPTH, STRICT, nested_deeper
+from vast_vespa.worker.envelope import AUTH_HEADER, ENVELOPE_METHODS, QUERY_METHODS
 from vast_vespa.workload import Workload
 
 RESERVED_PREFIX = b"/.vespa/"
 HEALTH_PATH = b"/.vespa/health"
 COST_HEADER = b"x-serverless-cost"
-AUTH_HEADER = b"x-serverless-auth"
-QUERY_METHODS = frozenset({b"GET", b"DELETE", b"HEAD"})
-ENVELOPE_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 QUERY_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
 RETRY_STATUSES = frozenset({429, 503})
 
