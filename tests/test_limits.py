@@ -376,7 +376,7 @@ class SocketLimitTests(TestCase):
         url, service = start_worker(
             self, self.backend_url, max_connections=3, max_connections_per_address=0
         )
-        site = cast(VespaSite, service.site)
+        site = service.site
         idle = [await raw_connect(url, RawClient(b"GET /x HTTP/1.1\r\n")) for _ in range(3)]
         # (the worker is told of the heads' first bytes by the kernel: nothing here says when)
         await until(lambda: site.connections.idle_count == 0)
@@ -402,7 +402,7 @@ class SocketLimitTests(TestCase):
         flood = [await raw_connect(url, RawClient(b"")) for _ in range(12)]
         # (the worker's accepts happen in the kernel's order, silent ones after the listener's
         # TCP_DEFER_ACCEPT second: nothing here says when)
-        site = cast(VespaSite, service.site)
+        site = service.site
         await until(
             lambda: (
                 site.connections.reclaimed + site.refusals["too many connections"] >= 8

@@ -149,17 +149,15 @@ class VespaSite(Site):
             self._date = (now, datetimeToString(now))
         return self._date[1]
 
+    def close_idle_connections(self) -> None:
+        """Close the idle client connections once this site has stopped serving (see
+        :meth:`ConnectionTable.close_idle`), in one log line."""
+        closed = self.connections.close_idle()
+        if closed:
+            _log.info(
+                "{site}: closed {count} idle client connection(s)", site=self.name, count=closed
+            )
+
     def acceptableProtocols(self) -> list[bytes]:
         """Over TLS, offer HTTP/1.1 only (ALPN): the limits are HTTP/1.1 limits."""
         return [b"http/1.1"]
-
-
-def close_idle_connections(site: Site) -> None:
-    """Close the idle client connections of a site that has stopped serving (see
-    :meth:`ConnectionTable.close_idle`), in one log line."""
-    if isinstance(site, VespaSite):
-        closed = site.connections.close_idle()
-        if closed:
-            _log.info(
-                "{site}: closed {count} idle client connection(s)", site=site.name, count=closed
-            )

@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from vast_vespa.client.keys import EndpointKey
 from vast_vespa.client.resource import ClientResource
@@ -27,7 +26,7 @@ from vast_vespa.net.guard import choose_fast_path
 from vast_vespa.net.listen import listen_service
 from vast_vespa.options import declaration
 from vast_vespa.outcome import Observer
-from vast_vespa.site import VespaSite, close_idle_connections
+from vast_vespa.site import VespaSite
 from vast_vespa.workload import Workload
 
 
@@ -38,7 +37,7 @@ class ClientService(TextLogForTwistd, MultiService):
         self,
         clock: IReactorTime,
         pools: tuple[AnyPool, ...],
-        site: Site,
+        site: VespaSite,
         resource: ClientResource,
     ) -> None:
         super().__init__()
@@ -49,7 +48,7 @@ class ClientService(TextLogForTwistd, MultiService):
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService()
-        close_idle_connections(self.site)  # the listeners stopped at once
+        self.site.close_idle_connections()  # the listeners stopped at once
         closed = [close_pool(pool, self._clock) for pool in self.pools]
         return DeferredList([stopped, *closed]).addCallback(lambda _: None)
 

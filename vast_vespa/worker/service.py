@@ -16,11 +16,10 @@ from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDe
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from vast_vespa.logs import TextLogForTwistd
 from vast_vespa.net.client import AnyPool, close_pool
-from vast_vespa.site import close_idle_connections
+from vast_vespa.site import VespaSite
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import InFlight
@@ -42,7 +41,7 @@ class WorkerService(TextLogForTwistd, MultiService):
         self,
         clock: IReactorTime,
         pool: AnyPool,
-        site: Site,
+        site: VespaSite,
         state: WorkerState,
         in_flight: InFlight | None = None,
         drain_timeout: float = 30.0,
@@ -94,7 +93,7 @@ class WorkerService(TextLogForTwistd, MultiService):
                 timeout=self.drain_timeout,
                 count=self.in_flight.abort(),
             )
-        close_idle_connections(self.site)
+        self.site.close_idle_connections()
         await self._stop_children([child for child in reversed(list(self)) if child.running])
         await close_pool(self.pool, self._clock)
         if self.control_pool is not None:  # after the reporter's last send
