@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent
 
-from vast_vespa.deadline import NoAnswerError, answer_within, cancellable, within
+from vast_vespa.deadline import CallsInFlight, NoAnswerError, answer_within, cancellable, within
 
 ADDRESS = IPv4Address("TCP", "192.0.2.1", 8080)
 
@@ -143,3 +143,28 @@ class AnswerWithinTests(SynchronousTestCase):
         self.clock.advance(5)
         self.failureResultOf(got, NoAnswerError)
         self.assertEqual(transport.producerState, "stopped")  # a TCP transport: closed
+
+
+class CallsInFlightTests(SynchronousTestCase):
+    def test_kept_until_ended(self) -> None:
+        """``ended`` waits for the calls still going; those that ended are not kept."""
+        calls = CallsInFlight()
+        done: Deferred[str] = Deferred()
+        going: Deferred[str] = Deferred()
+        self.assertIs(calls.add(done), done)
+        calls.add(going)
+        done.callback("ok")
+        self.assertEqual(self.successResultOf(done), "ok")  # the result passes through
+        ended = calls.ended()
+        self.assertNoResult(ended)
+        going.errback(ConnectionRefusedError("refused"))
+        self.successResultOf(ended)
+        self.failureResultOf(going, ConnectionRefusedError)
+        self.successResultOf(calls.ended())  # nothing kept: fires at once
+
+    def test_cancel(self) -> None:
+        calls = CallsInFlight()
+        going: Deferred[None] = calls.add(Deferred())
+        calls.cancel()
+        self.failureResultOf(going, CancelledError)
+        self.successResultOf(calls.ended())

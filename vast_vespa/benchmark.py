@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
-from vast_vespa.deadline import cancellable, read_body, within
+from vast_vespa.deadline import CallsInFlight, cancellable, read_body, within
 from vast_vespa.net.client import close_pool, quiet_pool
 from vast_vespa.options import SettingsError, load_function
 
@@ -201,7 +201,7 @@ class BackendSession:
         self._pool.cachedConnectionTimeout = 4  # before uvicorn drops idle connections (5 s)
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self._closed = False
-        self._in_flight: set[Deferred[SessionResponse]] = set()
+        self._in_flight = CallsInFlight()
 
     def limited(self, concurrency_limit: int) -> BackendSession:
         """A session on this one's connections (a benchmark right after the health probe
@@ -211,7 +211,7 @@ class BackendSession:
         view.concurrency_limit = concurrency_limit
         view._slots = DeferredSemaphore(concurrency_limit) if concurrency_limit > 0 else None
         view._closed = False
-        view._in_flight = set()
+        view._in_flight = CallsInFlight()
         return view
 
     def url(self, path: str) -> str:
@@ -235,14 +235,9 @@ class BackendSession:
             return fail(CancelledError("the worker is stopping"))
         options = {"json": json, "data": data, "headers": headers, "params": params}
         given = {name: value for name, value in options.items() if value is not None}
-        sent = Deferred.fromCoroutine(self._send(method, self.url(path), given, timeout))
-        self._in_flight.add(sent)
-        sent.addBoth(self._forget, sent)
-        return sent
-
-    def _forget(self, result: Any, sent: Deferred[SessionResponse]) -> Any:
-        self._in_flight.discard(sent)
-        return result
+        return self._in_flight.add(
+            Deferred.fromCoroutine(self._send(method, self.url(path), given, timeout))
+        )
 
     async def _send(
         self, method: str, url: str, options: dict[str, Any], timeout: float | None
@@ -283,8 +278,7 @@ class BackendSession:
     def abandon(self) -> None:
         """Refuse new requests and cancel those in flight (a benchmark cut short)."""
         self._closed = True
-        for sent in list(self._in_flight):
-            sent.cancel()
+        self._in_flight.cancel()
 
     def close(self) -> Deferred[None]:
         """Abandon the session and close the pool's connections (bounded: closing can hang,

@@ -2,7 +2,8 @@
 """
 Time limits on the HTTP calls Vespa makes itself (the autoscaler, the console, ``/route/``, the
 Vast root CA, the benchmark's session, the health probe, ``on_close_route``), body included,
-reported the same way whatever stage the call was at.
+reported the same way whatever stage the call was at; and the calls a service has in flight
+when it stops.
 
 ``Deferred.addTimeout`` only turns a call's ``CancelledError`` into a ``TimeoutError``. A treq
 call cancelled while it connects fails with ``ConnectingCancelledError`` instead, and one
@@ -14,9 +15,9 @@ cancelled" where the call had simply not been answered in time.
 from __future__ import annotations
 
 import typing
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -63,6 +64,33 @@ def cancellable(call: Deferred[T]) -> Deferred[T]:
 
     call.addBoth(relay)
     return guarded
+
+
+class CallsInFlight:
+    """The calls a service made that have not ended yet: to cancel, or to wait for, when the
+    service stops."""
+
+    def __init__(self) -> None:
+        self._calls: set[Deferred[Any]] = set()
+
+    def add(self, call: Deferred[T]) -> Deferred[T]:
+        """``call``, kept until it ends."""
+        if not call.called:
+            self._calls.add(call)
+            call.addBoth(self._ended, call)
+        return call
+
+    def _ended(self, result: T, call: Deferred[T]) -> T:
+        self._calls.discard(call)
+        return result
+
+    def cancel(self) -> None:
+        for call in list(self._calls):
+            call.cancel()
+
+    def ended(self) -> Deferred[Any]:
+        """Fires once every call kept now has ended (at once if none)."""
+        return DeferredList(list(self._calls))
 
 
 def within(call: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[T]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from vast_vespa.deadline import read_body, within
+from vast_vespa.deadline import CallsInFlight, read_body, within
 from vast_vespa.net.client import BytesProducer
 from vast_vespa.outcome import JSON, Outcome, describe_failure, error_body
 from vast_vespa.strict_json import loads
@@ -156,12 +156,12 @@ class Sessions(Service):
         self._default_ttl = default_ttl
         self._max_ttl = max_ttl
         self._post = post_to_backend
-        self._calling: set[Deferred[object]] = set()  # on_close_route calls not ended yet
+        self._calling = CallsInFlight()  # on_close_route calls
         self.open: dict[str, Session] = {}
         self.load = 0.0  # workload of the open sessions (read on every admission check)
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> why it closed
 
-    def stopService(self) -> Deferred[Any] | None:
+    def stopService(self) -> Deferred[Any]:
         """Cancel the expiry timers (the sessions end with the process); wait for the
         on_close_route calls already made, each bounded by ON_CLOSE_TIMEOUT, so that the
         backend hears of the sessions that ended before the worker stops."""
@@ -169,9 +169,7 @@ class Sessions(Service):
         for session in self.open.values():
             if session.timer is not None and session.timer.active():
                 session.timer.cancel()
-        if not self._calling:
-            return None
-        return DeferredList(list(self._calling))
+        return self._calling.ended()
 
     # /session/create (reached after the gate verified auth_data)
 
@@ -338,15 +336,7 @@ class Sessions(Service):
             )
 
         called = self._post(route.encode("utf-8"), json.dumps(body).encode("utf-8"))
-        calling = within(called, ON_CLOSE_TIMEOUT, self._clock).addErrback(failed)
-        if not calling.called:
-            self._calling.add(calling)
-            calling.addBoth(self._call_ended, calling)
-        return calling
-
-    def _call_ended(self, result: object, calling: Deferred[object]) -> object:
-        self._calling.discard(calling)
-        return result
+        return self._calling.add(within(called, ON_CLOSE_TIMEOUT, self._clock).addErrback(failed))
 
     # /session/end, /session/get, /session/health: authenticated by session_auth
 
