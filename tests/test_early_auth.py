@@ -25,6 +25,17 @@ EXPECT = b"Expect: 100-continue\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+def bare_head(method: bytes, path: bytes, length: int) -> bytes:
+    """A request head without auth, announcing a body of ``length`` bytes and asking
+    ``100 Continue`` for it."""
+    return b"%s %s HTTP/1.1\r\nHost: w\r\nContent-Length: %d\r\n%s\r\n" % (
+        method,
+        path,
+        length,
+        EXPECT,
+    )
+
+
 class _CountedBody(BytesIO):
     """A request body as the site keeps it, counting what was written to it."""
 
@@ -108,11 +119,7 @@ class EarlyAuthTests(SynchronousTestCase):
         """A request that carries no auth in any form its method allows is refused from its
         head: its body could not change that (an envelope is only read for POST/PUT/PATCH)."""
         for method in (b"GET", b"DELETE", b"OPTIONS"):
-            raw = b"%s /x HTTP/1.1\r\nHost: w\r\nContent-Length: 1000000000\r\n%s\r\n" % (
-                method,
-                EXPECT,
-            )
-            connection = self.worker.send(raw)
+            connection = self.worker.send(bare_head(method, b"/x", 1_000_000_000))
             self.assert_refused_before_body(connection, 401)
         self.assertEqual(self.kept(), 0)
 
@@ -122,21 +129,20 @@ class EarlyAuthTests(SynchronousTestCase):
         self.worker = MemoryWorker(self, max_sessions=2)
         self.worker.site.getContentFile = self.content_file  # type: ignore[method-assign]
         for path in (b"/session/end", b"/session/get", b"/session/health"):
-            raw = b"POST %s HTTP/1.1\r\nHost: w\r\nContent-Length: 30000000\r\n%s\r\n" % (
-                path,
-                EXPECT,
-            )
-            connection = self.worker.send(raw)
+            connection = self.worker.send(bare_head(b"POST", path, 30_000_000))
             self.assert_refused_before_body(connection, 413)
-        chunked = (
-            b"POST /session/end HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"4000\r\n"
-            + b"[" * 0x4000
-            + b"\r\n"
-        )
-        connection = self.worker.send(chunked * 1)
-        connection.send(b"4000\r\n" + b"[" * 0x4000 + b"\r\n")
+        chunked_head = b"POST /session/%s HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b"4000\r\n" + b"[" * 0x4000 + b"\r\n"
+        connection = self.worker.send(chunked_head % b"end" + chunk)
+        connection.send(chunk)
         self.assert_refused_before_body(connection, 413)
+        # A small one, chunked, is answered when it ends (its size is only known then).
+        small = b'{"session_id": "unknown"}'
+        connection = self.worker.send(
+            chunked_head % b"health" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)
+        )
+        answer = self.worker.answered(connection)
+        self.assertEqual((answer.code, answer.json()), (200, {"ok": False}))
 
     def test_blocked_path_is_refused_from_the_head(self) -> None:
         self.worker = MemoryWorker(self, blocked_paths=("/admin*",))

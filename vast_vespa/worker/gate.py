@@ -257,16 +257,14 @@ class SignedGate:
         if self._keys is None:
             return False
         path = _path(target)
-        if self._is_session_path(path) and path != SESSION_CREATE:
+        if self._is_session_path(path):
+            if path == SESSION_CREATE:
+                return False
             if len(start) <= SESSION_BODY_LIMIT:
                 return None  # ask again with more (the whole body, if it is small, ends it)
             self._refused_early[request] = session_body_too_large()
             return True
-        if (
-            method not in ENVELOPE_METHODS
-            or self._is_session_path(path)
-            or _auth_header(request) is not None
-        ):
+        if method not in ENVELOPE_METHODS or _auth_header(request) is not None:
             return False
         try:
             leading = leading_auth(start)
