@@ -214,13 +214,10 @@ class SignedGate:
     # left to admit, which records what it sees.
 
     def refuses_head(self, request: Request, method: bytes, target: bytes) -> bool:
-        if self._keys is None:
-            return False
         path = _path(target)
-        if self._is_session_path(path):
-            if path == SESSION_CREATE:
-                return False
-            # Answered before any auth (by the session's own): only a small body is read.
+        if self._keys is None or self._is_create(path):
+            return False
+        if self._manages_session(path):
             length = _declared_length(request)
             if length is None or length <= SESSION_BODY_LIMIT:
                 return False
@@ -254,12 +251,10 @@ class SignedGate:
     def refuses_body_start(
         self, request: Request, method: bytes, target: bytes, start: bytes
     ) -> bool | None:
-        if self._keys is None:
-            return False
         path = _path(target)
-        if self._is_session_path(path):
-            if path == SESSION_CREATE:
-                return False
+        if self._keys is None or self._is_create(path):
+            return False
+        if self._manages_session(path):
             if len(start) <= SESSION_BODY_LIMIT:
                 return None  # ask again with more (the whole body, if it is small, ends it)
             self._refused_early[request] = session_body_too_large()
@@ -298,23 +293,25 @@ class SignedGate:
         self._log.info("{path} refused: blocked by {pattern}", path=_path(target), pattern=pattern)
         return Rejection(403, "path blocked", f"this path matches BLOCKED_PATHS {pattern!r}")
 
-    def _is_create(self, request: Request) -> bool:
-        """Whether ``request`` opens one of the worker's own sessions."""
-        return self._sessions is not None and request.path == SESSION_CREATE
+    def _is_create(self, path: bytes) -> bool:
+        """Whether ``path`` opens one of the worker's own sessions (MAX_SESSIONS > 0): a
+        signed request like any other."""
+        return self._sessions is not None and path == SESSION_CREATE
 
-    def _is_session_path(self, path: bytes) -> bool:
-        """Whether ``path`` is one the worker's own sessions answer (MAX_SESSIONS > 0)."""
-        return self._sessions is not None and path in SESSION_PATHS
+    def _manages_session(self, path: bytes) -> bool:
+        """Whether ``path`` is /session/end, /get or /health (MAX_SESSIONS > 0): answered by
+        the sessions before any signature is checked (the session's auth_data is asked for),
+        from a body of at most SESSION_BODY_LIMIT bytes."""
+        return self._sessions is not None and path in SESSION_PATHS and path != SESSION_CREATE
 
     def admit(self, request: Request) -> Forward | Deferred[Forward]:
         # (the early verdict refuses only when secured)
         rejection = self._refused_early.pop(request, None) if self._keys is not None else None
-        if rejection is None and self._is_session_path(request.path):
-            if request.path != SESSION_CREATE:  # authenticated by the session's auth_data
-                assert self._sessions is not None
-                return self._sessions.manage(request)
-            if request.method != b"POST":
-                raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
+        if rejection is None and self._manages_session(request.path):
+            assert self._sessions is not None
+            return self._sessions.manage(request)
+        if rejection is None and self._is_create(request.path) and request.method != b"POST":
+            raise Rejection(405, "method not allowed", "use POST", {b"allow": b"POST"})
         if rejection is None and self._blocked:
             rejection = self._blocked_path(request.uri)
         if rejection is not None:
@@ -394,7 +391,7 @@ class SignedGate:
             raise self._malformed(request.uri, e) from None
         # A session's requests all carry the auth_data that opened it: not replays. Opening
         # one is a request like any other, whatever its envelope says.
-        session_use = unwrapped.session_id is not None and not self._is_create(request)
+        session_use = unwrapped.session_id is not None and not self._is_create(request.path)
         if (
             self._replays is not None
             and not session_use
@@ -413,7 +410,7 @@ class SignedGate:
         request_idx = None if auth is None else auth["request_idx"]
         work = self._work_of(request, unwrapped, cost_signed)
         session = None
-        if self._is_create(request):
+        if self._is_create(request.path):
             assert self._sessions is not None
             return self._sessions.create(unwrapped, work)
         if unwrapped.session_id is not None:
