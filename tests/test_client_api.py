@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import treq
@@ -88,7 +89,20 @@ class StoppedReactorTests(SynchronousTestCase):
         """A blocking call once the reactor has stopped raises at once, naming the cause,
         instead of waiting for ever for a reactor that cannot start."""
         client = VastClient("e", "k", reactor=_StoppedReactor(), environ={})
-        with self.assertRaises(RuntimeError) as caught:
-            client.get("/v1/models")
-        self.assertIn("stopped and cannot run again", str(caught.exception))
-        self.assertIsInstance(caught.exception.__cause__, ReactorNotRestartable)
+        raised: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.get("/v1/models")
+            except BaseException as e:
+                raised.append(e)
+
+        # In a thread, so that a call that waits for ever fails this test instead of hanging it.
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(timeout=10)
+        self.assertFalse(caller.is_alive(), "the call still waits for the reactor")
+        [error] = raised
+        self.assertIsInstance(error, RuntimeError)
+        self.assertIn("stopped and cannot run again", str(error))
+        self.assertIsInstance(error.__cause__, ReactorNotRestartable)
