@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import Clock, Cooperator, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -1251,20 +1251,6 @@ class SplicedAnswerTests(TestCase):
         self.assertIsNone(pool.take(key))
 
 
-class _BodyKept(Protocol):
-    """A response body's bytes, and why it ended."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.reason = reason
-
-
 class TrailerLimitTests(TestCase):
     def test_endless_trailer_line_is_cut(self) -> None:
         """Chunk lines and trailers count against the head's limit, from the last body bytes:
@@ -1278,7 +1264,7 @@ class TrailerLimitTests(TestCase):
         connection.dataReceived(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
         )
-        body = _BodyKept()
+        body = BodyReader()
         answered[0].deliverBody(body)
         for _ in range(4):
             connection.dataReceived(b"a" * 4096)
@@ -1299,7 +1285,7 @@ class TrailerLimitTests(TestCase):
         answered: list[IResponse] = []
         connection.send(b"GET", b"/", b"backend", None, None, answer=answered.append)
         connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        body = _BodyKept()
+        body = BodyReader()
         answered[0].deliverBody(body)
         for _ in range(100):
             connection.dataReceived(b"1\r\nx\r\n" * 1000)
