@@ -410,13 +410,13 @@ class SignedGate:
         request_idx = None if auth is None else auth["request_idx"]
         work = self._work_of(request, unwrapped, cost_signed)
         session = None
-        if self._is_create(request.path):
-            assert self._sessions is not None
-            return self._sessions.create(unwrapped, work)
+        sessions = self._sessions  # (not _is_create: a call for every request)
+        if sessions is not None and request.path == SESSION_CREATE:
+            return sessions.create(unwrapped, work)
         if unwrapped.session_id is not None:
-            if self._sessions is None:
+            if sessions is None:
                 raise Rejection(410, "invalid session", "sessions are off (MAX_SESSIONS=0)")
-            session = self._sessions.use(unwrapped.session_id, auth)
+            session = sessions.use(unwrapped.session_id, auth)
             request_idx = None  # the session reports its request_idx, not its requests
         try:
             self._admission.check(work)
