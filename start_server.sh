@@ -22,7 +22,8 @@
 #              git+$PYWORKER_REPO@$PYWORKER_REF when PYWORKER_REPO is set, else the checkout
 #              this script is in. Not "vespa": that PyPI name is an unrelated project.)
 #   MODEL_LOG (also MODEL_LOG_FILE; the model server's log, rotated at start)
-#   VESPA_PIP_ARGS (extra pip arguments)  VESPA_ARGS (extra twistd vespa arguments)
+#   VESPA_PIP_ARGS (extra pip arguments)  VESPA_ARGS (extra twistd vespa arguments); both
+#              split at spaces, without quotes
 #   SIGN_CERT_URL (https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID)
 #   SIGN_CERT_RETRIES (3: curl retries on transient errors, with 1, 2, 4 s pauses)
 #   SSL_CERT (/etc/instance.crt)  SSL_KEY (/etc/instance.key)
@@ -125,6 +126,13 @@ check_variables() {
         false | no | off | 0) USE_SSL=false ;;
         *) fail "USE_SSL=$USE_SSL is neither true nor false" ;;
     esac
+    # Split at spaces, with no shell quoting: a quote would reach pip or twistd as a character.
+    local name
+    for name in VESPA_ARGS VESPA_PIP_ARGS; do
+        case "${!name}" in
+            *[\"\']*) fail "$name is split at spaces and takes no quotes: $name=${!name} (give a value with spaces through its environment variable instead)" ;;
+        esac
+    done
     local missing=() port_var="VAST_TCP_PORT_${WORKER_PORT}"
     [ -n "$CONTAINER_ID" ] || missing+=("CONTAINER_ID")
     [ -n "$MASTER_TOKEN" ] || missing+=("MASTER_TOKEN")

@@ -446,6 +446,33 @@ class StartServerTests(TestCase):
         self.assertIn("WORKER_PORT=abc-1 is not a port number", output)
         self.assertEqual([len(b) for b in self.beacons()], [1, 1])
 
+    async def test_quoted_extra_arguments_are_refused(self) -> None:
+        """VESPA_ARGS and VESPA_PIP_ARGS are split at spaces: a quote would reach twistd or pip
+        as a character and fail there with an error that does not say why, so it stops the
+        start first. A backslash (a Twisted endpoint's escape) passes as it is."""
+        code, output = await self.start(VESPA_ARGS="--listen 'tcp:4000'")
+        self.assertEqual(code, 1, output)
+        self.assertIn("VESPA_ARGS is split at spaces and takes no quotes", output)
+        self.assertEqual([len(b) for b in self.beacons()], [1, 1])
+        code, output = await self.start(VESPA_ARGS="", VESPA_PIP_ARGS='--index-url "https://x"')
+        self.assertEqual(code, 1, output)
+        self.assertIn("VESPA_PIP_ARGS is split at spaces and takes no quotes", output)
+        code, output = await self.start(
+            VESPA_PIP_ARGS="", VESPA_ARGS=r"--max-wait-time 5  --listen tcp:4000:a\:b"
+        )
+        self.assertEqual(code, 0, output)
+        self.assertEqual(
+            self.twistd_args()[-6:],
+            [
+                "--listen",
+                "tcp:3000:backlog=1024",
+                "--max-wait-time",
+                "5",
+                "--listen",
+                r"tcp:4000:a\:b",
+            ],
+        )
+
     async def test_listen_of_the_user_is_kept(self) -> None:
         code, output = await self.start(LISTEN="tcp:4000")
         self.assertEqual(code, 0, output)
