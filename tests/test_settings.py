@@ -2,6 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.certs import self_signed
 from vast_vespa.options import SettingsError
 from vast_vespa.settings import load_settings
 
@@ -88,8 +89,32 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(vast.report_addrs, ("https://run.vast.ai", "https://backup.example"))
         self.assertEqual(vast.container_id, 4242)
         self.assertEqual(vast.master_token, "secret ")
-        env.update(USE_SSL="true", LISTEN="tcp:13000")  # explicit listener: no cert files needed
-        self.assertEqual(load_settings({}, env).vast.public_url, "https://203.0.113.7:43000")
+
+    def test_listener_decides_the_scheme(self) -> None:
+        """With --listen, the listener on the worker port decides the URL's scheme: an ssl: one
+        is https without USE_SSL, and USE_SSL with a plain tcp: one stops start-up (clients
+        would be sent https:// to a port speaking HTTP). With no listener on that port (TLS
+        ended in front of it on another port), USE_SSL decides, as without --listen."""
+        cert, key, _ = self_signed(self.mktemp())
+        env = {"PUBLIC_IPADDR": "203.0.113.7", "VAST_TCP_PORT_13000": "43000"}
+        tls = f"ssl:13000:privateKey={key}:certKey={cert}"
+        for listen, use_ssl, url in [
+            (tls, "", "https://203.0.113.7:43000"),
+            (tls, "true", "https://203.0.113.7:43000"),
+            (f"tcp:13000 {tls.replace('13000', '13443')}", "", "http://203.0.113.7:43000"),
+            ("tcp:13000", "false", "http://203.0.113.7:43000"),
+        ]:
+            settings = load_settings({"listen": listen}, {**env, "USE_SSL": use_ssl})
+            self.assertEqual(settings.vast.public_url, url, listen)
+        with self.assertRaises(SettingsError) as raised:
+            load_settings({"listen": "tcp:13000"}, {**env, "USE_SSL": "true"})
+        self.assertIn(
+            "USE_SSL is true but the listener on port 13000 serves plain HTTP (tcp:13000)",
+            str(raised.exception),
+        )
+        behind = {**env, "USE_SSL": "true", "WORKER_PORT": "13000"}
+        settings = load_settings({"listen": "tcp:13001"}, behind)
+        self.assertEqual(settings.vast.public_url, "https://203.0.113.7:43000")
 
     def test_backend_preset_picks_benchmark(self) -> None:
         """BACKEND=tgi picks the shipped TGI benchmark unless BENCHMARK is set."""

@@ -179,7 +179,8 @@ class Settings:
         "use-ssl",
         parse_bool,
         "false",
-        "Serve TLS with --ssl-cert/--ssl-key and advertise an https:// URL.",
+        "Serve TLS with --ssl-cert/--ssl-key and advertise an https:// URL (an ssl: listener on "
+        "the worker port advertises https by itself).",
     )
     ssl_cert: str = worker_option(
         "SSL_CERT",
@@ -593,6 +594,29 @@ class Settings:
         )
 
 
+def _advertised_tls(values: Mapping[str, Any]) -> bool:
+    """Whether the URL reported to the autoscaler is https, with --listen given: the listener
+    on WORKER_PORT decides (an ``ssl:`` one is https without USE_SSL); with none on it (a
+    ``systemd:`` socket, TLS ended in front of another port), USE_SSL does.
+
+    @raise SettingsError: for USE_SSL with a plain ``tcp:`` listener on WORKER_PORT, which
+        would send every client https:// to a port that speaks HTTP.
+    """
+    for description in values["listen"]:
+        match = re.match(r"(tcp|ssl):(?:port=)?(\d+)", description)
+        if match and int(match.group(2)) == values["worker_port"]:
+            if match.group(1) == "ssl":
+                return True
+            if values["use_ssl"]:
+                raise SettingsError(
+                    f"USE_SSL is true but the listener on port {values['worker_port']} serves "
+                    f"plain HTTP ({description}): clients would be sent https:// to it "
+                    "(listen with ssl:, or set USE_SSL=false)"
+                )
+            return False
+    return bool(values["use_ssl"])
+
+
 def _listen_port(listen: Sequence[str]) -> int | None:
     """The TCP port of the first tcp:/ssl: listener, if any."""
     for description in listen:
@@ -659,10 +683,12 @@ def load_settings(
     values = read_options(Settings, flags, environ)
     if not values["listen"]:
         values["listen"] = (_default_listen(values),)
-    elif _listen_port(values["listen"]) is not None and not is_given(
-        Settings, "worker_port", flags, environ
-    ):
-        values["worker_port"] = _listen_port(values["listen"])
+    else:
+        if _listen_port(values["listen"]) is not None and not is_given(
+            Settings, "worker_port", flags, environ
+        ):
+            values["worker_port"] = _listen_port(values["listen"])
+        values["use_ssl"] = _advertised_tls(values)
     values["vast"] = _vast_environment(environ, values["worker_port"], values["use_ssl"])
     values["systemd"] = _systemd_environment(environ, os.getpid())
     return Settings(**values)
