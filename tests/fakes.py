@@ -507,6 +507,7 @@ class FakeAutoscaler(Resource):
         self._waiters = Waiters(reactor)
         self.pubkey = pubkey
         self.codes: dict[bytes, int] = {}
+        self.refusal = b"{}"  # the body of a refused report
         self.hang: set[bytes] = set()
         self.hung: list[Request] = []
         self._left: list[Request] = []  # hung requests whose client went away
@@ -545,7 +546,7 @@ class FakeAutoscaler(Resource):
             return self.pubkey
         assert request.content is not None
         if self.codes.get(path, 200) >= 300:
-            return b"{}"
+            return self.refusal
         body = json.loads(request.content.read())
         if path == b"/worker_status/":
             self.statuses.append(body)

@@ -80,6 +80,24 @@ class ClientTests(SynchronousTestCase):
         self.assertIn(url + ": HTTP 503", str(caught.value))
         self.assertIn(DEAD, str(caught.value))
 
+    def test_refusal_says_why(self) -> None:
+        """A refused call's error carries the start of the autoscaler's answer, where it says
+        why (on one line, at most ANSWER_SHOWN characters), with the token masked if the
+        answer echoes it."""
+        refusing = FakeAutoscaler()
+        refusing.codes[b"/worker_status/"] = 422
+        echo = '{"detail": "cur_load: not a number",\n "input": {"mtoken": "secret-token-123"}}'
+        refusing.refusal = echo.encode() + b" " * 300 + b"ZZZ"
+        sending = self.client([self.serve(refusing)]).post_status({})
+        self.network.flush()
+        message = str(self.failureResultOf(sending, AutoscalerError).value)
+        self.assertIn(
+            ': HTTP 422: {"detail": "cur_load: not a number", "input": {"mtoken": "secr..."}}',
+            message,
+        )
+        self.assertNotIn("secret-token-123", message)
+        self.assertNotIn("ZZZ", message)
+
     def test_hung_address_times_out_and_fails_over(self) -> None:
         """An address that never answers is abandoned after the timeout for the next one."""
         hung, good = FakeAutoscaler(), FakeAutoscaler()

@@ -31,6 +31,8 @@ from vast_vespa.worker.metrics import Finished
 # The old Redis-backed address: reports may go there, /delete_requests/ never (PROTOCOL 4.6).
 LEGACY_ADDR = "https://cloud.vast.ai/api/v0"
 JSON_HEADERS = Headers({b"Content-Type": [b"application/json"]})
+# How much of a refusal's body goes into the log line.
+ANSWER_SHOWN = 200
 
 
 class AutoscalerError(Exception):
@@ -84,6 +86,15 @@ class AutoscalerClient:
         response, content = await answer_within(sent, self._timeout, self._clock)
         return response.code, content
 
+    def _refused(self, code: int, answer: bytes) -> AutoscalerError:
+        """A non-2xx answer, with the start of its body: the autoscaler says there why it
+        refused (a 400's list of problems). The token is masked if the body echoes it."""
+        text = answer[:ANSWER_SHOWN].decode("utf-8", "replace")
+        text = " ".join(text.split())
+        if self._token:
+            text = text.replace(self._token, mask(self._token))
+        return AutoscalerError(f"HTTP {code}: {text}" if text else f"HTTP {code}")
+
     async def _first_ok(
         self, method: str, path: str, bodies: Sequence[bytes | None], addrs: Sequence[str]
     ) -> str:
@@ -92,9 +103,9 @@ class AutoscalerClient:
         for addr in addrs:
             try:
                 for body in bodies:
-                    code, _ = await self._call(method, addr + path, body)
+                    code, answer = await self._call(method, addr + path, body)
                     if not 200 <= code < 300:
-                        raise AutoscalerError(f"HTTP {code}")
+                        raise self._refused(code, answer)
             except CancelledError:
                 raise
             except Exception as e:  # any failure of one address: try the next one
@@ -151,7 +162,7 @@ class AutoscalerClient:
             try:
                 code, body = await self._call("GET", addr + "/pubkey/", None)
                 if not 200 <= code < 300:
-                    raise AutoscalerError(f"HTTP {code}")
+                    raise self._refused(code, body)
                 return load_public_key(pem_from(body))
             except CancelledError:
                 raise
