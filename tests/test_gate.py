@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
@@ -31,6 +32,7 @@ from tests.helpers import (
 )
 from tests.memory import BACKEND_URL, Connection, MemoryWorker, raw_http
 from tests.test_admin import samples
+from vast_vespa.logs import log_access
 from vast_vespa.options import SettingsError
 from vast_vespa.settings import Settings, VastEnvironment, check_protocol
 from vast_vespa.signing import generate_private_key, public_pem, sign
@@ -208,6 +210,29 @@ class SignedRequestTests(SynchronousTestCase):
         worker.report()
         status = worker.autoscaler.statuses[-1]
         self.assertEqual((status["cur_load"], status["rej_load"]), (50.0, 50.0))
+        worker.advance(1)
+        self.assertEqual(worker.answered(held).code, 200)
+
+    def test_refusal_access_line_has_its_workload(self) -> None:
+        """A 429's access line shows the workload the report counts as rejected (it said
+        workload=0); a refusal with no workload (401) still says 0."""
+        lines: list[str] = []
+        logger = Logger(observer=lambda event: lines.append(event["line"]))
+        worker = self.worker(
+            max_wait_time=5.0,
+            max_perf=10.0,
+            observers=(
+                lambda request, result, forward: log_access(request, result, forward, logger),
+            ),
+        )
+        held = worker.envelope("/slow?delay=1", cost=50.0, request_idx=1)
+        answer = worker.post("/x", envelope(worker.auth(cost=40.0, request_idx=2)))
+        self.assertEqual(answer.code, 429)
+        self.assertEqual(worker.get("/unsigned").code, 401)
+        worker.report()
+        self.assertEqual(worker.autoscaler.statuses[-1]["rej_load"], 40.0)
+        self.assertRegex(lines[0], r"^POST /x 429 rejected workload=40 ")
+        self.assertRegex(lines[1], r"^GET /unsigned 401 rejected workload=0 ")
         worker.advance(1)
         self.assertEqual(worker.answered(held).code, 200)
 

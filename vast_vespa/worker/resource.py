@@ -285,8 +285,10 @@ class WorkerResource(Resource):
             self._clock.seconds(),
             rejection.error,
         )
-        self._notify(request, result, None)
+        self._notify(request, result, rejection)  # its workload, as reported (a 429's)
 
-    def _notify(self, request: Request, result: RelayResult, forward: Forward | None) -> None:
+    def _notify(
+        self, request: Request, result: RelayResult, forward: Forward | Rejection | None
+    ) -> None:
         self.in_flight.done(request)
         notify(self._observers, request, result, forward)
