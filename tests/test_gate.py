@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import string
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
@@ -217,7 +217,7 @@ class SignedRequestTests(SynchronousTestCase):
         """A 429's access line shows the workload the report counts as rejected (it said
         workload=0); a refusal with no workload (401) still says 0."""
         lines: list[str] = []
-        logger = Logger(observer=lambda event: lines.append(event["line"]))
+        logger = Logger(observer=cast(ILogObserver, lambda event: lines.append(event["line"])))
         worker = self.worker(
             max_wait_time=5.0,
             max_perf=10.0,
