@@ -307,19 +307,27 @@ class LifecycleClockTests(SynchronousTestCase):
         self.clock.pump([10.0] * 2)
         self.assertFalse(self.state.backend_healthy)
         self.assertEqual(self.state.error_msg, "")
+        self.assertEqual(self.state.last_probe, "HTTP 500")  # /readyz shows the last probe
         self.backend.code = None  # hangs: a timeout is a failure too
         self.clock.pump([10.0, 2.0])
         self.assertEqual(
             self.state.error_msg,
             "backend unhealthy: 3 health checks in a row failed (last: no answer within 2 s)",
         )
+        self.assertEqual(self.state.last_probe, "no answer within 2 s")
         self.assertNoResult(failed)  # not a start-up failure: systemd was told READY=1
+        with capturedLogs() as events:
+            self.clock.pump([8.0, 2.0])
+        self.assertEqual(
+            messages(events), ["health check failed again (4 in a row): no answer within 2 s"]
+        )
         self.backend.code = 200
         with capturedLogs() as events:
             self.clock.advance(8.0)
         self.assertEqual(self.state.error_msg, "")
         self.assertTrue(self.state.backend_healthy)
-        self.assertIn("healthy again after 3 failed health checks", messages(events)[0])
+        self.assertEqual(self.state.last_probe, "HTTP 200")
+        self.assertIn("healthy again after 4 failed health checks", messages(events)[0])
 
     def test_health_monitor_leaves_other_errors_alone(self) -> None:
         """A healthy probe does not clear an error the health monitor did not set."""

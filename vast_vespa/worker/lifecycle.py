@@ -168,6 +168,7 @@ class HealthMonitor:
             return  # stopped while probing
         state = self._state
         state.backend_healthy = result.healthy
+        state.last_probe = result.detail
         if result.healthy:
             if self._error and state.error_msg == self._error:
                 log.info(
@@ -178,6 +179,13 @@ class HealthMonitor:
             self._failed, self._error = 0, ""
             return
         self._failed += 1
+        if self._failed > self._failures:
+            log.warn(
+                "health check failed again ({count} in a row): {detail}",
+                count=self._failed,
+                detail=result.detail,
+            )
+            return
         log.warn(
             "health check {count}/{limit} failed: {detail}",
             count=self._failed,
