@@ -245,6 +245,7 @@ class JsonLogTests(TestCase):
                 "path": "/x",
                 "request_id": "r1",
                 "log_namespace": "vespa.access",
+                "log_level": LogLevel.warn,
                 "log_time": 1.0,
             }
         )
@@ -253,7 +254,9 @@ class JsonLogTests(TestCase):
         self.assertEqual(len(lines), 2)
         first = json.loads(lines[0])
         self.assertEqual((first["request_id"], first["text"]), ("r1", "GET /x id=r1"))
+        self.assertEqual(first["level"], "warn")  # the name, for jq and Loki filters
         self.assertEqual(json.loads(lines[1])["text"], "second")
+        self.assertNotIn("level", json.loads(lines[1]))  # an event without a level
 
     async def test_twistd_json_logger(self) -> None:
         """`twistd --logger vast_vespa.logs.json_stdout -n vespa` logs JSON lines on stdout; the
@@ -270,6 +273,8 @@ class JsonLogTests(TestCase):
         records = [json.loads(line) for line in process.output.decode().splitlines()]
         [access] = [r for r in records if r.get("log_namespace") == "vespa.access"]
         self.assertEqual((access["request_id"], access["status"]), ("json-1", 200))
+        self.assertEqual(access["level"], "info")
+        self.assertIsInstance(access["ttfb_ms"], float)  # a number, as duration_ms
         self.assertTrue(re.match(r"GET /echo 200 served", access["text"]))
 
 

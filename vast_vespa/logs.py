@@ -67,9 +67,8 @@ def log_access(
     path = request.path.decode("ascii", "replace")
     workload = getattr(forward, "workload", 0.0)
     duration_ms = (result.finished - result.started) * 1000
-    ttfb_ms = (
-        "-" if result.first_byte is None else f"{(result.first_byte - result.started) * 1000:.1f}ms"
-    )
+    ttfb = 0.0 if result.first_byte is None else (result.first_byte - result.started) * 1000
+    ttfb_ms = "-" if result.first_byte is None else f"{ttfb:.1f}ms"
     rid = request_id.of(request)
     outcome = OUTCOME_NAMES[outcome_of(result)]
     line = (
@@ -98,7 +97,7 @@ def log_access(
             "workload": workload,
             "bytes_out": result.bytes_out,
             "duration_ms": duration_ms,
-            "ttfb_ms": ttfb_ms,
+            "ttfb_ms": None if result.first_byte is None else ttfb,
             "request_id": rid,
         }
     )
@@ -268,14 +267,17 @@ def use_text_log(service: IService, options: Any) -> IService:
 
 @implementer(ILogObserver)
 class _WithText:
-    """Adds the formatted message as ``text`` so JSON readers need not know Twisted's
-    format strings."""
+    """Adds the formatted message as ``text`` and the level's name as ``level`` (``info``,
+    ``warn``, ``error``...), so JSON readers need not know Twisted's format strings or its
+    encoding of ``log_level`` (an object, kept so Twisted can read the lines back)."""
 
     def __init__(self, observer: FileLogObserver) -> None:
         self._observer = observer
 
     def __call__(self, event: LogEvent) -> None:
-        self._observer({**event, "text": formatEvent(event)})
+        level = getattr(event.get("log_level"), "name", None)  # a LogLevel constant
+        named = {"level": level} if level is not None else {}
+        self._observer({**event, **named, "text": formatEvent(event)})
 
 
 def json_observer(stream: IO[str]) -> ILogObserver:
