@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeAutoscaler, FakeBackend
-from tests.helpers import listen, spawn_worker
+from tests.helpers import http_client, listen, spawn_worker, worker_url
 from tests.memory import MemoryWorker
 from tests.test_lifecycle import ScriptedBackend, messages
 from vast_vespa.backends import LogLines
@@ -167,6 +167,39 @@ class ModelLogTests(SynchronousTestCase):
         )
         self.clock.advance(0.25)
         self.assertEqual(self.errors, [])
+        write(self.path, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n")
+        self.clock.advance(0.25)
+        self.assertEqual(
+            self.errors, ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"]
+        )
+
+    def test_a_traceback_after_a_load_line_is_not_fatal(self) -> None:
+        """A traceback after a load line is one request's failure even before the backend
+        answers its health check: a restarted worker reads the log from its start, and the
+        request that failed before must not end the new start. Other error lines after it stay
+        fatal; a later load line (the model server started again) changes nothing."""
+        write(
+            self.path,
+            "INFO: Application startup complete.\n"
+            "Traceback (most recent call last):\n"
+            '  File "errors.py", line 173, in custom_route_handler\n'
+            "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)\n"
+            "INFO: Application startup complete.\n"
+            "Traceback (most recent call last):\n",
+        )
+        with capturedLogs() as events:
+            self.clock.advance(0.25)
+        self.assertEqual(self.errors, [])
+        self.assertTrue(self.log.loaded)
+        self.assertEqual(
+            [m for m in messages(events) if m.startswith("model log:")],
+            ["model log: INFO: Application startup complete. (the model is loaded)"]
+            + [
+                "model log: Traceback (most recent call last): (after the model loaded: a "
+                "request failed in the backend, not fatal)"
+            ]
+            * 2,
+        )
         write(self.path, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n")
         self.clock.advance(0.25)
         self.assertEqual(
@@ -367,6 +400,26 @@ class ModelLogLifecycleTests(SynchronousTestCase):
         self.assertEqual(self.state.phase, Phase.READY)
         self.assertNoResult(lifecycle.when_failed())
 
+    def test_a_traceback_after_the_load_line_before_a_restart(self) -> None:
+        """A worker restarted while the model server runs reads the log from its start: a
+        traceback after the load line (a request that failed before the restart) does not end
+        start-up, though the first health probe has not answered yet; the worker loads."""
+        self.backend.code = None  # the first probe is still on its way when the log is read
+        write(
+            self.path,
+            "INFO: Application startup complete.\n"
+            "Traceback (most recent call last):\nValueError: bad max_tokens\n",
+        )
+        lifecycle = self.lifecycle()
+        self.clock.advance(0.25)
+        self.assertNoResult(lifecycle.when_failed())
+        self.assertEqual(self.state.error_msg, "")
+        self.backend.code = 200
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.benchmarks), 1)
+        self.benchmarks[0].callback(50.0)
+        self.assertEqual(self.state.phase, Phase.READY)
+
     def test_rotated_log_old_lines_do_not_count(self) -> None:
         """After a rotation the new file decides: its load line is seen."""
         write(self.path, "old run\n")
@@ -463,3 +516,36 @@ class ModelLogProcessTests(TestCase):
         self.assertLess(time.monotonic() - written, 2.0)
         self.assertIn(f"model log {path}: {line}", autoscaler.statuses[-1]["error_msg"])
         await process.wait_for(b"CUDA out of memory")
+
+    async def test_restart_after_a_request_traceback_starts_and_serves(self) -> None:
+        """A real worker (twistd) started again while llama-cpp-python runs, its log holding
+        the load line and then the traceback of a malformed request, loads and serves."""
+        backend = FakeBackend(reactor)
+        path = os.path.abspath(self.mktemp())
+        write(
+            path,
+            "INFO:     Uvicorn running on http://0.0.0.0:8000 (Press CTRL+C to quit)\n"
+            "Exception: Expecting value: line 1 column 1 (char 0)\n"
+            "Traceback (most recent call last):\n"
+            '  File "llama_cpp/server/errors.py", line 173, in custom_route_handler\n'
+            "json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)\n"
+            'INFO:     127.0.0.1:50000 - "POST /v1/completions HTTP/1.1" 500\n',
+        )
+        cache = os.path.abspath(self.mktemp())
+        write(cache, "25.0\n")
+        process = spawn_worker(
+            self,
+            listen(self, backend),
+            "--backend",
+            "llama-cpp-python",
+            "--healthcheck-endpoint",
+            "/health",
+            "--benchmark-cache",
+            cache,
+            env={"MODEL_LOG": path},
+        )
+        url = await worker_url(process)
+        started = await process.wait_for(rb"worker (loaded in|failed to start).*")
+        self.assertIn(b"(max_perf 25)", started.group(0))
+        response = await http_client(self).get(url + "/v1/echo")
+        self.assertEqual(response.code, 200)

@@ -144,9 +144,11 @@ class ModelLog:
     (and, after a Python traceback's first line, its exception line); info lines are copied
     into the worker's log, at most one each INFO_EVERY s (the latest waits for its turn).
 
-    A Python traceback is an error line only until :meth:`backend_ready`: while the model
-    loads it means the server failed, once it serves it is one request's failure (servers log
-    one for a malformed request), and a client must not be able to end the worker with one.
+    A Python traceback is an error line only until the model is up, by a load line in the log
+    or :meth:`backend_ready`: while the model loads it means the server failed; once it serves
+    it is one request's failure (servers log one for a malformed request), and a client must
+    not be able to end the worker with one. The load line counts also when it was read from
+    before this process started (a restarted worker reads the log from its start again).
     """
 
     def __init__(
@@ -189,7 +191,8 @@ class ModelLog:
         return f"no load line in {self.path} yet"
 
     def backend_ready(self) -> None:
-        """The backend answers its health check: from now on a traceback is not fatal."""
+        """The backend answers its health check: from now on a traceback is not fatal (also
+        with no load lines configured)."""
         self._backend_ready = True
 
     def when_loaded(self) -> Deferred[None]:
@@ -234,7 +237,11 @@ class ModelLog:
                 errors.append(line)
                 in_traceback = _TRACEBACK in line
             elif _TRACEBACK in line and _TRACEBACK in self.lines.error:
-                log.warn("model log: {line} (a request failed in the backend)", line=line)
+                log.warn(
+                    "model log: {line} (after the model loaded: a request failed in the "
+                    "backend, not fatal)",
+                    line=line,
+                )
             elif not self.loaded and any(text in line for text in self.lines.load):
                 log.info("model log: {line} (the model is loaded)", line=line)
                 self._loaded()
@@ -247,7 +254,7 @@ class ModelLog:
             self._on_error(" | ".join(dict.fromkeys(errors))[:MAX_ERROR])
 
     def _fatal(self, text: str) -> bool:
-        return text != _TRACEBACK or not self._backend_ready
+        return text != _TRACEBACK or not (self.loaded or self._backend_ready)
 
     def _loaded(self) -> None:
         self.loaded = True
