@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from tests.fakes import CannedHTTP, FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
 from tests.memory import Recorder
+from tests.test_logs import capture
 from vast_vespa.client.routing import BACKOFF_CAP, ROUTE_CALL_TIMEOUT, RouteError, Router
 from vast_vespa.client.service import ClientService, build_client
 from vast_vespa.client.settings import ClientSettings
@@ -275,6 +276,19 @@ class FormsTests(ClientTestCase):
         url = self.start_client()
         await self.call("POST", url + "/v1/x", json={}, headers={b"x-serverless-cost": [b"256"]})
         self.assertEqual(self.autoscaler.calls[0]["cost"], 256.0)
+
+    async def test_access_line_has_the_routed_workload(self) -> None:
+        """The access line shows the cost the request was routed with, given or estimated, as
+        the worker's line shows it (it said workload=0)."""
+        events = capture(self, "vespa-client.access")
+        url = self.start_client(client_access_log=True)
+        await self.call("POST", url + "/v1/x", json={}, headers={b"x-serverless-cost": [b"23"]})
+        await self.call("POST", url + "/v1/completions", json={"prompt": "hi", "max_tokens": 9})
+        routed = [call["cost"] for call in self.autoscaler.calls]
+        self.assertEqual(routed[0], 23)
+        self.assertGreater(routed[1], 9)
+        self.assertEqual([event["workload"] for event in events], routed)
+        self.assertRegex(events[0]["line"], r"^POST /v1/x 200 served workload=23 ")
 
 
 class RoutingTests(ClientTestCase):

@@ -22,7 +22,7 @@ from twisted.web.http import Request
 JSON = b"application/json"
 
 # Told how each request ended: the request, its result, and what was forwarded for it (the
-# worker's Forward, with its workload) or None.
+# worker's Forward or the client proxy's Routed, with its workload) or None.
 Observer = Callable[[server.Request, "RelayResult", Any], None]
 _log = Logger()
 

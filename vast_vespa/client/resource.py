@@ -112,6 +112,14 @@ class Wrapped:
     body: IBodyProducer | None
 
 
+@dataclass(frozen=True)
+class Routed:
+    """What the proxy tells its observers it forwarded: the workload the request was routed
+    with (the cost sent to /route/), which the access line shows as the worker's does."""
+
+    workload: float
+
+
 class RequestForm:
     """How one app request is wrapped for whichever worker the autoscaler picks."""
 
@@ -280,7 +288,7 @@ class ClientResource(Resource):
         if cost is None:  # the app did not say: estimated (WORKLOAD=cost: 1.0, as before)
             cost = 1.0 if self._workload.uses_cost else self._workload.of_payload(form.document)
         served = Deferred.fromCoroutine(self._serve(request, form, cost, started))
-        served.addCallback(self._done, request)
+        served.addCallback(self._done, request, Routed(cost))
         return NOT_DONE_YET
 
     def _own(self, request: Request) -> bytes:
@@ -363,13 +371,13 @@ class ClientResource(Resource):
     def _result(self, outcome: Outcome, code: int, started: float, reason: str) -> RelayResult:
         return RelayResult(outcome, code, 0, started, None, self._clock.seconds(), reason)
 
-    def _done(self, result: RelayResult, request: Request) -> None:
+    def _done(self, result: RelayResult, request: Request, routed: Routed | None = None) -> None:
         self.in_flight -= 1
         if outcome_of(result) is Outcome.SERVED:  # a worker's 5xx is a failure, as elsewhere
             self.served += 1
         else:
             self.failed += 1
-        notify(self._observers, request, result, None)
+        notify(self._observers, request, result, routed)
 
 
 def _worth_retrying(status: int | None) -> bool:
