@@ -388,6 +388,23 @@ class RerouteTests(ClientTestCase):
         self.assertEqual(response.code, 429)
         self.assertEqual(len(self.autoscaler.calls), 3)
 
+    async def test_busy_answer_passed_on_is_rejected(self) -> None:
+        """A worker's 429 passed on once the re-routes are used up is a refusal, as the worker
+        logs it: rejected, and failed in /.vespa/health (it was served); a 404 stays served."""
+        for worker in self.fake_workers:
+            worker.busy = 10
+        url = self.start_client(worker_retries=1)
+        recorded = self.recorder()
+        response, _ = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 429)
+        for worker in self.fake_workers:
+            worker.busy = 0
+        await self.call("GET", url + "/status/404")
+        _, body = await self.call("GET", url + "/.vespa/health")
+        self.assertEqual((json.loads(body)["served"], json.loads(body)["failed"]), (1, 1))
+        outcomes = [(result.status, result.outcome) for result in recorded.results]
+        self.assertEqual(outcomes, [(429, Outcome.REJECTED), (404, Outcome.SERVED)])
+
     async def test_unreachable_worker_rerouted(self) -> None:
         """A worker that refuses connections: routed again to one that works."""
         self.autoscaler.worker_urls[0] = "http://127.0.0.1:1"

@@ -332,6 +332,10 @@ class ClientResource(Resource):
                 ).start()
                 if not result.retry:
                     result.started = started
+                    if result.outcome is Outcome.SERVED and result.status == 429:
+                        # A busy worker's answer passed on: turned away (the worker logs its
+                        # 429 rejected), not served. A 503 is not served already (a 5xx).
+                        result.outcome = Outcome.REJECTED
                     return result
                 delay = backoff(attempt, self._rand)
                 self._log.info(
