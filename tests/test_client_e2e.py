@@ -413,6 +413,22 @@ class RerouteTests(ClientTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(len(self.autoscaler.calls), 2)
 
+    async def test_no_worker_reachable_is_named(self) -> None:
+        """When no worker can be reached, the 502 says a worker (which one, and why) is
+        unavailable, not the worker's backend; the access line counts the bytes it sent."""
+        self.autoscaler.worker_urls[:] = ["http://127.0.0.1:1"] * 2
+        events = capture(self, "vespa-client.access")
+        url = self.start_client(worker_retries=1, client_access_log=True)
+        response, body = await self.call("GET", url + "/v1/models")
+        self.assertEqual(response.code, 502)
+        error = json.loads(body)
+        self.assertEqual(error["error"], "worker unavailable")
+        self.assertIn("http://127.0.0.1:1", error["detail"])
+        self.assertIn("refused", error["detail"])
+        self.assertEqual(len(self.autoscaler.calls), 2)
+        [event] = events
+        self.assertEqual((event["outcome"], event["bytes_out"]), ("errored", len(body)))
+
     async def test_unreachable_worker_rerouted_for_a_post(self) -> None:
         """A POST that could not reach its worker at all is routed again: it never left."""
         self.autoscaler.worker_urls[0] = "http://127.0.0.1:1"

@@ -328,7 +328,7 @@ class ClientResource(Resource):
                     wrapped.headers,
                     wrapped.body,
                     self._timeout,
-                    retry_if=None if last else _worth_retrying,
+                    retry_if=_unanswered if last else _worth_retrying,
                 ).start()
                 if not result.retry:
                     result.started = started
@@ -337,6 +337,14 @@ class ClientResource(Resource):
                         # 429 rejected), not served. A 503 is not served already (a 5xx).
                         result.outcome = Outcome.REJECTED
                     return result
+                if last:  # the relay's 502 would blame the worker's backend: name the worker
+                    error = RouteError(
+                        502,
+                        "worker unavailable",
+                        f"no answer from the worker at {route.url}: {result.reason} "
+                        f"(re-routes used up: {attempt})",
+                    )
+                    return self._refuse(request, error, started, Outcome.ERRORED)
                 delay = backoff(attempt, self._rand)
                 self._log.info(
                     "worker {url} {why}; re-routing ({n} of {max}) in {delay:.1f} s",
@@ -348,7 +356,7 @@ class ClientResource(Resource):
                 )
                 await pending.wait(deferLater(self._clock, delay))
         except CancelledError:
-            return self._result(Outcome.CANCELLED, 0, started, "client disconnected")
+            return self._result(request, Outcome.CANCELLED, 0, started, "client disconnected")
         except RouteError as e:
             return self._refuse(request, e, started)
         except CertificateError as e:
@@ -358,9 +366,15 @@ class ClientResource(Resource):
             self._log.failure("client proxy failed on {path}", path=request.path)
             error = RouteError(500, "internal error", "see the vespa-client log")
             return self._refuse(request, error, started)
-        raise AssertionError("unreachable: the last attempt never retries")
+        raise AssertionError("unreachable: the last attempt always returns")
 
-    def _refuse(self, request: Request, error: RouteError, started: float) -> RelayResult:
+    def _refuse(
+        self,
+        request: Request,
+        error: RouteError,
+        started: float,
+        outcome: Outcome = Outcome.REJECTED,
+    ) -> RelayResult:
         self._log.warn(
             "{method} {path}: {code} {error}: {detail}",
             method=request.method,
@@ -370,10 +384,16 @@ class ClientResource(Resource):
             detail=error.detail,
         )
         write_error(request, error.code, error.error, error.detail, None, **error.extra)
-        return self._result(Outcome.REJECTED, error.code, started, error.error)
+        return self._result(request, outcome, error.code, started, error.error)
 
-    def _result(self, outcome: Outcome, code: int, started: float, reason: str) -> RelayResult:
-        return RelayResult(outcome, code, 0, started, None, self._clock.seconds(), reason)
+    def _result(
+        self, request: Request, outcome: Outcome, code: int, started: float, reason: str
+    ) -> RelayResult:
+        """The result of an answer the proxy wrote itself: its bytes are the body it wrote
+        (none when the app was gone), as the access line counts a worker's."""
+        return RelayResult(
+            outcome, code, request.sentLength, started, None, self._clock.seconds(), reason
+        )
 
     def _done(self, result: RelayResult, request: Request, routed: Routed | None = None) -> None:
         self.in_flight -= 1
@@ -382,6 +402,11 @@ class ClientResource(Resource):
         else:
             self.failed += 1
         notify(self._observers, request, result, routed)
+
+
+def _unanswered(status: int | None) -> bool:
+    """No answer at all (on the last attempt): the proxy answers itself, naming the worker."""
+    return status is None
 
 
 def _worth_retrying(status: int | None) -> bool:
