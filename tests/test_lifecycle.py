@@ -7,6 +7,7 @@ real sockets.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,14 +20,23 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.fakes import FakeBackend
+from tests.fakes import FakeAutoscaler, FakeBackend
 from tests.helpers import http_client, listen, start_worker
-from tests.memory import Answer, MemoryWorker
+from tests.memory import Answer, MemoryNetwork, MemoryWorker, memory_http
 from vast_vespa.benchmark import BackendSession
 from vast_vespa.outcome import Outcome
-from vast_vespa.settings import Settings
+from vast_vespa.settings import Settings, VastEnvironment
+from vast_vespa.signing import generate_private_key, public_pem
+from vast_vespa.worker import lifecycle as lifecycle_module
+from vast_vespa.worker.admin import readiness
+from vast_vespa.worker.autoscaler import AutoscalerClient, PublicKeyStore
 from vast_vespa.worker.lifecycle import BenchmarkCache, HealthProbe, Lifecycle, ProbeResult
-from vast_vespa.worker.state import WorkerState
+from vast_vespa.worker.metrics import WorkerMetrics
+from vast_vespa.worker.state import Phase, WorkerState
+
+AUTOSCALER_URL = "http://127.0.0.1:9000"
+VAST = VastEnvironment("mtok", (AUTOSCALER_URL,), 4242, "http://203.0.113.7:43000")
+KEY_ERROR = f"cannot fetch the autoscaler public key: {AUTOSCALER_URL}/pubkey/: HTTP 500"
 
 
 class HealthAnswer:
@@ -65,7 +75,9 @@ class LifecycleClockTests(SynchronousTestCase):
         self.benchmark_runs = 0
         self.result: Any = 250.0
 
-    def lifecycle(self, benchmark: bool = True, **changes: Any) -> Lifecycle:
+    def lifecycle(
+        self, benchmark: bool = True, keys: PublicKeyStore | None = None, **changes: Any
+    ) -> Lifecycle:
         values: dict[str, Any] = {
             "unsecured": True,
             "benchmark": "my.bench:run" if benchmark else "",
@@ -84,11 +96,34 @@ class LifecycleClockTests(SynchronousTestCase):
             self.clock,
             probe,
             self.run_benchmark if benchmark else None,
+            keys=keys,
         )
         lifecycle.startService()
         self.addCleanup(self.assertEqual, self.clock.getDelayedCalls(), [])
         self.addCleanup(lifecycle.stopService)
         return lifecycle
+
+    def secured(self, key_code: int) -> tuple[Lifecycle, FakeAutoscaler]:
+        """A secured worker's lifecycle and its key store (started after it, as in
+        build_worker), fetching from an autoscaler in memory whose /pubkey/ answers
+        ``key_code`` (with a key); :meth:`pass_time` lets the fetches go on."""
+        self.network = MemoryNetwork()
+        autoscaler = FakeAutoscaler(public_pem(generate_private_key()), self.clock)
+        autoscaler.codes[b"/pubkey/"] = key_code
+        url = self.network.serve(AUTOSCALER_URL, autoscaler)
+        client = AutoscalerClient(memory_http(self.network), self.clock, [url], "", None)
+        keys = PublicKeyStore(self.clock, client)
+        lifecycle = self.lifecycle(keys=keys, unsecured=False)
+        keys.startService()
+        self.addCleanup(keys.stopService)
+        self.network.flush()
+        return lifecycle, autoscaler
+
+    def pass_time(self, seconds: int) -> None:
+        """``seconds`` pass one at a time, the autoscaler in memory answering in between."""
+        for _ in range(seconds):
+            self.clock.advance(1.0)
+            self.network.flush()
 
     def run_benchmark(self) -> Deferred[float]:
         self.benchmark_runs += 1
@@ -329,6 +364,88 @@ class LifecycleClockTests(SynchronousTestCase):
         self.assertEqual(self.state.last_probe, "HTTP 200")
         self.assertIn("healthy again after 4 failed health checks", messages(events)[0])
 
+    def test_key_missing_when_ready(self) -> None:
+        """Secured, healthy and benchmarked, but the autoscaler's /pubkey/ answers 500: every
+        request would be refused, so the worker is not loaded; after KEY_GRACE s its reports
+        carry the error and /readyz says it, and the key is still fetched again and again."""
+        self.backend.code = 200
+        lifecycle, autoscaler = self.secured(500)
+        loaded, failed = lifecycle.when_loaded(), lifecycle.when_failed()
+        self.assertEqual(self.state.phase, Phase.WAITING_FOR_KEY)
+        self.pass_time(59)
+        self.assertEqual((self.state.loaded, self.state.error_msg), (False, ""))
+        self.pass_time(1)
+        self.assertEqual((self.state.loaded, self.state.error_msg), (False, KEY_ERROR))
+        report = WorkerMetrics(self.clock, self.state, VAST, "test").report().body
+        self.assertEqual(
+            (report["loadtime"], report["max_perf"], report["error_msg"]), (0.0, 0.0, KEY_ERROR)
+        )
+        code, _, body = readiness(self.state, self.clock)()
+        answer = json.loads(body)
+        self.assertEqual((code, answer["ready"], answer["error"]), (503, False, KEY_ERROR))
+        self.assertTrue(
+            answer["detail"].startswith(
+                f"waiting for the autoscaler public key ({AUTOSCALER_URL}/pubkey/: HTTP 500)"
+            )
+        )
+        self.assertNoResult(loaded)
+        self.assertNoResult(failed)  # not a start-up failure: the key may still come
+        fetched = autoscaler.pubkey_requests
+        self.pass_time(120)
+        self.assertGreater(autoscaler.pubkey_requests, fetched)
+        self.assertFalse(self.state.loaded)
+
+    def test_key_fetched_later_loads_and_clears_the_error(self) -> None:
+        """A key that comes after the error was reported clears it (logged) and loads the
+        worker then: an autoscaler outage at boot heals without a restart."""
+        self.backend.code = 200
+        lifecycle, autoscaler = self.secured(500)
+        self.pass_time(60)
+        self.assertEqual(self.state.error_msg, KEY_ERROR)
+        autoscaler.codes[b"/pubkey/"] = 200
+        with capturedLogs() as events:
+            self.pass_time(3)  # the fetch after 32 s of backoff: at 63 s
+        self.assertEqual((self.state.loaded, self.state.error_msg), (True, ""))
+        self.assertEqual((self.state.loadtime, self.state.max_perf), (63.0, 250.0))
+        self.assertIs(self.successResultOf(lifecycle.when_loaded()), self.state)
+        self.assertEqual(readiness(self.state, self.clock)()[0], 200)
+        logged = messages(events)
+        self.assertIn("autoscaler public key fetched 3 s after the error; error cleared", logged)
+        self.assertIn("worker loaded in 63.0 s (max_perf 250)", logged)
+
+    def test_key_within_the_grace_is_no_error(self) -> None:
+        """A key that comes within KEY_GRACE s (a blip at boot) loads the worker then, no
+        error ever reported."""
+        self.backend.code = 200
+        _, autoscaler = self.secured(500)
+        autoscaler.codes[b"/pubkey/"] = 200
+        self.pass_time(1)
+        self.assertEqual((self.state.loaded, self.state.loadtime), (True, 1.0))
+        self.assertEqual(self.state.error_msg, "")
+
+    def test_key_before_the_backend_is_ready_changes_nothing(self) -> None:
+        """A key in before the backend is ready: the worker loads as soon as it is healthy and
+        benchmarked, as an unsecured one does, with no phase of waiting for the key."""
+        with capturedLogs() as events:
+            self.secured(200)
+            self.clock.advance(5.0)
+            self.backend.code = 200
+            self.clock.advance(5.0)
+        self.assertEqual((self.state.loaded, self.state.loadtime), (True, 10.0))
+        self.assertEqual(self.backend.probes, [0.0, 5.0, 10.0])
+        phases = [m for m in messages(events) if m.startswith("phase: ")]
+        self.assertEqual(phases, ["phase: benchmarking"])
+        self.assertEqual(self.state.phase, Phase.READY)
+
+    def test_stop_while_waiting_for_the_key(self) -> None:
+        """Stopping while the worker waits for the key ends the wait quietly: no error, no
+        timer left."""
+        self.backend.code = 200
+        lifecycle, _ = self.secured(500)
+        self.successResultOf(lifecycle.stopService())
+        self.pass_time(60)
+        self.assertEqual((self.state.loaded, self.state.error_msg), (False, ""))
+
     def test_health_monitor_leaves_other_errors_alone(self) -> None:
         """A healthy probe does not clear an error the health monitor did not set."""
         self.backend.code = 200
@@ -361,8 +478,21 @@ class ReadinessGateTests(SynchronousTestCase):
     def test_failed_to_start(self) -> None:
         """A start-up that failed: 503 saying why, no Retry-After (retrying will not help)."""
         self.state.mark_errored("worker failed to start: benchmark x failed")
+        self.state.enter(Phase.ERRORED, 0.0)
         answer = self.assert_refused("failed to start", None)
         self.assertEqual(answer.json()["detail"], "worker failed to start: benchmark x failed")
+
+    def test_waiting_for_the_key(self) -> None:
+        """Ready but for the autoscaler's key, even once that is reported as an error: 503
+        "loading" saying so, retry later (the key may still come)."""
+        self.state.enter(Phase.WAITING_FOR_KEY, 0.0, f"{AUTOSCALER_URL}/pubkey/: HTTP 500")
+        self.state.mark_errored(KEY_ERROR)
+        answer = self.assert_refused("loading", [b"10"])
+        self.assertEqual(
+            answer.json()["detail"],
+            "the worker is not ready yet: waiting for the autoscaler public key "
+            f"({AUTOSCALER_URL}/pubkey/: HTTP 500) for 0 s; retry later",
+        )
 
     def test_loaded_then_draining(self) -> None:
         """Loaded: the request goes through, once; draining: 503, retry at once elsewhere."""
@@ -473,6 +603,35 @@ class LifecycleEndToEndTests(TestCase):
         self.assertEqual(body["detail"], expected)
         self.assertEqual(service.state.error_msg, expected)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    async def test_secured_worker_waits_for_the_key(self) -> None:
+        """As build_worker wires it, through sockets: a healthy secured worker whose
+        autoscaler's /pubkey/ answers 500 reports the error, not loaded, and refuses requests
+        as loading (KEY_GRACE 0 here)."""
+        self.patch(lifecycle_module, "KEY_GRACE", 0.0)
+        autoscaler = FakeAutoscaler(public_pem(generate_private_key()))
+        autoscaler.codes[b"/pubkey/"] = 500
+        vast = dataclasses.replace(VAST, report_addrs=(listen(self, autoscaler),))
+        BenchmarkCache(self.cache).write(7.0)
+        self.backend.health_code = 200
+        url, _ = start_worker(
+            self,
+            self.backend_url,
+            loaded=False,
+            unsecured=False,
+            vast=vast,
+            benchmark_cache=self.cache,
+        )
+        statuses = autoscaler.statuses
+        await autoscaler.when(lambda: any(s["error_msg"] or s["loadtime"] for s in statuses))
+        status = next(s for s in statuses if s["error_msg"] or s["loadtime"])
+        self.assertTrue(status["error_msg"].startswith("cannot fetch the autoscaler public key"))
+        self.assertEqual((status["loadtime"], status["max_perf"]), (0.0, 0.0))
+        response = await self.http.get(url + "/v1/models")
+        self.assertEqual(response.code, 503)
+        body = await response.json()
+        self.assertEqual(body["error"], "loading")
+        self.assertIn("waiting for the autoscaler public key", body["detail"])
 
 
 class HealthProbeTests(TestCase):

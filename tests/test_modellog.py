@@ -477,7 +477,7 @@ class PhaseShownTests(SynchronousTestCase):
         answer = worker.get("/v1/models")
         self.assertEqual(
             answer.json()["detail"],
-            "the backend is not ready yet: waiting for health for 42 s, last health probe: "
+            "the worker is not ready yet: waiting for health for 42 s, last health probe: "
             "HTTP 404; retry later",
         )
         code, _, body = readiness(worker.state, worker.clock)()

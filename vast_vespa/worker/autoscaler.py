@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,15 +159,16 @@ class AutoscalerClient:
     async def _pubkey(self) -> rsa.RSAPublicKey:
         problems = []
         for addr in self.addrs:
+            url = addr + "/pubkey/"
             try:
-                code, body = await self._call("GET", addr + "/pubkey/", None)
+                code, body = await self._call("GET", url, None)
                 if not 200 <= code < 300:
                     raise self._refused(code, body)
                 return load_public_key(pem_from(body))
             except CancelledError:
                 raise
             except Exception as e:  # unreachable, HTTP error or not a key: next address
-                problems.append(f"{addr}: {describe_failure(Failure(e))}")
+                problems.append(f"{url}: {describe_failure(Failure(e))}")
         raise AutoscalerError("; ".join(problems) or "no REPORT_ADDR")
 
     def fetch_pubkey(self) -> Deferred[rsa.RSAPublicKey]:
@@ -178,8 +179,9 @@ class AutoscalerClient:
 class PublicKeyStore(Service):
     """
     The autoscaler's public key: fetched at start-up in the background with retries and
-    backoff (requests meanwhile get 503, never a silent accept), and re-fetched on demand when
-    a signature fails to verify with a key older than ``refresh_after`` (key rotation).
+    backoff (requests meanwhile get 503, never a silent accept; the worker is not loaded
+    without it), and re-fetched on demand when a signature fails to verify with a key older
+    than ``refresh_after`` (key rotation).
     """
 
     name = "pubkey"
@@ -199,6 +201,8 @@ class PublicKeyStore(Service):
         self._max_delay = max_delay
         self._refresh_after = refresh_after
         self.key: rsa.RSAPublicKey | None = None
+        self.problem = "no answer yet"  # why the last fetch failed: "http://a/pubkey/: HTTP 500"
+        self._waiters: list[Deferred[None]] = []
         self._attempted = 0.0
         self._delay = first_delay
         self._retry: IDelayedCall | None = None
@@ -223,6 +227,14 @@ class PublicKeyStore(Service):
             self.key is not None and self._clock.seconds() - self._attempted >= self._refresh_after
         )
 
+    def when_key(self) -> Deferred[None]:
+        """Fires once there is a key (at once if there is); cancelling it ends only this wait."""
+        if self.key is not None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        return waiter
+
     def refresh(self) -> Deferred[None]:
         """Fetch the key now (one fetch at a time); fires when that attempt is over."""
         fetching = self._fetching
@@ -241,14 +253,18 @@ class PublicKeyStore(Service):
         self.key = key
         self._delay = self._first_delay
         self._log.info("autoscaler public key {what}", what="rotated" if changed else "loaded")
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _failed(self, failure: Failure) -> None:
         self._fetching = None
         if failure.check(CancelledError) or not self.running:
             return
+        self.problem = failure.getErrorMessage()
         self._log.warn(
             "cannot fetch the autoscaler public key ({reason}); retrying in {delay:g} s",
-            reason=failure.getErrorMessage(),
+            reason=self.problem,
             delay=self._delay,
         )
         if self.key is None:

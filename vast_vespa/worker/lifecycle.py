@@ -1,12 +1,12 @@
 # -*- test-case-name: tests.test_lifecycle -*-
 """
 The worker's life: wait for the backend to become healthy (and, with MODEL_LOG, for its load
-line), run the benchmark (or read its cached result), mark the worker loaded, then keep
-health-checking the backend. Every failure, and every MODEL_LOG error line at once, ends up in
-``WorkerState.error_msg`` (which the reporter sends to the autoscaler) and in the log; requests
-are refused with 503 until the worker is loaded, and while it drains. The phase, its elapsed
-time and the last probe's answer are in ``WorkerState`` for the 503 detail, /readyz and
-systemd's STATUS=.
+line), run the benchmark (or read its cached result), when secured wait for the autoscaler's
+public key, mark the worker loaded, then keep health-checking the backend. Every failure, and
+every MODEL_LOG error line at once, ends up in ``WorkerState.error_msg`` (which the reporter
+sends to the autoscaler) and in the log; requests are refused with 503 until the worker is
+loaded, and while it drains. The phase, its elapsed time and the last probe's answer are in
+``WorkerState`` for the 503 detail, /readyz and systemd's STATUS=.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from vast_vespa.benchmark import (
 from vast_vespa.deadline import within
 from vast_vespa.outcome import describe_failure
 from vast_vespa.settings import Settings
+from vast_vespa.worker.autoscaler import PublicKeyStore
 from vast_vespa.worker.modellog import ModelLog
 from vast_vespa.worker.resource import Forward, Rejection, RequestGate
 from vast_vespa.worker.state import Phase, WorkerState
@@ -44,6 +45,10 @@ from vast_vespa.worker.state import Phase, WorkerState
 PROGRESS_EVERY = 30.0  # seconds between "still waiting for the backend" lines
 LOADING_RETRY_AFTER = b"10"  # Retry-After of the 503 "loading" answer
 DRAINING_RETRY_AFTER = b"1"  # another worker can take the request at once
+# Seconds a secured worker, otherwise ready, waits for the autoscaler's public key before it
+# reports the key's absence as an error (the official worker's wait): one more fetch at the
+# longest backoff, so a short outage at boot does not mark it errored.
+KEY_GRACE = 60.0
 
 log = Logger()
 
@@ -170,7 +175,7 @@ class HealthMonitor:
         state.backend_healthy = result.healthy
         state.last_probe = result.detail
         if result.healthy:
-            if self._error and state.error_msg == self._error:
+            if state.clear_error(self._error):
                 log.info(
                     "backend healthy again after {count} failed health checks; error cleared",
                     count=self._failed,
@@ -203,9 +208,9 @@ class HealthMonitor:
 
 class Lifecycle(Service):
     """
-    The start-up chain (wait healthy -> benchmark or cache -> loaded -> health monitor), kept
-    as one Deferred: errors are logged and reported through ``state.error_msg``; stopping the
-    service cancels it.
+    The start-up chain (wait healthy -> benchmark or cache -> the autoscaler's key, when
+    secured -> loaded -> health monitor), kept as one Deferred: errors are logged and reported
+    through ``state.error_msg``; stopping the service cancels it.
     """
 
     name = "lifecycle"
@@ -220,9 +225,11 @@ class Lifecycle(Service):
         close: Callable[[], Deferred[None]] = lambda: succeed(None),
         model_log: Callable[[Callable[[str], None]], ModelLog] | None = None,
         progress: Callable[[str], None] = lambda text: None,
+        keys: PublicKeyStore | None = None,
     ) -> None:
         """``model_log(on_error)``: the MODEL_LOG follower calling ``on_error(lines)``;
-        ``progress(text)``: told each phase and each start-up probe (systemd's STATUS=)."""
+        ``progress(text)``: told each phase and each start-up probe (systemd's STATUS=);
+        ``keys``: the autoscaler's key (secured), without which the worker is not loaded."""
         self._settings = settings
         self._state = state
         self._clock = clock
@@ -238,6 +245,7 @@ class Lifecycle(Service):
         self._model_log = model_log(self._model_log_error) if model_log else None
         self._log_error = ""  # a MODEL_LOG error line that ended start-up
         self._progress = progress
+        self._keys = keys
         self._warned_404 = False
         self.monitor = HealthMonitor(
             probe,
@@ -259,7 +267,7 @@ class Lifecycle(Service):
     def when_failed(self) -> Deferred[str]:
         """A Deferred fired with the error message if start-up fails (e.g. for systemd's
         STATUS=); it never fails, and never fires if the worker loads. Health-monitor errors
-        after loading do not fire it."""
+        after loading do not fire it, nor does a missing public key (it can still come)."""
         if self._startup_error:
             return succeed(self._startup_error)
         waiter: Deferred[str] = Deferred()
@@ -313,6 +321,8 @@ class Lifecycle(Service):
         else:
             self._enter(Phase.BENCHMARKING)
             max_perf = await self._run_benchmark(self._benchmark)
+        if self._keys is not None and self._keys.key is None:
+            await self._wait_for_key(self._keys)
         self._state.mark_loaded(self._clock.seconds(), max_perf)
         self._progress(self._state.progress(self._clock.seconds()))
         log.info(
@@ -366,6 +376,27 @@ class Lifecycle(Service):
             else:
                 await deferLater(self._clock, pause)
             self._check_cancelled()
+
+    async def _wait_for_key(self, keys: PublicKeyStore) -> None:
+        """Without the key every signed request would be refused, so the worker is not loaded
+        until it comes. After KEY_GRACE s its absence is an error, reported while the store
+        keeps retrying, and cleared when the key comes."""
+        self._enter(Phase.WAITING_FOR_KEY, keys.problem)
+        await _first(keys.when_key(), KEY_GRACE, self._clock)
+        if keys.key is not None:
+            return
+        error = f"cannot fetch the autoscaler public key: {keys.problem}"
+        log.error("{error}; the worker loads once it is fetched", error=error)
+        self._state.mark_errored(error)
+        self._enter(Phase.WAITING_FOR_KEY, keys.problem)
+        self._progress(error)
+        waited = self._clock.seconds()
+        await keys.when_key()
+        if self._state.clear_error(error):
+            log.info(
+                "autoscaler public key fetched {elapsed:.0f} s after the error; error cleared",
+                elapsed=self._clock.seconds() - waited,
+            )
 
     def _enter_waiting(self) -> None:
         model_log = self._model_log
@@ -500,7 +531,7 @@ def _timed_out(spec: str, result: object, timeout: float) -> None:
 
 class ReadinessGate:
     """Wraps the request gate: 503 before the worker is loaded (saying where start-up
-    stands) and while it drains."""
+    stands, or why it failed) and while it drains."""
 
     def __init__(self, inner: RequestGate, state: WorkerState, clock: IReactorTime) -> None:
         self._inner = inner
@@ -517,12 +548,12 @@ class ReadinessGate:
                 {b"retry-after": DRAINING_RETRY_AFTER},
             )
         if not state.loaded:
-            if state.error_msg:
+            if state.phase is Phase.ERRORED:
                 raise Rejection(503, "failed to start", state.error_msg)
             raise Rejection(
                 503,
                 "loading",
-                f"the backend is not ready yet: {state.progress(self._clock.seconds())}; "
+                f"the worker is not ready yet: {state.progress(self._clock.seconds())}; "
                 "retry later",
                 {b"retry-after": LOADING_RETRY_AFTER},
             )
@@ -535,11 +566,12 @@ def build_lifecycle(
     state: WorkerState,
     fast_path: bool,
     progress: Callable[[str], None] = lambda text: None,
+    keys: PublicKeyStore | None = None,
 ) -> Lifecycle:
     """
     The lifecycle for ``settings``: loads the benchmark now, so that a wrong BENCHMARK stops
     start-up at once. ``fast_path``: whether the fast path runs (its session's pool);
-    ``progress``: see :class:`Lifecycle`.
+    ``progress``, ``keys``: see :class:`Lifecycle`.
 
     @raise SettingsError: the benchmark cannot be loaded, or its session cannot be provided.
     """
@@ -562,4 +594,6 @@ def build_lifecycle(
     model_log = None
     if settings.model_log:
         model_log = partial(ModelLog, settings.model_log, settings.model_log_lines, reactor)
-    return Lifecycle(settings, state, reactor, probe, benchmark, session.close, model_log, progress)
+    return Lifecycle(
+        settings, state, reactor, probe, benchmark, session.close, model_log, progress, keys
+    )

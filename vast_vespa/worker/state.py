@@ -17,6 +17,7 @@ class Phase(Enum):
     WAITING_FOR_LOG = "waiting for the model log"
     WAITING_FOR_HEALTH = "waiting for health"
     BENCHMARKING = "benchmarking"
+    WAITING_FOR_KEY = "waiting for the autoscaler public key"
     READY = "ready"
     ERRORED = "errored"
 
@@ -26,7 +27,7 @@ class WorkerState:
     """Where the worker is in its life. Plain data: no reactor, no I/O."""
 
     started: float = 0.0  # clock time the worker started (loadtime is measured from here)
-    loaded: bool = False  # backend healthy and benchmarked: requests are admitted
+    loaded: bool = False  # backend healthy, benchmarked, (secured) key in: requests admitted
     loadtime: float = 0.0  # seconds from start to loaded
     max_perf: float = 0.0  # benchmark result, workload units per second
     error_msg: str = ""  # non-empty: something is wrong, reported to the autoscaler
@@ -64,3 +65,11 @@ class WorkerState:
 
     def mark_errored(self, message: str) -> None:
         self.error_msg = message
+
+    def clear_error(self, message: str) -> bool:
+        """Clear ``message`` once its cause is gone, unless another error replaced it since;
+        True if it was cleared."""
+        if not message or self.error_msg != message:
+            return False
+        self.error_msg = ""
+        return True

@@ -176,7 +176,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     service.metrics = load
     service.control_pool = control_pool
     notifier = SystemdNotifier(settings.systemd.notify_socket)
-    lifecycle = build_lifecycle(settings, reactor, state, fast, notifier.status)
+    lifecycle = build_lifecycle(settings, reactor, state, fast, notifier.status, keys)
     lifecycle.setServiceParent(service)
     for child in children:
         child.setServiceParent(cast(IServiceCollection, service))
