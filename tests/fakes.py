@@ -540,6 +540,8 @@ class FakeAutoscaler(Resource):
         request.setResponseCode(self.codes.get(path, 200))
         if path == b"/pubkey/":
             self.pubkey_requests += 1
+            if self.codes.get(path, 200) >= 300:
+                return self.refusal
             if self.pubkey is None:
                 request.setResponseCode(404)
                 return b"no key"

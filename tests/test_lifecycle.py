@@ -36,7 +36,8 @@ from vast_vespa.worker.state import Phase, WorkerState
 
 AUTOSCALER_URL = "http://127.0.0.1:9000"
 VAST = VastEnvironment("mtok", (AUTOSCALER_URL,), 4242, "http://203.0.113.7:43000")
-KEY_ERROR = f"cannot fetch the autoscaler public key: {AUTOSCALER_URL}/pubkey/: HTTP 500"
+# The fake autoscaler refuses with the body "{}", which the error quotes.
+KEY_ERROR = f"cannot fetch the autoscaler public key: {AUTOSCALER_URL}/pubkey/: HTTP 500: {{}}"
 
 
 class HealthAnswer:
@@ -385,7 +386,7 @@ class LifecycleClockTests(SynchronousTestCase):
         self.assertEqual((code, answer["ready"], answer["error"]), (503, False, KEY_ERROR))
         self.assertTrue(
             answer["detail"].startswith(
-                f"waiting for the autoscaler public key ({AUTOSCALER_URL}/pubkey/: HTTP 500)"
+                f"waiting for the autoscaler public key ({AUTOSCALER_URL}/pubkey/: HTTP 500: {{}})"
             )
         )
         self.assertNoResult(loaded)
