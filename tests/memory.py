@@ -436,14 +436,18 @@ class MemoryWorker:
         self.flush()
         self._test.successResultOf(sent)
 
-    def service(self, drain_timeout: float = 30.0) -> WorkerService:
-        """The worker's top service around this request path, started (no listener, no
-        child but the reporter's drain hook), for drain tests."""
+    def service(self, drain_timeout: float = 30.0, reporter: bool = False) -> WorkerService:
+        """The worker's top service around this request path, started, for drain tests: no
+        listener, and no child but the reporter with ``reporter`` (started: it reports at
+        once; its last send ends the drain)."""
         pool = HTTPConnectionPool(MemoryReactorClock())
         service = WorkerService(
             self.clock, pool, self.site, self.state, self.resource.in_flight, drain_timeout
         )
+        if reporter:
+            self.reporter.setServiceParent(service)
         service.startService()
+        self.flush()
         return service
 
     def _close(self) -> None:

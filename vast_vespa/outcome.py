@@ -31,7 +31,9 @@ class Outcome(enum.Enum):
     """How a request ended; every request ends in exactly one."""
 
     SERVED = "served"  # the backend answered (any status) and the answer was relayed whole
-    ERRORED = "errored"  # the backend failed: unreachable, timed out, or broke mid-answer
+    # The backend failed (unreachable, timed out, broke mid-answer), or the worker cut the
+    # request (the drain timeout).
+    ERRORED = "errored"
     CANCELLED = "cancelled"  # the client went away first
     REJECTED = "rejected"  # refused before reaching the backend (auth, admission, limits)
 

@@ -43,6 +43,9 @@ class VespaRequest(Request):
 
     channel: GuardedChannel  # type: ignore[assignment]  # its channel, not an HTTPChannel
     header_ops: HeaderOps = PUBLIC_HEADER_OPS  # how the request path fills its Headers
+    # Why the server itself cut this request's connection (the worker's drain timeout), or "":
+    # such a request failed to be served, its client did not go away.
+    cut_reason = ""
     _when_lost: list[Callable[[Failure], object]] | None = None
 
     def when_lost(self, callback: Callable[[Failure], object]) -> None:

@@ -439,7 +439,7 @@ class SignedGate:
         slot = self._admission.acquire()
         if isinstance(slot, Slot):
             return self._admitted(slot, forward, token)
-        slot.addErrback(self._left_queue, token)
+        slot.addErrback(self._left_queue, token, request)
         return slot.addCallback(self._admitted, forward, token)
 
     def _work_of(self, request: Request, unwrapped: Unwrapped, cost_signed: bool) -> float:
@@ -481,9 +481,10 @@ class SignedGate:
         body: bytes = content.read()
         return body
 
-    def _left_queue(self, failure: Failure, token: int) -> Failure:
-        if failure.check(CancelledError):
-            self._metrics.finish(token, Outcome.CANCELLED)
+    def _left_queue(self, failure: Failure, token: int, request: Request) -> Failure:
+        if failure.check(CancelledError):  # its client left, or the worker cut it
+            cut = getattr(request, "cut_reason", "")  # (a VespaRequest's)
+            self._metrics.finish(token, Outcome.ERRORED if cut else Outcome.CANCELLED)
         return failure
 
     def _admitted(self, slot: Slot, forward: Forward, token: int) -> Forward:

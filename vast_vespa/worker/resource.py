@@ -26,6 +26,7 @@ from vast_vespa import request_id
 from vast_vespa.headers import LocationRewriter, forwarded_request_headers, header_ops
 from vast_vespa.outcome import JSON, Observer, Outcome, RelayResult, notify, write_error
 from vast_vespa.relay import ProxiedRequest, body_producer, request_has_body
+from vast_vespa.site import VespaRequest
 
 
 @dataclass
@@ -95,10 +96,10 @@ class InFlight:
 
     def __init__(self) -> None:
         # By id: twisted.web's Request hashes in Python, a call per add and per removal.
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, VespaRequest] = {}
         self._idle: list[Deferred[None]] = []
 
-    def add(self, request: Request) -> None:
+    def add(self, request: VespaRequest) -> None:
         self.requests[id(request)] = request
 
     def done(self, request: Request) -> None:
@@ -117,10 +118,13 @@ class InFlight:
             waiter.callback(None)
         return waiter
 
-    def abort(self) -> int:
-        """Cut the connections of the requests still in flight; returns how many."""
+    def abort(self, why: str) -> int:
+        """Cut the connections of the requests still in flight, which end as errored with
+        ``why`` (their ``cut_reason``) once the loss reaches them, a reactor turn later
+        (:meth:`idle` says when); returns how many."""
         requests = list(self.requests.values())
         for request in requests:
+            request.cut_reason = why
             transport = getattr(request.channel, "transport", None)
             if transport is not None:
                 transport.abortConnection()
@@ -160,7 +164,7 @@ class WorkerResource(Resource):
         self._observers = observers
         self.in_flight = InFlight()
 
-    def render(self, request: Request) -> int:
+    def render(self, request: VespaRequest) -> int:
         request.defaultContentType = None  # never invent a Content-Type for the backend's body
         self.in_flight.add(request)
         started = self._clock.seconds()
@@ -183,18 +187,30 @@ class WorkerResource(Resource):
             self._wait_for_slot(verdict, request, started)
         return NOT_DONE_YET
 
-    def _wait_for_slot(self, verdict: Deferred[Forward], request: Request, started: float) -> None:
+    def _wait_for_slot(
+        self, verdict: Deferred[Forward], request: VespaRequest, started: float
+    ) -> None:
         # (not in render: a closure there would make a cell for every request)
         # A client that leaves is taken out of the queue.
         request.notifyFinish().addErrback(lambda _: verdict.cancel())
         verdict.addCallbacks(
-            self._relay,
+            self._admitted_later,
             self._not_admitted,
             callbackArgs=(request, started),
             errbackArgs=(request, started),
         )
 
-    def _relay(self, forward: Forward, request: Request, started: float) -> None:
+    def _admitted_later(self, forward: Forward, request: VespaRequest, started: float) -> None:
+        """A request the worker cut while it waited (the loss has not reached it yet: a
+        slot freed by another cut request comes first) is not sent to the backend."""
+        if request.cut_reason:
+            now = self._clock.seconds()
+            gone = RelayResult(Outcome.CANCELLED, 0, 0, started, None, now)
+            self._relayed(request, forward, started, gone)
+        else:
+            self._relay(forward, request, started)
+
+    def _relay(self, forward: Forward, request: VespaRequest, started: float) -> None:
         if forward.answer is not None:
             self._answer(forward, forward.answer, request, started)
             return
@@ -225,7 +241,7 @@ class WorkerResource(Resource):
             self._relayed(request, forward, started, failed)
 
     def _answer(
-        self, forward: Forward, answer: tuple[int, bytes], request: Request, started: float
+        self, forward: Forward, answer: tuple[int, bytes], request: VespaRequest, started: float
     ) -> None:
         code, body = answer
         if not request.finished and request.channel is not None:
@@ -243,9 +259,11 @@ class WorkerResource(Resource):
         )
 
     def _relayed(
-        self, request: Request, forward: Forward, started: float, result: RelayResult
+        self, request: VespaRequest, forward: Forward, started: float, result: RelayResult
     ) -> None:
         result.started = started
+        if request.cut_reason:
+            self._cut(request, result)
         if forward.on_done is not None:
             try:
                 forward.on_done(result)
@@ -257,9 +275,11 @@ class WorkerResource(Resource):
                 )
         self._notify(request, result, forward)
 
-    def _not_admitted(self, failure: Failure, request: Request, started: float) -> None:
+    def _not_admitted(self, failure: Failure, request: VespaRequest, started: float) -> None:
         if failure.check(CancelledError):
             result = RelayResult(Outcome.CANCELLED, 0, 0, started, None, self._clock.seconds())
+            if request.cut_reason:
+                self._cut(request, result)
             self._notify(request, result, None)
         elif isinstance(failure.value, Rejection):
             self._refuse(request, failure.value, started)
@@ -287,8 +307,24 @@ class WorkerResource(Resource):
         )
         self._notify(request, result, rejection)  # its workload, as reported (a 429's)
 
+    def _cut(self, request: VespaRequest, result: RelayResult) -> None:
+        """A request whose connection the worker cut failed to be served, however the relay
+        saw it end (its client got nothing more, and did not leave by itself): errored,
+        saying why in a log line next to its access line (PROTOCOL 4.4: cancelled is for a
+        client that went away)."""
+        result.outcome = Outcome.ERRORED
+        result.reason = request.cut_reason
+        self._log.warn(
+            "{method} {path} (id {id}): {why}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            id=request_id.of(request),
+            why=request.cut_reason,
+        )
+
     def _notify(
         self, request: Request, result: RelayResult, forward: Forward | Rejection | None
     ) -> None:
-        self.in_flight.done(request)
+        # Out of the drain's set last: a drain waiting for it goes on with the request told.
         notify(self._observers, request, result, forward)
+        self.in_flight.done(request)

@@ -2,8 +2,8 @@
 """
 The worker's top service: its children start in order. Stopping is a graceful drain: mark
 draining, run the drain hooks (the final report), stop listening, let in-flight requests finish
-up to the drain timeout, abort what is left, stop the other children and close the pools
-(backend, then autoscaler).
+up to the drain timeout, abort what is left and let it end (errored), stop the other children
+(the reporter's last send carries what ended) and close the pools (backend, then autoscaler).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from vast_vespa.worker.state import WorkerState
 # A drain hook (e.g. the final report) may not hold up the shutdown longer than this.
 DRAIN_HOOK_TIMEOUT = 10.0
 LISTENER_PREFIX = "listen-"  # names of the children that accept connections
+DRAIN_CUT = "cut at the drain timeout"  # the reason the requests aborted then end with
+# The requests aborted at the drain timeout end once their connections' loss reaches them, a
+# reactor turn or two later; the stop waits this long at most (one stuck cannot hold it up).
+CUT_WAIT = 1.0
 
 DrainHook = Callable[[], "Deferred[object] | None"]
 
@@ -84,21 +88,34 @@ class WorkerService(TextLogForTwistd, MultiService):
         await DeferredList([self._run_hook(hook) for hook in self._drain_hooks])
         listeners = [child for child in self if (child.name or "").startswith(LISTENER_PREFIX)]
         await self._stop_children(listeners)
-        idle = self.in_flight.idle()
-        try:
-            await idle.addTimeout(self.drain_timeout, self._clock)
-        except TimeoutError:
+        if not await self._all_ended(self.drain_timeout):
             self._log.warn(
                 "drain timeout ({timeout:g} s): aborting {count} request(s) still in flight",
                 timeout=self.drain_timeout,
-                count=self.in_flight.abort(),
+                count=self.in_flight.abort(DRAIN_CUT),
             )
+            # Once they have ended (recorded, logged), the reporter's last send carries them.
+            if not await self._all_ended(CUT_WAIT):
+                self._log.warn(
+                    "{count} aborted request(s) had not ended {wait:g} s after the drain "
+                    "timeout; stopping anyway",
+                    count=len(self.in_flight.requests),
+                    wait=CUT_WAIT,
+                )
         self.site.close_idle_connections()
         await self._stop_children([child for child in reversed(list(self)) if child.running])
         await close_pool(self.pool, self._clock)
         if self.control_pool is not None:  # after the reporter's last send
             await close_pool(self.control_pool, self._clock)
         self._log.info("drained")
+
+    async def _all_ended(self, seconds: float) -> bool:
+        """Whether every request in flight has ended within ``seconds``."""
+        try:
+            await self.in_flight.idle().addTimeout(seconds, self._clock)
+        except TimeoutError:
+            return False
+        return True
 
     def _run_hook(self, hook: DrainHook) -> Deferred[object]:
         ran: Deferred[object] = maybeDeferred(hook)
