@@ -4,8 +4,11 @@ In-process fake backends (twisted.web resources) for tests through real sockets.
 ``FakeBackend`` answers by path:
 
 - ``/status/<code>``: that status, a JSON body, and a few custom headers;
-- ``/sse?n=N&interval=S&first=F``: N server-sent events, S seconds apart, the first after F
-  seconds (default at once: in the same write as the headers);
+- ``/sse?n=N&interval=S&first=F&end=E&length=1``: N server-sent events, S seconds apart, the
+  first after F seconds (default at once: in the same write as the headers), the last followed
+  by ``data: [DONE]``; the body ends E seconds after that (default at once; ``held``: when the
+  test calls the request's entry in ``ends``), chunked unless ``length`` gives it a
+  Content-Length;
 - ``/firehose?total=N``: N bytes as fast as the connection takes them, as a push producer
   that records when it was paused (backpressure tests);
 - ``/big?total=N&cut=M``: N bytes of :func:`big_body` with a Content-Length, written at once;
@@ -254,6 +257,7 @@ class FakeBackend(Resource):
         self.health_code = 200
         self.firehoses: list[Firehose] = []
         self.cancelled: list[Deferred[None]] = []  # one per /slow or /sse request
+        self.ends: list[Callable[[], object]] = []  # one per /sse?end=held request
         self._waiters = Waiters(reactor)
 
     def when(self, predicate: Callable[[], object]) -> Deferred[None]:
@@ -367,8 +371,12 @@ class FakeBackend(Resource):
     def _sse(self, request: Request) -> int:
         count = int(_arg(request, b"n", b"3"))
         interval = float(_arg(request, b"interval", b"0"))
+        end = _arg(request, b"end", b"0")
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
+        if _arg(request, b"length", b""):
+            events = b"".join(b"data: event %d\n\n" % index for index in range(count))
+            request.setHeader(b"content-length", b"%d" % len(events + b"data: [DONE]\n\n"))
         request.write(b"")
         gone: Deferred[None] = Deferred()
         self.cancelled.append(gone)
@@ -388,7 +396,12 @@ class FakeBackend(Resource):
                 pending.append(self.reactor.callLater(interval, send, index + 1))
             else:
                 request.write(b"data: [DONE]\n\n")
-                request.finish()
+                if end == b"held":
+                    self.ends.append(request.finish)
+                elif float(end):
+                    pending.append(self.reactor.callLater(float(end), request.finish))
+                else:
+                    request.finish()
 
         first = float(_arg(request, b"first", b"0"))
         if first:

@@ -20,6 +20,7 @@ from tests.helpers import SignedWorker, http_client, listen_tcp, start_signed_wo
 from tests.memory import Connection, MemoryWorker
 from vast_vespa import request_id
 from vast_vespa.outcome import Outcome, RelayResult
+from vast_vespa.relay import END_GRACE
 
 HELD = b"/slow?delay=1"
 
@@ -80,7 +81,7 @@ class AccountingTests(SynchronousTestCase):
         while len(streaming.received) <= 200:
             worker.advance(0.05)
         streaming.leave()
-        worker.flush()
+        worker.advance(0.05)  # its next event: the answer was not over (relay.END_GRACE)
         self.assertEqual(metrics.in_flight, {})
 
         worker.state.max_perf = 32.0  # from here the wait estimate matters
@@ -147,6 +148,27 @@ class AccountingTests(SynchronousTestCase):
             [s.uri for s in worker.backend.seen],
             [b"/ok", b"/status/503", b"/reset", b"/break", b"/sse?n=100&interval=0.05", HELD],
         )
+
+    def test_a_client_that_leaves_at_the_end_of_a_stream_was_served(self) -> None:
+        """Clients that leave as soon as they have read a stream's last event (as the OpenAI
+        SDK does at ``data: [DONE]``), before the backend's end of the body came: served, in
+        cur_perf and new_load, when that end comes within END_GRACE; cancelled (out of both)
+        when it does not. Both are deleted as successes."""
+        seen: Seen = []
+        worker = self.worker(seen)
+        for rid, cost, idx, end in (("ended", 3, 1, END_GRACE / 2), ("endless", 5, 2, 60)):
+            client = self.send(worker, f"/sse?n=2&end={end}", rid, envelope(worker, cost, idx))
+            self.assertTrue(client.received.endswith(b"data: [DONE]\n\n\r\n"))
+            client.leave()
+        worker.advance(END_GRACE / 2)
+        worker.advance(END_GRACE / 2)
+        worker.report()
+        assert_once_each(self, seen, {"ended": Outcome.SERVED, "endless": Outcome.CANCELLED})
+        self.assertEqual(worker.autoscaler.delete_entries(), [(1, True), (2, True)])
+        statuses = worker.autoscaler.statuses
+        self.assertEqual(sum(s["cur_perf"] for s in statuses), 3)
+        self.assertEqual(sum(s["new_load"] for s in statuses), 3)
+        self.assertEqual(statuses[-1]["cur_load"], 0)
 
     def test_refused_traffic_moves_nothing(self) -> None:
         """A flood of forged, unsigned and blocked requests, some with huge costs and other

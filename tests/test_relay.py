@@ -43,12 +43,13 @@ from tests.helpers import (
     start_signed_worker,
     start_worker,
 )
-from tests.memory import MemoryWorker
+from tests.memory import MemoryWorker, Recorder
 from tests.test_gate import query
 from vast_vespa.net.client import BytesProducer, Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.net.request import LeanRequest
 from vast_vespa.net.resolve import NamedEndpoint
+from vast_vespa.outcome import Outcome
 from vast_vespa.relay import SMALL_BODY, BodyRelay, ProxiedRequest, body_producer
 from vast_vespa.site import VespaRequest, VespaSite
 
@@ -286,6 +287,29 @@ class RelayTests(TestCase):
         await self.backend.arrived()
         client.tcp.loseConnection()
         await seen_closed(self.backend.cancelled[0])
+
+    async def test_a_client_that_hangs_up_at_the_end_of_a_stream_was_served(self) -> None:
+        """A client that hangs up as soon as it has read a stream's last event (the OpenAI
+        SDK at ``data: [DONE]``), before the backend's last chunk reached the worker (held
+        here until the worker saw the client go): served, and the backend connection, whose
+        answer ended cleanly, serves the next request."""
+        recorder = Recorder()
+        resource = self.worker.site.resource
+        resource._observers = (*resource._observers, recorder)
+        client = await raw_connect(
+            self.url, RawClient(b"GET /sse?n=2&end=held HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await client.when(lambda: b"data: [DONE]" in client.received)
+        client.tcp.loseConnection()
+        await server_side_closed(self.url)
+        self.backend.ends[0]()
+        [result] = await recorder.wait()
+        self.assertEqual(result.outcome, Outcome.SERVED)
+        response = await self.http.get(self.url + "/ok")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        streamed, after = self.backend.seen
+        self.assertEqual(after.client_port, streamed.client_port)
 
     async def test_backend_reset_before_headers_is_502(self) -> None:
         """A backend that drops the connection before answering gives a 502."""

@@ -41,6 +41,14 @@ from vast_vespa.outcome import (
 SMALL_BODY = 256 * 1024
 # Sent twice, these do what they do once (RFC 9110 9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# Seconds a backend has to end its body once the client left, when that end is not the body's
+# last byte (a chunked body's last chunk, a connection's close): a client that stops at its
+# API's own end of stream (the OpenAI SDK at "data: [DONE]") often leaves before the backend's
+# end reaches the worker, and was served. Enough for an end that comes a little after the last
+# data (a busy backend's next event-loop turn; a small write Nagle's algorithm holds for a
+# delayed ACK, up to 200 ms on Linux); short beside a generation left running for nobody, which
+# more data after the client left cuts at once anyway.
+END_GRACE = 0.25
 
 
 def body_producer(
@@ -117,6 +125,8 @@ class BodyRelay(Protocol):
         if not self.client_lost:
             self.bytes_out += len(data)
             self._request.write(data)
+        else:
+            self.cut()  # more body after the client left: it did not have the whole answer
 
     def spliced(self, count: int) -> None:
         """``count`` bytes of the body went to the client without passing through here
@@ -126,35 +136,40 @@ class BodyRelay(Protocol):
         self.bytes_out += count
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.client_lost:
-            # The channel is gone: no unregisterProducer/finish (they would raise).
-            self._done()
-            return
-        if self._producing:
-            self._request.unregisterProducer()
         ended = reason.value  # (not .check: slower)
-        if isinstance(ended, ResponseDone) or (
-            isinstance(ended, PotentialDataLoss) and not self._cut
+        if not (
+            isinstance(ended, ResponseDone)
+            or (isinstance(ended, PotentialDataLoss) and not self._cut)
         ):
-            self._request.finish()
-        else:
-            # Truncated upstream: close without the final chunk so that the client sees a
-            # broken response, never a short clean one.
-            self.failure = reason
-            self._request.loseConnection()
+            self.failure = reason  # truncated upstream, or cut here
+        if not self.client_lost:  # (else the channel is gone: unregister and finish raise)
+            if self._producing:
+                self._request.unregisterProducer()
+            if self.failure is None:
+                self._request.finish()
+            else:
+                # Closed without the final chunk: the client sees a broken response, never a
+                # short clean one.
+                self._request.loseConnection()
         self._done()
 
     def cut(self) -> None:
-        """End the body here (a time limit passed): the backend's connection is closed, and
-        the client sees a broken response even when the body is one that ends with its
-        connection (no Content-Length, not chunked), whose end would otherwise read as whole."""
+        """End the body here (a time limit passed, or the client left before its end): the
+        backend's connection is closed, and the body counts as broken even when it is one
+        that ends with its connection (no Content-Length, not chunked), whose end would
+        otherwise read as whole."""
         self._cut = True
-        self.stopProducing()
+        if self._backend is not None:
+            self._backend.stopProducing()
 
     def client_gone(self) -> None:
-        """The client disconnected: stop reading from the backend and close its connection."""
+        """The client disconnected: nothing more is written to it. The backend's body goes on
+        until :class:`ProxiedRequest` cuts it (at once, or after END_GRACE), or it ends."""
         self.client_lost = True
-        self.stopProducing()
+
+    # A real transport tells its producer as it is lost, before the request tells
+    # ProxiedRequest (an in-memory one never does): the client is gone, as above.
+    stopProducing = client_gone
 
     def pauseProducing(self) -> None:
         if self._backend is not None:
@@ -164,16 +179,19 @@ class BodyRelay(Protocol):
         if self._backend is not None:
             self._backend.resumeProducing()
 
-    def stopProducing(self) -> None:
-        if self._backend is not None:
-            self._backend.stopProducing()
-
 
 class ProxiedRequest:
     """
     Owns one proxied call: sends it with ``agent``, relays the response into ``request``,
     cancels the backend call when the client leaves, and reports a :class:`RelayResult`.
     The Deferred from :meth:`start` never fails (nor does :meth:`run` call ``done`` twice).
+
+    A client that leaves while a body whose end is not its last byte (chunked, or ending with
+    the connection) is still coming may have had all of it but that end (a client that stops
+    at its API's own end of stream): the request is served if the end comes within END_GRACE
+    and nothing more of the body before it; otherwise the call is cut and the request
+    cancelled. A body of known length still coming is cut at once, and so is the body of a
+    request whose connection the worker cut itself (``cut_reason``: its client did not leave).
 
     Time limits (0 = none): ``timeout`` for the whole call, ``first_byte_timeout`` until the
     response headers (both 504 while nothing was sent to the client), ``stall_timeout`` between
@@ -223,7 +241,8 @@ class ProxiedRequest:
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
-        self._step_timer: IDelayedCall | None = None  # first byte, then stall
+        # First byte, then stall; once the client left mid-body, END_GRACE.
+        self._step_timer: IDelayedCall | None = None
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
@@ -313,10 +332,21 @@ class ProxiedRequest:
         if self._client_gone:
             return
         self._client_gone = True
+        relay = self._relay
         if self._pending is not None:
             self._pending.cancel()  # aborts the backend connection
-        elif self._relay is not None:
-            self._relay.client_gone()
+        elif relay is not None:
+            relay.client_gone()
+            request = self._request
+            if getattr(request, "cut_reason", ""):  # VespaRequest's: the worker cut it itself
+                relay.cut()
+            elif b"Content-Length" in header_ops(request).table(request.responseHeaders):
+                relay.cut()  # its end is its last byte, which the client never had
+            else:
+                # The client may have left at the end of the answer, before the backend's end
+                # of the body reached the worker: served if that end comes within END_GRACE.
+                self._cancel_step_timer()
+                self._step_timer = self._clock.callLater(END_GRACE, relay.cut)
 
     def _time_out(self, why: str) -> None:
         self._timed_out = why
@@ -394,9 +424,11 @@ class ProxiedRequest:
         assert relay is not None
         self._result.bytes_out = relay.bytes_out
         failure = relay.failure
-        if relay.client_lost:
+        if failure is None:  # whole, even if the client left before its end came
+            self._finish(SERVED)
+        elif relay.client_lost:
             self._finish(Outcome.CANCELLED, "client disconnected")
-        elif failure is not None:
+        else:
             why = self._timed_out or "backend broke mid-response"
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
@@ -406,8 +438,6 @@ class ProxiedRequest:
                 reason=failure.getErrorMessage(),
             )
             self._finish(Outcome.ERRORED, why)
-        else:
-            self._finish(SERVED)
 
     def _no_response(self, failure: Failure) -> None:
         self._pending = None
