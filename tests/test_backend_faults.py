@@ -205,6 +205,20 @@ class BackendFaultTests(TestCase):
         self.assertIn(b"data: [DONE]", raw)
         self.assert_result(Outcome.SERVED, 200, "")
 
+    async def test_request_timeout_cuts_a_steady_stream(self) -> None:
+        """REQUEST_TIMEOUT bounds the whole call: a stream still going when it passes is cut
+        (the client never sees a clean end), and the reason says so rather than "no
+        response", as the headers came long before."""
+        url = self.worker(request_timeout=0.3)
+        raw = await raw_request(
+            url, b"GET /sse?n=20&interval=0.05 HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+        )
+        self.assertIn(b"data: event 1", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)
+        self.assert_result(
+            Outcome.ERRORED, 200, "answer still coming after 0.3 s, the whole-call limit"
+        )
+
     async def test_connect_timeout_is_504(self) -> None:
         """A backend that cannot be connected to in time gives 504 (errored)."""
         url = self.worker(agent=_FlakyAgent(self.agent, ConnectTimeout()))

@@ -266,9 +266,7 @@ class ProxiedRequest:
         else:
             self._request.notifyFinish().addErrback(self._client_disconnected)
         if self._timeout:
-            self._timer = self._clock.callLater(
-                self._timeout, self._time_out, f"no response within {self._timeout:g} s"
-            )
+            self._timer = self._clock.callLater(self._timeout, self._over_time)
         if self._first_byte_timeout:
             self._step_timer = self._clock.callLater(
                 self._first_byte_timeout,
@@ -347,6 +345,14 @@ class ProxiedRequest:
                 # of the body reached the worker: served if that end comes within END_GRACE.
                 self._cancel_step_timer()
                 self._step_timer = self._clock.callLater(END_GRACE, relay.cut)
+
+    def _over_time(self) -> None:
+        """The whole call's limit: a 504 before the response headers; after them, the answer
+        (a stream still going) is cut, which its warning and access line say as such."""
+        if self._pending is not None:
+            self._time_out(f"no response within {self._timeout:g} s")
+        else:
+            self._time_out(f"answer still coming after {self._timeout:g} s, the whole-call limit")
 
     def _time_out(self, why: str) -> None:
         self._timed_out = why

@@ -201,7 +201,8 @@ class Settings:
         "request-timeout",
         parse_seconds,
         "0",
-        "Give up on a backend call after this many seconds (504); 0 = no limit.",
+        "Give up on a backend call after this many seconds, streams included: no response "
+        "headers by then is a 504, an answer still coming is cut; 0 = no limit.",
     )
     access_log: bool = worker_option(
         "ACCESS_LOG",
