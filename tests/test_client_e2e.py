@@ -439,11 +439,15 @@ class RerouteTests(ClientTestCase):
 
     async def test_post_lost_after_it_left_is_not_sent_again(self) -> None:
         """A POST whose connection drops after it was sent (the worker ran it, or not) gets
-        502 and is not sent elsewhere: a second copy could charge or generate twice. A GET
-        in the same case is routed again."""
+        502 `worker unavailable` (the worker, not its backend, is what the proxy could not
+        hear from) and is not sent elsewhere: a second copy could charge or generate twice. A
+        GET in the same case is routed again."""
         url = self.start_client()
+        ended = self.recorder().wait()
         response, body = await self.call("POST", url + "/reset", json={"charge": 1})
-        self.assertEqual(response.code, 502, body)
+        self.assertEqual((response.code, json.loads(body)["error"]), (502, "worker unavailable"))
+        [result] = await ended
+        self.assertEqual(result.bytes_out, len(body))  # its own answer counted
         self.assertEqual(len(self.backend.seen), 1)
         self.assertEqual(len(self.autoscaler.calls), 1)
         response, _ = await self.call("GET", url + "/reset")

@@ -216,6 +216,7 @@ class ProxiedRequest:
         stall_timeout: float = 0.0,
         retry_if: Callable[[int | None], bool] | None = None,
         locations: Callable[[Request, bytes], bytes] | None = None,
+        upstream: str = "backend",
     ) -> None:
         """
         ``retry_if(status)`` (status None: no response at all) may claim an answer before any
@@ -224,7 +225,8 @@ class ProxiedRequest:
         it is asked only if sending the request again cannot do its work twice: the request
         never left (the connection could not be made), or its method is idempotent. ``locations``
         rewrites each ``Location`` and ``Content-Location`` value of the response to
-        ``request``.
+        ``request``. ``upstream``: what the request goes to, as its errors name it (the
+        client proxy's is a worker, whose own errors name its backend).
         """
         self._locations = locations
         self._agent = agent
@@ -238,6 +240,7 @@ class ProxiedRequest:
         self._first_byte_timeout = first_byte_timeout
         self._stall_timeout = stall_timeout
         self._retry_if = retry_if
+        self._upstream = upstream
         self._pending: Deferred[IResponse] | None = None
         self._relay: BodyRelay | None = None
         self._timer: IDelayedCall | None = None
@@ -435,7 +438,7 @@ class ProxiedRequest:
         elif relay.client_lost:
             self._finish(Outcome.CANCELLED, "client disconnected")
         else:
-            why = self._timed_out or "backend broke mid-response"
+            why = self._timed_out or f"{self._upstream} broke mid-response"
             self._log.warn(
                 "{method} {url}: {why}: {reason}",
                 method=self._method,
@@ -456,11 +459,11 @@ class ProxiedRequest:
             self._send()
             return
         if self._timed_out:
-            code, error, detail = 504, "backend timeout", self._timed_out
+            code, error, detail = 504, f"{self._upstream} timeout", self._timed_out
         elif inner_failure(failure).check(ConnectTimeout):
-            code, error, detail = 504, "backend timeout", "could not connect in time"
+            code, error, detail = 504, f"{self._upstream} timeout", "could not connect in time"
         else:
-            code, error = 502, "backend unavailable"
+            code, error = 502, f"{self._upstream} unavailable"
             detail = describe_failure(failure)
             if (
                 self._retry_if is not None
@@ -479,6 +482,7 @@ class ProxiedRequest:
         )
         self._result.status = code
         write_error(self._request, code, error, detail)
+        self._result.bytes_out = self._request.sentLength
         self._finish(Outcome.ERRORED, error)
 
     def _safe_to_resend(self, failure: Failure) -> bool:

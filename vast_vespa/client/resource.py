@@ -329,6 +329,7 @@ class ClientResource(Resource):
                     wrapped.body,
                     self._timeout,
                     retry_if=_unanswered if last else _worth_retrying,
+                    upstream="worker",
                 ).start()
                 if not result.retry:
                     result.started = started
