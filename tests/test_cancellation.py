@@ -101,6 +101,21 @@ class CancellationTests(SynchronousTestCase):
         self.assert_no_timers()
         self.assert_serves_next()
 
+    def test_body_and_its_end_in_one_read_after_the_client_left(self) -> None:
+        """The client left mid-stream; the rest of the body and its end then come in one read:
+        the client never had that rest, so the request is cancelled, not served."""
+        client = self.worker.request("GET", "/sse?n=3&interval=0.1")
+        self.worker.advance(0.1)
+        self.assertIn(b"data: event 1", client.received)
+        self.assertNotIn(b"event 2", client.received)
+        client.leave()
+        self.worker.flush()
+        self.worker.advance(0.1)  # event 2, [DONE] and the last chunk, together
+        [result] = self.worker.results
+        self.assertEqual(result.outcome, Outcome.CANCELLED)
+        self.assert_no_timers()
+        self.assert_serves_next()
+
     def test_leaving_mid_upload_never_reaches_the_backend(self) -> None:
         """A client that leaves before its body is complete: nothing reaches the backend and
         no outcome is recorded (the request never started)."""

@@ -92,6 +92,7 @@ class BodyRelay(Protocol):
 
     _producing = False  # registered as the request's producer
     _cut = False  # ended here, by a time limit (cut)
+    _missed = False  # body came after the client left: it never had the whole answer
 
     def __init__(
         self,
@@ -125,8 +126,9 @@ class BodyRelay(Protocol):
         if not self.client_lost:
             self.bytes_out += len(data)
             self._request.write(data)
-        else:
-            self.cut()  # more body after the client left: it did not have the whole answer
+        else:  # more body after the client left: it did not have the whole answer
+            self._missed = True  # (even if the body's end comes in this same read)
+            self.cut()
 
     def spliced(self, count: int) -> None:
         """``count`` bytes of the body went to the client without passing through here
@@ -137,11 +139,11 @@ class BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         ended = reason.value  # (not .check: slower)
-        if not (
+        if self._missed or not (
             isinstance(ended, ResponseDone)
             or (isinstance(ended, PotentialDataLoss) and not self._cut)
         ):
-            self.failure = reason  # truncated upstream, or cut here
+            self.failure = reason  # truncated upstream, cut here, or not all relayed
         if not self.client_lost:  # (else the channel is gone: unregister and finish raise)
             if self._producing:
                 self._request.unregisterProducer()
@@ -460,11 +462,12 @@ class ProxiedRequest:
             return
         if self._timed_out:
             code, error, detail = 504, f"{self._upstream} timeout", self._timed_out
-        elif inner_failure(failure).check(ConnectTimeout):
-            code, error, detail = 504, f"{self._upstream} timeout", "could not connect in time"
         else:
-            code, error = 502, f"{self._upstream} unavailable"
-            detail = describe_failure(failure)
+            if inner_failure(failure).check(ConnectTimeout):
+                code, error, detail = 504, f"{self._upstream} timeout", "could not connect in time"
+            else:
+                code, error = 502, f"{self._upstream} unavailable"
+                detail = describe_failure(failure)
             if (
                 self._retry_if is not None
                 and self._safe_to_resend(failure)
@@ -490,6 +493,7 @@ class ProxiedRequest:
         lost after it left may have been lost after the backend ran it."""
         if self._method in IDEMPOTENT_METHODS:
             return True
+        # (ConnectError covers a connection that timed out before it opened.)
         return (
             inner_failure(failure).check(ConnectError, DNSLookupError, RequestNotSent) is not None
         )
