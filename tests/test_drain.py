@@ -27,6 +27,23 @@ class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.worker = MemoryWorker(self, signed=False)
 
+    def test_a_request_whose_client_left_is_not_cut(self) -> None:
+        """A client that read a stream to its [DONE] and left, whose backend's end comes within
+        END_GRACE after the drain timeout passed: nothing of it was cut by the worker (it had
+        no connection left to cut), so it is served, not errored "cut at the drain timeout"."""
+        worker = self.worker
+        service = worker.service(drain_timeout=0.1)
+        client = worker.request("GET", "/sse?n=2&end=0.2")
+        self.assertTrue(client.received.endswith(b"data: [DONE]\n\n\r\n"))
+        client.leave()
+        worker.flush()
+        stopped = service.stopService()
+        for _ in range(3):
+            worker.advance(0.1)
+        self.successResultOf(stopped)
+        [result] = worker.results
+        self.assertEqual((result.outcome, result.reason), (Outcome.SERVED, ""))
+
     def test_stream_in_flight_finishes(self) -> None:
         """On stop, a stream in flight runs to its end, the drain hooks run first with the
         worker marked draining, new requests get 503 "draining", and the stop waits for it."""

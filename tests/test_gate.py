@@ -215,7 +215,8 @@ class SignedRequestTests(SynchronousTestCase):
 
     def test_refusal_access_line_has_its_workload(self) -> None:
         """A 429's access line shows the workload the report counts as rejected (it said
-        workload=0); a refusal with no workload (401) still says 0."""
+        workload=0); a refusal with no workload (401) still says 0. Both count the bytes of
+        their JSON answer (they said 0B)."""
         lines: list[str] = []
         logger = Logger(observer=cast(ILogObserver, lambda event: lines.append(event["line"])))
         worker = self.worker(
@@ -231,8 +232,8 @@ class SignedRequestTests(SynchronousTestCase):
         self.assertEqual(worker.get("/unsigned").code, 401)
         worker.report()
         self.assertEqual(worker.autoscaler.statuses[-1]["rej_load"], 40.0)
-        self.assertRegex(lines[0], r"^POST /x 429 rejected workload=40 ")
-        self.assertRegex(lines[1], r"^GET /unsigned 401 rejected workload=0 ")
+        self.assertRegex(lines[0], rf"^POST /x 429 rejected workload=40 {len(answer.body)}B ")
+        self.assertRegex(lines[1], r"^GET /unsigned 401 rejected workload=0 [1-9]\d*B ")
         worker.advance(1)
         self.assertEqual(worker.answered(held).code, 200)
 

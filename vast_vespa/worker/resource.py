@@ -124,9 +124,9 @@ class InFlight:
         (:meth:`idle` says when); returns how many."""
         requests = list(self.requests.values())
         for request in requests:
-            request.cut_reason = why
             transport = getattr(request.channel, "transport", None)
-            if transport is not None:
+            if transport is not None:  # (a request whose client left is not cut: it ends)
+                request.cut_reason = why
                 transport.abortConnection()
         return len(requests)
 
@@ -299,7 +299,7 @@ class WorkerResource(Resource):
         result = RelayResult(
             Outcome.REJECTED,
             rejection.code,
-            0,
+            request.sentLength,
             started,
             None,
             self._clock.seconds(),
