@@ -13,10 +13,12 @@ from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import DNSLookupError
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IAgent
 
 from tests.fakes import CannedHTTP, FakeBackend, FakeRouter, FakeSecuredWorker, WatchedClock
 from tests.helpers import RawClient, http_client, listen, raw_connect, start_signed_worker
@@ -58,6 +60,20 @@ async def pump(clock: WatchedClock, done: Deferred[Any]) -> None:
             continue
         wake = clock.scheduled()  # a back-off (or a call timeout) scheduled, or the end
         await wake
+
+
+class _FirstTimesOut:
+    """An agent whose first connection attempt times out, then sends through ``agent``."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.calls = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        if self.calls == 1:
+            return fail(ConnectTimeout("connection timed out"))
+        return cast(Deferred[Any], self.agent.request(*args, **kwargs))
 
 
 class ClientTestCase(TestCase):
@@ -366,6 +382,17 @@ class RoutingTests(ClientTestCase):
 
 class RerouteTests(ClientTestCase):
     workers = 2
+
+    async def test_worker_connect_timeout_rerouted(self) -> None:
+        """A worker whose connection times out before it opens (its instance gone, SYNs
+        dropped) is replaced like one that refuses: the request never left, even a POST."""
+        url = self.start_client()
+        resource = self.service.resource
+        resource._agent = cast(IAgent, _FirstTimesOut(resource._agent))
+        response, body = await self.call("POST", url + "/v1/x", json={"a": 1})
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(len(self.autoscaler.calls), 2)
+        self.assertEqual(len(self.backend.seen), 1)
 
     async def test_busy_worker_rerouted(self) -> None:
         """A worker answering 429 before any byte: the request is routed again (same
