@@ -21,6 +21,7 @@ from tests.helpers import http_client, listen
 from tests.memory import MemoryNetwork, memory_http
 from vast_vespa.signing import generate_private_key, public_pem
 from vast_vespa.worker.autoscaler import (
+    ANSWER_SHOWN,
     AutoscalerClient,
     AutoscalerError,
     PublicKeyStore,
@@ -87,7 +88,7 @@ class ClientTests(SynchronousTestCase):
         refusing = FakeAutoscaler()
         refusing.codes[b"/worker_status/"] = 422
         echo = '{"detail": "cur_load: not a number",\n "input": {"mtoken": "secret-token-123"}}'
-        refusing.refusal = echo.encode() + b" " * 300 + b"ZZZ"
+        refusing.refusal = echo.encode() + b" " + b"y" * 300 + b"ZZZ"
         sending = self.client([self.serve(refusing)]).post_status({})
         self.network.flush()
         message = str(self.failureResultOf(sending, AutoscalerError).value)
@@ -97,6 +98,13 @@ class ClientTests(SynchronousTestCase):
         )
         self.assertNotIn("secret-token-123", message)
         self.assertNotIn("ZZZ", message)
+        # A token that the cut at ANSWER_SHOWN characters would split is masked all the same.
+        refusing.refusal = b"x" * (ANSWER_SHOWN - 10) + b"secret-token-123 and more"
+        sending = self.client([self.serve(refusing)]).post_status({})
+        self.network.flush()
+        message = str(self.failureResultOf(sending, AutoscalerError).value)
+        self.assertNotIn("secret-tok", message)
+        self.assertIn(b"x" * (ANSWER_SHOWN - 10) + b"secr...", message.encode())
 
     def test_hung_address_times_out_and_fails_over(self) -> None:
         """An address that never answers is abandoned after the timeout for the next one."""

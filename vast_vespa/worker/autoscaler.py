@@ -89,10 +89,10 @@ class AutoscalerClient:
     def _refused(self, code: int, answer: bytes) -> AutoscalerError:
         """A non-2xx answer, with the start of its body: the autoscaler says there why it
         refused (a 400's list of problems). The token is masked if the body echoes it."""
-        text = answer[:ANSWER_SHOWN].decode("utf-8", "replace")
-        text = " ".join(text.split())
-        if self._token:
+        text = answer[: ANSWER_SHOWN * 4].decode("utf-8", "replace")
+        if self._token:  # before cutting: a token cut in two would no longer match
             text = text.replace(self._token, mask(self._token))
+        text = " ".join(text.split())[:ANSWER_SHOWN]
         return AutoscalerError(f"HTTP {code}: {text}" if text else f"HTTP {code}")
 
     async def _first_ok(
