@@ -130,7 +130,7 @@ check_variables() {
     local name
     for name in VESPA_ARGS VESPA_PIP_ARGS; do
         case "${!name}" in
-            *[\"\']*) fail "$name is split at spaces and takes no quotes: $name=${!name} (give a value with spaces through its environment variable instead)" ;;
+            *[\"\']*) fail "$name is split at spaces and takes no quotes (give a value with spaces through its environment variable instead; the value is not shown: it may hold a password)" ;;
         esac
     done
     local missing=() port_var="VAST_TCP_PORT_${WORKER_PORT}"

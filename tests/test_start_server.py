@@ -454,9 +454,12 @@ class StartServerTests(TestCase):
         self.assertEqual(code, 1, output)
         self.assertIn("VESPA_ARGS is split at spaces and takes no quotes", output)
         self.assertEqual([len(b) for b in self.beacons()], [1, 1])
-        code, output = await self.start(VESPA_ARGS="", VESPA_PIP_ARGS='--index-url "https://x"')
+        code, output = await self.start(
+            VESPA_ARGS="", VESPA_PIP_ARGS='--index-url "https://me:S3CRET@pypi.example/simple"'
+        )
         self.assertEqual(code, 1, output)
         self.assertIn("VESPA_PIP_ARGS is split at spaces and takes no quotes", output)
+        self.assertNotIn("S3CRET", output + json.dumps(self.beacons()))  # never shown
         code, output = await self.start(
             VESPA_PIP_ARGS="", VESPA_ARGS=r"--max-wait-time 5  --listen tcp:4000:a\:b"
         )
