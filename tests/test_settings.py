@@ -98,14 +98,18 @@ class SettingsTests(SynchronousTestCase):
         cert, key, _ = self_signed(self.mktemp())
         env = {"PUBLIC_IPADDR": "203.0.113.7", "VAST_TCP_PORT_13000": "43000"}
         tls = f"ssl:13000:privateKey={key}:certKey={cert}"
+        moved = f"ssl:interface=127.0.0.1:port=13000:privateKey={key}:certKey={cert}"
         for listen, use_ssl, url in [
             (tls, "", "https://203.0.113.7:43000"),
+            (moved, "", "https://203.0.113.7:43000"),  # port= anywhere, the port derived
             (tls, "true", "https://203.0.113.7:43000"),
             (f"tcp:13000 {tls.replace('13000', '13443')}", "", "http://203.0.113.7:43000"),
             ("tcp:13000", "false", "http://203.0.113.7:43000"),
         ]:
             settings = load_settings({"listen": listen}, {**env, "USE_SSL": use_ssl})
             self.assertEqual(settings.vast.public_url, url, listen)
+        with self.assertRaises(SettingsError):
+            load_settings({"listen": "tcp:interface=0.0.0.0:port=13000"}, {**env, "USE_SSL": "1"})
         with self.assertRaises(SettingsError) as raised:
             load_settings({"listen": "tcp:13000"}, {**env, "USE_SSL": "true"})
         self.assertIn(

@@ -603,10 +603,9 @@ def _advertised_tls(values: Mapping[str, Any]) -> bool:
     @raise SettingsError: for USE_SSL with a plain ``tcp:`` listener on WORKER_PORT, which
         would send every client https:// to a port that speaks HTTP.
     """
-    for description in values["listen"]:
-        match = re.match(r"(tcp|ssl):(?:port=)?(\d+)", description)
-        if match and int(match.group(2)) == values["worker_port"]:
-            if match.group(1) == "ssl":
+    for kind, port, description in _port_listeners(values["listen"]):
+        if port == values["worker_port"]:
+            if kind == "ssl":
                 return True
             if values["use_ssl"]:
                 raise SettingsError(
@@ -618,13 +617,26 @@ def _advertised_tls(values: Mapping[str, Any]) -> bool:
     return bool(values["use_ssl"])
 
 
+def _port_listeners(listen: Sequence[str]) -> list[tuple[str, int, str]]:
+    """Each tcp:/ssl: listener as (its kind, its port, its description); the port is the
+    first positional argument or ``port=``, wherever it stands."""
+    found = []
+    for description in listen:
+        kind, *fields = re.split(r"(?<!\\):", description)
+        if kind not in ("tcp", "ssl"):
+            continue
+        positional = [field for field in fields if "=" not in field]
+        named = [field[5:] for field in fields if field.startswith("port=")]
+        for port in named or positional[:1]:
+            if port.isdigit():
+                found.append((kind, int(port), description))
+    return found
+
+
 def _listen_port(listen: Sequence[str]) -> int | None:
     """The TCP port of the first tcp:/ssl: listener, if any."""
-    for description in listen:
-        match = re.match(r"(?:tcp|ssl):(?:port=)?(\d+)", description)
-        if match:
-            return int(match.group(1))
-    return None
+    listeners = _port_listeners(listen)
+    return listeners[0][1] if listeners else None
 
 
 def _vast_environment(environ: Mapping[str, str], port: int, use_ssl: bool) -> VastEnvironment:
