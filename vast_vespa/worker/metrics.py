@@ -251,6 +251,10 @@ class WorkerMetrics:
         window = Window(**vars(self.window))
         disk = self._disk_used()
         previous = disk if self._disk_sent is None else self._disk_sent
+        # The requests the autoscaler routed and that are still in flight, sessions included:
+        # a request inside a session has no idx of its own and, as in the official worker, is
+        # not among them (nor is a repeated idx), though its workload counts in cur_load.
+        working = [e.request_idx for e in self.in_flight.values() if e.request_idx is not None]
         body: dict[str, Any] = {
             "id": self._vast.container_id or 0,
             "mtoken": self._vast.master_token,
@@ -264,12 +268,10 @@ class WorkerMetrics:
             "cur_perf": window.served,
             "cur_capacity": 0,
             "max_capacity": 0,
-            "num_requests_working": len(self.in_flight),
+            "num_requests_working": len(working),
             "num_requests_recieved": self.received_count,
             "additional_disk_usage": (disk - previous) / GIB,
-            "working_request_idxs": [
-                e.request_idx for e in self.in_flight.values() if e.request_idx is not None
-            ],
+            "working_request_idxs": working,
             "url": self._vast.public_url or "",
         }
         return Report(body, window, disk, self._changes)
