@@ -105,11 +105,12 @@ class MetricsTests(SynchronousTestCase):
         body = metrics.report().body
         self.assertEqual((body["cur_load"], body["num_requests_working"]), (65, 4))
         self.assertEqual(body["working_request_idxs"], [1, 2, 3, 4])
-        inside = metrics.start(7, None)  # a request inside a session: no idx of its own
-        body = metrics.report().body
-        self.assertEqual((body["cur_load"], body["num_requests_working"]), (72, 4))
+        _, _, other, _ = make()
+        other.start(10, 1)
+        other.start(7, None)  # a request inside a session: no idx of its own
+        body = other.report().body
+        self.assertEqual((body["cur_load"], body["num_requests_working"]), (17, 1))
         self.assertEqual(report_problems(body), [])  # as the emulator reads it
-        metrics.finish(inside, Outcome.SERVED)
         metrics.finish(a, Outcome.SERVED)
         metrics.finish(a, Outcome.ERRORED)  # ignored: already finished
         metrics.finish(b, Outcome.ERRORED)
