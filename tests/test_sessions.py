@@ -17,6 +17,7 @@ from tests.fakes import FakeBackend
 from tests.helpers import http_client, listen, start_signed_worker
 from tests.memory import Answer, MemoryWorker
 from vast_vespa import sandbox
+from vast_vespa.logs import log_access
 from vast_vespa.worker.sessions import ON_CLOSE_TIMEOUT, SessionEndResource
 
 
@@ -55,7 +56,7 @@ class SessionTests(SynchronousTestCase):
         status = worker.autoscaler.statuses[-1]
         self.assertEqual(status["working_request_idxs"], [7])
         self.assertEqual(status["cur_load"], 50.0)
-        self.assertEqual(status["cur_perf"], 50.0)  # the session's request
+        self.assertEqual(status["cur_perf"], 100.0)  # the session's request (WORKLOAD=cost)
         self.assertEqual(worker.autoscaler.deleted(), {})  # which has no request_idx of its own
         ended = worker.post("/session/end", {"session_id": session_id, "session_auth": auth})
         self.assertEqual(ended.code, 200)
@@ -65,6 +66,47 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual((status["working_request_idxs"], status["cur_load"]), ([], 0))
         self.assertEqual(status["cur_perf"], 50.0)  # the session
         self.assertEqual(worker.autoscaler.deleted(), {7: True})
+
+    def test_requests_in_a_session_count_their_own_workload(self) -> None:
+        """A session's requests carry its auth_data, whose cost is the session's: each counts
+        its payload's workload (100 with WORKLOAD=cost, as the official worker without a
+        calculator), so a large session does not make its own second request wait (429)."""
+        worker = self.worker(max_wait_time=10.0, max_perf=100.0)
+        answer, auth = self.create(worker, cost=600.0)
+        session_id = answer.json()["session_id"]
+        body = json.dumps(envelope(auth, {}, session_id)).encode()
+        slow = [worker.request("POST", "/slow?delay=5", body) for _ in range(2)]
+        self.assertEqual([c.answer for c in slow], [None, None])  # both admitted
+        worker.report()
+        self.assertEqual(worker.autoscaler.statuses[-1]["cur_load"], 800.0)
+        worker.advance(5)
+        self.assertEqual([worker.answered(c).code for c in slow], [200, 200])
+        worker.report()
+        status = worker.autoscaler.statuses[-1]
+        self.assertEqual((status["cur_load"], status["cur_perf"]), (600.0, 200.0))
+
+    def test_a_session_counts_its_cost_whatever_workload(self) -> None:
+        """With an estimating WORKLOAD, /session/create still counts its auth_data's cost
+        (PROTOCOL 5.1: its payload holds no work), clamped like any cost, shown in its access
+        line (a 429's too); a request in it counts WORKLOAD's estimate of its payload."""
+        worker = self.worker(workload="openai", max_wait_time=10.0, observers=(log_access,))
+        with capturedLogs() as events:
+            answer, auth = self.create(worker, cost=600.0)
+            self.create(worker, cost=5000.0, request_idx=2, reqnum=2)  # over 100/s x 10 s
+            self.create(worker, cost=300.0, request_idx=3, reqnum=3)  # over MAX_SESSIONS
+        lines = [formatEvent(event) for event in events]
+        for shown in (
+            "201 served workload=600 ",
+            "201 served workload=1000 ",
+            "429 rejected workload=300 ",
+        ):
+            self.assertTrue(any(f"/session/create {shown}" in x for x in lines), lines)
+        payload = {"prompt": "four", "max_tokens": 7}  # 1 + 7 tokens
+        used = worker.post("/x", envelope(auth, payload, answer.json()["session_id"]))
+        self.assertEqual(used.code, 200)
+        worker.report()
+        status = worker.autoscaler.statuses[-1]
+        self.assertEqual((status["cur_load"], status["cur_perf"]), (1600.0, 8.0))
 
     def test_gone_after_end(self) -> None:
         """After /session/end: 410 for a request in it, for /session/end and /session/get;

@@ -408,16 +408,22 @@ class SignedGate:
     ) -> Forward | Deferred[Forward]:
         auth = unwrapped.auth
         request_idx = None if auth is None else auth["request_idx"]
-        work = self._work_of(request, unwrapped, cost_signed)
         session = None
         sessions = self._sessions  # (not _is_create: a call for every request)
         if sessions is not None and request.path == SESSION_CREATE:
-            return sessions.create(unwrapped, work)
-        if unwrapped.session_id is not None:
+            # Its cost, whatever WORKLOAD (PROTOCOL 5.1): a create's payload (lifetime,
+            # on_close_route) says nothing of the work the session reserves.
+            return sessions.create(unwrapped, self._work_of(request, unwrapped, by_cost=True))
+        if unwrapped.session_id is None:
+            work = self._work_of(request, unwrapped, cost_signed)
+        else:
             if sessions is None:
                 raise Rejection(410, "invalid session", "sessions are off (MAX_SESSIONS=0)")
             session = sessions.use(unwrapped.session_id, auth)
             request_idx = None  # the session reports its request_idx, not its requests
+            # Its auth_data (and cost) is the session's: WORKLOAD's estimate of the payload
+            # (DEFAULT_WORKLOAD with WORKLOAD=cost), as the official worker counts it.
+            work = self._admission.bound(self._estimate(request, unwrapped))
         try:
             self._admission.check(work)
         except TooBusy as busy:
@@ -442,10 +448,11 @@ class SignedGate:
         slot.addErrback(self._left_queue, token, request)
         return slot.addCallback(self._admitted, forward, token)
 
-    def _work_of(self, request: Request, unwrapped: Unwrapped, cost_signed: bool) -> float:
-        """The workload of this request, the one place it is decided: its ``cost`` (with the
-        DEFAULT_COST rule), or WORKLOAD's estimate where the cost is not signed, bounded by
-        what the worker serves within MAX_WAIT_TIME so a forged cost cannot block the queue.
+    def _work_of(self, request: Request, unwrapped: Unwrapped, by_cost: bool) -> float:
+        """The workload of this request (or session; not of a request in one, see _admit):
+        its ``cost`` (with the DEFAULT_COST rule) where ``by_cost`` (signed, or a session's)
+        or WORKLOAD=cost, else WORKLOAD's estimate, bounded by what the worker serves within
+        MAX_WAIT_TIME so a forged cost cannot block the queue.
 
         @raise Rejection: 422 for a cost that cannot be a workload."""
         if unwrapped.auth is None:
@@ -454,7 +461,7 @@ class SignedGate:
             work = workload(unwrapped.auth["cost"], self._default_cost)
         except BadCost as e:
             raise Rejection(422, "invalid cost", str(e)) from None
-        if not cost_signed and not self._workload.uses_cost:
+        if not by_cost and not self._workload.uses_cost:
             work = self._estimate(request, unwrapped)
         return self._admission.bound(work)
 

@@ -127,9 +127,10 @@ class Session:
         }
 
 
-def _answer(code: int, document: Any) -> Forward:
+def _answer(code: int, document: Any, workload: float = 0.0) -> Forward:
     """A Forward the worker answers itself: nothing reaches the backend."""
-    return Forward(b"", Headers(), None, answer=(code, json.dumps(document).encode("utf-8")))
+    body = json.dumps(document).encode("utf-8")
+    return Forward(b"", Headers(), None, workload, answer=(code, body))
 
 
 class Sessions(Service):
@@ -200,6 +201,7 @@ class Sessions(Service):
                 "too many sessions",
                 f"this worker has {len(self.open)} open sessions, MAX_SESSIONS is {self._max}",
                 {b"retry-after": b"%d" % math.ceil(min(lifetime, self._default_ttl))},
+                workload=work,
             )
         now = self._clock.seconds()
         session_id = secrets.token_urlsafe(16)
@@ -226,7 +228,7 @@ class Sessions(Service):
             lifetime=lifetime,
             work=work,
         )
-        return _answer(201, {"session_id": session_id, "expiration": session.expiration})
+        return _answer(201, {"session_id": session_id, "expiration": session.expiration}, work)
 
     def _lifetime(self, value: object) -> float:
         if value is None:
