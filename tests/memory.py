@@ -438,12 +438,16 @@ class MemoryWorker:
 
     def service(self, drain_timeout: float = 30.0, reporter: bool = False) -> WorkerService:
         """The worker's top service around this request path, started, for drain tests: no
-        listener, and no child but the reporter with ``reporter`` (started: it reports at
-        once; its last send ends the drain)."""
+        listener, and no child but the sessions (with ``max_sessions``) and the reporter with
+        ``reporter`` (started: it reports at once; its last send ends the drain), in
+        build_worker's order."""
         pool = HTTPConnectionPool(MemoryReactorClock())
         service = WorkerService(
             self.clock, pool, self.site, self.state, self.resource.in_flight, drain_timeout
         )
+        if self.sessions is not None:
+            service.sessions = self.sessions
+            self.sessions.setServiceParent(service)
         if reporter:
             self.reporter.setServiceParent(service)
         service.startService()

@@ -151,6 +151,38 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(len(cut), 4, lines)
         self.assertLess(max(map(lines.index, cut)), lines.index("drained"))
 
+    def test_open_sessions_end_before_the_last_report(self) -> None:
+        """The drain refuses a session's new requests (503) and, once the requests in flight
+        are over (one in a session cut at the drain timeout), ends each open session as
+        /session/end does: its on_close_route called (the stop waits for it), and the
+        reporter's last send has none working and each session served."""
+        worker = MemoryWorker(self, max_sessions=2)
+        service = worker.service(drain_timeout=0.2, reporter=True)
+        auth = worker.auth(request_idx=7, reqnum=7, cost=50.0)
+        closing = {"on_close_route": "/slow?delay=1", "on_close_payload": {"k": 1}}
+        opened = worker.post("/session/create", {"auth_data": auth, "payload": closing})
+        session_id = opened.json()["session_id"]
+        other = worker.auth(request_idx=8, reqnum=8, cost=100.0)
+        worker.post("/session/create", {"auth_data": other, "payload": {}})
+        in_session = {"auth_data": auth, "payload": {}, "session_id": session_id}
+        pending = worker.request("POST", "/slow?delay=30", json.dumps(in_session).encode())
+        stopped = service.stopService()
+        for path, document in (("/x", in_session), ("/session/create", in_session)):
+            late = worker.post(path, document)
+            self.assertEqual((late.code, late.json()["error"]), (503, "draining"))
+        worker.advance(0.2)
+        self.assertTrue(pending.closed)
+        last = worker.autoscaler.statuses[-1]
+        self.assertEqual((last["working_request_idxs"], last["cur_load"]), ([], 0))
+        self.assertEqual(last["cur_perf"], 150.0)  # the two sessions (the cut request errored)
+        self.assertEqual(worker.autoscaler.deleted(), {7: True, 8: True})
+        on_close = worker.backend.seen[-1]
+        self.assertEqual(on_close.uri, b"/slow?delay=1")
+        self.assertEqual(json.loads(on_close.body), {"k": 1, "session_id": session_id})
+        self.assertNoResult(stopped)
+        worker.advance(1)
+        self.successResultOf(stopped)
+
     def test_an_answer_relayed_after_the_cut_is_errored(self) -> None:
         """An answer that reaches the worker just after the drain timeout cut its request
         goes to a cut connection (a real client gets none of it): errored, not served."""

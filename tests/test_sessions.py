@@ -364,8 +364,10 @@ class SessionTests(SynchronousTestCase):
 class SessionSocketTests(TestCase):
     async def test_wired_by_build_worker(self) -> None:
         """Through real sockets, as build_worker wires it: a signed worker opens a session,
-        relays a request in it, and SESSION_LISTEN's plain-HTTP listener ends it."""
-        backend_url = listen(self, FakeBackend(reactor))
+        relays a request in it, and SESSION_LISTEN's plain-HTTP listener ends it; the stop
+        ends the session still open (its on_close_route called), both reported closed."""
+        backend = FakeBackend(reactor)
+        backend_url = listen(self, backend)
         port = sandbox._port(0)
         worker = await start_signed_worker(
             self, backend_url, session_listen=f"tcp:{port}:interface=127.0.0.1"
@@ -387,3 +389,9 @@ class SessionSocketTests(TestCase):
         self.assertEqual((code, ended["ended"]), (200, True))
         code, _ = await post(worker.url + "/v1/x", envelope(auth, {}, session_id))
         self.assertEqual(code, 410)
+        closing = {"on_close_route": "/v1/closing"}
+        opened = envelope(worker.auth(request_idx=6, reqnum=6), closing)
+        self.assertEqual((await post(worker.url + "/session/create", opened))[0], 201)
+        await worker.service.stopService()
+        self.assertEqual(worker.autoscaler.deleted(), {5: True, 6: True})
+        self.assertEqual(backend.seen[-1].uri, b"/v1/closing")

@@ -2,8 +2,10 @@
 """
 The worker's top service: its children start in order. Stopping is a graceful drain: mark
 draining, run the drain hooks (the final report), stop listening, let in-flight requests finish
-up to the drain timeout, abort what is left and let it end (errored), stop the other children
-(the reporter's last send carries what ended) and close the pools (backend, then autoscaler).
+up to the drain timeout, abort what is left and let it end (errored), end the open sessions
+(their on_close_route calls start), stop the other children (the reporter's last send carries
+what ended; the sessions wait for their on_close_route calls) and close the pools (backend, then
+autoscaler).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vast_vespa.site import VespaSite
 from vast_vespa.worker.metrics import WorkerMetrics
 from vast_vespa.worker.reporter import MetricsReporter
 from vast_vespa.worker.resource import InFlight
+from vast_vespa.worker.sessions import Sessions
 from vast_vespa.worker.state import WorkerState
 
 # A drain hook (e.g. the final report) may not hold up the shutdown longer than this.
@@ -61,6 +64,7 @@ class WorkerService(TextLogForTwistd, MultiService):
         self._stopped: Deferred[None] | None = None
         self.metrics: WorkerMetrics | None = None  # set by build_worker
         self.reporter: MetricsReporter | None = None  # None without REPORT_ADDR
+        self.sessions: Sessions | None = None  # None with MAX_SESSIONS=0
         self.control_pool: AnyPool | None = None  # autoscaler calls
 
     def add_drain_hook(self, hook: DrainHook) -> None:
@@ -102,6 +106,11 @@ class WorkerService(TextLogForTwistd, MultiService):
                     count=len(self.in_flight.requests),
                     wait=CUT_WAIT,
                 )
+        sessions = self.sessions
+        if sessions is not None and sessions.open:
+            # Ended as by /session/end, before the reporter's last send, which carries them.
+            self._log.info("ending {count} open session(s)", count=len(sessions.open))
+            sessions.end_all()
         self.site.close_idle_connections()
         await self._stop_children([child for child in reversed(list(self)) if child.running])
         await close_pool(self.pool, self._clock)

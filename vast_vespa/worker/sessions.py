@@ -163,14 +163,17 @@ class Sessions(Service):
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> why it closed
 
     def stopService(self) -> Deferred[Any]:
-        """Cancel the expiry timers (the sessions end with the process); wait for the
-        on_close_route calls already made, each bounded by ON_CLOSE_TIMEOUT, so that the
-        backend hears of the sessions that ended before the worker stops."""
+        """Wait for the on_close_route calls made (the worker's drain ended every session
+        first: :meth:`end_all`), each bounded by ON_CLOSE_TIMEOUT, so that the backend hears
+        of the sessions that ended before the worker stops."""
         super().stopService()
-        for session in self.open.values():
-            if session.timer is not None and session.timer.active():
-                session.timer.cancel()
         return self._calling.ended()
+
+    def end_all(self) -> None:
+        """End every open session as /session/end does (the worker drains: their requests
+        are over, or cut)."""
+        for session in list(self.open.values()):
+            self.close(session, "ended at shutdown")
 
     # /session/create (reached after the gate verified auth_data)
 

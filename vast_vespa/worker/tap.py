@@ -174,6 +174,7 @@ def build_worker(settings: Settings, reactor: Any) -> WorkerService:
     )
     service = WorkerService(clock, pool, site, state, resource.in_flight, settings.drain_timeout)
     service.metrics = load
+    service.sessions = sessions
     service.control_pool = control_pool
     notifier = SystemdNotifier(settings.systemd.notify_socket)
     lifecycle = build_lifecycle(settings, reactor, state, fast, notifier.status, keys)
