@@ -19,7 +19,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.task import Cooperator
+from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -279,6 +279,28 @@ class RelayTests(TestCase):
         self.assertEqual(firehose.sent, total)
         client.tcp.loseConnection()
 
+    async def test_a_client_that_reads_nothing_is_cut_as_its_own(self) -> None:
+        """BACKEND_STALL_TIMEOUT counts the backend's silence, not the client's: a client that
+        stops reading (the worker paused the backend for it) is cut after that long as one
+        that left (cancelled, "client stopped reading"), its connection aborted and the backend
+        call cut; it was blamed on the backend ("response body stalled", errored)."""
+        url, worker = start_worker(self, self.backend_url, backend_stall_timeout=0.3)
+        recorder = Recorder()
+        resource = worker.site.resource
+        resource._observers = (*resource._observers, recorder)
+        request = b"GET /firehose?total=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (256 * 1024 * 1024)
+        client = await raw_connect(url, RawClient(request, read=False))
+        await self.backend.arrived()
+        await self.backend.firehoses[0].was_paused
+        [result] = await recorder.wait()
+        self.assertEqual(
+            (result.outcome, result.reason), (Outcome.CANCELLED, "client stopped reading")
+        )
+        # (The result came once the backend's connection was closed: relay.connectionLost.)
+        client.producer.resumeProducing()  # reading again, it finds its connection aborted
+        received = await client.closed
+        self.assertFalse(received.endswith(b"0\r\n\r\n"))
+
     async def test_disconnect_cancels_backend_call(self) -> None:
         """A client that leaves before the answer makes the worker close the backend call."""
         client = await raw_connect(
@@ -471,6 +493,29 @@ class BodyRelayTests(SynchronousTestCase):
             relay.dataReceived(b"body")
             relay.connectionLost(Failure(ResponseDone()))
             self.assertEqual((request.calls, done), (expected, [True]), ended)
+
+    def test_time_paused_for_the_client_is_not_the_backends_silence(self) -> None:
+        """While the client does not read, the relay holds the backend: the stall clock (the
+        last chunk's time) restarts when the client reads again, and ``paused_since`` says
+        since when the silence has been the client's."""
+        clock = Clock()
+        relay = BodyRelay(cast(Any, _ProducerRecorder()), lambda: None, clock)
+        relay.makeConnection(
+            cast(
+                Any,
+                SimpleNamespace(
+                    ended=False, pauseProducing=lambda: None, resumeProducing=lambda: None
+                ),
+            )
+        )
+        relay.dataReceived(b"body")
+        clock.advance(5)
+        relay.pauseProducing()
+        clock.advance(100)
+        relay.pauseProducing()  # paused again while paused: still since 5
+        self.assertEqual((relay.paused_since, relay.last_data), (5, 0))
+        relay.resumeProducing()
+        self.assertEqual((relay.paused_since, relay.last_data), (None, 105))
 
 
 def _recording_init(original: Any, made: list[weakref.ref[object]]) -> Any:

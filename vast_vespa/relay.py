@@ -106,6 +106,9 @@ class BodyRelay(Protocol):
         # With a clock, when the last chunk came (for the stall timer) is kept in last_data.
         self._seconds = clock.seconds if clock is not None else None
         self.last_data = clock.seconds() if clock is not None else 0.0
+        # Since when the client has not been reading (its connection's buffer full: this
+        # relay paused the backend), with a clock; None while it reads.
+        self.paused_since: float | None = None
         self._backend: IPushProducer | None = None
         self.client_lost = False
         self.bytes_out = 0
@@ -174,10 +177,16 @@ class BodyRelay(Protocol):
     stopProducing = client_gone
 
     def pauseProducing(self) -> None:
+        if self._seconds is not None and self.paused_since is None:
+            self.paused_since = self._seconds()
         if self._backend is not None:
             self._backend.pauseProducing()
 
     def resumeProducing(self) -> None:
+        if self._seconds is not None and self.paused_since is not None:
+            # The backend was not expected to send while paused: its stall clock starts now.
+            self.paused_since = None
+            self.last_data = self._seconds()
         if self._backend is not None:
             self._backend.resumeProducing()
 
@@ -251,6 +260,7 @@ class ProxiedRequest:
         self._timed_out = ""  # which limit passed, if one did
         self._retried = False
         self._client_gone = False
+        self._client_stalled = False  # cut for reading nothing for stall_timeout
         self._result = RelayResult(SERVED, started=clock.seconds())
         self._done: Callable[[RelayResult], object] | None = None
 
@@ -369,15 +379,37 @@ class ProxiedRequest:
 
     def _stalled(self) -> None:
         # The timer is not moved on every chunk (a DelayedCall.reset per SSE event): it
-        # fires, and only then looks at when the last chunk came.
-        assert self._relay is not None  # armed with the relay
-        quiet_until = self._relay.last_data + self._stall_timeout
+        # fires, and only then looks at when the last chunk came. While the client does not
+        # read (the relay paused the backend for it), the silence is the client's, and the
+        # same limit applies to it.
+        relay = self._relay
+        assert relay is not None  # armed with the relay
+        paused_since = relay.paused_since
+        quiet_until = (relay.last_data if paused_since is None else paused_since) + (
+            self._stall_timeout
+        )
         now = self._clock.seconds()
         if now < quiet_until:
             self._step_timer = self._clock.callLater(quiet_until - now, self._stalled)
             return
         self._step_timer = None
-        self._time_out(f"response body stalled for {self._stall_timeout:g} s")
+        if paused_since is None:
+            self._time_out(f"response body stalled for {self._stall_timeout:g} s")
+            return
+        # Gone in all but name: the connection is aborted (a close would wait for the unread
+        # bytes), the backend call cut, and the request counted as one its client left.
+        self._client_stalled = True
+        self._log.warn(
+            "{method} {url}: the client read nothing for {timeout:g} s: cut",
+            method=self._method,
+            url=_without_query(self._url),
+            timeout=self._stall_timeout,
+        )
+        relay.client_gone()
+        relay.cut()
+        transport = getattr(self._request, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
@@ -438,7 +470,8 @@ class ProxiedRequest:
         if failure is None:  # whole, even if the client left before its end came
             self._finish(SERVED)
         elif relay.client_lost:
-            self._finish(Outcome.CANCELLED, "client disconnected")
+            why = "client stopped reading" if self._client_stalled else "client disconnected"
+            self._finish(Outcome.CANCELLED, why)
         else:
             why = self._timed_out or f"{self._upstream} broke mid-response"
             self._log.warn(

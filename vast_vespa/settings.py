@@ -299,7 +299,8 @@ class Settings:
         "backend-stall-timeout",
         parse_seconds,
         "600",
-        "Cut a response whose body sends nothing for this many seconds; 0 = no limit.",
+        "Cut a response whose body sends nothing for this many seconds while the client reads; "
+        "a client that reads nothing that long is cut as gone; 0 = no limit.",
     )
 
     # The serverless protocol
