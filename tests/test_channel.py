@@ -455,6 +455,66 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual([s[1] for s in self.resource.seen], [b"/%d" % i for i in range(count)])
 
+    def parsed_ahead(self, channel: GuardedChannel) -> int:
+        """How many requests the connection holds parsed (heads, refusals) and not yet
+        handed to the resource."""
+        return sum(event[0] in (server._HEAD, server._REFUSE) for event in channel._events)
+
+    def test_pipelined_requests_are_parsed_one_at_a_time(self) -> None:
+        """However many requests are pipelined behind one being answered (in its read or in
+        later ones), at most the next head is parsed ahead of its turn: the rest is held as
+        it came (what the connection holds is then about the bytes it read, not a parsed
+        request per few dozen of them), and all are answered, in order."""
+        channel, transport = self.connect(hold=True)
+        count = 400
+        ahead = []
+        channel.dataReceived(b"".join(GET % i for i in range(count)))  # one read
+        ahead.append(self.parsed_ahead(channel))
+        channel.dataReceived(b"".join(GET % i for i in range(count, 2 * count)))  # a later one
+        ahead.append(self.parsed_ahead(channel))
+        self.assertEqual(transport.producerState, "paused")  # over PIPELINE_BUFFER
+        while self.resource.waiting:
+            self.resource.release()
+            ahead.append(self.parsed_ahead(channel))
+        self.assertEqual(max(ahead), 1)
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/%d" % i for i in range(2 * count)])
+        self.assertEqual(len(self.answers(transport)), 2 * count)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_a_pipelined_body_is_not_parsed_before_its_turn(self) -> None:
+        """A chunked body of many small chunks pipelined behind a request being answered
+        stays as it came (parsed, each chunk would be queued on its own) until its turn."""
+        channel, transport = self.connect(hold=True)
+        chunks = b"1\r\nx\r\n" * 2000 + b"0\r\n\r\n"
+        channel.dataReceived(
+            GET % 1 + b"POST /2 HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        channel.dataReceived(chunks[:5000])
+        channel.dataReceived(chunks[5000:])
+        self.assertLessEqual(len(channel._events), 2)  # the head, and the input as it came
+        self.resource.release()
+        self.assertEqual(self.resource.seen[1], (b"POST", b"/2", b"x" * 2000))
+        self.resource.release()
+        self.assertEqual(len(self.answers(transport)), 2)
+
+    def test_requests_parsed_again_count_their_dropped_headers_once(self) -> None:
+        """Requests pipelined in one read are parsed again, a head at a time, when a second one
+        begins: the headers dropped from each (a name with _) are counted once, and an
+        upgrade request among them is still followed by the next request."""
+        channel, transport = self.connect()
+        upgrade = b"GET /3 HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: w\r\nX_A: 1\r\n\r\n"
+            + b"GET /2 HTTP/1.1\r\nHost: w\r\nX_B: 1\r\n\r\n"
+            + upgrade
+            + GET % 4
+        )
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1", b"/2", b"/3", b"/4"])
+        self.assertEqual(self.site.dropped_headers, 2)
+        channel.dataReceived(upgrade + GET % 5 + GET % 6)  # the upgrade request first
+        self.assertEqual([s[1] for s in self.resource.seen][4:], [b"/3", b"/5", b"/6"])
+        self.assertEqual(len(self.answers(transport)), 7)
+
     def test_full_send_buffer_pauses_the_answer_then_the_client(self) -> None:
         """The transport's pause reaches the answer's producer; between requests it also
         stops reading the client, who must read its answers before sending more."""

@@ -35,21 +35,29 @@ Header fields whose name holds an underscore are dropped (counted in the site's
 ``dropped_headers``), as nginx drops them: a WSGI/ASGI backend would read ``X_Forwarded_For``
 as ``X-Forwarded-For``.
 
-llhttp parses all it is given: what it finds behind a request being answered (requests,
-bodies, a refusal) is queued and handed out in order once the answer is done, so a pipelined
-request never reaches the resource early and an error in one is answered after the answers
-before it. Past ``PIPELINE_BUFFER`` bytes received during an answer, the connection is not read
-until the queue is empty. llhttp has no limit on a head's size: it is counted here, exactly
-from read to read, and within one read from what llhttp reports (whitespace it skips is not
-counted); while a head is open, input without a line end is kept (not parsed) until one comes,
-so a head sent in small pieces costs linear time. Vespa never upgrades a connection: an upgrade
-request without a body is answered as a plain request, and the parser starts afresh on what
-follows it (llhttp would skip it); one with a body is refused, so its body is never parsed as a
-request.
+Pipelined requests are parsed one at a time, as nginx parses them: behind a request being
+answered, only the next request's head is parsed (queued, or the refusal it holds, and handed
+out once the answer is done); the rest (that request's body, the requests behind it) is queued
+as it came and parsed when its turn comes. So a pipelined request never reaches the resource
+early, an error in one is answered after the answers before it, and a connection holds about
+the bytes it sent, not a parsed request (a head's fields, its Headers) for every few dozen of
+them. llhttp cannot stop after a request and resume: input that begins between requests (nearly
+every read: one whole request) is fed whole, and if a second request begins in it, llhttp is
+stopped there and the input parsed again with a new parser a piece at a time, each piece up to
+a head's end (a body of known length is not searched). Past ``PIPELINE_BUFFER`` bytes received
+during an answer, the connection is not read until all of it is handed out.
+
+llhttp has no limit on a head's size: it is counted here, exactly from read to read, and within
+one read from what llhttp reports (whitespace it skips is not counted); while a head is open,
+input without a line end is kept (not parsed) until one comes, so a head sent in small pieces
+costs linear time. Vespa never upgrades a connection: an upgrade request without a body is
+answered as a plain request, and the parser starts afresh on what follows it (llhttp would skip
+it); one with a body is refused, so its body is never parsed as a request.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,6 +108,11 @@ LINGER = 2.0
 # long a timed-out connection gets to close cleanly before it is aborted.
 PIPELINE_BUFFER = 0x4000
 ABORT_TIMEOUT = 15.0
+# Where a piece of pipelined input ends (see GuardedChannel._piece_end): a head's end, a line
+# then an empty line (a run of empty lines between requests is no head's end); how far into a
+# chunked body (whose end is not known before it is parsed) the search for it starts.
+_NOT_LINE_END = re.compile(rb"[^\r\n]")
+CHUNKED_PIECE = 1024
 REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
@@ -143,8 +156,9 @@ _PARSE_ERRORS = (
     ("Expected", _REQUEST_LINE),
     ("version", _REQUEST_LINE),
 )
-# What the parser found, queued in order until it is handed to twisted.web (see _apply).
-_HEAD, _BODY, _END, _REFUSE = range(4)
+# What the parser found, queued in order until it is handed to twisted.web (see _apply), and
+# last, input kept as it came behind it (a bytearray: parsed when its turn comes).
+_HEAD, _BODY, _END, _REFUSE, _RAW = range(5)
 _END_EVENT = (_END,)
 
 
@@ -301,8 +315,13 @@ EARLY_LIMIT = 1 << 16
 
 
 class _Stop(Exception):
-    """Raised in a parser callback to stop llhttp (a refusal is queued, or the last request
-    was parsed)."""
+    """Raised in a parser callback to stop llhttp (a refusal is queued, the last request was
+    parsed, or a second request begins in input parsed whole)."""
+
+
+# GuardedChannel._cut: llhttp is not stopped where a request begins behind another (input
+# parsed a piece at a time), is (input parsed whole), was (see GuardedChannel._parse_again).
+_NO_CUT, _CUT_ARMED, _CUT = range(3)
 
 
 @implementer(IPushProducer)
@@ -330,6 +349,8 @@ class GuardedChannel(Protocol):
         "_command",
         "_completed",
         "_counted",
+        "_counted_from",
+        "_cut",
         "_drop_input",
         "_events",
         "_fields",
@@ -386,6 +407,9 @@ class GuardedChannel(Protocol):
         self._framing_run = 0
         self._last = False  # the request parsed last asks to close the connection
         self._completed = 0  # requests parsed to their end
+        self._cut = _CUT_ARMED  # see on_message_begin
+        # the first request (by _completed) whose dropped headers are not counted yet:
+        self._counted_from = 0
         # nothing more is parsed: a refusal is queued, or the last request was:
         self._parse_stopped = False
         # What twisted.web has of it (_apply):
@@ -627,9 +651,33 @@ class GuardedChannel(Protocol):
     def _received(self, data: bytes) -> None:
         if self._drop_input or self._parse_stopped:
             return
+        if self._answering or self._in_head or self._in_body:
+            self._received_within(data)
+            return
+        # At a request's start (nearly every read: one whole request): parsed whole, unless a
+        # second request begins in it (see on_message_begin).
+        self._parse(data, len(data))
+        self._apply()
+        if not self._answering:
+            self._arm_input_timers()
+        elif self._events:
+            self._hold(len(data))  # requests behind the one now answered came in this read
+
+    def _received_within(self, data: bytes) -> None:
+        """Input within a request, or behind one being answered: parsed a piece at a time
+        (see :meth:`_piece_end`); behind a request answered, up to the next head's end, and
+        behind what is parsed and not handed out yet, not at all (kept as it came)."""
         answering = self._answering
+        events = self._events
         if answering:
             self._hold(len(data))
+            if events:  # what was parsed (or kept) before waits: this waits behind it
+                last = events[-1]
+                if last[0] == _RAW:
+                    last[1].extend(data)
+                else:
+                    events.append((_RAW, bytearray(data)))
+                return
         elif self._request is not None:
             self._window_bytes += len(data)
         chunk: bytes | bytearray = data
@@ -640,13 +688,60 @@ class GuardedChannel(Protocol):
                 self._keep_partial_line(data)
                 return
             chunk, self._partial_line = cast(bytearray, self._partial_line) + data, None
-        self._parse(chunk, len(data))
+        held = len(chunk) - len(data)  # a line kept for its end, counted already
+        end = self._piece_end(chunk)
+        rest = bytearray(memoryview(chunk)[end:]) if end < len(chunk) else None
+        self._cut = _NO_CUT
+        self._parse(chunk[:end] if rest is not None else chunk, end - held)
+        self._cut = _CUT_ARMED
+        if rest is not None and not self._parse_stopped:
+            events.append((_RAW, rest))
         self._apply()
         if self._answering:
-            if self._events and not answering:
+            if events and not answering:
                 self._hold(len(data))  # requests behind the one now answered came in this read
         else:
             self._arm_input_timers()
+
+    def _piece_end(self, data: bytes | bytearray) -> int:
+        """Where the piece of pipelined input at the start of ``data`` ends: after the next
+        head's end (a line, then an empty line), or at the end of ``data``. The body being
+        parsed is not searched when its length is known (a body holds anything, heads' ends
+        too: searching it would cut it into as many pieces as a client likes, each a call into
+        llhttp), nor the first CHUNKED_PIECE bytes of a chunked one. A piece then completes at
+        most a body and the head after it (at worst, the requests in a chunked body's last
+        CHUNKED_PIECE bytes)."""
+        start = 0
+        if self._in_body:  # (its head is handed out: nothing parsed waits when input is)
+            request = self._request
+            length = None if request is None else request.requestHeaders.getRawHeaders(_LENGTH)
+            start = int(length[0]) - self._body_size if length else CHUNKED_PIECE
+        while True:
+            end = data.find(b"\r\n\r\n", start)
+            if end == -1:
+                return len(data)
+            if end and data[end - 1] not in b"\r\n":
+                return end + 4
+            # An empty line after an empty line (between requests): no head's end.
+            found = _NOT_LINE_END.search(data, end)
+            if found is None:
+                return len(data)
+            start = found.start()
+
+    def _parse_piece(self, data: bytearray) -> None:
+        """Parse the piece at the start of input kept as it came (see :meth:`_piece_end`);
+        the rest is kept, queued behind what the piece holds."""
+        end = self._piece_end(data)
+        rest = None
+        if end < len(data):
+            rest = data
+            data = data[:end]
+            del rest[:end]  # (from the front of a bytearray: the rest is not copied)
+        self._cut = _NO_CUT
+        self._parse(data, end)
+        self._cut = _CUT_ARMED
+        if rest is not None and not self._parse_stopped:
+            self._events.append((_RAW, rest))
 
     def _hold(self, size: int) -> None:
         """Count input that waits for an answer; past ``PIPELINE_BUFFER``, stop reading."""
@@ -683,11 +778,18 @@ class GuardedChannel(Protocol):
                 self._parser = HttpRequestParser(self)
                 data = memoryview(data)[upgrade.args[0] :]
                 if data:
+                    if self._cut == _CUT_ARMED:  # parsed whole: the rest waits as it came
+                        self._events.append((_RAW, bytearray(data)))
+                        return
                     continue
             except HttpParserError as error:
                 if self._parse_stopped:  # a callback stopped it
                     return
                 if isinstance(error, HttpParserCallbackError):
+                    if self._cut == _CUT:  # (on_message_begin stopped it)
+                        self._cut = _CUT_ARMED
+                        self._parse_again(data, completed)
+                        return
                     raise  # a callback failed: a bug here, not the client's
                 sniff = data if began_idle and completed == self._completed else None
                 self._refuse_in_turn(*_parse_refusal(error, sniff))
@@ -722,6 +824,19 @@ class GuardedChannel(Protocol):
                     )
             else:
                 self._framing_run = 0
+
+    def _parse_again(self, data: bytes | bytearray | memoryview, completed: int) -> None:
+        """A request began behind another in ``data``, parsed whole from a request's start:
+        forget what llhttp found in it (all that was queued: input is parsed whole only with
+        nothing queued) and keep it all, as it came, to be parsed again a piece at a time by a
+        new parser (which starts where ``data`` did, between requests). The dropped headers of
+        the first request were counted already (see on_headers_complete)."""
+        self._events.clear()
+        self._counted_from = completed + 1
+        self._completed = completed
+        self._in_head = self._in_body = False
+        self._parser = HttpRequestParser(self)
+        self._events.append((_RAW, bytearray(data)))
 
     def _check_open_head(self) -> None:
         limits = self._limits
@@ -785,6 +900,12 @@ class GuardedChannel(Protocol):
     def on_message_begin(self) -> None:
         if self._parse_stopped:
             raise _Stop()  # nothing after a last request is parsed
+        if self._events and self._cut == _CUT_ARMED:
+            # A request begins behind another in input parsed whole (nothing was queued
+            # before it): llhttp cannot be stopped after a request and resumed, so the input
+            # is parsed again a piece at a time (see _parse_again).
+            self._cut = _CUT
+            raise _Stop()
         self._in_head = True
         self._url = b""
         self._fields = []
@@ -854,7 +975,7 @@ class GuardedChannel(Protocol):
             kept.append((name, value))
         size = max(size, self._head_size)
         self._head_size = 0
-        if underscored:
+        if underscored and self._completed >= self._counted_from:  # (not parsed again)
             self.site.dropped_headers += underscored
             self._log.debug(
                 "dropped {count} header(s) with _ in the name from {peer}",
@@ -906,22 +1027,30 @@ class GuardedChannel(Protocol):
         self._applying = True
         events = self._events
         try:
-            while events and not self._answering and not self._drop_input:
-                event = events.popleft()
-                kind = event[0]
-                if kind == _BODY:
-                    if self._body_start is not None and self._watch_body_start(event[1]):
-                        break
-                    request = self._request
-                    assert request is not None  # (a body follows its head)
-                    request.handleContentChunk(event[1])
-                elif kind == _HEAD:
-                    self._start_request(*event[1:])
-                elif kind == _END:
-                    self._body_start = None
-                    self._all_content_received()
-                else:
-                    self.refuse(*event[1:])
+            while True:
+                while events and not self._answering and not self._drop_input:
+                    event = events.popleft()
+                    kind = event[0]
+                    if kind == _BODY:
+                        if self._body_start is not None and self._watch_body_start(event[1]):
+                            break
+                        request = self._request
+                        assert request is not None  # (a body follows its head)
+                        request.handleContentChunk(event[1])
+                    elif kind == _HEAD:
+                        self._start_request(*event[1:])
+                    elif kind == _END:
+                        self._body_start = None
+                        self._all_content_received()
+                    elif kind == _REFUSE:
+                        self.refuse(*event[1:])
+                    else:  # input kept as it came (the last event): its turn to be parsed
+                        self._parse_piece(event[1])
+                if not events or self._drop_input or events[0][0] != _RAW:
+                    break
+                # A request is answered and only kept input waits: parse up to the next
+                # head's end (which then waits, parsed).
+                self._parse_piece(events.popleft()[1])
         finally:
             self._applying = False
         if events and self._parse_stopped:
@@ -1145,6 +1274,7 @@ class PullDriver:
         self._producer.stopProducing()
 
 
+_LENGTH = b"content-length"
 _FRAMING = frozenset(
     (
         b"host",
