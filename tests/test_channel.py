@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import socket
 import time
 from collections.abc import Callable
 from io import BytesIO
@@ -86,6 +87,31 @@ def _keep(seen: list[Request]) -> Callable[[Request], bytes]:
         return b""
 
     return answer
+
+
+class _SocketTransport(StringTransport):
+    """An in-memory transport over a real socket, which it gives as its handle (as a TCP
+    connection's does): the channel asks it whether the client has closed."""
+
+    def __init__(self, handle: socket.socket) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def getHandle(self) -> socket.socket:
+        return self.handle
+
+
+def _tcp_pair(test: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    """Both ends of a TCP connection on loopback (the server's, the client's), closed when
+    the test ends."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listening.getsockname())
+    server_end, _ = listening.accept()
+    listening.close()
+    for end in (server_end, client):
+        test.addCleanup(end.close)
+    server_end.setblocking(False)  # as Twisted's
+    return server_end, client
 
 
 class ChannelTests(SynchronousTestCase):
@@ -514,6 +540,59 @@ class ChannelTests(SynchronousTestCase):
         channel.dataReceived(upgrade + GET % 5 + GET % 6)  # the upgrade request first
         self.assertEqual([s[1] for s in self.resource.seen][4:], [b"/3", b"/5", b"/6"])
         self.assertEqual(len(self.answers(transport)), 7)
+
+    def test_a_client_that_closes_while_not_read_is_seen_leaving(self) -> None:
+        """A connection not read (input held past PIPELINE_BUFFER) is checked for its client's
+        close every HANGUP_CHECK seconds, by one timer armed only while it is not read: once
+        the client has closed (here half-closed, with input still unread before its FIN,
+        which a peek would not see past), the connection is read again and its input
+        dropped, so that the close reaches the request being answered as when it is read."""
+        ours, theirs = _tcp_pair(self)
+        channel, transport = self.connect(hold=True, transport=_SocketTransport(ours))
+        channel.dataReceived(GET % 1)
+        self.assertEqual(self.checks(), 0)
+        channel.dataReceived(b"POST /2 HTTP/1.1\r\nHost: w\r\nContent-Length: 20000\r\n\r\n")
+        channel.dataReceived(b"x" * 20000)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.checks(), 1)
+        theirs.sendall(b"unread")
+        self.clock.advance(server.HANGUP_CHECK)  # the client is still there
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.checks(), 1)
+        if server._TCP_INFO is None:  # (elsewhere than Linux, a peek: nothing unread before)
+            ours.recv(100)
+        theirs.shutdown(socket.SHUT_WR)
+        self.clock.advance(server.HANGUP_CHECK)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(self.checks(), 0)
+        channel.dataReceived(b"unread")  # read, and dropped, up to the end
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.resource.lost), 1)
+        self.assertEqual([s[1] for s in self.resource.seen], [b"/1"])
+
+    def test_a_connection_read_again_is_checked_no_more(self) -> None:
+        """The check stops when the connection is read again (its held input handed out), or
+        when it is lost (the cleanup checks that no timer is left)."""
+        ours, _ = _tcp_pair(self)
+        channel, transport = self.connect(hold=True, transport=_SocketTransport(ours))
+        channel.dataReceived(GET % 1 + b"POST /2 HTTP/1.1\r\nHost: w\r\n")
+        channel.dataReceived(b"Content-Length: %d\r\n\r\n" % PIPELINE_BUFFER)
+        channel.dataReceived(b"x" * PIPELINE_BUFFER)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.checks(), 1)
+        self.resource.release()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(self.checks(), 0)
+        channel.dataReceived(GET % 3 + b"x" * PIPELINE_BUFFER)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.checks(), 1)
+
+    def checks(self) -> int:
+        """How many of the clock's calls check connections not read for their client's close."""
+        return sum(
+            getattr(cast(DelayedCall, call).func, "__name__", "") == "_check_not_read"
+            for call in self.clock.getDelayedCalls()
+        )
 
     def test_full_send_buffer_pauses_the_answer_then_the_client(self) -> None:
         """The transport's pause reaches the answer's producer; between requests it also

@@ -45,6 +45,7 @@ from tests.helpers import (
 )
 from tests.memory import MemoryWorker, Recorder
 from tests.test_gate import query
+from vast_vespa.net import server
 from vast_vespa.net.client import BytesProducer, Response, _CachedEndpoints
 from vast_vespa.net.listen import SendNowServer
 from vast_vespa.net.request import LeanRequest
@@ -309,6 +310,26 @@ class RelayTests(TestCase):
         await self.backend.arrived()
         client.tcp.loseConnection()
         await seen_closed(self.backend.cancelled[0])
+
+    async def test_a_client_that_leaves_while_not_read_cancels_the_backend_call(self) -> None:
+        """A client that pipelines more than PIPELINE_BUFFER behind a slow request (so that
+        the worker stops reading it), then closes: the worker sees the close, though input is
+        still unread before it, within a few HANGUP_CHECKs, and cancels the backend call;
+        the pipelined request never reaches the backend."""
+        self.patch(server, "HANGUP_CHECK", 0.05)
+        body = b"x" * 100_000  # more than the worker reads before it stops reading
+        client = await raw_connect(
+            self.url,
+            RawClient(
+                b"GET /slow?delay=60 HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            ),
+        )
+        await self.backend.arrived()
+        client.tcp.loseConnection()
+        await self.backend.cancelled[0].addTimeout(2.0, reactor)  # 40 checks
+        await server_side_closed(self.url)
+        self.assertEqual([seen.uri for seen in self.backend.seen], [b"/slow?delay=60"])
 
     async def test_a_client_that_hangs_up_at_the_end_of_a_stream_was_served(self) -> None:
         """A client that hangs up as soon as it has read a stream's last event (the OpenAI

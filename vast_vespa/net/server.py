@@ -45,7 +45,15 @@ them. llhttp cannot stop after a request and resume: input that begins between r
 every read: one whole request) is fed whole, and if a second request begins in it, llhttp is
 stopped there and the input parsed again with a new parser a piece at a time, each piece up to
 a head's end (a body of known length is not searched). Past ``PIPELINE_BUFFER`` bytes received
-during an answer, the connection is not read until all of it is handed out.
+during an answer, the connection is not read until all of it is handed out. A connection that
+is not read is checked every ``HANGUP_CHECK`` seconds, by one timer for its whole site, for its
+client's close (the FIN or a reset in its socket's TCP state, which shows it behind unread input
+too, on Linux; a peek elsewhere); the close is then met as on a connection being read: the
+connection is read again, its input dropped, and the request in progress is told of the lost
+connection, so that the backend stops working for nobody. (A client that half-closed after
+sending has left there as here: this channel does not serve half-closed connections. A timer
+rather than the reactor: epoll would need the socket registered for ``EPOLLRDHUP``, which
+Twisted's public API does not offer, and connections are paused rarely.)
 
 llhttp has no limit on a head's size: it is counted here, exactly from read to read, and within
 one read from what llhttp reports (whitespace it skips is not counted); while a head is open,
@@ -58,6 +66,8 @@ it); one with a body is refused, so its body is never parsed as a request.
 from __future__ import annotations
 
 import re
+import socket
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -108,11 +118,18 @@ LINGER = 2.0
 # long a timed-out connection gets to close cleanly before it is aborted.
 PIPELINE_BUFFER = 0x4000
 ABORT_TIMEOUT = 15.0
+# How often a connection that is not read (see PIPELINE_BUFFER) is checked for its client's
+# close, by one timer for all of a site's.
+HANGUP_CHECK = 1.0
 # Where a piece of pipelined input ends (see GuardedChannel._piece_end): a head's end, a line
 # then an empty line (a run of empty lines between requests is no head's end); how far into a
 # chunked body (whose end is not known before it is parsed) the search for it starts.
 _NOT_LINE_END = re.compile(rb"[^\r\n]")
 CHUNKED_PIECE = 1024
+# A socket's state in the first byte of Linux's TCP_INFO: the client's FIN (CLOSE_WAIT) or a
+# reset (CLOSE) has arrived, whatever input is still unread before it.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+_CLIENT_CLOSED_STATES = (7, 8)  # TCP_CLOSE, TCP_CLOSE_WAIT (linux/tcp_states.h)
 REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
@@ -188,7 +205,11 @@ class ConnectionTable:
     address, for its cap) is closed to make room before a new one is refused, as nginx closes
     idle keep-alive connections, if it has been idle for :data:`RECLAIM_AFTER`: silent
     connections cannot lock other clients out. A connection idle for its site's ``timeOut``
-    is closed, by one timer for the whole table (:class:`IdleSweep`)."""
+    is closed, by one timer for the whole table (:class:`IdleSweep`). A connection that is not
+    read is checked for its client's close every :data:`HANGUP_CHECK` seconds, by one timer for
+    the whole table too, armed only while there is such a connection (:meth:`not_read`)."""
+
+    _log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -198,6 +219,8 @@ class ConnectionTable:
         self._idle: dict[GuardedChannel, None] = {}  # in the order they became idle
         self._idle_by_address: dict[str, dict[GuardedChannel, None]] = {}
         self._sweep = IdleSweep(clock, self._close_timed_out)
+        self._not_read: dict[GuardedChannel, None] = {}
+        self._hangup_check: IDelayedCall | None = None
 
     def opened(
         self, channel: GuardedChannel, address: str | None, limits: Limits
@@ -276,6 +299,32 @@ class ConnectionTable:
                 idle.pop(channel, None)
                 if not idle:
                     del self._idle_by_address[address]
+
+    def not_read(self, channel: GuardedChannel) -> None:
+        """``channel`` stopped reading its client: check it for the client's close
+        (:meth:`GuardedChannel.check_client`) every HANGUP_CHECK seconds until it reads again
+        (:meth:`read_again`). Nothing else sees such a client go, and the backend would go on
+        with a request that nobody waits for."""
+        self._not_read[channel] = None
+        if self._hangup_check is None:
+            self._hangup_check = self._clock.callLater(HANGUP_CHECK, self._check_not_read)
+
+    def read_again(self, channel: GuardedChannel) -> None:
+        self._not_read.pop(channel, None)
+        if not self._not_read and self._hangup_check is not None:
+            if self._hangup_check.active():
+                self._hangup_check.cancel()
+            self._hangup_check = None
+
+    def _check_not_read(self) -> None:
+        self._hangup_check = None
+        for channel in list(self._not_read):
+            try:
+                channel.check_client()  # which may have it read again
+            except Exception:  # one connection's error does not stop the checks
+                self._log.failure("checking {channel!r} for its client's close", channel=channel)
+        if self._not_read and self._hangup_check is None:
+            self._hangup_check = self._clock.callLater(HANGUP_CHECK, self._check_not_read)
 
     def _reclaim(self, idle: dict[GuardedChannel, None] | None) -> bool:
         """Close the oldest of ``idle`` if it has been idle for RECLAIM_AFTER; False if none
@@ -479,6 +528,9 @@ class GuardedChannel(Protocol):
         self._head_timer = self._rate_timer = self._linger = None
         self._drop_input = True
         self._events.clear()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.site.connections.read_again(self)
         try:
             del self._parser  # it holds this channel's methods: leave no cycle behind
         except AttributeError:
@@ -608,8 +660,7 @@ class GuardedChannel(Protocol):
         self._events.clear()
         self._parse_stopped = True
         if self._reading_paused and not self._waiting_for_transport:
-            self._reading_paused = False  # read (and drop) while the answer goes out
-            self._transport.resumeProducing()
+            self._read_again()  # read (and drop) while the answer goes out
         self._all_content_received()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
@@ -1059,8 +1110,7 @@ class GuardedChannel(Protocol):
             # Everything received during the answers is handed out: read again.
             self._held_size = 0
             if self._reading_paused and not self._waiting_for_transport:
-                self._reading_paused = False
-                self._transport.resumeProducing()
+                self._read_again()
 
     def _start_request(
         self,
@@ -1135,6 +1185,24 @@ class GuardedChannel(Protocol):
         if not self._reading_paused:
             self._reading_paused = True
             self._transport.pauseProducing()
+            self.site.connections.not_read(self)
+
+    def _read_again(self) -> None:
+        self._reading_paused = False
+        self.site.connections.read_again(self)
+        self._transport.resumeProducing()
+
+    def check_client(self) -> None:
+        """Not read (see :meth:`ConnectionTable.not_read`): if its client has closed, read
+        it again, dropping the input, so that the close is met as on a connection being read
+        (the request in progress is told its connection was lost)."""
+        if not self._reading_paused:
+            self.site.connections.read_again(self)  # (reading again already)
+        elif _client_closed(self._transport):
+            self._drop_input = True
+            self._events.clear()
+            self._partial_line = None
+            self._read_again()
 
     # What twisted.web's Request calls
 
@@ -1221,8 +1289,7 @@ class GuardedChannel(Protocol):
             # reading (this pause) left nothing else to resume it.
             or (self._held_size <= PIPELINE_BUFFER and not self._parse_stopped)
         ):
-            self._reading_paused = False
-            self._transport.resumeProducing()
+            self._read_again()
 
     def stopProducing(self) -> None:
         if self._producer is not None:
@@ -1286,6 +1353,41 @@ _FRAMING = frozenset(
         b"cookie",
     )
 )
+
+
+def _client_closed(transport: Any) -> bool:
+    """Whether the client of a connection that is not read has closed (its FIN or a reset
+    arrived), asked of the connection's socket without reading from it; False if there is no
+    socket to ask. On Linux, the socket's TCP state says it even behind unread input; elsewhere,
+    a peek tells only once no unread input is left before the close."""
+    sock = _socket_of(transport)
+    if sock is None or sock.fileno() == -1:
+        return False
+    if _TCP_INFO is not None:
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _CLIENT_CLOSED_STATES
+        except OSError:
+            pass  # not a TCP socket (a Unix one)
+    try:
+        return not sock.recv(1, socket.MSG_PEEK)  # (a Twisted socket does not block)
+    except BlockingIOError:
+        return False  # open, nothing to read
+    except OSError:
+        return True  # reset
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    """The socket under a connection's transport: its handle (``ISystemHandle``), or that of
+    the transport it wraps (TLS, a ``ProtocolWrapper``), public attributes both."""
+    for _ in range(4):
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
 
 
 def _fields_size(fields: list[tuple[bytes, bytes]]) -> int:
