@@ -411,6 +411,21 @@ def spawn_worker(
     )
 
 
+def secured_worker_env(test: TestCase, report_addr: str) -> dict[str, str]:
+    """The environment of a secured ``twistd vespa`` (see :func:`spawn_worker`) reporting to
+    ``report_addr``, with a cached benchmark result: no benchmark run before it loads."""
+    cache = os.path.abspath(test.mktemp())
+    with open(cache, "w") as f:
+        f.write("1000.0\n")
+    return {
+        "BENCHMARK_CACHE_FILE": cache,
+        "UNSECURED": "false",
+        "REPORT_ADDR": report_addr,
+        "MASTER_TOKEN": "mtok-0123456789",
+        "CONTAINER_ID": "4242",
+    }
+
+
 async def worker_url(process: ProcessWatcher) -> str:
     """The URL of a worker started by :func:`spawn_worker`, once it listens."""
     match = await process.wait_for(rb"worker starting on (\d+)")

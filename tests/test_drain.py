@@ -5,7 +5,6 @@ what outlasts DRAIN_TIMEOUT is cut, and reported errored. In memory (tests/memor
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from twisted.internet import reactor
@@ -15,7 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from tests.fakes import FakeAutoscaler, FakeBackend
-from tests.helpers import http_client, listen, signed_auth, spawn_worker, worker_url
+from tests.helpers import (
+    http_client,
+    listen,
+    secured_worker_env,
+    signed_auth,
+    spawn_worker,
+    worker_url,
+)
 from tests.memory import Answer, MemoryWorker, raw_http
 from vast_vespa.logs import log_access
 from vast_vespa.outcome import Outcome
@@ -270,16 +276,7 @@ class TwistdDrainTests(TestCase):
         key = generate_private_key()
         autoscaler = FakeAutoscaler(public_pem(key))
         backend = FakeBackend(reactor)
-        cache = os.path.abspath(self.mktemp())
-        with open(cache, "w") as f:
-            f.write("1000.0\n")  # a cached benchmark result: no benchmark run needed
-        env = {
-            "BENCHMARK_CACHE_FILE": cache,
-            "UNSECURED": "false",
-            "REPORT_ADDR": listen(self, autoscaler),
-            "MASTER_TOKEN": "mtok-0123456789",
-            "CONTAINER_ID": "4242",
-        }
+        env = secured_worker_env(self, listen(self, autoscaler))
         process = spawn_worker(self, listen(self, backend), "--drain-timeout", "0.5", env=env)
         url = await worker_url(process)
         await process.wait_for(rb"autoscaler public key loaded")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import string
 from typing import Any, cast
 from urllib.parse import quote
@@ -26,6 +25,7 @@ from tests.helpers import (
     FAST_PATH,
     http_client,
     listen,
+    secured_worker_env,
     spawn_worker,
     start_signed_worker,
     worker_url,
@@ -558,15 +558,8 @@ class TwistdTests(TestCase):
         key = generate_private_key()
         autoscaler = FakeAutoscaler(public_pem(key))
         backend = FakeBackend(reactor)
-        cache = os.path.abspath(self.mktemp())
-        with open(cache, "w") as f:
-            f.write("1000.0\n")  # a cached benchmark result: no benchmark run needed
         env = {
-            "BENCHMARK_CACHE_FILE": cache,
-            "UNSECURED": "false",
-            "REPORT_ADDR": "http://127.0.0.1:9," + listen(self, autoscaler),
-            "MASTER_TOKEN": "mtok-0123456789",
-            "CONTAINER_ID": "4242",
+            **secured_worker_env(self, "http://127.0.0.1:9," + listen(self, autoscaler)),
             "PUBLIC_IPADDR": "203.0.113.7",
             "WORKER_PORT": "3000",
             "VAST_TCP_PORT_3000": "43000",
